@@ -1,0 +1,2 @@
+//! Types shared by the monitor, the daemon and the CLI: machine specifications, sizes, and the
+//! control-socket protocol. Pure data and parsing: no I/O, no KVM, nothing that runs a VM.

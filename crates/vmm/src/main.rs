@@ -1,0 +1,3 @@
+//! The monitor: one process runs one VM.
+
+fn main() {}

@@ -1,0 +1,217 @@
+//! The monitor's control protocol: one JSON object per line over a Unix socket, one reply line
+//! per request. The daemon and `vme-vmm ctl` speak it; a person can too (`socat`).
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// A request to a running monitor. On the wire: `{"cmd":"pause"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// State, resources and counters.
+    Status,
+    /// Stop every vCPU; they consume no CPU until `resume`.
+    Pause,
+    Resume,
+    /// Ask the guest to power off (ACPI power button).
+    Shutdown,
+    /// End the VM now, without asking the guest.
+    Stop,
+}
+
+impl Request {
+    /// Parses one wire line. Unknown commands and unknown fields are errors: a client that
+    /// misspells an argument must hear about it rather than have it ignored.
+    pub fn parse_line(line: &str) -> Result<Request, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("request is not JSON: {e}"))?;
+        let req: Request = serde_json::from_value(value.clone())
+            .map_err(|e| format!("invalid request: {e}; send e.g. {{\"cmd\":\"status\"}}"))?;
+        let known = serde_json::to_value(&req).unwrap_or_default();
+        if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
+            if let Some(extra) = given.keys().find(|k| !known.contains_key(*k)) {
+                return Err(format!("invalid request: unknown field {extra:?}"));
+            }
+        }
+        Ok(req)
+    }
+
+    /// Parses the command-line form used by `vme-vmm ctl`: `status`, `pause`, ...
+    pub fn from_words(words: &[String]) -> Result<Request, String> {
+        let usage = "commands: status, pause, resume, shutdown, stop";
+        match words {
+            [w] => match w.as_str() {
+                "status" => Ok(Request::Status),
+                "pause" => Ok(Request::Pause),
+                "resume" => Ok(Request::Resume),
+                "shutdown" => Ok(Request::Shutdown),
+                "stop" => Ok(Request::Stop),
+                other => Err(format!("unknown command {other:?}; {usage}")),
+            },
+            [] => Err(format!("no command given; {usage}")),
+            [w, ..] => Err(format!("command {w:?} takes no arguments; {usage}")),
+        }
+    }
+}
+
+/// What the VM is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+/// The answer to `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: RunState,
+    pub arch: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub pid: u32,
+    /// Milliseconds since the VM started running (paused time included).
+    pub uptime_ms: u64,
+    /// Exits from guest to monitor handled in user space (x86: KVM_RUN returns).
+    pub exits: u64,
+    /// Instructions the monitor completed itself because KVM's emulator could not.
+    pub emulated_instructions: u64,
+    /// Instructions retired (software machine only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions_retired: Option<u64>,
+    /// The CPU template in force (x86_64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+}
+
+/// One reply line. `ok:false` always carries `error`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<RunState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Reply {
+    pub fn ok(state: RunState) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            state: Some(state),
+            status: None,
+        }
+    }
+    pub fn error(msg: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(msg.into()),
+            state: None,
+            status: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot connect to control socket {path}: {source}; is the VM running with --control-socket {path}?"
+    )]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("control socket {path} sent an unreadable reply {line:?}: {source}")]
+    BadReply {
+        path: String,
+        line: String,
+        source: serde_json::Error,
+    },
+    #[error("control socket {path} closed the connection without replying")]
+    NoReply { path: String },
+}
+
+/// Sends one request and waits (up to `timeout`) for its reply.
+pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ClientError> {
+    let p = path.display().to_string();
+    let io = |source| ClientError::Io {
+        path: p.clone(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        path: p.clone(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(req).unwrap_or_default();
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
+    if reply.is_empty() {
+        return Err(ClientError::NoReply { path: p });
+    }
+    serde_json::from_str(reply.trim_end()).map_err(|source| ClientError::BadReply {
+        path: p,
+        line: reply,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        assert_eq!(
+            serde_json::to_string(&Request::Pause).unwrap(),
+            r#"{"cmd":"pause"}"#
+        );
+        assert_eq!(
+            Request::parse_line(r#"{"cmd":"status"}"#),
+            Ok(Request::Status)
+        );
+        assert!(
+            Request::parse_line(r#"{"cmd":"explode"}"#)
+                .unwrap_err()
+                .contains("explode")
+        );
+        assert!(
+            Request::parse_line(r#"{"cmd":"pause","x":1}"#)
+                .unwrap_err()
+                .contains("\"x\"")
+        );
+        assert!(
+            Request::parse_line("pause")
+                .unwrap_err()
+                .contains("not JSON")
+        );
+        let line = serde_json::to_string(&Reply::error("no")).unwrap();
+        assert_eq!(line, r#"{"ok":false,"error":"no"}"#);
+    }
+
+    #[test]
+    fn words() {
+        assert_eq!(Request::from_words(&["stop".into()]), Ok(Request::Stop));
+        assert!(
+            Request::from_words(&[])
+                .unwrap_err()
+                .contains("status, pause")
+        );
+        assert!(Request::from_words(&["pause".into(), "x".into()]).is_err());
+    }
+}

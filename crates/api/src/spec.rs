@@ -1,0 +1,291 @@
+//! The machine specification: everything needed to start one VM. `vme-vmm` reads it from flags
+//! or a TOML file; the daemon stores it.
+
+use crate::size::{ByteSize, MIB};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// The machine kind: x86_64 runs on KVM, riscv64 on the monitor's own interpreter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    #[default]
+    X86_64,
+    Riscv64,
+}
+
+impl FromStr for Arch {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s {
+            "x86_64" | "x86-64" | "amd64" => Ok(Arch::X86_64),
+            "riscv64" => Ok(Arch::Riscv64),
+            _ => Err(SpecError(format!(
+                "unknown architecture {s:?}: use x86_64 (KVM) or riscv64 (software machine)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Riscv64 => "riscv64",
+        })
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SerialSpec {
+    #[default]
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+impl FromStr for SerialSpec {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s {
+            "stdio" => Ok(SerialSpec::Stdio),
+            "none" => Ok(SerialSpec::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialSpec::File(PathBuf::from(p))),
+                _ => Err(SpecError(format!(
+                    "invalid serial {s:?}: use stdio, none or file:PATH"
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for SerialSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialSpec::Stdio => f.write_str("stdio"),
+            SerialSpec::None => f.write_str("none"),
+            SerialSpec::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for SerialSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for SerialSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a guest reboot does to the monitor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebootAction {
+    /// The monitor exits with status 0 (the supervisor decides what happens next).
+    #[default]
+    Exit,
+    /// The monitor rebuilds the VM from its spec and boots it again.
+    Restart,
+}
+
+impl FromStr for RebootAction {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s {
+            "exit" => Ok(RebootAction::Exit),
+            "restart" => Ok(RebootAction::Restart),
+            _ => Err(SpecError(format!(
+                "invalid on-reboot {s:?}: use exit or restart"
+            ))),
+        }
+    }
+}
+
+/// A spec that cannot describe a VM; the message says which field and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+/// The smallest guest memory we accept: below this no Linux kernel we ship can boot.
+pub const MIN_MEMORY: u64 = 16 * MIB;
+/// The kernel command line the monitor uses when none is given. `panic=-1` turns a guest
+/// kernel panic into an immediate reboot, which the monitor reports as a panic (it saw the
+/// panic line on the console) instead of hanging forever.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory() -> ByteSize {
+    ByteSize(256 * MIB)
+}
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_cpu_template() -> String {
+    "auto".to_string()
+}
+
+/// One VM. Unknown fields in a TOML file are errors, so a typo never goes unnoticed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineSpec {
+    #[serde(default)]
+    pub arch: Arch,
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    #[serde(default)]
+    pub serial: SerialSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    /// `auto`, `host`, `baseline` or `pvm` (x86_64 only).
+    #[serde(default = "default_cpu_template")]
+    pub cpu_template: String,
+    #[serde(default)]
+    pub on_reboot: RebootAction,
+}
+
+impl MachineSpec {
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        MachineSpec {
+            arch: Arch::default(),
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            vcpus: default_vcpus(),
+            memory: default_memory(),
+            serial: SerialSpec::default(),
+            control_socket: None,
+            cpu_template: default_cpu_template(),
+            on_reboot: RebootAction::default(),
+        }
+    }
+
+    /// Checks what can be checked without the host: the monitor checks host limits (vCPUs KVM
+    /// allows, memory the host can give) itself.
+    pub fn validate(&self, max_vcpus: u32) -> Result<(), SpecError> {
+        if self.vcpus == 0 {
+            return Err(SpecError("vcpus is 0: a VM needs at least 1 vCPU".into()));
+        }
+        if self.vcpus > max_vcpus {
+            return Err(SpecError(format!(
+                "{} vCPUs requested, but this machine kind allows at most {max_vcpus}: lower --vcpus",
+                self.vcpus
+            )));
+        }
+        if self.memory.bytes() < MIN_MEMORY {
+            return Err(SpecError(format!(
+                "memory {} is too small: a guest needs at least {}",
+                self.memory,
+                ByteSize(MIN_MEMORY)
+            )));
+        }
+        if self.memory.bytes() % 4096 != 0 {
+            return Err(SpecError(format!(
+                "memory {} bytes is not a whole number of 4 KiB pages: round it, e.g. to {}",
+                self.memory.bytes(),
+                ByteSize(self.memory.bytes().div_ceil(MIB) * MIB)
+            )));
+        }
+        if self.cmdline.len() > 2048 {
+            return Err(SpecError(format!(
+                "kernel command line is {} bytes; the limit is 2048: shorten --cmdline",
+                self.cmdline.len()
+            )));
+        }
+        if self.cmdline.bytes().any(|b| b == 0) {
+            return Err(SpecError(
+                "kernel command line contains a NUL byte: remove it".into(),
+            ));
+        }
+        if !matches!(
+            self.cpu_template.as_str(),
+            "auto" | "host" | "baseline" | "pvm"
+        ) {
+            return Err(SpecError(format!(
+                "unknown CPU template {:?}: use auto, host, baseline or pvm",
+                self.cpu_template
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parses a TOML machine file; unknown fields and bad values are named in the error.
+    pub fn from_toml(text: &str) -> Result<Self, SpecError> {
+        toml::from_str(text).map_err(|e| SpecError(format!("invalid machine file: {e}")))
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising plain strings, numbers and paths cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_and_defaults() {
+        let spec = MachineSpec::from_toml("kernel = \"/k\"\nmemory = \"2G\"\nvcpus = 4\n").unwrap();
+        assert_eq!(spec.memory, ByteSize(2 << 30));
+        assert_eq!(spec.vcpus, 4);
+        assert_eq!(spec.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(spec.serial, SerialSpec::Stdio);
+        let again = MachineSpec::from_toml(&spec.to_toml()).unwrap();
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn toml_rejects_unknown_fields_and_bad_values() {
+        let e = MachineSpec::from_toml("kernel = \"/k\"\nmemroy = \"2G\"\n").unwrap_err();
+        assert!(e.0.contains("memroy"), "{e}");
+        let e = MachineSpec::from_toml("kernel = \"/k\"\nmemory = \"lots\"\n").unwrap_err();
+        assert!(e.0.contains("like 256M"), "{e}");
+        let e = MachineSpec::from_toml("kernel = \"/k\"\nserial = \"tcp:1\"\n").unwrap_err();
+        assert!(e.0.contains("file:PATH"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_problem() {
+        let mut s = MachineSpec::new("/k");
+        assert!(s.validate(8).is_ok());
+        s.vcpus = 0;
+        assert!(s.validate(8).unwrap_err().0.contains("at least 1"));
+        s.vcpus = 9;
+        assert!(s.validate(8).unwrap_err().0.contains("at most 8"));
+        s.vcpus = 1;
+        s.memory = ByteSize(1 << 20);
+        assert!(s.validate(8).unwrap_err().0.contains("too small"));
+        s.memory = ByteSize((64 << 20) + 1);
+        assert!(s.validate(8).unwrap_err().0.contains("4 KiB pages"));
+        s.memory = ByteSize(64 << 20);
+        s.cpu_template = "fast".into();
+        assert!(s.validate(8).unwrap_err().0.contains("auto, host"));
+    }
+
+    #[test]
+    fn serial_and_arch_parse() {
+        assert_eq!("file:/tmp/x".parse(), Ok(SerialSpec::File("/tmp/x".into())));
+        assert!("file:".parse::<SerialSpec>().is_err());
+        assert_eq!("riscv64".parse(), Ok(Arch::Riscv64));
+        assert!("arm".parse::<Arch>().is_err());
+    }
+}

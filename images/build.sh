@@ -1,0 +1,416 @@
+#!/usr/bin/env bash
+# Builds vme's guest images from Debian packages. See images/README.md.
+#
+#   images/build.sh tiny | tiny-stock | tiny-riscv64 | all
+#   images/build.sh verify-reproducible <image>   build the initramfs twice, compare
+#   images/build.sh boot-test <image>              boot it under QEMU (TCG), check /init
+#
+# Outputs land in target/images/<image>/. Kernels and the cross-built busybox are
+# cached in ${VME_CACHE_DIR:-/var/cache/vme}, keyed by a hash of their inputs, so
+# each is built once per machine. Quiet on success; on failure says what broke.
+set -euo pipefail
+
+IMAGES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$IMAGES_DIR")
+OUT_DIR=$REPO_DIR/target/images
+CACHE_DIR=${VME_CACHE_DIR:-/var/cache/vme}
+# Bump when the build steps change in a way the hashed inputs do not show.
+RECIPE=3
+# Every timestamp that ends up in an image: reproducible builds.
+export SOURCE_DATE_EPOCH=0
+export KBUILD_BUILD_TIMESTAMP='Thu Jan  1 00:00:00 UTC 1970'
+export KBUILD_BUILD_USER=vme KBUILD_BUILD_HOST=vme KBUILD_BUILD_VERSION=1
+export LC_ALL=C TZ=UTC
+JOBS=${VME_BUILD_JOBS:-2}
+
+die() {
+	echo "images/build.sh: error: $*" >&2
+	exit 1
+}
+
+# Runs a noisy command with its output in a log; shows the log only on failure.
+quiet() {
+	local log
+	log=$(mktemp /tmp/vme-images.XXXXXX.log)
+	if ! "$@" >"$log" 2>&1; then
+		tail -n 60 "$log" >&2
+		echo "images/build.sh: error: command failed: $* (full log: $log)" >&2
+		exit 1
+	fi
+	rm -f "$log"
+}
+
+# ---------------------------------------------------------------- host setup
+
+need_root_for() {
+	[ "$(id -u)" = 0 ] || die "$1 needs root (run as root, or install it yourself: $2)"
+}
+
+APT_UPDATED=0
+apt_update() {
+	if [ "$APT_UPDATED" = 0 ]; then
+		quiet apt-get update
+		APT_UPDATED=1
+	fi
+}
+
+is_installed() {
+	dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# Installs the given Debian packages when missing. The first argument may be
+# "-t <release>" to take them from that release (backports).
+ensure_pkgs() {
+	local release=() missing=() p
+	if [ "${1:-}" = -t ]; then
+		release=(-t "$2")
+		shift 2
+	fi
+	for p in "$@"; do
+		is_installed "$p" || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	need_root_for "installing ${missing[*]}" "apt-get install ${missing[*]}"
+	# A fresh machine may have stale package lists: retry once after an update.
+	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${release[@]}" "${missing[@]}" >/dev/null 2>&1; then
+		apt_update
+		quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y "${release[@]}" "${missing[@]}"
+	fi
+}
+
+# The URI of the main Debian archive, from the machine's own sources, so we
+# use the same mirror (or snapshot) as the rest of the system.
+debian_mirror() {
+	local f uri
+	for f in /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list.d/*.sources; do
+		[ -f "$f" ] || continue
+		# deb822: the URIs of the first stanza whose Suites include "bookworm".
+		uri=$(awk '
+			/^[ \t]*$/ { if (suite && uri) { print uri; exit } suite = 0; uri = "" ; next }
+			/^URIs:/ { uri = $2 }
+			/^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm") suite = 1 }
+			END { if (suite && uri) print uri }' "$f" | head -n1)
+		[ -n "$uri" ] && { echo "$uri"; return 0; }
+	done
+	if [ -f /etc/apt/sources.list ]; then
+		uri=$(awk '$1 == "deb" && $3 == "bookworm" { print $2; exit }' /etc/apt/sources.list)
+		[ -n "$uri" ] && { echo "$uri"; return 0; }
+	fi
+	die "cannot find the Debian bookworm mirror in /etc/apt/sources.list{,.d}; add one (deb http://deb.debian.org/debian bookworm main)"
+}
+
+# Adds a deb822 source file unless apt already knows the suite for that type.
+ensure_apt_source() {
+	local name=$1 types=$2 suites=$3 file=/etc/apt/sources.list.d/$1.sources
+	[ -f "$file" ] && return 0
+	need_root_for "adding $file" "add a '$types' source for $suites"
+	printf 'Types: %s\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+		"$types" "$(debian_mirror)" "$suites" >"$file"
+	APT_UPDATED=0
+	apt_update
+}
+
+ensure_backports() {
+	apt-cache policy 2>/dev/null | grep -q 'a=bookworm-backports\|n=bookworm-backports' && return 0
+	ensure_apt_source vme-backports 'deb deb-src' bookworm-backports
+}
+
+pkg_version() {
+	dpkg-query -W -f='${Version}' "$1"
+}
+
+# ------------------------------------------------------------ cache helpers
+
+# Serializes work on one cache entry between concurrent builds (parallel make).
+with_lock() {
+	local name=$1
+	shift
+	mkdir -p "$CACHE_DIR"
+	(
+		flock 9
+		"$@"
+	) 9>"$CACHE_DIR/.lock-$name"
+}
+
+# Copies a file unless the destination already has the same bytes, so a
+# rebuild that changes nothing keeps mtimes (and make) quiet.
+install_file() {
+	local src=$1 dst=$2
+	mkdir -p "$(dirname "$dst")"
+	if ! cmp -s "$src" "$dst"; then
+		cp -f "$src" "$dst.tmp.$$"
+		mv -f "$dst.tmp.$$" "$dst"
+	fi
+}
+
+toolchain_id() {
+	local cross=$1
+	"${cross}gcc" --version | head -n1
+	"${cross}ld" --version | head -n1
+}
+
+# --------------------------------------------------------- kernel source
+
+LINUX_PKG=linux-source-6.1
+
+# Extracts Debian's kernel source once per package version; prints its path.
+linux_src() {
+	local ver dir
+	ver=$(pkg_version "$LINUX_PKG")
+	dir=$CACHE_DIR/src/$LINUX_PKG-$ver
+	if [ ! -f "$dir/.vme-extracted" ]; then
+		with_lock src-linux extract_linux "$dir" >&2
+	fi
+	echo "$dir"
+}
+
+extract_linux() {
+	local dir=$1 tmp
+	[ -f "$dir/.vme-extracted" ] && return 0
+	tmp=$dir.tmp
+	rm -rf "$tmp"
+	mkdir -p "$tmp"
+	tar -xJf "/usr/src/$LINUX_PKG.tar.xz" -C "$tmp" --strip-components=1 ||
+		die "cannot extract /usr/src/$LINUX_PKG.tar.xz (reinstall $LINUX_PKG)"
+	touch "$tmp/.vme-extracted"
+	rm -rf "$dir"
+	mv "$tmp" "$dir"
+}
+
+# Fails loudly when an option of the fragment did not survive olddefconfig
+# (a missing dependency, a typo, an option that does not exist in 6.1).
+verify_config() {
+	local fragment=$1 config=$2 bad=0 line opt want
+	while IFS= read -r line; do
+		case "$line" in
+		CONFIG_*=*)
+			opt=${line%%=*}
+			if ! grep -qxF "$line" "$config"; then
+				echo "  wanted $line, got: $(grep -E "^(# )?${opt}[= ]" "$config" || echo 'absent (no such option or unmet dependency)')" >&2
+				bad=1
+			fi
+			;;
+		"# CONFIG_"*" is not set")
+			want=${line#\# }
+			opt=${want%% *}
+			if grep -qE "^$opt=" "$config"; then
+				echo "  wanted $opt off, got: $(grep -E "^$opt=" "$config")" >&2
+				bad=1
+			fi
+			;;
+		esac
+	done <"$fragment"
+	[ "$bad" = 0 ] || die "kernel config $config does not match $fragment (see above); fix the fragment's dependencies"
+}
+
+# build_kernel <image> <ARCH> <CROSS_COMPILE> <make targets...> -- <fragments...>
+# Leaves the artifacts in $KERNEL_DIR (cache), building them only when absent.
+build_kernel() {
+	local name=$1 arch=$2 cross=$3
+	shift 3
+	local targets=() fragments=() key src
+	while [ $# -gt 0 ] && [ "$1" != -- ]; do
+		targets+=("$1")
+		shift
+	done
+	shift
+	fragments=("$@")
+	key=$({
+		echo "recipe $RECIPE $name $arch ${targets[*]}"
+		echo "$LINUX_PKG $(pkg_version "$LINUX_PKG")"
+		toolchain_id "$cross"
+		cat "${fragments[@]}"
+	} | sha256sum | cut -c1-16)
+	KERNEL_DIR=$CACHE_DIR/kernels/$name-$key
+	[ -f "$KERNEL_DIR/.vme-done" ] && return 0
+	src=$(linux_src)
+	with_lock "kernel-$name" compile_kernel "$name" "$arch" "$cross" "$src" "${targets[*]}" "${fragments[@]}"
+}
+
+compile_kernel() {
+	local name=$1 arch=$2 cross=$3 src=$4 words=$5
+	shift 5
+	local bld merged t started targets
+	read -r -a targets <<<"$words"
+	[ -f "$KERNEL_DIR/.vme-done" ] && return 0
+	started=$(date +%s)
+	# The build directory is a direct subdirectory of the source tree, so kbuild
+	# uses the relative srctree ".." and no absolute path enters the image.
+	bld=$src/out-$name
+	rm -rf "$bld"
+	mkdir -p "$bld"
+	local mk=(make -C "$src" O="$bld" ARCH="$arch" CROSS_COMPILE="$cross")
+	quiet "${mk[@]}" tinyconfig
+	merged=$bld/vme.config
+	cat "$@" >"$merged"
+	quiet "$src/scripts/kconfig/merge_config.sh" -m -O "$bld" "$bld/.config" "$merged"
+	quiet "${mk[@]}" olddefconfig
+	verify_config "$merged" "$bld/.config"
+	quiet "${mk[@]}" -j"$JOBS" -s "${targets[@]}"
+	rm -rf "$KERNEL_DIR.tmp"
+	mkdir -p "$KERNEL_DIR.tmp"
+	cp "$bld/.config" "$KERNEL_DIR.tmp/config"
+	for t in "${targets[@]}"; do
+		case "$t" in
+		bzImage) cp "$bld/arch/x86/boot/bzImage" "$KERNEL_DIR.tmp/bzImage" ;;
+		vmlinux) cp "$bld/vmlinux" "$KERNEL_DIR.tmp/vmlinux" ;;
+		Image) cp "$bld/arch/riscv/boot/Image" "$KERNEL_DIR.tmp/Image" ;;
+		*) die "internal: no rule to collect kernel target $t" ;;
+		esac
+	done
+	echo "$(($(date +%s) - started))" >"$KERNEL_DIR.tmp/build-seconds"
+	touch "$KERNEL_DIR.tmp/.vme-done"
+	rm -rf "$KERNEL_DIR"
+	mv "$KERNEL_DIR.tmp" "$KERNEL_DIR"
+	# The objects are not needed again: the hashed key changes with any input.
+	rm -rf "$bld"
+}
+
+# Checks that an ELF vmlinux carries the PVH entry note (Xen ELF note type 18,
+# XEN_ELFNOTE_PHYS32_ENTRY), without which a monitor cannot boot it via PVH.
+check_pvh_note() {
+	readelf -nW "$1" | grep -A1 -E '^[[:space:]]*Xen[[:space:]]' | grep -qE 'NT_VERSION|0x00000012|Unknown note type: \(0x00000012\)' ||
+		die "$1 has no XEN_ELFNOTE_PHYS32_ENTRY note (PVH); the kernel config lacks CONFIG_PVH"
+}
+
+# ------------------------------------------------------------- initramfs
+
+# make_initramfs <out.cpio> <busybox binary> [<modules dir> <module list>]
+# A directory tree with fixed modes, owners and mtimes, archived in sorted order:
+# the same inputs give the same bytes.
+make_initramfs() {
+	local out=$1 busybox=$2 moddir=${3:-} modlist=${4:-} root
+	root=$(mktemp -d /tmp/vme-initramfs.XXXXXX)
+	# shellcheck disable=SC2064 # expand now: the trap must remove this very dir
+	trap "rm -rf '$root'" RETURN
+	(
+		cd "$root"
+		mkdir -p bin sbin usr/bin usr/sbin dev proc sys tmp root etc lib
+		cp "$busybox" bin/busybox
+		cp "$IMAGES_DIR/init/init" init
+		chmod 0755 bin/busybox init
+		# The kernel opens /dev/console for init before anything is mounted.
+		if [ "$(id -u)" = 0 ]; then
+			mknod -m 0600 dev/console c 5 1
+			mknod -m 0666 dev/null c 1 3
+		fi
+		if [ -n "$moddir" ]; then
+			mkdir -p lib/modules
+			cp -R "$moddir/." lib/modules/
+			cp "$modlist" etc/vme-modules
+		fi
+		find . -type d -exec chmod 0755 {} +
+		chmod 1777 tmp
+		chmod 0700 root
+		find . -type f ! -perm -0100 -exec chmod 0644 {} +
+		find . -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+		find . -mindepth 1 -printf '%P\n' | sort |
+			cpio -o -H newc --reproducible -R 0:0 --quiet
+	) >"$out.tmp.$$"
+	mv -f "$out.tmp.$$" "$out"
+}
+
+# -------------------------------------------------------- busybox (riscv64)
+
+# Cross-builds a static riscv64 busybox from Debian's source package, with
+# Debian's own busybox-static configuration (the same applets as on x86_64).
+build_busybox_riscv64() {
+	local srcver key
+	ensure_pkgs busybox-static dpkg-dev
+	# The source version of the x86_64 busybox we ship: both images match.
+	srcver=$(dpkg-query -W -f='${source:Version}' busybox-static)
+	key=$({
+		echo "recipe $RECIPE busybox $srcver"
+		toolchain_id riscv64-linux-gnu-
+	} | sha256sum | cut -c1-16)
+	BUSYBOX_RISCV64=$CACHE_DIR/busybox/riscv64-$key/busybox
+	[ -f "$BUSYBOX_RISCV64" ] && return 0
+	with_lock busybox-riscv64 compile_busybox_riscv64 "$srcver"
+}
+
+compile_busybox_riscv64() {
+	local srcver=$1 dir work src
+	dir=$(dirname "$BUSYBOX_RISCV64")
+	[ -f "$BUSYBOX_RISCV64" ] && return 0
+	if ! apt-cache showsrc "busybox=$srcver" 2>/dev/null | grep -q '^Package: busybox'; then
+		ensure_apt_source vme-bookworm-src deb-src 'bookworm bookworm-updates bookworm-security'
+	fi
+	work=$CACHE_DIR/src/busybox-$srcver
+	rm -rf "$work"
+	mkdir -p "$work"
+	(cd "$work" && quiet apt-get source -q "busybox=$srcver") ||
+		die "cannot fetch Debian's busybox source $srcver (is a deb-src line for bookworm configured?)"
+	src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'busybox-*' | head -n1)
+	[ -n "$src" ] || die "apt-get source busybox=$srcver left no source tree in $work"
+	[ -f "$src/debian/config/pkg/static" ] || die "Debian busybox $srcver has no debian/config/pkg/static"
+	cp "$src/debian/config/pkg/static" "$src/.config"
+	# Debian's static config, with the host compiler swapped for the cross one.
+	local mk=(make -C "$src" ARCH=riscv CROSS_COMPILE=riscv64-linux-gnu- CONFIG_EXTRA_CFLAGS=)
+	quiet sh -c "yes '' | $(printf '%q ' "${mk[@]}") oldconfig"
+	grep -q '^CONFIG_STATIC=y' "$src/.config" || die "busybox config is not static"
+	quiet "${mk[@]}" -j"$JOBS" busybox
+	file "$src/busybox" | grep -q 'RISC-V.*statically linked' ||
+		die "$src/busybox is not a static RISC-V binary: $(file -b "$src/busybox")"
+	mkdir -p "$dir"
+	cp "$src/busybox" "$BUSYBOX_RISCV64.tmp"
+	mv "$BUSYBOX_RISCV64.tmp" "$BUSYBOX_RISCV64"
+	rm -rf "$work"
+}
+
+# ---------------------------------------------------------------- images
+
+KERNEL_BUILD_PKGS=(build-essential bc bison flex libelf-dev libssl-dev cpio kmod file "$LINUX_PKG")
+
+image_tiny_riscv64() {
+	local out=$OUT_DIR/tiny-riscv64
+	ensure_pkgs "${KERNEL_BUILD_PKGS[@]}" gcc-riscv64-linux-gnu libc6-dev-riscv64-cross
+	build_kernel tiny-riscv64 riscv riscv64-linux-gnu- Image -- \
+		"$IMAGES_DIR/kernel/common.config" "$IMAGES_DIR/kernel/riscv64.config"
+	install_file "$KERNEL_DIR/Image" "$out/Image"
+	build_busybox_riscv64
+	initramfs_tiny_riscv64 "$out/initramfs.cpio"
+}
+
+initramfs_tiny_riscv64() {
+	build_busybox_riscv64
+	mkdir -p "$(dirname "$1")"
+	make_initramfs "$1" "$BUSYBOX_RISCV64"
+}
+
+image_tiny() {
+	local out=$OUT_DIR/tiny
+	ensure_pkgs "${KERNEL_BUILD_PKGS[@]}" busybox-static
+	build_kernel tiny x86_64 "" bzImage vmlinux -- \
+		"$IMAGES_DIR/kernel/common.config" "$IMAGES_DIR/kernel/x86_64.config"
+	check_pvh_note "$KERNEL_DIR/vmlinux"
+	install_file "$KERNEL_DIR/bzImage" "$out/bzImage"
+	install_file "$KERNEL_DIR/vmlinux" "$out/vmlinux"
+	initramfs_tiny "$out/initramfs.cpio"
+}
+
+initramfs_tiny() {
+	ensure_pkgs busybox-static cpio
+	mkdir -p "$(dirname "$1")"
+	make_initramfs "$1" /bin/busybox
+}
+
+usage() {
+	sed -n '2,10s/^# \{0,1\}//p' "$0"
+	exit 2
+}
+
+main() {
+	[ $# -ge 1 ] || usage
+	case "$1" in
+	tiny) image_tiny ;;
+	tiny-riscv64) image_tiny_riscv64 ;;
+	all)
+		image_tiny_riscv64
+		image_tiny
+		;;
+	-h | --help | help) usage ;;
+	*) die "unknown image or command '$1' (try: tiny, tiny-stock, tiny-riscv64, all, verify-reproducible <image>, boot-test <image>)" ;;
+	esac
+}
+
+main "$@"

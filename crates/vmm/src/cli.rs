@@ -1,0 +1,214 @@
+//! Command-line parsing: run a VM from flags and/or a TOML machine file, or send one command
+//! to a running monitor (`ctl`). Flags override the file's fields.
+
+use clap::{Args, Parser, Subcommand};
+use log::LevelFilter;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use vme_api::control::{Request, call};
+use vme_api::{Arch, ByteSize, MachineSpec, RebootAction, SerialSpec};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vme-vmm",
+    version,
+    about = "Run one virtual machine (x86_64 on KVM, riscv64 in software)"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// error, warn, info, debug or trace (default: warn, or $VME_LOG).
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+}
+
+impl Cli {
+    pub fn log_level(&self) -> LevelFilter {
+        self.log_level
+            .clone()
+            .or_else(|| std::env::var("VME_LOG").ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(LevelFilter::Warn)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Send one command to a running monitor and print its JSON reply.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    #[arg(long)]
+    pub control_socket: PathBuf,
+    /// status, pause, resume, shutdown or stop
+    #[arg(required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// A TOML machine file with the same fields as the flags.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the effective machine file and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// x86_64 (KVM) or riscv64 (software machine).
+    #[arg(long)]
+    pub arch: Option<Arch>,
+    /// Kernel: bzImage or ELF vmlinux with a PVH note (x86_64), Image (riscv64).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Guest memory: 256M, 2G or bytes.
+    #[arg(long)]
+    pub memory: Option<ByteSize>,
+    /// stdio, none or file:PATH.
+    #[arg(long)]
+    pub serial: Option<SerialSpec>,
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
+    /// auto, host, baseline or pvm (x86_64).
+    #[arg(long)]
+    pub cpu_template: Option<String>,
+    /// What a guest reboot does: exit (status 0) or restart.
+    #[arg(long)]
+    pub on_reboot: Option<RebootAction>,
+}
+
+/// Like clap's `parse`, but a usage error exits 1 (bad input) rather than clap's 2, which
+/// means a crashed VM here.
+pub fn parse() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 });
+    })
+}
+
+/// The most vCPUs a VM may have, whatever the host: the x86 machine checks KVM's own limit
+/// as well, and the software machine runs one host thread per hart.
+pub const MAX_VCPUS: u32 = 254;
+
+/// Builds and checks the spec: the file first, then the flags over it, then every check that
+/// can be made before touching KVM.
+pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
+    let mut spec = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read machine file {}: {e}", path.display()))?;
+            MachineSpec::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => match &args.kernel {
+            Some(k) => MachineSpec::new(k),
+            None => return Err("no kernel given: use --kernel PATH or --config FILE".into()),
+        },
+    };
+    if let Some(v) = args.arch {
+        spec.arch = v;
+    }
+    if let Some(v) = &args.kernel {
+        spec.kernel = v.clone();
+    }
+    if let Some(v) = &args.initrd {
+        spec.initrd = Some(v.clone());
+    }
+    if let Some(v) = &args.cmdline {
+        spec.cmdline = v.clone();
+    }
+    if let Some(v) = args.vcpus {
+        spec.vcpus = v;
+    }
+    if let Some(v) = args.memory {
+        spec.memory = v;
+    }
+    if let Some(v) = &args.serial {
+        spec.serial = v.clone();
+    }
+    if let Some(v) = &args.control_socket {
+        spec.control_socket = Some(v.clone());
+    }
+    if let Some(v) = &args.cpu_template {
+        spec.cpu_template = v.clone();
+    }
+    if let Some(v) = args.on_reboot {
+        spec.on_reboot = v;
+    }
+    spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
+    if args.print_config {
+        return Ok(spec);
+    }
+    check_readable("kernel", &spec.kernel)?;
+    if let Some(initrd) = &spec.initrd {
+        check_readable("initrd", initrd)?;
+    }
+    check_host_memory(spec.memory)?;
+    Ok(spec)
+}
+
+fn check_readable(what: &str, path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("{what} file {}: {e}: check the path", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{what} {} is not a regular file", path.display()));
+    }
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|e| format!("cannot open {what} file {}: {e}", path.display()))
+}
+
+/// Guest memory is allocated lazily, but a VM larger than the host's RAM can never be backed.
+fn check_host_memory(memory: ByteSize) -> Result<(), String> {
+    let Some(total) = host_memory_bytes() else {
+        return Ok(());
+    };
+    if memory.bytes() > total {
+        return Err(format!(
+            "memory {memory} is more than this host has ({}): lower --memory",
+            ByteSize(total / (1 << 20) * (1 << 20))
+        ));
+    }
+    Ok(())
+}
+
+fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+pub fn run_ctl(args: CtlArgs) -> ExitCode {
+    let req = match Request::from_words(&args.command) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vme-vmm ctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Pausing waits for every vCPU to park, which on slow hosts takes a while.
+    match call(&args.control_socket, &req, Duration::from_secs(30)) {
+        Ok(reply) => {
+            println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+            if reply.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("vme-vmm ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

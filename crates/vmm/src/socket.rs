@@ -1,0 +1,209 @@
+//! The control socket: JSON lines over a Unix socket (see `vme_api::control`). One thread
+//! accepts connections; each connection is served on its own thread so a slow client cannot
+//! hold up another.
+
+use crate::control::VmControl;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use vme_api::control::{Reply, Request, Status};
+
+/// Facts about the VM that `status` reports and that do not change while it runs.
+#[derive(Clone)]
+pub struct VmFacts {
+    pub arch: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub cpu_template: Option<String>,
+}
+
+/// Longest request line accepted; anything longer is a broken or hostile client.
+const MAX_LINE: u64 = 64 * 1024;
+
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds the socket. A live VM already on that path is an error; a stale socket file left
+    /// by a dead monitor is replaced.
+    pub fn bind(
+        path: &Path,
+        control: Arc<VmControl>,
+        facts: VmFacts,
+    ) -> Result<ControlServer, String> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(format!(
+                    "control socket {} is in use by another running VM: choose another path or stop that VM",
+                    path.display()
+                ));
+            }
+            std::fs::remove_file(path).map_err(|e| {
+                format!("cannot remove stale control socket {}: {e}", path.display())
+            })?;
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| format!("cannot create control socket {}: {e}", path.display()))?;
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let (control, facts) = (control.clone(), facts.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || serve(conn, &control, &facts));
+                }
+            })
+            .map_err(|e| format!("cannot start the control socket thread: {e}"))?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(conn: UnixStream, control: &VmControl, facts: &VmFacts) {
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn).take(MAX_LINE);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.set_limit(MAX_LINE);
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if !line.ends_with('\n') && reader.limit() == 0 {
+            Reply::error(format!("request longer than {MAX_LINE} bytes"))
+        } else if line.trim().is_empty() {
+            continue;
+        } else {
+            match Request::parse_line(line.trim()) {
+                Ok(req) => handle(req, control, facts),
+                Err(e) => Reply::error(e),
+            }
+        };
+        let mut out = serde_json::to_string(&reply).unwrap_or_default();
+        out.push('\n');
+        if writer.write_all(out.as_bytes()).is_err() {
+            return;
+        }
+        if reader.limit() == 0 {
+            return;
+        }
+    }
+}
+
+pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
+    log::debug!("control request {req:?}");
+    match req {
+        Request::Status => {
+            let status = Status {
+                state: control.state(),
+                arch: facts.arch.clone(),
+                vcpus: facts.vcpus,
+                memory_bytes: facts.memory_bytes,
+                pid: std::process::id(),
+                uptime_ms: control.uptime().as_millis() as u64,
+                exits: control.exits.load(std::sync::atomic::Ordering::Relaxed),
+                emulated_instructions: control
+                    .emulated_instructions
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                instructions_retired: control.instructions_retired(),
+                cpu_template: facts.cpu_template.clone(),
+            };
+            let mut r = Reply::ok(status.state);
+            r.status = Some(status);
+            r
+        }
+        Request::Pause => control.pause().map_or_else(Reply::error, Reply::ok),
+        Request::Resume => control.resume().map_or_else(Reply::error, Reply::ok),
+        Request::Shutdown => match control.press_power_button() {
+            Ok(()) => Reply::ok(control.state()),
+            Err(e) => Reply::error(e),
+        },
+        Request::Stop => {
+            control.request_exit(crate::control::ExitReason::Stopped);
+            Reply::ok(control.state())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vme_api::control::{RunState, call};
+
+    fn facts() -> VmFacts {
+        VmFacts {
+            arch: "x86_64".into(),
+            vcpus: 2,
+            memory_bytes: 1 << 28,
+            cpu_template: None,
+        }
+    }
+
+    #[test]
+    fn serves_requests_and_refuses_a_second_binder() {
+        let dir = std::env::temp_dir().join(format!("vme-sock-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctl.sock");
+        let ctl = Arc::new(VmControl::new());
+        let server = ControlServer::bind(&path, ctl.clone(), facts()).unwrap();
+        let t = Duration::from_secs(5);
+        let r = call(&path, &Request::Status, t).unwrap();
+        let s = r.status.unwrap();
+        assert_eq!((s.vcpus, s.state), (2, RunState::Running));
+        assert_eq!(
+            call(&path, &Request::Pause, t).unwrap().state,
+            Some(RunState::Paused)
+        );
+        let r = call(&path, &Request::Shutdown, t).unwrap();
+        assert!(!r.ok && r.error.unwrap().contains("paused"));
+        let err = ControlServer::bind(&path, ctl.clone(), facts())
+            .err()
+            .unwrap();
+        assert!(err.contains("in use"), "{err}");
+        assert_eq!(
+            call(&path, &Request::Stop, t).unwrap().state,
+            Some(RunState::Stopping)
+        );
+        drop(server);
+        assert!(!path.exists());
+        // A stale file (no listener) is replaced.
+        std::fs::write(&path, b"").unwrap();
+        let _again = ControlServer::bind(&path, ctl, facts()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_lines_get_errors_and_the_connection_survives() {
+        let dir = std::env::temp_dir().join(format!("vme-sock-test2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctl.sock");
+        let _server = ControlServer::bind(&path, Arc::new(VmControl::new()), facts()).unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"garbage\n{\"cmd\":\"nope\"}\n{\"cmd\":\"status\"}\n")
+            .unwrap();
+        let mut lines = BufReader::new(s).lines();
+        let a: Reply = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let b: Reply = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let c: Reply = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert!(!a.ok && a.error.unwrap().contains("not JSON"));
+        assert!(!b.ok && b.error.unwrap().contains("nope"));
+        assert!(c.ok && c.status.is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

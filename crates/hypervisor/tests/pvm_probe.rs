@@ -212,6 +212,9 @@ struct Report {
     /// CS selector and DPL as KVM_GET_SREGS reports them at the report's exit.
     cs: u16,
     cs_dpl: u8,
+    /// RCX and R11 at the report's exit (what `syscall` saved).
+    rcx: u64,
+    r11: u64,
 }
 
 /// How the probe run ended.
@@ -444,12 +447,15 @@ fn run_probe(probe: Probe) -> Outcome {
                 return Outcome { reports, end };
             }
         };
+        let regs = vcpu.get_regs().expect("KVM_GET_REGS");
         let sregs = vcpu.get_sregs().expect("KVM_GET_SREGS");
         let report = Report {
             addr,
             value,
             cs: sregs.cs.selector,
             cs_dpl: sregs.cs.dpl,
+            rcx: regs.rcx,
+            r11: regs.r11,
         };
         eprintln!("{report:x?}");
         reports.push(report);
@@ -551,13 +557,15 @@ fn syscall_from_ring3_stays_in_user_mode() {
         (USER_CS, 3),
         "syscall entered kernel mode: update PVM.md"
     );
+    // The rest of syscall's work is done: RCX = return address, R11 = RFLAGS.
+    assert_eq!(entry.rcx, USER_SYSCALL_NEXT, "RCX after syscall");
+    assert_eq!(entry.r11 & 0x2, 0x2, "R11 holds RFLAGS");
     // So the handler's sysretq is privileged there and faults.
     let rip = out
         .value_after((VECTOR, 13), FRAME_RIP)
         .expect("#GP on sysretq");
     assert_eq!(u64::from(rip.value), LSTAR_SYSRETQ);
     assert!(!out.has(PROGRESS, 4), "user code resumed after syscall");
-    let _ = USER_SYSCALL_NEXT;
 }
 
 #[test]

@@ -8,7 +8,13 @@
 # Outputs land in target/images/<image>/. Kernels and the cross-built busybox are
 # cached in ${VME_CACHE_DIR:-/var/cache/vme}, keyed by a hash of their inputs, so
 # each is built once per machine. Quiet on success; on failure says what broke.
-set -euo pipefail
+set -Eeuo pipefail
+# No silent failures: name the command that failed when no die() did.
+# die() exits with status 3 after its own message; do not repeat it per caller.
+on_err() {
+	[ "$1" = 3 ] || echo "images/build.sh: error: line $2: command failed (status $1): $3" >&2
+}
+trap 'on_err $? $LINENO "$BASH_COMMAND"' ERR
 
 IMAGES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$IMAGES_DIR")
@@ -25,7 +31,7 @@ JOBS=${VME_BUILD_JOBS:-2}
 
 die() {
 	echo "images/build.sh: error: $*" >&2
-	exit 1
+	exit 3
 }
 
 # Runs a noisy command with its output in a log; shows the log only on failure.
@@ -34,8 +40,7 @@ quiet() {
 	log=$(mktemp /tmp/vme-images.XXXXXX.log)
 	if ! "$@" >"$log" 2>&1; then
 		tail -n 60 "$log" >&2
-		echo "images/build.sh: error: command failed: $* (full log: $log)" >&2
-		exit 1
+		die "command failed: $* (full log: $log)"
 	fi
 	rm -f "$log"
 }
@@ -269,7 +274,7 @@ compile_kernel() {
 # Checks that an ELF vmlinux carries the PVH entry note (Xen ELF note type 18,
 # XEN_ELFNOTE_PHYS32_ENTRY), without which a monitor cannot boot it via PVH.
 check_pvh_note() {
-	readelf -nW "$1" | grep -A1 -E '^[[:space:]]*Xen[[:space:]]' | grep -qE 'NT_VERSION|0x00000012|Unknown note type: \(0x00000012\)' ||
+	readelf -nW "$1" | grep -qE '^[[:space:]]*Xen[[:space:]].*(\(0x00000012\)|PHYS32_ENTRY)' ||
 		die "$1 has no XEN_ELFNOTE_PHYS32_ENTRY note (PVH); the kernel config lacks CONFIG_PVH"
 }
 
@@ -394,6 +399,205 @@ initramfs_tiny() {
 	make_initramfs "$1" /bin/busybox
 }
 
+# ------------------------------------------------- Debian's stock kernel
+
+STOCK_META=linux-image-cloud-amd64
+# virtio transports and devices (and their dependencies, resolved by modprobe)
+# that /init loads at boot; the stock kernel builds them as modules.
+STOCK_MODULES=(virtio_pci virtio_mmio virtio_blk virtio_net virtio_console vsock
+	vmw_vsock_virtio_transport virtio_rng virtio_balloon)
+
+# Unpacks the .deb behind linux-image-cloud-amd64 into the cache (never onto
+# the host), with the ELF vmlinux and the modules /init needs; sets STOCK_DIR.
+fetch_stock_kernel() {
+	local pkg ver key
+	pkg=$(apt-cache depends "$STOCK_META" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+	if [ -z "$pkg" ]; then
+		apt_update
+		pkg=$(apt-cache depends "$STOCK_META" | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+	fi
+	[ -n "$pkg" ] || die "apt does not know $STOCK_META (is the bookworm main archive in the apt sources?)"
+	ver=$(apt-cache show --no-all-versions "$pkg" | awk '/^Version:/ { print $2; exit }')
+	[ -n "$ver" ] || die "apt knows no version of $pkg"
+	key=$({
+		echo "recipe $RECIPE $pkg $ver ${STOCK_MODULES[*]}"
+		echo "kmod $(pkg_version kmod)"
+	} | sha256sum | cut -c1-16)
+	STOCK_DIR=$CACHE_DIR/stock/$pkg-$ver-$key
+	[ -f "$STOCK_DIR/.vme-done" ] && return 0
+	with_lock stock prepare_stock_kernel "$pkg" "$ver"
+}
+
+prepare_stock_kernel() {
+	local pkg=$1 ver=$2 tmp deb kver mods m line rel
+	[ -f "$STOCK_DIR/.vme-done" ] && return 0
+	tmp=$STOCK_DIR.tmp
+	rm -rf "$tmp"
+	mkdir -p "$tmp/deb" "$tmp/modules"
+	# apt-get download writes to the working directory; _apt cannot write to
+	# root's private dirs, so apt downloads unsandboxed (a harmless notice).
+	(cd "$tmp" && quiet apt-get download -q "$pkg=$ver")
+	deb=$(find "$tmp" -maxdepth 1 -name '*.deb' | head -n1)
+	[ -n "$deb" ] || die "apt-get download $pkg=$ver produced no .deb"
+	dpkg-deb -x "$deb" "$tmp/deb"
+	kver=$(find "$tmp/deb/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -n1)
+	[ -f "$tmp/deb/boot/vmlinuz-$kver" ] || die "$deb has no /boot/vmlinuz-$kver"
+	cp "$tmp/deb/boot/vmlinuz-$kver" "$tmp/vmlinuz"
+	extract_vmlinux "$tmp/vmlinuz" "$tmp/vmlinux"
+	check_pvh_note "$tmp/vmlinux"
+	# The .deb ships no modules.dep (its postinst runs depmod); make one in the
+	# cache copy and let modprobe list each module's dependencies in load order.
+	quiet depmod -b "$tmp/deb" "$kver"
+	mods=$tmp/modules.order
+	: >"$mods"
+	for m in "${STOCK_MODULES[@]}"; do
+		modprobe -d "$tmp/deb" -S "$kver" --show-depends "$m" >"$tmp/deps" 2>&1 ||
+			die "module $m is not in $pkg: $(cat "$tmp/deps")"
+		while read -r line; do
+			case "$line" in
+			insmod\ *)
+				rel=${line#insmod }
+				rel=${rel%% *}
+				rel=${rel#"$tmp/deb/lib/modules/$kver/"}
+				grep -qxF "$rel" "$mods" || echo "$rel" >>"$mods"
+				;;
+			builtin\ *) ;;
+			*) die "unexpected modprobe output for $m: $line" ;;
+			esac
+		done <"$tmp/deps"
+	done
+	# busybox insmod wants plain .ko files: decompress, and list the new names.
+	: >"$tmp/vme-modules"
+	while read -r rel; do
+		mkdir -p "$tmp/modules/$(dirname "$rel")"
+		case "$rel" in
+		*.ko.xz) xz -dc "$tmp/deb/lib/modules/$kver/$rel" >"$tmp/modules/${rel%.xz}" ;;
+		*.ko.zst) zstd -qdc "$tmp/deb/lib/modules/$kver/$rel" >"$tmp/modules/${rel%.zst}" ;;
+		*.ko.gz) gzip -dc "$tmp/deb/lib/modules/$kver/$rel" >"$tmp/modules/${rel%.gz}" ;;
+		*.ko) cp "$tmp/deb/lib/modules/$kver/$rel" "$tmp/modules/$rel" ;;
+		*) die "unexpected module file $rel" ;;
+		esac
+		echo "${rel%.ko*}.ko" >>"$tmp/vme-modules"
+	done <"$mods"
+	echo "$kver" >"$tmp/kernel-release"
+	rm -rf "$tmp/deb" "$tmp/deps" "$deb"
+	touch "$tmp/.vme-done"
+	rm -rf "$STOCK_DIR"
+	mv "$tmp" "$STOCK_DIR"
+}
+
+le32() {
+	od -An -tu4 -j "$2" -N4 "$1" | tr -d ' '
+}
+
+# Extracts the ELF vmlinux from a bzImage: the setup header gives the offset
+# and length of the compressed payload (boot protocol 2.08+), whose last four
+# bytes are the decompressed size, not part of the stream.
+extract_vmlinux() {
+	local bz=$1 out=$2 setup_sects start len magic
+	setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$bz" | tr -d ' ')
+	[ "$setup_sects" = 0 ] && setup_sects=4
+	start=$(((setup_sects + 1) * 512 + $(le32 "$bz" $((0x248)))))
+	len=$(le32 "$bz" $((0x24c)))
+	dd if="$bz" of="$out.z" bs=1M iflag=skip_bytes,count_bytes skip="$start" count=$((len - 4)) status=none
+	magic=$(od -An -tx1 -N4 "$out.z" | tr -d ' ')
+	case "$magic" in
+	fd377a58) xz -dc "$out.z" >"$out" ;;
+	1f8b*) gzip -dc "$out.z" >"$out" ;;
+	28b52ffd) ensure_pkgs zstd && zstd -qdc "$out.z" >"$out" ;;
+	02214c18) ensure_pkgs lz4 && lz4 -qdc "$out.z" >"$out" ;;
+	*) die "$bz: unknown kernel compression (payload magic $magic)" ;;
+	esac
+	rm -f "$out.z"
+	[ "$(od -An -c -N4 "$out" | tr -d ' ')" = '177ELF' ] || die "$bz: payload is not an ELF vmlinux"
+}
+
+image_tiny_stock() {
+	local out=$OUT_DIR/tiny-stock
+	ensure_pkgs busybox-static cpio kmod xz-utils binutils
+	fetch_stock_kernel
+	install_file "$STOCK_DIR/vmlinuz" "$out/vmlinuz"
+	install_file "$STOCK_DIR/vmlinux" "$out/vmlinux"
+	initramfs_tiny_stock "$out/initramfs.cpio"
+}
+
+initramfs_tiny_stock() {
+	ensure_pkgs busybox-static cpio kmod xz-utils binutils
+	fetch_stock_kernel
+	mkdir -p "$(dirname "$1")"
+	make_initramfs "$1" /bin/busybox "$STOCK_DIR/modules" "$STOCK_DIR/vme-modules"
+}
+
+# ------------------------------------------------------ checks
+
+# Builds an image's initramfs twice from scratch and compares the bytes (the
+# kernels come from the cache, keyed by their inputs).
+verify_reproducible() {
+	local image=$1 fn a b
+	case "$image" in
+	tiny | tiny-stock | tiny-riscv64) fn=initramfs_${image//-/_} ;;
+	*) die "verify-reproducible: unknown image '$image' (tiny, tiny-stock, tiny-riscv64)" ;;
+	esac
+	a=$(mktemp /tmp/vme-repro-a.XXXXXX)
+	b=$(mktemp /tmp/vme-repro-b.XXXXXX)
+	"$fn" "$a"
+	sleep 1 # a build that leaked the wall clock into the archive differs now
+	"$fn" "$b"
+	if ! cmp -s "$a" "$b"; then
+		die "$image: two initramfs builds differ ($a, $b); compare with: diff <(cpio -itv <$a) <(cpio -itv <$b)"
+	fi
+	if [ -f "$OUT_DIR/$image/initramfs.cpio" ] && ! cmp -s "$a" "$OUT_DIR/$image/initramfs.cpio"; then
+		die "$image: $OUT_DIR/$image/initramfs.cpio differs from a fresh build (rebuild with images/build.sh $image)"
+	fi
+	rm -f "$a" "$b"
+}
+
+# Boots an image under QEMU with software emulation (TCG; no KVM needed) and
+# checks the /init contract: the ready marker, vme.run with quoting, nproc, the
+# virtio drivers, the exit status, and a clean power-off.
+boot_test() {
+	local image=$1 dir=$OUT_DIR/$1 qemu log started elapsed cmd
+	# Runs in the guest; the kernel command line cannot nest double quotes.
+	# shellcheck disable=SC2016 # expanded by the guest's shell, not here
+	local smp=2 run='echo vme-nproc=$(nproc); echo vme-drivers: $(ls /sys/bus/virtio/drivers); exit 3'
+	case "$image" in
+	tiny-riscv64)
+		ensure_backports
+		ensure_pkgs -t bookworm-backports qemu-system-misc opensbi
+		qemu=(qemu-system-riscv64 -M virt -bios default -kernel "$dir/Image")
+		cmd="console=ttyS0 quiet"
+		;;
+	tiny | tiny-stock)
+		ensure_backports
+		ensure_pkgs -t bookworm-backports qemu-system-x86
+		local k=$dir/bzImage
+		[ "$image" = tiny-stock ] && k=$dir/vmlinuz
+		qemu=(qemu-system-x86_64 -M "${VME_QEMU_MACHINE:-microvm}" -accel tcg -cpu max -kernel "$k")
+		cmd="console=ttyS0 quiet"
+		;;
+	*) die "boot-test: unknown image '$image' (tiny, tiny-stock, tiny-riscv64)" ;;
+	esac
+	[ -f "$dir/initramfs.cpio" ] || die "$dir/initramfs.cpio is missing: run images/build.sh $image first"
+	log=$(mktemp /tmp/vme-boot-"$image".XXXXXX.log)
+	started=$(date +%s.%N)
+	if ! timeout "${VME_BOOT_TIMEOUT:-600}" "${qemu[@]}" -smp "$smp" -m 256M -nographic -no-reboot \
+		-initrd "$dir/initramfs.cpio" -append "$cmd vme.run=\"$run\"" </dev/null >"$log" 2>&1; then
+		cat "$log" >&2
+		die "$image: QEMU failed or did not power off within ${VME_BOOT_TIMEOUT:-600}s (log: $log)"
+	fi
+	elapsed=$(echo "$(date +%s.%N) - $started" | bc)
+	local want
+	for want in 'VME-GUEST-READY uptime=' "vme-nproc=$smp" 'VME-RUN-EXIT status=3' \
+		virtio_blk virtio_net virtio_rng virtio_balloon vmw_vsock_virtio_transport; do
+		grep -qF "$want" "$log" || {
+			cat "$log" >&2
+			die "$image: boot log lacks '$want' (log: $log)"
+		}
+	done
+	echo "$image: ok, $(grep -o 'VME-GUEST-READY uptime=[0-9.]*' "$log"), QEMU wall time ${elapsed%???????}s"
+	rm -f "$log"
+}
+
 usage() {
 	sed -n '2,10s/^# \{0,1\}//p' "$0"
 	exit 2
@@ -403,10 +607,20 @@ main() {
 	[ $# -ge 1 ] || usage
 	case "$1" in
 	tiny) image_tiny ;;
+	tiny-stock) image_tiny_stock ;;
 	tiny-riscv64) image_tiny_riscv64 ;;
 	all)
 		image_tiny_riscv64
 		image_tiny
+		image_tiny_stock
+		;;
+	verify-reproducible)
+		[ $# -eq 2 ] || usage
+		verify_reproducible "$2"
+		;;
+	boot-test)
+		[ $# -eq 2 ] || usage
+		boot_test "$2"
 		;;
 	-h | --help | help) usage ;;
 	*) die "unknown image or command '$1' (try: tiny, tiny-stock, tiny-riscv64, all, verify-reproducible <image>, boot-test <image>)" ;;

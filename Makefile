@@ -1,0 +1,41 @@
+# vme: `make run` and `make test` work on a fresh Debian 12 host as root; both install
+# what is missing first. See README.md.
+
+CARGO ?= cargo
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+VMM := $(CARGO_TARGET_DIR)/release/vme-vmm
+IMAGES := $(CARGO_TARGET_DIR)/images
+
+.PHONY: all setup build images lint test unit run bench clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --workspace --bins
+
+# Guest kernels are cached in /var/cache/vme (keyed by their inputs): built once per machine.
+images: setup
+	images/build.sh all
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	shellcheck scripts/*.sh images/*.sh images/init/init bench/*.sh .ci/run
+
+# Every test: unit tests, instruction-level machine tests, and integration tests that boot
+# real guests (they find the images under target/images).
+test: build images lint
+	$(CARGO) test --workspace --release
+
+# Boots the tiny image and attaches its console (see README: "A first VM").
+run: build images
+	@scripts/run.sh
+
+bench: build images
+	bench/run.sh
+
+clean:
+	$(CARGO) clean

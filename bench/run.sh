@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark, one JSON line per tool and measurement. Peers (QEMU, and
+# Firecracker when FIRECRACKER_BIN names one) run in the same invocation as vme-vmm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "# boot: x86_64 on KVM (BENCH_RUNS=${BENCH_RUNS:-10})" >&2
+BENCH_ARCH=x86_64 python3 bench/boot.py
+echo "# boot: riscv64 software machine vs QEMU TCG" >&2
+BENCH_ARCH=riscv64 python3 bench/boot.py

@@ -1,0 +1,192 @@
+//! Shared by the integration tests: start the real `vme-vmm` binary, read what the guest
+//! prints, stop it, and find the guest images `make images` built.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const VMM: &str = env!("CARGO_BIN_EXE_vme-vmm");
+
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Path of one file of a built guest image; a missing image fails the test with the fix.
+pub fn image(name: &str, file: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("target"));
+    let p = target.join("images").join(name).join(file);
+    assert!(
+        p.is_file(),
+        "guest image file {} is missing: build it with `images/build.sh {name}` (or `make images`)",
+        p.display()
+    );
+    p
+}
+
+/// True when KVM tests should run. Without /dev/kvm they fail, unless the skip is asked for.
+pub fn kvm_available() -> bool {
+    if std::env::var("VME_SKIP_KVM_TESTS").as_deref() == Ok("1") {
+        eprintln!("VME_SKIP_KVM_TESTS=1: skipping a test that needs /dev/kvm");
+        return false;
+    }
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: load kvm_intel/kvm_amd, or set VME_SKIP_KVM_TESTS=1 to skip KVM tests knowingly"
+    );
+    true
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vme-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create a test directory under the temp dir");
+    d
+}
+
+/// A running monitor whose stdout (the guest console) and stderr are collected line by line.
+pub struct Vm {
+    child: Child,
+    lines: Receiver<String>,
+    pub console: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Vm {
+    pub fn start(args: &[&str]) -> Vm {
+        let mut child = Command::new(VMM)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vme-vmm");
+        let (tx, lines) = channel();
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let log = console.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                log.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("piped stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Vm { child, lines, console, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a console line containing `needle`; returns it. Fails with the console so
+    /// far when the VM exits first or the time runs out.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no console line with {needle:?} within {timeout:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+                        self.console_text(),
+                        self.stderr.lock().unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Lines received since the last call (drains the queue).
+    pub fn take_lines(&mut self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
+    pub fn console_text(&self) -> String {
+        self.console.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the monitor to exit; kills it (and fails) after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for vme-vmm") {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "vme-vmm still running after {timeout:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+                    self.console_text(),
+                    self.stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// CPU time (user + system) the monitor process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `vme-vmm` to completion with no guest expected to start (bad input); returns the exit
+/// status and stderr.
+pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(VMM).args(args).stdin(Stdio::null()).output().expect("run vme-vmm");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Reads console lines from a child's stdout until one contains `needle` (for tests that
+/// manage their own processes).
+pub fn read_until(reader: &mut impl BufRead, needle: &str) -> Option<String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line.contains(needle) {
+            return Some(line);
+        }
+    }
+}

@@ -338,9 +338,10 @@ compile_busybox_riscv64() {
 	dir=$(dirname "$BUSYBOX_RISCV64")
 	[ -f "$BUSYBOX_RISCV64" ] && return 0
 	if ! apt-cache showsrc "busybox=$srcver" 2>/dev/null | grep -q '^Package: busybox'; then
-		ensure_apt_source vme-bookworm-src deb-src 'bookworm bookworm-updates bookworm-security'
+		ensure_apt_source vme-bookworm-src deb-src 'bookworm bookworm-updates'
 	fi
-	work=$CACHE_DIR/src/busybox-$srcver
+	# No ":" (the epoch) in the path: make cannot handle it.
+	work=$CACHE_DIR/src/busybox-${srcver#*:}
 	rm -rf "$work"
 	mkdir -p "$work"
 	(cd "$work" && quiet apt-get source -q "busybox=$srcver") ||

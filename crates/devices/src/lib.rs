@@ -6,6 +6,7 @@
 //! address ranges to devices and refuses overlaps; a device sees only offsets inside its own
 //! range.
 
+pub mod acpi;
 pub mod bus;
 pub mod i8042;
 pub mod rtc;

@@ -1,2 +1,111 @@
 //! The software machine: an RV64GC interpreter (harts, MMU, CLINT, PLIC, SBI) that needs no
-//! hardware support. It does no I/O of its own: devices reach it through the MMIO bus trait.
+//! hardware support. It does no I/O of its own: devices reach it through the MMIO bus trait
+//! ([`MmioDevice`]) and interrupt lines ([`IrqLine`]); it must not open files, sockets or
+//! terminals (examples and the monitor do that).
+//!
+//! # What it emulates
+//! - Harts: RV64IMAFDC + Zicsr + Zifencei + Sstc, privilege modes M/S/U with traps,
+//!   interrupts, delegation, vectored/direct tvecs, WFI, Sv39/Sv48 paging. One host thread
+//!   per hart.
+//! - Memory map (QEMU `virt`-like): test finisher at 0x10_0000, CLINT at 0x200_0000, PLIC
+//!   at 0xc00_0000, the caller's UART expected at 0x1000_0000 (IRQ 10) and virtio-mmio slots
+//!   at 0x1000_1000 + i * 0x1000 (IRQ 1 + i), RAM at 0x8000_0000.
+//!
+//! # Boot: SBI in the monitor ("firmware-less")
+//! There is no M-mode firmware image. [`Machine::load_kernel`] makes hart 0 start in S-mode
+//! at the kernel with a0 = hartid, a1 = device tree, satp = 0, and the CSR setup an SBI
+//! firmware would leave (exceptions and S interrupts delegated, counters and `stimecmp`
+//! open to S). Other harts stay stopped until SBI HSM `hart_start`. Every `ecall` from
+//! S-mode is served by the monitor: base, TIME, IPI, RFENCE, HSM, SRST, DBCN and legacy
+//! console putchar/getchar (through the UART at 0x1000_0000). A trap that would reach M-mode
+//! in this mode ends the run with [`ExitReason::Fault`], describing the trap.
+//! M-mode remains fully implemented: [`Machine::load_program`] runs bare-metal programs in
+//! M-mode from 0x8000_0000 (the self-checking test programs), with ecalls trapping to them.
+//!
+//! # Documented choices
+//! - Misaligned loads and stores are performed by the machine (also across pages), never
+//!   trapped: Linux 6.1 in S-mode relies on firmware for them. Misaligned LR/SC/AMOs raise
+//!   address-misaligned exceptions. MMIO accesses must be naturally aligned (else access
+//!   fault).
+//! - Any physical access outside RAM and outside every device window raises an access fault;
+//!   guest addresses never reach host memory unchecked.
+//! - A/D bits are set by the page walker (atomically with a compare-and-swap on the PTE).
+//! - PMP CSRs accept writes but are not enforced.
+//! - LR/SC: LR records the physical address and the loaded value; SC is a host
+//!   compare-and-swap against that value. A store of the same value by another hart between
+//!   them is not detected (the ABA case), which the RISC-V spec permits for a constrained
+//!   LR/SC loop's forward progress and which Linux's uses (lock-free loops that re-check
+//!   the value) tolerate. Traps clear the reservation. AMOs are host atomic RMW operations.
+//! - Guest RAM is accessed with relaxed host atomics; `fence` with store→load ordering maps
+//!   to a host full fence (x86 is TSO, other orderings hold by construction).
+//! - `mtime`/`time` follow host monotonic time at the timebase (10 MHz by default) and stop
+//!   while the machine is paused, so guest time does not jump across a pause.
+//! - Floating point: host f32/f64 with NaN-boxing and canonical NaNs; all rounding modes for
+//!   add/sub/mul/div/sqrt/conversions (derived from the exact rounding error), fused
+//!   multiply-add always to nearest; see `fpu.rs` for the flag accuracy.
+//! - Speed: a per-hart cache of decoded instructions per physical page (invalidated by
+//!   fence.i, remote fence.i, satp writes, sfence.vma, and by stores into decoded pages on
+//!   any hart); a direct-mapped TLB per privilege context whose entries point at host memory.
+//!
+//! # API
+//! ```no_run
+//! use std::sync::Arc;
+//! use vme_riscv::{Machine, MachineConfig, ExitReason};
+//! # fn main() -> Result<(), vme_riscv::Error> {
+//! let mut m = Machine::new(MachineConfig { harts: 2, memory_bytes: 256 << 20,
+//!     cmdline: "console=ttyS0".into(), ..MachineConfig::default() })?;
+//! // m.add_mmio_device(0x1000_0000, 0x100, uart)?;   // Arc<dyn MmioDevice>
+//! // let line = m.irq_line(10)?;                     // give to the UART: line.set_level(..)
+//! m.load_kernel(&std::fs::read("Image").unwrap())?;
+//! m.load_initrd(&std::fs::read("initramfs.cpio").unwrap())?;
+//! let handle = m.handle();                           // pause()/resume()/stop()/stats()
+//! match m.run()? { ExitReason::PowerOff => {}, other => println!("{other:?}") }
+//! # Ok(()) }
+//! ```
+
+mod clint;
+mod csr;
+mod decode;
+mod exec;
+mod fdt;
+mod fpu;
+mod hart;
+mod icache;
+mod machine;
+mod memory;
+mod mmu;
+mod plic;
+mod sbi;
+mod shared;
+
+pub use clint::{CLINT_BASE, CLINT_SIZE};
+pub use fdt::{ISA, MAX_VIRTIO_SLOTS, UART_IRQ, VIRTIO_BASE, VIRTIO_STRIDE};
+pub use machine::{
+    ExitReason, FINISHER_BASE, MAX_HARTS, Machine, MachineConfig, MachineHandle, Stats,
+};
+pub use memory::{GuestRam, MmioDevice, PAGE_SIZE, RAM_BASE};
+pub use plic::{IrqLine, PLIC_BASE, PLIC_NDEV, PLIC_SIZE};
+pub use sbi::UART_BASE;
+
+/// Errors of the machine's setup and run (guest misbehaviour is an `ExitReason`, not this).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid machine configuration: {0}")]
+    Config(String),
+    #[error("cannot allocate {bytes} bytes of guest RAM; lower the memory size or free host memory")]
+    RamAlloc { bytes: u64 },
+    #[error("guest range {addr:#x}+{len:#x} is outside RAM; check the load address and RAM size")]
+    OutOfRam { addr: u64, len: u64 },
+    #[error("MMIO window {base:#x}+{size:#x} is empty, wraps, or overlaps RAM or another device; pick a free range")]
+    MmioRange { base: u64, size: u64 },
+    #[error("kernel image: {0}")]
+    Kernel(String),
+    #[error("initrd: {0}")]
+    Initrd(String),
+    #[error("device tree: {0}")]
+    Fdt(String),
+    #[error("the machine is running; stop it first (MachineHandle::stop) before changing or re-running it")]
+    AlreadyRunning,
+    #[error("cannot start a hart thread: {0}; check the process thread limit")]
+    Thread(String),
+}

@@ -1,0 +1,296 @@
+//! Guest physical memory: one zeroed host allocation shared by every hart thread, plus the
+//! MMIO bus that routes every other physical address to a device or to an access fault.
+//!
+//! Every access to RAM goes through host atomics (relaxed, naturally aligned): harts run on
+//! separate threads and the guest may race on any byte, so plain loads/stores would be data
+//! races in Rust's memory model. On x86_64 relaxed atomic loads/stores compile to plain moves,
+//! so this costs nothing on the fast path.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
+
+use crate::Error;
+
+/// Guest physical address of the first byte of RAM (as on QEMU `virt`).
+pub const RAM_BASE: u64 = 0x8000_0000;
+/// Guest page size (also the granule of RAM sizes).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Guest RAM. The allocation lives as long as the `GuestRam`; all accessors bounds-check.
+pub struct GuestRam {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: the memory is only ever accessed through atomic operations (or through `&mut self`),
+// so sharing the pointer between threads cannot create data races.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above: all shared access is atomic.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Allocates `bytes` of zeroed RAM (large zeroed allocations are lazily backed by the host).
+    pub fn new(bytes: u64) -> Result<Self, Error> {
+        if bytes == 0 || bytes % (2 << 20) != 0 || bytes > (1 << 40) {
+            return Err(Error::Config(format!(
+                "memory size {bytes} bytes is not a non-zero multiple of 2 MiB below 1 TiB; \
+                 choose e.g. 256 MiB"
+            )));
+        }
+        let len = usize::try_from(bytes).map_err(|_| Error::RamAlloc { bytes })?;
+        let layout =
+            Layout::from_size_align(len, PAGE_SIZE as usize).map_err(|_| Error::RamAlloc { bytes })?;
+        // SAFETY: the layout has a non-zero size (checked above).
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or(Error::RamAlloc { bytes })?;
+        Ok(Self { ptr, len, layout })
+    }
+
+    /// RAM size in bytes.
+    pub fn size(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Host pointer of guest physical `pa` if `[pa, pa+size)` lies entirely in RAM.
+    #[inline(always)]
+    pub(crate) fn host_ptr(&self, pa: u64, size: u64) -> Option<*mut u8> {
+        let off = pa.wrapping_sub(RAM_BASE);
+        if off < self.len as u64 && size <= self.len as u64 - off {
+            // SAFETY: `off + size <= len`, so the result stays inside the allocation.
+            Some(unsafe { self.ptr.as_ptr().add(off as usize) })
+        } else {
+            None
+        }
+    }
+
+    /// True if the whole range is RAM.
+    pub fn contains(&self, pa: u64, size: u64) -> bool {
+        self.host_ptr(pa, size).is_some()
+    }
+
+    /// Reads `size` (1, 2, 4, 8) bytes at `pa`, little-endian. `None` if outside RAM.
+    pub fn read(&self, pa: u64, size: u64) -> Option<u64> {
+        let p = self.host_ptr(pa, size)?;
+        // SAFETY: `p..p+size` is inside the allocation (checked by host_ptr).
+        Some(unsafe { load(p, size) })
+    }
+
+    /// Writes the low `size` (1, 2, 4, 8) bytes of `val` at `pa`. `false` if outside RAM.
+    pub fn write(&self, pa: u64, size: u64, val: u64) -> bool {
+        match self.host_ptr(pa, size) {
+            Some(p) => {
+                // SAFETY: `p..p+size` is inside the allocation.
+                unsafe { store(p, size, val) };
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Copies guest memory into `buf`. Fails if any byte is outside RAM.
+    pub fn read_bytes(&self, pa: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let p = self.host_ptr(pa, buf.len() as u64).ok_or(Error::OutOfRam {
+            addr: pa,
+            len: buf.len() as u64,
+        })?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `p + i` is inside the checked range; byte atomics need no alignment.
+            *b = unsafe { AtomicU8::from_ptr(p.add(i)) }.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory. Fails if any byte is outside RAM.
+    pub fn write_bytes(&self, pa: u64, data: &[u8]) -> Result<(), Error> {
+        let p = self.host_ptr(pa, data.len() as u64).ok_or(Error::OutOfRam {
+            addr: pa,
+            len: data.len() as u64,
+        })?;
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: `p + i` is inside the checked range; byte atomics need no alignment.
+            unsafe { AtomicU8::from_ptr(p.add(i)) }.store(*b, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was allocated with exactly this layout and is freed only here.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// Loads `size` bytes at `p` (little-endian host). Misaligned accesses go byte by byte.
+///
+/// # Safety
+/// `p..p+size` must lie in guest RAM.
+#[inline(always)]
+pub(crate) unsafe fn load(p: *mut u8, size: u64) -> u64 {
+    if (p as usize) & (size as usize - 1) != 0 {
+        let mut v = 0u64;
+        for i in 0..size as usize {
+            // SAFETY: within the caller's range.
+            let b = unsafe { AtomicU8::from_ptr(p.add(i)) }.load(Ordering::Relaxed);
+            v |= (b as u64) << (8 * i);
+        }
+        return v;
+    }
+    // SAFETY: aligned and inside RAM per the caller's contract.
+    unsafe {
+        match size {
+            1 => AtomicU8::from_ptr(p).load(Ordering::Relaxed) as u64,
+            2 => AtomicU16::from_ptr(p.cast()).load(Ordering::Relaxed) as u64,
+            4 => AtomicU32::from_ptr(p.cast()).load(Ordering::Relaxed) as u64,
+            _ => AtomicU64::from_ptr(p.cast()).load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Stores the low `size` bytes of `v` at `p`. Misaligned accesses go byte by byte.
+///
+/// # Safety
+/// `p..p+size` must lie in guest RAM.
+#[inline(always)]
+pub(crate) unsafe fn store(p: *mut u8, size: u64, v: u64) {
+    if (p as usize) & (size as usize - 1) != 0 {
+        for i in 0..size as usize {
+            // SAFETY: within the caller's range.
+            unsafe { AtomicU8::from_ptr(p.add(i)) }.store((v >> (8 * i)) as u8, Ordering::Relaxed);
+        }
+        return;
+    }
+    // SAFETY: aligned and inside RAM per the caller's contract.
+    unsafe {
+        match size {
+            1 => AtomicU8::from_ptr(p).store(v as u8, Ordering::Relaxed),
+            2 => AtomicU16::from_ptr(p.cast()).store(v as u16, Ordering::Relaxed),
+            4 => AtomicU32::from_ptr(p.cast()).store(v as u32, Ordering::Relaxed),
+            _ => AtomicU64::from_ptr(p.cast()).store(v, Ordering::Relaxed),
+        }
+    }
+}
+
+/// A memory-mapped device. Devices are external to the machine (serial, virtio) or internal
+/// (CLINT, PLIC); either way they only see offsets inside their own window.
+pub trait MmioDevice: Send + Sync {
+    /// `offset` is relative to the device base; `data.len()` is 1, 2, 4 or 8.
+    fn read(&self, offset: u64, data: &mut [u8]);
+    /// `offset` is relative to the device base; `data.len()` is 1, 2, 4 or 8.
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+#[derive(Clone)]
+struct Region {
+    base: u64,
+    size: u64,
+    dev: Arc<dyn MmioDevice>,
+}
+
+/// The MMIO bus: non-overlapping device windows, fixed once the machine runs.
+#[derive(Clone, Default)]
+pub struct Bus {
+    regions: Vec<Region>,
+}
+
+impl Bus {
+    /// Adds a device window; fails if it is empty, wraps, overlaps RAM or another window.
+    pub fn add(
+        &mut self,
+        base: u64,
+        size: u64,
+        dev: Arc<dyn MmioDevice>,
+        ram_size: u64,
+    ) -> Result<(), Error> {
+        let end = base.checked_add(size).filter(|_| size > 0).ok_or(Error::MmioRange { base, size })?;
+        if base < RAM_BASE + ram_size && end > RAM_BASE {
+            return Err(Error::MmioRange { base, size });
+        }
+        if self.regions.iter().any(|r| base < r.base + r.size && end > r.base) {
+            return Err(Error::MmioRange { base, size });
+        }
+        self.regions.push(Region { base, size, dev });
+        self.regions.sort_by_key(|r| r.base);
+        Ok(())
+    }
+
+    fn find(&self, pa: u64, len: u64) -> Option<&Region> {
+        self.regions
+            .iter()
+            .find(|r| pa >= r.base && pa - r.base < r.size && len <= r.size - (pa - r.base))
+    }
+
+    /// Reads `len` bytes at `pa`; `None` (access fault) if no device covers the whole access.
+    pub fn read(&self, pa: u64, len: u64) -> Option<u64> {
+        let r = self.find(pa, len)?;
+        let mut buf = [0u8; 8];
+        r.dev.read(pa - r.base, &mut buf[..len as usize]);
+        Some(u64::from_le_bytes(buf))
+    }
+
+    /// Writes `len` bytes at `pa`; `false` (access fault) if no device covers the access.
+    pub fn write(&self, pa: u64, len: u64, val: u64) -> bool {
+        match self.find(pa, len) {
+            Some(r) => {
+                r.dev.write(pa - r.base, &val.to_le_bytes()[..len as usize]);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn ram_bounds_are_enforced() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        assert!(ram.write(RAM_BASE, 8, 0x1122_3344_5566_7788));
+        assert_eq!(ram.read(RAM_BASE, 4), Some(0x5566_7788));
+        assert_eq!(ram.read(RAM_BASE + 1, 2), Some(0x6677));
+        let last = RAM_BASE + (2 << 20) - 8;
+        assert!(ram.write(last, 8, 1));
+        assert!(!ram.write(last + 1, 8, 1), "access straddling the end of RAM must fail");
+        assert_eq!(ram.read(RAM_BASE - 1, 1), None);
+        assert_eq!(ram.read(u64::MAX, 1), None);
+        assert_eq!(ram.read(0, 8), None);
+        assert!(ram.read_bytes(last, &mut [0u8; 9]).is_err());
+    }
+
+    #[test]
+    fn ram_size_is_validated() {
+        assert!(GuestRam::new(0).is_err());
+        assert!(GuestRam::new(4096).is_err());
+    }
+
+    struct Recorder(Mutex<Vec<(u64, Vec<u8>)>>);
+    impl MmioDevice for Recorder {
+        fn read(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&self, offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn bus_routes_and_rejects() {
+        let mut bus = Bus::default();
+        let dev = Arc::new(Recorder(Mutex::new(Vec::new())));
+        bus.add(0x1000_0000, 0x100, dev.clone(), 2 << 20).unwrap();
+        assert!(bus.add(0x1000_0080, 0x100, dev.clone(), 2 << 20).is_err());
+        assert!(bus.add(RAM_BASE, 0x100, dev.clone(), 2 << 20).is_err());
+        assert!(bus.add(u64::MAX - 1, 0x100, dev.clone(), 2 << 20).is_err());
+        assert_eq!(bus.read(0x1000_0005, 1), Some(5));
+        assert!(bus.write(0x1000_0004, 4, 0xaabbccdd));
+        assert_eq!(dev.0.lock().unwrap()[0], (4, vec![0xdd, 0xcc, 0xbb, 0xaa]));
+        assert_eq!(bus.read(0x1000_00fe, 4), None, "straddling the window end");
+        assert_eq!(bus.read(0x2000_0000, 4), None);
+    }
+}

@@ -2,6 +2,7 @@
 //! CPU templates (the CPUID/MSR set a guest sees) and ACPI tables. It computes what goes into
 //! guest memory and registers; it does not run vCPUs or emulate devices.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod layout;
 pub mod loader;

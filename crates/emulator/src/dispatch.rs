@@ -24,27 +24,31 @@ struct Fetched {
     fault: Option<Stop>,
 }
 
-fn fetch(ctx: &mut Ctx<'_>, rip: u64) -> Result<Fetched, Stop> {
-    let mut f = Fetched {
-        bytes: [0; MAX_INSN_LEN],
-        len: 0,
-        fault: None,
-    };
-    let (linear, mut avail) = if ctx.mode == Mode::Long64 {
+/// The linear address of RIP and how many instruction bytes the code segment allows there
+/// (#GP(0) for a non-canonical RIP or one beyond the CS limit).
+fn code_window(ctx: &Ctx<'_>, rip: u64) -> Result<(u64, usize), Stop> {
+    if ctx.mode == Mode::Long64 {
         let la57 = ctx.paging.cr4 & bits::CR4_LA57 != 0;
         if !is_canonical(rip, la57) {
             return Err(Exception::gp0().into());
         }
-        (rip, MAX_INSN_LEN)
-    } else {
-        let cs = ctx.cpu.segment(Seg::Cs);
-        let eip = rip & 0xffff_ffff;
-        if eip > u64::from(cs.limit) {
-            return Err(Exception::gp0().into());
-        }
-        let room = u64::from(cs.limit) - eip + 1;
-        let avail = usize::try_from(room.min(MAX_INSN_LEN as u64)).unwrap_or(MAX_INSN_LEN);
-        (cs.base.wrapping_add(eip) & 0xffff_ffff, avail)
+        return Ok((rip, MAX_INSN_LEN));
+    }
+    let cs = ctx.cpu.segment(Seg::Cs);
+    let eip = rip & 0xffff_ffff;
+    if eip > u64::from(cs.limit) {
+        return Err(Exception::gp0().into());
+    }
+    let room = u64::from(cs.limit) - eip + 1;
+    let avail = usize::try_from(room.min(MAX_INSN_LEN as u64)).unwrap_or(MAX_INSN_LEN);
+    Ok((cs.base.wrapping_add(eip) & 0xffff_ffff, avail))
+}
+
+fn fetch(ctx: &mut Ctx<'_>, linear: u64, mut avail: usize) -> Result<Fetched, Stop> {
+    let mut f = Fetched {
+        bytes: [0; MAX_INSN_LEN],
+        len: 0,
+        fault: None,
     };
     while avail > 0 {
         let at = linear.wrapping_add(f.len as u64);
@@ -176,14 +180,15 @@ pub(crate) fn run(
         }
     };
 
-    // KVM's copy of the bytes, when it gave one that decodes completely, saves the walk.
+    let (linear, avail) = match code_window(&ctx, rip) {
+        Ok(w) => w,
+        Err(stop) => return fail(stats, stop),
+    };
+    // KVM's copy of the bytes, when it gave one that decodes completely within the code
+    // segment, saves the walk.
     let from_hint = hint
         .filter(|h| !h.is_empty())
-        .and_then(|h| {
-            decode(bits, rip, &h[..h.len().min(MAX_INSN_LEN)])
-                .ok()
-                .flatten()
-        })
+        .and_then(|h| decode(bits, rip, &h[..h.len().min(avail)]).ok().flatten())
         .map(|insn| {
             let mut b = [0u8; MAX_INSN_LEN];
             let n = insn.len().min(MAX_INSN_LEN);
@@ -195,7 +200,7 @@ pub(crate) fn run(
     let (insn, bytes, len) = match from_hint {
         Some(x) => x,
         None => {
-            let f = match fetch(&mut ctx, rip) {
+            let f = match fetch(&mut ctx, linear, avail) {
                 Ok(f) => f,
                 Err(stop) => return fail(stats, stop),
             };

@@ -40,7 +40,7 @@ pub(crate) fn lzcnt(ctx: &mut Ctx<'_>, insn: &Instruction) -> Result<Outcome, St
     let src = ctx.read_rm(insn, 1, size)?;
     let width = (size * 8) as u64;
     // `src` is zero-extended to 64 bits; discount the extension.
-    let result = u64::from(src.leading_zeros()) - (64 - width);
+    let result = u64::from(src.leading_zeros()).saturating_sub(64 - width);
     ctx.write_reg(insn.op_register(0), result);
     count_flags(ctx, src, result);
     Ok(Outcome::Done)

@@ -287,7 +287,7 @@ make_initramfs() {
 	local out=$1 busybox=$2 moddir=${3:-} modlist=${4:-} root
 	root=$(mktemp -d /tmp/vme-initramfs.XXXXXX)
 	# shellcheck disable=SC2064 # expand now: the trap must remove this very dir
-	trap "rm -rf '$root'" RETURN
+	trap "rm -rf '$root' '$root.cpio'" RETURN
 	(
 		cd "$root"
 		mkdir -p bin sbin usr/bin usr/sbin dev proc sys tmp root etc lib
@@ -311,8 +311,10 @@ make_initramfs() {
 		find . -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 		find . -mindepth 1 -printf '%P\n' | sort |
 			cpio -o -H newc --reproducible -R 0:0 --quiet
-	) >"$out.tmp.$$"
-	mv -f "$out.tmp.$$" "$out"
+	) >"$root.cpio"
+	# Same bytes as before: leave the file (and its mtime) alone.
+	install_file "$root.cpio" "$out"
+	rm -f "$root.cpio"
 }
 
 # -------------------------------------------------------- busybox (riscv64)

@@ -75,8 +75,14 @@ fn main() -> anyhow::Result<()> {
     if args.len() < 4 {
         anyhow::bail!("usage: boot KERNEL INITRD CMDLINE [HARTS] [MEMORY_MIB]");
     }
-    let harts: usize = args.get(4).map_or(Ok(1), |s| s.parse()).context("HARTS must be a number")?;
-    let mem_mib: u64 = args.get(5).map_or(Ok(256), |s| s.parse()).context("MEMORY_MIB must be a number")?;
+    let harts: usize = args
+        .get(4)
+        .map_or(Ok(1), |s| s.parse())
+        .context("HARTS must be a number")?;
+    let mem_mib: u64 = args
+        .get(5)
+        .map_or(Ok(256), |s| s.parse())
+        .context("MEMORY_MIB must be a number")?;
     let kernel = std::fs::read(&args[1]).with_context(|| format!("reading kernel {}", args[1]))?;
     let initrd = std::fs::read(&args[2]).with_context(|| format!("reading initrd {}", args[2]))?;
     let mut m = Machine::new(MachineConfig {
@@ -87,8 +93,15 @@ fn main() -> anyhow::Result<()> {
     })?;
     let start = Instant::now();
     let ready = Arc::new(Mutex::new(None));
-    let console = Console { start, line: Vec::new(), ready: ready.clone() };
-    let uart = Arc::new(Uart(Mutex::new(Serial::new(Irq(m.irq_line(UART_IRQ)?), console))));
+    let console = Console {
+        start,
+        line: Vec::new(),
+        ready: ready.clone(),
+    };
+    let uart = Arc::new(Uart(Mutex::new(Serial::new(
+        Irq(m.irq_line(UART_IRQ)?),
+        console,
+    ))));
     m.add_mmio_device(UART_BASE, 0x100, uart.clone())?;
     m.load_kernel(&kernel)?;
     m.load_initrd(&initrd)?;
@@ -103,7 +116,12 @@ fn main() -> anyhow::Result<()> {
             }
             let mut rest = &buf[..n];
             while !rest.is_empty() {
-                let took = input.0.lock().unwrap_or_else(|e| e.into_inner()).enqueue_raw_bytes(rest).unwrap_or(0);
+                let took = input
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .enqueue_raw_bytes(rest)
+                    .unwrap_or(0);
                 rest = &rest[took..];
                 if took == 0 {
                     std::thread::sleep(Duration::from_millis(5));

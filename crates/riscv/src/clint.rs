@@ -32,11 +32,16 @@ fn get(data: &[u8]) -> u64 {
 
 impl MmioDevice for Clint {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let Some(s) = self.shared.upgrade() else { return data.fill(0) };
+        let Some(s) = self.shared.upgrade() else {
+            return data.fill(0);
+        };
         let harts = s.links.len() as u64;
         let (base_off, v) = if offset < 4 * harts {
             let h = (offset / 4) as usize;
-            (offset & !3, (s.links[h].ext_mip.load(Ordering::Relaxed) & MIP_MSIP != 0) as u64)
+            (
+                offset & !3,
+                (s.links[h].ext_mip.load(Ordering::Relaxed) & MIP_MSIP != 0) as u64,
+            )
         } else if (MTIMECMP..MTIMECMP + 8 * harts).contains(&offset) {
             let h = ((offset - MTIMECMP) / 8) as usize;
             (offset & !7, s.links[h].mtimecmp.load(Ordering::Relaxed))
@@ -51,7 +56,9 @@ impl MmioDevice for Clint {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        let Some(s) = self.shared.upgrade() else { return };
+        let Some(s) = self.shared.upgrade() else {
+            return;
+        };
         let harts = s.links.len() as u64;
         let v = get(data);
         if offset < 4 * harts && offset & 3 == 0 {
@@ -65,7 +72,8 @@ impl MmioDevice for Clint {
             } else if data.len() == 4 && (within == 0 || within == 4) {
                 let sh = within * 8;
                 let old = link.mtimecmp.load(Ordering::SeqCst);
-                link.mtimecmp.store((old & !(0xffff_ffff << sh)) | (v << sh), Ordering::SeqCst);
+                link.mtimecmp
+                    .store((old & !(0xffff_ffff << sh)) | (v << sh), Ordering::SeqCst);
             }
             s.kick(h);
         }

@@ -18,9 +18,19 @@ pub const MSTATUS_TSR: u64 = 1 << 22;
 /// UXL = SXL = 2 (64-bit), read-only.
 pub const MSTATUS_XL: u64 = (2 << 32) | (2 << 34);
 pub const MSTATUS_SD: u64 = 1 << 63;
-const MSTATUS_WMASK: u64 = MSTATUS_SIE | MSTATUS_MIE | MSTATUS_SPIE | MSTATUS_MPIE | MSTATUS_SPP
-    | MSTATUS_MPP | MSTATUS_FS | MSTATUS_MPRV | MSTATUS_SUM | MSTATUS_MXR | MSTATUS_TVM
-    | MSTATUS_TW | MSTATUS_TSR;
+const MSTATUS_WMASK: u64 = MSTATUS_SIE
+    | MSTATUS_MIE
+    | MSTATUS_SPIE
+    | MSTATUS_MPIE
+    | MSTATUS_SPP
+    | MSTATUS_MPP
+    | MSTATUS_FS
+    | MSTATUS_MPRV
+    | MSTATUS_SUM
+    | MSTATUS_MXR
+    | MSTATUS_TVM
+    | MSTATUS_TW
+    | MSTATUS_TSR;
 const SSTATUS_MASK: u64 =
     MSTATUS_SIE | MSTATUS_SPIE | MSTATUS_SPP | MSTATUS_FS | MSTATUS_SUM | MSTATUS_MXR;
 
@@ -36,7 +46,8 @@ const ALL_INTS: u64 = S_INTS | MIP_MSIP | MIP_MTIP | MIP_MEIP;
 pub const MENVCFG_STCE: u64 = 1 << 63;
 
 /// misa: RV64 with A, C, D, F, I, M, S, U.
-pub const MISA_VALUE: u64 = (2 << 62) | 1 | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 8) | (1 << 12) | (1 << 18) | (1 << 20);
+pub const MISA_VALUE: u64 =
+    (2 << 62) | 1 | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 8) | (1 << 12) | (1 << 18) | (1 << 20);
 
 /// Exceptions that may be delegated (all but ecall-from-M and reserved codes).
 const MEDELEG_MASK: u64 = 0xb3ff;
@@ -178,7 +189,11 @@ impl Hart {
 
     fn mstatus_read(&self) -> u64 {
         let s = self.csr.mstatus | MSTATUS_XL;
-        if s & MSTATUS_FS == MSTATUS_FS { s | MSTATUS_SD } else { s }
+        if s & MSTATUS_FS == MSTATUS_FS {
+            s | MSTATUS_SD
+        } else {
+            s
+        }
     }
 
     /// Reads a CSR; `Err` is the illegal-instruction trap (tval filled by the caller).

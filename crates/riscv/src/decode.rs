@@ -12,25 +12,166 @@ pub enum Op {
     Illegal,
     /// A 32-bit instruction straddling a page end: re-fetched every time, never cached.
     CrossPage,
-    Lui, Auipc, Jal, Jalr,
-    Beq, Bne, Blt, Bge, Bltu, Bgeu,
-    Lb, Lh, Lw, Ld, Lbu, Lhu, Lwu, Sb, Sh, Sw, Sd,
-    Addi, Slti, Sltiu, Xori, Ori, Andi, Slli, Srli, Srai,
-    Add, Sub, Sll, Slt, Sltu, Xor, Srl, Sra, Or, And,
-    Addiw, Slliw, Srliw, Sraiw, Addw, Subw, Sllw, Srlw, Sraw,
-    Fence, FenceI, Ecall, Ebreak, Mret, Sret, Wfi, SfenceVma,
-    Csrrw, Csrrs, Csrrc, Csrrwi, Csrrsi, Csrrci,
-    Mul, Mulh, Mulhsu, Mulhu, Div, Divu, Rem, Remu, Mulw, Divw, Divuw, Remw, Remuw,
-    LrW, ScW, AmoSwapW, AmoAddW, AmoXorW, AmoAndW, AmoOrW, AmoMinW, AmoMaxW, AmoMinuW, AmoMaxuW,
-    LrD, ScD, AmoSwapD, AmoAddD, AmoXorD, AmoAndD, AmoOrD, AmoMinD, AmoMaxD, AmoMinuD, AmoMaxuD,
-    Flw, Fsw, Fld, Fsd,
-    FmaddS, FmsubS, FnmsubS, FnmaddS, FaddS, FsubS, FmulS, FdivS, FsqrtS,
-    FsgnjS, FsgnjnS, FsgnjxS, FminS, FmaxS, FcvtWS, FcvtWuS, FcvtLS, FcvtLuS,
-    FmvXW, FeqS, FltS, FleS, FclassS, FcvtSW, FcvtSWu, FcvtSL, FcvtSLu, FmvWX,
-    FmaddD, FmsubD, FnmsubD, FnmaddD, FaddD, FsubD, FmulD, FdivD, FsqrtD,
-    FsgnjD, FsgnjnD, FsgnjxD, FminD, FmaxD, FcvtWD, FcvtWuD, FcvtLD, FcvtLuD,
-    FmvXD, FeqD, FltD, FleD, FclassD, FcvtDW, FcvtDWu, FcvtDL, FcvtDLu, FmvDX,
-    FcvtSD, FcvtDS,
+    Lui,
+    Auipc,
+    Jal,
+    Jalr,
+    Beq,
+    Bne,
+    Blt,
+    Bge,
+    Bltu,
+    Bgeu,
+    Lb,
+    Lh,
+    Lw,
+    Ld,
+    Lbu,
+    Lhu,
+    Lwu,
+    Sb,
+    Sh,
+    Sw,
+    Sd,
+    Addi,
+    Slti,
+    Sltiu,
+    Xori,
+    Ori,
+    Andi,
+    Slli,
+    Srli,
+    Srai,
+    Add,
+    Sub,
+    Sll,
+    Slt,
+    Sltu,
+    Xor,
+    Srl,
+    Sra,
+    Or,
+    And,
+    Addiw,
+    Slliw,
+    Srliw,
+    Sraiw,
+    Addw,
+    Subw,
+    Sllw,
+    Srlw,
+    Sraw,
+    Fence,
+    FenceI,
+    Ecall,
+    Ebreak,
+    Mret,
+    Sret,
+    Wfi,
+    SfenceVma,
+    Csrrw,
+    Csrrs,
+    Csrrc,
+    Csrrwi,
+    Csrrsi,
+    Csrrci,
+    Mul,
+    Mulh,
+    Mulhsu,
+    Mulhu,
+    Div,
+    Divu,
+    Rem,
+    Remu,
+    Mulw,
+    Divw,
+    Divuw,
+    Remw,
+    Remuw,
+    LrW,
+    ScW,
+    AmoSwapW,
+    AmoAddW,
+    AmoXorW,
+    AmoAndW,
+    AmoOrW,
+    AmoMinW,
+    AmoMaxW,
+    AmoMinuW,
+    AmoMaxuW,
+    LrD,
+    ScD,
+    AmoSwapD,
+    AmoAddD,
+    AmoXorD,
+    AmoAndD,
+    AmoOrD,
+    AmoMinD,
+    AmoMaxD,
+    AmoMinuD,
+    AmoMaxuD,
+    Flw,
+    Fsw,
+    Fld,
+    Fsd,
+    FmaddS,
+    FmsubS,
+    FnmsubS,
+    FnmaddS,
+    FaddS,
+    FsubS,
+    FmulS,
+    FdivS,
+    FsqrtS,
+    FsgnjS,
+    FsgnjnS,
+    FsgnjxS,
+    FminS,
+    FmaxS,
+    FcvtWS,
+    FcvtWuS,
+    FcvtLS,
+    FcvtLuS,
+    FmvXW,
+    FeqS,
+    FltS,
+    FleS,
+    FclassS,
+    FcvtSW,
+    FcvtSWu,
+    FcvtSL,
+    FcvtSLu,
+    FmvWX,
+    FmaddD,
+    FmsubD,
+    FnmsubD,
+    FnmaddD,
+    FaddD,
+    FsubD,
+    FmulD,
+    FdivD,
+    FsqrtD,
+    FsgnjD,
+    FsgnjnD,
+    FsgnjxD,
+    FminD,
+    FmaxD,
+    FcvtWD,
+    FcvtWuD,
+    FcvtLD,
+    FcvtLuD,
+    FmvXD,
+    FeqD,
+    FltD,
+    FleD,
+    FclassD,
+    FcvtDW,
+    FcvtDWu,
+    FcvtDL,
+    FcvtDLu,
+    FmvDX,
+    FcvtSD,
+    FcvtDS,
 }
 
 /// A decoded instruction (12 bytes). Integer destinations equal to x0 are redirected to the
@@ -54,7 +195,12 @@ pub struct Insn {
 pub const XZERO_SINK: u8 = 32;
 
 fn illegal(raw: u32, len: u8) -> Insn {
-    Insn { op: Op::Illegal, len, imm: raw as i32, ..Insn::default() }
+    Insn {
+        op: Op::Illegal,
+        len,
+        imm: raw as i32,
+        ..Insn::default()
+    }
 }
 
 fn bits(v: u32, hi: u32, lo: u32) -> u32 {
@@ -71,13 +217,71 @@ fn writes_xreg(op: Op) -> bool {
     use Op::*;
     !matches!(
         op,
-        Undecoded | Illegal | CrossPage | Beq | Bne | Blt | Bge | Bltu | Bgeu | Sb | Sh | Sw | Sd
-            | Fence | FenceI | Ecall | Ebreak | Mret | Sret | Wfi | SfenceVma | Flw | Fsw | Fld
-            | Fsd | FmaddS | FmsubS | FnmsubS | FnmaddS | FaddS | FsubS | FmulS | FdivS | FsqrtS
-            | FsgnjS | FsgnjnS | FsgnjxS | FminS | FmaxS | FcvtSW | FcvtSWu | FcvtSL | FcvtSLu
-            | FmvWX | FmaddD | FmsubD | FnmsubD | FnmaddD | FaddD | FsubD | FmulD | FdivD
-            | FsqrtD | FsgnjD | FsgnjnD | FsgnjxD | FminD | FmaxD | FcvtDW | FcvtDWu | FcvtDL
-            | FcvtDLu | FmvDX | FcvtSD | FcvtDS
+        Undecoded
+            | Illegal
+            | CrossPage
+            | Beq
+            | Bne
+            | Blt
+            | Bge
+            | Bltu
+            | Bgeu
+            | Sb
+            | Sh
+            | Sw
+            | Sd
+            | Fence
+            | FenceI
+            | Ecall
+            | Ebreak
+            | Mret
+            | Sret
+            | Wfi
+            | SfenceVma
+            | Flw
+            | Fsw
+            | Fld
+            | Fsd
+            | FmaddS
+            | FmsubS
+            | FnmsubS
+            | FnmaddS
+            | FaddS
+            | FsubS
+            | FmulS
+            | FdivS
+            | FsqrtS
+            | FsgnjS
+            | FsgnjnS
+            | FsgnjxS
+            | FminS
+            | FmaxS
+            | FcvtSW
+            | FcvtSWu
+            | FcvtSL
+            | FcvtSLu
+            | FmvWX
+            | FmaddD
+            | FmsubD
+            | FnmsubD
+            | FnmaddD
+            | FaddD
+            | FsubD
+            | FmulD
+            | FdivD
+            | FsqrtD
+            | FsgnjD
+            | FsgnjnD
+            | FsgnjxD
+            | FminD
+            | FmaxD
+            | FcvtDW
+            | FcvtDWu
+            | FcvtDL
+            | FcvtDLu
+            | FmvDX
+            | FcvtSD
+            | FcvtDS
     )
 }
 
@@ -114,15 +318,30 @@ fn decode32(raw: u32) -> Insn {
     let imm_i = (raw as i32) >> 20;
     let imm_s = ((raw as i32) >> 25 << 5) | bits(raw, 11, 7) as i32;
     let imm_b = sext(
-        (bits(raw, 31, 31) << 12) | (bits(raw, 7, 7) << 11) | (bits(raw, 30, 25) << 5) | (bits(raw, 11, 8) << 1),
+        (bits(raw, 31, 31) << 12)
+            | (bits(raw, 7, 7) << 11)
+            | (bits(raw, 30, 25) << 5)
+            | (bits(raw, 11, 8) << 1),
         13,
     );
     let imm_u = (raw & 0xffff_f000) as i32;
     let imm_j = sext(
-        (bits(raw, 31, 31) << 20) | (bits(raw, 19, 12) << 12) | (bits(raw, 20, 20) << 11) | (bits(raw, 30, 21) << 1),
+        (bits(raw, 31, 31) << 20)
+            | (bits(raw, 19, 12) << 12)
+            | (bits(raw, 20, 20) << 11)
+            | (bits(raw, 30, 21) << 1),
         21,
     );
-    let mk = |op: Op, imm: i32| Insn { op, rd, rs1, rs2, rs3, rm: f3 as u8, len: 4, imm };
+    let mk = |op: Op, imm: i32| Insn {
+        op,
+        rd,
+        rs1,
+        rs2,
+        rs3,
+        rm: f3 as u8,
+        len: 4,
+        imm,
+    };
     let bad = illegal(raw, 4);
     match raw & 0x7f {
         0x37 => mk(Lui, imm_u),
@@ -268,7 +487,10 @@ fn decode32(raw: u32) -> Insn {
                 (3, 0x1c) => AmoMaxuD,
                 _ => return bad,
             };
-            Insn { rm: aqrl, ..mk(op, 0) }
+            Insn {
+                rm: aqrl,
+                ..mk(op, 0)
+            }
         }
         0x07 => match f3 {
             2 => mk(Flw, imm_i),
@@ -416,15 +638,31 @@ fn decode_c(raw: u16) -> Insn {
     let rs2 = bits(r, 6, 2) as u8;
     let rdp = (bits(r, 4, 2) + 8) as u8; // rd'/rs2'
     let rs1p = (bits(r, 9, 7) + 8) as u8; // rs1'
-    let c = |op: Op, rd: u8, rs1: u8, rs2: u8, imm: i32| Insn { op, rd, rs1, rs2, rs3: 0, rm: 7, len: 2, imm };
+    let c = |op: Op, rd: u8, rs1: u8, rs2: u8, imm: i32| Insn {
+        op,
+        rd,
+        rs1,
+        rs2,
+        rs3: 0,
+        rm: 7,
+        len: 2,
+        imm,
+    };
     // Offsets of the load/store forms.
     let uimm_w = (bits(r, 12, 10) << 3) | (bits(r, 6, 6) << 2) | (bits(r, 5, 5) << 6);
     let uimm_d = (bits(r, 12, 10) << 3) | (bits(r, 6, 5) << 6);
     let ci_imm = sext((bits(r, 12, 12) << 5) | bits(r, 6, 2), 6);
     match (r & 3, f3) {
         (0, 0) => {
-            let nz = (bits(r, 12, 11) << 4) | (bits(r, 10, 7) << 6) | (bits(r, 6, 6) << 2) | (bits(r, 5, 5) << 3);
-            if nz == 0 { bad } else { c(Addi, rdp, 2, 0, nz as i32) }
+            let nz = (bits(r, 12, 11) << 4)
+                | (bits(r, 10, 7) << 6)
+                | (bits(r, 6, 6) << 2)
+                | (bits(r, 5, 5) << 3);
+            if nz == 0 {
+                bad
+            } else {
+                c(Addi, rdp, 2, 0, nz as i32)
+            }
         }
         (0, 1) => c(Fld, rdp, rs1p, 0, uimm_d as i32),
         (0, 2) => c(Lw, rdp, rs1p, 0, uimm_w as i32),
@@ -434,13 +672,21 @@ fn decode_c(raw: u16) -> Insn {
         (0, 7) => c(Sd, 0, rs1p, rdp, uimm_d as i32),
         (1, 0) => c(Addi, rd, rd, 0, ci_imm),
         (1, 1) => {
-            if rd == 0 { bad } else { c(Addiw, rd, rd, 0, ci_imm) }
+            if rd == 0 {
+                bad
+            } else {
+                c(Addiw, rd, rd, 0, ci_imm)
+            }
         }
         (1, 2) => c(Addi, rd, 0, 0, ci_imm),
         (1, 3) => {
             if rd == 2 {
                 let imm = sext(
-                    (bits(r, 12, 12) << 9) | (bits(r, 6, 6) << 4) | (bits(r, 5, 5) << 6) | (bits(r, 4, 3) << 7) | (bits(r, 2, 2) << 5),
+                    (bits(r, 12, 12) << 9)
+                        | (bits(r, 6, 6) << 4)
+                        | (bits(r, 5, 5) << 6)
+                        | (bits(r, 4, 3) << 7)
+                        | (bits(r, 2, 2) << 5),
                     10,
                 );
                 if imm == 0 { bad } else { c(Addi, 2, 2, 0, imm) }
@@ -468,15 +714,25 @@ fn decode_c(raw: u16) -> Insn {
         }
         (1, 5) => {
             let imm = sext(
-                (bits(r, 12, 12) << 11) | (bits(r, 11, 11) << 4) | (bits(r, 10, 9) << 8) | (bits(r, 8, 8) << 10)
-                    | (bits(r, 7, 7) << 6) | (bits(r, 6, 6) << 7) | (bits(r, 5, 3) << 1) | (bits(r, 2, 2) << 5),
+                (bits(r, 12, 12) << 11)
+                    | (bits(r, 11, 11) << 4)
+                    | (bits(r, 10, 9) << 8)
+                    | (bits(r, 8, 8) << 10)
+                    | (bits(r, 7, 7) << 6)
+                    | (bits(r, 6, 6) << 7)
+                    | (bits(r, 5, 3) << 1)
+                    | (bits(r, 2, 2) << 5),
                 12,
             );
             c(Jal, 0, 0, 0, imm)
         }
         (1, 6) | (1, 7) => {
             let imm = sext(
-                (bits(r, 12, 12) << 8) | (bits(r, 11, 10) << 3) | (bits(r, 6, 5) << 6) | (bits(r, 4, 3) << 1) | (bits(r, 2, 2) << 5),
+                (bits(r, 12, 12) << 8)
+                    | (bits(r, 11, 10) << 3)
+                    | (bits(r, 6, 5) << 6)
+                    | (bits(r, 4, 3) << 1)
+                    | (bits(r, 2, 2) << 5),
                 9,
             );
             c(if f3 == 6 { Beq } else { Bne }, 0, rs1p, 0, imm)
@@ -485,19 +741,37 @@ fn decode_c(raw: u16) -> Insn {
             let sh = ((bits(r, 12, 12) << 5) | bits(r, 6, 2)) as i32;
             c(Slli, rd, rd, 0, sh)
         }
-        (2, 1) => c(Fld, rd, 2, 0, ((bits(r, 12, 12) << 5) | (bits(r, 6, 5) << 3) | (bits(r, 4, 2) << 6)) as i32),
+        (2, 1) => c(
+            Fld,
+            rd,
+            2,
+            0,
+            ((bits(r, 12, 12) << 5) | (bits(r, 6, 5) << 3) | (bits(r, 4, 2) << 6)) as i32,
+        ),
         (2, 2) => {
             if rd == 0 {
                 bad
             } else {
-                c(Lw, rd, 2, 0, ((bits(r, 12, 12) << 5) | (bits(r, 6, 4) << 2) | (bits(r, 3, 2) << 6)) as i32)
+                c(
+                    Lw,
+                    rd,
+                    2,
+                    0,
+                    ((bits(r, 12, 12) << 5) | (bits(r, 6, 4) << 2) | (bits(r, 3, 2) << 6)) as i32,
+                )
             }
         }
         (2, 3) => {
             if rd == 0 {
                 bad
             } else {
-                c(Ld, rd, 2, 0, ((bits(r, 12, 12) << 5) | (bits(r, 6, 5) << 3) | (bits(r, 4, 2) << 6)) as i32)
+                c(
+                    Ld,
+                    rd,
+                    2,
+                    0,
+                    ((bits(r, 12, 12) << 5) | (bits(r, 6, 5) << 3) | (bits(r, 4, 2) << 6)) as i32,
+                )
             }
         }
         (2, 4) => match (bits(r, 12, 12), rd, rs2) {
@@ -508,9 +782,27 @@ fn decode_c(raw: u16) -> Insn {
             (1, _, 0) => c(Jalr, 1, rd, 0, 0),
             _ => c(Add, rd, rd, rs2, 0),
         },
-        (2, 5) => c(Fsd, 0, 2, rs2, ((bits(r, 12, 10) << 3) | (bits(r, 9, 7) << 6)) as i32),
-        (2, 6) => c(Sw, 0, 2, rs2, ((bits(r, 12, 9) << 2) | (bits(r, 8, 7) << 6)) as i32),
-        (2, 7) => c(Sd, 0, 2, rs2, ((bits(r, 12, 10) << 3) | (bits(r, 9, 7) << 6)) as i32),
+        (2, 5) => c(
+            Fsd,
+            0,
+            2,
+            rs2,
+            ((bits(r, 12, 10) << 3) | (bits(r, 9, 7) << 6)) as i32,
+        ),
+        (2, 6) => c(
+            Sw,
+            0,
+            2,
+            rs2,
+            ((bits(r, 12, 9) << 2) | (bits(r, 8, 7) << 6)) as i32,
+        ),
+        (2, 7) => c(
+            Sd,
+            0,
+            2,
+            rs2,
+            ((bits(r, 12, 10) << 3) | (bits(r, 9, 7) << 6)) as i32,
+        ),
         _ => bad,
     }
 }
@@ -541,7 +833,10 @@ mod tests {
         assert_eq!((i.op, i.rd, i.rs1, i.rs2, i.rm), (Op::FaddD, 0, 11, 12, 0));
         // amoadd.w.aqrl a0, a1, (a2)
         let i = decode(0x06b6_252f);
-        assert_eq!((i.op, i.rd, i.rs1, i.rs2, i.rm), (Op::AmoAddW, 10, 12, 11, 3));
+        assert_eq!(
+            (i.op, i.rd, i.rs1, i.rs2, i.rm),
+            (Op::AmoAddW, 10, 12, 11, 3)
+        );
     }
 
     #[test]

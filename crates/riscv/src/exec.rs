@@ -68,7 +68,11 @@ impl Hart {
         let low = self.fetch_bytes(off, 2) as u16;
         let insn = if is_32bit(low) {
             if off == 0xffe {
-                Insn { op: Op::CrossPage, len: 4, ..Insn::default() }
+                Insn {
+                    op: Op::CrossPage,
+                    len: 4,
+                    ..Insn::default()
+                }
             } else {
                 decode(self.fetch_bytes(off, 4) as u32)
             }
@@ -206,7 +210,13 @@ impl Hart {
             Op::Divw => x!(i.rd) = w!(div32(a as i32, b as i32)),
             Op::Divuw => x!(i.rd) = w!((a as u32).checked_div(b as u32).unwrap_or(u32::MAX)),
             Op::Remw => x!(i.rd) = w!(rem32(a as i32, b as i32)),
-            Op::Remuw => x!(i.rd) = w!(if b as u32 == 0 { a as u32 } else { a as u32 % b as u32 }),
+            Op::Remuw => {
+                x!(i.rd) = w!(if b as u32 == 0 {
+                    a as u32
+                } else {
+                    a as u32 % b as u32
+                })
+            }
             Op::Fence => {
                 // x86 is TSO: only store->load ordering (pred W, succ R) needs a real fence;
                 // the others just must not be reordered by the compiler.
@@ -288,11 +298,21 @@ impl Hart {
                     unsafe {
                         if size == 4 {
                             AtomicU32::from_ptr(p.cast())
-                                .compare_exchange(self.resv_val as u32, b as u32, Ordering::SeqCst, Ordering::SeqCst)
+                                .compare_exchange(
+                                    self.resv_val as u32,
+                                    b as u32,
+                                    Ordering::SeqCst,
+                                    Ordering::SeqCst,
+                                )
                                 .is_ok()
                         } else {
                             AtomicU64::from_ptr(p.cast())
-                                .compare_exchange(self.resv_val, b, Ordering::SeqCst, Ordering::SeqCst)
+                                .compare_exchange(
+                                    self.resv_val,
+                                    b,
+                                    Ordering::SeqCst,
+                                    Ordering::SeqCst,
+                                )
                                 .is_ok()
                         }
                     }
@@ -303,11 +323,19 @@ impl Hart {
                 }
                 x!(i.rd) = !ok as u64;
             }
-            Op::AmoSwapW | Op::AmoAddW | Op::AmoXorW | Op::AmoAndW | Op::AmoOrW | Op::AmoMinW
-            | Op::AmoMaxW | Op::AmoMinuW | Op::AmoMaxuW => {
+            Op::AmoSwapW
+            | Op::AmoAddW
+            | Op::AmoXorW
+            | Op::AmoAndW
+            | Op::AmoOrW
+            | Op::AmoMinW
+            | Op::AmoMaxW
+            | Op::AmoMinuW
+            | Op::AmoMaxuW => {
                 let (p, pa) = self.atomic_host(a, 4, WRITE)?;
                 // SAFETY: `p` is 4-aligned and inside guest RAM.
-                let (u, s) = unsafe { (AtomicU32::from_ptr(p.cast()), AtomicI32::from_ptr(p.cast())) };
+                let (u, s) =
+                    unsafe { (AtomicU32::from_ptr(p.cast()), AtomicI32::from_ptr(p.cast())) };
                 let o = Ordering::SeqCst;
                 let old = match i.op {
                     Op::AmoSwapW => u.swap(b as u32, o),
@@ -323,11 +351,19 @@ impl Hart {
                 self.note_write(pa & !0xfff);
                 x!(i.rd) = old as i32 as i64 as u64;
             }
-            Op::AmoSwapD | Op::AmoAddD | Op::AmoXorD | Op::AmoAndD | Op::AmoOrD | Op::AmoMinD
-            | Op::AmoMaxD | Op::AmoMinuD | Op::AmoMaxuD => {
+            Op::AmoSwapD
+            | Op::AmoAddD
+            | Op::AmoXorD
+            | Op::AmoAndD
+            | Op::AmoOrD
+            | Op::AmoMinD
+            | Op::AmoMaxD
+            | Op::AmoMinuD
+            | Op::AmoMaxuD => {
                 let (p, pa) = self.atomic_host(a, 8, WRITE)?;
                 // SAFETY: `p` is 8-aligned and inside guest RAM.
-                let (u, s) = unsafe { (AtomicU64::from_ptr(p.cast()), AtomicI64::from_ptr(p.cast())) };
+                let (u, s) =
+                    unsafe { (AtomicU64::from_ptr(p.cast()), AtomicI64::from_ptr(p.cast())) };
                 let o = Ordering::SeqCst;
                 let old = match i.op {
                     Op::AmoSwapD => u.swap(b, o),

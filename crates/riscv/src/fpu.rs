@@ -30,7 +30,9 @@ fn snan32(x: u32) -> bool {
     x & 0x7f80_0000 == 0x7f80_0000 && x & 0x007f_ffff != 0 && x & 0x0040_0000 == 0
 }
 fn snan64(x: u64) -> bool {
-    x & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000 && x & 0x000f_ffff_ffff_ffff != 0 && x & (1 << 51) == 0
+    x & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+        && x & 0x000f_ffff_ffff_ffff != 0
+        && x & (1 << 51) == 0
 }
 
 fn next_up64(x: f64) -> f64 {
@@ -99,7 +101,13 @@ fn round(d: f64, e: i32, single: bool, rm: u64, inf_exact: bool) -> (f64, u64) {
     if e == 0 {
         return (r, 0);
     }
-    let up = |x: f64| if single { next_up32(x as f32) as f64 } else { next_up64(x) };
+    let up = |x: f64| {
+        if single {
+            next_up32(x as f32) as f64
+        } else {
+            next_up64(x)
+        }
+    };
     let down = |x: f64| -up(-x);
     let r = match rm {
         RTZ if e > 0 && r < 0.0 => up(r),
@@ -108,7 +116,11 @@ fn round(d: f64, e: i32, single: bool, rm: u64, inf_exact: bool) -> (f64, u64) {
         RUP if e > 0 => up(r),
         _ => r,
     };
-    let min_normal = if single { f32::MIN_POSITIVE as f64 } else { f64::MIN_POSITIVE };
+    let min_normal = if single {
+        f32::MIN_POSITIVE as f64
+    } else {
+        f64::MIN_POSITIVE
+    };
     let mut flags = NX;
     if r.abs() < min_normal {
         flags |= UF;
@@ -240,7 +252,11 @@ impl Hart {
     /// canonical NaN.
     fn fs(&self, r: u8) -> u32 {
         let v = self.f[(r & 31) as usize];
-        if v >> 32 == 0xffff_ffff { v as u32 } else { CANON32 }
+        if v >> 32 == 0xffff_ffff {
+            v as u32
+        } else {
+            CANON32
+        }
     }
 
     fn fd(&self, r: u8) -> u64 {
@@ -267,12 +283,38 @@ impl Hart {
         if self.csr.mstatus & MSTATUS_FS == 0 {
             return Err(self.illegal(i));
         }
-        let rm = if i.rm == 7 { (self.csr.fcsr >> 5) & 7 } else { i.rm as u64 };
+        let rm = if i.rm == 7 {
+            (self.csr.fcsr >> 5) & 7
+        } else {
+            i.rm as u64
+        };
         let uses_rm = !matches!(
             i.op,
-            Flw | Fsw | Fld | Fsd | FsgnjS | FsgnjnS | FsgnjxS | FminS | FmaxS | FmvXW | FeqS
-                | FltS | FleS | FclassS | FmvWX | FsgnjD | FsgnjnD | FsgnjxD | FminD | FmaxD
-                | FmvXD | FeqD | FltD | FleD | FclassD | FmvDX
+            Flw | Fsw
+                | Fld
+                | Fsd
+                | FsgnjS
+                | FsgnjnS
+                | FsgnjxS
+                | FminS
+                | FmaxS
+                | FmvXW
+                | FeqS
+                | FltS
+                | FleS
+                | FclassS
+                | FmvWX
+                | FsgnjD
+                | FsgnjnD
+                | FsgnjxD
+                | FminD
+                | FmaxD
+                | FmvXD
+                | FeqD
+                | FltD
+                | FleD
+                | FclassD
+                | FmvDX
         );
         if uses_rm && rm >= 5 {
             return Err(self.illegal(i));
@@ -281,9 +323,29 @@ impl Hart {
         let mut flags = 0u64;
         let single = matches!(
             i.op,
-            FmaddS | FmsubS | FnmsubS | FnmaddS | FaddS | FsubS | FmulS | FdivS | FsqrtS
-                | FsgnjS | FsgnjnS | FsgnjxS | FminS | FmaxS | FcvtWS | FcvtWuS | FcvtLS
-                | FcvtLuS | FmvXW | FeqS | FltS | FleS | FclassS
+            FmaddS
+                | FmsubS
+                | FnmsubS
+                | FnmaddS
+                | FaddS
+                | FsubS
+                | FmulS
+                | FdivS
+                | FsqrtS
+                | FsgnjS
+                | FsgnjnS
+                | FsgnjxS
+                | FminS
+                | FmaxS
+                | FcvtWS
+                | FcvtWuS
+                | FcvtLS
+                | FcvtLuS
+                | FmvXW
+                | FeqS
+                | FltS
+                | FleS
+                | FclassS
         );
         // Operands as f64 (exact for singles), with NaN information from the raw bits.
         let (x1, x2, x3, sn1, sn2, sn3) = if single {
@@ -298,11 +360,22 @@ impl Hart {
             )
         } else {
             let (p, q, r) = (self.fd(i.rs1), self.fd(i.rs2), self.fd(i.rs3));
-            (f64::from_bits(p), f64::from_bits(q), f64::from_bits(r), snan64(p), snan64(q), snan64(r))
+            (
+                f64::from_bits(p),
+                f64::from_bits(q),
+                f64::from_bits(r),
+                snan64(p),
+                snan64(q),
+                snan64(r),
+            )
         };
         let write_float = |h: &mut Hart, v: f64, flags: &mut u64, single: bool| {
             if single {
-                let bits = if v.is_nan() { CANON32 } else { (v as f32).to_bits() };
+                let bits = if v.is_nan() {
+                    CANON32
+                } else {
+                    (v as f32).to_bits()
+                };
                 h.set_fs(i.rd, bits);
             } else {
                 let bits = if v.is_nan() { CANON64 } else { v.to_bits() };
@@ -322,7 +395,11 @@ impl Hart {
             Fsw => self.store(a.wrapping_add(imm), 4, self.f[(i.rs2 & 31) as usize])?,
             Fsd => self.store(a.wrapping_add(imm), 8, self.f[(i.rs2 & 31) as usize])?,
             FaddS | FsubS | FaddD | FsubD => {
-                let b = if matches!(i.op, FsubS | FsubD) { -x2 } else { x2 };
+                let b = if matches!(i.op, FsubS | FsubD) {
+                    -x2
+                } else {
+                    x2
+                };
                 let s = x1 + b;
                 let bb = s - x1;
                 let err = (x1 - (s - bb)) + (b - bb);
@@ -346,12 +423,14 @@ impl Hart {
             }
             FmulS | FmulD => {
                 let p = x1 * x2;
-                if p.is_nan() {
-                    if sn1 || sn2 || !(x1.is_nan() || x2.is_nan()) {
-                        flags |= NV;
-                    }
+                if p.is_nan() && (sn1 || sn2 || !(x1.is_nan() || x2.is_nan())) {
+                    flags |= NV;
                 }
-                let e = if p.is_finite() { sign(x1.mul_add(x2, -p)) } else { 0 };
+                let e = if p.is_finite() {
+                    sign(x1.mul_add(x2, -p))
+                } else {
+                    0
+                };
                 let (v, f) = round(p, e, single, rm, x1.is_infinite() || x2.is_infinite());
                 flags |= f;
                 write_float(self, v, &mut flags, single);
@@ -379,7 +458,11 @@ impl Hart {
                 if s.is_nan() && (sn1 || !x1.is_nan()) {
                     flags |= NV;
                 }
-                let e = if s.is_finite() { sign((-s).mul_add(s, x1)) } else { 0 };
+                let e = if s.is_finite() {
+                    sign((-s).mul_add(s, x1))
+                } else {
+                    0
+                };
                 let (v, f) = round(s, e, single, rm, true);
                 flags |= f;
                 write_float(self, v, &mut flags, single);
@@ -394,14 +477,29 @@ impl Hart {
                 let m1 = if neg_prod { -x1 } else { x1 };
                 let c = if neg_add { -x3 } else { x3 };
                 let r = m1.mul_add(x2, c);
-                let inf_times_zero = (x1.is_infinite() && x2 == 0.0) || (x1 == 0.0 && x2.is_infinite());
-                if sn1 || sn2 || sn3 || inf_times_zero || (r.is_nan() && !(x1.is_nan() || x2.is_nan() || x3.is_nan())) {
+                let inf_times_zero =
+                    (x1.is_infinite() && x2 == 0.0) || (x1 == 0.0 && x2.is_infinite());
+                if sn1
+                    || sn2
+                    || sn3
+                    || inf_times_zero
+                    || (r.is_nan() && !(x1.is_nan() || x2.is_nan() || x3.is_nan()))
+                {
                     flags |= NV;
                 }
                 let inf_exact = x1.is_infinite() || x2.is_infinite() || x3.is_infinite();
                 let (v, f) = round(r, 0, single, rm, inf_exact);
                 flags |= f;
-                write_float(self, if flags & NV != 0 && inf_times_zero { f64::NAN } else { v }, &mut flags, single);
+                write_float(
+                    self,
+                    if flags & NV != 0 && inf_times_zero {
+                        f64::NAN
+                    } else {
+                        v
+                    },
+                    &mut flags,
+                    single,
+                );
             }
             FsgnjS | FsgnjnS | FsgnjxS => {
                 let (p, q) = (self.fs(i.rs1), self.fs(i.rs2));
@@ -433,10 +531,18 @@ impl Hart {
                     (false, true) => x1,
                     _ if x1 == x2 => {
                         // ±0: min prefers -0, max prefers +0.
-                        if (x1.is_sign_negative() || x2.is_sign_negative()) != max { -x1.abs() } else { x1.abs() }
+                        if (x1.is_sign_negative() || x2.is_sign_negative()) != max {
+                            -x1.abs()
+                        } else {
+                            x1.abs()
+                        }
                     }
                     _ => {
-                        if (x1 < x2) != max { x1 } else { x2 }
+                        if (x1 < x2) != max {
+                            x1
+                        } else {
+                            x2
+                        }
                     }
                 };
                 write_float(self, v, &mut flags, single);
@@ -458,14 +564,28 @@ impl Hart {
                 let p = self.fs(i.rs1);
                 let e = (p >> 23) & 0xff;
                 let f = p & 0x7f_ffff;
-                let c = classify(p >> 31 != 0, e == 0xff && f == 0, e == 0 && f == 0, e == 0 && f != 0, e == 0xff && f != 0, snan32(p));
+                let c = classify(
+                    p >> 31 != 0,
+                    e == 0xff && f == 0,
+                    e == 0 && f == 0,
+                    e == 0 && f != 0,
+                    e == 0xff && f != 0,
+                    snan32(p),
+                );
                 self.set_x(i.rd, c);
             }
             FclassD => {
                 let p = self.fd(i.rs1);
                 let e = (p >> 52) & 0x7ff;
                 let f = p & 0xf_ffff_ffff_ffff;
-                let c = classify(p >> 63 != 0, e == 0x7ff && f == 0, e == 0 && f == 0, e == 0 && f != 0, e == 0x7ff && f != 0, snan64(p));
+                let c = classify(
+                    p >> 63 != 0,
+                    e == 0x7ff && f == 0,
+                    e == 0 && f == 0,
+                    e == 0 && f != 0,
+                    e == 0x7ff && f != 0,
+                    snan64(p),
+                );
                 self.set_x(i.rd, c);
             }
             FcvtWS | FcvtWuS | FcvtLS | FcvtLuS | FcvtWD | FcvtWuD | FcvtLD | FcvtLuD => {
@@ -550,12 +670,21 @@ mod tests {
 
     #[test]
     fn overflow_and_underflow_flags() {
-        assert_eq!(round(f64::INFINITY, 0, false, 0, false), (f64::INFINITY, OF | NX));
-        assert_eq!(round(f64::INFINITY, 0, false, RTZ, false), (f64::MAX, OF | NX));
+        assert_eq!(
+            round(f64::INFINITY, 0, false, 0, false),
+            (f64::INFINITY, OF | NX)
+        );
+        assert_eq!(
+            round(f64::INFINITY, 0, false, RTZ, false),
+            (f64::MAX, OF | NX)
+        );
         assert_eq!(round(f64::INFINITY, 0, false, 0, true), (f64::INFINITY, 0));
         // 1e39 does not fit in f32.
         assert_eq!(round(1e39, 0, true, 0, false), (f64::INFINITY, OF | NX));
-        assert_eq!(round(-1e39, 0, true, RTZ, false), (-(f32::MAX as f64), OF | NX));
+        assert_eq!(
+            round(-1e39, 0, true, RTZ, false),
+            (-(f32::MAX as f64), OF | NX)
+        );
         // A tiny inexact single result underflows.
         let (v, f) = round(1e-46, 0, true, 0, false);
         assert_eq!(f, NX | UF);
@@ -571,8 +700,15 @@ mod tests {
         assert_eq!(to_int(1e10, false, 0, true, false), (i32::MAX as u64, NV));
         assert_eq!(to_int(-1.0, false, 0, false, false), (0, NV));
         assert_eq!(to_int(0.0, true, 0, true, true), (i64::MAX as u64, NV));
-        assert_eq!(to_int(4294967295.0, false, 0, false, false), (u64::MAX, 0), "wu sign-extends");
-        assert_eq!(to_int(1.8446744073709552e19, false, 0, false, true), (u64::MAX, NV));
+        assert_eq!(
+            to_int(4294967295.0, false, 0, false, false),
+            (u64::MAX, 0),
+            "wu sign-extends"
+        );
+        assert_eq!(
+            to_int(1.8446744073709552e19, false, 0, false, true),
+            (u64::MAX, NV)
+        );
         assert_eq!(to_int(-0.3, false, RTZ, false, true), (0, NX));
     }
 

@@ -52,7 +52,10 @@ impl Trap {
         Self { cause, tval }
     }
     pub fn illegal(bits: u64) -> Self {
-        Self { cause: cause::ILLEGAL_INSN, tval: bits }
+        Self {
+            cause: cause::ILLEGAL_INSN,
+            tval: bits,
+        }
     }
 }
 
@@ -121,7 +124,11 @@ impl Hart {
     pub(crate) fn take_trap(&mut self, cause: u64, tval: u64) {
         let is_int = cause & cause::INTERRUPT != 0;
         let code = cause & 63;
-        let deleg = if is_int { self.csr.mideleg } else { self.csr.medeleg };
+        let deleg = if is_int {
+            self.csr.mideleg
+        } else {
+            self.csr.medeleg
+        };
         self.resv_addr = u64::MAX;
         self.wfi = false;
         self.break_slice = true;
@@ -138,7 +145,11 @@ impl Hart {
             }
             self.csr.mstatus = n;
             let base = self.csr.stvec & !3;
-            self.pc = if is_int && self.csr.stvec & 1 == 1 { base + 4 * code } else { base };
+            self.pc = if is_int && self.csr.stvec & 1 == 1 {
+                base + 4 * code
+            } else {
+                base
+            };
             self.set_prv(PRV_S);
         } else {
             if self.shared.firmware.load(Ordering::Relaxed) {
@@ -162,7 +173,11 @@ impl Hart {
             n |= (self.prv as u64) << 11;
             self.csr.mstatus = n;
             let base = self.csr.mtvec & !3;
-            self.pc = if is_int && self.csr.mtvec & 1 == 1 { base + 4 * code } else { base };
+            self.pc = if is_int && self.csr.mtvec & 1 == 1 {
+                base + 4 * code
+            } else {
+                base
+            };
             self.set_prv(PRV_M);
         }
     }
@@ -195,9 +210,18 @@ impl Hart {
             return None;
         }
         let m_enabled = self.prv < PRV_M || self.csr.mstatus & MSTATUS_MIE != 0;
-        let s_enabled = self.prv < PRV_S || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_SIE != 0);
-        let m = if m_enabled { pending & !self.csr.mideleg } else { 0 };
-        let s = if s_enabled { pending & self.csr.mideleg } else { 0 };
+        let s_enabled =
+            self.prv < PRV_S || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_SIE != 0);
+        let m = if m_enabled {
+            pending & !self.csr.mideleg
+        } else {
+            0
+        };
+        let s = if s_enabled {
+            pending & self.csr.mideleg
+        } else {
+            0
+        };
         for set in [m, s] {
             if set == 0 {
                 continue;
@@ -212,7 +236,9 @@ impl Hart {
     }
 
     fn handle_requests(&mut self) {
-        let req = self.shared.links[self.hartid].requests.load(Ordering::SeqCst);
+        let req = self.shared.links[self.hartid]
+            .requests
+            .load(Ordering::SeqCst);
         if req & REQ_FENCE_I != 0 {
             self.icache.flush();
         }
@@ -220,7 +246,9 @@ impl Hart {
             self.flush_tlb();
         }
         if req != 0 {
-            self.shared.links[self.hartid].requests.fetch_and(!req, Ordering::SeqCst);
+            self.shared.links[self.hartid]
+                .requests
+                .fetch_and(!req, Ordering::SeqCst);
         }
     }
 
@@ -245,7 +273,9 @@ impl Hart {
         self.flush_tlb();
         self.icache.flush();
         self.wfi = false;
-        self.shared.links[self.hartid].hsm.store(HSM_STARTED, Ordering::SeqCst);
+        self.shared.links[self.hartid]
+            .hsm
+            .store(HSM_STARTED, Ordering::SeqCst);
     }
 
     /// Blocks while paused or HSM-stopped, and in WFI until an interrupt is pending.
@@ -287,7 +317,11 @@ impl Hart {
                 _ => {
                     // Stopped: sleep until hart_start (which kicks us) or stop/pause.
                     let c = lock(&shared.control);
-                    if !c.stop && !c.paused && !link.attention.load(Ordering::SeqCst) && link.hsm.load(Ordering::SeqCst) == HSM_STOPPED {
+                    if !c.stop
+                        && !c.paused
+                        && !link.attention.load(Ordering::SeqCst)
+                        && link.hsm.load(Ordering::SeqCst) == HSM_STOPPED
+                    {
                         drop(shared.cv.wait(c).unwrap_or_else(|e| e.into_inner()));
                     }
                     continue;
@@ -330,7 +364,12 @@ impl Hart {
         } else {
             let d = shared.clock.until(deadline);
             if !d.is_zero() {
-                drop(shared.cv.wait_timeout(c, d).unwrap_or_else(|e| e.into_inner()));
+                drop(
+                    shared
+                        .cv
+                        .wait_timeout(c, d)
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
             }
         }
     }
@@ -339,22 +378,13 @@ impl Hart {
     pub(crate) fn run(&mut self) {
         while self.poll() {
             self.execute_slice(SLICE);
-            self.shared.links[self.hartid].retired.store(self.instret, Ordering::Relaxed);
+            self.shared.links[self.hartid]
+                .retired
+                .store(self.instret, Ordering::Relaxed);
         }
-        self.shared.links[self.hartid].retired.store(self.instret, Ordering::Relaxed);
-    }
-
-    /// Runs exactly the polling and execution this hart would do, for at most `max` slices
-    /// (tests drive single harts this way without threads).
-    #[cfg(test)]
-    pub(crate) fn run_slices(&mut self, max: usize) -> bool {
-        for _ in 0..max {
-            if !self.poll() {
-                return false;
-            }
-            self.execute_slice(SLICE);
-        }
-        true
+        self.shared.links[self.hartid]
+            .retired
+            .store(self.instret, Ordering::Relaxed);
     }
 }
 

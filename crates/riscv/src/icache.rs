@@ -56,7 +56,9 @@ impl ICache {
             self.tags[s] = page;
             // Instruction bytes are read only after the flag is set, so any later store
             // bumps the generation and is seen by `revalidate`.
-            let old = code_pages.get(page).map_or(0, |f| f.fetch_or(CODE_FLAG, Ordering::AcqRel));
+            let old = code_pages
+                .get(page)
+                .map_or(0, |f| f.fetch_or(CODE_FLAG, Ordering::AcqRel));
             self.gens[s] = old & !CODE_FLAG;
         }
         s
@@ -78,7 +80,9 @@ impl ICache {
             if page == usize::MAX {
                 continue;
             }
-            let cur = code_pages.get(page).map_or(0, |f| f.load(Ordering::Acquire));
+            let cur = code_pages
+                .get(page)
+                .map_or(0, |f| f.load(Ordering::Acquire));
             if cur & !CODE_FLAG != self.gens[s] {
                 self.tags[s] = usize::MAX;
                 if self.fetch_slot == s {

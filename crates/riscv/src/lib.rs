@@ -92,11 +92,15 @@ pub use sbi::UART_BASE;
 pub enum Error {
     #[error("invalid machine configuration: {0}")]
     Config(String),
-    #[error("cannot allocate {bytes} bytes of guest RAM; lower the memory size or free host memory")]
+    #[error(
+        "cannot allocate {bytes} bytes of guest RAM; lower the memory size or free host memory"
+    )]
     RamAlloc { bytes: u64 },
     #[error("guest range {addr:#x}+{len:#x} is outside RAM; check the load address and RAM size")]
     OutOfRam { addr: u64, len: u64 },
-    #[error("MMIO window {base:#x}+{size:#x} is empty, wraps, or overlaps RAM or another device; pick a free range")]
+    #[error(
+        "MMIO window {base:#x}+{size:#x} is empty, wraps, or overlaps RAM or another device; pick a free range"
+    )]
     MmioRange { base: u64, size: u64 },
     #[error("kernel image: {0}")]
     Kernel(String),
@@ -104,7 +108,9 @@ pub enum Error {
     Initrd(String),
     #[error("device tree: {0}")]
     Fdt(String),
-    #[error("the machine is running; stop it first (MachineHandle::stop) before changing or re-running it")]
+    #[error(
+        "the machine is running; stop it first (MachineHandle::stop) before changing or re-running it"
+    )]
     AlreadyRunning,
     #[error("cannot start a hart thread: {0}; check the process thread limit")]
     Thread(String),

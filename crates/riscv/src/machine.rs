@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::Error;
 use crate::clint::{CLINT_BASE, CLINT_SIZE, Clint};
 use crate::csr::{MENVCFG_STCE, MSTATUS_FS};
 use crate::fdt::{self, FdtParams, MAX_VIRTIO_SLOTS};
@@ -10,7 +11,6 @@ use crate::hart::{Hart, PRV_M, PRV_S};
 use crate::memory::{GuestRam, MmioDevice, RAM_BASE};
 use crate::plic::{IrqLine, PLIC_BASE, PLIC_NDEV, PLIC_SIZE, Plic};
 use crate::shared::{HSM_STARTED, HSM_STOPPED, Shared, lock};
-use crate::Error;
 
 /// Most harts a machine may have (PLIC contexts and hart masks stay within 64 bits).
 pub const MAX_HARTS: usize = 32;
@@ -39,7 +39,13 @@ pub struct MachineConfig {
 
 impl Default for MachineConfig {
     fn default() -> Self {
-        Self { harts: 1, memory_bytes: 256 << 20, cmdline: String::new(), virtio_mmio_slots: 0, timebase_hz: 10_000_000 }
+        Self {
+            harts: 1,
+            memory_bytes: 256 << 20,
+            cmdline: String::new(),
+            virtio_mmio_slots: 0,
+            timebase_hz: 10_000_000,
+        }
     }
 }
 
@@ -71,7 +77,10 @@ impl MmioDevice for Finisher {
         match v & 0xffff {
             0x5555 => s.finish(ExitReason::PowerOff),
             0x7777 => s.finish(ExitReason::Reboot),
-            0x3333 => s.finish(ExitReason::Fault(format!("guest reported failure code {}", v >> 16))),
+            0x3333 => s.finish(ExitReason::Fault(format!(
+                "guest reported failure code {}",
+                v >> 16
+            ))),
             _ => {}
         }
     }
@@ -92,7 +101,10 @@ impl Machine {
     /// Creates a machine with RAM, CLINT, PLIC and the test finisher; no kernel yet.
     pub fn new(cfg: MachineConfig) -> Result<Machine, Error> {
         if cfg.harts == 0 || cfg.harts > MAX_HARTS {
-            return Err(Error::Config(format!("{} harts requested; use 1 to {MAX_HARTS}", cfg.harts)));
+            return Err(Error::Config(format!(
+                "{} harts requested; use 1 to {MAX_HARTS}",
+                cfg.harts
+            )));
         }
         if cfg.virtio_mmio_slots > MAX_VIRTIO_SLOTS {
             return Err(Error::Config(format!(
@@ -112,15 +124,35 @@ impl Machine {
         {
             let mut bus = lock(&shared.bus);
             let sz = cfg.memory_bytes;
-            bus.add(CLINT_BASE, CLINT_SIZE, Arc::new(Clint::new(Arc::downgrade(&shared))), sz)?;
+            bus.add(
+                CLINT_BASE,
+                CLINT_SIZE,
+                Arc::new(Clint::new(Arc::downgrade(&shared))),
+                sz,
+            )?;
             bus.add(PLIC_BASE, PLIC_SIZE, plic.clone(), sz)?;
-            bus.add(FINISHER_BASE, 0x1000, Arc::new(Finisher(Arc::downgrade(&shared))), sz)?;
+            bus.add(
+                FINISHER_BASE,
+                0x1000,
+                Arc::new(Finisher(Arc::downgrade(&shared))),
+                sz,
+            )?;
         }
-        let harts = (0..cfg.harts).map(|h| Hart::new(Arc::clone(&shared), h)).collect();
+        let harts = (0..cfg.harts)
+            .map(|h| Hart::new(Arc::clone(&shared), h))
+            .collect();
         for l in &shared.links {
             l.hsm.store(HSM_STARTED, Ordering::SeqCst);
         }
-        Ok(Machine { shared, harts: Mutex::new(harts), plic, cfg, kernel_end: None, initrd: None, running: AtomicBool::new(false) })
+        Ok(Machine {
+            shared,
+            harts: Mutex::new(harts),
+            plic,
+            cfg,
+            kernel_end: None,
+            initrd: None,
+            running: AtomicBool::new(false),
+        })
     }
 
     /// Guest RAM (for loaders, DMA-capable devices and tests).
@@ -129,7 +161,12 @@ impl Machine {
     }
 
     /// Adds an external device at `[base, base+size)`; must not overlap RAM or another device.
-    pub fn add_mmio_device(&mut self, base: u64, size: u64, dev: Arc<dyn MmioDevice>) -> Result<(), Error> {
+    pub fn add_mmio_device(
+        &mut self,
+        base: u64,
+        size: u64,
+        dev: Arc<dyn MmioDevice>,
+    ) -> Result<(), Error> {
         if self.running.load(Ordering::SeqCst) {
             return Err(Error::AlreadyRunning);
         }
@@ -139,7 +176,9 @@ impl Machine {
     /// The PLIC source `irq` (1..=63) as a line devices can drive from any thread.
     pub fn irq_line(&self, irq: u32) -> Result<IrqLine, Error> {
         if irq == 0 || irq > PLIC_NDEV {
-            return Err(Error::Config(format!("interrupt {irq} does not exist; the PLIC has sources 1 to {PLIC_NDEV}")));
+            return Err(Error::Config(format!(
+                "interrupt {irq} does not exist; the PLIC has sources 1 to {PLIC_NDEV}"
+            )));
         }
         Ok(IrqLine::new(self.plic.clone(), irq))
     }
@@ -166,9 +205,11 @@ impl Machine {
         let image_size = u64_at(16).max(image.len() as u64);
         let load = RAM_BASE.checked_add(text_offset).filter(|a| a % 4096 == 0);
         let Some(load) = load else {
-            return Err(Error::Kernel(format!("text offset {text_offset:#x} is not page aligned")));
+            return Err(Error::Kernel(format!(
+                "text offset {text_offset:#x} is not page aligned"
+            )));
         };
-        let end = load.checked_add(image_size).unwrap_or(u64::MAX);
+        let end = load.saturating_add(image_size);
         if end > RAM_BASE + self.cfg.memory_bytes - FDT_ROOM {
             return Err(Error::Kernel(format!(
                 "kernel needs {image_size} bytes at {load:#x}; more than the {} MiB of RAM allows, raise the memory size",
@@ -193,7 +234,10 @@ impl Machine {
             h.x[10] = h.hartid as u64;
         }
         for (i, l) in self.shared.links.iter().enumerate() {
-            l.hsm.store(if i == 0 { HSM_STARTED } else { HSM_STOPPED }, Ordering::SeqCst);
+            l.hsm.store(
+                if i == 0 { HSM_STARTED } else { HSM_STOPPED },
+                Ordering::SeqCst,
+            );
         }
         Ok(())
     }
@@ -262,7 +306,10 @@ impl Machine {
             let dtb = self.device_tree()?;
             let dtb_addr = RAM_BASE + self.cfg.memory_bytes - FDT_ROOM;
             if dtb.len() as u64 > FDT_ROOM {
-                return Err(Error::Fdt(format!("device tree of {} bytes exceeds its {FDT_ROOM}-byte area", dtb.len())));
+                return Err(Error::Fdt(format!(
+                    "device tree of {} bytes exceeds its {FDT_ROOM}-byte area",
+                    dtb.len()
+                )));
             }
             self.shared.ram.write_bytes(dtb_addr, &dtb)?;
             for h in harts.iter_mut() {
@@ -286,7 +333,10 @@ impl Machine {
                 let spawned = builder.spawn_scoped(s, move || {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.run()));
                     if r.is_err() {
-                        h.shared.finish(ExitReason::Fault(format!("hart {} thread panicked (interpreter bug)", h.hartid)));
+                        h.shared.finish(ExitReason::Fault(format!(
+                            "hart {} thread panicked (interpreter bug)",
+                            h.hartid
+                        )));
                     }
                     let mut c = lock(&h.shared.control);
                     c.running -= 1;
@@ -303,13 +353,18 @@ impl Machine {
             }
             Ok(())
         })?;
-        let why = lock(&self.shared.control).exit.take().unwrap_or(ExitReason::Stopped);
+        let why = lock(&self.shared.control)
+            .exit
+            .take()
+            .unwrap_or(ExitReason::Stopped);
         Ok(why)
     }
 
     /// A cloneable control handle usable from other threads.
     pub fn handle(&self) -> MachineHandle {
-        MachineHandle { shared: Arc::clone(&self.shared) }
+        MachineHandle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Architectural state of hart `h` while the machine is not running (for tests and
@@ -374,6 +429,160 @@ impl MachineHandle {
     }
 
     pub fn stats(&self) -> Stats {
-        Stats { retired: self.shared.links.iter().map(|l| l.retired.load(Ordering::Relaxed)).collect() }
+        Stats {
+            retired: self
+                .shared
+                .links
+                .iter()
+                .map(|l| l.retired.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn words(ws: &[u32]) -> Vec<u8> {
+        ws.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// auipc a0, 1; loop: addi a1, a1, 1; sd a1, 0(a0); j loop
+    const COUNTER_LOOP: [u32; 4] = [0x0000_1517, 0x0015_8593, 0x00b5_3023, 0xff9f_f06f];
+
+    #[test]
+    fn pause_blocks_and_resume_continues() {
+        let mut m = Machine::new(MachineConfig {
+            memory_bytes: 4 << 20,
+            ..MachineConfig::default()
+        })
+        .unwrap();
+        m.load_program(&words(&COUNTER_LOOP)).unwrap();
+        let h = m.handle();
+        let counter = || m.ram().read(RAM_BASE + 0x1000, 8).unwrap();
+        std::thread::scope(|s| {
+            let run = s.spawn(|| m.run());
+            while counter() < 1000 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            h.pause();
+            assert!(h.is_paused());
+            let (c1, r1) = (counter(), h.stats().retired[0]);
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(counter(), c1, "a paused hart executed instructions");
+            assert_eq!(h.stats().retired[0], r1);
+            h.resume();
+            while counter() == c1 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            h.stop();
+            assert_eq!(run.join().unwrap().unwrap(), ExitReason::Stopped);
+        });
+        // The machine can be inspected after the run.
+        assert!(m.with_hart(0, |h| h.pc).unwrap() >= RAM_BASE);
+    }
+
+    #[test]
+    fn wfi_sleeps_instead_of_spinning() {
+        // loop: wfi; j loop  (no interrupt is enabled, so the hart sleeps until stopped)
+        let mut m = Machine::new(MachineConfig {
+            memory_bytes: 4 << 20,
+            ..MachineConfig::default()
+        })
+        .unwrap();
+        m.load_program(&words(&[0x1050_0073, 0xffdf_f06f])).unwrap();
+        let h = m.handle();
+        std::thread::scope(|s| {
+            let run = s.spawn(|| m.run());
+            std::thread::sleep(Duration::from_millis(100));
+            h.stop();
+            assert_eq!(run.join().unwrap().unwrap(), ExitReason::Stopped);
+        });
+        assert!(
+            h.stats().retired[0] < 100,
+            "WFI spun: {} instructions",
+            h.stats().retired[0]
+        );
+    }
+
+    #[test]
+    fn config_and_loader_errors_are_reported() {
+        assert!(
+            Machine::new(MachineConfig {
+                harts: 0,
+                ..MachineConfig::default()
+            })
+            .is_err()
+        );
+        assert!(
+            Machine::new(MachineConfig {
+                harts: 33,
+                ..MachineConfig::default()
+            })
+            .is_err()
+        );
+        assert!(
+            Machine::new(MachineConfig {
+                virtio_mmio_slots: 9,
+                ..MachineConfig::default()
+            })
+            .is_err()
+        );
+        let mut m = Machine::new(MachineConfig {
+            memory_bytes: 4 << 20,
+            ..MachineConfig::default()
+        })
+        .unwrap();
+        assert!(matches!(m.load_kernel(&[0u8; 16]), Err(Error::Kernel(_))));
+        assert!(matches!(m.load_kernel(&[0u8; 128]), Err(Error::Kernel(_))));
+        let mut img = vec![0u8; 128];
+        img[0x38..0x3c].copy_from_slice(b"RSC\x05");
+        img[16..24].copy_from_slice(&(64u64 << 20).to_le_bytes());
+        assert!(
+            matches!(m.load_kernel(&img), Err(Error::Kernel(_))),
+            "image larger than RAM"
+        );
+        assert!(matches!(
+            m.load_initrd(&vec![0u8; 8 << 20]),
+            Err(Error::Initrd(_))
+        ));
+        assert!(m.irq_line(0).is_err());
+        assert!(m.irq_line(64).is_err());
+        struct Nop;
+        impl MmioDevice for Nop {
+            fn read(&self, _: u64, d: &mut [u8]) {
+                d.fill(0)
+            }
+            fn write(&self, _: u64, _: &[u8]) {}
+        }
+        assert!(
+            m.add_mmio_device(CLINT_BASE, 0x10, Arc::new(Nop)).is_err(),
+            "overlaps the CLINT"
+        );
+        assert!(m.add_mmio_device(0x1000_0000, 0x100, Arc::new(Nop)).is_ok());
+    }
+
+    #[test]
+    fn kernel_boot_state_follows_the_sbi_convention() {
+        let mut m = Machine::new(MachineConfig {
+            harts: 2,
+            memory_bytes: 8 << 20,
+            ..MachineConfig::default()
+        })
+        .unwrap();
+        let mut img = vec![0u8; 4096];
+        img[0x38..0x3c].copy_from_slice(b"RSC\x05");
+        m.load_kernel(&img).unwrap();
+        m.with_hart(0, |h| {
+            assert_eq!(
+                (h.pc, h.prv, h.x[10]),
+                (RAM_BASE + DEFAULT_TEXT_OFFSET, PRV_S, 0)
+            );
+        });
+        assert_eq!(m.shared.links[1].hsm.load(Ordering::SeqCst), HSM_STOPPED);
+        let dtb = m.device_tree().unwrap();
+        assert_eq!(&dtb[..4], &[0xd0, 0x0d, 0xfe, 0xed]);
     }
 }

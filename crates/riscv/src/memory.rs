@@ -41,8 +41,8 @@ impl GuestRam {
             )));
         }
         let len = usize::try_from(bytes).map_err(|_| Error::RamAlloc { bytes })?;
-        let layout =
-            Layout::from_size_align(len, PAGE_SIZE as usize).map_err(|_| Error::RamAlloc { bytes })?;
+        let layout = Layout::from_size_align(len, PAGE_SIZE as usize)
+            .map_err(|_| Error::RamAlloc { bytes })?;
         // SAFETY: the layout has a non-zero size (checked above).
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or(Error::RamAlloc { bytes })?;
@@ -105,10 +105,12 @@ impl GuestRam {
 
     /// Copies `data` into guest memory. Fails if any byte is outside RAM.
     pub fn write_bytes(&self, pa: u64, data: &[u8]) -> Result<(), Error> {
-        let p = self.host_ptr(pa, data.len() as u64).ok_or(Error::OutOfRam {
-            addr: pa,
-            len: data.len() as u64,
-        })?;
+        let p = self
+            .host_ptr(pa, data.len() as u64)
+            .ok_or(Error::OutOfRam {
+                addr: pa,
+                len: data.len() as u64,
+            })?;
         for (i, b) in data.iter().enumerate() {
             // SAFETY: `p + i` is inside the checked range; byte atomics need no alignment.
             unsafe { AtomicU8::from_ptr(p.add(i)) }.store(*b, Ordering::Relaxed);
@@ -205,11 +207,18 @@ impl Bus {
         dev: Arc<dyn MmioDevice>,
         ram_size: u64,
     ) -> Result<(), Error> {
-        let end = base.checked_add(size).filter(|_| size > 0).ok_or(Error::MmioRange { base, size })?;
+        let end = base
+            .checked_add(size)
+            .filter(|_| size > 0)
+            .ok_or(Error::MmioRange { base, size })?;
         if base < RAM_BASE + ram_size && end > RAM_BASE {
             return Err(Error::MmioRange { base, size });
         }
-        if self.regions.iter().any(|r| base < r.base + r.size && end > r.base) {
+        if self
+            .regions
+            .iter()
+            .any(|r| base < r.base + r.size && end > r.base)
+        {
             return Err(Error::MmioRange { base, size });
         }
         self.regions.push(Region { base, size, dev });
@@ -256,7 +265,10 @@ mod tests {
         assert_eq!(ram.read(RAM_BASE + 1, 2), Some(0x6677));
         let last = RAM_BASE + (2 << 20) - 8;
         assert!(ram.write(last, 8, 1));
-        assert!(!ram.write(last + 1, 8, 1), "access straddling the end of RAM must fail");
+        assert!(
+            !ram.write(last + 1, 8, 1),
+            "access straddling the end of RAM must fail"
+        );
         assert_eq!(ram.read(RAM_BASE - 1, 1), None);
         assert_eq!(ram.read(u64::MAX, 1), None);
         assert_eq!(ram.read(0, 8), None);

@@ -31,7 +31,11 @@ pub(crate) struct TlbEntry {
     pa: u64,
 }
 
-const EMPTY: TlbEntry = TlbEntry { tag: u64::MAX, host: 0, pa: 0 };
+const EMPTY: TlbEntry = TlbEntry {
+    tag: u64::MAX,
+    host: 0,
+    pa: 0,
+};
 
 pub(crate) struct Tlb {
     entries: Box<[TlbEntry; 4 * 3 * TLB_SIZE]>,
@@ -42,7 +46,11 @@ pub(crate) struct Tlb {
 
 impl Tlb {
     pub fn new() -> Self {
-        Self { entries: Box::new([EMPTY; 4 * 3 * TLB_SIZE]), read_base: base(CTX_UNTRANSLATED, READ), write_base: base(CTX_UNTRANSLATED, WRITE) }
+        Self {
+            entries: Box::new([EMPTY; 4 * 3 * TLB_SIZE]),
+            read_base: base(CTX_UNTRANSLATED, READ),
+            write_base: base(CTX_UNTRANSLATED, WRITE),
+        }
     }
 }
 
@@ -159,7 +167,8 @@ impl Hart {
                 if prv == PRV_U && pte & PTE_U == 0 {
                     return Err(fault(kind, true, va));
                 }
-                if prv == PRV_S && pte & PTE_U != 0 && (kind == EXEC || mstatus & MSTATUS_SUM == 0) {
+                if prv == PRV_S && pte & PTE_U != 0 && (kind == EXEC || mstatus & MSTATUS_SUM == 0)
+                {
                     return Err(fault(kind, true, va));
                 }
                 let ok = match kind {
@@ -196,7 +205,11 @@ impl Hart {
         if let Some(host) = self.shared.ram.host_ptr(page, 4096) {
             let b = base(self.ctx_of(prv), kind);
             let vpn = va >> 12;
-            self.tlb.entries[b + (vpn as usize & (TLB_SIZE - 1))] = TlbEntry { tag: vpn, host: host as usize, pa: page };
+            self.tlb.entries[b + (vpn as usize & (TLB_SIZE - 1))] = TlbEntry {
+                tag: vpn,
+                host: host as usize,
+                pa: page,
+            };
         }
         Ok(pa)
     }
@@ -294,7 +307,12 @@ impl Hart {
         let cur = flag.load(Ordering::Acquire);
         if cur & CODE_FLAG != 0
             && flag
-                .compare_exchange(cur, (cur.wrapping_add(1)) & !CODE_FLAG, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(
+                    cur,
+                    (cur.wrapping_add(1)) & !CODE_FLAG,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             self.shared.code_epoch.fetch_add(1, Ordering::Release);
@@ -303,9 +321,18 @@ impl Hart {
     }
 
     /// Host address for an atomic access (AMO, LR, SC): must be naturally aligned RAM.
-    pub(crate) fn atomic_host(&mut self, va: u64, size: u64, kind: usize) -> Result<(*mut u8, u64), Trap> {
+    pub(crate) fn atomic_host(
+        &mut self,
+        va: u64,
+        size: u64,
+        kind: usize,
+    ) -> Result<(*mut u8, u64), Trap> {
         if va & (size - 1) != 0 {
-            let c = if kind == READ { cause::MISALIGNED_LOAD } else { cause::MISALIGNED_STORE };
+            let c = if kind == READ {
+                cause::MISALIGNED_LOAD
+            } else {
+                cause::MISALIGNED_STORE
+            };
             return Err(Trap::new(c, va));
         }
         let prv = self.data_prv();
@@ -329,7 +356,11 @@ impl Hart {
         let page = pa & !0xfff;
         match self.shared.ram.host_ptr(page, 4096) {
             Some(host) => {
-                self.tlb.entries[i] = TlbEntry { tag: vpn, host: host as usize, pa: page };
+                self.tlb.entries[i] = TlbEntry {
+                    tag: vpn,
+                    host: host as usize,
+                    pa: page,
+                };
                 Ok((page, host as usize))
             }
             None => Err(Trap::new(cause::FETCH_ACCESS, pc)),
@@ -383,11 +414,23 @@ mod tests {
         let l0 = h.translate(va, READ, PRV_S).unwrap();
         assert_eq!(l0, RAM_BASE + 0x5000);
         // Not canonical -> page fault with the address in tval.
-        assert_eq!(h.load(0x0000_0040_0000_0000, 8), Err(Trap::new(cause::LOAD_PAGE, 0x0000_0040_0000_0000)));
+        assert_eq!(
+            h.load(0x0000_0040_0000_0000, 8),
+            Err(Trap::new(cause::LOAD_PAGE, 0x0000_0040_0000_0000))
+        );
         // Unmapped -> page faults of the right kind.
-        assert_eq!(h.load(va + 0x1000, 4), Err(Trap::new(cause::LOAD_PAGE, va + 0x1000)));
-        assert_eq!(h.store(va + 0x1004, 4, 0), Err(Trap::new(cause::STORE_PAGE, va + 0x1004)));
-        assert_eq!(h.translate_fetch(va).err(), Some(Trap::new(cause::FETCH_PAGE, va)));
+        assert_eq!(
+            h.load(va + 0x1000, 4),
+            Err(Trap::new(cause::LOAD_PAGE, va + 0x1000))
+        );
+        assert_eq!(
+            h.store(va + 0x1004, 4, 0),
+            Err(Trap::new(cause::STORE_PAGE, va + 0x1004))
+        );
+        assert_eq!(
+            h.translate_fetch(va).err(),
+            Some(Trap::new(cause::FETCH_PAGE, va))
+        );
     }
 
     #[test]
@@ -402,11 +445,20 @@ mod tests {
         assert!(h.load(uva, 8).is_ok());
         assert_eq!(h.store(uva, 8, 1), Err(Trap::new(cause::STORE_PAGE, uva)));
         h.set_prv(PRV_S);
-        assert_eq!(h.load(uva, 8), Err(Trap::new(cause::LOAD_PAGE, uva)), "S without SUM");
+        assert_eq!(
+            h.load(uva, 8),
+            Err(Trap::new(cause::LOAD_PAGE, uva)),
+            "S without SUM"
+        );
         h.csr_write(num::SSTATUS, MSTATUS_SUM).unwrap();
         assert!(h.load(uva, 8).is_ok(), "S with SUM");
-        assert_eq!(h.load(xva, 8), Err(Trap::new(cause::LOAD_PAGE, xva)), "execute-only");
-        h.csr_write(num::SSTATUS, MSTATUS_SUM | MSTATUS_MXR).unwrap();
+        assert_eq!(
+            h.load(xva, 8),
+            Err(Trap::new(cause::LOAD_PAGE, xva)),
+            "execute-only"
+        );
+        h.csr_write(num::SSTATUS, MSTATUS_SUM | MSTATUS_MXR)
+            .unwrap();
         assert!(h.load(xva, 8).is_ok(), "MXR makes X readable");
         // M-mode with MPRV and MPP=S translates data accesses.
         h.set_prv(PRV_M);
@@ -416,7 +468,11 @@ mod tests {
         assert_eq!(h.load(0x9000, 8), Err(Trap::new(cause::LOAD_PAGE, 0x9000)));
         h.csr.mstatus &= !MSTATUS_MPRV;
         h.update_data_ctx();
-        assert_eq!(h.load(0x9000, 8), Err(Trap::new(cause::LOAD_ACCESS, 0x9000)), "physical, not RAM");
+        assert_eq!(
+            h.load(0x9000, 8),
+            Err(Trap::new(cause::LOAD_ACCESS, 0x9000)),
+            "physical, not RAM"
+        );
     }
 
     #[test]
@@ -427,11 +483,14 @@ mod tests {
         // 2 MiB megapage.
         let va = 0x4020_0000u64;
         map(&h, ROOT, va, RAM_BASE + 0x20_0000, PTE_R | PTE_W, 1);
-        h.store(va + 0x1_2345 & !7, 8, 7).unwrap();
+        h.store((va + 0x1_2345) & !7, 8, 7).unwrap();
         assert_eq!(h.shared.ram.read(RAM_BASE + 0x21_2340, 8), Some(7));
         // Misaligned megapage -> page fault.
         map(&h, ROOT, 0x4040_0000, RAM_BASE + 0x1000, PTE_R, 1);
-        assert_eq!(h.load(0x4040_0000, 8), Err(Trap::new(cause::LOAD_PAGE, 0x4040_0000)));
+        assert_eq!(
+            h.load(0x4040_0000, 8),
+            Err(Trap::new(cause::LOAD_PAGE, 0x4040_0000))
+        );
         // Sv48: a 4-level walk; with an empty root everything faults.
         let root48 = RAM_BASE + 0x40_0000;
         h.csr.satp = (SATP_MODE_SV48 << 60) | (root48 >> 12);
@@ -441,10 +500,18 @@ mod tests {
         let ram = &h.shared.ram;
         let (l2, l1, l0) = (root48 + 0x1000, root48 + 0x2000, root48 + 0x3000);
         let va = 0x0000_4000_0000_1000u64;
-        assert!(ram.write(root48 + ((va >> 39) & 0x1ff) * 8, 8, (l2 >> 12) << 10 | PTE_V));
+        assert!(ram.write(
+            root48 + ((va >> 39) & 0x1ff) * 8,
+            8,
+            (l2 >> 12) << 10 | PTE_V
+        ));
         assert!(ram.write(l2 + ((va >> 30) & 0x1ff) * 8, 8, (l1 >> 12) << 10 | PTE_V));
         assert!(ram.write(l1 + ((va >> 21) & 0x1ff) * 8, 8, (l0 >> 12) << 10 | PTE_V));
-        assert!(ram.write(l0 + ((va >> 12) & 0x1ff) * 8, 8, ((RAM_BASE + 0x9000) >> 12) << 10 | PTE_V | PTE_R));
+        assert!(ram.write(
+            l0 + ((va >> 12) & 0x1ff) * 8,
+            8,
+            ((RAM_BASE + 0x9000) >> 12) << 10 | PTE_V | PTE_R
+        ));
         assert!(h.shared.ram.write(RAM_BASE + 0x9010, 8, 42));
         assert_eq!(h.load(va + 0x10, 8), Ok(42));
     }
@@ -459,10 +526,22 @@ mod tests {
         // Beyond RAM and outside any device: access fault, never host memory.
         let end = RAM_BASE + h.shared.ram.size();
         assert_eq!(h.load(end, 1), Err(Trap::new(cause::LOAD_ACCESS, end)));
-        assert_eq!(h.store(end - 4, 8, 0), Err(Trap::new(cause::STORE_ACCESS, end)));
-        assert_eq!(h.load(u64::MAX - 3, 8), Err(Trap::new(cause::LOAD_ACCESS, u64::MAX - 3)));
+        assert_eq!(
+            h.store(end - 4, 8, 0),
+            Err(Trap::new(cause::STORE_ACCESS, end))
+        );
+        assert_eq!(
+            h.load(u64::MAX - 3, 8),
+            Err(Trap::new(cause::LOAD_ACCESS, u64::MAX - 3))
+        );
         // Atomics must be aligned.
-        assert_eq!(h.atomic_host(RAM_BASE + 4, 8, WRITE).err(), Some(Trap::new(cause::MISALIGNED_STORE, RAM_BASE + 4)));
-        assert_eq!(h.atomic_host(RAM_BASE + 2, 4, READ).err(), Some(Trap::new(cause::MISALIGNED_LOAD, RAM_BASE + 2)));
+        assert_eq!(
+            h.atomic_host(RAM_BASE + 4, 8, WRITE).err(),
+            Some(Trap::new(cause::MISALIGNED_STORE, RAM_BASE + 4))
+        );
+        assert_eq!(
+            h.atomic_host(RAM_BASE + 2, 4, READ).err(),
+            Some(Trap::new(cause::MISALIGNED_LOAD, RAM_BASE + 2))
+        );
     }
 }

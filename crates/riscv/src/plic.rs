@@ -67,7 +67,9 @@ impl Plic {
 
     /// Recomputes every context's output line into the harts' mip.
     fn update(&self, st: &State) {
-        let Some(s) = self.shared.upgrade() else { return };
+        let Some(s) = self.shared.upgrade() else {
+            return;
+        };
         for c in 0..self.contexts {
             let bit = if c % 2 == 0 { MIP_MEIP } else { MIP_SEIP };
             s.set_ext_mip(c / 2, bit, Self::best(st, c) != 0);
@@ -102,10 +104,14 @@ impl MmioDevice for Plic {
             st.priority[(offset / 4) as usize]
         } else if (PENDING..PENDING + 8).contains(&offset) {
             (st.pending >> ((offset - PENDING) * 8)) as u32
-        } else if offset >= ENABLE && offset < CONTEXT {
+        } else if (ENABLE..CONTEXT).contains(&offset) {
             let c = ((offset - ENABLE) / 0x80) as usize;
             let w = (offset - ENABLE) % 0x80;
-            if c < self.contexts && w < 8 { (st.enable[c] >> (w * 8)) as u32 } else { 0 }
+            if c < self.contexts && w < 8 {
+                (st.enable[c] >> (w * 8)) as u32
+            } else {
+                0
+            }
         } else if offset >= CONTEXT {
             let c = ((offset - CONTEXT) / 0x1000) as usize;
             match ((offset - CONTEXT) % 0x1000, c < self.contexts) {
@@ -140,7 +146,7 @@ impl MmioDevice for Plic {
             if irq != 0 && irq as u32 <= PLIC_NDEV {
                 st.priority[irq] = v & 7;
             }
-        } else if offset >= ENABLE && offset < CONTEXT {
+        } else if (ENABLE..CONTEXT).contains(&offset) {
             let c = ((offset - ENABLE) / 0x80) as usize;
             let w = (offset - ENABLE) % 0x80;
             if c < self.contexts && (w == 0 || w == 4) {
@@ -245,7 +251,11 @@ mod tests {
         assert!(!seip(1));
         wr(&plic, CONTEXT + 3 * 0x1000, 0);
         l10.set_level(false);
-        assert_eq!(rd(&plic, CONTEXT + 3 * 0x1000 + 4), 10, "latched until claimed");
+        assert_eq!(
+            rd(&plic, CONTEXT + 3 * 0x1000 + 4),
+            10,
+            "latched until claimed"
+        );
         wr(&plic, CONTEXT + 3 * 0x1000 + 4, 10);
         assert!(!seip(1));
         // Out-of-range sources and contexts are ignored.

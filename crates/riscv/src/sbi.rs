@@ -8,9 +8,7 @@ use std::sync::atomic::Ordering;
 use crate::ExitReason;
 use crate::csr::MIP_SSIP;
 use crate::hart::Hart;
-use crate::shared::{
-    HSM_START_PENDING, HSM_STARTED, HSM_STOPPED, REQ_FENCE_I, REQ_SFENCE, lock,
-};
+use crate::shared::{HSM_START_PENDING, HSM_STARTED, HSM_STOPPED, REQ_FENCE_I, REQ_SFENCE, lock};
 
 const EXT_LEGACY_PUTCHAR: u64 = 0x01;
 const EXT_LEGACY_GETCHAR: u64 = 0x02;
@@ -37,7 +35,9 @@ impl Hart {
     /// Serves the ecall in a0..a7 and writes the SBI return pair into a0/a1.
     pub(crate) fn sbi_call(&mut self) {
         let (eid, fid) = (self.x[17], self.x[16]);
-        let args = [self.x[10], self.x[11], self.x[12], self.x[13], self.x[14], self.x[15]];
+        let args = [
+            self.x[10], self.x[11], self.x[12], self.x[13], self.x[14], self.x[15],
+        ];
         let (err, val): (i64, u64) = match eid {
             EXT_LEGACY_PUTCHAR => {
                 self.console_put(args[0] as u8);
@@ -52,7 +52,20 @@ impl Hart {
                 0 => (SUCCESS, 0x0100_0000), // spec version 1.0
                 1 => (SUCCESS, IMPL_ID),
                 2 => (SUCCESS, 1),
-                3 => (SUCCESS, matches!(args[0], EXT_TIME | EXT_IPI | EXT_RFENCE | EXT_HSM | EXT_SRST | EXT_DBCN | EXT_LEGACY_PUTCHAR | EXT_LEGACY_GETCHAR) as u64),
+                3 => (
+                    SUCCESS,
+                    matches!(
+                        args[0],
+                        EXT_TIME
+                            | EXT_IPI
+                            | EXT_RFENCE
+                            | EXT_HSM
+                            | EXT_SRST
+                            | EXT_DBCN
+                            | EXT_LEGACY_PUTCHAR
+                            | EXT_LEGACY_GETCHAR
+                    ) as u64,
+                ),
                 4..=6 => (SUCCESS, 0), // mvendorid, marchid, mimpid
                 _ => (ERR_NOT_SUPPORTED, 0),
             },
@@ -65,7 +78,9 @@ impl Hart {
                 Some(mask) => {
                     for h in 0..self.shared.links.len() {
                         if mask >> h & 1 != 0 {
-                            self.shared.links[h].set_mip.fetch_or(MIP_SSIP, Ordering::SeqCst);
+                            self.shared.links[h]
+                                .set_mip
+                                .fetch_or(MIP_SSIP, Ordering::SeqCst);
                             self.shared.kick(h);
                         }
                     }
@@ -113,7 +128,9 @@ impl Hart {
                     let mut n = 0;
                     while n < len {
                         let Some(c) = self.console_get() else { break };
-                        if args[2] != 0 || !self.shared.ram.write(args[1].wrapping_add(n), 1, c as u64) {
+                        if args[2] != 0
+                            || !self.shared.ram.write(args[1].wrapping_add(n), 1, c as u64)
+                        {
                             return self.sbi_ret(ERR_INVALID_ADDRESS, n);
                         }
                         n += 1;
@@ -202,7 +219,10 @@ impl Hart {
         let shared = std::sync::Arc::clone(&self.shared);
         match fid {
             0 => {
-                let Some(link) = usize::try_from(args[0]).ok().and_then(|h| shared.links.get(h)) else {
+                let Some(link) = usize::try_from(args[0])
+                    .ok()
+                    .and_then(|h| shared.links.get(h))
+                else {
                     return (ERR_INVALID_PARAM, 0);
                 };
                 if !shared.ram.contains(args[1], 2) {
@@ -211,7 +231,12 @@ impl Hart {
                 *lock(&link.start) = (args[1], args[2]);
                 if link
                     .hsm
-                    .compare_exchange(HSM_STOPPED, HSM_START_PENDING, Ordering::SeqCst, Ordering::SeqCst)
+                    .compare_exchange(
+                        HSM_STOPPED,
+                        HSM_START_PENDING,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
                     .is_err()
                 {
                     return (ERR_ALREADY_AVAILABLE, 0);
@@ -220,11 +245,16 @@ impl Hart {
                 (SUCCESS, 0)
             }
             1 => {
-                shared.links[self.hartid].hsm.store(HSM_STOPPED, Ordering::SeqCst);
+                shared.links[self.hartid]
+                    .hsm
+                    .store(HSM_STOPPED, Ordering::SeqCst);
                 self.break_slice = true;
                 (SUCCESS, 0)
             }
-            2 => match usize::try_from(args[0]).ok().and_then(|h| shared.links.get(h)) {
+            2 => match usize::try_from(args[0])
+                .ok()
+                .and_then(|h| shared.links.get(h))
+            {
                 Some(l) => (SUCCESS, l.hsm.load(Ordering::SeqCst) as u64),
                 None => (ERR_INVALID_PARAM, 0),
             },

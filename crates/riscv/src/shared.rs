@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::memory::{Bus, GuestRam, PAGE_SIZE};
 use crate::ExitReason;
+use crate::memory::{Bus, GuestRam, PAGE_SIZE};
 
 /// Hart requests posted by other harts (SBI RFENCE) and handled at the next poll.
 pub(crate) const REQ_FENCE_I: u32 = 1;
@@ -74,12 +74,18 @@ pub(crate) struct Clock {
 
 impl Clock {
     pub fn new(freq: u64) -> Self {
-        Self { origin: Instant::now(), freq, paused_ns: AtomicU64::new(0), pause_start: Mutex::new(None) }
+        Self {
+            origin: Instant::now(),
+            freq,
+            paused_ns: AtomicU64::new(0),
+            pause_start: Mutex::new(None),
+        }
     }
 
     /// Current `mtime` in ticks.
     pub fn ticks(&self) -> u64 {
-        let ns = (self.origin.elapsed().as_nanos() as u64).saturating_sub(self.paused_ns.load(Ordering::Relaxed));
+        let ns = (self.origin.elapsed().as_nanos() as u64)
+            .saturating_sub(self.paused_ns.load(Ordering::Relaxed));
         ((ns as u128 * self.freq as u128) / 1_000_000_000) as u64
     }
 
@@ -102,7 +108,8 @@ impl Clock {
 
     pub fn thaw(&self) {
         if let Some(t) = lock(&self.pause_start).take() {
-            self.paused_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.paused_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }
 }

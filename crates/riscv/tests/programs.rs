@@ -21,8 +21,14 @@ fn tool(name: &str) -> String {
 }
 
 fn run_tool(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Assembles and links `name`.S into a flat binary at 0x8000_0000.
@@ -41,16 +47,30 @@ fn build(name: &str) -> Vec<u8> {
             .arg(&obj)
             .arg(src_dir.join(format!("{name}.S"))),
     );
-    run_tool(Command::new(tool("ld")).args(["-nostdlib", "--no-relax", "-Ttext=0x80000000", "-o"]).arg(&elf).arg(&obj));
-    run_tool(Command::new(tool("objcopy")).args(["-O", "binary"]).arg(&elf).arg(&bin));
+    run_tool(
+        Command::new(tool("ld"))
+            .args(["-nostdlib", "--no-relax", "-Ttext=0x80000000", "-o"])
+            .arg(&elf)
+            .arg(&obj),
+    );
+    run_tool(
+        Command::new(tool("objcopy"))
+            .args(["-O", "binary"])
+            .arg(&elf)
+            .arg(&bin),
+    );
     std::fs::read(&bin).expect("reading the assembled program")
 }
 
 /// Runs a program on `harts` harts with 8 MiB of RAM; `setup` may drive interrupt lines.
 fn run(name: &str, harts: usize, setup: impl FnOnce(&Machine)) -> ExitReason {
     let program = build(name);
-    let mut m = Machine::new(MachineConfig { harts, memory_bytes: 8 << 20, ..MachineConfig::default() })
-        .expect("creating the machine");
+    let mut m = Machine::new(MachineConfig {
+        harts,
+        memory_bytes: 8 << 20,
+        ..MachineConfig::default()
+    })
+    .expect("creating the machine");
     m.load_program(&program).expect("loading the program");
     setup(&m);
     let handle = m.handle();
@@ -105,7 +125,9 @@ fn sv39_sv48_paging() {
 
 #[test]
 fn interrupts_clint_plic_delegation() {
-    expect_pass("interrupts", 1, |m| m.irq_line(5).expect("irq 5").set_level(true));
+    expect_pass("interrupts", 1, |m| {
+        m.irq_line(5).expect("irq 5").set_level(true)
+    });
 }
 
 #[test]
@@ -117,5 +139,8 @@ fn smp_atomics_and_ipi() {
 fn failure_is_reported_with_the_test_number() {
     // A program that fails on purpose must not look like a pass.
     let why = run("selftest_fail", 1, |_| {});
-    assert_eq!(why, ExitReason::Fault("guest reported failure code 3".into()));
+    assert_eq!(
+        why,
+        ExitReason::Fault("guest reported failure code 3".into())
+    );
 }

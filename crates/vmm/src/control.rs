@@ -165,10 +165,6 @@ impl VmControl {
         self.notify(RunState::Stopping);
     }
 
-    pub fn exit_reason(&self) -> Option<ExitReason> {
-        relock(&self.inner).exit.clone()
-    }
-
     /// Blocks until the VM has an exit reason.
     pub fn wait_for_exit(&self) -> ExitReason {
         let mut inner = relock(&self.inner);

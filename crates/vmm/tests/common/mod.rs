@@ -107,9 +107,11 @@ impl Vm {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
                 Err(_) => {
+                    let exited = self.child.try_wait().ok().flatten();
                     let _ = self.child.kill();
+                    std::thread::sleep(Duration::from_millis(100));
                     panic!(
-                        "no console line with {needle:?} within {timeout:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+                        "no console line with {needle:?} within {timeout:?} (monitor exit: {exited:?})\n--- console ---\n{}\n--- stderr ---\n{}",
                         self.console_text(),
                         self.stderr.lock().unwrap()
                     );

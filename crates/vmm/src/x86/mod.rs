@@ -1,0 +1,255 @@
+//! The x86_64 machine on KVM: builds the VM from a [`MachineSpec`] (memory with the PCI hole,
+//! in-kernel irqchip and PIT, vCPUs with their CPU template, kernel and initrd, legacy
+//! devices) and runs one thread per vCPU until the VM ends.
+
+mod emu;
+mod vcpu;
+
+use crate::control::{ControlHook, ExitReason, RunContext};
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use vcpu::{VcpuReport, VcpuThread};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vme_api::MachineSpec;
+use vme_api::control::RunState;
+use vme_arch::{CpuTemplate, layout, regs};
+use vme_devices::bus::{Bus, SharedDevice};
+use vme_devices::{IrqLine, acpi, i8042, rtc, serial};
+use vme_hypervisor::{Kicker, Kvm, Vm};
+
+/// Ports of the ACPI register block (see `vme_devices::acpi`).
+pub const ACPI_PORT: u16 = 0x600;
+/// GSI of the ACPI GED (power button): level-triggered, like the SCI it stands in for.
+pub const GED_GSI: u32 = 9;
+const SERIAL_PORT: u16 = 0x3f8;
+const SERIAL_GSI: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum X86Error {
+    #[error("{0}")]
+    Hypervisor(#[from] vme_hypervisor::HypervisorError),
+    #[error("{0}")]
+    Arch(#[from] vme_arch::ArchError),
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot allocate {bytes} bytes of guest memory: {why}")]
+    Memory { bytes: u64, why: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// An interrupt line into KVM's in-kernel irqchip.
+struct GsiLine {
+    vm: Arc<Vm>,
+    gsi: u32,
+}
+
+impl IrqLine for GsiLine {
+    fn set_level(&self, high: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
+            log::warn!("cannot drive GSI {}: {e}", self.gsi);
+        }
+    }
+}
+
+/// Kicks every vCPU out of KVM_RUN when the VM is paused or stopped.
+struct KickAll(Vec<Kicker>);
+
+impl ControlHook for KickAll {
+    fn state_changed(&self, state: RunState) {
+        if state != RunState::Running {
+            for k in &self.0 {
+                k.kick();
+            }
+        }
+    }
+}
+
+fn open(what: &'static str, path: &std::path::Path) -> Result<File, X86Error> {
+    File::open(path).map_err(|source| X86Error::Open {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Builds and runs the VM; returns why it ended.
+pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error> {
+    let kvm = Kvm::open()?;
+    let template = CpuTemplate::resolve(&spec.cpu_template, kvm.is_pvm())?;
+    let max = kvm.max_vcpus();
+    if spec.vcpus as usize > max.min(255) {
+        return Err(X86Error::Setup(format!(
+            "{} vCPUs requested but this host allows {}: lower --vcpus",
+            spec.vcpus,
+            max.min(255)
+        )));
+    }
+    let mem_size = spec.memory.bytes();
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| X86Error::Memory {
+        bytes: mem_size,
+        why: e.to_string(),
+    })?;
+    let mut vm = kvm.create_vm()?;
+    vm.set_memory(&mem)?;
+    vm.create_platform_devices()?;
+    let vm = Arc::new(vm);
+
+    regs::write_boot_structures(&mem)?;
+    let rsdp = vme_arch::acpi::write_tables(&mem, spec.vcpus, ACPI_PORT, GED_GSI)?;
+    let mut kernel = open("kernel", &spec.kernel)?;
+    let mut initrd = match &spec.initrd {
+        Some(p) => Some(open("initrd", p)?),
+        None => None,
+    };
+    let boot = vme_arch::load_kernel(
+        &mem,
+        mem_size,
+        &mut kernel,
+        initrd.as_mut(),
+        &spec.cmdline,
+        Some(rsdp),
+    )?;
+    log::info!(
+        "x86_64: {} vCPU(s), {} MiB, CPU template {template:?}{}, entry {:#x} ({:?})",
+        spec.vcpus,
+        mem_size >> 20,
+        if kvm.is_pvm() { " (PVM host)" } else { "" },
+        boot.entry,
+        boot.protocol
+    );
+
+    // Devices: the guest reaches each only through the port bus, offsets checked by the bus.
+    let control = ctx.control.clone();
+    let irq = |gsi| -> Arc<dyn IrqLine> {
+        Arc::new(GsiLine {
+            vm: vm.clone(),
+            gsi,
+        })
+    };
+    let out = ctx
+        .console_output()
+        .map_err(|e| X86Error::Setup(format!("cannot open the serial output: {e}")))?;
+    let serial = Arc::new(Mutex::new(serial::Serial::new(irq(SERIAL_GSI), out)));
+    let (i8042_data, i8042_cmd) = i8042::i8042(control.clone());
+    let acpi_dev = Arc::new(Mutex::new(acpi::AcpiDevice::new(
+        control.clone(),
+        irq(GED_GSI),
+    )));
+    let mut pio = Bus::new();
+    let devices: Vec<(u16, u64, SharedDevice)> = vec![
+        (SERIAL_PORT, 8, serial.clone()),
+        (i8042::DATA_PORT, 1, Arc::new(Mutex::new(i8042_data))),
+        (i8042::COMMAND_PORT, 1, Arc::new(Mutex::new(i8042_cmd))),
+        (rtc::INDEX_PORT, 2, Arc::new(Mutex::new(rtc::Rtc::new()))),
+        (ACPI_PORT, acpi::LEN, acpi_dev.clone()),
+    ];
+    for (port, len, dev) in devices {
+        pio.insert(u64::from(port), len, dev)
+            .map_err(|e| X86Error::Setup(format!("device layout: {e}")))?;
+    }
+    let mmio = Bus::new();
+    ctx.attach_console_input(serial);
+    control.set_power_button(Box::new(move || {
+        acpi_dev
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .press_power_button();
+    }));
+
+    let supported = kvm.supported_cpuid()?;
+    let mut threads = Vec::new();
+    let mut kickers = Vec::new();
+    for id in 0..spec.vcpus {
+        let vcpu = vm.create_vcpu(id)?;
+        vcpu.set_cpuid2(&vme_arch::build_cpuid(
+            &supported, template, id, spec.vcpus,
+        )?)?;
+        set_boot_msrs(&vcpu)?;
+        vcpu.set_fpu(&regs::boot_fpu())?;
+        let mut lapic = vcpu.lapic()?;
+        regs::configure_lapic(&mut lapic);
+        vcpu.set_lapic(&lapic)?;
+        if id == 0 {
+            // Application processors wait in the in-kernel LAPIC for INIT/SIPI.
+            let mut sregs = vcpu.sregs()?;
+            regs::boot_sregs(&boot, &mut sregs);
+            vcpu.set_sregs(&sregs)?;
+            vcpu.set_regs(&regs::boot_regs(&boot))?;
+        }
+        kickers.push(vcpu.kicker());
+        threads.push(VcpuThread {
+            vcpu,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            mem: mem.clone(),
+            control: control.clone(),
+        });
+    }
+    control.set_parkers(u64::from(spec.vcpus));
+    control.add_hook(Arc::new(KickAll(kickers)));
+
+    let mut handles = Vec::new();
+    for t in threads {
+        let id = t.vcpu.id();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || t.run())
+            .map_err(|e| X86Error::Setup(format!("cannot start vCPU thread {id}: {e}")))?;
+        handles.push(handle);
+    }
+    let reason = control.wait_for_exit();
+    let reports: Vec<VcpuReport> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    log_measurements(&reports);
+    Ok(reason)
+}
+
+/// Sets the boot MSRs; one this host refuses (PVM lacks some, e.g. MTRRs) is logged and
+/// skipped rather than failing the boot: none of them is needed for Linux to start.
+fn set_boot_msrs(vcpu: &vme_hypervisor::Vcpu) -> Result<(), X86Error> {
+    let mut msrs = regs::boot_msrs();
+    while !msrs.is_empty() {
+        match vcpu.set_msrs(&msrs) {
+            Ok(()) => return Ok(()),
+            Err(vme_hypervisor::HypervisorError::MsrRejected { first_rejected, .. }) => {
+                log::debug!(
+                    "vCPU {}: host refuses MSR {first_rejected:#x}; skipped",
+                    vcpu.id()
+                );
+                msrs.retain(|m| m.0 != first_rejected);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn log_measurements(reports: &[VcpuReport]) {
+    for r in reports {
+        let top: Vec<String> = {
+            let mut v: Vec<_> = r.completer.stats().iter().collect();
+            v.sort_by_key(|e| std::cmp::Reverse(e.1));
+            v.into_iter()
+                .take(8)
+                .map(|(m, n)| format!("{m}={n}"))
+                .collect()
+        };
+        log::info!(
+            "vCPU {}: {} exits ({} port I/O, {} MMIO, {} completed by the monitor: {})",
+            r.id,
+            r.exits,
+            r.io_exits,
+            r.mmio_exits,
+            r.completions,
+            top.join(" ")
+        );
+    }
+}

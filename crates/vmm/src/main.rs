@@ -1,3 +1,107 @@
-//! The monitor: one process runs one VM.
+//! `vme-vmm`: one process runs one VM. Usable on its own (flags or a TOML machine file, a
+//! control socket) and as the daemon's per-VM monitor.
+//!
+//! Exit status: 0 when the guest powered off or rebooted or the VM was stopped; 1 when the
+//! VM could not be started (bad input, no KVM); 2 when the VM crashed (triple fault, failed
+//! entry, an instruction nobody can complete); 3 when the guest kernel panicked.
 
-fn main() {}
+mod cli;
+mod console;
+mod control;
+mod logger;
+mod riscv;
+mod signals;
+mod socket;
+mod x86;
+
+use control::{ExitReason, RunContext, VmControl};
+use std::process::ExitCode;
+use std::sync::Arc;
+use vme_api::{Arch, MachineSpec, RebootAction};
+
+fn main() -> ExitCode {
+    abort_on_panic();
+    let args = cli::parse();
+    logger::init(args.log_level());
+    match args.command {
+        Some(cli::Command::Ctl(ctl)) => cli::run_ctl(ctl),
+        None => match cli::machine_spec(&args.run) {
+            Ok(spec) if args.run.print_config => {
+                print!("{}", spec.to_toml());
+                ExitCode::SUCCESS
+            }
+            Ok(spec) => run_vm(spec),
+            Err(e) => {
+                eprintln!("vme-vmm: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+/// A panic in any thread ends the monitor (and so its VM) at once: a VM whose vCPU thread died
+/// silently would hang instead of failing visibly to its supervisor. (The release profile
+/// keeps unwinding so tests share its build; this hook gives abort semantics regardless.)
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        eprintln!("vme-vmm: internal error (a bug in the monitor): aborting the VM");
+        std::process::abort();
+    }));
+}
+
+fn run_vm(spec: MachineSpec) -> ExitCode {
+    let control = Arc::new(VmControl::new());
+    signals::stop_on_termination(control.clone());
+    let facts = socket::VmFacts {
+        arch: spec.arch.to_string(),
+        vcpus: spec.vcpus,
+        memory_bytes: spec.memory.bytes(),
+        cpu_template: (spec.arch == Arch::X86_64).then(|| spec.cpu_template.clone()),
+    };
+    let _server = match &spec.control_socket {
+        Some(path) => match socket::ControlServer::bind(path, control.clone(), facts) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("vme-vmm: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let mut raw_terminal = match spec.serial {
+        vme_api::SerialSpec::Stdio => console::RawTerminal::enter(),
+        _ => None,
+    };
+    loop {
+        let ctx = RunContext {
+            control: control.clone(),
+            serial: spec.serial.clone(),
+        };
+        let outcome = match spec.arch {
+            Arch::X86_64 => x86::run(&spec, &ctx).map_err(|e| e.to_string()),
+            Arch::Riscv64 => riscv::run(&spec, &ctx),
+        };
+        match outcome {
+            Err(e) => {
+                raw_terminal.take();
+                eprintln!("vme-vmm: {e}");
+                return ExitCode::from(1);
+            }
+            Ok(ExitReason::Reboot) if spec.on_reboot == RebootAction::Restart => {
+                log::info!("guest rebooted; restarting the VM (--on-reboot restart)");
+                control.reset_for_restart();
+            }
+            Ok(reason) => {
+                raw_terminal.take();
+                match &reason {
+                    ExitReason::Crash(why) => eprintln!("vme-vmm: VM crashed: {why}"),
+                    ExitReason::Panic(line) => eprintln!("vme-vmm: guest kernel panicked: {line}"),
+                    other => log::info!("VM ended: {other:?}"),
+                }
+                return ExitCode::from(reason.exit_code() as u8);
+            }
+        }
+    }
+}

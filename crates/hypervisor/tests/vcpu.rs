@@ -16,6 +16,10 @@ const IO_TEST: &[u8] = &[
 const UD_HANDLER: &[u8] = &[0xb0, 0x06, 0xe6, 0x66, 0xf4];
 // 0x1200: jmp .
 const SPIN: &[u8] = &[0xeb, 0xfe];
+// 0x1300: mov $1,%eax; cpuid; mov %ecx,%eax; out %eax,$0x10; hlt
+const CPUID_LEAF1: &[u8] = &[
+    0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0xa2, 0x66, 0x89, 0xc8, 0x66, 0xe7, 0x10, 0xf4,
+];
 
 fn skip() -> bool {
     std::env::var_os("VME_SKIP_KVM_TESTS").is_some_and(|v| v == "1")
@@ -31,6 +35,8 @@ fn setup(rip: u64) -> (Vm, Vcpu) {
     mem.write_slice(UD_HANDLER, GuestAddress(0x1100))
         .expect("code");
     mem.write_slice(SPIN, GuestAddress(0x1200)).expect("code");
+    mem.write_slice(CPUID_LEAF1, GuestAddress(0x1300))
+        .expect("code");
     // Real-mode IVT entry 6 (#UD) → 0000:1100.
     mem.write_obj(0x0000_1100u32, GuestAddress(6 * 4))
         .expect("ivt");
@@ -185,4 +191,49 @@ fn msrs_round_trip_and_refusals_name_the_msr() {
         .set_msrs(&[(0xc000_0084, 0), (0xdead_0000, 1)])
         .expect_err("bogus MSR");
     assert!(err.to_string().contains("0xdead0000"), "{err}");
+}
+
+/// What the guest's `cpuid` returns for leaf 1 ECX after KVM_SET_CPUID2 cleared `mask`.
+fn guest_leaf1_ecx(mask: u32) -> (u32, u32) {
+    let kvm = Kvm::open().expect("KVM");
+    let (_vm, mut vcpu) = setup(0x1300);
+    let mut cpuid = kvm.supported_cpuid().expect("cpuid");
+    let mut set = 0;
+    for e in cpuid.as_mut_slice() {
+        if e.function == 1 {
+            e.ecx &= !mask;
+            set = e.ecx;
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).expect("set cpuid");
+    match next(&mut vcpu) {
+        VcpuExit::IoOut {
+            port: 0x10, data, ..
+        } => {
+            let seen = u32::from_le_bytes(data.try_into().expect("4 bytes"));
+            (set, seen)
+        }
+        e => panic!("expected the cpuid report, got {e:?}"),
+    }
+}
+
+#[test]
+fn guest_cpuid_follows_set_cpuid2_unless_pvm() {
+    if skip() {
+        return;
+    }
+    // Clear CX16 (bit 13) and the hypervisor bit (31), which KVM reports as supported.
+    let (set, seen) = guest_leaf1_ecx((1 << 13) | (1 << 31));
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    eprintln!("leaf 1 ECX: KVM_SET_CPUID2 {set:#010x}, guest sees {seen:#010x} (PVM host: {pvm})");
+    if pvm {
+        // Measured on PVM hosts: `cpuid` is not intercepted; the guest sees the host's
+        // leaf 1 (here with CX16 still set), whatever the monitor's template says.
+        assert_ne!(
+            seen, set,
+            "PVM now applies KVM_SET_CPUID2: CPU templates work, update PVM.md"
+        );
+    } else {
+        assert_eq!(seen, set);
+    }
 }

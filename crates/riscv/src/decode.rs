@@ -174,21 +174,37 @@ pub enum Op {
     FcvtDS,
 }
 
-/// A decoded instruction (12 bytes). Integer destinations equal to x0 are redirected to the
-/// scratch register 32 at decode time so the executor never has to special-case x0.
+/// A decoded instruction, 8 bytes so decoded pages stay cache-friendly. Integer destinations
+/// equal to x0 are redirected to the scratch register 32 at decode time so the executor never
+/// has to special-case x0. Bit 7 of `rd` marks a compressed (2-byte) instruction; register
+/// indexes are always used masked with 63.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Insn {
     pub op: Op,
     pub rd: u8,
     pub rs1: u8,
     pub rs2: u8,
-    pub rs3: u8,
-    /// Rounding mode field (float ops), or aq/rl bits (atomics).
-    pub rm: u8,
-    /// Instruction length in bytes (2 or 4).
-    pub len: u8,
-    /// Immediate, CSR number, or the raw bits for `Illegal`.
+    /// Immediate, CSR number, the raw bits for `Illegal`, or for floating-point arithmetic
+    /// rs3 (bits 4:0) and the rounding mode field (bits 10:8).
     pub imm: i32,
+}
+
+const COMPRESSED: u8 = 0x80;
+
+impl Insn {
+    /// Instruction length in bytes (2 or 4).
+    #[inline(always)]
+    pub fn len(&self) -> u64 {
+        if self.rd & COMPRESSED != 0 { 2 } else { 4 }
+    }
+    /// Third source register of fused multiply-adds.
+    pub fn rs3(&self) -> u8 {
+        (self.imm & 31) as u8
+    }
+    /// Rounding-mode field of floating-point arithmetic (7 = dynamic).
+    pub fn rm(&self) -> u8 {
+        ((self.imm >> 8) & 7) as u8
+    }
 }
 
 /// Register index used as the sink for writes to x0.
@@ -197,7 +213,7 @@ pub const XZERO_SINK: u8 = 32;
 fn illegal(raw: u32, len: u8) -> Insn {
     Insn {
         op: Op::Illegal,
-        len,
+        rd: if len == 2 { COMPRESSED } else { 0 },
         imm: raw as i32,
         ..Insn::default()
     }
@@ -286,8 +302,8 @@ fn writes_xreg(op: Op) -> bool {
 }
 
 fn finish(mut i: Insn) -> Insn {
-    if i.rd == 0 && writes_xreg(i.op) {
-        i.rd = XZERO_SINK;
+    if i.rd & !COMPRESSED == 0 && writes_xreg(i.op) {
+        i.rd |= XZERO_SINK;
     }
     i
 }
@@ -332,16 +348,8 @@ fn decode32(raw: u32) -> Insn {
             | (bits(raw, 30, 21) << 1),
         21,
     );
-    let mk = |op: Op, imm: i32| Insn {
-        op,
-        rd,
-        rs1,
-        rs2,
-        rs3,
-        rm: f3 as u8,
-        len: 4,
-        imm,
-    };
+    let mk = |op: Op, imm: i32| Insn { op, rd, rs1, rs2, imm };
+    let fp_imm = (rs3 as i32) | ((f3 as i32) << 8);
     let bad = illegal(raw, 4);
     match raw & 0x7f {
         0x37 => mk(Lui, imm_u),
@@ -487,10 +495,8 @@ fn decode32(raw: u32) -> Insn {
                 (3, 0x1c) => AmoMaxuD,
                 _ => return bad,
             };
-            Insn {
-                rm: aqrl,
-                ..mk(op, 0)
-            }
+            let _ = aqrl; // every AMO is sequentially consistent on the host
+            mk(op, 0)
         }
         0x07 => match f3 {
             2 => mk(Flw, imm_i),
@@ -521,7 +527,7 @@ fn decode32(raw: u32) -> Insn {
             if f3 == 5 || f3 == 6 {
                 return bad;
             }
-            mk(op, 0)
+            mk(op, fp_imm)
         }
         0x53 => decode_fp(raw, mk, f3, f7, rs2).unwrap_or(bad),
         _ => bad,
@@ -623,7 +629,7 @@ fn decode_fp(raw: u32, mk: impl Fn(Op, i32) -> Insn, f3: u32, f7: u32, rs2: u8) 
         _ => return None,
     };
     let _ = raw;
-    Some(mk(op, 0))
+    Some(mk(op, (f3 as i32) << 8))
 }
 
 fn decode_c(raw: u16) -> Insn {
@@ -640,12 +646,9 @@ fn decode_c(raw: u16) -> Insn {
     let rs1p = (bits(r, 9, 7) + 8) as u8; // rs1'
     let c = |op: Op, rd: u8, rs1: u8, rs2: u8, imm: i32| Insn {
         op,
-        rd,
+        rd: rd | COMPRESSED,
         rs1,
         rs2,
-        rs3: 0,
-        rm: 7,
-        len: 2,
         imm,
     };
     // Offsets of the load/store forms.
@@ -812,10 +815,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn insn_is_compact() {
+        assert_eq!(std::mem::size_of::<Insn>(), 8);
+    }
+
+    #[test]
     fn decodes_base_forms() {
         // addi a0, a1, -1
         let i = decode(0xfff5_8513);
-        assert_eq!((i.op, i.rd, i.rs1, i.imm, i.len), (Op::Addi, 10, 11, -1, 4));
+        assert_eq!((i.op, i.rd & 63, i.rs1, i.imm, i.len()), (Op::Addi, 10, 11, -1, 4));
         // sd ra, 8(sp)
         let i = decode(0x0011_3423);
         assert_eq!((i.op, i.rs1, i.rs2, i.imm), (Op::Sd, 2, 1, 8));
@@ -824,18 +832,18 @@ mod tests {
         assert_eq!((i.op, i.imm), (Op::Beq, -4));
         // jal ra, 2048
         let i = decode(0x0010_00ef);
-        assert_eq!((i.op, i.rd, i.imm), (Op::Jal, 1, 2048));
+        assert_eq!((i.op, i.rd & 63, i.imm), (Op::Jal, 1, 2048));
         // csrrw x0, mscratch, a0: rd=x0 goes to the sink
         let i = decode(0x3405_1073);
-        assert_eq!((i.op, i.rd, i.imm), (Op::Csrrw, XZERO_SINK, 0x340));
+        assert_eq!((i.op, i.rd & 63, i.imm), (Op::Csrrw, XZERO_SINK, 0x340));
         // fadd.d fa0, fa1, fa2, rne keeps rd=f0-style indexes unchanged
         let i = decode(0x02c5_8053);
-        assert_eq!((i.op, i.rd, i.rs1, i.rs2, i.rm), (Op::FaddD, 0, 11, 12, 0));
+        assert_eq!((i.op, i.rd & 63, i.rs1, i.rs2, i.rm()), (Op::FaddD, 0, 11, 12, 0));
         // amoadd.w.aqrl a0, a1, (a2)
         let i = decode(0x06b6_252f);
         assert_eq!(
-            (i.op, i.rd, i.rs1, i.rs2, i.rm),
-            (Op::AmoAddW, 10, 12, 11, 3)
+            (i.op, i.rd & 63, i.rs1, i.rs2),
+            (Op::AmoAddW, 10, 12, 11)
         );
     }
 
@@ -843,22 +851,22 @@ mod tests {
     fn decodes_compressed_forms() {
         // c.addi sp, -16  (0x1141)
         let i = decode(0x1141);
-        assert_eq!((i.op, i.rd, i.rs1, i.imm, i.len), (Op::Addi, 2, 2, -16, 2));
+        assert_eq!((i.op, i.rd & 63, i.rs1, i.imm, i.len()), (Op::Addi, 2, 2, -16, 2));
         // c.sdsp ra, 8(sp) (0xe406)
         let i = decode(0xe406);
         assert_eq!((i.op, i.rs1, i.rs2, i.imm), (Op::Sd, 2, 1, 8));
         // c.ldsp ra, 8(sp) (0x60a2)
         let i = decode(0x60a2);
-        assert_eq!((i.op, i.rd, i.rs1, i.imm), (Op::Ld, 1, 2, 8));
+        assert_eq!((i.op, i.rd & 63, i.rs1, i.imm), (Op::Ld, 1, 2, 8));
         // c.jr ra (0x8082)
         let i = decode(0x8082);
-        assert_eq!((i.op, i.rd, i.rs1), (Op::Jalr, XZERO_SINK, 1));
+        assert_eq!((i.op, i.rd & 63, i.rs1), (Op::Jalr, XZERO_SINK, 1));
         // c.mv a0, a1 (0x852e)
         let i = decode(0x852e);
-        assert_eq!((i.op, i.rd, i.rs1, i.rs2), (Op::Add, 10, 0, 11));
+        assert_eq!((i.op, i.rd & 63, i.rs1, i.rs2), (Op::Add, 10, 0, 11));
         // c.lui a0, 0x1 (0x6505)
         let i = decode(0x6505);
-        assert_eq!((i.op, i.rd, i.imm), (Op::Lui, 10, 0x1000));
+        assert_eq!((i.op, i.rd & 63, i.imm), (Op::Lui, 10, 0x1000));
         // c.beqz a0, +8 (0xc501)
         let i = decode(0xc501);
         assert_eq!((i.op, i.rs1, i.rs2, i.imm), (Op::Beq, 10, 0, 8));
@@ -867,7 +875,7 @@ mod tests {
         assert_eq!((i.op, i.imm), (Op::Jal, -2));
         // c.addi4spn a0, sp, 16 (0x0808)
         let i = decode(0x0808);
-        assert_eq!((i.op, i.rd, i.rs1, i.imm), (Op::Addi, 10, 2, 16));
+        assert_eq!((i.op, i.rd & 63, i.rs1, i.imm), (Op::Addi, 10, 2, 16));
         // c.ebreak
         assert_eq!(decode(0x9002).op, Op::Ebreak);
         // all-zero is illegal

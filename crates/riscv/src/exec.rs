@@ -68,11 +68,7 @@ impl Hart {
         let low = self.fetch_bytes(off, 2) as u16;
         let insn = if is_32bit(low) {
             if off == 0xffe {
-                Insn {
-                    op: Op::CrossPage,
-                    len: 4,
-                    ..Insn::default()
-                }
+                Insn { op: Op::CrossPage, ..Insn::default() }
             } else {
                 decode(self.fetch_bytes(off, 4) as u32)
             }
@@ -98,7 +94,7 @@ impl Hart {
             return i.imm as u32 as u64;
         }
         let off = self.pc & 0xfff;
-        if i.len == 2 {
+        if i.len() == 2 {
             self.fetch_bytes(off, 2)
         } else if off == 0xffe {
             let low = self.fetch_bytes(off, 2);
@@ -124,7 +120,7 @@ impl Hart {
             };
         }
         let pc = self.pc;
-        let next = pc.wrapping_add(i.len as u64);
+        let next = pc.wrapping_add(i.len());
         let imm = i.imm as i64 as u64;
         let a = x!(i.rs1);
         let b = x!(i.rs2);
@@ -405,7 +401,7 @@ impl Hart {
         {
             return Err(self.illegal(i));
         }
-        if i.rd != XZERO_SINK {
+        if i.rd & 63 != XZERO_SINK {
             self.x[(i.rd & 63) as usize] = old;
         }
         Ok(())

@@ -283,10 +283,10 @@ impl Hart {
         if self.csr.mstatus & MSTATUS_FS == 0 {
             return Err(self.illegal(i));
         }
-        let rm = if i.rm == 7 {
+        let rm = if i.rm() == 7 {
             (self.csr.fcsr >> 5) & 7
         } else {
-            i.rm as u64
+            i.rm() as u64
         };
         let uses_rm = !matches!(
             i.op,
@@ -349,7 +349,7 @@ impl Hart {
         );
         // Operands as f64 (exact for singles), with NaN information from the raw bits.
         let (x1, x2, x3, sn1, sn2, sn3) = if single {
-            let (p, q, r) = (self.fs(i.rs1), self.fs(i.rs2), self.fs(i.rs3));
+            let (p, q, r) = (self.fs(i.rs1), self.fs(i.rs2), self.fs(i.rs3()));
             (
                 f32::from_bits(p) as f64,
                 f32::from_bits(q) as f64,
@@ -359,7 +359,7 @@ impl Hart {
                 snan32(r),
             )
         } else {
-            let (p, q, r) = (self.fd(i.rs1), self.fd(i.rs2), self.fd(i.rs3));
+            let (p, q, r) = (self.fd(i.rs1), self.fd(i.rs2), self.fd(i.rs3()));
             (
                 f64::from_bits(p),
                 f64::from_bits(q),
@@ -644,7 +644,7 @@ impl Hart {
             self.csr.fcsr |= flags;
             self.fs_dirty();
         }
-        self.pc = self.pc.wrapping_add(i.len as u64);
+        self.pc = self.pc.wrapping_add(i.len());
         Ok(())
     }
 }

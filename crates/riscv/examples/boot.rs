@@ -145,8 +145,25 @@ fn main() -> anyhow::Result<()> {
         elapsed.as_secs_f64(),
         retired as f64 / elapsed.as_secs_f64() / 1e6
     );
+    if let Some(cpu) = cpu_seconds() {
+        eprintln!(
+            "host CPU time {cpu:.2} s: {:.1} MIPS per CPU-second",
+            retired as f64 / cpu / 1e6
+        );
+    }
     if let ExitReason::Fault(msg) = why {
         anyhow::bail!("guest fault: {msg}");
     }
     Ok(())
+}
+
+/// User + system CPU time of this process (Linux /proc), to report speed independent of how
+/// busy the host is.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }

@@ -348,7 +348,13 @@ fn decode32(raw: u32) -> Insn {
             | (bits(raw, 30, 21) << 1),
         21,
     );
-    let mk = |op: Op, imm: i32| Insn { op, rd, rs1, rs2, imm };
+    let mk = |op: Op, imm: i32| Insn {
+        op,
+        rd,
+        rs1,
+        rs2,
+        imm,
+    };
     let fp_imm = (rs3 as i32) | ((f3 as i32) << 8);
     let bad = illegal(raw, 4);
     match raw & 0x7f {
@@ -823,7 +829,10 @@ mod tests {
     fn decodes_base_forms() {
         // addi a0, a1, -1
         let i = decode(0xfff5_8513);
-        assert_eq!((i.op, i.rd & 63, i.rs1, i.imm, i.len()), (Op::Addi, 10, 11, -1, 4));
+        assert_eq!(
+            (i.op, i.rd & 63, i.rs1, i.imm, i.len()),
+            (Op::Addi, 10, 11, -1, 4)
+        );
         // sd ra, 8(sp)
         let i = decode(0x0011_3423);
         assert_eq!((i.op, i.rs1, i.rs2, i.imm), (Op::Sd, 2, 1, 8));
@@ -838,20 +847,23 @@ mod tests {
         assert_eq!((i.op, i.rd & 63, i.imm), (Op::Csrrw, XZERO_SINK, 0x340));
         // fadd.d fa0, fa1, fa2, rne keeps rd=f0-style indexes unchanged
         let i = decode(0x02c5_8053);
-        assert_eq!((i.op, i.rd & 63, i.rs1, i.rs2, i.rm()), (Op::FaddD, 0, 11, 12, 0));
+        assert_eq!(
+            (i.op, i.rd & 63, i.rs1, i.rs2, i.rm()),
+            (Op::FaddD, 0, 11, 12, 0)
+        );
         // amoadd.w.aqrl a0, a1, (a2)
         let i = decode(0x06b6_252f);
-        assert_eq!(
-            (i.op, i.rd & 63, i.rs1, i.rs2),
-            (Op::AmoAddW, 10, 12, 11)
-        );
+        assert_eq!((i.op, i.rd & 63, i.rs1, i.rs2), (Op::AmoAddW, 10, 12, 11));
     }
 
     #[test]
     fn decodes_compressed_forms() {
         // c.addi sp, -16  (0x1141)
         let i = decode(0x1141);
-        assert_eq!((i.op, i.rd & 63, i.rs1, i.imm, i.len()), (Op::Addi, 2, 2, -16, 2));
+        assert_eq!(
+            (i.op, i.rd & 63, i.rs1, i.imm, i.len()),
+            (Op::Addi, 2, 2, -16, 2)
+        );
         // c.sdsp ra, 8(sp) (0xe406)
         let i = decode(0xe406);
         assert_eq!((i.op, i.rs1, i.rs2, i.imm), (Op::Sd, 2, 1, 8));

@@ -68,7 +68,10 @@ impl Hart {
         let low = self.fetch_bytes(off, 2) as u16;
         let insn = if is_32bit(low) {
             if off == 0xffe {
-                Insn { op: Op::CrossPage, ..Insn::default() }
+                Insn {
+                    op: Op::CrossPage,
+                    ..Insn::default()
+                }
             } else {
                 decode(self.fetch_bytes(off, 4) as u32)
             }

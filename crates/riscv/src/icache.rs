@@ -1,5 +1,5 @@
-//! Decoded-instruction cache: direct-mapped slots of whole physical pages (one `Insn` per
-//! 2-byte offset), filled lazily. Validity is tied to a per-page write generation shared by
+//! Decoded-instruction cache: 2-way set-associative slots of whole physical pages (one
+//! `Insn` per 2-byte offset), filled lazily. Validity is tied to a per-page write generation shared by
 //! all harts (see `Shared::code_pages`), so stores into code pages invalidate decodes on
 //! every hart, while fence.i / satp / sfence.vma simply drop the local state.
 
@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::decode::Insn;
 use crate::shared::CODE_FLAG;
 
-const SLOTS: usize = 512;
+const SLOTS: usize = 1024;
+const SETS: usize = SLOTS / 2;
 pub(crate) const PER_PAGE: usize = 2048;
 
 pub(crate) struct ICache {
@@ -16,6 +17,8 @@ pub(crate) struct ICache {
     tags: Vec<usize>,
     /// Write generation of the page when the slot was filled.
     gens: Vec<u32>,
+    /// Per set: the way used most recently (the other one is replaced on a miss).
+    mru: Vec<u8>,
     insns: Vec<Insn>,
     /// Virtual page of the current fetch slot (u64::MAX = none) and its slot.
     pub fetch_vpage: u64,
@@ -31,6 +34,7 @@ impl ICache {
         Self {
             tags: vec![usize::MAX; SLOTS],
             gens: vec![0; SLOTS],
+            mru: vec![0; SETS],
             insns: vec![Insn::default(); SLOTS * PER_PAGE],
             fetch_vpage: u64::MAX,
             fetch_slot: 0,
@@ -50,7 +54,19 @@ impl ICache {
 
     /// Slot holding RAM page `page`, (re)filling it if needed; registers the page as code.
     pub fn slot_for(&mut self, page: usize, code_pages: &[AtomicU32]) -> usize {
-        let s = page & (SLOTS - 1);
+        // Hash the page number so kernel and user pages spread over the sets.
+        let set = (page ^ (page >> 9)) & (SETS - 1);
+        let (w0, w1) = (2 * set, 2 * set + 1);
+        let s = if self.tags[w0] == page {
+            w0
+        } else if self.tags[w1] == page {
+            w1
+        } else if self.mru[set] == 0 {
+            w1
+        } else {
+            w0
+        };
+        self.mru[set] = (s & 1) as u8;
         if self.tags[s] != page {
             self.insns[s * PER_PAGE..(s + 1) * PER_PAGE].fill(Insn::default());
             self.tags[s] = page;

@@ -59,9 +59,8 @@ impl ICache {
         let (w0, w1) = (2 * set, 2 * set + 1);
         let s = if self.tags[w0] == page {
             w0
-        } else if self.tags[w1] == page {
-            w1
-        } else if self.mru[set] == 0 {
+        } else if self.tags[w1] == page || self.mru[set] == 0 {
+            // A hit in way 1, or a miss replacing the least recently used way 1.
             w1
         } else {
             w0

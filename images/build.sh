@@ -4,6 +4,7 @@
 #   images/build.sh tiny | tiny-stock | tiny-riscv64 | all
 #   images/build.sh verify-reproducible <image>   build the initramfs twice, compare
 #   images/build.sh boot-test <image>              boot it under QEMU (TCG), check /init
+#   images/build.sh kernel-config <image>          only generate + verify the kernel .config
 #
 # Outputs land in target/images/<image>/. Kernels and the cross-built busybox are
 # cached in ${VME_CACHE_DIR:-/var/cache/vme}, keyed by a hash of their inputs, so
@@ -21,7 +22,7 @@ REPO_DIR=$(dirname "$IMAGES_DIR")
 OUT_DIR=$REPO_DIR/target/images
 CACHE_DIR=${VME_CACHE_DIR:-/var/cache/vme}
 # Bump when the build steps change in a way the hashed inputs do not show.
-RECIPE=3
+RECIPE=4
 # Every timestamp that ends up in an image: reproducible builds.
 export SOURCE_DATE_EPOCH=0
 export KBUILD_BUILD_TIMESTAMP='Thu Jan  1 00:00:00 UTC 1970'
@@ -232,25 +233,39 @@ build_kernel() {
 	with_lock "kernel-$name" compile_kernel "$name" "$arch" "$cross" "$src" "${targets[*]}" "${fragments[@]}"
 }
 
+# configure_kernel <source> <build dir> <ARCH> <CROSS_COMPILE> <fragments...>
+# tinyconfig's own fragments plus ours, merged by merge_config.sh over
+# allnoconfig: an option we do not ask for is off, not at its Kconfig default
+# (olddefconfig over tinyconfig would switch on whole menus, e.g. IPv6 and VT,
+# as soon as we enable their parent).
+configure_kernel() {
+	local src=$1 bld=$2 arch=$3 cross=$4
+	shift 4
+	local srcarch=$arch base
+	[ "$arch" = x86_64 ] && srcarch=x86
+	base=("$src/kernel/configs/tiny-base.config" "$src/kernel/configs/tiny.config")
+	[ -f "$src/arch/$srcarch/configs/tiny.config" ] && base+=("$src/arch/$srcarch/configs/tiny.config")
+	rm -rf "$bld"
+	mkdir -p "$bld"
+	cat "$@" >"$bld/vme.config"
+	(cd "$src" && quiet env ARCH="$arch" CROSS_COMPILE="$cross" \
+		scripts/kconfig/merge_config.sh -n -O "$bld" "${base[@]}" "$bld/vme.config")
+	quiet make -C "$src" O="$bld" ARCH="$arch" CROSS_COMPILE="$cross" olddefconfig
+	verify_config "$bld/vme.config" "$bld/.config"
+}
+
 compile_kernel() {
 	local name=$1 arch=$2 cross=$3 src=$4 words=$5
 	shift 5
-	local bld merged t started targets
+	local bld t started targets
 	read -r -a targets <<<"$words"
 	[ -f "$KERNEL_DIR/.vme-done" ] && return 0
 	started=$(date +%s)
 	# The build directory is a direct subdirectory of the source tree, so kbuild
 	# uses the relative srctree ".." and no absolute path enters the image.
 	bld=$src/out-$name
-	rm -rf "$bld"
-	mkdir -p "$bld"
+	configure_kernel "$src" "$bld" "$arch" "$cross" "$@"
 	local mk=(make -C "$src" O="$bld" ARCH="$arch" CROSS_COMPILE="$cross")
-	quiet "${mk[@]}" tinyconfig
-	merged=$bld/vme.config
-	cat "$@" >"$merged"
-	quiet "$src/scripts/kconfig/merge_config.sh" -m -O "$bld" "$bld/.config" "$merged"
-	quiet "${mk[@]}" olddefconfig
-	verify_config "$merged" "$bld/.config"
 	quiet "${mk[@]}" -j"$JOBS" -s "${targets[@]}"
 	rm -rf "$KERNEL_DIR.tmp"
 	mkdir -p "$KERNEL_DIR.tmp"
@@ -367,13 +382,43 @@ compile_busybox_riscv64() {
 
 # ---------------------------------------------------------------- images
 
-KERNEL_BUILD_PKGS=(build-essential bc bison flex libelf-dev libssl-dev cpio kmod file "$LINUX_PKG")
+# The kernel of each image we compile: ARCH, CROSS_COMPILE, targets, fragments.
+kernel_recipe() {
+	K_FRAGMENTS=("$IMAGES_DIR/kernel/common.config")
+	case "$1" in
+	tiny)
+		K_ARCH=x86_64 K_CROSS=
+		K_TARGETS=(bzImage vmlinux)
+		K_FRAGMENTS+=("$IMAGES_DIR/kernel/x86_64.config")
+		;;
+	tiny-riscv64)
+		K_ARCH=riscv K_CROSS=riscv64-linux-gnu-
+		K_TARGETS=(Image)
+		K_FRAGMENTS+=("$IMAGES_DIR/kernel/riscv64.config")
+		;;
+	*) die "no kernel recipe for '$1' (tiny, tiny-riscv64)" ;;
+	esac
+}
+
+# Generates and verifies an image's kernel .config without building (seconds,
+# not minutes): for editing the fragments. Prints the .config's path.
+kernel_config() {
+	local src bld
+	ensure_pkgs "${KERNEL_BUILD_PKGS[@]}" gcc-riscv64-linux-gnu
+	kernel_recipe "$1"
+	src=$(linux_src)
+	bld=$src/config-$1
+	configure_kernel "$src" "$bld" "$K_ARCH" "$K_CROSS" "${K_FRAGMENTS[@]}"
+	echo "$bld/.config"
+}
+
+KERNEL_BUILD_PKGS=(build-essential bc bison flex libelf-dev libssl-dev cpio kmod file patch "$LINUX_PKG")
 
 image_tiny_riscv64() {
 	local out=$OUT_DIR/tiny-riscv64
 	ensure_pkgs "${KERNEL_BUILD_PKGS[@]}" gcc-riscv64-linux-gnu libc6-dev-riscv64-cross
-	build_kernel tiny-riscv64 riscv riscv64-linux-gnu- Image -- \
-		"$IMAGES_DIR/kernel/common.config" "$IMAGES_DIR/kernel/riscv64.config"
+	kernel_recipe tiny-riscv64
+	build_kernel tiny-riscv64 "$K_ARCH" "$K_CROSS" "${K_TARGETS[@]}" -- "${K_FRAGMENTS[@]}"
 	install_file "$KERNEL_DIR/Image" "$out/Image"
 	build_busybox_riscv64
 	initramfs_tiny_riscv64 "$out/initramfs.cpio"
@@ -388,8 +433,8 @@ initramfs_tiny_riscv64() {
 image_tiny() {
 	local out=$OUT_DIR/tiny
 	ensure_pkgs "${KERNEL_BUILD_PKGS[@]}" busybox-static
-	build_kernel tiny x86_64 "" bzImage vmlinux -- \
-		"$IMAGES_DIR/kernel/common.config" "$IMAGES_DIR/kernel/x86_64.config"
+	kernel_recipe tiny
+	build_kernel tiny "$K_ARCH" "$K_CROSS" "${K_TARGETS[@]}" -- "${K_FRAGMENTS[@]}"
 	check_pvh_note "$KERNEL_DIR/vmlinux"
 	install_file "$KERNEL_DIR/bzImage" "$out/bzImage"
 	install_file "$KERNEL_DIR/vmlinux" "$out/vmlinux"
@@ -616,6 +661,10 @@ main() {
 		image_tiny_riscv64
 		image_tiny
 		image_tiny_stock
+		;;
+	kernel-config)
+		[ $# -eq 2 ] || usage
+		kernel_config "$2"
 		;;
 	verify-reproducible)
 		[ $# -eq 2 ] || usage

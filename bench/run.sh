@@ -7,3 +7,5 @@ echo "# boot: x86_64 on KVM (BENCH_RUNS=${BENCH_RUNS:-10})" >&2
 BENCH_ARCH=x86_64 python3 bench/boot.py
 echo "# boot: riscv64 software machine vs QEMU TCG" >&2
 BENCH_ARCH=riscv64 python3 bench/boot.py
+echo "# riscv64: CPU-bound guest work vs QEMU TCG" >&2
+python3 bench/riscv_cpu.py

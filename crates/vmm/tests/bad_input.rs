@@ -59,14 +59,14 @@ fn random_kernels_are_rejected_on_both_machines() {
     let k = dir.join("random.bin");
     random_file(&k, 1 << 20);
     let k = k.to_str().unwrap();
-    refused(&["--arch", "riscv64", "--kernel", k, "--serial", "none"], "not a");
+    refused(&["--arch", "riscv64", "--kernel", k, "--serial", "none"], "no RISC-V Image magic");
     if kvm_available() {
         refused(&["--kernel", k, "--serial", "none"], "not a Linux kernel");
     }
     // Too short to hold any header at all.
     let tiny = dir.join("tiny.bin");
     std::fs::write(&tiny, b"MZ").unwrap();
-    refused(&["--arch", "riscv64", "--kernel", tiny.to_str().unwrap()], "not a");
+    refused(&["--arch", "riscv64", "--kernel", tiny.to_str().unwrap()], "RISC-V Image");
     if kvm_available() {
         refused(&["--kernel", tiny.to_str().unwrap()], "not a Linux kernel");
     }

@@ -159,11 +159,21 @@ toolchain_id() {
 
 LINUX_PKG=linux-source-6.1
 
-# Extracts Debian's kernel source once per package version; prints its path.
+# Our patches to the kernel source (images/kernel/patches/<arch>-*.patch, applied in
+# name order). Each touches its architecture's code only, so one patched tree serves
+# all, and a kernel's cache key covers only its own architecture's patches.
+# kernel_patches [x86|riscv]
+kernel_patches() {
+	find "$IMAGES_DIR/kernel/patches" -name "${1:-*}-*.patch" 2>/dev/null | LC_ALL=C sort
+}
+
+# Extracts Debian's kernel source, with our patches, once per package version and
+# patch set; prints its path.
 linux_src() {
-	local ver dir
+	local ver dir patches
 	ver=$(pkg_version "$LINUX_PKG")
-	dir=$CACHE_DIR/src/$LINUX_PKG-$ver
+	patches=$(kernel_patches | xargs -r cat | sha256sum | cut -c1-8)
+	dir=$CACHE_DIR/src/$LINUX_PKG-$ver-p$patches
 	if [ ! -f "$dir/.vme-extracted" ]; then
 		with_lock src-linux extract_linux "$dir" >&2
 	fi
@@ -178,6 +188,11 @@ extract_linux() {
 	mkdir -p "$tmp"
 	tar -xJf "/usr/src/$LINUX_PKG.tar.xz" -C "$tmp" --strip-components=1 ||
 		die "cannot extract /usr/src/$LINUX_PKG.tar.xz (reinstall $LINUX_PKG)"
+	local p
+	for p in $(kernel_patches); do
+		patch -d "$tmp" -p1 --forward --quiet <"$p" ||
+			die "patch $p does not apply to $LINUX_PKG $(pkg_version "$LINUX_PKG"); refresh it"
+	done
 	touch "$tmp/.vme-extracted"
 	rm -rf "$dir"
 	mv "$tmp" "$dir"
@@ -226,6 +241,7 @@ build_kernel() {
 		echo "$LINUX_PKG $(pkg_version "$LINUX_PKG")"
 		toolchain_id "$cross"
 		cat "${fragments[@]}"
+		kernel_patches "${arch%_64}" | xargs -r cat
 	} | sha256sum | cut -c1-16)
 	KERNEL_DIR=$CACHE_DIR/kernels/$name-$key
 	[ -f "$KERNEL_DIR/.vme-done" ] && return 0

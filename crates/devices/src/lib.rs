@@ -11,6 +11,7 @@ pub mod bus;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 /// An interrupt line into the guest's interrupt controller (IOAPIC/PIC GSI on x86, a PLIC
 /// source on riscv64).

@@ -1,0 +1,244 @@
+use super::*;
+use crate::virtio::testmem::{BASE, Driver, SIZE, TestMemory};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const HDR: u64 = BASE + 0x10000;
+const DATA: u64 = BASE + 0x20000;
+const STATUS: u64 = BASE + 0x11000;
+const DISK: u64 = 1 << 20;
+
+/// A fresh image of `DISK` bytes filled with a pattern; removed on drop.
+struct Image(PathBuf);
+
+impl Image {
+    fn new() -> Image {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "vme-blk-test-{}-{}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let data: Vec<u8> = (0..DISK).map(|i| (i / SECTOR) as u8 ^ 0x5a).collect();
+        std::fs::write(&p, data).unwrap();
+        Image(p)
+    }
+    fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct Rig {
+    mem: TestMemory,
+    drv: Driver,
+    q: Queue,
+    blk: Block,
+}
+
+impl Rig {
+    fn new(img: &Image, readonly: bool) -> Rig {
+        let drv = Driver::new(16);
+        let q = drv.queue(QUEUE_SIZE);
+        Rig {
+            mem: TestMemory::new(),
+            drv,
+            q,
+            blk: Block::open(&img.0, readonly, "vme-serial-1").unwrap(),
+        }
+    }
+
+    fn header(&self, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.put(HDR, &h);
+        self.mem.put(STATUS, &[0xff]);
+    }
+
+    /// Posts one request, runs the device; returns (status byte, used length).
+    fn run(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
+        self.header(kind, sector);
+        let mut bufs = vec![(HDR, 16, false)];
+        if let Some((len, w)) = data {
+            bufs.push((DATA, len, w));
+        }
+        bufs.push((STATUS, 1, true));
+        self.drv.post(&self.mem, &bufs);
+        let before = self.drv.used_idx(&self.mem);
+        assert!(self.blk.process(0, &mut self.q, &self.mem).unwrap());
+        assert_eq!(self.drv.used_idx(&self.mem), before.wrapping_add(1));
+        let (_, len) = self.drv.used_elem(&self.mem, before);
+        (self.mem.get(STATUS, 1)[0], len)
+    }
+
+    fn refused(&self) -> usize {
+        self.mem.refused.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn writes_and_reads_back() {
+    let img = Image::new();
+    let mut r = Rig::new(&img, false);
+    let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+    r.mem.put(DATA, &payload);
+    assert_eq!(r.run(T_OUT, 8, Some((8192, false))), (S_OK, 1));
+    assert_eq!(&img.bytes()[4096..4096 + 8192], &payload[..]);
+    r.mem.put(DATA, &[0u8; 8192]);
+    assert_eq!(r.run(T_IN, 8, Some((8192, true))), (S_OK, 8193));
+    assert_eq!(r.mem.get(DATA, 8192), payload);
+    assert_eq!(r.run(T_FLUSH, 0, None), (S_OK, 1));
+    assert_eq!(r.blk.read_config_u64(0), DISK / SECTOR);
+    assert_eq!(r.refused(), 0);
+}
+
+#[test]
+fn requests_past_the_end_move_nothing() {
+    let img = Image::new();
+    let before = img.bytes();
+    let mut r = Rig::new(&img, false);
+    let last = DISK / SECTOR - 1;
+    r.mem.put(DATA, &[0xee; 1024]);
+    for sector in [last, DISK / SECTOR, u64::MAX / SECTOR, u64::MAX] {
+        assert_eq!(
+            r.run(T_OUT, sector, Some((1024, false))).0,
+            S_IOERR,
+            "{sector}"
+        );
+        assert_eq!(
+            r.run(T_IN, sector, Some((1024, true))),
+            (S_IOERR, 1),
+            "{sector}"
+        );
+    }
+    assert_eq!(
+        r.mem.get(DATA, 1024),
+        vec![0xee; 1024],
+        "no bytes were read"
+    );
+    assert_eq!(img.bytes(), before, "no bytes were written");
+    // The very last sector is fine; a partial sector is not.
+    assert_eq!(r.run(T_IN, last, Some((512, true))), (S_OK, 513));
+    assert_eq!(r.run(T_IN, 0, Some((100, true))).0, S_IOERR);
+}
+
+#[test]
+fn wrong_directions_and_malformed_requests() {
+    let img = Image::new();
+    let before = img.bytes();
+    let mut r = Rig::new(&img, false);
+    // A read whose data buffer is device-readable, a write whose data is device-writable.
+    assert_eq!(r.run(T_IN, 0, Some((512, false))).0, S_IOERR);
+    assert_eq!(r.run(T_OUT, 0, Some((512, true))).0, S_IOERR);
+    assert_eq!(img.bytes(), before);
+    assert_eq!(r.run(77, 0, None), (S_UNSUPP, 1));
+    // No writable status byte: the queue is broken.
+    r.header(T_IN, 0);
+    r.drv.post(&r.mem, &[(HDR, 16, false)]);
+    assert!(matches!(
+        r.blk.process(0, &mut r.q, &r.mem),
+        Err(QueueError::Malformed { .. })
+    ));
+    // A header shorter than 16 bytes.
+    drop(r);
+    let mut r = Rig::new(&img, false);
+    r.drv.post(&r.mem, &[(HDR, 8, false), (STATUS, 1, true)]);
+    assert!(matches!(
+        r.blk.process(0, &mut r.q, &r.mem),
+        Err(QueueError::Malformed { .. })
+    ));
+    // A data buffer at the very end of RAM is fine; one beyond it never reaches the device.
+    drop(r);
+    let mut r = Rig::new(&img, false);
+    r.header(T_IN, 0);
+    r.drv.post(
+        &r.mem,
+        &[
+            (HDR, 16, false),
+            (BASE + SIZE - 512, 512, true),
+            (STATUS, 1, true),
+        ],
+    );
+    r.blk.process(0, &mut r.q, &r.mem).unwrap();
+    assert_eq!(r.mem.get(STATUS, 1)[0], S_OK);
+    assert_eq!(r.refused(), 0);
+}
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    let img = Image::new();
+    let before = img.bytes();
+    let mut r = Rig::new(&img, true);
+    assert_ne!(r.blk.features() & F_RO, 0);
+    assert_eq!(r.blk.features() & (F_DISCARD | F_WRITE_ZEROES), 0);
+    r.mem.put(DATA, &[1; 512]);
+    assert_eq!(r.run(T_OUT, 0, Some((512, false))).0, S_IOERR);
+    r.mem.put(DATA, &[0; 16]);
+    assert_eq!(r.run(T_DISCARD, 0, Some((16, false))).0, S_UNSUPP);
+    assert_eq!(r.run(T_IN, 0, Some((512, true))).0, S_OK);
+    assert_eq!(img.bytes(), before);
+    // Readers share the image; a writer needs it alone.
+    assert!(Block::open(&img.0, true, "").is_ok());
+    assert!(matches!(
+        Block::open(&img.0, false, ""),
+        Err(BlockError::Locked { .. })
+    ));
+}
+
+#[test]
+fn get_id_and_serial_limits() {
+    let img = Image::new();
+    let mut r = Rig::new(&img, false);
+    assert_eq!(r.run(T_GET_ID, 0, Some((20, true))), (S_OK, 21));
+    assert_eq!(&r.mem.get(DATA, 20)[..], b"vme-serial-1\0\0\0\0\0\0\0\0");
+    drop(r);
+    let e = Block::open(&img.0, false, "123456789012345678901")
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("limit is 20"), "{e}");
+}
+
+#[test]
+fn write_zeroes_and_discard_punch_holes() {
+    let img = Image::new();
+    let mut r = Rig::new(&img, false);
+    let seg = |sector: u64, n: u32, flags: u32| {
+        let mut s = [0u8; 16];
+        s[..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&n.to_le_bytes());
+        s[12..].copy_from_slice(&flags.to_le_bytes());
+        s
+    };
+    r.mem.put(DATA, &seg(16, 16, WZ_UNMAP));
+    assert_eq!(r.run(T_WRITE_ZEROES, 0, Some((16, false))).0, S_OK);
+    let b = img.bytes();
+    assert_eq!(b.len() as u64, DISK, "the size is kept");
+    assert!(b[16 * 512..32 * 512].iter().all(|&x| x == 0));
+    assert_eq!(b[32 * 512], 32 ^ 0x5a, "the next sector is untouched");
+    r.mem.put(DATA, &seg(0, 8, 0));
+    assert_eq!(r.run(T_DISCARD, 0, Some((16, false))).0, S_OK);
+    // Bad segments: past the end, unknown flags, two segments, a partial segment.
+    let before = img.bytes();
+    r.mem.put(DATA, &seg(DISK / SECTOR - 1, 2, 0));
+    assert_eq!(r.run(T_WRITE_ZEROES, 0, Some((16, false))).0, S_IOERR);
+    r.mem.put(DATA, &seg(0, 1, 2));
+    assert_eq!(r.run(T_WRITE_ZEROES, 0, Some((16, false))).0, S_UNSUPP);
+    r.mem.put(DATA, &seg(0, 1, WZ_UNMAP));
+    assert_eq!(r.run(T_DISCARD, 0, Some((16, false))).0, S_UNSUPP);
+    assert_eq!(r.run(T_DISCARD, 0, Some((32, false))).0, S_UNSUPP);
+    assert_eq!(r.run(T_DISCARD, 0, Some((8, false))).0, S_UNSUPP);
+    assert_eq!(img.bytes(), before);
+}
+
+impl Block {
+    fn read_config_u64(&self, off: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.read_config(off, &mut b);
+        u64::from_le_bytes(b)
+    }
+}

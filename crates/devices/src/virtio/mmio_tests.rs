@@ -1,0 +1,224 @@
+use super::*;
+use crate::virtio::rng::Rng;
+use crate::virtio::testmem::{BASE, Driver, F_NEXT, TestMemory};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Default)]
+struct Line(AtomicBool);
+
+impl IrqLine for Line {
+    fn set_level(&self, high: bool) {
+        self.0.store(high, Ordering::SeqCst);
+    }
+}
+
+struct Rig {
+    t: MmioTransport,
+    mem: Arc<TestMemory>,
+    line: Arc<Line>,
+    drv: Driver,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let mem = Arc::new(TestMemory::new());
+        let line = Arc::new(Line::default());
+        let t = MmioTransport::new(Box::new(Rng::new()), mem.clone(), line.clone());
+        Rig {
+            t,
+            mem,
+            line,
+            drv: Driver::new(8),
+        }
+    }
+    fn rd(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn wr(&mut self, off: u64, v: u32) {
+        self.t.write(off, &v.to_le_bytes());
+    }
+    fn irq(&self) -> bool {
+        self.line.0.load(Ordering::SeqCst)
+    }
+
+    /// The Linux driver's bring-up sequence, with queue 0 at the driver's rings.
+    fn bring_up(&mut self) {
+        self.wr(R_STATUS, 0);
+        self.wr(R_STATUS, S_ACKNOWLEDGE);
+        self.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+        self.wr(R_DRIVER_FEATURES_SEL, 1);
+        self.wr(R_DRIVER_FEATURES, 1); // VERSION_1
+        self.wr(R_DRIVER_FEATURES_SEL, 0);
+        self.wr(R_DRIVER_FEATURES, 0);
+        self.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        assert_ne!(self.rd(R_STATUS) & S_FEATURES_OK, 0);
+        self.wr(R_QUEUE_SEL, 0);
+        assert_eq!(self.rd(R_QUEUE_READY), 0);
+        self.wr(R_QUEUE_NUM, u32::from(self.drv.size));
+        for (reg, addr) in [
+            (R_QUEUE_DESC_LOW, self.drv.desc),
+            (R_QUEUE_DRIVER_LOW, self.drv.avail),
+            (R_QUEUE_DEVICE_LOW, self.drv.used),
+        ] {
+            self.wr(reg, addr as u32);
+            self.wr(reg + 4, (addr >> 32) as u32);
+        }
+        self.wr(R_QUEUE_READY, 1);
+        assert_eq!(self.rd(R_QUEUE_READY), 1);
+        self.wr(
+            R_STATUS,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+        assert_eq!(self.rd(R_STATUS) & S_NEEDS_RESET, 0);
+    }
+}
+
+const DATA: u64 = BASE + 0x10000;
+
+#[test]
+fn identifies_and_serves_a_queue_with_level_interrupts() {
+    let mut r = Rig::new();
+    assert_eq!(r.rd(R_MAGIC), MAGIC);
+    assert_eq!(r.rd(R_VERSION), 2);
+    assert_eq!(r.rd(R_DEVICE_ID), 4);
+    r.wr(R_DEVICE_FEATURES_SEL, 1);
+    assert_eq!(r.rd(R_DEVICE_FEATURES), 1, "VERSION_1 is offered");
+    r.wr(R_DEVICE_FEATURES_SEL, 7);
+    assert_eq!(r.rd(R_DEVICE_FEATURES), 0);
+    assert_eq!(r.rd(R_QUEUE_NUM_MAX), 64);
+    r.wr(R_QUEUE_SEL, 1);
+    assert_eq!(r.rd(R_QUEUE_NUM_MAX), 0, "no queue 1");
+    assert_eq!(r.rd(R_SHM_LEN_LOW), u32::MAX);
+    r.bring_up();
+    r.drv.post(&r.mem, &[(DATA, 16, true)]);
+    assert!(!r.irq());
+    r.wr(R_QUEUE_NOTIFY, 0);
+    assert_eq!(r.drv.used_idx(&r.mem), 1);
+    assert!(r.irq());
+    assert_eq!(r.rd(R_INTERRUPT_STATUS), INT_USED);
+    r.wr(R_INTERRUPT_ACK, INT_USED);
+    assert!(!r.irq());
+    // Notifying a queue that does not exist does nothing.
+    r.wr(R_QUEUE_NOTIFY, 9);
+    assert_eq!(r.rd(R_STATUS) & S_NEEDS_RESET, 0);
+    assert_eq!(r.mem.refused.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn feature_negotiation_requires_version_1() {
+    let mut r = Rig::new();
+    r.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    r.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    assert_eq!(
+        r.rd(R_STATUS) & S_FEATURES_OK,
+        0,
+        "legacy drivers are refused"
+    );
+    r.wr(R_STATUS, 0);
+    r.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    r.wr(R_DRIVER_FEATURES_SEL, 1);
+    r.wr(R_DRIVER_FEATURES, 1 | 2); // VERSION_1 and an unoffered bit
+    r.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    assert_eq!(
+        r.rd(R_STATUS) & S_FEATURES_OK,
+        0,
+        "unoffered features are refused"
+    );
+    // DRIVER_OK without FEATURES_OK.
+    r.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK);
+    assert_ne!(r.rd(R_STATUS) & S_NEEDS_RESET, 0);
+    r.wr(R_STATUS, 0);
+    assert_eq!(r.rd(R_STATUS), 0, "reset clears NEEDS_RESET");
+    r.bring_up();
+}
+
+#[test]
+fn invalid_queues_need_reset() {
+    for (reg, val) in [
+        (R_QUEUE_NUM, 3),           // not a power of two
+        (R_QUEUE_NUM, 128),         // above the maximum
+        (R_QUEUE_DESC_LOW, 8),      // outside RAM and misaligned
+        (R_QUEUE_DEVICE_LOW, 0),    // outside RAM
+        (R_QUEUE_DRIVER_HIGH, 0x1), // far above RAM
+    ] {
+        let mut r = Rig::new();
+        r.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+        r.wr(R_DRIVER_FEATURES_SEL, 1);
+        r.wr(R_DRIVER_FEATURES, 1);
+        r.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        r.wr(R_QUEUE_NUM, 8);
+        r.wr(R_QUEUE_DESC_LOW, r.drv.desc as u32);
+        r.wr(R_QUEUE_DRIVER_LOW, r.drv.avail as u32);
+        r.wr(R_QUEUE_DEVICE_LOW, r.drv.used as u32);
+        r.wr(reg, val);
+        r.wr(R_QUEUE_READY, 1);
+        assert_eq!(r.rd(R_QUEUE_READY), 0, "{reg:#x}={val:#x}");
+        assert_ne!(r.rd(R_STATUS) & S_NEEDS_RESET, 0, "{reg:#x}={val:#x}");
+        assert_eq!(r.mem.refused.load(Ordering::SeqCst), 0);
+    }
+}
+
+#[test]
+fn a_corrupt_ring_needs_reset_and_the_device_recovers() {
+    let mut r = Rig::new();
+    r.bring_up();
+    r.drv.set_desc(&r.mem, 0, DATA, 8, F_NEXT, 0); // a self loop
+    r.drv.publish(&r.mem, 0);
+    r.wr(R_QUEUE_NOTIFY, 0);
+    assert_ne!(r.rd(R_STATUS) & S_NEEDS_RESET, 0);
+    assert_eq!(r.rd(R_INTERRUPT_STATUS), INT_CONFIG);
+    assert!(
+        r.irq(),
+        "the driver is told through a config-change interrupt"
+    );
+    // Further notifications are ignored until reset; the driver may not clear bits itself.
+    r.drv.post(&r.mem, &[(DATA, 8, true)]);
+    r.wr(R_QUEUE_NOTIFY, 0);
+    assert_eq!(r.drv.used_idx(&r.mem), 0);
+    r.wr(R_STATUS, 0);
+    assert!(!r.irq());
+    assert_eq!(r.rd(R_QUEUE_READY), 0, "reset forgets the queues");
+    r.mem.put(r.drv.avail + 2, &0u16.to_le_bytes());
+    r.drv = Driver::new(8);
+    r.bring_up();
+    r.drv.post(&r.mem, &[(DATA, 8, true)]);
+    r.wr(R_QUEUE_NOTIFY, 0);
+    assert_eq!(r.drv.used_idx(&r.mem), 1);
+}
+
+#[test]
+fn reset_in_the_middle_of_io_drops_pending_chains() {
+    let mut r = Rig::new();
+    r.bring_up();
+    r.drv.post(&r.mem, &[(DATA, 8, true)]);
+    r.drv.post(&r.mem, &[(DATA + 8, 8, true)]);
+    r.wr(R_STATUS, 0);
+    r.wr(R_QUEUE_NOTIFY, 0);
+    assert_eq!(r.drv.used_idx(&r.mem), 0, "a reset device serves nothing");
+    assert!(r.mem.get(DATA, 16).iter().all(|&b| b == 0));
+    // Queue registers written while the device runs are ignored.
+    r.bring_up();
+    r.wr(R_QUEUE_NUM, 2);
+    r.wr(R_QUEUE_DESC_LOW, 0);
+    r.wr(R_QUEUE_NOTIFY, 0);
+    assert_eq!(r.rd(R_STATUS) & S_NEEDS_RESET, 0);
+}
+
+#[test]
+fn odd_accesses_are_harmless() {
+    let mut r = Rig::new();
+    let mut b = [0xffu8; 2];
+    r.t.read(R_MAGIC, &mut b);
+    assert_eq!(b, [0, 0], "registers are 32-bit only");
+    r.t.write(R_STATUS, &[1, 0]);
+    assert_eq!(r.rd(R_STATUS), 0);
+    r.wr(R_MAGIC + 2, 5);
+    let mut c = [0xffu8; 8];
+    r.t.read(CONFIG + 0xe00, &mut c);
+    assert_eq!(c, [0; 8], "config space past its end reads as zero");
+    r.bring_up();
+    r.wr(R_STATUS, S_ACKNOWLEDGE);
+    assert_ne!(r.rd(R_STATUS) & S_NEEDS_RESET, 0, "clearing status bits");
+}

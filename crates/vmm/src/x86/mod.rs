@@ -21,8 +21,9 @@ use vme_hypervisor::{Kicker, Kvm, Vm};
 /// `cpuid` (the guest sees the host's leaves whatever KVM_SET_CPUID2 says; see the
 /// hypervisor crate's tests), so features PVM's emulator cannot complete are hidden from
 /// Linux here instead: rdtscp, lfence-rdtsc (3:18), cx16, popcnt, rdrand, fsgsbase, invpcid,
-/// rdseed, smap, the XSAVE family, PKU and PCID (the set measured in PVM.md).
-pub const PVM_CMDLINE: &str = "clearcpuid=59,114,141,151,158,288,298,306,308 noxsave nopku nopcid";
+/// rdseed, smap, xsave (154; Linux 6.1 no longer knows `noxsave`), PKU and PCID (the set
+/// measured in PVM.md).
+pub const PVM_CMDLINE: &str = "clearcpuid=59,114,141,151,154,158,288,298,306,308 nopku nopcid";
 
 /// Ports of the ACPI register block (see `vme_devices::acpi`).
 pub const ACPI_PORT: u16 = 0x600;

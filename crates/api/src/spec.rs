@@ -111,6 +111,79 @@ impl FromStr for RebootAction {
     }
 }
 
+/// Parses an on/off switch as written on the command line or in a key=value list.
+pub fn parse_switch(what: &str, s: &str) -> Result<bool, SpecError> {
+    match s {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(SpecError(format!("invalid {what} {s:?}: use on or off"))),
+    }
+}
+
+/// Longest disk serial (what virtio-blk's GET_ID can return).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// One virtio block device backed by a raw image file. On the command line:
+/// `path=/x.img,readonly=on,serial=abc` (a path cannot contain a comma); in a machine file:
+/// `[[disks]]` tables with the same keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    /// What the guest reads as the disk's serial (`/sys/block/vdX/serial`), at most 20 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+impl DiskSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(SpecError("disk path is empty: give path=FILE".into()));
+        }
+        if let Some(serial) = &self.serial {
+            if serial.len() > MAX_SERIAL_LEN || !serial.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(SpecError(format!(
+                    "disk serial {serial:?} must be at most {MAX_SERIAL_LEN} printable ASCII \
+                     characters without spaces: shorten it"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for DiskSpec {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let mut disk = DiskSpec {
+            path: PathBuf::new(),
+            readonly: false,
+            serial: None,
+        };
+        for item in s.split(',') {
+            let Some((key, value)) = item.split_once('=') else {
+                return Err(SpecError(format!(
+                    "invalid disk option {item:?} in {s:?}: use path=FILE[,readonly=on][,serial=ID]"
+                )));
+            };
+            match key {
+                "path" => disk.path = PathBuf::from(value),
+                "readonly" => disk.readonly = parse_switch("disk readonly", value)?,
+                "serial" => disk.serial = Some(value.to_string()),
+                _ => {
+                    return Err(SpecError(format!(
+                        "unknown disk option {key:?} in {s:?}: the options are path, readonly and serial"
+                    )));
+                }
+            }
+        }
+        disk.validate()?;
+        Ok(disk)
+    }
+}
+
 /// A spec that cannot describe a VM; the message says which field and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -134,6 +207,9 @@ fn default_cmdline() -> String {
 }
 fn default_cpu_template() -> String {
     "auto".to_string()
+}
+fn default_rng() -> bool {
+    true
 }
 
 /// One VM. Unknown fields in a TOML file are errors, so a typo never goes unnoticed.
@@ -160,6 +236,14 @@ pub struct MachineSpec {
     pub cpu_template: String,
     #[serde(default)]
     pub on_reboot: RebootAction,
+    /// A virtio-rng device fed by the host's getrandom. On by default (unlike Firecracker):
+    /// a guest without it can starve for entropy at boot, and it costs nothing until used.
+    #[serde(default = "default_rng")]
+    pub rng: bool,
+    /// virtio block devices, in the order the guest sees them (vda, vdb, ...). Kept last:
+    /// TOML writes arrays of tables after plain keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
 }
 
 impl MachineSpec {
@@ -175,6 +259,8 @@ impl MachineSpec {
             control_socket: None,
             cpu_template: default_cpu_template(),
             on_reboot: RebootAction::default(),
+            rng: default_rng(),
+            disks: Vec::new(),
         }
     }
 
@@ -223,6 +309,9 @@ impl MachineSpec {
                 "unknown CPU template {:?}: use auto, host, baseline or pvm",
                 self.cpu_template
             )));
+        }
+        for disk in &self.disks {
+            disk.validate()?;
         }
         Ok(())
     }
@@ -287,5 +376,58 @@ mod tests {
         assert!("file:".parse::<SerialSpec>().is_err());
         assert_eq!("riscv64".parse(), Ok(Arch::Riscv64));
         assert!("arm".parse::<Arch>().is_err());
+    }
+    #[test]
+    fn disks_parse_from_flags_and_toml() {
+        let d: DiskSpec = "path=/x.img,readonly=on,serial=abc".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskSpec {
+                path: "/x.img".into(),
+                readonly: true,
+                serial: Some("abc".into())
+            }
+        );
+        let d: DiskSpec = "path=/y.img".parse().unwrap();
+        assert!(!d.readonly && d.serial.is_none());
+        let e = "/y.img".parse::<DiskSpec>().unwrap_err();
+        assert!(e.0.contains("path=FILE"), "{e}");
+        let e = "path=/y,ro=on".parse::<DiskSpec>().unwrap_err();
+        assert!(e.0.contains("unknown disk option \"ro\""), "{e}");
+        let e = "path=/y,readonly=maybe".parse::<DiskSpec>().unwrap_err();
+        assert!(e.0.contains("use on or off"), "{e}");
+        let e = "path=/y,serial=123456789012345678901"
+            .parse::<DiskSpec>()
+            .unwrap_err();
+        assert!(e.0.contains("at most 20"), "{e}");
+        assert!(
+            "readonly=on"
+                .parse::<DiskSpec>()
+                .unwrap_err()
+                .0
+                .contains("empty")
+        );
+
+        let text = "kernel = \"/k\"\nrng = false\n[[disks]]\npath = \"/a.img\"\n\
+                    [[disks]]\npath = \"/b.img\"\nreadonly = true\nserial = \"s1\"\n";
+        let spec = MachineSpec::from_toml(text).unwrap();
+        assert!(!spec.rng);
+        assert_eq!(spec.disks.len(), 2);
+        assert_eq!(spec.disks[1].serial.as_deref(), Some("s1"));
+        assert_eq!(MachineSpec::from_toml(&spec.to_toml()).unwrap(), spec);
+        let e = MachineSpec::from_toml("kernel = \"/k\"\n[[disks]]\npath = \"/a\"\nsize = 1\n")
+            .unwrap_err();
+        assert!(e.0.contains("size"), "{e}");
+        let mut bad = spec.clone();
+        bad.disks[0].serial = Some("has space".into());
+        assert!(bad.validate(8).is_err());
+    }
+
+    #[test]
+    fn rng_is_on_by_default_and_disks_are_not_written_when_empty() {
+        let spec = MachineSpec::from_toml("kernel = \"/k\"\n").unwrap();
+        assert!(spec.rng);
+        assert!(spec.disks.is_empty());
+        assert!(!spec.to_toml().contains("disks"));
     }
 }

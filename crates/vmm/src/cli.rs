@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use vme_api::control::{Request, call};
+use vme_api::spec::DiskSpec;
 use vme_api::{Arch, ByteSize, MachineSpec, RebootAction, SerialSpec};
 
 #[derive(Parser, Debug)]
@@ -85,6 +86,17 @@ pub struct RunArgs {
     /// What a guest reboot does: exit (status 0) or restart.
     #[arg(long)]
     pub on_reboot: Option<RebootAction>,
+    /// A virtio disk: path=FILE[,readonly=on][,serial=ID] (raw image). Repeat for more disks;
+    /// given on the command line, these replace the machine file's disks.
+    #[arg(long = "disk", value_name = "path=FILE,...")]
+    pub disks: Vec<DiskSpec>,
+    /// The virtio-rng device: on (default) or off.
+    #[arg(long, value_parser = parse_rng)]
+    pub rng: Option<bool>,
+}
+
+fn parse_rng(s: &str) -> Result<bool, String> {
+    vme_api::spec::parse_switch("--rng", s).map_err(|e| e.to_string())
 }
 
 /// Like clap's `parse`, but a usage error exits 1 (bad input) rather than clap's 2, which
@@ -144,6 +156,12 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
     if let Some(v) = args.on_reboot {
         spec.on_reboot = v;
     }
+    if !args.disks.is_empty() {
+        spec.disks = args.disks.clone();
+    }
+    if let Some(v) = args.rng {
+        spec.rng = v;
+    }
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
     if args.print_config {
         return Ok(spec);
@@ -152,8 +170,40 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
     if let Some(initrd) = &spec.initrd {
         check_readable("initrd", initrd)?;
     }
+    for disk in &spec.disks {
+        check_disk(disk)?;
+    }
     check_host_memory(spec.memory)?;
     Ok(spec)
+}
+
+/// A disk must be a file (or block device) the monitor can open the way the guest will use it.
+fn check_disk(disk: &DiskSpec) -> Result<(), String> {
+    let path = &disk.path;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("disk image {}: {e}: check the path", path.display()))?;
+    if meta.is_dir() {
+        return Err(format!(
+            "disk image {} is a directory, not a raw image",
+            path.display()
+        ));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!disk.readonly)
+        .open(path)
+        .map(|_| ())
+        .map_err(|e| {
+            let hint = if disk.readonly {
+                ""
+            } else {
+                " (or add readonly=on)"
+            };
+            format!(
+                "cannot open disk image {}: {e}: check its permissions{hint}",
+                path.display()
+            )
+        })
 }
 
 fn check_readable(what: &str, path: &Path) -> Result<(), String> {

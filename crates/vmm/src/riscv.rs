@@ -2,13 +2,20 @@
 //! device, control and console as x86_64.
 
 use crate::control::{ControlHook, ExitReason, RunContext};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use vme_api::MachineSpec;
 use vme_api::control::RunState;
 use vme_devices::IrqLine;
 use vme_devices::bus::BusDevice;
 use vme_devices::serial::Serial;
-use vme_riscv::{Machine, MachineConfig, MachineHandle, MmioDevice, UART_BASE, UART_IRQ};
+use vme_devices::virtio::block::Block;
+use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
+use vme_devices::virtio::rng::Rng;
+use vme_devices::virtio::{GuestMemory, MemError, VirtioDevice};
+use vme_riscv::{
+    GuestRam, MAX_VIRTIO_SLOTS, Machine, MachineConfig, MachineHandle, MmioDevice, UART_BASE,
+    UART_IRQ, VIRTIO_BASE, VIRTIO_STRIDE,
+};
 
 /// The UART's MMIO window (8 byte registers, as on QEMU's `virt`).
 const UART_SIZE: u64 = 0x100;
@@ -30,11 +37,102 @@ struct SerialWindow(Arc<Mutex<Serial>>);
 
 impl MmioDevice for SerialWindow {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(offset, data);
     }
     fn write(&self, offset: u64, data: &[u8]) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(offset, data);
     }
+}
+
+/// Guest RAM as the virtio devices see it. The machine owns its RAM and the devices are
+/// built before it is shared, so the link is made afterwards and is weak: devices on the
+/// machine's bus must not keep the machine alive (a restart would leak its RAM).
+#[derive(Default)]
+struct MachineRam(OnceLock<Weak<Machine>>);
+
+impl MachineRam {
+    fn with<R>(
+        &self,
+        addr: u64,
+        len: u64,
+        f: impl FnOnce(&GuestRam) -> Option<R>,
+    ) -> Result<R, MemError> {
+        let machine = self.0.get().and_then(Weak::upgrade);
+        machine
+            .and_then(|m| f(m.ram()))
+            .ok_or(MemError { addr, len })
+    }
+}
+
+impl GuestMemory for MachineRam {
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemError> {
+        self.with(addr, len, |ram| ram.contains(addr, len).then_some(()))
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.with(addr, buf.len() as u64, |ram| ram.read_bytes(addr, buf).ok())
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        self.with(addr, data.len() as u64, |ram| {
+            ram.write_bytes(addr, data).ok()
+        })
+    }
+    // GuestRam's sized accesses are single host atomics when aligned, so they cannot tear.
+    fn load_u16(&self, addr: u64) -> Result<u16, MemError> {
+        self.with(addr, 2, |ram| ram.read(addr, 2).map(|v| v as u16))
+    }
+    fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemError> {
+        self.with(addr, 2, |ram| {
+            ram.write(addr, 2, u64::from(val)).then_some(())
+        })
+    }
+}
+
+/// A virtio-mmio transport on the machine's bus.
+struct VirtioWindow(Mutex<MmioTransport>);
+
+impl MmioDevice for VirtioWindow {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(offset, data);
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(offset, data);
+    }
+}
+
+/// The spec's virtio devices in slot order: disks first (vda, vdb, ...), then the rng.
+fn virtio_devices(spec: &MachineSpec) -> Result<Vec<Box<dyn VirtioDevice>>, String> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for disk in &spec.disks {
+        let serial = disk.serial.as_deref().unwrap_or("");
+        let block = Block::open(&disk.path, disk.readonly, serial).map_err(|e| e.to_string())?;
+        devices.push(Box::new(block));
+    }
+    if spec.rng {
+        devices.push(Box::new(Rng::new()));
+    }
+    if devices.len() > MAX_VIRTIO_SLOTS {
+        return Err(format!(
+            "{} disks{} need {} virtio slots, but the riscv64 machine has {MAX_VIRTIO_SLOTS}: \
+             remove disks{}",
+            spec.disks.len(),
+            if spec.rng { " and the rng" } else { "" },
+            devices.len(),
+            if spec.rng { " or use --rng off" } else { "" }
+        ));
+    }
+    Ok(devices)
 }
 
 /// Makes the harts follow the VM's run state.
@@ -62,18 +160,24 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
             vme_riscv::MAX_HARTS
         ));
     }
+    let devices = virtio_devices(spec)?;
     let mut machine = Machine::new(MachineConfig {
         harts,
         memory_bytes: spec.memory.bytes(),
         cmdline: spec.cmdline.clone(),
+        virtio_mmio_slots: devices.len(),
         ..MachineConfig::default()
     })
     .map_err(|e| e.to_string())?;
     let kernel = read_file("kernel", &spec.kernel)?;
-    machine.load_kernel(&kernel).map_err(|e| format!("{}: {e}", spec.kernel.display()))?;
+    machine
+        .load_kernel(&kernel)
+        .map_err(|e| format!("{}: {e}", spec.kernel.display()))?;
     if let Some(path) = &spec.initrd {
         let initrd = read_file("initrd", path)?;
-        machine.load_initrd(&initrd).map_err(|e| format!("{}: {e}", path.display()))?;
+        machine
+            .load_initrd(&initrd)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
 
     let irq = machine.irq_line(UART_IRQ).map_err(|e| e.to_string())?;
@@ -83,6 +187,26 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
         .add_mmio_device(UART_BASE, UART_SIZE, Arc::new(SerialWindow(serial.clone())))
         .map_err(|e| e.to_string())?;
     ctx.attach_console_input(serial);
+
+    let ram = Arc::new(MachineRam::default());
+    for (slot, device) in devices.into_iter().enumerate() {
+        // Slot i is described in the device tree at this address with PLIC source 1 + i.
+        let base = VIRTIO_BASE + slot as u64 * VIRTIO_STRIDE;
+        let irq = machine
+            .irq_line(1 + slot as u32)
+            .map_err(|e| e.to_string())?;
+        let transport = MmioTransport::new(device, ram.clone(), Arc::new(PlicLine(irq)));
+        machine
+            .add_mmio_device(
+                base,
+                MMIO_SIZE,
+                Arc::new(VirtioWindow(Mutex::new(transport))),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    let machine = Arc::new(machine);
+    // Set once, here, on a fresh cell: it cannot already hold a value.
+    let _ = ram.0.set(Arc::downgrade(&machine));
 
     let handle = machine.handle();
     ctx.control.add_hook(Arc::new(Follow(handle.clone())));

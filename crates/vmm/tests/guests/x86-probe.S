@@ -1,0 +1,169 @@
+/*
+ * A minimal x86 guest for testing the monitor itself, independent of Linux: an ELF whose PVH
+ * entry note points at 32-bit flat protected-mode code. It reports through the serial port;
+ * the first letter of its command line picks what it does:
+ *   c  print "tick XXXXXXXX" once per RTC second, forever (pause/resume, CPU use)
+ *   p  power off through the ACPI sleep control register     (exit 0)
+ *   r  reset through the i8042 controller                       (exit 0, or restart)
+ *   x  reset through the ACPI reset register                    (exit 0)
+ *   t  triple fault: no IDT, then int3                          (exit 2)
+ *   u  read an unclaimed port and unclaimed MMIO: both must read all-ones
+ * Assembled and linked by the integration tests (binutils): see tests/x86_probe.rs.
+ */
+	.intel_syntax noprefix
+
+	.section .note.Xen, "a", @note
+	.balign 4
+	.long 4			/* name size: "Xen\0" */
+	.long 4			/* descriptor size */
+	.long 18		/* XEN_ELFNOTE_PHYS32_ENTRY */
+	.asciz "Xen"
+	.balign 4
+	.long _start
+
+	.text
+	.code32
+	.globl _start
+_start:
+	mov esp, 0x80000
+	mov esi, [ebx + 24]	/* hvm_start_info.cmdline_paddr (low half) */
+	mov al, [esi]
+	cmp al, 'c'
+	je counter
+	cmp al, 'p'
+	je poweroff
+	cmp al, 'r'
+	je reset_i8042
+	cmp al, 'x'
+	je reset_acpi
+	cmp al, 't'
+	je triple
+	cmp al, 'u'
+	je unclaimed
+	lea esi, msg_unknown
+	call print
+	jmp halt
+
+counter:
+	lea esi, msg_ready
+	call print
+	xor edi, edi
+1:	call next_second
+	lea esi, msg_tick
+	call print
+	mov eax, edi
+	call print_hex
+	mov al, '\n'
+	call putc
+	inc edi
+	jmp 1b
+
+poweroff:
+	lea esi, msg_poweroff
+	call print
+	mov dx, 0x600		/* ACPI sleep control: SLP_TYP=5 (S5) | SLP_EN */
+	mov al, 0x34
+	out dx, al
+	jmp halt
+
+reset_i8042:
+	lea esi, msg_reset
+	call print
+	mov al, 0xfe
+	out 0x64, al
+	jmp halt
+
+reset_acpi:
+	lea esi, msg_reset
+	call print
+	mov dx, 0x602		/* ACPI reset register */
+	mov al, 1
+	out dx, al
+	jmp halt
+
+triple:
+	lea esi, msg_triple
+	call print
+	lidt [empty_idt]
+	int3
+
+unclaimed:
+	mov dx, 0x1234
+	in eax, dx
+	mov ebx, eax
+	lea esi, msg_port
+	call print
+	mov eax, ebx
+	call print_hex
+	mov eax, [0xd0000000]	/* inside the 32-bit PCI hole: no RAM, no device */
+	mov ebx, eax
+	lea esi, msg_mmio
+	call print
+	mov eax, ebx
+	call print_hex
+	mov al, '\n'
+	call putc
+	jmp poweroff
+
+halt:
+	cli
+	hlt
+	jmp halt
+
+/* Waits until the CMOS RTC's seconds register changes. */
+next_second:
+	call rtc_seconds
+	mov bl, al
+1:	call rtc_seconds
+	cmp al, bl
+	je 1b
+	ret
+
+rtc_seconds:
+	xor al, al
+	out 0x70, al
+	in al, 0x71
+	ret
+
+/* Prints the NUL-terminated string at esi. */
+print:
+	lodsb
+	test al, al
+	jz 1f
+	call putc
+	jmp print
+1:	ret
+
+putc:
+	mov dx, 0x3f8
+	out dx, al
+	ret
+
+/* Prints eax as 8 hex digits. */
+print_hex:
+	mov ecx, 8
+1:	rol eax, 4
+	push eax
+	and al, 0xf
+	add al, '0'
+	cmp al, '9'
+	jbe 2f
+	add al, 'a' - '0' - 10
+2:	call putc
+	pop eax
+	loop 1b
+	ret
+
+	.section .rodata
+	.balign 8
+empty_idt:
+	.word 0
+	.long 0
+msg_ready:	.asciz "PROBE-READY\n"
+msg_tick:	.asciz "tick "
+msg_poweroff:	.asciz "PROBE-POWEROFF\n"
+msg_reset:	.asciz "PROBE-RESET\n"
+msg_triple:	.asciz "PROBE-TRIPLE\n"
+msg_port:	.asciz "PROBE-UNCLAIMED port="
+msg_mmio:	.asciz " mmio="
+msg_unknown:	.asciz "PROBE-UNKNOWN-COMMAND\n"

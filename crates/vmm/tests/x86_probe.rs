@@ -1,0 +1,209 @@
+//! The x86_64 monitor on real KVM with a guest of our own (`guests/x86-probe.S`): exits,
+//! power-off, resets, triple faults, unclaimed accesses, pause/resume and the control socket,
+//! each in seconds. Linux guests (minutes on PVM hosts) are in `x86_linux.rs`.
+
+mod common;
+
+use common::{Vm, kvm_available, run_to_end, temp_dir};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Assembles and links the probe guest once per test run.
+fn probe() -> &'static PathBuf {
+    static PROBE: OnceLock<PathBuf> = OnceLock::new();
+    PROBE.get_or_init(|| {
+        let dir = temp_dir("x86probe");
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guests/x86-probe.S");
+        let (obj, elf) = (dir.join("probe.o"), dir.join("probe.elf"));
+        let run = |cmd: &mut Command| {
+            let out = cmd
+                .output()
+                .expect("run binutils (as, ld): apt-get install binutils");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
+        // -N: one segment at the entry address, no ELF headers loaded below it.
+        run(Command::new("ld")
+            .args([
+                "-m",
+                "elf_x86_64",
+                "-N",
+                "-Ttext=0x100000",
+                "-e",
+                "_start",
+                "--no-warn-rwx-segments",
+                "-o",
+            ])
+            .arg(&elf)
+            .arg(&obj));
+        elf
+    })
+}
+
+fn args<'a>(probe: &'a str, command: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--kernel", probe, "--memory", "64M", "--cmdline", command];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn guest_endings_map_to_exit_statuses() {
+    if !kvm_available() {
+        return;
+    }
+    let p = probe().to_str().unwrap();
+    for (cmd, marker, code) in [
+        ("p", "PROBE-POWEROFF", 0),
+        ("r", "PROBE-RESET", 0),
+        ("x", "PROBE-RESET", 0),
+        ("t", "PROBE-TRIPLE", 2),
+    ] {
+        let mut vm = Vm::start(&args(p, cmd, &[]));
+        vm.wait_for(marker, T);
+        let status = vm.wait_exit(T);
+        let stderr = vm.stderr.lock().unwrap().clone();
+        assert_eq!(status.code(), Some(code), "command {cmd}: {stderr}");
+        if code == 2 {
+            // One line names the vCPU, the RIP and the reason.
+            let line = stderr
+                .lines()
+                .find(|l| l.starts_with("vme-vmm: VM crashed:"))
+                .unwrap();
+            assert!(
+                line.contains("vCPU 0") && line.contains("RIP 0x") && line.contains("triple fault"),
+                "{line}"
+            );
+        } else {
+            assert!(!stderr.contains("crashed"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn reboot_can_restart_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let p = probe().to_str().unwrap();
+    let mut vm = Vm::start(&args(p, "r", &["--on-reboot", "restart"]));
+    // The same guest boots again after each reset.
+    for _ in 0..3 {
+        vm.wait_for("PROBE-RESET", T);
+    }
+    drop(vm);
+}
+
+#[test]
+fn unclaimed_ports_and_mmio_read_all_ones() {
+    if !kvm_available() {
+        return;
+    }
+    let p = probe().to_str().unwrap();
+    let mut vm = Vm::start(&args(p, "u", &[]));
+    let line = vm.wait_for("PROBE-UNCLAIMED", T);
+    assert_eq!(line.trim(), "PROBE-UNCLAIMED port=ffffffff mmio=ffffffff");
+    assert_eq!(vm.wait_exit(T).code(), Some(0));
+}
+
+fn ctl(sock: &str, cmd: &str) -> String {
+    let out = Command::new(common::VMM)
+        .args(["ctl", "--control-socket", sock, cmd])
+        .output()
+        .expect("run vme-vmm ctl");
+    assert!(
+        out.status.success(),
+        "ctl {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ticks(vm: &Vm) -> Vec<u32> {
+    vm.console_text()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("tick ")
+                .and_then(|h| u32::from_str_radix(h.trim(), 16).ok())
+        })
+        .collect()
+}
+
+#[test]
+fn pause_stops_vcpus_and_their_cpu_use_resume_continues_and_sigterm_stops() {
+    if !kvm_available() {
+        return;
+    }
+    let p = probe().to_str().unwrap();
+    let dir = temp_dir("x86pause");
+    let sock = dir.join("ctl.sock");
+    let sock = sock.to_str().unwrap();
+    let mut vm = Vm::start(&args(p, "c", &["--vcpus", "2", "--control-socket", sock]));
+    vm.wait_for("tick 00000002", T);
+
+    assert!(ctl(sock, "pause").contains(r#""state":"paused""#));
+    std::thread::sleep(Duration::from_millis(200));
+    let before_ticks = ticks(&vm);
+    let cpu = vm.cpu_time();
+    std::thread::sleep(Duration::from_secs(3));
+    let used = vm.cpu_time() - cpu;
+    assert_eq!(ticks(&vm), before_ticks, "a paused guest printed");
+    assert!(
+        used < Duration::from_millis(100),
+        "paused monitor used {used:?} of CPU in 3 s"
+    );
+
+    let status = ctl(sock, "status");
+    assert!(
+        status.contains(r#""state":"paused""#) && status.contains(r#""vcpus":2"#),
+        "{status}"
+    );
+    assert!(ctl(sock, "resume").contains(r#""state":"running""#));
+    let last = *before_ticks.last().unwrap();
+    vm.wait_for(&format!("tick {:08x}", last + 2), T);
+    // The count goes on from where it stopped: nothing skipped, nothing repeated.
+    let all = ticks(&vm);
+    assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
+
+    // The power button needs a guest that listens (ACPI): this one does not, so the VM runs on.
+    let status = ctl(sock, "status");
+    assert!(status.contains(r#""exits":"#), "{status}");
+
+    // SIGTERM ends the VM in order, like `stop`.
+    // SAFETY: sends a signal to our own child process.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+    assert_eq!(vm.wait_exit(T).code(), Some(0));
+    assert!(!std::path::Path::new(sock).exists());
+}
+
+#[test]
+fn two_vms_at_once_and_a_socket_in_use() {
+    if !kvm_available() {
+        return;
+    }
+    let p = probe().to_str().unwrap();
+    let dir = temp_dir("x86two");
+    let sock = dir.join("a.sock");
+    let sock = sock.to_str().unwrap();
+    let mut a = Vm::start(&args(p, "c", &["--control-socket", sock]));
+    let mut b = Vm::start(&["--kernel", p, "--memory", "96M", "--cmdline", "c"]);
+    a.wait_for("tick 00000001", T);
+    b.wait_for("tick 00000001", T);
+    let (status, stderr) = run_to_end(&args(p, "c", &["--control-socket", sock]));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another running VM"), "{stderr}");
+    let s = ctl(sock, "status");
+    assert!(s.contains(r#""memory_bytes":67108864"#), "{s}");
+    assert!(ctl(sock, "stop").contains("stopping"));
+    assert_eq!(a.wait_exit(T).code(), Some(0));
+    // B is unaffected by A's end.
+    let n = ticks(&b).len();
+    b.wait_for(&format!("tick {:08x}", n + 1), T);
+}

@@ -4,32 +4,10 @@
 
 mod common;
 
-use common::{Vm, image, temp_dir};
+use common::{Vm, riscv_tiny_args, temp_dir};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(120);
-
-fn riscv_args(vcpus: &str, memory: &str, cmdline: &str) -> Vec<String> {
-    let k = image("tiny-riscv64", "Image");
-    let i = image("tiny-riscv64", "initramfs.cpio");
-    [
-        "--arch",
-        "riscv64",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--initrd",
-        i.to_str().unwrap(),
-        "--vcpus",
-        vcpus,
-        "--memory",
-        memory,
-        "--cmdline",
-        &format!("console=ttyS0 quiet panic=-1 {cmdline}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
 
 fn start(args: &[String]) -> Vm {
     Vm::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -37,13 +15,16 @@ fn start(args: &[String]) -> Vm {
 
 /// Value of `MemTotal` in the guest's /proc/meminfo, in KiB.
 fn mem_total_kib(line: &str) -> u64 {
-    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("MemTotal line")
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("MemTotal line")
 }
 
 #[test]
 fn boots_with_one_and_two_harts_and_runs_user_programs() {
     for (harts, memory, mib) in [("1", "128M", 128u64), ("2", "256M", 256)] {
-        let mut vm = start(&riscv_args(
+        let mut vm = start(&riscv_tiny_args(
             harts,
             memory,
             r#"vme.run="echo NPROC=$(nproc); grep MemTotal /proc/meminfo; ls /proc | grep -c . ; cat /proc/cpuinfo""#,
@@ -63,32 +44,48 @@ fn boots_with_one_and_two_harts_and_runs_user_programs() {
         let status = vm.wait_exit(BOOT);
         assert_eq!(status.code(), Some(0), "{}", vm.stderr.lock().unwrap());
         let console = vm.console_text();
-        assert!(console.contains("rv64imafdc"), "cpuinfo names the ISA:\n{console}");
-        assert_eq!(console.matches("processor").count(), harts.parse::<usize>().unwrap());
+        assert!(
+            console.contains("rv64imafdc"),
+            "cpuinfo names the ISA:\n{console}"
+        );
+        assert_eq!(
+            console.matches("processor").count(),
+            harts.parse::<usize>().unwrap()
+        );
     }
 }
 
 #[test]
 fn panic_reboot_and_exit_statuses() {
-    let mut vm = start(&riscv_args("1", "128M", "vme.init_exit=1 vme.run=true"));
+    let mut vm = start(&riscv_tiny_args(
+        "1",
+        "128M",
+        "vme.init_exit=1 vme.run=true",
+    ));
     let status = vm.wait_exit(BOOT);
     let stderr = vm.stderr.lock().unwrap().clone();
     assert_eq!(status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("guest kernel panicked: Kernel panic - not syncing"), "{stderr}");
+    assert!(
+        stderr.contains("guest kernel panicked: Kernel panic - not syncing"),
+        "{stderr}"
+    );
 
-    let mut vm = start(&riscv_args("1", "128M", r#"vme.run="reboot -f""#));
+    let mut vm = start(&riscv_tiny_args("1", "128M", r#"vme.run="reboot -f""#));
     assert_eq!(vm.wait_exit(BOOT).code(), Some(0));
 
-    let mut vm = start(&riscv_args("1", "128M", r#"vme.run="poweroff -f""#));
+    let mut vm = start(&riscv_tiny_args("1", "128M", r#"vme.run="poweroff -f""#));
     assert_eq!(vm.wait_exit(BOOT).code(), Some(0));
-    assert!(!vm.console_text().contains("VME-RUN-EXIT"), "poweroff -f never returns");
+    assert!(
+        !vm.console_text().contains("VME-RUN-EXIT"),
+        "poweroff -f never returns"
+    );
 }
 
 #[test]
 fn pause_stops_the_guest_and_its_cpu_use_and_resume_continues() {
     let dir = temp_dir("rvpause");
     let sock = dir.join("ctl.sock");
-    let mut args = riscv_args(
+    let mut args = riscv_tiny_args(
         "2",
         "128M",
         r#"vme.run="i=0; while true; do echo tick $i; i=$((i+1)); usleep 100000; done""#,
@@ -107,7 +104,11 @@ fn pause_stops_the_guest_and_its_cpu_use_and_resume_continues() {
             .args(["ctl", "--control-socket", sock.to_str().unwrap(), cmd])
             .output()
             .unwrap();
-        assert!(out.status.success(), "ctl {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ctl {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     assert!(ctl("pause").contains(r#""state":"paused""#));
@@ -119,7 +120,10 @@ fn pause_stops_the_guest_and_its_cpu_use_and_resume_continues() {
     let during = vm.take_lines();
     let cpu_used = vm.cpu_time() - cpu_before;
     assert!(during.is_empty(), "a paused guest printed {during:?}");
-    assert!(cpu_used < Duration::from_millis(100), "paused monitor used {cpu_used:?} of CPU in 2 s");
+    assert!(
+        cpu_used < Duration::from_millis(100),
+        "paused monitor used {cpu_used:?} of CPU in 2 s"
+    );
     let status = ctl("status");
     assert!(status.contains(r#""state":"paused""#) && status.contains("instructions_retired"));
 
@@ -139,8 +143,16 @@ fn pause_stops_the_guest_and_its_cpu_use_and_resume_continues() {
 
 #[test]
 fn two_machines_at_once_each_see_only_their_own() {
-    let mut a = start(&riscv_args("1", "96M", r#"vme.run="echo A-SAYS; grep MemTotal /proc/meminfo""#));
-    let mut b = start(&riscv_args("2", "192M", r#"vme.run="echo B-SAYS; grep MemTotal /proc/meminfo""#));
+    let mut a = start(&riscv_tiny_args(
+        "1",
+        "96M",
+        r#"vme.run="echo A-SAYS; grep MemTotal /proc/meminfo""#,
+    ));
+    let mut b = start(&riscv_tiny_args(
+        "2",
+        "192M",
+        r#"vme.run="echo B-SAYS; grep MemTotal /proc/meminfo""#,
+    ));
     let a_total = mem_total_kib(&a.wait_for("MemTotal:", BOOT));
     let b_total = mem_total_kib(&b.wait_for("MemTotal:", BOOT));
     assert!(a_total <= 96 * 1024 && a_total > 80 * 1024, "{a_total}");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Vm, image, temp_dir};
+use common::{Vm, image, riscv_tiny_args, temp_dir};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,35 +13,16 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn start(disks: &[String], run: &str) -> Vm {
-    let k = image("tiny-riscv64", "Image");
-    let i = image("tiny-riscv64", "initramfs.cpio");
-    let cmdline = format!("console=ttyS0 quiet panic=-1 vme.run=\"{run}\"");
-    let mut args = vec![
-        "--arch",
-        "riscv64",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--initrd",
-        i.to_str().unwrap(),
-        "--memory",
-        "256M",
-        "--cmdline",
-        &cmdline,
-    ];
-    let disks: Vec<String> = disks
-        .iter()
-        .map(|d| {
-            if d.starts_with("path=") {
-                d.clone()
-            } else {
-                format!("path={d}")
-            }
-        })
-        .collect();
-    for d in &disks {
-        args.extend(["--disk", d.as_str()]);
+    let mut args = riscv_tiny_args("1", "256M", &format!("vme.run=\"{run}\""));
+    for d in disks {
+        let d = if d.starts_with("path=") {
+            d.clone()
+        } else {
+            format!("path={d}")
+        };
+        args.extend(["--disk".to_string(), d]);
     }
-    Vm::start(&args)
+    Vm::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Runs the guest command to its end and checks the monitor exited cleanly.

@@ -29,6 +29,25 @@ pub fn image(name: &str, file: &str) -> PathBuf {
     p
 }
 
+/// Flags that boot the tiny riscv64 image with `cmdline_extra` after the usual console flags.
+pub fn riscv_tiny_args(vcpus: &str, memory: &str, cmdline_extra: &str) -> Vec<String> {
+    let k = image("tiny-riscv64", "Image");
+    let i = image("tiny-riscv64", "initramfs.cpio");
+    let cmdline = format!("console=ttyS0 quiet panic=-1 {cmdline_extra}");
+    [
+        "--arch",
+        "riscv64",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        i.to_str().unwrap(),
+    ]
+    .into_iter()
+    .chain(["--vcpus", vcpus, "--memory", memory, "--cmdline", &cmdline])
+    .map(String::from)
+    .collect()
+}
+
 /// True when KVM tests should run. Without /dev/kvm they fail, unless the skip is asked for.
 pub fn kvm_available() -> bool {
     if std::env::var("VME_SKIP_KVM_TESTS").as_deref() == Ok("1") {
@@ -73,7 +92,9 @@ impl Vm {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).split(b'\n') {
                 let Ok(line) = line else { break };
-                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                let line = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\r')
+                    .to_string();
                 log.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
             }
@@ -87,10 +108,17 @@ impl Vm {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Vm { child, lines, console, stderr }
+        Vm {
+            child,
+            lines,
+            console,
+            stderr,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -153,10 +181,14 @@ impl Vm {
 
     /// CPU time (user + system) the monitor process has used so far.
     pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
@@ -174,8 +206,15 @@ impl Drop for Vm {
 /// Runs `vme-vmm` to completion with no guest expected to start (bad input); returns the exit
 /// status and stderr.
 pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
-    let out = Command::new(VMM).args(args).stdin(Stdio::null()).output().expect("run vme-vmm");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(VMM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vme-vmm");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Reads console lines from a child's stdout until one contains `needle` (for tests that

@@ -73,10 +73,10 @@ fn guest_endings_map_to_exit_statuses() {
         assert_eq!(status.code(), Some(code), "command {cmd}: {stderr}");
         if code == 2 {
             // One line names the vCPU, the RIP and the reason.
-            let line = stderr
-                .lines()
-                .find(|l| l.starts_with("vme-vmm: VM crashed:"))
-                .unwrap();
+            let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert_eq!(lines.len(), 1, "exactly one line on stderr: {stderr}");
+            let line = lines[0];
+            assert!(line.starts_with("vme-vmm: VM crashed:"), "{line}");
             assert!(
                 line.contains("vCPU 0") && line.contains("RIP 0x") && line.contains("triple fault"),
                 "{line}"

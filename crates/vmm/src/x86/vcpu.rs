@@ -227,7 +227,8 @@ impl VcpuThread {
     }
 
     fn crash(&self, why: String) {
-        log::error!("{why}");
+        // main prints the one line a crash gets on stderr; here it only joins the debug trail.
+        log::debug!("{why}");
         self.control.request_exit(ExitReason::Crash(why));
     }
 }

@@ -315,6 +315,7 @@ impl Hart {
                 if mode == SATP_MODE_BARE || mode == SATP_MODE_SV39 || mode == SATP_MODE_SV48 {
                     // ASIDs are not tagged in the TLB: every satp write flushes it.
                     self.csr.satp = v;
+                    self.counters.bump(crate::counters::Ev::SatpWrites);
                     self.flush_tlb();
                 }
             }

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering, fence};
 
+use crate::counters::Ev;
 use crate::csr::*;
 use crate::decode::{Insn, Op, XZERO_SINK, decode, is_32bit};
 use crate::hart::{Hart, PRV_M, PRV_S, PRV_U, Trap, cause};
@@ -10,41 +11,67 @@ use crate::mmu::{READ, WRITE};
 
 impl Hart {
     /// Executes up to `budget` instructions, stopping early when `break_slice` is set.
+    ///
+    /// The pc lives in a local between instructions (`self.pc` is written before each one, for
+    /// traps and the few instructions that read it) so the next fetch does not wait on a
+    /// store-to-load round trip through memory.
     pub(crate) fn execute_slice(&mut self, budget: u32) {
         self.break_slice = false;
         let mut n = 0u32;
+        let mut pc = self.pc;
         while n < budget && !self.break_slice {
             n += 1;
-            let pc = self.pc;
+            self.pc = pc;
             if pc & !0xfff != self.icache.fetch_vpage
                 && let Err(t) = self.refill_fetch(pc)
             {
                 self.raise(t);
+                pc = self.pc;
                 continue;
             }
             let slot = self.icache.fetch_slot;
             let idx = ((pc >> 1) & 2047) as usize;
-            let mut insn = self.icache.get(slot, idx);
-            if insn.op == Op::Undecoded {
-                insn = self.decode_at(pc, slot, idx);
-            }
-            if insn.op == Op::CrossPage {
-                match self.fetch_cross(pc) {
-                    Ok(i) => insn = i,
-                    Err(t) => {
-                        self.raise(t);
-                        continue;
-                    }
+            let insn = self.icache.get(slot, idx);
+            // Undecoded, Illegal and CrossPage share one rarely taken test and an out-of-line
+            // path, so the hot loop keeps the cached instruction in registers.
+            let r = if insn.op as u8 <= Op::CrossPage as u8 {
+                self.exec_uncached(insn, pc, slot, idx)
+            } else {
+                self.exec(insn, pc)
+            };
+            match r {
+                Ok(next) => pc = next,
+                Err(t) => {
+                    self.raise(t);
+                    pc = self.pc;
                 }
             }
-            if let Err(t) = self.exec(insn) {
-                self.raise(t);
-            }
         }
+        self.pc = pc;
         self.instret += n as u64;
     }
 
+    /// Decodes (and caches) an instruction seen as `Undecoded`, or fetches one straddling
+    /// the page end, then executes it.
+    #[inline(never)]
+    fn exec_uncached(&mut self, insn: Insn, pc: u64, slot: usize, idx: usize) -> Result<u64, Trap> {
+        let mut insn = insn;
+        if insn.op == Op::Undecoded {
+            insn = self.decode_at(pc, slot, idx);
+        }
+        if insn.op == Op::CrossPage {
+            insn = self.fetch_cross(pc)?;
+        }
+        self.exec_outlined(insn, pc)
+    }
+
+    #[inline(never)]
+    fn exec_outlined(&mut self, insn: Insn, pc: u64) -> Result<u64, Trap> {
+        self.exec(insn, pc)
+    }
+
     fn refill_fetch(&mut self, pc: u64) -> Result<(), Trap> {
+        self.counters.bump(Ev::FetchRefills);
         let (pa, host) = self.translate_fetch(pc)?;
         let page = ((pa - RAM_BASE) >> 12) as usize;
         let slot = self.icache.slot_for(page, &self.shared.code_pages);
@@ -115,22 +142,21 @@ impl Hart {
         Trap::illegal(self.insn_bits(i))
     }
 
+    /// Executes `i` at `pc` (== `self.pc`); returns the next pc.
     #[inline(always)]
-    fn exec(&mut self, i: Insn) -> Result<(), Trap> {
+    fn exec(&mut self, i: Insn, pc: u64) -> Result<u64, Trap> {
         macro_rules! x {
             ($r:expr) => {
                 self.x[($r & 63) as usize]
             };
         }
-        let pc = self.pc;
         let next = pc.wrapping_add(i.len());
         let imm = i.imm as i64 as u64;
         let a = x!(i.rs1);
         let b = x!(i.rs2);
         macro_rules! branch {
             ($cond:expr) => {{
-                self.pc = if $cond { pc.wrapping_add(imm) } else { next };
-                return Ok(());
+                return Ok(if $cond { pc.wrapping_add(imm) } else { next });
             }};
         }
         macro_rules! w {
@@ -143,14 +169,12 @@ impl Hart {
             Op::Auipc => x!(i.rd) = pc.wrapping_add(imm),
             Op::Jal => {
                 x!(i.rd) = next;
-                self.pc = pc.wrapping_add(imm);
-                return Ok(());
+                return Ok(pc.wrapping_add(imm));
             }
             Op::Jalr => {
                 let t = a.wrapping_add(imm) & !1;
                 x!(i.rd) = next;
-                self.pc = t;
-                return Ok(());
+                return Ok(t);
             }
             Op::Beq => branch!(a == b),
             Op::Bne => branch!(a != b),
@@ -226,15 +250,15 @@ impl Hart {
                 }
             }
             Op::FenceI => {
+                self.counters.bump(Ev::IcacheFlushes);
                 self.icache.flush();
                 self.break_slice = true;
             }
             Op::Ecall => {
                 if self.prv == PRV_S && self.shared.firmware.load(Ordering::Relaxed) {
                     self.sbi_call();
-                    self.pc = next;
                     self.break_slice = true;
-                    return Ok(());
+                    return Ok(next);
                 }
                 let c = match self.prv {
                     PRV_U => cause::ECALL_U,
@@ -248,11 +272,11 @@ impl Hart {
                 if self.prv != PRV_M {
                     return Err(self.illegal(&i));
                 }
-                return self.mret();
+                return self.mret().map(|()| self.pc);
             }
             Op::Sret => {
                 let bits = self.insn_bits(&i);
-                return self.sret(bits);
+                return self.sret(bits).map(|()| self.pc);
             }
             Op::Wfi => {
                 if self.prv == PRV_U || (self.prv == PRV_S && self.csr.mstatus & MSTATUS_TW != 0) {
@@ -379,10 +403,9 @@ impl Hart {
                 x!(i.rd) = old;
             }
             Op::Undecoded | Op::CrossPage | Op::Illegal => return Err(self.illegal(&i)),
-            _ => return self.exec_fp(&i, a),
+            _ => return self.exec_fp(&i, a).map(|()| self.pc),
         }
-        self.pc = next;
-        Ok(())
+        Ok(next)
     }
 
     fn exec_csr(&mut self, i: &Insn) -> Result<(), Trap> {

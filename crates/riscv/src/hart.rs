@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::ExitReason;
+use crate::counters::{Counters, Ev};
 use crate::csr::*;
 use crate::icache::ICache;
 use crate::memory::Bus;
@@ -88,6 +89,8 @@ pub struct Hart {
     pub(crate) break_slice: bool,
     /// Machine must stop (set when an unrecoverable guest condition ends the run).
     pub(crate) halted: bool,
+    /// Debug event counters (see `counters`).
+    pub(crate) counters: Counters,
 }
 
 impl Hart {
@@ -110,6 +113,7 @@ impl Hart {
             code_epoch: 0,
             break_slice: false,
             halted: false,
+            counters: Counters::new(),
         }
     }
 
@@ -122,6 +126,7 @@ impl Hart {
 
     /// Takes an exception or interrupt (`cause` has bit 63 for interrupts).
     pub(crate) fn take_trap(&mut self, cause: u64, tval: u64) {
+        self.counters.trap(cause);
         let is_int = cause & cause::INTERRUPT != 0;
         let code = cause & 63;
         let deleg = if is_int {
@@ -257,6 +262,7 @@ impl Hart {
         let e = self.shared.code_epoch.load(Ordering::Acquire);
         if e != self.code_epoch {
             self.code_epoch = e;
+            self.counters.bump(Ev::Revalidations);
             self.icache.revalidate(&self.shared.code_pages);
         }
     }
@@ -345,7 +351,8 @@ impl Hart {
     }
 
     /// Sleeps until the next timer deadline or a kick.
-    fn wait_for_interrupt(&self) {
+    fn wait_for_interrupt(&mut self) {
+        self.counters.bump(Ev::WfiSleeps);
         let shared = &self.shared;
         let link = &shared.links[self.hartid];
         let mut deadline = u64::MAX;
@@ -377,7 +384,13 @@ impl Hart {
     /// Runs this hart until the machine stops.
     pub(crate) fn run(&mut self) {
         while self.poll() {
+            let (prv, before) = (self.prv, self.instret);
             self.execute_slice(SLICE);
+            self.counters.bump(Ev::Slices);
+            if self.break_slice {
+                self.counters.bump(Ev::SliceBreaks);
+            }
+            self.counters.instret[prv as usize & 3] += self.instret - before;
             self.shared.links[self.hartid]
                 .retired
                 .store(self.instret, Ordering::Relaxed);
@@ -385,6 +398,8 @@ impl Hart {
         self.shared.links[self.hartid]
             .retired
             .store(self.instret, Ordering::Relaxed);
+        self.counters.ev[Ev::IcacheFills as usize] = self.icache.fills;
+        self.counters.dump(self.hartid);
     }
 }
 

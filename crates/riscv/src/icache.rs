@@ -27,6 +27,8 @@ pub(crate) struct ICache {
     pub fetch_pa: u64,
     /// Host address of the current fetch page.
     pub fetch_host: usize,
+    /// Slots (re)filled, for the debug counters.
+    pub fills: u64,
 }
 
 impl ICache {
@@ -40,6 +42,7 @@ impl ICache {
             fetch_slot: 0,
             fetch_pa: 0,
             fetch_host: 0,
+            fills: 0,
         }
     }
 
@@ -67,6 +70,7 @@ impl ICache {
         };
         self.mru[set] = (s & 1) as u8;
         if self.tags[s] != page {
+            self.fills += 1;
             self.insns[s * PER_PAGE..(s + 1) * PER_PAGE].fill(Insn::default());
             self.tags[s] = page;
             // Instruction bytes are read only after the flag is set, so any later store
@@ -81,7 +85,9 @@ impl ICache {
 
     #[inline(always)]
     pub fn get(&self, slot: usize, idx: usize) -> Insn {
-        self.insns[slot * PER_PAGE + (idx & (PER_PAGE - 1))]
+        let i = (slot & (SLOTS - 1)) * PER_PAGE + (idx & (PER_PAGE - 1));
+        // SAFETY: i < SLOTS * PER_PAGE == insns.len() by the two masks (both powers of two).
+        unsafe { *self.insns.get_unchecked(i) }
     }
 
     pub fn set(&mut self, slot: usize, idx: usize, i: Insn) {

@@ -43,9 +43,13 @@
 //! - Floating point: host f32/f64 with NaN-boxing and canonical NaNs; all rounding modes for
 //!   add/sub/mul/div/sqrt/conversions (derived from the exact rounding error), fused
 //!   multiply-add always to nearest; see `fpu.rs` for the flag accuracy.
-//! - Speed: a per-hart cache of decoded instructions per physical page (invalidated by
-//!   fence.i, remote fence.i, satp writes, sfence.vma, and by stores into decoded pages on
-//!   any hart); a direct-mapped TLB per privilege context whose entries point at host memory.
+//! - Speed: a per-hart cache of decoded instructions per physical page (keyed by physical
+//!   page, so satp writes and sfence.vma keep it; invalidated by fence.i, remote fence.i and
+//!   by stores into decoded pages on any hart); a direct-mapped TLB per privilege context
+//!   whose entries point at host memory (also used by LR/SC/AMOs).
+//! - Debugging speed: `VME_RISCV_COUNTERS=1` makes each hart print event counters (traps by
+//!   cause, TLB flushes, page walks, decode-cache fills, MMIO, instructions by privilege)
+//!   when it stops; see `counters.rs`.
 //!
 //! # API
 //! ```no_run
@@ -64,6 +68,7 @@
 //! ```
 
 mod clint;
+mod counters;
 mod csr;
 mod decode;
 mod exec;

@@ -6,7 +6,6 @@
 //! races in Rust's memory model. On x86_64 relaxed atomic loads/stores compile to plain moves,
 //! so this costs nothing on the fast path.
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -22,7 +21,6 @@ pub const PAGE_SIZE: u64 = 4096;
 pub struct GuestRam {
     ptr: NonNull<u8>,
     len: usize,
-    layout: Layout,
 }
 
 // SAFETY: the memory is only ever accessed through atomic operations (or through `&mut self`),
@@ -32,7 +30,9 @@ unsafe impl Send for GuestRam {}
 unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
-    /// Allocates `bytes` of zeroed RAM (large zeroed allocations are lazily backed by the host).
+    /// Maps `bytes` of zeroed RAM. An anonymous private mapping is backed lazily: host memory
+    /// follows what the guest touches, not what it was given (an aligned heap allocation would
+    /// be zeroed with a memset that touches every page up front).
     pub fn new(bytes: u64) -> Result<Self, Error> {
         if bytes == 0 || bytes % (2 << 20) != 0 || bytes > (1 << 40) {
             return Err(Error::Config(format!(
@@ -41,12 +41,22 @@ impl GuestRam {
             )));
         }
         let len = usize::try_from(bytes).map_err(|_| Error::RamAlloc { bytes })?;
-        let layout = Layout::from_size_align(len, PAGE_SIZE as usize)
-            .map_err(|_| Error::RamAlloc { bytes })?;
-        // SAFETY: the layout has a non-zero size (checked above).
-        let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or(Error::RamAlloc { bytes })?;
-        Ok(Self { ptr, len, layout })
+        // SAFETY: a fresh anonymous mapping with no address hint; it aliases nothing.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::RamAlloc { bytes });
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Error::RamAlloc { bytes })?;
+        Ok(Self { ptr, len })
     }
 
     /// RAM size in bytes.
@@ -121,8 +131,9 @@ impl GuestRam {
 
 impl Drop for GuestRam {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated with exactly this layout and is freed only here.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) };
+        // SAFETY: `ptr`/`len` are the mapping made in `new`, unmapped only here; no reference
+        // into guest RAM outlives the `GuestRam` that owns it.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 

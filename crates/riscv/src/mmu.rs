@@ -9,12 +9,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::counters::Ev;
 use crate::csr::*;
 use crate::hart::{Hart, PRV_M, PRV_S, PRV_U, Trap, cause};
 use crate::memory::{self, RAM_BASE};
 use crate::shared::CODE_FLAG;
 
 const TLB_SIZE: usize = 256;
+/// Entries allocated: 4 contexts x 3 kinds, rounded up to a power of two so that masked
+/// indexes need no bounds check.
+const TLB_ALLOC: usize = 16 * TLB_SIZE;
 const CTX_UNTRANSLATED: usize = 3;
 /// Access kinds (TLB sub-arrays).
 pub(crate) const READ: usize = 0;
@@ -38,7 +42,7 @@ const EMPTY: TlbEntry = TlbEntry {
 };
 
 pub(crate) struct Tlb {
-    entries: Box<[TlbEntry; 4 * 3 * TLB_SIZE]>,
+    entries: Box<[TlbEntry; TLB_ALLOC]>,
     /// Base index of the current data context's READ and WRITE arrays.
     read_base: usize,
     write_base: usize,
@@ -47,7 +51,7 @@ pub(crate) struct Tlb {
 impl Tlb {
     pub fn new() -> Self {
         Self {
-            entries: Box::new([EMPTY; 4 * 3 * TLB_SIZE]),
+            entries: Box::new([EMPTY; TLB_ALLOC]),
             read_base: base(CTX_UNTRANSLATED, READ),
             write_base: base(CTX_UNTRANSLATED, WRITE),
         }
@@ -56,6 +60,12 @@ impl Tlb {
 
 fn base(ctx: usize, kind: usize) -> usize {
     (ctx * 3 + kind) * TLB_SIZE
+}
+
+/// Index of `vpn` in the sub-array starting at `base`.
+#[inline(always)]
+fn slot(base: usize, vpn: u64) -> usize {
+    (base + (vpn as usize & (TLB_SIZE - 1))) & (TLB_ALLOC - 1)
 }
 
 fn fault(kind: usize, page: bool, va: u64) -> Trap {
@@ -108,6 +118,7 @@ impl Hart {
     }
 
     pub(crate) fn flush_tlb(&mut self) {
+        self.counters.bump(Ev::TlbFlushAll);
         self.tlb.entries.fill(EMPTY);
         self.icache.forget_fetch();
         self.update_data_ctx();
@@ -115,9 +126,10 @@ impl Hart {
 
     /// sfence.vma for one virtual address.
     pub(crate) fn flush_tlb_page(&mut self, va: u64) {
+        self.counters.bump(Ev::TlbFlushPage);
         let vpn = va >> 12;
         for b in 0..12 {
-            let e = &mut self.tlb.entries[b * TLB_SIZE + (vpn as usize & (TLB_SIZE - 1))];
+            let e = &mut self.tlb.entries[slot(b * TLB_SIZE, vpn)];
             if e.tag == vpn {
                 *e = EMPTY;
             }
@@ -132,6 +144,11 @@ impl Hart {
         if prv == PRV_M || mode == SATP_MODE_BARE {
             return Ok(va);
         }
+        self.counters.bump(if kind == EXEC {
+            Ev::WalksFetch
+        } else {
+            Ev::Walks
+        });
         let levels: u32 = if mode == SATP_MODE_SV48 { 4 } else { 3 };
         let va_bits = 12 + 9 * levels;
         // The address must be sign-extended from its top translated bit.
@@ -205,7 +222,7 @@ impl Hart {
         if let Some(host) = self.shared.ram.host_ptr(page, 4096) {
             let b = base(self.ctx_of(prv), kind);
             let vpn = va >> 12;
-            self.tlb.entries[b + (vpn as usize & (TLB_SIZE - 1))] = TlbEntry {
+            self.tlb.entries[slot(b, vpn)] = TlbEntry {
                 tag: vpn,
                 host: host as usize,
                 pa: page,
@@ -219,7 +236,7 @@ impl Hart {
     pub(crate) fn load(&mut self, va: u64, size: u64) -> Result<u64, Trap> {
         let vpn = va >> 12;
         let off = va & 0xfff;
-        let e = self.tlb.entries[self.tlb.read_base + (vpn as usize & (TLB_SIZE - 1))];
+        let e = self.tlb.entries[slot(self.tlb.read_base, vpn)];
         if e.tag == vpn && off + size <= 4096 {
             // SAFETY: cached entries only exist for whole RAM pages, and off+size <= 4096.
             return Ok(unsafe { memory::load((e.host + off as usize) as *mut u8, size) });
@@ -229,6 +246,7 @@ impl Hart {
 
     #[inline(never)]
     fn load_slow(&mut self, va: u64, size: u64) -> Result<u64, Trap> {
+        self.counters.bump(Ev::LoadSlow);
         if (va & 0xfff) + size > 4096 {
             // Misaligned across a page: byte by byte so each page faults with its own address.
             let mut v = 0;
@@ -245,6 +263,7 @@ impl Hart {
         if pa & (size - 1) == 0
             && let Some(v) = self.bus.read(pa, size)
         {
+            self.counters.bump(Ev::MmioReads);
             return Ok(v);
         }
         Err(fault(READ, false, va))
@@ -255,7 +274,7 @@ impl Hart {
     pub(crate) fn store(&mut self, va: u64, size: u64, v: u64) -> Result<(), Trap> {
         let vpn = va >> 12;
         let off = va & 0xfff;
-        let e = self.tlb.entries[self.tlb.write_base + (vpn as usize & (TLB_SIZE - 1))];
+        let e = self.tlb.entries[slot(self.tlb.write_base, vpn)];
         if e.tag == vpn && off + size <= 4096 {
             // SAFETY: cached entries only exist for whole RAM pages, and off+size <= 4096.
             unsafe { memory::store((e.host + off as usize) as *mut u8, size, v) };
@@ -267,6 +286,7 @@ impl Hart {
 
     #[inline(never)]
     fn store_slow(&mut self, va: u64, size: u64, v: u64) -> Result<(), Trap> {
+        self.counters.bump(Ev::StoreSlow);
         if (va & 0xfff) + size > 4096 {
             // Check both translations first so a page fault leaves memory unchanged (an
             // access fault on the second page may leave the first part written).
@@ -285,6 +305,7 @@ impl Hart {
             return Ok(());
         }
         if pa & (size - 1) == 0 && self.bus.write(pa, size, v) {
+            self.counters.bump(Ev::MmioWrites);
             return Ok(());
         }
         Err(fault(WRITE, false, va))
@@ -303,6 +324,7 @@ impl Hart {
 
     #[inline(never)]
     fn code_page_written(&mut self, idx: usize) {
+        self.counters.bump(Ev::CodePageWrites);
         let flag = &self.shared.code_pages[idx];
         let cur = flag.load(Ordering::Acquire);
         if cur & CODE_FLAG != 0
@@ -335,6 +357,18 @@ impl Hart {
             };
             return Err(Trap::new(c, va));
         }
+        // Aligned and at most 8 bytes: the access lies in one page, so a TLB hit suffices.
+        let b = if kind == READ {
+            self.tlb.read_base
+        } else {
+            self.tlb.write_base
+        };
+        let vpn = va >> 12;
+        let e = self.tlb.entries[slot(b, vpn)];
+        let off = va & 0xfff;
+        if e.tag == vpn {
+            return Ok(((e.host + off as usize) as *mut u8, e.pa | off));
+        }
         let prv = self.data_prv();
         let pa = self.translate_fill(va, kind, prv)?;
         match self.shared.ram.host_ptr(pa, size) {
@@ -347,7 +381,7 @@ impl Hart {
     pub(crate) fn translate_fetch(&mut self, pc: u64) -> Result<(u64, usize), Trap> {
         let vpn = pc >> 12;
         let ctx = self.ctx_of(self.prv);
-        let i = base(ctx, EXEC) + (vpn as usize & (TLB_SIZE - 1));
+        let i = slot(base(ctx, EXEC), vpn);
         let e = self.tlb.entries[i];
         if e.tag == vpn {
             return Ok((e.pa, e.host));

@@ -34,6 +34,7 @@ pub const UART_BASE: u64 = 0x1000_0000;
 impl Hart {
     /// Serves the ecall in a0..a7 and writes the SBI return pair into a0/a1.
     pub(crate) fn sbi_call(&mut self) {
+        self.counters.bump(crate::counters::Ev::SbiCalls);
         let (eid, fid) = (self.x[17], self.x[16]);
         let args = [
             self.x[10], self.x[11], self.x[12], self.x[13], self.x[14], self.x[15],

@@ -618,49 +618,70 @@ verify_reproducible() {
 
 # Boots an image under QEMU with software emulation (TCG; no KVM needed) and
 # checks the /init contract: the ready marker, vme.run with quoting, nproc, the
-# virtio drivers, the exit status, and a clean power-off.
+# virtio drivers, a virtio disk, the exit status, and a clean power-off. The
+# x86 images are booted twice: bzImage and the ELF vmlinux (PVH entry).
 boot_test() {
-	local image=$1 dir=$OUT_DIR/$1 qemu log started elapsed cmd
-	# Runs in the guest; the kernel command line cannot nest double quotes.
-	# shellcheck disable=SC2016 # expanded by the guest's shell, not here
-	local smp=2 run='echo vme-nproc=$(nproc); echo vme-drivers: $(ls /sys/bus/virtio/drivers); exit 3'
+	local image=$1 dir=$OUT_DIR/$1 kernels=() machine qemu_bin blk k
 	case "$image" in
 	tiny-riscv64)
 		ensure_backports
 		ensure_pkgs -t bookworm-backports qemu-system-misc opensbi
-		qemu=(qemu-system-riscv64 -M virt -bios default -kernel "$dir/Image")
-		cmd="console=ttyS0 quiet"
+		qemu_bin=(qemu-system-riscv64 -M virt -bios default)
+		blk=virtio-blk-device
+		kernels=(Image)
 		;;
 	tiny | tiny-stock)
 		ensure_backports
 		ensure_pkgs -t bookworm-backports qemu-system-x86
 		# Debian's kernel finds no clock to calibrate the TSC against on a
 		# TCG microvm (no PIT/HPET) and stalls; it boots on q35.
-		local k=$dir/bzImage machine=microvm
-		[ "$image" = tiny-stock ] && k=$dir/vmlinuz machine=q35
-		qemu=(qemu-system-x86_64 -M "${VME_QEMU_MACHINE:-$machine}" -accel tcg -cpu max -nic none -kernel "$k")
-		cmd="console=ttyS0 quiet"
+		machine=microvm blk=virtio-blk-device kernels=(bzImage vmlinux)
+		if [ "$image" = tiny-stock ]; then
+			machine=q35 blk=virtio-blk-pci kernels=(vmlinuz vmlinux)
+		fi
+		machine=${VME_QEMU_MACHINE:-$machine}
+		[ "$machine" = q35 ] && blk=virtio-blk-pci
+		qemu_bin=(qemu-system-x86_64 -M "$machine" -accel tcg -cpu max -nic none)
 		;;
 	*) die "boot-test: unknown image '$image' (tiny, tiny-stock, tiny-riscv64)" ;;
 	esac
 	[ -f "$dir/initramfs.cpio" ] || die "$dir/initramfs.cpio is missing: run images/build.sh $image first"
-	log=$(mktemp /tmp/vme-boot-"$image".XXXXXX.log)
+	for k in "${kernels[@]}"; do
+		boot_qemu "$image/$k" "${qemu_bin[@]}" -kernel "$dir/$k" -initrd "$dir/initramfs.cpio" \
+			-drive "if=none,id=vd0,format=raw,file=$(boot_disk)" -device "$blk,drive=vd0"
+	done
+}
+
+# A small blank disk for the virtio-blk check.
+boot_disk() {
+	local disk=/tmp/vme-boot-test-disk.img
+	[ -f "$disk" ] || truncate -s 1M "$disk"
+	echo "$disk"
+}
+
+# boot_qemu <label> <qemu command...>: runs it with our command line, checks the log.
+boot_qemu() {
+	local label=$1 log started elapsed want smp=2
+	shift
+	# Runs in the guest; the kernel command line cannot nest double quotes.
+	# shellcheck disable=SC2016 # expanded by the guest's shell, not here
+	local run='echo vme-nproc=$(nproc); echo vme-drivers: $(ls /sys/bus/virtio/drivers); echo vme-disk: $(ls /dev/vda); exit 3'
+	log=$(mktemp /tmp/vme-boot.XXXXXX.log)
 	started=$(date +%s.%N)
-	if ! timeout "${VME_BOOT_TIMEOUT:-600}" "${qemu[@]}" -smp "$smp" -m 256M -nographic -no-reboot \
-		-initrd "$dir/initramfs.cpio" -append "$cmd vme.run=\"$run\"" </dev/null >"$log" 2>&1; then
+	if ! timeout "${VME_BOOT_TIMEOUT:-600}" "$@" -smp "$smp" -m 256M -nographic -no-reboot \
+		-append "console=ttyS0 quiet vme.run=\"$run\"" </dev/null >"$log" 2>&1; then
 		cat "$log" >&2
-		die "$image: QEMU failed or did not power off within ${VME_BOOT_TIMEOUT:-600}s (log: $log)"
+		die "$label: QEMU failed or did not power off within ${VME_BOOT_TIMEOUT:-600}s (log: $log)"
 	fi
 	elapsed=$(echo "$(date +%s.%N) - $started" | bc)
-	local want
-	for want in 'VME-GUEST-READY uptime=' "vme-nproc=$smp" 'VME-RUN-EXIT status=3' \
+	for want in 'VME-GUEST-READY uptime=' "vme-nproc=$smp" 'vme-disk: /dev/vda' 'VME-RUN-EXIT status=3' \
 		virtio_blk virtio_net virtio_rng virtio_balloon vmw_vsock_virtio_transport; do
 		grep -qF "$want" "$log" || {
 			cat "$log" >&2
-			die "$image: boot log lacks '$want' (log: $log)"
+			die "$label: boot log lacks '$want' (log: $log)"
 		}
 	done
-	echo "$image: ok, $(grep -o 'VME-GUEST-READY uptime=[0-9.]*' "$log"), QEMU wall time ${elapsed%???????}s"
+	echo "$label: ok, $(grep -o 'VME-GUEST-READY uptime=[0-9.]*' "$log"), QEMU wall time ${elapsed%???????}s"
 	rm -f "$log"
 }
 

@@ -626,6 +626,7 @@ boot_test() {
 	tiny-riscv64)
 		ensure_backports
 		ensure_pkgs -t bookworm-backports qemu-system-misc opensbi
+		ensure_pkgs bc
 		qemu_bin=(qemu-system-riscv64 -M virt -bios default)
 		blk=virtio-blk-device
 		kernels=(Image)
@@ -633,6 +634,7 @@ boot_test() {
 	tiny | tiny-stock)
 		ensure_backports
 		ensure_pkgs -t bookworm-backports qemu-system-x86
+		ensure_pkgs bc
 		# Debian's kernel finds no clock to calibrate the TSC against on a
 		# TCG microvm (no PIT/HPET) and stalls; it boots on q35.
 		machine=microvm blk=virtio-blk-device kernels=(bzImage vmlinux)

@@ -10,6 +10,8 @@
 # cached in ${VME_CACHE_DIR:-/var/cache/vme}, keyed by a hash of their inputs, so
 # each is built once per machine. Quiet on success; on failure says what broke.
 set -Eeuo pipefail
+# Under pipefail a pipe into "grep -q" may fail when grep exits early (SIGPIPE upstream):
+# pipes here end in "grep ... >/dev/null", which reads everything.
 # No silent failures: name the command that failed when no die() did.
 # die() exits with status 3 after its own message; do not repeat it per caller.
 on_err() {
@@ -30,96 +32,9 @@ export KBUILD_BUILD_USER=vme KBUILD_BUILD_HOST=vme KBUILD_BUILD_VERSION=1
 export LC_ALL=C TZ=UTC
 JOBS=${VME_BUILD_JOBS:-2}
 
-die() {
-	echo "images/build.sh: error: $*" >&2
-	exit 3
-}
-
-# Runs a noisy command with its output in a log; shows the log only on failure.
-quiet() {
-	local log
-	log=$(mktemp /tmp/vme-images.XXXXXX.log)
-	if ! "$@" >"$log" 2>&1; then
-		tail -n 60 "$log" >&2
-		die "command failed: $* (full log: $log)"
-	fi
-	rm -f "$log"
-}
-
-# ---------------------------------------------------------------- host setup
-
-need_root_for() {
-	[ "$(id -u)" = 0 ] || die "$1 needs root (run as root, or install it yourself: $2)"
-}
-
-APT_UPDATED=0
-apt_update() {
-	if [ "$APT_UPDATED" = 0 ]; then
-		quiet apt-get update
-		APT_UPDATED=1
-	fi
-}
-
-is_installed() {
-	dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
-}
-
-# Installs the given Debian packages when missing. The first argument may be
-# "-t <release>" to take them from that release (backports).
-ensure_pkgs() {
-	local release=() missing=() p
-	if [ "${1:-}" = -t ]; then
-		release=(-t "$2")
-		shift 2
-	fi
-	for p in "$@"; do
-		is_installed "$p" || missing+=("$p")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	need_root_for "installing ${missing[*]}" "apt-get install ${missing[*]}"
-	# A fresh machine may have stale package lists: retry once after an update.
-	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${release[@]}" "${missing[@]}" >/dev/null 2>&1; then
-		apt_update
-		quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y "${release[@]}" "${missing[@]}"
-	fi
-}
-
-# The URI of the main Debian archive, from the machine's own sources, so we
-# use the same mirror (or snapshot) as the rest of the system.
-debian_mirror() {
-	local f uri
-	for f in /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list.d/*.sources; do
-		[ -f "$f" ] || continue
-		# deb822: the URIs of the first stanza whose Suites include "bookworm".
-		uri=$(awk '
-			/^[ \t]*$/ { if (suite && uri) { print uri; exit } suite = 0; uri = "" ; next }
-			/^URIs:/ { uri = $2 }
-			/^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm") suite = 1 }
-			END { if (suite && uri) print uri }' "$f" | head -n1)
-		[ -n "$uri" ] && { echo "$uri"; return 0; }
-	done
-	if [ -f /etc/apt/sources.list ]; then
-		uri=$(awk '$1 == "deb" && $3 == "bookworm" { print $2; exit }' /etc/apt/sources.list)
-		[ -n "$uri" ] && { echo "$uri"; return 0; }
-	fi
-	die "cannot find the Debian bookworm mirror in /etc/apt/sources.list{,.d}; add one (deb http://deb.debian.org/debian bookworm main)"
-}
-
-# Adds a deb822 source file unless apt already knows the suite for that type.
-ensure_apt_source() {
-	local name=$1 types=$2 suites=$3 file=/etc/apt/sources.list.d/$1.sources
-	[ -f "$file" ] && return 0
-	need_root_for "adding $file" "add a '$types' source for $suites"
-	printf 'Types: %s\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-		"$types" "$(debian_mirror)" "$suites" >"$file"
-	APT_UPDATED=0
-	apt_update
-}
-
-ensure_backports() {
-	apt-cache policy 2>/dev/null | grep -q 'a=bookworm-backports\|n=bookworm-backports' && return 0
-	ensure_apt_source vme-backports 'deb deb-src' bookworm-backports
-}
+VME_SCRIPT=images/build.sh VME_DIE_STATUS=3
+# shellcheck source=scripts/lib.sh
+. "$REPO_DIR/scripts/lib.sh"
 
 pkg_version() {
 	dpkg-query -W -f='${Version}' "$1"
@@ -305,7 +220,7 @@ compile_kernel() {
 # Checks that an ELF vmlinux carries the PVH entry note (Xen ELF note type 18,
 # XEN_ELFNOTE_PHYS32_ENTRY), without which a monitor cannot boot it via PVH.
 check_pvh_note() {
-	readelf -nW "$1" | grep -qE '^[[:space:]]*Xen[[:space:]].*(\(0x00000012\)|PHYS32_ENTRY)' ||
+	readelf -nW "$1" | grep -E '^[[:space:]]*Xen[[:space:]].*(\(0x00000012\)|PHYS32_ENTRY)' >/dev/null ||
 		die "$1 has no XEN_ELFNOTE_PHYS32_ENTRY note (PVH); the kernel config lacks CONFIG_PVH"
 }
 
@@ -370,7 +285,7 @@ compile_busybox_riscv64() {
 	local srcver=$1 dir work src
 	dir=$(dirname "$BUSYBOX_RISCV64")
 	[ -f "$BUSYBOX_RISCV64" ] && return 0
-	if ! apt-cache showsrc "busybox=$srcver" 2>/dev/null | grep -q '^Package: busybox'; then
+	if ! apt-cache showsrc "busybox=$srcver" 2>/dev/null | grep '^Package: busybox' >/dev/null; then
 		ensure_apt_source vme-bookworm-src deb-src 'bookworm bookworm-updates'
 	fi
 	# No ":" (the epoch) in the path: make cannot handle it.
@@ -388,7 +303,7 @@ compile_busybox_riscv64() {
 	quiet sh -c "yes '' | $(printf '%q ' "${mk[@]}") oldconfig"
 	grep -q '^CONFIG_STATIC=y' "$src/.config" || die "busybox config is not static"
 	quiet "${mk[@]}" -j"$JOBS" busybox
-	file "$src/busybox" | grep -q 'RISC-V.*statically linked' ||
+	file "$src/busybox" | grep 'RISC-V.*statically linked' >/dev/null ||
 		die "$src/busybox is not a static RISC-V binary: $(file -b "$src/busybox")"
 	mkdir -p "$dir"
 	cp "$src/busybox" "$BUSYBOX_RISCV64.tmp"

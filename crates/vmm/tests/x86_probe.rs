@@ -4,49 +4,11 @@
 
 mod common;
 
-use common::{Vm, kvm_available, run_to_end, temp_dir};
-use std::path::PathBuf;
+use common::{Vm, kvm_available, run_to_end, temp_dir, x86_probe};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
-
-/// Assembles and links the probe guest once per test run.
-fn probe() -> &'static PathBuf {
-    static PROBE: OnceLock<PathBuf> = OnceLock::new();
-    PROBE.get_or_init(|| {
-        let dir = temp_dir("x86probe");
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guests/x86-probe.S");
-        let (obj, elf) = (dir.join("probe.o"), dir.join("probe.elf"));
-        let run = |cmd: &mut Command| {
-            let out = cmd
-                .output()
-                .expect("run binutils (as, ld): apt-get install binutils");
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
-        // -N: one segment at the entry address, no ELF headers loaded below it.
-        run(Command::new("ld")
-            .args([
-                "-m",
-                "elf_x86_64",
-                "-N",
-                "-Ttext=0x100000",
-                "-e",
-                "_start",
-                "--no-warn-rwx-segments",
-                "-o",
-            ])
-            .arg(&elf)
-            .arg(&obj));
-        elf
-    })
-}
 
 fn args<'a>(probe: &'a str, command: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["--kernel", probe, "--memory", "64M", "--cmdline", command];
@@ -59,7 +21,7 @@ fn guest_endings_map_to_exit_statuses() {
     if !kvm_available() {
         return;
     }
-    let p = probe().to_str().unwrap();
+    let p = x86_probe().to_str().unwrap();
     for (cmd, marker, code) in [
         ("p", "PROBE-POWEROFF", 0),
         ("r", "PROBE-RESET", 0),
@@ -92,7 +54,7 @@ fn reboot_can_restart_the_vm() {
     if !kvm_available() {
         return;
     }
-    let p = probe().to_str().unwrap();
+    let p = x86_probe().to_str().unwrap();
     let mut vm = Vm::start(&args(p, "r", &["--on-reboot", "restart"]));
     // The same guest boots again after each reset.
     for _ in 0..3 {
@@ -106,7 +68,7 @@ fn unclaimed_ports_and_mmio_read_all_ones() {
     if !kvm_available() {
         return;
     }
-    let p = probe().to_str().unwrap();
+    let p = x86_probe().to_str().unwrap();
     let mut vm = Vm::start(&args(p, "u", &[]));
     let line = vm.wait_for("PROBE-UNCLAIMED", T);
     assert_eq!(line.trim(), "PROBE-UNCLAIMED port=ffffffff mmio=ffffffff");
@@ -141,7 +103,7 @@ fn pause_stops_vcpus_and_their_cpu_use_resume_continues_and_sigterm_stops() {
     if !kvm_available() {
         return;
     }
-    let p = probe().to_str().unwrap();
+    let p = x86_probe().to_str().unwrap();
     let dir = temp_dir("x86pause");
     let sock = dir.join("ctl.sock");
     let sock = sock.to_str().unwrap();
@@ -188,7 +150,7 @@ fn two_vms_at_once_and_a_socket_in_use() {
     if !kvm_available() {
         return;
     }
-    let p = probe().to_str().unwrap();
+    let p = x86_probe().to_str().unwrap();
     let dir = temp_dir("x86two");
     let sock = dir.join("a.sock");
     let sock = sock.to_str().unwrap();

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const VMM: &str = env!("CARGO_BIN_EXE_vme-vmm");
@@ -46,6 +46,42 @@ pub fn riscv_tiny_args(vcpus: &str, memory: &str, cmdline_extra: &str) -> Vec<St
     .chain(["--vcpus", vcpus, "--memory", memory, "--cmdline", &cmdline])
     .map(String::from)
     .collect()
+}
+
+/// Our x86 probe guest (`guests/x86-probe.S`), assembled and linked once per test binary.
+pub fn x86_probe() -> &'static PathBuf {
+    static PROBE: OnceLock<PathBuf> = OnceLock::new();
+    PROBE.get_or_init(|| {
+        let dir = temp_dir("x86probe");
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guests/x86-probe.S");
+        let (obj, elf) = (dir.join("probe.o"), dir.join("probe.elf"));
+        let run = |cmd: &mut Command| {
+            let out = cmd
+                .output()
+                .expect("run binutils (as, ld): apt-get install binutils");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
+        // -N: one segment at the entry address, no ELF headers loaded below it.
+        run(Command::new("ld")
+            .args([
+                "-m",
+                "elf_x86_64",
+                "-N",
+                "-Ttext=0x100000",
+                "-e",
+                "_start",
+                "--no-warn-rwx-segments",
+                "-o",
+            ])
+            .arg(&elf)
+            .arg(&obj));
+        elf
+    })
 }
 
 /// True when KVM tests should run. Without /dev/kvm they fail, unless the skip is asked for.

@@ -8,6 +8,7 @@
  *   x  reset through the ACPI reset register                    (exit 0)
  *   t  triple fault: no IDT, then int3                          (exit 2)
  *   u  read an unclaimed port and unclaimed MMIO: both must read all-ones
+ *   m  find where its RAM ends (write, read back, restore each MiB), print it, power off
  * Assembled and linked by the integration tests (binutils): see tests/x86_probe.rs.
  */
 	.intel_syntax noprefix
@@ -40,6 +41,8 @@ _start:
 	je triple
 	cmp al, 'u'
 	je unclaimed
+	cmp al, 'm'
+	je ram_size
 	lea esi, msg_unknown
 	call print
 	jmp halt
@@ -100,6 +103,28 @@ unclaimed:
 	lea esi, msg_mmio
 	call print
 	mov eax, ebx
+	call print_hex
+	mov al, '\n'
+	call putc
+	jmp poweroff
+
+/* Past the end of its RAM a guest must find nothing: writes vanish, reads are all-ones. */
+ram_size:
+	mov ebx, 0x200000	/* above this image and its stack */
+1:	mov ecx, [ebx]
+	mov eax, ecx
+	not eax
+	mov [ebx], eax
+	cmp [ebx], eax
+	jne 2f
+	mov [ebx], ecx
+	add ebx, 0x100000
+	cmp ebx, 0xc0000000	/* stop below the 32-bit PCI hole */
+	jb 1b
+2:	lea esi, msg_ram
+	call print
+	mov eax, ebx
+	shr eax, 20
 	call print_hex
 	mov al, '\n'
 	call putc
@@ -166,4 +191,5 @@ msg_reset:	.asciz "PROBE-RESET\n"
 msg_triple:	.asciz "PROBE-TRIPLE\n"
 msg_port:	.asciz "PROBE-UNCLAIMED port="
 msg_mmio:	.asciz " mmio="
+msg_ram:	.asciz "PROBE-RAM-MIB "
 msg_unknown:	.asciz "PROBE-UNKNOWN-COMMAND\n"

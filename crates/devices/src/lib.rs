@@ -9,6 +9,7 @@
 pub mod acpi;
 pub mod bus;
 pub mod i8042;
+pub mod net;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;

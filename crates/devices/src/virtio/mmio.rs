@@ -209,6 +209,17 @@ impl MmioTransport {
         }
     }
 
+    /// Serves queue `index` as if the driver had notified it, for devices with an event
+    /// source of their own (frames arriving for a net device). Returns false when the device
+    /// cannot serve the queue (not running, needing reset, queue not ready), so the caller
+    /// stops waiting on its source until the driver sets the device up again.
+    pub fn kick(&mut self, index: u32) -> bool {
+        self.notify(index);
+        self.status & S_DRIVER_OK != 0
+            && self.status & S_NEEDS_RESET == 0
+            && self.queues.get(index as usize).is_some_and(|q| q.ready)
+    }
+
     fn read_reg(&mut self, offset: u64) -> u32 {
         let q = self.queues.get(self.queue_sel as usize);
         match offset {

@@ -1,5 +1,6 @@
 //! virtio 1.2 devices, independent of the machine kind: split virtqueues ([`queue`]), the
-//! virtio-mmio transport ([`mmio`]), virtio-blk ([`block`]) and virtio-rng ([`rng`]).
+//! virtio-mmio transport ([`mmio`]), virtio-blk ([`block`]), virtio-net ([`net`]) and
+//! virtio-rng ([`rng`]).
 //!
 //! Every value a guest places in a ring or descriptor is untrusted. Devices reach guest
 //! memory only through [`GuestMemory`], whose accessors bounds-check and return errors; a
@@ -17,6 +18,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+mod net_worker;
 pub mod queue;
 pub mod rng;
 #[cfg(test)]
@@ -28,6 +31,7 @@ pub use queue::{Chain, Queue, QueueError};
 pub const F_VERSION_1: u64 = 1 << 32;
 
 /// Device types (virtio 1.2 §5).
+pub const ID_NET: u32 = 1;
 pub const ID_BLOCK: u32 = 2;
 pub const ID_RNG: u32 = 4;
 

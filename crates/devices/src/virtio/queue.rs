@@ -232,6 +232,13 @@ impl Queue {
         self.walk(mem, head).map(Some)
     }
 
+    /// Puts the last `n` popped chains back, to be popped again later (a device that took
+    /// buffers for a frame and found too few). The guest may have rewritten them meanwhile;
+    /// they are validated again when popped.
+    pub fn undo_pop(&mut self, n: u16) {
+        self.next_avail = self.next_avail.wrapping_sub(n);
+    }
+
     fn walk(&self, mem: &dyn GuestMemory, head: u16) -> Result<Chain, QueueError> {
         let size = self.size;
         let mut chain = Chain {

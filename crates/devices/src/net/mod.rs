@@ -1,0 +1,5 @@
+//! Host network backends for virtio-net. Only tap devices for now.
+
+pub mod tap;
+
+pub use tap::{Tap, TapError};

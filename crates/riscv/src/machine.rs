@@ -226,6 +226,11 @@ impl Machine {
             h.csr.medeleg = 0xb1ff;
             h.csr.mideleg = 0x222;
             h.csr.mcounteren = 7;
+            // The time CSR open to user mode too: Linux's vDSO clock_gettime reads it there
+            // (a kernel without the SBI PMU driver never sets this itself, and ping or wget
+            // then die of SIGILL). Only time, as Linux's PMU driver does: cycle and instret
+            // stay closed to user space.
+            h.csr.scounteren = 2;
             h.csr.menvcfg = MENVCFG_STCE;
             h.csr.mstatus |= (1 << 13) & MSTATUS_FS;
             h.csr.satp = 0;

@@ -24,7 +24,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-pub use super::net_worker::{RxSignal, RxWorker};
+pub use super::net_worker::{RxSignal, RxSource, RxWorker};
 
 /// Length of `virtio_net_hdr_v1` (`num_buffers` included, as VERSION_1 requires).
 pub const HDR_LEN: usize = 12;
@@ -157,15 +157,10 @@ impl Net {
         self.stats
     }
 
-    /// Starts the thread that delivers frames as they arrive; `kick` must serve the receive
-    /// queue through the transport (under the same lock as the vCPUs' accesses) and return
-    /// what [`super::mmio::MmioTransport::kick`] returns.
-    pub fn spawn_rx_worker(
-        &self,
-        name: &str,
-        kick: Box<dyn FnMut() -> bool + Send>,
-    ) -> io::Result<RxWorker> {
-        RxWorker::spawn(name, self.signal.clone(), self.io.as_raw_fd(), kick)
+    /// The handle a receive worker needs ([`RxSource::spawn`]); take it before the device
+    /// moves into its transport.
+    pub fn rx_source(&self) -> io::Result<RxSource> {
+        RxSource::new(self.signal.clone(), self.io.as_raw_fd())
     }
 
     fn offloads(features: u64) -> u32 {

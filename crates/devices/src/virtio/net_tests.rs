@@ -272,11 +272,9 @@ fn the_worker_delivers_frames_as_they_arrive_and_stops() {
     let (d, m) = (dev.clone(), mem.clone());
     let kicks = Arc::new(AtomicU32::new(0));
     let k = kicks.clone();
-    let worker = dev
-        .lock()
-        .unwrap()
-        .0
-        .spawn_rx_worker(
+    let source = dev.lock().unwrap().0.rx_source().unwrap();
+    let worker = source
+        .spawn(
             "test",
             Box::new(move || {
                 k.fetch_add(1, Ordering::SeqCst);

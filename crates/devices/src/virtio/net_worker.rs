@@ -69,21 +69,16 @@ impl RxSignal {
     }
 }
 
-/// A running receive worker; dropping it stops and joins the thread.
-pub struct RxWorker {
+/// What a worker needs from its device, taken before the device moves into its transport.
+pub struct RxSource {
     signal: Arc<RxSignal>,
-    thread: Option<JoinHandle<()>>,
+    /// Our own descriptor of the backend, so the thread never polls a number the device
+    /// closed and the kernel reused.
+    backend: OwnedFd,
 }
 
-impl RxWorker {
-    pub(crate) fn spawn(
-        name: &str,
-        signal: Arc<RxSignal>,
-        backend: RawFd,
-        kick: Box<dyn FnMut() -> bool + Send>,
-    ) -> io::Result<RxWorker> {
-        // Our own descriptor for polling, so the thread never polls a number the device
-        // closed and the kernel reused.
+impl RxSource {
+    pub(crate) fn new(signal: Arc<RxSignal>, backend: RawFd) -> io::Result<RxSource> {
         // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor and touches no memory.
         let dup = unsafe { libc::fcntl(backend, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
@@ -91,6 +86,17 @@ impl RxWorker {
         }
         // SAFETY: `dup` is a fresh descriptor that nothing else owns.
         let backend = unsafe { OwnedFd::from_raw_fd(dup) };
+        Ok(RxSource { signal, backend })
+    }
+
+    pub fn signal(&self) -> &Arc<RxSignal> {
+        &self.signal
+    }
+
+    /// Starts the thread. `kick` must serve the receive queue through the transport, under
+    /// the lock the vCPUs take, and return what [`super::mmio::MmioTransport::kick`] returns.
+    pub fn spawn(self, name: &str, kick: Box<dyn FnMut() -> bool + Send>) -> io::Result<RxWorker> {
+        let RxSource { signal, backend } = self;
         let s = signal.clone();
         let thread = std::thread::Builder::new()
             .name(format!("net-rx-{name}"))
@@ -100,7 +106,15 @@ impl RxWorker {
             thread: Some(thread),
         })
     }
+}
 
+/// A running receive worker; dropping it stops and joins the thread.
+pub struct RxWorker {
+    signal: Arc<RxSignal>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RxWorker {
     pub fn signal(&self) -> &Arc<RxSignal> {
         &self.signal
     }

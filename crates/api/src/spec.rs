@@ -184,6 +184,150 @@ impl FromStr for DiskSpec {
     }
 }
 
+/// An Ethernet MAC address, written `52:54:00:12:34:56`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// A random locally administered unicast address from 6 random bytes.
+    pub fn from_random(mut bytes: [u8; 6]) -> Mac {
+        bytes[0] = (bytes[0] & !1) | 2;
+        Mac(bytes)
+    }
+}
+
+impl FromStr for Mac {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let bad = || {
+            SpecError(format!(
+                "invalid MAC address {s:?}: write six hex octets like 52:54:00:12:34:56"
+            ))
+        };
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut mac {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if mac[0] & 1 != 0 {
+            return Err(SpecError(format!(
+                "MAC address {s} is a multicast address (lowest bit of the first octet set): \
+                 a NIC needs a unicast one, e.g. 52:54:00:12:34:56"
+            )));
+        }
+        Ok(Mac(mac))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Longest network interface name Linux accepts (IFNAMSIZ minus the NUL).
+pub const MAX_TAP_NAME_LEN: usize = 15;
+
+/// One virtio-net device on a host tap device. On the command line:
+/// `tap=NAME[,mac=52:54:00:12:34:56]`; in a machine file: `[[nets]]` tables with the same
+/// keys. The monitor creates the tap when it does not exist (which needs CAP_NET_ADMIN).
+/// Without a MAC the monitor picks a random locally administered one at start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    pub tap: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<Mac>,
+}
+
+impl NetSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let t = &self.tap;
+        if t.is_empty() {
+            return Err(SpecError("tap name is empty: give tap=NAME".into()));
+        }
+        if t.len() > MAX_TAP_NAME_LEN {
+            return Err(SpecError(format!(
+                "tap name {t:?} is {} bytes; Linux allows at most {MAX_TAP_NAME_LEN}: shorten it",
+                t.len()
+            )));
+        }
+        if t == "."
+            || t == ".."
+            || !t
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+        {
+            return Err(SpecError(format!(
+                "tap name {t:?} is not a valid interface name: use printable ASCII without \
+                 spaces, '/' or ':'"
+            )));
+        }
+        if let Some(mac) = self.mac {
+            if mac.0[0] & 1 != 0 {
+                return Err(SpecError(format!(
+                    "MAC address {mac} is a multicast address: use a unicast one"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for NetSpec {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let mut net = NetSpec {
+            tap: String::new(),
+            mac: None,
+        };
+        for item in s.split(',') {
+            let Some((key, value)) = item.split_once('=') else {
+                return Err(SpecError(format!(
+                    "invalid net option {item:?} in {s:?}: use tap=NAME[,mac=52:54:00:12:34:56]"
+                )));
+            };
+            match key {
+                "tap" => net.tap = value.to_string(),
+                "mac" => net.mac = Some(value.parse()?),
+                _ => {
+                    return Err(SpecError(format!(
+                        "unknown net option {key:?} in {s:?}: the options are tap and mac"
+                    )));
+                }
+            }
+        }
+        net.validate()?;
+        Ok(net)
+    }
+}
+
 /// A spec that cannot describe a VM; the message says which field and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -244,6 +388,9 @@ pub struct MachineSpec {
     /// TOML writes arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
+    /// virtio-net devices on host taps, in the order the guest sees them (eth0, eth1, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetSpec>,
 }
 
 impl MachineSpec {
@@ -261,6 +408,7 @@ impl MachineSpec {
             on_reboot: RebootAction::default(),
             rng: default_rng(),
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -312,6 +460,22 @@ impl MachineSpec {
         }
         for disk in &self.disks {
             disk.validate()?;
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            net.validate()?;
+            if self.nets[..i].iter().any(|n| n.tap == net.tap) {
+                return Err(SpecError(format!(
+                    "tap {:?} is given twice: each network device needs its own tap",
+                    net.tap
+                )));
+            }
+            if let Some(mac) = net.mac {
+                if self.nets[..i].iter().any(|n| n.mac == Some(mac)) {
+                    return Err(SpecError(format!(
+                        "MAC address {mac} is given twice: each network device needs its own"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -421,6 +585,47 @@ mod tests {
         let mut bad = spec.clone();
         bad.disks[0].serial = Some("has space".into());
         assert!(bad.validate(8).is_err());
+    }
+
+    #[test]
+    fn nets_parse_from_flags_and_toml() {
+        let n: NetSpec = "tap=vmtap0,mac=52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(n.tap, "vmtap0");
+        assert_eq!(n.mac, Some(Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:12:34:56");
+        assert!("tap=t".parse::<NetSpec>().unwrap().mac.is_none());
+        for (bad, why) in [
+            ("tap=", "empty"),
+            ("tap=abcdefghijklmnop", "at most 15"),
+            ("tap=a/b", "valid interface name"),
+            ("tap=a b", "valid interface name"),
+            ("tap=t,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap=t,mac=52:54:00:12:34", "six hex octets"),
+            ("tap=t,mac=52:54:00:12:34:5g", "six hex octets"),
+            ("tap=t,mac=52:54:00:12:34:56:78", "six hex octets"),
+            ("tap=t,model=e1000", "unknown net option \"model\""),
+            ("t0", "tap=NAME"),
+        ] {
+            let e = bad.parse::<NetSpec>().unwrap_err();
+            assert!(e.0.contains(why), "{bad}: {e}");
+        }
+        let m = Mac::from_random([0xff; 6]);
+        assert_eq!(m.0[0] & 3, 2, "locally administered unicast");
+
+        let text = "kernel = \"/k\"\n[[nets]]\ntap = \"a\"\nmac = \"52:54:00:00:00:01\"\n\
+                    [[nets]]\ntap = \"b\"\n";
+        let spec = MachineSpec::from_toml(text).unwrap();
+        assert_eq!(spec.nets.len(), 2);
+        assert_eq!(MachineSpec::from_toml(&spec.to_toml()).unwrap(), spec);
+        let e = MachineSpec::from_toml("kernel = \"/k\"\n[[nets]]\ntap = \"a\"\nmac = \"zz\"\n")
+            .unwrap_err();
+        assert!(e.0.contains("six hex octets"), "{e}");
+        let mut twice = spec.clone();
+        twice.nets[1].tap = "a".into();
+        assert!(twice.validate(8).unwrap_err().0.contains("given twice"));
+        let mut twice = spec;
+        twice.nets[1].mac = twice.nets[0].mac;
+        assert!(twice.validate(8).unwrap_err().0.contains("given twice"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use vme_api::control::{Request, call};
-use vme_api::spec::DiskSpec;
+use vme_api::spec::{DiskSpec, Mac, NetSpec};
 use vme_api::{Arch, ByteSize, MachineSpec, RebootAction, SerialSpec};
 
 #[derive(Parser, Debug)]
@@ -90,6 +90,11 @@ pub struct RunArgs {
     /// given on the command line, these replace the machine file's disks.
     #[arg(long = "disk", value_name = "path=FILE,...")]
     pub disks: Vec<DiskSpec>,
+    /// A virtio network device on a host tap: tap=NAME[,mac=52:54:00:12:34:56]. The tap is
+    /// created if missing (needs CAP_NET_ADMIN); without a MAC a random local one is used.
+    /// Repeat for more; given on the command line, these replace the machine file's nets.
+    #[arg(long = "net", value_name = "tap=NAME,...")]
+    pub nets: Vec<NetSpec>,
     /// The virtio-rng device: on (default) or off.
     #[arg(long, value_parser = parse_rng)]
     pub rng: Option<bool>,
@@ -159,10 +164,21 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
     if !args.disks.is_empty() {
         spec.disks = args.disks.clone();
     }
+    if !args.nets.is_empty() {
+        spec.nets = args.nets.clone();
+    }
     if let Some(v) = args.rng {
         spec.rng = v;
     }
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
+    if spec.arch == Arch::X86_64 && !spec.nets.is_empty() {
+        // Rather than booting a guest without the network it was given.
+        return Err(
+            "network devices (--net) are not available on x86_64 yet (they need the PCI \
+             transport): remove them, or use --arch riscv64"
+                .into(),
+        );
+    }
     if args.print_config {
         return Ok(spec);
     }
@@ -174,7 +190,25 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
         check_disk(disk)?;
     }
     check_host_memory(spec.memory)?;
+    // Chosen once per monitor, so a guest reboot keeps its addresses.
+    for net in &mut spec.nets {
+        if net.mac.is_none() {
+            net.mac = Some(random_mac()?);
+        }
+    }
     Ok(spec)
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> Result<Mac, String> {
+    use std::io::Read;
+    let mut b = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| {
+            format!("cannot read /dev/urandom for a random MAC address: {e}; give mac=... in --net")
+        })?;
+    Ok(Mac::from_random(b))
 }
 
 /// A disk must be a file (or block device) the monitor can open the way the guest will use it.

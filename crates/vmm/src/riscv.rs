@@ -7,9 +7,11 @@ use vme_api::MachineSpec;
 use vme_api::control::RunState;
 use vme_devices::IrqLine;
 use vme_devices::bus::BusDevice;
+use vme_devices::net::Tap;
 use vme_devices::serial::Serial;
 use vme_devices::virtio::block::Block;
 use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
+use vme_devices::virtio::net::{self as virtio_net, Net, RxSignal, RxSource, RxWorker};
 use vme_devices::virtio::rng::Rng;
 use vme_devices::virtio::{GuestMemory, MemError, VirtioDevice};
 use vme_riscv::{
@@ -32,10 +34,10 @@ impl IrqLine for PlicLine {
     }
 }
 
-/// The shared serial device on the machine's MMIO bus.
-struct SerialWindow(Arc<Mutex<Serial>>);
+/// A device of the backend-neutral device layer, placed on the riscv machine's MMIO bus.
+struct Window<T: BusDevice>(Arc<Mutex<T>>);
 
-impl MmioDevice for SerialWindow {
+impl<T: BusDevice> MmioDevice for Window<T> {
     fn read(&self, offset: u64, data: &mut [u8]) {
         self.0
             .lock()
@@ -93,46 +95,73 @@ impl GuestMemory for MachineRam {
     }
 }
 
-/// A virtio-mmio transport on the machine's bus.
-struct VirtioWindow(Mutex<MmioTransport>);
-
-impl MmioDevice for VirtioWindow {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .read(offset, data);
-    }
-    fn write(&self, offset: u64, data: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write(offset, data);
-    }
+/// One virtio-mmio slot's device, with the receive side of a net device (which needs the
+/// transport before its thread can start).
+struct Slot {
+    device: Box<dyn VirtioDevice>,
+    rx: Option<(String, RxSource)>,
 }
 
-/// The spec's virtio devices in slot order: disks first (vda, vdb, ...), then the rng.
-fn virtio_devices(spec: &MachineSpec) -> Result<Vec<Box<dyn VirtioDevice>>, String> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for disk in &spec.disks {
-        let serial = disk.serial.as_deref().unwrap_or("");
-        let block = Block::open(&disk.path, disk.readonly, serial).map_err(|e| e.to_string())?;
-        devices.push(Box::new(block));
-    }
-    if spec.rng {
-        devices.push(Box::new(Rng::new()));
-    }
-    if devices.len() > MAX_VIRTIO_SLOTS {
+/// The spec's virtio devices in slot order: disks first (vda, vdb, ...), then network
+/// devices (eth0, ...), then the rng.
+fn virtio_devices(spec: &MachineSpec) -> Result<Vec<Slot>, String> {
+    let wanted = spec.disks.len() + spec.nets.len() + usize::from(spec.rng);
+    if wanted > MAX_VIRTIO_SLOTS {
         return Err(format!(
-            "{} disks{} need {} virtio slots, but the riscv64 machine has {MAX_VIRTIO_SLOTS}: \
-             remove disks{}",
+            "{} disks, {} network devices{} need {wanted} virtio slots, but the riscv64 machine \
+             has {MAX_VIRTIO_SLOTS}: remove some{}",
             spec.disks.len(),
+            spec.nets.len(),
             if spec.rng { " and the rng" } else { "" },
-            devices.len(),
             if spec.rng { " or use --rng off" } else { "" }
         ));
     }
-    Ok(devices)
+    let mut slots = Vec::new();
+    for disk in &spec.disks {
+        let serial = disk.serial.as_deref().unwrap_or("");
+        let block = Block::open(&disk.path, disk.readonly, serial).map_err(|e| e.to_string())?;
+        slots.push(Slot {
+            device: Box::new(block),
+            rx: None,
+        });
+    }
+    for net in &spec.nets {
+        let tap = Tap::open(&net.tap).map_err(|e| e.to_string())?;
+        // The CLI fills in a MAC; a spec from elsewhere without one gets a fixed local one.
+        let mac = net.mac.map_or([0x52, 0x54, 0, 0x12, 0x34, 0x56], |m| m.0);
+        let dev = Net::new(Box::new(tap), mac)
+            .map_err(|e| format!("cannot set up the network device on tap {}: {e}", net.tap))?;
+        let rx = dev
+            .rx_source()
+            .map_err(|e| format!("cannot set up the network device on tap {}: {e}", net.tap))?;
+        slots.push(Slot {
+            device: Box::new(dev),
+            rx: Some((net.tap.clone(), rx)),
+        });
+    }
+    if spec.rng {
+        slots.push(Slot {
+            device: Box::new(Rng::new()),
+            rx: None,
+        });
+    }
+    Ok(slots)
+}
+
+/// Keeps the net devices' receive threads in step with the VM: no frame is delivered into a
+/// paused guest, and the threads end with the VM.
+struct NetFollow(Vec<Arc<RxSignal>>);
+
+impl ControlHook for NetFollow {
+    fn state_changed(&self, state: RunState) {
+        for s in &self.0 {
+            match state {
+                RunState::Paused => s.set_paused(true),
+                RunState::Running => s.set_paused(false),
+                RunState::Stopping => s.stop(),
+            }
+        }
+    }
 }
 
 /// Makes the harts follow the VM's run state.
@@ -160,12 +189,12 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
             vme_riscv::MAX_HARTS
         ));
     }
-    let devices = virtio_devices(spec)?;
+    let slots = virtio_devices(spec)?;
     let mut machine = Machine::new(MachineConfig {
         harts,
         memory_bytes: spec.memory.bytes(),
         cmdline: spec.cmdline.clone(),
-        virtio_mmio_slots: devices.len(),
+        virtio_mmio_slots: slots.len(),
         ..MachineConfig::default()
     })
     .map_err(|e| e.to_string())?;
@@ -184,25 +213,46 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
     let output = ctx.console_output().map_err(|e| e.to_string())?;
     let serial = Arc::new(Mutex::new(Serial::new(Arc::new(PlicLine(irq)), output)));
     machine
-        .add_mmio_device(UART_BASE, UART_SIZE, Arc::new(SerialWindow(serial.clone())))
+        .add_mmio_device(UART_BASE, UART_SIZE, Arc::new(Window(serial.clone())))
         .map_err(|e| e.to_string())?;
     ctx.attach_console_input(serial);
 
     let ram = Arc::new(MachineRam::default());
-    for (slot, device) in devices.into_iter().enumerate() {
+    // Dropped (stopped and joined) when this function returns, before the devices go.
+    let mut rx_workers: Vec<RxWorker> = Vec::new();
+    for (slot, Slot { device, rx }) in slots.into_iter().enumerate() {
         // Slot i is described in the device tree at this address with PLIC source 1 + i.
         let base = VIRTIO_BASE + slot as u64 * VIRTIO_STRIDE;
         let irq = machine
             .irq_line(1 + slot as u32)
             .map_err(|e| e.to_string())?;
-        let transport = MmioTransport::new(device, ram.clone(), Arc::new(PlicLine(irq)));
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            ram.clone(),
+            Arc::new(PlicLine(irq)),
+        )));
+        if let Some((tap, rx)) = rx {
+            let t = transport.clone();
+            let kick = move || {
+                t.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .kick(virtio_net::RX_QUEUE as u32)
+            };
+            let worker = rx
+                .spawn(&tap, Box::new(kick))
+                .map_err(|e| format!("cannot start the receive thread for tap {tap}: {e}"))?;
+            rx_workers.push(worker);
+        }
         machine
-            .add_mmio_device(
-                base,
-                MMIO_SIZE,
-                Arc::new(VirtioWindow(Mutex::new(transport))),
-            )
+            .add_mmio_device(base, MMIO_SIZE, Arc::new(Window(transport)))
             .map_err(|e| e.to_string())?;
+    }
+    if !rx_workers.is_empty() {
+        let signals: Vec<_> = rx_workers.iter().map(|w| w.signal().clone()).collect();
+        if ctx.control.state() == RunState::Paused {
+            signals.iter().for_each(|s| s.set_paused(true));
+        }
+        ctx.control.add_hook(Arc::new(NetFollow(signals)));
     }
     let machine = Arc::new(machine);
     // Set once, here, on a fresh cell: it cannot already hold a value.
@@ -218,7 +268,10 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
         handle.stop();
     }
 
-    let ended = machine.run().map_err(|e| e.to_string())?;
+    let ended = machine.run().map_err(|e| e.to_string());
+    // No frame may reach a machine that has stopped running.
+    drop(rx_workers);
+    let ended = ended?;
     log::debug!("riscv64 machine ended: {ended:?}");
     let events: &dyn vme_devices::VmEvents = &*ctx.control;
     match ended {

@@ -114,7 +114,21 @@ pub struct Vm {
 
 impl Vm {
     pub fn start(args: &[&str]) -> Vm {
-        let mut child = Command::new(VMM)
+        Vm::start_wrapped(&[], args)
+    }
+
+    /// Starts the monitor under a wrapper command (`wrapper... vme-vmm args...`), e.g.
+    /// `ip netns exec NS` to run it in a network namespace.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Vm {
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(VMM);
+                c
+            }
+            None => Command::new(VMM),
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

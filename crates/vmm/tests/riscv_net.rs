@@ -1,0 +1,303 @@
+//! virtio-net end to end on the riscv64 software machine: the real Linux driver over
+//! virtio-mmio, through the real `vme-vmm` binary, on a real tap device. Everything runs in a
+//! network namespace of its own (created and deleted by the test), so no traffic reaches the
+//! host's network. Needs root (namespaces, taps); set VME_SKIP_NET_TESTS=1 to skip knowingly.
+
+mod common;
+
+use common::{Vm, riscv_tiny_args, run_to_end, temp_dir};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const BULK: usize = 16 << 20;
+const TAP: &str = "vmetap0";
+const MAC: &str = "52:54:00:12:34:56";
+
+/// True when the tap tests should run; without root or /dev/net/tun they fail with the fix.
+fn net_available() -> bool {
+    if std::env::var("VME_SKIP_NET_TESTS").as_deref() == Ok("1") {
+        eprintln!("VME_SKIP_NET_TESTS=1: skipping a test that needs root and /dev/net/tun");
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "the virtio-net tests create a network namespace and a tap device: run them as root, \
+         or set VME_SKIP_NET_TESTS=1 to skip them knowingly"
+    );
+    assert!(
+        Path::new("/dev/net/tun").exists(),
+        "/dev/net/tun is missing: modprobe tun, or set VME_SKIP_NET_TESTS=1 to skip knowingly"
+    );
+    true
+}
+
+fn ip(args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2): apt-get install iproute2")
+}
+
+/// A network namespace for one test, deleted (with the helpers running in it) on drop, even
+/// when the test fails.
+struct Netns {
+    name: String,
+    helpers: Vec<Child>,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("vme-test-{}", std::process::id());
+        let _ = ip(&["netns", "del", &name]);
+        let out = ip(&["netns", "add", &name]);
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Netns {
+            name,
+            helpers: Vec::new(),
+        }
+    }
+
+    fn exec(&self) -> Vec<&str> {
+        vec!["ip", "netns", "exec", &self.name]
+    }
+
+    /// Starts `python3 -c script args...` inside the namespace; its stdout is piped.
+    fn python(&mut self, script: &str, args: &[&str]) -> usize {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3", "-c", script])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run python3 in the test namespace");
+        self.helpers.push(child);
+        self.helpers.len() - 1
+    }
+
+    /// Waits for the monitor to create `tap` in the namespace, then gives the host side an
+    /// address and brings it up.
+    fn configure_tap(&self, tap: &str, vm: &Vm) {
+        let t = Instant::now();
+        while !ip(&["-n", &self.name, "link", "show", tap])
+            .status
+            .success()
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the monitor did not create tap {tap} in {}\n--- stderr ---\n{}",
+                self.name,
+                vm.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for args in [
+            vec!["-n", &self.name, "addr", "add", "10.0.2.1/24", "dev", tap],
+            vec!["-n", &self.name, "link", "set", tap, "up"],
+        ] {
+            let out = ip(&args);
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for h in &mut self.helpers {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Accepts one TCP connection on port 9000, reads it to the end and prints
+/// `SINK <sha256> <bytes> <seconds from first byte to end>`.
+const SINK: &str = r#"
+import hashlib, socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9000))
+s.listen(1)
+print("LISTENING", flush=True)
+c, _ = s.accept()
+h, n, t0 = hashlib.sha256(), 0, None
+while True:
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    if t0 is None:
+        t0 = time.monotonic()
+    h.update(b)
+    n += len(b)
+c.close()
+print("SINK", h.hexdigest(), n, "%.3f" % (time.monotonic() - (t0 or time.monotonic())), flush=True)
+"#;
+
+/// Serves files of a directory over HTTP on port 8000 (what the guest's busybox wget speaks).
+const HTTP: &str = r#"
+import functools, http.server, sys
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 8000), handler)
+print("LISTENING", flush=True)
+server.serve_forever()
+"#;
+
+fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run the host's sha256sum (coreutils)");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The value after `TAG=` on the guest's console line.
+fn value(vm: &mut Vm, tag: &str) -> String {
+    let line = vm.wait_for(&format!("{tag}="), TIMEOUT);
+    let rest = line.split_once(&format!("{tag}=")).unwrap().1;
+    rest.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn seconds(vm: &mut Vm, tag: &str) -> f64 {
+    value(vm, tag).parse().unwrap()
+}
+
+fn mb_per_s(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / 1e6 / secs.max(0.001)
+}
+
+#[test]
+fn guest_pings_and_moves_sixteen_mib_each_way_over_a_tap() {
+    if !net_available() {
+        return;
+    }
+    let dir = temp_dir("net");
+    let data = dir.join("data");
+    let mut bytes = vec![0u8; BULK];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .unwrap();
+    std::fs::write(&data, &bytes).unwrap();
+    let want = sha256_hex(&data);
+
+    let mut ns = Netns::new();
+    let http = ns.python(HTTP, &[dir.to_str().unwrap()]);
+    let sink = ns.python(SINK, &[]);
+    for i in [http, sink] {
+        let out = ns.helpers[i].stdout.as_mut().unwrap();
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "LISTENING", "a host-side helper did not start");
+    }
+
+    let run = "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
+               echo MAC=$(cat /sys/class/net/eth0/address); \
+               ping -c 3 10.0.2.1 >/dev/null && echo PING=ok; \
+               echo T0=$(cut -d. -f1-2 /proc/uptime); \
+               wget -q -O /tmp/d http://10.0.2.1:8000/data; \
+               echo T1=$(cut -d. -f1-2 /proc/uptime); \
+               echo DOWN=$(sha256sum < /tmp/d); \
+               echo T2=$(cut -d. -f1-2 /proc/uptime); \
+               nc 10.0.2.1 9000 < /tmp/d; \
+               echo T3=$(cut -d. -f1-2 /proc/uptime)";
+    let mut args = riscv_tiny_args("1", "256M", &format!("vme.run=\"{run}\""));
+    args.extend(["--net".into(), format!("tap={TAP},mac={MAC}")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vm::start_wrapped(&ns.exec(), &args);
+    ns.configure_tap(TAP, &vm);
+    assert!(
+        !ip(&["link", "show", TAP]).status.success(),
+        "the tap must exist only inside the test's namespace"
+    );
+
+    assert_eq!(
+        value(&mut vm, "MAC"),
+        MAC,
+        "the guest sees the MAC it was given"
+    );
+    assert_eq!(value(&mut vm, "PING"), "ok", "{}", vm.console_text());
+    let t0 = seconds(&mut vm, "T0");
+    let t1 = seconds(&mut vm, "T1");
+    assert_eq!(value(&mut vm, "DOWN"), want, "host -> guest data intact");
+    let t2 = seconds(&mut vm, "T2");
+    let t3 = seconds(&mut vm, "T3");
+    vm.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+    let status = vm.wait_exit(TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{}", vm.stderr.lock().unwrap());
+
+    let mut line = String::new();
+    let out = ns.helpers[sink].stdout.as_mut().unwrap();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        f.first(),
+        Some(&"SINK"),
+        "the host never got the upload: {line:?}"
+    );
+    assert_eq!(f[2], BULK.to_string(), "guest -> host byte count");
+    assert_eq!(f[1], want, "guest -> host data intact");
+    let sink_secs: f64 = f[3].parse().unwrap();
+    eprintln!(
+        "riscv64 virtio-net over tap, 16 MiB: host -> guest {:.1} MB/s (guest wget, guest uptime clock), \
+         guest -> host {:.1} MB/s (guest nc, guest clock; {:.1} MB/s by the host's receive clock)",
+        mb_per_s(BULK, t1 - t0),
+        mb_per_s(BULK, t3 - t2),
+        mb_per_s(BULK, sink_secs)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn net_flags_are_checked_before_boot() {
+    let (status, err) = run_to_end(&[
+        "--arch",
+        "riscv64",
+        "--kernel",
+        "/nonexistent",
+        "--net",
+        "tap=abcdefghijklmnop",
+    ]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("at most 15"), "{err}");
+    let (status, err) = run_to_end(&["--kernel", "/k", "--net", "tap=t0,mac=01:00:5e:00:00:01"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("multicast"), "{err}");
+    let (status, err) = run_to_end(&["--kernel", "/k", "--net", "tap=t0"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("not available on x86_64"), "{err}");
+    let out = Command::new(common::VMM)
+        .args(["--arch", "riscv64", "--kernel", "/k", "--print-config"])
+        .args(["--net", "tap=a,mac=52:54:00:00:00:01", "--net", "tap=b"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("[[nets]]\ntap = \"a\"\nmac = \"52:54:00:00:00:01\"")
+            && text.contains("tap = \"b\""),
+        "{text}"
+    );
+}

@@ -149,10 +149,25 @@ print("SINK", h.hexdigest(), n, "%.3f" % (time.monotonic() - (t0 or time.monoton
 /// Serves files of a directory over HTTP on port 8000 (what the guest's busybox wget speaks).
 const HTTP: &str = r#"
 import functools, http.server, sys
-handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=sys.argv[1])
 server = http.server.ThreadingHTTPServer(("0.0.0.0", 8000), handler)
 print("LISTENING", flush=True)
 server.serve_forever()
+"#;
+
+/// Fetches `argv[1]` (from the guest's busybox httpd, which sends with sendfile and so
+/// with full-size TSO frames), prints `FETCH <sha256> <bytes> <seconds>`, then connects to
+/// `argv[2]`:9001 to tell the guest it may finish.
+const FETCH: &str = r#"
+import hashlib, socket, sys, time, urllib.request
+t0 = time.monotonic()
+body = urllib.request.urlopen(sys.argv[1], timeout=60).read()
+secs = time.monotonic() - t0
+print("FETCH", hashlib.sha256(body).hexdigest(), len(body), "%.3f" % secs, flush=True)
+socket.create_connection((sys.argv[2], 9001), timeout=10).close()
 "#;
 
 fn sha256_hex(path: &Path) -> String {
@@ -218,7 +233,9 @@ fn guest_pings_and_moves_sixteen_mib_each_way_over_a_tap() {
                echo DOWN=$(sha256sum < /tmp/d); \
                echo T2=$(cut -d. -f1-2 /proc/uptime); \
                nc 10.0.2.1 9000 < /tmp/d; \
-               echo T3=$(cut -d. -f1-2 /proc/uptime)";
+               echo T3=$(cut -d. -f1-2 /proc/uptime); \
+               httpd -p 8080 -h /tmp && echo SERVING=1; \
+               nc -l -p 9001";
     let mut args = riscv_tiny_args("1", "256M", &format!("vme.run=\"{run}\""));
     args.extend(["--net".into(), format!("tap={TAP},mac={MAC}")]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -228,6 +245,15 @@ fn guest_pings_and_moves_sixteen_mib_each_way_over_a_tap() {
         !ip(&["link", "show", TAP]).status.success(),
         "the tap must exist only inside the test's namespace"
     );
+
+    // A second monitor on the same tap is refused, and says why.
+    let mut second = ns.exec();
+    second.push(common::VMM);
+    second.extend(args.iter().copied());
+    let out = Command::new(second[0]).args(&second[1..]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another process"), "{err}");
 
     assert_eq!(
         value(&mut vm, "MAC"),
@@ -240,6 +266,26 @@ fn guest_pings_and_moves_sixteen_mib_each_way_over_a_tap() {
     assert_eq!(value(&mut vm, "DOWN"), want, "host -> guest data intact");
     let t2 = seconds(&mut vm, "T2");
     let t3 = seconds(&mut vm, "T3");
+    assert_eq!(value(&mut vm, "SERVING"), "1", "busybox httpd started");
+    let mut fetch = ns.exec();
+    fetch.extend([
+        "python3",
+        "-c",
+        FETCH,
+        "http://10.0.2.15:8080/d",
+        "10.0.2.15",
+    ]);
+    let out = Command::new(fetch[0]).args(&fetch[1..]).output().unwrap();
+    let fetched = String::from_utf8_lossy(&out.stdout).into_owned();
+    let g: Vec<&str> = fetched.split_whitespace().collect();
+    assert!(
+        out.status.success() && g.first() == Some(&"FETCH"),
+        "the host could not fetch from the guest's httpd: {fetched}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(g[1], want, "guest -> host (httpd) data intact");
+    assert_eq!(g[2], BULK.to_string());
+    let fetch_secs: f64 = g[3].parse().unwrap();
     vm.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
     let status = vm.wait_exit(TIMEOUT);
     assert_eq!(status.code(), Some(0), "{}", vm.stderr.lock().unwrap());
@@ -257,11 +303,14 @@ fn guest_pings_and_moves_sixteen_mib_each_way_over_a_tap() {
     assert_eq!(f[1], want, "guest -> host data intact");
     let sink_secs: f64 = f[3].parse().unwrap();
     eprintln!(
-        "riscv64 virtio-net over tap, 16 MiB: host -> guest {:.1} MB/s (guest wget, guest uptime clock), \
-         guest -> host {:.1} MB/s (guest nc, guest clock; {:.1} MB/s by the host's receive clock)",
+        "riscv64 virtio-net over tap, 16 MiB each: host -> guest {:.1} MB/s (guest busybox wget, \
+         guest clock); guest -> host {:.1} MB/s (host fetching from guest busybox httpd, which \
+         uses sendfile; host clock) and {:.1} MB/s (guest busybox nc, 1 KiB writes: {:.1} MB/s by \
+         the guest clock)",
         mb_per_s(BULK, t1 - t0),
-        mb_per_s(BULK, t3 - t2),
-        mb_per_s(BULK, sink_secs)
+        mb_per_s(BULK, fetch_secs),
+        mb_per_s(BULK, sink_secs),
+        mb_per_s(BULK, t3 - t2)
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -169,3 +169,17 @@ impl AsRawFd for Tap {
         self.file.as_raw_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_names_are_refused_before_any_system_call() {
+        for name in ["", "sixteen-bytes-xx", "a/b", "a b", "a\0b"] {
+            let e = Tap::open(name).err().expect(name);
+            assert!(matches!(e, TapError::Name(_)), "{name:?}: {e}");
+            assert!(e.to_string().contains("1 to 15 bytes"), "{e}");
+        }
+    }
+}

@@ -35,7 +35,7 @@ pub const TX_QUEUE: usize = 1;
 const QUEUE_SIZE: u16 = 256;
 /// Frames moved per receive kick, so a host flooding the tap cannot keep a vCPU (or the lock
 /// on the device) forever; the worker comes back for the rest.
-const RX_BATCH: usize = 256;
+const RX_BATCH: usize = 64;
 
 pub const F_CSUM: u64 = 1 << 0;
 pub const F_GUEST_CSUM: u64 = 1 << 1;

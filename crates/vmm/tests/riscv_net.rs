@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Vm, riscv_tiny_args, run_to_end, temp_dir};
+use common::{VMM, Vm, riscv_tiny_args, run_to_end, temp_dir};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -51,8 +51,8 @@ struct Netns {
 }
 
 impl Netns {
-    fn new() -> Netns {
-        let name = format!("vme-test-{}", std::process::id());
+    fn new(tag: &str) -> Netns {
+        let name = format!("vme-test-{}-{tag}", std::process::id());
         let _ = ip(&["netns", "del", &name]);
         let out = ip(&["netns", "add", &name]);
         assert!(
@@ -214,7 +214,7 @@ fn guest_pings_and_moves_sixteen_mib_each_way_over_a_tap() {
     std::fs::write(&data, &bytes).unwrap();
     let want = sha256_hex(&data);
 
-    let mut ns = Netns::new();
+    let mut ns = Netns::new("bulk");
     let http = ns.python(HTTP, &[dir.to_str().unwrap()]);
     let sink = ns.python(SINK, &[]);
     for i in [http, sink] {
@@ -349,4 +349,92 @@ fn net_flags_are_checked_before_boot() {
             && text.contains("tap = \"b\""),
         "{text}"
     );
+}
+
+/// Fetches `argv[1]` and prints the body.
+const GET: &str = r#"
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode(), end="")
+"#;
+
+/// Sends 1000-byte UDP datagrams to `argv[1]`:9999 for one second; prints how many.
+const FLOOD: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t, n = time.monotonic(), 0
+while time.monotonic() - t < 1:
+    try:
+        s.sendto(b"x" * 1000, (sys.argv[1], 9999))
+        n += 1
+    except OSError:
+        time.sleep(0.001)
+print(n)
+"#;
+
+/// While the VM is paused, frames flooding its tap are not delivered and cost the monitor no
+/// CPU (the receive thread sleeps); after resume the network works again.
+#[test]
+fn a_paused_vm_burns_no_cpu_on_a_flooded_tap_and_resumes_networking() {
+    if !net_available() {
+        return;
+    }
+    let dir = temp_dir("net-pause");
+    let sock = dir.join("ctl.sock");
+    let ns = Netns::new("pause");
+    let run = "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
+               echo alive > /tmp/hi; httpd -p 8080 -h /tmp && echo UP=1; \
+               nc -l -p 9001; echo DONE=1";
+    let mut args = riscv_tiny_args("1", "128M", &format!("vme.run=\"{run}\""));
+    args.extend(["--net".into(), format!("tap={TAP}")]);
+    args.extend(["--control-socket".into(), sock.to_str().unwrap().into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vm::start_wrapped(&ns.exec(), &args);
+    ns.configure_tap(TAP, &vm);
+    assert_eq!(value(&mut vm, "UP"), "1");
+    let python = |script: &str, arg: &str| {
+        let mut full = ns.exec();
+        full.extend(["python3", "-c", script, arg]);
+        let out = Command::new(full[0]).args(&full[1..]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let url = "http://10.0.2.15:8080/hi";
+    assert_eq!(python(GET, url).trim(), "alive", "before the pause");
+    let ctl = |cmd: &str| {
+        let out = Command::new(VMM)
+            .args(["ctl", "--control-socket", sock.to_str().unwrap(), cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl("pause");
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu_before = vm.cpu_time();
+    let sent: u64 = python(FLOOD, "10.0.2.15").trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu_used = vm.cpu_time() - cpu_before;
+    assert!(sent > 100, "the flood sent only {sent} datagrams");
+    assert!(
+        cpu_used < Duration::from_millis(150),
+        "the paused monitor used {cpu_used:?} of CPU while {sent} frames hit its tap"
+    );
+    ctl("resume");
+    assert_eq!(python(GET, url).trim(), "alive", "after resume");
+    python(
+        "import socket, sys; socket.create_connection((sys.argv[1], 9001), timeout=10).close()",
+        "10.0.2.15",
+    );
+    vm.wait_for("DONE=1", TIMEOUT);
+    vm.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -222,3 +222,20 @@ fn odd_accesses_are_harmless() {
     r.wr(R_STATUS, S_ACKNOWLEDGE);
     assert_ne!(r.rd(R_STATUS) & S_NEEDS_RESET, 0, "clearing status bits");
 }
+
+#[test]
+fn kick_serves_a_queue_only_while_the_device_runs() {
+    let mut r = Rig::new();
+    r.drv.post(&r.mem, &[(DATA, 16, true)]);
+    assert!(!r.t.kick(0), "not set up: the caller must stop waiting");
+    assert_eq!(r.drv.used_idx(&r.mem), 0);
+    r.bring_up();
+    assert!(r.t.kick(0));
+    assert_eq!(r.drv.used_idx(&r.mem), 1, "a kick serves like a notify");
+    assert!(r.irq());
+    assert!(!r.t.kick(5), "no such queue");
+    r.drv.set_desc(&r.mem, 0, DATA, 8, F_NEXT, 0); // a self loop
+    r.drv.publish(&r.mem, 0);
+    assert!(!r.t.kick(0), "broken by the kick itself: stop waiting");
+    assert_ne!(r.rd(R_STATUS) & S_NEEDS_RESET, 0);
+}

@@ -220,6 +220,11 @@ impl Vcpu {
         self.fd.set_lapic(lapic).map_err(ioctl("KVM_SET_LAPIC"))
     }
 
+    /// The guest TSC's frequency in kHz (the host's unless it was scaled).
+    pub fn tsc_khz(&self) -> Result<u32> {
+        self.fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))
+    }
+
     pub fn set_cpuid2(&self, cpuid: &CpuId) -> Result<()> {
         self.fd.set_cpuid2(cpuid).map_err(ioctl("KVM_SET_CPUID2"))
     }

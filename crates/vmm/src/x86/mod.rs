@@ -23,7 +23,18 @@ use vme_hypervisor::{Kicker, Kvm, Vm};
 /// Linux here instead: rdtscp, lfence-rdtsc (3:18), cx16, popcnt, rdrand, fsgsbase, invpcid,
 /// rdseed, smap, xsave (154; Linux 6.1 no longer knows `noxsave`), PKU and PCID (the set
 /// measured in PVM.md).
-pub const PVM_CMDLINE: &str = "clearcpuid=59,114,141,151,154,158,288,298,306,308 nopku nopcid";
+///
+/// `nopv`: KVM hypercalls (`vmcall`) never complete on PVM (measured: a 2-vCPU guest spins
+/// at the PV send-IPI hypercall; ptp_kvm spins the same way), and only `nopv` keeps Linux
+/// from making them. It also drops kvmclock, so the TSC frequency is given (`tsc_early_khz`,
+/// from KVM) and the TSC trusted: with no PIT, HPET or PM timer that calibrates in time
+/// here, Linux would otherwise mark it unstable and fall back to jiffies.
+pub fn pvm_cmdline(tsc_khz: u32) -> String {
+    format!(
+        "clearcpuid=59,114,141,151,154,158,288,298,306,308 nopku nopcid \
+         nopv tsc_early_khz={tsc_khz} tsc=reliable"
+    )
+}
 
 /// Ports of the ACPI register block (see `vme_devices::acpi`).
 pub const ACPI_PORT: u16 = 0x600;
@@ -118,8 +129,11 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
         Some(p) => Some(open("initrd", p)?),
         None => None,
     };
+    let vcpus = (0..spec.vcpus)
+        .map(|id| vm.create_vcpu(id))
+        .collect::<Result<Vec<_>, _>>()?;
     let cmdline = if template == CpuTemplate::Pvm && !spec.cmdline.contains("clearcpuid") {
-        format!("{} {PVM_CMDLINE}", spec.cmdline)
+        format!("{} {}", spec.cmdline, pvm_cmdline(vcpus[0].tsc_khz()?))
     } else {
         spec.cmdline.clone()
     };
@@ -181,8 +195,8 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
     let supported = kvm.supported_cpuid()?;
     let mut threads = Vec::new();
     let mut kickers = Vec::new();
-    for id in 0..spec.vcpus {
-        let vcpu = vm.create_vcpu(id)?;
+    for vcpu in vcpus {
+        let id = vcpu.id();
         vcpu.set_cpuid2(&vme_arch::build_cpuid(
             &supported, template, id, spec.vcpus,
         )?)?;

@@ -12,6 +12,7 @@ mod logger;
 mod riscv;
 mod signals;
 mod socket;
+mod taps;
 mod x86;
 
 use control::{ExitReason, RunContext, VmControl};

@@ -7,7 +7,6 @@ use vme_api::MachineSpec;
 use vme_api::control::RunState;
 use vme_devices::IrqLine;
 use vme_devices::bus::BusDevice;
-use vme_devices::net::Tap;
 use vme_devices::serial::Serial;
 use vme_devices::virtio::block::Block;
 use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
@@ -126,7 +125,7 @@ fn virtio_devices(spec: &MachineSpec) -> Result<Vec<Slot>, String> {
         });
     }
     for net in &spec.nets {
-        let tap = Tap::open(&net.tap).map_err(|e| e.to_string())?;
+        let tap = crate::taps::open(&net.tap).map_err(|e| e.to_string())?;
         // The CLI fills in a MAC; a spec from elsewhere without one gets a fixed local one.
         let mac = net.mac.map_or([0x52, 0x54, 0, 0x12, 0x34, 0x56], |m| m.0);
         let dev = Net::new(Box::new(tap), mac)

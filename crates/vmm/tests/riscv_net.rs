@@ -438,3 +438,45 @@ fn a_paused_vm_burns_no_cpu_on_a_flooded_tap_and_resumes_networking() {
     assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A guest reboot with `--on-reboot restart` rebuilds the devices but keeps the tap the
+/// monitor created, so its host-side setup (done once, here) still works after the reboot.
+#[test]
+fn the_tap_and_its_host_setup_survive_a_guest_reboot() {
+    if !net_available() {
+        return;
+    }
+    let mut ns = Netns::new("reboot");
+    let sink = r#"
+import socket
+s = socket.socket()
+s.bind(("10.0.2.1", 9000))
+s.listen(4)
+print("LISTENING", flush=True)
+while True:
+    c, _ = s.accept()
+    c.close()
+"#;
+    let run = "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
+               nc 10.0.2.1 9000 </dev/null && echo REACHED=1; reboot -f";
+    let mut args = riscv_tiny_args("1", "128M", &format!("vme.run=\"{run}\""));
+    args.extend(["--net".into(), format!("tap={TAP}")]);
+    args.extend(["--on-reboot".into(), "restart".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vm::start_wrapped(&ns.exec(), &args);
+    ns.configure_tap(TAP, &vm);
+    // Listening on the tap's address, so this starts only once the host side is set up.
+    let helper = ns.python(sink, &[]);
+    let mut line = String::new();
+    BufReader::new(ns.helpers[helper].stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "LISTENING",
+        "the host-side listener did not start"
+    );
+    assert_eq!(value(&mut vm, "REACHED"), "1", "first boot");
+    vm.wait_for("VME-GUEST-READY", TIMEOUT);
+    assert_eq!(value(&mut vm, "REACHED"), "1", "after the reboot");
+}

@@ -149,6 +149,20 @@ impl Tap {
         Ok(())
     }
 
+    /// Another handle on the same tap queue (the same open file). Holding one keeps a tap
+    /// the monitor created alive, with its host-side configuration, across a VM restart.
+    pub fn try_clone(&self) -> Result<Tap, TapError> {
+        let file = self.file.try_clone().map_err(|source| TapError::Setup {
+            name: self.name.clone(),
+            what: "dup",
+            source,
+        })?;
+        Ok(Tap {
+            file,
+            name: self.name.clone(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

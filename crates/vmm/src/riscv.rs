@@ -124,10 +124,13 @@ fn virtio_devices(spec: &MachineSpec) -> Result<Vec<Slot>, String> {
             rx: None,
         });
     }
-    for net in &spec.nets {
+    for (i, net) in spec.nets.iter().enumerate() {
         let tap = crate::taps::open(&net.tap).map_err(|e| e.to_string())?;
-        // The CLI fills in a MAC; a spec from elsewhere without one gets a fixed local one.
-        let mac = net.mac.map_or([0x52, 0x54, 0, 0x12, 0x34, 0x56], |m| m.0);
+        // The CLI fills in a random MAC; a spec from elsewhere without one gets a fixed
+        // locally administered one, distinct per device.
+        let mac = net
+            .mac
+            .map_or([0x52, 0x54, 0, 0x12, 0x34, 0x56 + i as u8], |m| m.0);
         let dev = Net::new(Box::new(tap), mac)
             .map_err(|e| format!("cannot set up the network device on tap {}: {e}", net.tap))?;
         let rx = dev

@@ -45,6 +45,7 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct CtlArgs {
+    /// The running monitor's control socket (its --control-socket).
     #[arg(long)]
     pub control_socket: PathBuf,
     /// status, pause, resume, shutdown or stop
@@ -66,10 +67,13 @@ pub struct RunArgs {
     /// Kernel: bzImage or ELF vmlinux with a PVH note (x86_64), Image (riscv64).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
+    /// An initramfs (cpio, optionally compressed) loaded for the kernel.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// The kernel command line (default: "console=ttyS0 quiet panic=-1").
     #[arg(long)]
     pub cmdline: Option<String>,
+    /// Number of vCPUs (default 1).
     #[arg(long)]
     pub vcpus: Option<u32>,
     /// Guest memory: 256M, 2G or bytes.
@@ -78,6 +82,7 @@ pub struct RunArgs {
     /// stdio, none or file:PATH.
     #[arg(long)]
     pub serial: Option<SerialSpec>,
+    /// A Unix socket for status, pause, resume, shutdown and stop (see `vme-vmm ctl`).
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
     /// auto, host, baseline or pvm (x86_64).

@@ -13,6 +13,7 @@ mod riscv;
 mod signals;
 mod socket;
 mod taps;
+mod virtio;
 mod x86;
 
 use control::{ExitReason, RunContext, VmControl};

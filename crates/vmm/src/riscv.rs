@@ -2,17 +2,16 @@
 //! device, control and console as x86_64.
 
 use crate::control::{ControlHook, ExitReason, RunContext};
+use crate::virtio;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use vme_api::MachineSpec;
 use vme_api::control::RunState;
 use vme_devices::IrqLine;
 use vme_devices::bus::BusDevice;
 use vme_devices::serial::Serial;
-use vme_devices::virtio::block::Block;
 use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
-use vme_devices::virtio::net::{self as virtio_net, Net, RxSignal, RxSource, RxWorker};
-use vme_devices::virtio::rng::Rng;
-use vme_devices::virtio::{GuestMemory, MemError, VirtioDevice};
+use vme_devices::virtio::net::RxWorker;
+use vme_devices::virtio::{GuestMemory, MemError};
 use vme_riscv::{
     GuestRam, MAX_VIRTIO_SLOTS, Machine, MachineConfig, MachineHandle, MmioDevice, UART_BASE,
     UART_IRQ, VIRTIO_BASE, VIRTIO_STRIDE,
@@ -94,78 +93,6 @@ impl GuestMemory for MachineRam {
     }
 }
 
-/// One virtio-mmio slot's device, with the receive side of a net device (which needs the
-/// transport before its thread can start).
-struct Slot {
-    device: Box<dyn VirtioDevice>,
-    rx: Option<(String, RxSource)>,
-}
-
-/// The spec's virtio devices in slot order: disks first (vda, vdb, ...), then network
-/// devices (eth0, ...), then the rng.
-fn virtio_devices(spec: &MachineSpec) -> Result<Vec<Slot>, String> {
-    let wanted = spec.disks.len() + spec.nets.len() + usize::from(spec.rng);
-    if wanted > MAX_VIRTIO_SLOTS {
-        return Err(format!(
-            "{} disks, {} network devices{} need {wanted} virtio slots, but the riscv64 machine \
-             has {MAX_VIRTIO_SLOTS}: remove some{}",
-            spec.disks.len(),
-            spec.nets.len(),
-            if spec.rng { " and the rng" } else { "" },
-            if spec.rng { " or use --rng off" } else { "" }
-        ));
-    }
-    let mut slots = Vec::new();
-    for disk in &spec.disks {
-        let serial = disk.serial.as_deref().unwrap_or("");
-        let block = Block::open(&disk.path, disk.readonly, serial).map_err(|e| e.to_string())?;
-        slots.push(Slot {
-            device: Box::new(block),
-            rx: None,
-        });
-    }
-    for (i, net) in spec.nets.iter().enumerate() {
-        let tap = crate::taps::open(&net.tap).map_err(|e| e.to_string())?;
-        // The CLI fills in a random MAC; a spec from elsewhere without one gets a fixed
-        // locally administered one, distinct per device.
-        let mac = net
-            .mac
-            .map_or([0x52, 0x54, 0, 0x12, 0x34, 0x56 + i as u8], |m| m.0);
-        let dev = Net::new(Box::new(tap), mac)
-            .map_err(|e| format!("cannot set up the network device on tap {}: {e}", net.tap))?;
-        let rx = dev
-            .rx_source()
-            .map_err(|e| format!("cannot set up the network device on tap {}: {e}", net.tap))?;
-        slots.push(Slot {
-            device: Box::new(dev),
-            rx: Some((net.tap.clone(), rx)),
-        });
-    }
-    if spec.rng {
-        slots.push(Slot {
-            device: Box::new(Rng::new()),
-            rx: None,
-        });
-    }
-    Ok(slots)
-}
-
-/// Keeps the net devices' receive threads in step with the VM: no frame is delivered into a
-/// paused guest, and the threads end with the VM.
-struct NetFollow(Vec<Arc<RxSignal>>);
-
-impl ControlHook for NetFollow {
-    fn state_changed(&self, state: RunState) {
-        for s in &self.0 {
-            match state {
-                RunState::Paused => s.set_paused(true),
-                RunState::Running => s.set_paused(false),
-                RunState::Stopping => s.stop(),
-            }
-        }
-    }
-}
-
 /// Makes the harts follow the VM's run state.
 struct Follow(MachineHandle);
 
@@ -191,7 +118,7 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
             vme_riscv::MAX_HARTS
         ));
     }
-    let slots = virtio_devices(spec)?;
+    let slots = virtio::devices(spec, MAX_VIRTIO_SLOTS, "riscv64")?;
     let mut machine = Machine::new(MachineConfig {
         harts,
         memory_bytes: spec.memory.bytes(),
@@ -222,7 +149,7 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
     let ram = Arc::new(MachineRam::default());
     // Dropped (stopped and joined) when this function returns, before the devices go.
     let mut rx_workers: Vec<RxWorker> = Vec::new();
-    for (slot, Slot { device, rx }) in slots.into_iter().enumerate() {
+    for (slot, virtio::Slot { device, rx }) in slots.into_iter().enumerate() {
         // Slot i is described in the device tree at this address with PLIC source 1 + i.
         let base = VIRTIO_BASE + slot as u64 * VIRTIO_STRIDE;
         let irq = machine
@@ -234,28 +161,13 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
             Arc::new(PlicLine(irq)),
         )));
         if let Some((tap, rx)) = rx {
-            let t = transport.clone();
-            let kick = move || {
-                t.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .kick(virtio_net::RX_QUEUE as u32)
-            };
-            let worker = rx
-                .spawn(&tap, Box::new(kick))
-                .map_err(|e| format!("cannot start the receive thread for tap {tap}: {e}"))?;
-            rx_workers.push(worker);
+            rx_workers.push(virtio::start_rx(&tap, rx, transport.clone())?);
         }
         machine
             .add_mmio_device(base, MMIO_SIZE, Arc::new(Window(transport)))
             .map_err(|e| e.to_string())?;
     }
-    if !rx_workers.is_empty() {
-        let signals: Vec<_> = rx_workers.iter().map(|w| w.signal().clone()).collect();
-        if ctx.control.state() == RunState::Paused {
-            signals.iter().for_each(|s| s.set_paused(true));
-        }
-        ctx.control.add_hook(Arc::new(NetFollow(signals)));
-    }
+    virtio::follow_run_state(ctx, &rx_workers);
     let machine = Arc::new(machine);
     // Set once, here, on a fresh cell: it cannot already hold a value.
     let _ = ram.0.set(Arc::downgrade(&machine));

@@ -5,14 +5,19 @@
 //! reaches past the end fails with IOERR and reads or writes nothing. The status byte is the
 //! last byte of the chain and is written last. The image is locked (`flock`) so that two
 //! monitors cannot write one disk: exclusively when writable, shared when read-only.
+//!
+//! An optional [`Throttle`] limits bytes/s and requests/s: a request the buckets refuse stays
+//! in the ring and the device's refill thread serves the queue again when tokens are back.
 
 use super::queue::{Chain, Cursor, Queue, QueueError};
+use super::rate_limit::{Limits, RefillTimer, Throttle};
 use super::{GuestMemory, ID_BLOCK, VirtioDevice};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const SECTOR: u64 = 512;
 /// Longest serial GET_ID returns (virtio 1.2 §5.2.6).
@@ -75,6 +80,8 @@ pub struct Block {
     serial: Vec<u8>,
     config: [u8; 60],
     buf: Vec<u8>,
+    throttle: Option<Throttle>,
+    timer: Option<Arc<RefillTimer>>,
 }
 
 impl Block {
@@ -136,7 +143,22 @@ impl Block {
             serial: serial.as_bytes().to_vec(),
             config,
             buf: Vec::new(),
+            throttle: None,
+            timer: None,
         })
+    }
+
+    /// Limits the disk's bytes/s and requests/s (nothing when `limits` limit nothing). The
+    /// machine must then start the [`refill_timer`](VirtioDevice::refill_timer)'s thread.
+    pub fn set_limits(&mut self, limits: Limits) {
+        let timer = RefillTimer::new();
+        self.throttle = Throttle::new(limits, 0, timer.clone());
+        self.timer = self.throttle.is_some().then_some(timer);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn throttle_mut(&mut self) -> Option<&mut Throttle> {
+        self.throttle.as_mut()
     }
 
     /// Disk size in bytes.
@@ -324,6 +346,10 @@ impl VirtioDevice for Block {
         copy_config(&self.config, offset, data);
     }
 
+    fn refill_timer(&self) -> Option<Arc<RefillTimer>> {
+        self.timer.clone()
+    }
+
     fn process(
         &mut self,
         _index: usize,
@@ -332,6 +358,15 @@ impl VirtioDevice for Block {
     ) -> Result<bool, QueueError> {
         let mut used = false;
         while let Some(chain) = queue.pop(mem)? {
+            if let Some(t) = &mut self.throttle {
+                // The data bytes, near enough: everything but the 16-byte header and status.
+                let total = chain.readable_len().saturating_add(chain.writable_len());
+                if !t.admit(total.saturating_sub(17)) {
+                    // Left in the ring; the refill thread serves it when tokens are back.
+                    queue.undo_pop(1);
+                    break;
+                }
+            }
             let len = self.handle(&chain, mem)?;
             queue.add_used(mem, chain.head, len)?;
             used = true;

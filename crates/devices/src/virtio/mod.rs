@@ -1,6 +1,6 @@
 //! virtio 1.2 devices, independent of the machine kind: split virtqueues ([`queue`]), the
-//! virtio-mmio transport ([`mmio`]), virtio-blk ([`block`]), virtio-net ([`net`]) and
-//! virtio-rng ([`rng`]).
+//! virtio-mmio transport ([`mmio`]), virtio-blk ([`block`]), virtio-net ([`net`]),
+//! virtio-rng ([`rng`]) and the token buckets that rate-limit disks and nets ([`rate_limit`]).
 //!
 //! Every value a guest places in a ring or descriptor is untrusted. Devices reach guest
 //! memory only through [`GuestMemory`], whose accessors bounds-check and return errors; a
@@ -21,6 +21,8 @@ pub mod mmio;
 pub mod net;
 mod net_worker;
 pub mod queue;
+pub mod rate_limit;
+mod refill;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod testmem;
@@ -82,4 +84,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, QueueError>;
     /// Forgets everything negotiated (status written 0).
     fn reset(&mut self) {}
+    /// The timer of a rate-limited device, whose thread the machine starts with a `kick` of
+    /// the device's transport ([`rate_limit::RefillTimer::spawn`]); `None` when unlimited.
+    fn refill_timer(&self) -> Option<std::sync::Arc<rate_limit::RefillTimer>> {
+        None
+    }
 }

@@ -12,6 +12,10 @@
 //! buffer, one frame waits in the device and the rest stay queued in the host kernel (which
 //! drops beyond its queue length, as a full NIC ring would).
 //!
+//! Each direction may be rate-limited (bytes/s, frames/s; [`Net::set_limits`]): a refused
+//! transmit chain stays in the ring, a refused received frame waits in the device with the
+//! backend unwatched, and the device's refill thread serves the queue when tokens are back.
+//!
 //! Chains are untrusted: a transmit chain with device-writable buffers, a frame shorter than
 //! the header or longer than 65550 bytes plus the header, a receive chain with
 //! device-readable buffers or too short for the header are driver bugs and put the device into
@@ -19,6 +23,7 @@
 
 use super::block::copy_config;
 use super::queue::{Chain, Cursor, Queue, QueueError};
+use super::rate_limit::{Limits, RefillTimer, Throttle};
 use super::{GuestMemory, ID_NET, VirtioDevice};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -129,6 +134,9 @@ pub struct Net {
     /// The backend failed in a way retrying will not fix; logged once.
     rx_broken: bool,
     tx_warned: bool,
+    rx_throttle: Option<Throttle>,
+    tx_throttle: Option<Throttle>,
+    timer: Option<Arc<RefillTimer>>,
 }
 
 impl Net {
@@ -150,7 +158,25 @@ impl Net {
             stats: NetStats::default(),
             rx_broken: false,
             tx_warned: false,
+            rx_throttle: None,
+            tx_throttle: None,
+            timer: None,
         })
+    }
+
+    /// Limits each direction (receive: host to guest; transmit: guest to host). With any
+    /// limit the machine must start the [`refill_timer`](VirtioDevice::refill_timer)'s thread.
+    pub fn set_limits(&mut self, rx: Limits, tx: Limits) {
+        let timer = RefillTimer::new();
+        self.rx_throttle = Throttle::new(rx, RX_QUEUE, timer.clone());
+        self.tx_throttle = Throttle::new(tx, TX_QUEUE, timer.clone());
+        let limited = self.rx_throttle.is_some() || self.tx_throttle.is_some();
+        self.timer = limited.then_some(timer);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn throttles_mut(&mut self) -> (Option<&mut Throttle>, Option<&mut Throttle>) {
+        (self.rx_throttle.as_mut(), self.tx_throttle.as_mut())
     }
 
     pub fn stats(&self) -> NetStats {
@@ -200,6 +226,13 @@ impl Net {
                 return Err(malformed(
                     "a transmit frame is longer than 65550 bytes plus the header",
                 ));
+            }
+            if let Some(t) = &mut self.tx_throttle {
+                if !t.admit(len - HDR_LEN as u64) {
+                    // Left in the ring; the refill thread serves it when tokens are back.
+                    queue.undo_pop(1);
+                    break;
+                }
             }
             self.tx_buf.resize(len as usize, 0);
             Cursor::new(&chain.readable).read_to(mem, &mut self.tx_buf)?;
@@ -254,8 +287,22 @@ impl Net {
                 },
             };
             self.pending = Some(len);
+            let bytes = (len - HDR_LEN) as u64;
+            if let Some(t) = &mut self.rx_throttle {
+                if !t.check(bytes) {
+                    // The frame waits here and the backend is not watched (the kernel queues
+                    // or drops the rest); the refill thread kicks this queue.
+                    self.signal.set_watch(false);
+                    return Ok(used);
+                }
+            }
             match self.deliver(queue, mem, len)? {
-                Delivery::Done => used = true,
+                Delivery::Done => {
+                    used = true;
+                    if let Some(t) = &mut self.rx_throttle {
+                        t.consume(bytes);
+                    }
+                }
                 Delivery::Dropped => {}
                 Delivery::NoBuffers => {
                     // Wait for the guest's notify rather than polling a readable backend.
@@ -336,6 +383,10 @@ impl VirtioDevice for Net {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         copy_config(&self.config, offset, data);
+    }
+
+    fn refill_timer(&self) -> Option<Arc<RefillTimer>> {
+        self.timer.clone()
     }
 
     fn activate(&mut self, features: u64) {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::virtio::rate_limit::{Limits, RefillTimer};
 use crate::virtio::testmem::{BASE, Driver, SIZE, TestMemory};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixDatagram;
@@ -351,4 +352,85 @@ fn random_chains_never_panic_or_escape_ram() {
         let _ = rig.run(TX_QUEUE);
         assert_eq!(rig.refused(), 0, "round {round}");
     }
+}
+
+/// Limits `rig`'s device with a clock the test moves by hand.
+fn limit(rig: &mut Rig, rx: Limits, tx: Limits) -> (Arc<Mutex<Instant>>, Arc<RefillTimer>) {
+    rig.net.set_limits(rx, tx);
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let n = now.clone();
+    let clock: crate::virtio::rate_limit::Clock = Arc::new(move || *n.lock().unwrap());
+    let (r, t) = rig.net.throttles_mut();
+    if let Some(r) = r {
+        r.set_clock(clock.clone(), rx);
+    }
+    if let Some(t) = t {
+        t.set_clock(clock, tx);
+    }
+    (now, rig.net.refill_timer().unwrap())
+}
+
+#[test]
+fn a_transmit_frame_limit_leaves_the_rest_in_the_ring_until_refill() {
+    let mut rig = Rig::new(0);
+    // 100 frames/s, 20 ms of burst: 2 at once, then one per 10 ms.
+    let tx = Limits {
+        bytes: None,
+        ops: Some(100),
+        burst_ms: 20,
+    };
+    let (now, timer) = limit(&mut rig, Limits::default(), tx);
+    let f = frame(HDR_LEN + 100, 1);
+    rig.mem.put(DATA, &f);
+    for _ in 0..4 {
+        rig.drv.post(&rig.mem, &[(DATA, f.len() as u32, false)]);
+    }
+    assert!(rig.run(TX_QUEUE).unwrap());
+    assert_eq!(rig.drv.used_idx(&rig.mem), 2);
+    assert_eq!(rig.net.stats().tx_frames, 2);
+    let t0 = *now.lock().unwrap();
+    assert_eq!(timer.due(TX_QUEUE), Some(t0 + Duration::from_millis(10)));
+    *now.lock().unwrap() += Duration::from_millis(10);
+    assert_eq!(timer.take_due(*now.lock().unwrap()), vec![TX_QUEUE]);
+    assert!(rig.run(TX_QUEUE).unwrap());
+    assert_eq!(rig.net.stats().tx_frames, 3);
+    *now.lock().unwrap() += Duration::from_secs(1);
+    assert!(rig.run(TX_QUEUE).unwrap());
+    assert_eq!(rig.drv.used_idx(&rig.mem), 4);
+}
+
+#[test]
+fn a_receive_byte_limit_holds_the_frame_and_stops_watching_the_backend() {
+    let mut rig = Rig::new(0);
+    // 10 KB/s, 100 ms: a 1000-byte bucket, so one 600-byte frame at a time.
+    let rx = Limits {
+        bytes: Some(10_000),
+        ops: None,
+        burst_ms: 100,
+    };
+    let (now, timer) = limit(&mut rig, rx, Limits::default());
+    for k in 0..3 {
+        rig.peer.send(&frame(HDR_LEN + 600, k)).unwrap();
+        rig.drv
+            .post(&rig.mem, &[(DATA + u64::from(k) * 0x1000, 2048, true)]);
+    }
+    assert!(rig.run(RX_QUEUE).unwrap());
+    assert_eq!(rig.net.stats().rx_frames, 1);
+    assert!(!rig.net.signal.watching(), "no polling while out of tokens");
+    let t0 = *now.lock().unwrap();
+    // 200 more bytes are needed: 20 ms.
+    assert_eq!(timer.due(RX_QUEUE), Some(t0 + Duration::from_millis(20)));
+    // The guest posting buffers meanwhile delivers nothing.
+    assert!(!rig.run(RX_QUEUE).unwrap());
+    *now.lock().unwrap() += Duration::from_millis(20);
+    assert!(rig.run(RX_QUEUE).unwrap());
+    assert_eq!(rig.net.stats().rx_frames, 2);
+    *now.lock().unwrap() += Duration::from_secs(1);
+    assert!(rig.run(RX_QUEUE).unwrap());
+    assert_eq!(rig.net.stats().rx_frames, 3);
+    assert!(
+        rig.net.signal.watching(),
+        "drained and under budget: watch again"
+    );
+    assert_eq!(rig.drv.used_idx(&rig.mem), 3);
 }

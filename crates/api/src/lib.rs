@@ -2,6 +2,7 @@
 //! control-socket protocol. Pure data and parsing: no I/O, no KVM, nothing that runs a VM.
 
 pub mod control;
+pub mod limits;
 pub mod size;
 pub mod spec;
 

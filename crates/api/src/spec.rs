@@ -1,6 +1,7 @@
 //! The machine specification: everything needed to start one VM. `vme-vmm` reads it from flags
 //! or a TOML file; the daemon stores it.
 
+use crate::limits;
 use crate::size::{ByteSize, MIB};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -124,9 +125,9 @@ pub fn parse_switch(what: &str, s: &str) -> Result<bool, SpecError> {
 pub const MAX_SERIAL_LEN: usize = 20;
 
 /// One virtio block device backed by a raw image file. On the command line:
-/// `path=/x.img,readonly=on,serial=abc` (a path cannot contain a comma); in a machine file:
-/// `[[disks]]` tables with the same keys.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `path=/x.img,readonly=on,serial=abc,bw=10M,iops=500,burst_ms=200` (a path cannot contain
+/// a comma); in a machine file: `[[disks]]` tables with the same keys. Limits: [`limits`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     pub path: PathBuf,
@@ -135,6 +136,15 @@ pub struct DiskSpec {
     /// What the guest reads as the disk's serial (`/sys/block/vdX/serial`), at most 20 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Bytes per second read and written together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw: Option<ByteSize>,
+    /// Requests per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+    /// Milliseconds of traffic at the full rates that may go at once (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_ms: Option<u64>,
 }
 
 impl DiskSpec {
@@ -150,6 +160,10 @@ impl DiskSpec {
                 )));
             }
         }
+        limits::check_bytes_rate("disk bw", self.bw)?;
+        limits::check_ops_rate("disk iops", self.iops)?;
+        let any = self.bw.is_some() || self.iops.is_some();
+        limits::check_burst("disk burst_ms", self.burst_ms, any)?;
         Ok(())
     }
 }
@@ -157,24 +171,25 @@ impl DiskSpec {
 impl FromStr for DiskSpec {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        let mut disk = DiskSpec {
-            path: PathBuf::new(),
-            readonly: false,
-            serial: None,
-        };
+        let mut disk = DiskSpec::default();
         for item in s.split(',') {
             let Some((key, value)) = item.split_once('=') else {
                 return Err(SpecError(format!(
-                    "invalid disk option {item:?} in {s:?}: use path=FILE[,readonly=on][,serial=ID]"
+                    "invalid disk option {item:?} in {s:?}: use path=FILE[,readonly=on][,serial=ID]\
+                     [,bw=BYTES/s][,iops=N][,burst_ms=MS]"
                 )));
             };
             match key {
                 "path" => disk.path = PathBuf::from(value),
                 "readonly" => disk.readonly = parse_switch("disk readonly", value)?,
                 "serial" => disk.serial = Some(value.to_string()),
+                "bw" => disk.bw = Some(limits::parse_bytes_rate(key, value)?),
+                "iops" => disk.iops = Some(limits::parse_count(key, value)?),
+                "burst_ms" => disk.burst_ms = Some(limits::parse_count(key, value)?),
                 _ => {
                     return Err(SpecError(format!(
-                        "unknown disk option {key:?} in {s:?}: the options are path, readonly and serial"
+                        "unknown disk option {key:?} in {s:?}: the options are path, readonly, \
+                         serial, bw, iops and burst_ms"
                     )));
                 }
             }
@@ -257,13 +272,25 @@ pub const MAX_TAP_NAME_LEN: usize = 15;
 /// One virtio-net device on a host tap device. On the command line:
 /// `tap=NAME[,mac=52:54:00:12:34:56]`; in a machine file: `[[nets]]` tables with the same
 /// keys. The monitor creates the tap when it does not exist (which needs CAP_NET_ADMIN).
-/// Without a MAC the monitor picks a random locally administered one at start.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Without a MAC the monitor picks a random locally administered one at start. Limits per
+/// direction (rx: host to guest, tx: guest to host): `rx_bw`/`tx_bw` bytes per second,
+/// `rx_pps`/`tx_pps` frames per second, `burst_ms` for all of them ([`limits`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetSpec {
     pub tap: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<Mac>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_bw: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_bw: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_pps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_pps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_ms: Option<u64>,
 }
 
 impl NetSpec {
@@ -296,6 +323,12 @@ impl NetSpec {
                 )));
             }
         }
+        limits::check_bytes_rate("net rx_bw", self.rx_bw)?;
+        limits::check_bytes_rate("net tx_bw", self.tx_bw)?;
+        limits::check_ops_rate("net rx_pps", self.rx_pps)?;
+        limits::check_ops_rate("net tx_pps", self.tx_pps)?;
+        let any = self.rx_bw.or(self.tx_bw).is_some() || self.rx_pps.or(self.tx_pps).is_some();
+        limits::check_burst("net burst_ms", self.burst_ms, any)?;
         Ok(())
     }
 }
@@ -303,22 +336,26 @@ impl NetSpec {
 impl FromStr for NetSpec {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        let mut net = NetSpec {
-            tap: String::new(),
-            mac: None,
-        };
+        let mut net = NetSpec::default();
         for item in s.split(',') {
             let Some((key, value)) = item.split_once('=') else {
                 return Err(SpecError(format!(
-                    "invalid net option {item:?} in {s:?}: use tap=NAME[,mac=52:54:00:12:34:56]"
+                    "invalid net option {item:?} in {s:?}: use tap=NAME[,mac=52:54:00:12:34:56]\
+                     [,rx_bw=BYTES/s][,tx_bw=BYTES/s][,rx_pps=N][,tx_pps=N][,burst_ms=MS]"
                 )));
             };
             match key {
                 "tap" => net.tap = value.to_string(),
                 "mac" => net.mac = Some(value.parse()?),
+                "rx_bw" => net.rx_bw = Some(limits::parse_bytes_rate(key, value)?),
+                "tx_bw" => net.tx_bw = Some(limits::parse_bytes_rate(key, value)?),
+                "rx_pps" => net.rx_pps = Some(limits::parse_count(key, value)?),
+                "tx_pps" => net.tx_pps = Some(limits::parse_count(key, value)?),
+                "burst_ms" => net.burst_ms = Some(limits::parse_count(key, value)?),
                 _ => {
                     return Err(SpecError(format!(
-                        "unknown net option {key:?} in {s:?}: the options are tap and mac"
+                        "unknown net option {key:?} in {s:?}: the options are tap, mac, rx_bw, \
+                         tx_bw, rx_pps, tx_pps and burst_ms"
                     )));
                 }
             }
@@ -549,7 +586,8 @@ mod tests {
             DiskSpec {
                 path: "/x.img".into(),
                 readonly: true,
-                serial: Some("abc".into())
+                serial: Some("abc".into()),
+                ..DiskSpec::default()
             }
         );
         let d: DiskSpec = "path=/y.img".parse().unwrap();

@@ -4,16 +4,30 @@
 //! with the ISA overrides (IRQ0 → GSI2; IRQ9 level), how to power off (`\_S5_` and the FADT
 //! sleep control register) and the power button (a GED, ACPI0013, whose `_EVT` notifies a
 //! PNP0C0C button). The registers are `vme_devices::acpi`'s port block.
+//!
+//! virtio-mmio devices are DSDT devices with `_HID` "LNRO0005" (Linux's virtio_mmio driver
+//! matches it, as on QEMU's arm `virt` and x86 `microvm`): their `_CRS` carries the window and
+//! a level-triggered, active-high interrupt, which matches the transport holding its line up
+//! while its interrupt status is non-zero (an edge could be lost; a level is re-delivered
+//! after EOI until the driver acknowledges). This needs no kernel command line entries.
 
 use crate::ArchError;
 use crate::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
 use acpi_tables::aml::{
     self, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, IO,
-    If, Interrupt, Local, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
-    ResourceTemplate, Scope, Store,
+    If, Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion, OpRegionSpace, Package,
+    Path, ResourceTemplate, Scope, Store,
 };
 use acpi_tables::{Aml, rsdp::Rsdp, sdt::Sdt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// A virtio-mmio device for the DSDT: its register window and its IOAPIC pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmio {
+    pub base: u32,
+    pub size: u32,
+    pub gsi: u32,
+}
 
 const OEM_ID: [u8; 6] = *b"VME   ";
 const OEM_TABLE: [u8; 8] = *b"VMEACPI ";
@@ -88,7 +102,7 @@ fn madt(vcpus: u32, ged_gsi: u32) -> Sdt {
     t
 }
 
-fn dsdt(acpi_port: u16, ged_gsi: u32) -> Sdt {
+fn dsdt(acpi_port: u16, ged_gsi: u32, virtio: &[VirtioMmio]) -> Sdt {
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
     let s5 = Package::new(vec![&SLP_TYP_S5, &SLP_TYP_S5, &0u8, &0u8]);
     Name::new("_S5_".into(), &s5).to_aml_bytes(&mut t);
@@ -134,6 +148,18 @@ fn dsdt(acpi_port: u16, ged_gsi: u32) -> Sdt {
     let com1 = Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
 
     Scope::new("\\_SB_".into(), vec![&pwrb, &ged, &com1]).to_aml_bytes(&mut t);
+
+    for (i, v) in virtio.iter().enumerate() {
+        let window = Memory32Fixed::new(true, v.base, v.size);
+        let irq = Interrupt::new(true, false, false, false, v.gsi);
+        let crs = ResourceTemplate::new(vec![&window, &irq]);
+        let crs = Name::new("_CRS".into(), &crs);
+        let hid = Name::new("_HID".into(), &"LNRO0005");
+        let uid = Name::new("_UID".into(), &(i as u32));
+        let name = format!("VR{i:02X}");
+        let dev = Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
+        Scope::new("\\_SB_".into(), vec![&dev]).to_aml_bytes(&mut t);
+    }
     t
 }
 
@@ -155,17 +181,24 @@ pub fn write_tables(
     vcpus: u32,
     acpi_port: u16,
     ged_gsi: u32,
+    virtio: &[VirtioMmio],
 ) -> Result<u64, ArchError> {
     if vcpus == 0 || vcpus > 255 {
         return Err(ArchError::Acpi(format!(
             "{vcpus} vCPUs: the MADT describes 1 to 255 local APICs"
         )));
     }
+    if virtio.len() > 0xff {
+        return Err(ArchError::Acpi(format!(
+            "{} virtio devices: the DSDT names at most 255",
+            virtio.len()
+        )));
+    }
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
     // XSDT: header + two 8-byte entries.
     let dsdt_addr = align8(xsdt_addr + 36 + 16);
-    let dsdt = dsdt(acpi_port, ged_gsi);
+    let dsdt = dsdt(acpi_port, ged_gsi, virtio);
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr, acpi_port);
     let madt_addr = align8(fadt_addr + fadt.len() as u64);
@@ -216,7 +249,7 @@ mod tests {
     #[test]
     fn tables_chain_with_valid_checksums() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let rsdp = write_tables(&mem, 4, 0x600, 9).unwrap();
+        let rsdp = write_tables(&mem, 4, 0x600, 9, &[]).unwrap();
         let r = read(&mem, rsdp, 36);
         assert_eq!(&r[..8], b"RSD PTR ");
         assert_eq!(sum(&r[..20]), 0);
@@ -249,10 +282,41 @@ mod tests {
     }
 
     #[test]
+    fn virtio_devices_are_in_the_dsdt() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let devs: Vec<VirtioMmio> = (0..8)
+            .map(|i| VirtioMmio {
+                base: 0xd000_1000 + i * 0x1000,
+                size: 0x1000,
+                gsi: 16 + i,
+            })
+            .collect();
+        let rsdp = write_tables(&mem, 1, 0x600, 9, &devs).unwrap();
+        let xsdt_addr = u64::from_le_bytes(read(&mem, rsdp + 24, 8).try_into().unwrap());
+        let fadt_addr = u64::from_le_bytes(read(&mem, xsdt_addr + 36, 8).try_into().unwrap());
+        let dsdt_addr = u64::from_le_bytes(read(&mem, fadt_addr + 140, 8).try_into().unwrap());
+        let dsdt = table(&mem, dsdt_addr);
+        assert_eq!(sum(&dsdt), 0);
+        let hids = dsdt.windows(8).filter(|w| *w == b"LNRO0005").count();
+        assert_eq!(hids, 8);
+        for d in &devs {
+            // Memory32Fixed: tag 0x86, length 9, read-write, base, size.
+            let mut m = vec![0x86, 9, 0, 1];
+            m.extend_from_slice(&d.base.to_le_bytes());
+            m.extend_from_slice(&d.size.to_le_bytes());
+            assert!(dsdt.windows(m.len()).any(|w| w == m), "{d:?}");
+            // Extended interrupt: tag 0x89, length 6, consumer + level + active high, 1 pin.
+            let mut x = vec![0x89, 6, 0, 1, 1];
+            x.extend_from_slice(&d.gsi.to_le_bytes());
+            assert!(dsdt.windows(x.len()).any(|w| w == x), "{d:?}");
+        }
+    }
+
+    #[test]
     fn vcpu_count_is_checked() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        assert!(write_tables(&mem, 0, 0x600, 9).is_err());
-        assert!(write_tables(&mem, 256, 0x600, 9).is_err());
-        assert!(write_tables(&mem, 255, 0x600, 9).is_ok());
+        assert!(write_tables(&mem, 0, 0x600, 9, &[]).is_err());
+        assert!(write_tables(&mem, 256, 0x600, 9, &[]).is_err());
+        assert!(write_tables(&mem, 255, 0x600, 9, &[]).is_ok());
     }
 }

@@ -38,6 +38,16 @@ pub const HIMEM_START: u64 = 0x100000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
+/// virtio-mmio windows: slot i at `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE`, in the 32-bit
+/// hole. The page below stays empty on purpose: tests read it to check that unclaimed MMIO
+/// reads as all-ones.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_1000;
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// Slot i interrupts on IOAPIC pin (GSI) `VIRTIO_GSI_BASE + i`: the pins above the ISA range,
+/// where no legacy device or override can collide. KVM's IOAPIC has 24 pins, hence 8 slots.
+pub const VIRTIO_GSI_BASE: u32 = 16;
+pub const VIRTIO_MMIO_SLOTS: usize = 8;
+
 /// One e820 entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct E820Entry {

@@ -75,6 +75,27 @@ fn unclaimed_ports_and_mmio_read_all_ones() {
     assert_eq!(vm.wait_exit(T).code(), Some(0));
 }
 
+/// A disk given with `--disk` is virtio-mmio slot 0 at 0xd0001000 (modern, device ID 2: block),
+/// the default rng slot 1 (device ID 4); the ACPI DSDT tells Linux where they are.
+#[test]
+fn a_disk_is_a_virtio_mmio_block_device_at_the_first_window() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = temp_dir("x86virtio");
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let p = x86_probe().to_str().unwrap();
+    let disk = format!("path={}", disk.display());
+    let mut vm = Vm::start(&args(p, "v", &["--disk", &disk]));
+    let line = vm.wait_for("PROBE-VIRTIO", T);
+    assert_eq!(
+        line.trim(),
+        "PROBE-VIRTIO magic=74726976 version=00000002 device=00000002 device=00000004"
+    );
+    assert_eq!(vm.wait_exit(T).code(), Some(0));
+}
+
 fn ctl(sock: &str, cmd: &str) -> String {
     let out = Command::new(common::VMM)
         .args(["ctl", "--control-socket", sock, cmd])

@@ -6,14 +6,19 @@ mod emu;
 mod vcpu;
 
 use crate::control::{ControlHook, ExitReason, RunContext};
+use crate::virtio;
 use std::fs::File;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use vcpu::{VcpuReport, VcpuThread};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vme_api::MachineSpec;
 use vme_api::control::RunState;
+use vme_arch::acpi::VirtioMmio;
 use vme_arch::{CpuTemplate, layout, regs};
 use vme_devices::bus::{Bus, SharedDevice};
+use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
+use vme_devices::virtio::{GuestMemory, MemError};
 use vme_devices::{IrqLine, acpi, i8042, rtc, serial};
 use vme_hypervisor::{Kicker, Kvm, Vm};
 
@@ -75,6 +80,49 @@ impl IrqLine for GsiLine {
     }
 }
 
+/// Guest RAM as the virtio devices see it. Every access is checked against the RAM regions
+/// (the PCI hole and anything past the end are not RAM), so a hostile address is an error.
+struct Ram(GuestMemoryMmap);
+
+impl Ram {
+    fn err(addr: u64, len: u64) -> MemError {
+        MemError { addr, len }
+    }
+}
+
+impl GuestMemory for Ram {
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemError> {
+        let ok = addr.checked_add(len).is_some()
+            && usize::try_from(len).is_ok_and(|n| self.0.check_range(GuestAddress(addr), n));
+        ok.then_some(()).ok_or(Self::err(addr, len))
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let len = buf.len() as u64;
+        self.check(addr, len)?;
+        self.0
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| Self::err(addr, len))
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        let len = data.len() as u64;
+        self.check(addr, len)?;
+        self.0
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| Self::err(addr, len))
+    }
+    // Single atomic accesses: ring indices race with the guest's vCPUs.
+    fn load_u16(&self, addr: u64) -> Result<u16, MemError> {
+        self.0
+            .load(GuestAddress(addr), Ordering::Acquire)
+            .map_err(|_| Self::err(addr, 2))
+    }
+    fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemError> {
+        self.0
+            .store(val, GuestAddress(addr), Ordering::Release)
+            .map_err(|_| Self::err(addr, 2))
+    }
+}
+
 /// Kicks every vCPU out of KVM_RUN when the VM is paused or stopped.
 struct KickAll(Vec<Kicker>);
 
@@ -123,7 +171,17 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
     let vm = Arc::new(vm);
 
     regs::write_boot_structures(&mem)?;
-    let rsdp = vme_arch::acpi::write_tables(&mem, spec.vcpus, ACPI_PORT, GED_GSI)?;
+    // Slot i's window and pin; Linux finds them in the DSDT (see vme_arch::acpi).
+    let slots =
+        virtio::devices(spec, layout::VIRTIO_MMIO_SLOTS, "x86_64").map_err(X86Error::Setup)?;
+    let windows: Vec<VirtioMmio> = (0..slots.len())
+        .map(|i| VirtioMmio {
+            base: (layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_STRIDE) as u32,
+            size: MMIO_SIZE as u32,
+            gsi: layout::VIRTIO_GSI_BASE + i as u32,
+        })
+        .collect();
+    let rsdp = vme_arch::acpi::write_tables(&mem, spec.vcpus, ACPI_PORT, GED_GSI, &windows)?;
     let mut kernel = open("kernel", &spec.kernel)?;
     let mut initrd = match &spec.initrd {
         Some(p) => Some(open("initrd", p)?),
@@ -154,7 +212,8 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
         boot.protocol
     );
 
-    // Devices: the guest reaches each only through the port bus, offsets checked by the bus.
+    // Devices: the guest reaches each only through the port or MMIO bus, offsets checked by
+    // the bus.
     let control = ctx.control.clone();
     let irq = |gsi| -> Arc<dyn IrqLine> {
         Arc::new(GsiLine {
@@ -183,7 +242,24 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
         pio.insert(u64::from(port), len, dev)
             .map_err(|e| X86Error::Setup(format!("device layout: {e}")))?;
     }
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
+    let ram = Arc::new(Ram(mem.clone()));
+    // Stopped and joined when this function returns, after the vCPUs.
+    let mut rx_workers = Vec::new();
+    for (slot, window) in slots.into_iter().zip(&windows) {
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            slot.device,
+            ram.clone(),
+            irq(window.gsi),
+        )));
+        if let Some((tap, rx)) = slot.rx {
+            rx_workers
+                .push(virtio::start_rx(&tap, rx, transport.clone()).map_err(X86Error::Setup)?);
+        }
+        mmio.insert(u64::from(window.base), u64::from(window.size), transport)
+            .map_err(|e| X86Error::Setup(format!("device layout: {e}")))?;
+    }
+    virtio::follow_run_state(ctx, &rx_workers);
     ctx.attach_console_input(serial);
     control.set_power_button(Box::new(move || {
         acpi_dev
@@ -235,6 +311,8 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
     }
     let reason = control.wait_for_exit();
     let reports: Vec<VcpuReport> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    // No frame may reach a VM that has stopped running.
+    drop(rx_workers);
     log_measurements(&reports);
     Ok(reason)
 }

@@ -9,6 +9,8 @@
  *   t  triple fault: no IDT, then int3                          (exit 2)
  *   u  read an unclaimed port and unclaimed MMIO: both must read all-ones
  *   m  find where its RAM ends (write, read back, restore each MiB), print it, power off
+ *   v  print MagicValue, Version and DeviceID of the first virtio-mmio window (0xd0001000)
+ *      and the DeviceID of the second (0xd0002000), power off
  * Assembled and linked by the integration tests (binutils): see tests/x86_probe.rs.
  */
 	.intel_syntax noprefix
@@ -43,6 +45,8 @@ _start:
 	je unclaimed
 	cmp al, 'm'
 	je ram_size
+	cmp al, 'v'
+	je virtio
 	lea esi, msg_unknown
 	call print
 	jmp halt
@@ -130,6 +134,27 @@ ram_size:
 	call putc
 	jmp poweroff
 
+virtio:
+	lea esi, msg_virtio
+	call print
+	mov eax, [0xd0001000]	/* MagicValue: "virt" */
+	call print_hex
+	lea esi, msg_version
+	call print
+	mov eax, [0xd0001004]	/* Version: 2 (modern) */
+	call print_hex
+	lea esi, msg_device
+	call print
+	mov eax, [0xd0001008]	/* DeviceID */
+	call print_hex
+	lea esi, msg_device
+	call print
+	mov eax, [0xd0002008]	/* the next slot's DeviceID */
+	call print_hex
+	mov al, '\n'
+	call putc
+	jmp poweroff
+
 halt:
 	cli
 	hlt
@@ -192,4 +217,7 @@ msg_triple:	.asciz "PROBE-TRIPLE\n"
 msg_port:	.asciz "PROBE-UNCLAIMED port="
 msg_mmio:	.asciz " mmio="
 msg_ram:	.asciz "PROBE-RAM-MIB "
+msg_virtio:	.asciz "PROBE-VIRTIO magic="
+msg_version:	.asciz " version="
+msg_device:	.asciz " device="
 msg_unknown:	.asciz "PROBE-UNKNOWN-COMMAND\n"

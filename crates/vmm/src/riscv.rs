@@ -149,7 +149,9 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
     let ram = Arc::new(MachineRam::default());
     // Dropped (stopped and joined) when this function returns, before the devices go.
     let mut rx_workers: Vec<RxWorker> = Vec::new();
+    let mut refill_workers = Vec::new();
     for (slot, virtio::Slot { device, rx }) in slots.into_iter().enumerate() {
+        let refill = device.refill_timer();
         // Slot i is described in the device tree at this address with PLIC source 1 + i.
         let base = VIRTIO_BASE + slot as u64 * VIRTIO_STRIDE;
         let irq = machine
@@ -163,6 +165,8 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
         if let Some((tap, rx)) = rx {
             rx_workers.push(virtio::start_rx(&tap, rx, transport.clone())?);
         }
+        let name = format!("virtio{slot}");
+        refill_workers.extend(virtio::start_refill(ctx, &name, refill, &transport)?);
         machine
             .add_mmio_device(base, MMIO_SIZE, Arc::new(Window(transport)))
             .map_err(|e| e.to_string())?;
@@ -185,6 +189,7 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
     let ended = machine.run().map_err(|e| e.to_string());
     // No frame may reach a machine that has stopped running.
     drop(rx_workers);
+    drop(refill_workers);
     let ended = ended?;
     log::debug!("riscv64 machine ended: {ended:?}");
     let events: &dyn vme_devices::VmEvents = &*ctx.control;

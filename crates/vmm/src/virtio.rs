@@ -9,6 +9,7 @@ use vme_devices::virtio::VirtioDevice;
 use vme_devices::virtio::block::Block;
 use vme_devices::virtio::mmio::MmioTransport;
 use vme_devices::virtio::net::{self as virtio_net, Net, RxSignal, RxSource, RxWorker};
+use vme_devices::virtio::rate_limit::{Limits, RefillTimer, RefillWorker};
 use vme_devices::virtio::rng::Rng;
 
 /// One virtio-mmio slot's device, with the receive side of a net device (which needs the
@@ -35,7 +36,9 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
     let mut slots = Vec::new();
     for disk in &spec.disks {
         let serial = disk.serial.as_deref().unwrap_or("");
-        let block = Block::open(&disk.path, disk.readonly, serial).map_err(|e| e.to_string())?;
+        let mut block =
+            Block::open(&disk.path, disk.readonly, serial).map_err(|e| e.to_string())?;
+        block.set_limits(limits(disk.bw, disk.iops, disk.burst_ms));
         slots.push(Slot {
             device: Box::new(block),
             rx: None,
@@ -48,8 +51,12 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
         let mac = net
             .mac
             .map_or([0x52, 0x54, 0, 0x12, 0x34, 0x56 + i as u8], |m| m.0);
-        let dev = Net::new(Box::new(tap), mac)
+        let mut dev = Net::new(Box::new(tap), mac)
             .map_err(|e| format!("cannot set up the network device on tap {}: {e}", net.tap))?;
+        dev.set_limits(
+            limits(net.rx_bw, net.rx_pps, net.burst_ms),
+            limits(net.tx_bw, net.tx_pps, net.burst_ms),
+        );
         let rx = dev
             .rx_source()
             .map_err(|e| format!("cannot set up the network device on tap {}: {e}", net.tap))?;
@@ -65,6 +72,50 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
         });
     }
     Ok(slots)
+}
+
+/// A validated spec's limits as the devices take them (burst 0: the default).
+fn limits(bytes: Option<vme_api::ByteSize>, ops: Option<u64>, burst_ms: Option<u64>) -> Limits {
+    Limits {
+        bytes: bytes.map(|b| b.bytes()),
+        ops,
+        burst_ms: burst_ms.unwrap_or(0),
+    }
+}
+
+/// Starts the refill thread of a rate-limited device (`timer` from
+/// [`VirtioDevice::refill_timer`], taken before the device moved into `transport`): it
+/// serves a throttled queue again when tokens are back, and follows the VM's run state.
+pub fn start_refill(
+    ctx: &RunContext,
+    name: &str,
+    timer: Option<Arc<RefillTimer>>,
+    transport: &Arc<Mutex<MmioTransport>>,
+) -> Result<Option<RefillWorker>, String> {
+    let Some(timer) = timer else { return Ok(None) };
+    let t = transport.clone();
+    let kick = move |q| t.lock().unwrap_or_else(|p| p.into_inner()).kick(q);
+    let worker = timer
+        .spawn(name, Box::new(kick))
+        .map_err(|e| format!("cannot start the rate-limit thread of {name}: {e}"))?;
+    if ctx.control.state() == RunState::Paused {
+        timer.set_paused(true);
+    }
+    ctx.control.add_hook(Arc::new(RefillFollow(timer)));
+    Ok(Some(worker))
+}
+
+/// No throttled queue is served in a paused guest; the thread ends with the VM.
+struct RefillFollow(Arc<RefillTimer>);
+
+impl ControlHook for RefillFollow {
+    fn state_changed(&self, state: RunState) {
+        match state {
+            RunState::Paused => self.0.set_paused(true),
+            RunState::Running => self.0.set_paused(false),
+            RunState::Stopping => self.0.stop(),
+        }
+    }
 }
 
 /// Starts the receive thread of a net device now placed on `transport`: a frame from the tap

@@ -330,9 +330,10 @@ fn net_flags_are_checked_before_boot() {
     let (status, err) = run_to_end(&["--kernel", "/k", "--net", "tap=t0,mac=01:00:5e:00:00:01"]);
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("multicast"), "{err}");
+    // x86_64 takes network devices too: the first thing wrong here is the missing kernel.
     let (status, err) = run_to_end(&["--kernel", "/k", "--net", "tap=t0"]);
     assert_eq!(status.code(), Some(1));
-    assert!(err.contains("not available on x86_64"), "{err}");
+    assert!(err.contains("kernel file /k"), "{err}");
     let out = Command::new(common::VMM)
         .args(["--arch", "riscv64", "--kernel", "/k", "--print-config"])
         .args(["--net", "tap=a,mac=52:54:00:00:00:01", "--net", "tap=b"])
@@ -479,4 +480,76 @@ while True:
     assert_eq!(value(&mut vm, "REACHED"), "1", "first boot");
     vm.wait_for("VME-GUEST-READY", TIMEOUT);
     assert_eq!(value(&mut vm, "REACHED"), "1", "after the reboot");
+}
+
+/// Both directions limited to 1 MiB/s: 3 MiB down (wget) and 3 MiB up (nc) each take at
+/// least ~2.5 s by the guest's clock. A loaded host only makes them slower, so the bound
+/// cannot flake; without the limiter they run at several MB/s (the test above).
+#[test]
+fn per_direction_limits_hold_the_guest_to_one_mib_per_second() {
+    if !net_available() {
+        return;
+    }
+    const SIZE: usize = 3 << 20;
+    let dir = temp_dir("net-limits");
+    let data = dir.join("data");
+    std::fs::write(&data, vec![0x5au8; SIZE]).unwrap();
+    let mut ns = Netns::new("limits");
+    let http = ns.python(HTTP, &[dir.to_str().unwrap()]);
+    let sink = ns.python(SINK, &[]);
+    for i in [http, sink] {
+        let out = ns.helpers[i].stdout.as_mut().unwrap();
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "LISTENING", "a host-side helper did not start");
+    }
+    let run = "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
+               ping -c 1 -W 5 10.0.2.1 >/dev/null; \
+               echo T0=$(cut -d' ' -f1 /proc/uptime); \
+               wget -q -O /tmp/d http://10.0.2.1:8000/data; \
+               echo T1=$(cut -d' ' -f1 /proc/uptime); \
+               echo DOWN=$(wc -c < /tmp/d); \
+               echo T2=$(cut -d' ' -f1 /proc/uptime); \
+               nc 10.0.2.1 9000 < /tmp/d; \
+               echo T3=$(cut -d' ' -f1 /proc/uptime)";
+    let mut args = riscv_tiny_args("1", "128M", &format!("vme.run=\"{run}\""));
+    args.extend([
+        "--net".into(),
+        format!("tap={TAP},mac={MAC},rx_bw=1M,tx_bw=1M"),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vm::start_wrapped(&ns.exec(), &args);
+    ns.configure_tap(TAP, &vm);
+    let t0 = seconds(&mut vm, "T0");
+    let t1 = seconds(&mut vm, "T1");
+    assert_eq!(
+        value(&mut vm, "DOWN"),
+        SIZE.to_string(),
+        "{}",
+        vm.console_text()
+    );
+    let t2 = seconds(&mut vm, "T2");
+    let t3 = seconds(&mut vm, "T3");
+    vm.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    let mut line = String::new();
+    let out = ns.helpers[sink].stdout.as_mut().unwrap();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    assert!(
+        line.contains(&format!(" {SIZE} ")),
+        "upload incomplete: {line:?}"
+    );
+    let mib_s = |s: f64| SIZE as f64 / (1 << 20) as f64 / s.max(0.001);
+    eprintln!(
+        "riscv64 virtio-net limited to 1 MiB/s each way, 3 MiB: down {:.2} s ({:.2} MiB/s), \
+         up {:.2} s ({:.2} MiB/s), guest clock",
+        t1 - t0,
+        mib_s(t1 - t0),
+        t3 - t2,
+        mib_s(t3 - t2)
+    );
+    // Headers count against the limit too, and 100 ms of burst is allowed.
+    assert!(mib_s(t1 - t0) < 1.25, "receive went above its limit");
+    assert!(mib_s(t3 - t2) < 1.25, "transmit went above its limit");
+    let _ = std::fs::remove_dir_all(&dir);
 }

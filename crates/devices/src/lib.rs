@@ -1,8 +1,10 @@
 //! Virtual devices shared by both machine kinds: 16550 serial, i8042 reset, CMOS RTC, virtio
 //! (blk, net, rng over the mmio transport; PCI later), and the host tap backend of virtio-net
 //! ([`net`]). Devices are small state machines: their effects leave through traits (interrupt
-//! lines, VM events, output sinks), so they test without KVM; the one thread a device owns
-//! is virtio-net's receive worker, because frames arrive when no vCPU touches the device.
+//! lines, VM events, output sinks), so they test without KVM. The threads devices own are
+//! virtio-net's receive worker, because frames arrive when no vCPU touches the device, and
+//! a rate-limited device's refill thread, which resumes a throttled queue when tokens are
+//! back (`virtio::rate_limit`).
 //!
 //! Every register access a guest makes reaches a device through a [`bus::Bus`], which maps
 //! address ranges to devices and refuses overlaps; a device sees only offsets inside its own

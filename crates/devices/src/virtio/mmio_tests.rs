@@ -21,9 +21,12 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with(Box::new(Rng::new()))
+    }
+    fn with(device: Box<dyn VirtioDevice>) -> Rig {
         let mem = Arc::new(TestMemory::new());
         let line = Arc::new(Line::default());
-        let t = MmioTransport::new(Box::new(Rng::new()), mem.clone(), line.clone());
+        let t = MmioTransport::new(device, mem.clone(), line.clone());
         Rig {
             t,
             mem,
@@ -238,4 +241,64 @@ fn kick_serves_a_queue_only_while_the_device_runs() {
     r.drv.publish(&r.mem, 0);
     assert!(!r.t.kick(0), "broken by the kick itself: stop waiting");
     assert_ne!(r.rd(R_STATUS) & S_NEEDS_RESET, 0);
+}
+
+#[test]
+fn a_throttled_queue_is_served_by_the_refill_thread_through_kick() {
+    use crate::virtio::block::Block;
+    use crate::virtio::rate_limit::Limits;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    let img = std::env::temp_dir().join(format!("vme-refill-test-{}.img", std::process::id()));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut blk = Block::open(&img, true, "").unwrap();
+    // 10 requests/s with 100 ms of burst: one at once, the next up to 100 ms later.
+    blk.set_limits(Limits {
+        bytes: None,
+        ops: Some(10),
+        burst_ms: 100,
+    });
+    let timer = blk.refill_timer().unwrap();
+    let mut rig = Rig::with(Box::new(blk));
+    rig.bring_up();
+    let (hdr, data, status) = (DATA, DATA + 0x1000, DATA + 0x2000);
+    // Two requests of three descriptors fit the rig's 8-entry ring.
+    for _ in 0..2 {
+        rig.drv.post(
+            &rig.mem,
+            &[(hdr, 16, false), (data, 512, true), (status, 1, true)],
+        );
+    }
+    let Rig { t, mem, drv, .. } = rig;
+    let t = Arc::new(Mutex::new(t));
+    let k = t.clone();
+    let worker = timer
+        .spawn("test", Box::new(move |q| k.lock().unwrap().kick(q)))
+        .unwrap();
+    t.lock().unwrap().write(R_QUEUE_NOTIFY, &0u32.to_le_bytes());
+    let st = t.lock().unwrap().status();
+    assert_eq!(
+        drv.used_idx(&mem),
+        1,
+        "the notify serves only the budget ({st:#x})"
+    );
+    let due = timer.due(0).expect("the refused request armed the timer");
+    let start = Instant::now();
+    while drv.used_idx(&mem) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the refill thread never served the rest"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(30),
+        "served too early"
+    );
+    assert_eq!(t.lock().unwrap().status() & S_NEEDS_RESET, 0);
+    drop(worker);
+    let _ = std::fs::remove_file(&img);
 }

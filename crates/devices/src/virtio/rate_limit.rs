@@ -80,7 +80,10 @@ impl TokenBucket {
         // Round up, so a wake-up never comes a nanosecond early and finds too little.
         let ns = (missing + self.rate - 1) / self.rate;
         let ns = u64::try_from(ns).unwrap_or(u64::MAX);
-        Some(now + Duration::from_nanos(ns))
+        // A debt of 2^64 tokens at 1 token/s lies beyond what Instant can hold: cap at a
+        // century, which for the guest is "stopped", without panicking on the addition.
+        let wait = Duration::from_nanos(ns).min(Duration::from_secs(100 * 365 * 86400));
+        Some(now.checked_add(wait).unwrap_or(now))
     }
 
     fn take(&mut self, cost: u64) {

@@ -58,6 +58,11 @@ fn huge_and_zero_values_neither_overflow_nor_divide_by_zero() {
     assert_eq!(z.ready_at(1, t0), Some(t0 + ms(1000)));
     // An earlier instant than the last one adds nothing and does not panic.
     assert_eq!(z.tokens(t0 - ms(1)), 0);
+    // The largest debt at the smallest rate: a far deadline, no overflow on the addition.
+    let mut d = TokenBucket::new(1, 1000, t0);
+    assert_eq!(d.ready_at(u64::MAX, t0), None);
+    d.take(u64::MAX);
+    assert!(d.ready_at(1, t0).unwrap() > t0 + Duration::from_secs(86400 * 365));
 }
 
 #[test]

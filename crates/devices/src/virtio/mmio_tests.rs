@@ -294,10 +294,7 @@ fn a_throttled_queue_is_served_by_the_refill_thread_through_kick() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(
-        start.elapsed() >= Duration::from_millis(30),
-        "served too early"
-    );
+    assert!(Instant::now() >= due, "served before the tokens were back");
     assert_eq!(t.lock().unwrap().status() & S_NEEDS_RESET, 0);
     drop(worker);
     let _ = std::fs::remove_file(&img);

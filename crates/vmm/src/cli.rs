@@ -94,14 +94,16 @@ pub struct RunArgs {
     /// A virtio disk: path=FILE[,readonly=on][,serial=ID][,bw=BYTES][,iops=N][,burst_ms=MS]
     /// (raw image). bw limits bytes per second (K/M/G suffixes, 4K..1T), iops requests per
     /// second; burst_ms is how many milliseconds at those rates may go at once (default 100).
-    /// Repeat for more disks; given on the command line, these replace the machine file's.
+    /// Repeat for more disks; given on the command line, these replace the machine file's
+    /// disks.
     #[arg(long = "disk", value_name = "path=FILE,...")]
     pub disks: Vec<DiskSpec>,
     /// A virtio network device on a host tap: tap=NAME[,mac=52:54:00:12:34:56]. The tap is
     /// created if missing (needs CAP_NET_ADMIN); without a MAC a random local one is used.
     /// Limits per direction (rx: to the guest, tx: from it): rx_bw=BYTES, tx_bw=BYTES (per
     /// second, K/M/G suffixes), rx_pps=N, tx_pps=N (frames per second), burst_ms=MS (default
-    /// 100). Repeat for more; given on the command line, these replace the machine file's.
+    /// 100). Repeat for more; given on the command line, these replace the machine file's
+    /// nets.
     #[arg(long = "net", value_name = "tap=NAME,...")]
     pub nets: Vec<NetSpec>,
     /// The virtio-rng device: on (default) or off.

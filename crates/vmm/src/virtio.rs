@@ -13,7 +13,7 @@ use vme_devices::virtio::rate_limit::{Limits, RefillTimer, RefillWorker};
 use vme_devices::virtio::rng::Rng;
 
 /// Machines that start [`start_refill`] for each device; others refuse rate limits.
-const REFILL_WIRED: &[&str] = &["riscv64"];
+const REFILL_WIRED: &[&str] = &["riscv64", "x86_64"];
 
 /// One virtio-mmio slot's device, with the receive side of a net device (which needs the
 /// transport before its thread can start: see [`start_rx`]).

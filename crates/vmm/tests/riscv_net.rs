@@ -5,123 +5,17 @@
 
 mod common;
 
+use common::netns::{Netns, ip, net_available};
 use common::{VMM, Vm, riscv_tiny_args, run_to_end, temp_dir};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const BULK: usize = 16 << 20;
 const TAP: &str = "vmetap0";
 const MAC: &str = "52:54:00:12:34:56";
-
-/// True when the tap tests should run; without root or /dev/net/tun they fail with the fix.
-fn net_available() -> bool {
-    if std::env::var("VME_SKIP_NET_TESTS").as_deref() == Ok("1") {
-        eprintln!("VME_SKIP_NET_TESTS=1: skipping a test that needs root and /dev/net/tun");
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "the virtio-net tests create a network namespace and a tap device: run them as root, \
-         or set VME_SKIP_NET_TESTS=1 to skip them knowingly"
-    );
-    assert!(
-        Path::new("/dev/net/tun").exists(),
-        "/dev/net/tun is missing: modprobe tun, or set VME_SKIP_NET_TESTS=1 to skip knowingly"
-    );
-    true
-}
-
-fn ip(args: &[&str]) -> std::process::Output {
-    Command::new("ip")
-        .args(args)
-        .output()
-        .expect("run ip (iproute2): apt-get install iproute2")
-}
-
-/// A network namespace for one test, deleted (with the helpers running in it) on drop, even
-/// when the test fails.
-struct Netns {
-    name: String,
-    helpers: Vec<Child>,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("vme-test-{}-{tag}", std::process::id());
-        let _ = ip(&["netns", "del", &name]);
-        let out = ip(&["netns", "add", &name]);
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Netns {
-            name,
-            helpers: Vec::new(),
-        }
-    }
-
-    fn exec(&self) -> Vec<&str> {
-        vec!["ip", "netns", "exec", &self.name]
-    }
-
-    /// Starts `python3 -c script args...` inside the namespace; its stdout is piped.
-    fn python(&mut self, script: &str, args: &[&str]) -> usize {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "python3", "-c", script])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run python3 in the test namespace");
-        self.helpers.push(child);
-        self.helpers.len() - 1
-    }
-
-    /// Waits for the monitor to create `tap` in the namespace, then gives the host side an
-    /// address and brings it up.
-    fn configure_tap(&self, tap: &str, vm: &Vm) {
-        let t = Instant::now();
-        while !ip(&["-n", &self.name, "link", "show", tap])
-            .status
-            .success()
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the monitor did not create tap {tap} in {}\n--- stderr ---\n{}",
-                self.name,
-                vm.stderr.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for args in [
-            vec!["-n", &self.name, "addr", "add", "10.0.2.1/24", "dev", tap],
-            vec!["-n", &self.name, "link", "set", tap, "up"],
-        ] {
-            let out = ip(&args);
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for h in &mut self.helpers {
-            let _ = h.kill();
-            let _ = h.wait();
-        }
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
 
 /// Accepts one TCP connection on port 9000, reads it to the end and prints
 /// `SINK <sha256> <bytes> <seconds from first byte to end>`.

@@ -182,14 +182,6 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
         spec.rng = v;
     }
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
-    if spec.arch == Arch::X86_64 && !spec.nets.is_empty() {
-        // Rather than booting a guest without the network it was given.
-        return Err(
-            "network devices (--net) are not available on x86_64 yet (they need the PCI \
-             transport): remove them, or use --arch riscv64"
-                .into(),
-        );
-    }
     if args.print_config {
         return Ok(spec);
     }

@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::netns::{Netns, net_available};
 use common::{Vm, image, kvm_available, temp_dir};
 use std::time::Duration;
 
@@ -37,10 +38,56 @@ struct Boot<'a> {
     kernel: &'a str,
     vcpus: u32,
     memory_mib: u64,
+    /// Also check virtio-mmio: a read-only disk of known content, a writable disk and the rng
+    /// (only our kernels have the virtio_mmio driver built in).
+    virtio: bool,
 }
+
+/// The host's SHA-256 of a file (coreutils' sha256sum).
+fn host_sha256(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run the host's sha256sum (coreutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `len` bytes that differ per run (xorshift from the clock), so a stale read cannot match.
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// What the guest does with the virtio devices: hash the read-only vda, try to write it, write
+/// a marker to vdb, name the hardware rng and read from it.
+const VIRTIO_RUN: &str = "echo VDA=$(sha256sum /dev/vda); \
+     (printf x > /dev/vda) 2>/dev/null && echo VDA-RO=no || echo VDA-RO=yes; \
+     printf VME-VDB-WRITTEN > /dev/vdb; sync; \
+     echo RNG=$(cat /sys/class/misc/hw_random/rng_current); \
+     echo HWRNG=$(head -c 64 /dev/hwrng | wc -c)";
 
 impl Boot<'_> {
     fn start(&self, run: &str, extra: &[&str]) -> Vm {
+        self.start_wrapped(&[], run, extra)
+    }
+
+    /// Starts the monitor under `wrapper` (e.g. `ip netns exec NAME`).
+    fn start_wrapped(&self, wrapper: &[&str], run: &str, extra: &[&str]) -> Vm {
         let k = image(self.image, self.kernel);
         let i = image(self.image, "initramfs.cpio");
         let cmdline = format!("console=ttyS0 quiet panic=-1 {run}");
@@ -58,7 +105,7 @@ impl Boot<'_> {
             &cmdline,
         ];
         args.extend_from_slice(extra);
-        Vm::start(&args)
+        Vm::start_wrapped(wrapper, &args)
     }
 
     /// Boots, checks what the guest reports of its CPUs, memory and clock, and that
@@ -67,9 +114,26 @@ impl Boot<'_> {
         let dir = temp_dir("x86linux");
         let sock = dir.join("ctl.sock");
         let sock = sock.to_str().unwrap();
-        let run =
-            r#"vme.run="echo NPROC=$(nproc); grep MemTotal /proc/meminfo; echo DATE=$(date +%s)""#;
-        let mut vm = self.start(run, &["--control-socket", sock]);
+        let mut run =
+            "echo NPROC=$(nproc); grep MemTotal /proc/meminfo; echo DATE=$(date +%s)".to_string();
+        let mut extra = vec!["--control-socket".to_string(), sock.to_string()];
+        let (vda, vdb) = (dir.join("vda.raw"), dir.join("vdb.raw"));
+        let mut vda_sha = String::new();
+        if self.virtio {
+            std::fs::write(&vda, random_bytes(4 << 20)).unwrap();
+            std::fs::write(&vdb, vec![0u8; 1 << 20]).unwrap();
+            vda_sha = host_sha256(&vda);
+            run = format!("{run}; {VIRTIO_RUN}");
+            extra.extend([
+                "--disk".to_string(),
+                format!("path={},readonly=on", vda.display()),
+                "--disk".to_string(),
+                format!("path={}", vdb.display()),
+            ]);
+        }
+        let run = format!(r#"vme.run="{run}""#);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut vm = self.start(&run, &extra);
         vm.wait_for("VME-GUEST-READY", BOOT);
         assert_eq!(
             vm.wait_for("NPROC=", BOOT).trim(),
@@ -91,6 +155,18 @@ impl Boot<'_> {
             date.abs_diff(host_unix_time()) < 120,
             "guest date {date} is not the host's"
         );
+        if self.virtio {
+            let line = vm.wait_for("VDA=", BOOT);
+            let got = line.split_once("VDA=").unwrap().1.split_whitespace().next();
+            assert_eq!(
+                got,
+                Some(vda_sha.as_str()),
+                "the guest reads the disk the host wrote: {line}"
+            );
+            assert_eq!(vm.wait_for("VDA-RO=", BOOT).trim(), "VDA-RO=yes");
+            assert_eq!(vm.wait_for("RNG=", BOOT).trim(), "RNG=virtio_rng.0");
+            assert_eq!(vm.wait_for("HWRNG=", BOOT).trim(), "HWRNG=64");
+        }
         // The guest is still up (it powers off after the command): ask the monitor what it
         // did. On PVM hosts the kernel's int3 self-test needs the monitor's emulator.
         let reply = std::process::Command::new(common::VMM)
@@ -111,6 +187,15 @@ impl Boot<'_> {
             "{}",
             vm.stderr.lock().unwrap()
         );
+        if self.virtio {
+            let back = std::fs::read(&vdb).unwrap();
+            assert!(
+                back.starts_with(b"VME-VDB-WRITTEN") && back.len() == 1 << 20,
+                "the guest's write reached the host file: {:?}",
+                String::from_utf8_lossy(&back[..32])
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -119,6 +204,7 @@ const MINIMAL_PVH: Boot = Boot {
     kernel: "vmlinux",
     vcpus: 2,
     memory_mib: 256,
+    virtio: true,
 };
 
 /// Runs on every host: guest user space on KVM, through our minimal kernel's PVH entry.
@@ -137,6 +223,7 @@ fn minimal_kernel_via_bzimage() {
             kernel: "bzImage",
             vcpus: 1,
             memory_mib: 128,
+            virtio: true,
         }
         .check();
     }
@@ -175,6 +262,29 @@ fn reboot_exits_zero_and_an_exiting_init_is_a_named_panic() {
     );
 }
 
+/// virtio-net on x86_64: the guest pings the host end of its tap, in a network namespace of
+/// its own (root needed; VME_SKIP_NET_TESTS=1 skips knowingly).
+#[test]
+fn minimal_kernel_pings_the_host_over_a_tap() {
+    if !slow_tests_enabled("the virtio-net ping") || !net_available() {
+        return;
+    }
+    let ns = Netns::new("x86ping");
+    let run = r#"vme.run="ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
+                 ping -c 3 10.0.2.1 >/dev/null && echo PING=ok || echo PING=failed""#;
+    let tap = "vmetap0";
+    let net = format!("tap={tap},mac=52:54:00:12:34:57");
+    let one = Boot {
+        vcpus: 1,
+        virtio: false,
+        ..MINIMAL_PVH
+    };
+    let mut vm = one.start_wrapped(&ns.exec(), run, &["--net", &net]);
+    ns.configure_tap(tap, &vm);
+    assert_eq!(vm.wait_for("PING=", BOOT).trim(), "PING=ok");
+    assert_eq!(vm.wait_exit(BOOT).code(), Some(0));
+}
+
 #[test]
 fn debian_stock_kernel_via_bzimage_and_pvh() {
     if slow_tests_enabled("Debian's stock cloud kernel") {
@@ -184,6 +294,7 @@ fn debian_stock_kernel_via_bzimage_and_pvh() {
                 kernel,
                 vcpus: 1,
                 memory_mib: 256,
+                virtio: false,
             }
             .check();
         }

@@ -390,7 +390,10 @@ mod tests {
         // Straddling the end of a region, inside the hole, past the end, wrapping around.
         assert!(ram.read((1 << 20) - 4, &mut buf).is_err());
         assert!(ram.write(layout::MMIO_HOLE_START, &buf).is_err());
-        assert!(ram.read(layout::MMIO_HOLE_END + (1 << 20), &mut buf).is_err());
+        assert!(
+            ram.read(layout::MMIO_HOLE_END + (1 << 20), &mut buf)
+                .is_err()
+        );
         assert!(ram.check(u64::MAX - 3, 8).is_err());
         assert!(ram.check(0, u64::MAX).is_err());
         assert!(ram.check(layout::MMIO_HOLE_END, 1 << 20).is_ok());

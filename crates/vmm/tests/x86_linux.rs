@@ -270,8 +270,8 @@ fn minimal_kernel_pings_the_host_over_a_tap() {
         return;
     }
     let ns = Netns::new("x86ping");
-    let run = r#"vme.run="ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
-                 ping -c 3 10.0.2.1 >/dev/null && echo PING=ok || echo PING=failed""#;
+    let run = "vme.run=\"ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
+               ping -c 3 10.0.2.1 >/dev/null && echo PING=ok || echo PING=failed\"";
     let tap = "vmetap0";
     let net = format!("tap={tap},mac=52:54:00:12:34:57");
     let one = Boot {

@@ -99,18 +99,7 @@ fn pause_stops_the_guest_and_its_cpu_use_and_resume_continues() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("in use by another running VM"), "{stderr}");
 
-    let ctl = |cmd: &str| {
-        let out = std::process::Command::new(common::VMM)
-            .args(["ctl", "--control-socket", sock.to_str().unwrap(), cmd])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctl {cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let ctl = |cmd: &str| common::ctl(&sock, cmd);
     assert!(ctl("pause").contains(r#""state":"paused""#));
     // Output already in flight drains; after that, nothing.
     std::thread::sleep(Duration::from_millis(300));

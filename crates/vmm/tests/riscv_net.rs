@@ -6,7 +6,7 @@
 mod common;
 
 use common::netns::{Netns, ip, net_available};
-use common::{VMM, Vm, riscv_tiny_args, run_to_end, temp_dir};
+use common::{Vm, riscv_tiny_args, run_to_end, temp_dir};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Command;
@@ -109,14 +109,8 @@ fn guest_pings_and_moves_sixteen_mib_each_way_over_a_tap() {
     let want = sha256_hex(&data);
 
     let mut ns = Netns::new("bulk");
-    let http = ns.python(HTTP, &[dir.to_str().unwrap()]);
-    let sink = ns.python(SINK, &[]);
-    for i in [http, sink] {
-        let out = ns.helpers[i].stdout.as_mut().unwrap();
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "LISTENING", "a host-side helper did not start");
-    }
+    ns.start_listening(HTTP, &[dir.to_str().unwrap()]);
+    let sink = ns.start_listening(SINK, &[]);
 
     let run = "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
                echo MAC=$(cat /sys/class/net/eth0/address); \
@@ -301,15 +295,7 @@ fn a_paused_vm_burns_no_cpu_on_a_flooded_tap_and_resumes_networking() {
     let url = "http://10.0.2.15:8080/hi";
     assert_eq!(python(GET, url).trim(), "alive", "before the pause");
     let ctl = |cmd: &str| {
-        let out = Command::new(VMM)
-            .args(["ctl", "--control-socket", sock.to_str().unwrap(), cmd])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctl {cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::ctl(&sock, cmd);
     };
     ctl("pause");
     std::thread::sleep(Duration::from_millis(200));
@@ -389,14 +375,8 @@ fn per_direction_limits_hold_the_guest_to_one_mib_per_second() {
     let data = dir.join("data");
     std::fs::write(&data, vec![0x5au8; SIZE]).unwrap();
     let mut ns = Netns::new("limits");
-    let http = ns.python(HTTP, &[dir.to_str().unwrap()]);
-    let sink = ns.python(SINK, &[]);
-    for i in [http, sink] {
-        let out = ns.helpers[i].stdout.as_mut().unwrap();
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "LISTENING", "a host-side helper did not start");
-    }
+    ns.start_listening(HTTP, &[dir.to_str().unwrap()]);
+    let sink = ns.start_listening(SINK, &[]);
     let run = "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
                ping -c 1 -W 5 10.0.2.1 >/dev/null; \
                echo T0=$(cut -d' ' -f1 /proc/uptime); \

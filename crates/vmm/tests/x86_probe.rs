@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{Vm, kvm_available, run_to_end, temp_dir, x86_probe};
-use std::process::Command;
+use common::{Vm, ctl, kvm_available, run_to_end, temp_dir, x86_probe};
+use std::path::Path;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
@@ -96,19 +96,6 @@ fn a_disk_is_a_virtio_mmio_block_device_at_the_first_window() {
     assert_eq!(vm.wait_exit(T).code(), Some(0));
 }
 
-fn ctl(sock: &str, cmd: &str) -> String {
-    let out = Command::new(common::VMM)
-        .args(["ctl", "--control-socket", sock, cmd])
-        .output()
-        .expect("run vme-vmm ctl");
-    assert!(
-        out.status.success(),
-        "ctl {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn ticks(vm: &Vm) -> Vec<u32> {
     vm.console_text()
         .lines()
@@ -131,7 +118,7 @@ fn pause_stops_vcpus_and_their_cpu_use_resume_continues_and_sigterm_stops() {
     let mut vm = Vm::start(&args(p, "c", &["--vcpus", "2", "--control-socket", sock]));
     vm.wait_for("tick 00000002", T);
 
-    assert!(ctl(sock, "pause").contains(r#""state":"paused""#));
+    assert!(ctl(Path::new(sock), "pause").contains(r#""state":"paused""#));
     std::thread::sleep(Duration::from_millis(200));
     let before_ticks = ticks(&vm);
     let cpu = vm.cpu_time();
@@ -143,12 +130,12 @@ fn pause_stops_vcpus_and_their_cpu_use_resume_continues_and_sigterm_stops() {
         "paused monitor used {used:?} of CPU in 3 s"
     );
 
-    let status = ctl(sock, "status");
+    let status = ctl(Path::new(sock), "status");
     assert!(
         status.contains(r#""state":"paused""#) && status.contains(r#""vcpus":2"#),
         "{status}"
     );
-    assert!(ctl(sock, "resume").contains(r#""state":"running""#));
+    assert!(ctl(Path::new(sock), "resume").contains(r#""state":"running""#));
     let last = *before_ticks.last().unwrap();
     vm.wait_for(&format!("tick {:08x}", last + 2), T);
     // The count goes on from where it stopped: nothing skipped, nothing repeated.
@@ -156,7 +143,7 @@ fn pause_stops_vcpus_and_their_cpu_use_resume_continues_and_sigterm_stops() {
     assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
 
     // The power button needs a guest that listens (ACPI): this one does not, so the VM runs on.
-    let status = ctl(sock, "status");
+    let status = ctl(Path::new(sock), "status");
     assert!(status.contains(r#""exits":"#), "{status}");
 
     // SIGTERM ends the VM in order, like `stop`.
@@ -182,9 +169,9 @@ fn two_vms_at_once_and_a_socket_in_use() {
     let (status, stderr) = run_to_end(&args(p, "c", &["--control-socket", sock]));
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("in use by another running VM"), "{stderr}");
-    let s = ctl(sock, "status");
+    let s = ctl(Path::new(sock), "status");
     assert!(s.contains(r#""memory_bytes":67108864"#), "{s}");
-    assert!(ctl(sock, "stop").contains("stopping"));
+    assert!(ctl(Path::new(sock), "stop").contains("stopping"));
     assert_eq!(a.wait_exit(T).code(), Some(0));
     // B is unaffected by A's end.
     let n = ticks(&b).len();

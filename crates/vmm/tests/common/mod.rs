@@ -86,6 +86,23 @@ pub fn x86_probe() -> &'static PathBuf {
     })
 }
 
+/// Sends one control command through `vme-vmm ctl`; asserts it succeeded, returns the reply.
+pub fn ctl(sock: &Path, cmd: &str) -> String {
+    let out = Command::new(VMM)
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(sock)
+        .arg(cmd)
+        .output()
+        .expect("run vme-vmm ctl");
+    assert!(
+        out.status.success(),
+        "ctl {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// True when KVM tests should run. Without /dev/kvm they fail, unless the skip is asked for.
 pub fn kvm_available() -> bool {
     if std::env::var("VME_SKIP_KVM_TESTS").as_deref() == Ok("1") {

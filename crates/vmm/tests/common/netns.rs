@@ -73,6 +73,18 @@ impl Netns {
         self.helpers.len() - 1
     }
 
+    /// Starts a helper (as [`Netns::python`]) that prints LISTENING once it serves, and waits
+    /// for that line. Returns the helper's index.
+    pub fn start_listening(&mut self, script: &str, args: &[&str]) -> usize {
+        let i = self.python(script, args);
+        let out = self.helpers[i].stdout.as_mut().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+            .expect("read the helper's first line");
+        assert_eq!(line.trim(), "LISTENING", "a host-side helper did not start");
+        i
+    }
+
     /// Waits for the monitor to create `tap` in the namespace, then gives the host side an
     /// address and brings it up.
     pub fn configure_tap(&self, tap: &str, vm: &Vm) {

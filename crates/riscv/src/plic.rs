@@ -93,6 +93,19 @@ impl Plic {
         }
         self.update(&st);
     }
+
+    /// An edge on source `irq`: latched pending even while the source is claimed, so it is
+    /// delivered again after completion. Dropping it there loses interrupts: with two harts a
+    /// UART event raised by one hart while the other is finishing its handler for the same
+    /// source was never delivered, and the console stalled.
+    pub(crate) fn pulse(&self, irq: u32) {
+        if irq == 0 || irq > PLIC_NDEV {
+            return;
+        }
+        let mut st = lock(&self.state);
+        st.pending |= 1u64 << irq;
+        self.update(&st);
+    }
 }
 
 impl MmioDevice for Plic {
@@ -202,8 +215,7 @@ impl IrqLine {
 
     /// An edge: latches the source pending once (for devices that only signal events).
     pub fn pulse(&self) {
-        self.plic.set_level(self.irq, true);
-        self.plic.set_level(self.irq, false);
+        self.plic.pulse(self.irq);
     }
 }
 
@@ -220,6 +232,25 @@ mod tests {
     }
     fn wr(p: &Plic, off: u64, v: u32) {
         p.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn a_pulse_during_service_is_delivered_after_completion() {
+        let shared = Arc::new(Shared::new(GuestRam::new(2 << 20).unwrap(), 1, 10_000_000));
+        let plic = Arc::new(Plic::new(Arc::downgrade(&shared), 1));
+        let claim = CONTEXT + 0x1000 + 4; // hart 0's S context (1)
+        wr(&plic, 4 * 10, 1);
+        wr(&plic, ENABLE + 0x80, 1 << 10);
+        let line = IrqLine::new(plic.clone(), 10);
+        line.pulse();
+        assert_eq!(rd(&plic, claim), 10);
+        // Raised (by another hart) while this one is still in its handler.
+        line.pulse();
+        assert_eq!(rd(&plic, claim), 0, "not delivered while in service");
+        wr(&plic, claim, 10);
+        assert_eq!(rd(&plic, claim), 10, "delivered after completion");
+        wr(&plic, claim, 10);
+        assert_eq!(rd(&plic, claim), 0, "exactly once");
     }
 
     #[test]

@@ -12,9 +12,6 @@ use vme_devices::virtio::net::{self as virtio_net, Net, RxSignal, RxSource, RxWo
 use vme_devices::virtio::rate_limit::{Limits, RefillTimer, RefillWorker};
 use vme_devices::virtio::rng::Rng;
 
-/// Machines that start [`start_refill`] for each device; others refuse rate limits.
-const REFILL_WIRED: &[&str] = &["riscv64", "x86_64"];
-
 /// One virtio-mmio slot's device, with the receive side of a net device (which needs the
 /// transport before its thread can start: see [`start_rx`]).
 pub struct Slot {
@@ -34,21 +31,6 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
             spec.nets.len(),
             if spec.rng { " and the rng" } else { "" },
             if spec.rng { " or use --rng off" } else { "" }
-        ));
-    }
-    let limited = spec
-        .disks
-        .iter()
-        .any(|d| d.bw.is_some() || d.iops.is_some())
-        || spec
-            .nets
-            .iter()
-            .any(|n| n.rx_bw.or(n.tx_bw).is_some() || n.rx_pps.or(n.tx_pps).is_some());
-    if limited && !REFILL_WIRED.contains(&machine) {
-        // A throttled queue would wait forever without the thread that resumes it.
-        return Err(format!(
-            "rate limits (bw, iops, rx_bw, tx_bw, rx_pps, tx_pps) are not available on the \
-             {machine} machine yet: remove them, or use --arch riscv64"
         ));
     }
     let mut slots = Vec::new();

@@ -8,7 +8,7 @@ vmm=$target/release/vme-vmm
 arch=${VME_RUN_ARCH:-riscv64}
 case "$arch" in
 riscv64) kernel=$target/images/tiny-riscv64/Image initrd=$target/images/tiny-riscv64/initramfs.cpio ;;
-x86_64) kernel=$target/images/tiny/bzImage initrd=$target/images/tiny/initramfs.cpio ;;
+x86_64) kernel=$target/images/tiny/vmlinux initrd=$target/images/tiny/initramfs.cpio ;;
 *)
 	echo "run.sh: VME_RUN_ARCH must be riscv64 or x86_64, not $arch" >&2
 	exit 1

@@ -10,7 +10,6 @@ use vme_devices::IrqLine;
 use vme_devices::bus::BusDevice;
 use vme_devices::serial::Serial;
 use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
-use vme_devices::virtio::net::RxWorker;
 use vme_devices::virtio::{GuestMemory, MemError};
 use vme_riscv::{
     GuestRam, MAX_VIRTIO_SLOTS, Machine, MachineConfig, MachineHandle, MmioDevice, UART_BASE,
@@ -148,30 +147,21 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
 
     let ram = Arc::new(MachineRam::default());
     // Dropped (stopped and joined) when this function returns, before the devices go.
-    let mut rx_workers: Vec<RxWorker> = Vec::new();
-    let mut refill_workers = Vec::new();
-    for (slot, virtio::Slot { device, rx }) in slots.into_iter().enumerate() {
-        let refill = device.refill_timer();
+    let mut workers = virtio::Workers::default();
+    for (slot, device) in slots.into_iter().enumerate() {
         // Slot i is described in the device tree at this address with PLIC source 1 + i.
         let base = VIRTIO_BASE + slot as u64 * VIRTIO_STRIDE;
         let irq = machine
             .irq_line(1 + slot as u32)
             .map_err(|e| e.to_string())?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            device,
-            ram.clone(),
-            Arc::new(PlicLine(irq)),
-        )));
-        if let Some((tap, rx)) = rx {
-            rx_workers.push(virtio::start_rx(&tap, rx, transport.clone())?);
-        }
-        let name = format!("virtio{slot}");
-        refill_workers.extend(virtio::start_refill(ctx, &name, refill, &transport)?);
+        let transport = workers.wire(slot, device, |device| {
+            MmioTransport::new(device, ram.clone(), Arc::new(PlicLine(irq)))
+        })?;
         machine
             .add_mmio_device(base, MMIO_SIZE, Arc::new(Window(transport)))
             .map_err(|e| e.to_string())?;
     }
-    virtio::follow_run_state(ctx, &rx_workers);
+    workers.follow_run_state(ctx);
     let machine = Arc::new(machine);
     // Set once, here, on a fresh cell: it cannot already hold a value.
     let _ = ram.0.set(Arc::downgrade(&machine));
@@ -188,8 +178,7 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
 
     let ended = machine.run().map_err(|e| e.to_string());
     // No frame may reach a machine that has stopped running.
-    drop(rx_workers);
-    drop(refill_workers);
+    drop(workers);
     let ended = ended?;
     log::debug!("riscv64 machine ended: {ended:?}");
     let events: &dyn vme_devices::VmEvents = &*ctx.control;

@@ -13,7 +13,7 @@ use vme_devices::virtio::rate_limit::{Limits, RefillTimer, RefillWorker};
 use vme_devices::virtio::rng::Rng;
 
 /// One virtio-mmio slot's device, with the receive side of a net device (which needs the
-/// transport before its thread can start: see [`start_rx`]).
+/// transport before its thread can start: see [`Workers::wire`]).
 pub struct Slot {
     pub device: Box<dyn VirtioDevice>,
     pub rx: Option<(String, RxSource)>,
@@ -83,81 +83,110 @@ fn limits(bytes: Option<vme_api::ByteSize>, ops: Option<u64>, burst_ms: Option<u
     }
 }
 
-/// Starts the refill thread of a rate-limited device (`timer` from
-/// [`VirtioDevice::refill_timer`], taken before the device moved into `transport`): it
-/// serves a throttled queue again when tokens are back, and follows the VM's run state.
-pub fn start_refill(
-    ctx: &RunContext,
-    name: &str,
-    timer: Option<Arc<RefillTimer>>,
-    transport: &Arc<Mutex<MmioTransport>>,
-) -> Result<Option<RefillWorker>, String> {
-    let Some(timer) = timer else { return Ok(None) };
-    let t = transport.clone();
-    let kick = move |q| t.lock().unwrap_or_else(|p| p.into_inner()).kick(q);
-    let worker = timer
-        .spawn(name, Box::new(kick))
-        .map_err(|e| format!("cannot start the rate-limit thread of {name}: {e}"))?;
-    if ctx.control.state() == RunState::Paused {
-        timer.set_paused(true);
-    }
-    ctx.control.add_hook(Arc::new(RefillFollow(timer)));
-    Ok(Some(worker))
+/// The threads of a machine's virtio devices (net receive, rate-limit refill). Dropping it
+/// stops and joins them: keep it until the vCPUs are done, before the devices go.
+#[derive(Default)]
+pub struct Workers {
+    rx: Vec<RxWorker>,
+    refill: Vec<RefillWorker>,
 }
 
-/// No throttled queue is served in a paused guest; the thread ends with the VM.
-struct RefillFollow(Arc<RefillTimer>);
+impl Workers {
+    /// Puts `slot`'s device on the transport `transport_for` builds and starts the device's
+    /// threads, which need that transport to serve its queues. Returns the transport, for
+    /// the machine to place on its bus.
+    pub fn wire(
+        &mut self,
+        index: usize,
+        slot: Slot,
+        transport_for: impl FnOnce(Box<dyn VirtioDevice>) -> MmioTransport,
+    ) -> Result<Arc<Mutex<MmioTransport>>, String> {
+        // Taken before the device moves into its transport.
+        let timer = slot.device.refill_timer();
+        let transport = Arc::new(Mutex::new(transport_for(slot.device)));
+        if let Some((tap, rx)) = slot.rx {
+            let t = transport.clone();
+            let kick = move || {
+                t.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .kick(virtio_net::RX_QUEUE as u32)
+            };
+            let worker = rx
+                .spawn(&tap, Box::new(kick))
+                .map_err(|e| format!("cannot start the receive thread for tap {tap}: {e}"))?;
+            self.rx.push(worker);
+        }
+        if let Some(timer) = timer {
+            // Serves a throttled queue again when tokens are back.
+            let name = format!("virtio{index}");
+            let t = transport.clone();
+            let kick = move |q| t.lock().unwrap_or_else(|p| p.into_inner()).kick(q);
+            let worker = timer
+                .spawn(&name, Box::new(kick))
+                .map_err(|e| format!("cannot start the rate-limit thread of {name}: {e}"))?;
+            self.refill.push(worker);
+        }
+        Ok(transport)
+    }
 
-impl ControlHook for RefillFollow {
-    fn state_changed(&self, state: RunState) {
-        match state {
-            RunState::Paused => self.0.set_paused(true),
-            RunState::Running => self.0.set_paused(false),
-            RunState::Stopping => self.0.stop(),
+    /// Makes the threads follow the VM's run state from now on: nothing is delivered into
+    /// or served for a paused guest, and the threads end with the VM.
+    pub fn follow_run_state(&self, ctx: &RunContext) {
+        let threads: Vec<Arc<dyn Follows>> = self
+            .rx
+            .iter()
+            .map(|w| w.signal().clone() as Arc<dyn Follows>)
+            .chain(
+                self.refill
+                    .iter()
+                    .map(|w| w.timer().clone() as Arc<dyn Follows>),
+            )
+            .collect();
+        if threads.is_empty() {
+            return;
+        }
+        let hook = Arc::new(Follow(threads));
+        ctx.control.add_hook(hook.clone());
+        // A pause that came before the hook existed.
+        if ctx.control.state() == RunState::Paused {
+            hook.state_changed(RunState::Paused);
         }
     }
 }
 
-/// Starts the receive thread of a net device now placed on `transport`: a frame from the tap
-/// kicks the receive queue as a guest notification would.
-pub fn start_rx(
-    tap: &str,
-    rx: RxSource,
-    transport: Arc<Mutex<MmioTransport>>,
-) -> Result<RxWorker, String> {
-    let kick = move || {
-        transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .kick(virtio_net::RX_QUEUE as u32)
-    };
-    rx.spawn(tap, Box::new(kick))
-        .map_err(|e| format!("cannot start the receive thread for tap {tap}: {e}"))
+/// What a device thread does when the VM's run state changes.
+trait Follows: Send + Sync {
+    fn set_paused(&self, paused: bool);
+    fn stop(&self);
 }
 
-/// Makes the receive threads follow the VM's run state from now on.
-pub fn follow_run_state(ctx: &RunContext, workers: &[RxWorker]) {
-    if workers.is_empty() {
-        return;
+impl Follows for RxSignal {
+    fn set_paused(&self, paused: bool) {
+        RxSignal::set_paused(self, paused);
     }
-    let signals: Vec<_> = workers.iter().map(|w| w.signal().clone()).collect();
-    if ctx.control.state() == RunState::Paused {
-        signals.iter().for_each(|s| s.set_paused(true));
+    fn stop(&self) {
+        RxSignal::stop(self);
     }
-    ctx.control.add_hook(Arc::new(NetFollow(signals)));
 }
 
-/// Keeps the net devices' receive threads in step with the VM: no frame is delivered into a
-/// paused guest, and the threads end with the VM.
-struct NetFollow(Vec<Arc<RxSignal>>);
+impl Follows for RefillTimer {
+    fn set_paused(&self, paused: bool) {
+        RefillTimer::set_paused(self, paused);
+    }
+    fn stop(&self) {
+        RefillTimer::stop(self);
+    }
+}
 
-impl ControlHook for NetFollow {
+struct Follow(Vec<Arc<dyn Follows>>);
+
+impl ControlHook for Follow {
     fn state_changed(&self, state: RunState) {
-        for s in &self.0 {
+        for t in &self.0 {
             match state {
-                RunState::Paused => s.set_paused(true),
-                RunState::Running => s.set_paused(false),
-                RunState::Stopping => s.stop(),
+                RunState::Paused => t.set_paused(true),
+                RunState::Running => t.set_paused(false),
+                RunState::Stopping => t.stop(),
             }
         }
     }

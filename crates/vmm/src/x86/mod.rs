@@ -247,25 +247,17 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
     let mut mmio = Bus::new();
     let ram = Arc::new(Ram(mem.clone()));
     // Stopped and joined when this function returns, after the vCPUs.
-    let (mut rx_workers, mut refill_workers) = (Vec::new(), Vec::new());
+    let mut workers = virtio::Workers::default();
     for (i, (slot, window)) in slots.into_iter().zip(&windows).enumerate() {
-        let refill = slot.device.refill_timer();
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            slot.device,
-            ram.clone(),
-            irq(window.gsi),
-        )));
-        if let Some((tap, rx)) = slot.rx {
-            rx_workers
-                .push(virtio::start_rx(&tap, rx, transport.clone()).map_err(X86Error::Setup)?);
-        }
-        let name = format!("virtio{i}");
-        refill_workers
-            .extend(virtio::start_refill(ctx, &name, refill, &transport).map_err(X86Error::Setup)?);
+        let transport = workers
+            .wire(i, slot, |device| {
+                MmioTransport::new(device, ram.clone(), irq(window.gsi))
+            })
+            .map_err(X86Error::Setup)?;
         mmio.insert(u64::from(window.base), u64::from(window.size), transport)
             .map_err(|e| X86Error::Setup(format!("device layout: {e}")))?;
     }
-    virtio::follow_run_state(ctx, &rx_workers);
+    workers.follow_run_state(ctx);
     ctx.attach_console_input(serial);
     control.set_power_button(Box::new(move || {
         acpi_dev
@@ -318,8 +310,7 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
     let reason = control.wait_for_exit();
     let reports: Vec<VcpuReport> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
     // No frame may reach a VM that has stopped running.
-    drop(rx_workers);
-    drop(refill_workers);
+    drop(workers);
     log_measurements(&reports);
     Ok(reason)
 }

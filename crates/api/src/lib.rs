@@ -5,6 +5,7 @@ pub mod control;
 pub mod limits;
 pub mod size;
 pub mod spec;
+pub mod vsock;
 
 pub use size::ByteSize;
 pub use spec::{Arch, MachineSpec, RebootAction, SerialSpec, SpecError};

@@ -428,6 +428,9 @@ pub struct MachineSpec {
     /// virtio-net devices on host taps, in the order the guest sees them (eth0, eth1, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetSpec>,
+    /// A virtio-vsock device (`[vsock]` table), off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<crate::vsock::VsockSpec>,
 }
 
 impl MachineSpec {
@@ -446,6 +449,7 @@ impl MachineSpec {
             rng: default_rng(),
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -497,6 +501,9 @@ impl MachineSpec {
         }
         for disk in &self.disks {
             disk.validate()?;
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
         }
         for (i, net) in self.nets.iter().enumerate() {
             net.validate()?;

@@ -106,6 +106,11 @@ pub struct RunArgs {
     /// nets.
     #[arg(long = "net", value_name = "tap=NAME,...")]
     pub nets: Vec<NetSpec>,
+    /// A virtio-vsock device: cid=N (3 and up),uds=PATH. Host programs connect to PATH and
+    /// write `CONNECT <port>\n` to reach a guest port; guest connections to host port P go
+    /// to the Unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    pub vsock: Option<vme_api::vsock::VsockSpec>,
     /// The virtio-rng device: on (default) or off.
     #[arg(long, value_parser = parse_rng)]
     pub rng: Option<bool>,
@@ -180,6 +185,9 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
     }
     if let Some(v) = args.rng {
         spec.rng = v;
+    }
+    if let Some(v) = &args.vsock {
+        spec.vsock = Some(v.clone());
     }
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
     if args.print_config {

@@ -11,25 +11,28 @@ use vme_devices::virtio::mmio::MmioTransport;
 use vme_devices::virtio::net::{self as virtio_net, Net, RxSignal, RxSource, RxWorker};
 use vme_devices::virtio::rate_limit::{Limits, RefillTimer, RefillWorker};
 use vme_devices::virtio::rng::Rng;
+use vme_devices::virtio::vsock::{self, Vsock};
 
-/// One virtio-mmio slot's device, with the receive side of a net device (which needs the
-/// transport before its thread can start: see [`Workers::wire`]).
+/// One virtio-mmio slot's device, with the receive side of a net or vsock device (which
+/// needs the transport before its thread can start: see [`Workers::wire`]).
 pub struct Slot {
     pub device: Box<dyn VirtioDevice>,
     pub rx: Option<(String, RxSource)>,
 }
 
 /// The spec's virtio devices in slot order: disks first (vda, vdb, ...), then network
-/// devices (eth0, ...), then the rng. `machine` has `max_slots` slots.
+/// devices (eth0, ...), then the rng, then vsock. `machine` has `max_slots` slots.
 pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Vec<Slot>, String> {
-    let wanted = spec.disks.len() + spec.nets.len() + usize::from(spec.rng);
+    let (rng, vsock) = (usize::from(spec.rng), usize::from(spec.vsock.is_some()));
+    let wanted = spec.disks.len() + spec.nets.len() + rng + vsock;
     if wanted > max_slots {
         return Err(format!(
-            "{} disks, {} network devices{} need {wanted} virtio slots, but the {machine} \
+            "{} disks, {} network devices{}{} need {wanted} virtio slots, but the {machine} \
              machine has {max_slots}: remove some{}",
             spec.disks.len(),
             spec.nets.len(),
-            if spec.rng { " and the rng" } else { "" },
+            if spec.rng { ", the rng" } else { "" },
+            if vsock == 1 { ", vsock" } else { "" },
             if spec.rng { " or use --rng off" } else { "" }
         ));
     }
@@ -71,8 +74,22 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
             rx: None,
         });
     }
+    if let Some(v) = &spec.vsock {
+        let dev = Vsock::new(v.cid, &v.uds).map_err(|e| format!("cannot set up vsock: {e}"))?;
+        let rx = dev
+            .rx_source()
+            .map_err(|e| format!("cannot set up vsock: {e}"))?;
+        slots.push(Slot {
+            device: Box::new(dev),
+            rx: Some(("vsock".into(), rx)),
+        });
+    }
     Ok(slots)
 }
+
+/// The queue a receive worker kicks: the same for net and vsock.
+const RX_QUEUE: u32 = virtio_net::RX_QUEUE as u32;
+const _: () = assert!(vsock::RX_QUEUE == virtio_net::RX_QUEUE);
 
 /// A validated spec's limits as the devices take them (burst 0: the default).
 fn limits(bytes: Option<vme_api::ByteSize>, ops: Option<u64>, burst_ms: Option<u64>) -> Limits {
@@ -104,16 +121,12 @@ impl Workers {
         // Taken before the device moves into its transport.
         let timer = slot.device.refill_timer();
         let transport = Arc::new(Mutex::new(transport_for(slot.device)));
-        if let Some((tap, rx)) = slot.rx {
+        if let Some((name, rx)) = slot.rx {
             let t = transport.clone();
-            let kick = move || {
-                t.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .kick(virtio_net::RX_QUEUE as u32)
-            };
+            let kick = move || t.lock().unwrap_or_else(|p| p.into_inner()).kick(RX_QUEUE);
             let worker = rx
-                .spawn(&tap, Box::new(kick))
-                .map_err(|e| format!("cannot start the receive thread for tap {tap}: {e}"))?;
+                .spawn(&name, Box::new(kick))
+                .map_err(|e| format!("cannot start the receive thread of {name}: {e}"))?;
             self.rx.push(worker);
         }
         if let Some(timer) = timer {

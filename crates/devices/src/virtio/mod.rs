@@ -1,6 +1,6 @@
 //! virtio 1.2 devices, independent of the machine kind: split virtqueues ([`queue`]), the
 //! virtio-mmio transport ([`mmio`]), virtio-blk ([`block`]), virtio-net ([`net`]),
-//! virtio-rng ([`rng`]) and the token buckets that rate-limit disks and nets ([`rate_limit`]).
+//! virtio-rng ([`rng`]), virtio-vsock ([`vsock`]) and the token buckets that rate-limit disks and nets ([`rate_limit`]).
 //!
 //! Every value a guest places in a ring or descriptor is untrusted. Devices reach guest
 //! memory only through [`GuestMemory`], whose accessors bounds-check and return errors; a
@@ -26,6 +26,7 @@ mod refill;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod testmem;
+pub mod vsock;
 
 pub use queue::{Chain, Queue, QueueError};
 
@@ -36,6 +37,7 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const ID_NET: u32 = 1;
 pub const ID_BLOCK: u32 = 2;
 pub const ID_RNG: u32 = 4;
+pub const ID_VSOCK: u32 = 19;
 
 /// A guest range a device tried to touch lies (partly) outside guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -99,7 +99,7 @@ impl RxSource {
         let RxSource { signal, backend } = self;
         let s = signal.clone();
         let thread = std::thread::Builder::new()
-            .name(format!("net-rx-{name}"))
+            .name(format!("rx-{name}"))
             .spawn(move || run(&s, &backend, kick))?;
         Ok(RxWorker {
             signal,

@@ -88,11 +88,16 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(size: u16) -> Self {
+        Driver::at(size, BASE)
+    }
+
+    /// A driver whose rings start at `base` (a device with several queues needs one each).
+    pub fn at(size: u16, base: u64) -> Self {
         Driver {
             size,
-            desc: BASE,
-            avail: BASE + 0x4000,
-            used: BASE + 0x6000,
+            desc: base,
+            avail: base + 0x4000,
+            used: base + 0x6000,
             avail_idx: 0,
             next_desc: 0,
         }

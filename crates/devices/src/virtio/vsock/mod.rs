@@ -1,0 +1,809 @@
+//! virtio-vsock (virtio 1.2 §5.10) with the host side as Unix sockets, in Firecracker's
+//! convention:
+//! - a host program connects to the device's socket `PATH` and writes `CONNECT <port>\n`;
+//!   once the guest accepts, it reads `OK <host port>\n` and the stream is the connection;
+//! - a guest connecting to the host (CID 2) on port P reaches the Unix socket `PATH_P`,
+//!   if some host program listens there; otherwise the guest sees "connection reset".
+//!
+//! Only stream sockets are offered. Each connection is a host `UnixStream` plus the credit
+//! accounting of §5.10.6.3: the guest may have at most [`conn::BUF_ALLOC`] bytes in flight
+//! towards a host socket (what the socket has not taken waits here, so that bounds our
+//! memory), and we send the guest only as much as its advertised buffer has room for.
+//!
+//! Transmit (guest → host) runs on the notifying thread. Everything towards the guest goes
+//! through the receive queue, which an [`RxWorker`] thread kicks when the device's epoll
+//! descriptor (host sockets, the listener, and a wake-up for packets the transmit side
+//! queued) becomes ready; epoll interest follows what the device can do (a connection whose
+//! guest has no credit left is not watched for input), so a ready socket nobody can serve
+//! never makes the worker spin.
+//!
+//! Packets are untrusted: a chain that is not a header plus at most 64 KiB of payload puts
+//! the device into DEVICE_NEEDS_RESET; a well-formed packet that breaks the protocol (wrong
+//! source CID, unknown connection, data beyond its credit) is answered with a reset of that
+//! one connection.
+
+mod conn;
+pub mod packet;
+
+use super::block::copy_config;
+use super::net_worker::{RxSignal, RxSource};
+use super::queue::{Chain, Cursor, Queue, QueueError};
+use super::{GuestMemory, ID_VSOCK, VirtioDevice};
+use conn::{BUF_ALLOC, Conn, State};
+use packet::*;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+const QUEUE_SIZE: u16 = 256;
+/// Largest payload per packet, in both directions (Linux's `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`).
+const MAX_PAYLOAD: usize = 64 << 10;
+/// Open connections per device; more are refused (host clients closed, guests reset).
+pub const MAX_CONNS: usize = 1024;
+/// Control packets waiting for receive buffers. Resets of unknown connections beyond this
+/// are dropped (the guest times out instead), so a guest that posts no receive buffers
+/// cannot make us queue without bound; the others are bounded by the connections.
+const MAX_PENDING: usize = 4 * MAX_CONNS;
+/// Packets delivered per receive kick, so busy host sockets cannot hold the device lock.
+const RX_BATCH: usize = 64;
+/// Host ports we give host-initiated connections (as Firecracker: from 2^30 up).
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+const TOKEN_LISTENER: u64 = 0;
+const TOKEN_WAKE: u64 = 1;
+
+/// A connection as both sides name it: (host port, guest port).
+type Key = (u32, u32);
+
+/// A packet without payload waiting for a receive buffer.
+#[derive(Debug, Clone, Copy)]
+struct Ctrl {
+    key: Key,
+    op: u16,
+    flags: u32,
+}
+
+pub struct Vsock {
+    cid: u64,
+    path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    /// Written when the transmit side queues a control packet, so the worker kicks the
+    /// receive queue.
+    wake: EventFd,
+    signal: Arc<RxSignal>,
+    conns: HashMap<Key, Conn>,
+    tokens: HashMap<u64, Key>,
+    next_token: u64,
+    next_local_port: u32,
+    pending: VecDeque<Ctrl>,
+    readable: VecDeque<Key>,
+    buf: Vec<u8>,
+    spoof_warned: bool,
+}
+
+/// The guest CIDs a device may have: 0–2 are reserved and `u32::MAX` means "any".
+pub fn valid_cid(cid: u64) -> bool {
+    (3..u64::from(u32::MAX)).contains(&cid)
+}
+
+impl Vsock {
+    /// A device for guest `cid` whose host side listens on the Unix socket `path`. A stale
+    /// socket file at `path` is replaced; any other file there is an error.
+    pub fn new(cid: u64, path: &Path) -> io::Result<Vsock> {
+        if !valid_cid(cid) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("vsock CID {cid} is reserved or too large: use 3 to 4294967294"),
+            ));
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket: choose another vsock socket path",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on vsock socket {}: {e}", path.display()),
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+        )?;
+        Ok(Vsock {
+            cid,
+            path: path.to_path_buf(),
+            listener,
+            epoll,
+            wake,
+            signal: Arc::new(RxSignal::new()?),
+            conns: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: 2,
+            next_local_port: FIRST_LOCAL_PORT,
+            pending: VecDeque::new(),
+            readable: VecDeque::new(),
+            buf: vec![0; MAX_PAYLOAD],
+            spoof_warned: false,
+        })
+    }
+
+    /// The handle the receive worker needs ([`RxSource::spawn`]); take it before the device
+    /// moves into its transport.
+    pub fn rx_source(&self) -> io::Result<RxSource> {
+        RxSource::new(self.signal.clone(), self.epoll.as_raw_fd())
+    }
+
+    /// Open connections (for tests and status).
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn queue_ctrl(&mut self, key: Key, op: u16, flags: u32) {
+        let droppable = op == OP_RST && !self.conns.contains_key(&key);
+        if droppable && self.pending.len() >= MAX_PENDING {
+            return;
+        }
+        if op == OP_CREDIT_UPDATE {
+            match self.conns.get_mut(&key) {
+                Some(c) if !c.credit_update_queued => c.credit_update_queued = true,
+                _ => return,
+            }
+        }
+        if self.pending.is_empty() {
+            // Fails only when the counter saturates, and then the worker wakes anyway.
+            let _ = self.wake.write(1);
+        }
+        self.pending.push_back(Ctrl { key, op, flags });
+    }
+
+    fn header(&mut self, key: Key, op: u16, flags: u32, len: u32) -> Header {
+        let fwd_cnt = match self.conns.get_mut(&key) {
+            Some(c) => {
+                c.fwd_cnt_told = c.fwd_cnt;
+                if op == OP_CREDIT_UPDATE {
+                    c.credit_update_queued = false;
+                }
+                c.fwd_cnt
+            }
+            None => 0,
+        };
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt,
+        }
+    }
+
+    /// Takes a connection out of the table and out of epoll.
+    fn remove(&mut self, key: Key) -> Option<Conn> {
+        let mut conn = self.conns.remove(&key)?;
+        if conn.interest != 0 {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                conn.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            conn.interest = 0;
+        }
+        self.tokens.retain(|_, k| *k != key);
+        Some(conn)
+    }
+
+    /// Drops a connection and tells the guest.
+    fn reset_conn(&mut self, key: Key) {
+        if self.remove(key).is_some() {
+            self.queue_ctrl(key, OP_RST, 0);
+        }
+    }
+
+    fn token_of(&self, key: Key) -> Option<u64> {
+        self.tokens
+            .iter()
+            .find(|(_, k)| **k == key)
+            .map(|(t, _)| *t)
+    }
+
+    /// Makes epoll watch what connection `key` can act on now.
+    fn update_interest(&mut self, key: Key) {
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        if conn.host_hup {
+            // Hung-up sockets are read until EOF without epoll (it reports HUP regardless
+            // of interest, which would spin).
+            if conn.wants_host_data() && !self.readable.contains(&key) {
+                self.readable.push_back(key);
+                let _ = self.wake.write(1);
+            }
+            return;
+        }
+        let mut want = 0;
+        match conn.state {
+            State::AwaitingConnect => want |= EventSet::IN.bits(),
+            State::Connecting => {}
+            State::Established => {
+                if conn.wants_host_data() {
+                    want |= EventSet::IN.bits();
+                }
+                if !conn.to_host.is_empty() {
+                    want |= EventSet::OUT.bits();
+                }
+            }
+        }
+        if want == conn.interest {
+            return;
+        }
+        let fd = conn.stream.as_raw_fd();
+        let token = match self.token_of(key) {
+            Some(t) => t,
+            None => {
+                let t = self.next_token;
+                self.next_token += 1;
+                self.tokens.insert(t, key);
+                t
+            }
+        };
+        let op = match (conn.interest, want) {
+            (0, _) => ControlOperation::Add,
+            (_, 0) => ControlOperation::Delete,
+            _ => ControlOperation::Modify,
+        };
+        let ev = EpollEvent::new(EventSet::from_bits_truncate(want), token);
+        match self.epoll.ctl(op, fd, ev) {
+            Ok(()) => {
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.interest = want;
+                }
+            }
+            Err(e) => {
+                log::warn!("virtio-vsock: cannot watch a host socket ({e}); resetting it");
+                self.reset_conn(key);
+            }
+        }
+    }
+
+    fn alloc_local_port(&mut self) -> u32 {
+        loop {
+            let p = self.next_local_port;
+            self.next_local_port = p.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.keys().any(|k| k.0 == p) {
+                return p;
+            }
+        }
+    }
+
+    /// Takes what the host side has for us: new clients, CONNECT lines, writable and
+    /// readable sockets.
+    fn poll_host(&mut self) {
+        let mut events = [EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("virtio-vsock: epoll failed: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_LISTENER => self.accept_clients(),
+                    TOKEN_WAKE => {
+                        let _ = self.wake.read();
+                    }
+                    token => {
+                        if let Some(&key) = self.tokens.get(&token) {
+                            self.host_event(key, ev.event_set());
+                        }
+                    }
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    fn accept_clients(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!(
+                        "virtio-vsock: accept on {} failed: {e}",
+                        self.path.display()
+                    );
+                    return;
+                }
+            };
+            if self.conns.len() >= MAX_CONNS {
+                log::warn!(
+                    "virtio-vsock: {MAX_CONNS} connections are open; refusing a host client"
+                );
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let local = self.alloc_local_port();
+            let key = (local, 0);
+            self.conns
+                .insert(key, Conn::new(stream, State::AwaitingConnect, local, 0));
+            self.update_interest(key);
+        }
+    }
+
+    fn host_event(&mut self, key: Key, ev: EventSet) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        match conn.state {
+            State::AwaitingConnect => match conn.read_connect_line() {
+                Ok(None) => {}
+                Ok(Some(port)) => self.host_connect(key, port),
+                Err(e) => {
+                    log::debug!("virtio-vsock: dropping a host client: {e}");
+                    self.remove(key);
+                }
+            },
+            State::Connecting => {
+                if ev.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                    self.reset_conn(key);
+                }
+            }
+            State::Established => {
+                if ev.contains(EventSet::OUT) {
+                    if conn.flush_to_host().is_err() {
+                        self.reset_conn(key);
+                        return;
+                    }
+                    if conn.credit_update_due() {
+                        self.queue_ctrl(key, OP_CREDIT_UPDATE, 0);
+                    }
+                }
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    return;
+                };
+                if ev.intersects(EventSet::HANG_UP | EventSet::ERROR) && !conn.host_hup {
+                    conn.host_hup = true;
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        conn.stream.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    conn.interest = 0;
+                }
+                if ev.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+                    && !self.readable.contains(&key)
+                {
+                    self.readable.push_back(key);
+                }
+                self.update_interest(key);
+            }
+        }
+    }
+
+    /// A host client asked for guest port `port`: ask the guest.
+    fn host_connect(&mut self, old: Key, port: u32) {
+        let Some(mut conn) = self.remove(old) else {
+            return;
+        };
+        let key = (conn.local_port, port);
+        conn.peer_port = port;
+        conn.state = State::Connecting;
+        self.conns.insert(key, conn);
+        self.queue_ctrl(key, OP_REQUEST, 0);
+    }
+
+    /// The guest connects to host port `h.dst_port`: reach the Unix socket `PATH_<port>`.
+    fn guest_connect(&mut self, h: &Header) {
+        let key = (h.dst_port, h.src_port);
+        if self.conns.len() >= MAX_CONNS {
+            log::warn!("virtio-vsock: {MAX_CONNS} connections are open; refusing the guest's");
+            self.queue_ctrl(key, OP_RST, 0);
+            return;
+        }
+        let path = format!("{}_{}", self.path.display(), h.dst_port);
+        let stream = match connect_nonblocking(Path::new(&path)) {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("virtio-vsock: the guest's connection to {path} failed: {e}");
+                self.queue_ctrl(key, OP_RST, 0);
+                return;
+            }
+        };
+        let mut conn = Conn::new(stream, State::Established, h.dst_port, h.src_port);
+        conn.peer_buf_alloc = h.buf_alloc;
+        conn.peer_fwd_cnt = h.fwd_cnt;
+        self.conns.insert(key, conn);
+        self.queue_ctrl(key, OP_RESPONSE, 0);
+        self.update_interest(key);
+    }
+
+    fn guest_packet(&mut self, h: &Header, data: &[u8]) {
+        if h.src_cid != self.cid {
+            if !self.spoof_warned {
+                self.spoof_warned = true;
+                log::warn!(
+                    "virtio-vsock: the guest sent a packet from CID {} but its CID is {}; dropped",
+                    h.src_cid,
+                    self.cid
+                );
+            }
+            return;
+        }
+        let key = (h.dst_port, h.src_port);
+        if h.dst_cid != HOST_CID || h.kind != TYPE_STREAM {
+            if h.op != OP_RST {
+                self.queue_ctrl(key, OP_RST, 0);
+            }
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            match h.op {
+                OP_REQUEST => self.guest_connect(h),
+                OP_RST => {}
+                _ => self.queue_ctrl(key, OP_RST, 0),
+            }
+            return;
+        };
+        conn.peer_buf_alloc = h.buf_alloc;
+        conn.peer_fwd_cnt = h.fwd_cnt;
+        match (h.op, conn.state) {
+            (OP_RESPONSE, State::Connecting) => {
+                conn.state = State::Established;
+                if conn.reply_ok().is_err() {
+                    self.reset_conn(key);
+                    return;
+                }
+                if !conn.from_host.is_empty() {
+                    self.readable.push_back(key);
+                    let _ = self.wake.write(1);
+                }
+            }
+            (OP_RW, State::Established) => {
+                if conn.over_credit(data.len() as u32) {
+                    log::warn!(
+                        "virtio-vsock: the guest sent past its credit on port {}; resetting",
+                        h.src_port
+                    );
+                    self.reset_conn(key);
+                    return;
+                }
+                if conn.send_to_host(data).is_err() {
+                    self.reset_conn(key);
+                    return;
+                }
+                if conn.credit_update_due() {
+                    self.queue_ctrl(key, OP_CREDIT_UPDATE, 0);
+                }
+            }
+            (OP_CREDIT_UPDATE, _) => {}
+            (OP_CREDIT_REQUEST, _) => self.queue_ctrl(key, OP_CREDIT_UPDATE, 0),
+            (OP_SHUTDOWN, _) => {
+                if h.flags & SHUTDOWN_SEND != 0 {
+                    conn.guest_done_sending = true;
+                    if conn.flush_to_host().is_err() {
+                        self.reset_conn(key);
+                        return;
+                    }
+                }
+                if h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    // The guest closed its socket and waits for our reset to finish.
+                    self.reset_conn(key);
+                    return;
+                }
+            }
+            (OP_RST, _) => {
+                self.remove(key);
+                return;
+            }
+            _ => {
+                self.reset_conn(key);
+                return;
+            }
+        }
+        self.update_interest(key);
+    }
+
+    fn process_tx(&mut self, queue: &mut Queue, mem: &dyn GuestMemory) -> Result<bool, QueueError> {
+        let mut used = false;
+        while let Some(chain) = queue.pop(mem)? {
+            let malformed = |why| QueueError::Malformed {
+                head: chain.head,
+                why,
+            };
+            if !chain.writable.is_empty() {
+                return Err(malformed("a transmit chain has device-writable buffers"));
+            }
+            let mut cur = Cursor::new(&chain.readable);
+            let mut raw = [0u8; HDR_LEN];
+            if cur.read_to(mem, &mut raw)? < HDR_LEN {
+                return Err(malformed(
+                    "a transmit chain is shorter than the 44-byte header",
+                ));
+            }
+            let h = Header::decode(&raw);
+            let len = h.len as usize;
+            if len > MAX_PAYLOAD {
+                return Err(malformed("a packet's payload is longer than 64 KiB"));
+            }
+            if (len as u64) > cur.remaining() {
+                return Err(malformed("a packet is shorter than its header's length"));
+            }
+            if h.op == OP_RW {
+                cur.read_to(mem, &mut self.buf[..len])?;
+            }
+            queue.add_used(mem, chain.head, 0)?;
+            used = true;
+            let payload = if h.op == OP_RW { len } else { 0 };
+            let data = std::mem::take(&mut self.buf);
+            self.guest_packet(&h, &data[..payload]);
+            self.buf = data;
+        }
+        Ok(used)
+    }
+
+    fn check_rx_chain(chain: &Chain) -> Result<(), QueueError> {
+        let malformed = |why| QueueError::Malformed {
+            head: chain.head,
+            why,
+        };
+        if !chain.readable.is_empty() {
+            return Err(malformed("a receive chain has device-readable buffers"));
+        }
+        if chain.writable_len() < HDR_LEN as u64 {
+            return Err(malformed(
+                "a receive chain is shorter than the 44-byte header",
+            ));
+        }
+        Ok(())
+    }
+
+    fn fill_rx(&mut self, queue: &mut Queue, mem: &dyn GuestMemory) -> Result<bool, QueueError> {
+        self.poll_host();
+        let mut used = false;
+        let mut starved = false;
+        for _ in 0..RX_BATCH {
+            if let Some(&ctrl) = self.pending.front() {
+                let Some(chain) = queue.pop(mem)? else {
+                    starved = true;
+                    break;
+                };
+                Self::check_rx_chain(&chain)?;
+                let h = self.header(ctrl.key, ctrl.op, ctrl.flags, 0);
+                Cursor::new(&chain.writable).write_from(mem, &h.encode())?;
+                queue.add_used(mem, chain.head, HDR_LEN as u32)?;
+                self.pending.pop_front();
+                used = true;
+                continue;
+            }
+            let Some(key) = self.readable.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get(&key) else {
+                continue;
+            };
+            if !conn.wants_host_data() || conn.peer_credit() == 0 {
+                self.update_interest(key);
+                continue;
+            }
+            let Some(chain) = queue.pop(mem)? else {
+                self.readable.push_front(key);
+                starved = true;
+                break;
+            };
+            Self::check_rx_chain(&chain)?;
+            match self.deliver_host_data(key, &chain, mem)? {
+                Some(n) => {
+                    queue.add_used(mem, chain.head, (HDR_LEN + n) as u32)?;
+                    used = true;
+                    // Round robin: it may have more, after the others.
+                    self.readable.push_back(key);
+                }
+                None => queue.undo_pop(1),
+            }
+        }
+        if !self.pending.is_empty() && !starved {
+            // More to deliver than one batch: come back.
+            let _ = self.wake.write(1);
+        }
+        self.signal.set_watch(!starved);
+        Ok(used)
+    }
+
+    /// Moves host bytes of connection `key` into `chain` as one RW packet; `None` when no
+    /// packet was written (nothing to read, EOF or an error, each handled here).
+    fn deliver_host_data(
+        &mut self,
+        key: Key,
+        chain: &Chain,
+        mem: &dyn GuestMemory,
+    ) -> Result<Option<usize>, QueueError> {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return Ok(None);
+        };
+        let room = (chain.writable_len() - HDR_LEN as u64)
+            .min(MAX_PAYLOAD as u64)
+            .min(u64::from(conn.peer_credit())) as usize;
+        match conn.read_from_host(&mut self.buf[..room]) {
+            Ok(0) => {
+                conn.host_eof = true;
+                let flags = if conn.host_hup {
+                    SHUTDOWN_SEND | SHUTDOWN_RCV
+                } else {
+                    SHUTDOWN_SEND
+                };
+                self.queue_ctrl(key, OP_SHUTDOWN, flags);
+                self.update_interest(key);
+                Ok(None)
+            }
+            Ok(n) => {
+                conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+                let h = self.header(key, OP_RW, 0, n as u32);
+                let mut cur = Cursor::new(&chain.writable);
+                cur.write_from(mem, &h.encode())?;
+                cur.write_from(mem, &self.buf[..n])?;
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.update_interest(key);
+                Ok(None)
+            }
+            Err(_) => {
+                self.reset_conn(key);
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Tells a host client its connection is up (`OK <host port>\n`).
+    fn reply_ok(&mut self) -> io::Result<()> {
+        use std::io::Write;
+        // The socket's buffer is empty at this point, so the short line goes at once.
+        let line = format!("OK {}\n", self.local_port);
+        self.stream.write_all(line.as_bytes())
+    }
+}
+
+/// Connects to a Unix stream socket without ever blocking (a listener with a full backlog
+/// is refused like an absent one).
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero sockaddr_un is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path {} is too long", path.display()),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is an initialised sockaddr_un of `len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_id(&self) -> u32 {
+        ID_VSOCK
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        copy_config(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, _features: u64) {
+        self.signal.set_watch(true);
+    }
+
+    fn process(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &dyn GuestMemory,
+    ) -> Result<bool, QueueError> {
+        match index {
+            RX_QUEUE => self.fill_rx(queue, mem),
+            TX_QUEUE => self.process_tx(queue, mem),
+            // Event buffers stay posted until there is an event (a transport reset after
+            // a restore); we have none to send yet.
+            _ => Ok(false),
+        }
+    }
+
+    fn reset(&mut self) {
+        // The guest forgot every connection; host clients see their streams close.
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove(key);
+        }
+        self.pending.clear();
+        self.readable.clear();
+        self.signal.set_watch(false);
+    }
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

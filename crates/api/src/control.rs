@@ -86,6 +86,9 @@ pub struct Status {
     /// The CPU template in force (x86_64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
+    /// The vsock device's host Unix socket, if the VM has one (the guest agent is there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_uds: Option<String>,
 }
 
 /// One reply line. `ok:false` always carries `error`.

@@ -1,6 +1,8 @@
-//! Types shared by the monitor, the daemon and the CLI: machine specifications, sizes, and the
-//! control-socket protocol. Pure data and parsing: no I/O, no KVM, nothing that runs a VM.
+//! Types shared by the monitor, the daemon, the CLI and the guest agent: machine
+//! specifications, sizes, the control-socket protocol and the agent protocol, with their
+//! small clients. No KVM, nothing that runs a VM.
 
+pub mod agent;
 pub mod control;
 pub mod limits;
 pub mod size;

@@ -41,6 +41,28 @@ impl Cli {
 pub enum Command {
     /// Send one command to a running monitor and print its JSON reply.
     Ctl(CtlArgs),
+    /// Run a command in the guest through its agent (the VM needs --vsock and the agent);
+    /// exits with the command's status.
+    Exec(ExecArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// The running monitor's control socket (its --control-socket).
+    #[arg(long)]
+    pub control_socket: PathBuf,
+    /// Kill the command after this many seconds (0: no limit); the exit status is then 124.
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u64,
+    /// How long to wait for the agent to answer (it starts late in the guest's boot).
+    #[arg(long, default_value_t = 30)]
+    pub wait: u64,
+    /// Send our standard input to the command (read to its end first).
+    #[arg(long)]
+    pub stdin: bool,
+    /// The command and its arguments (no shell: use `-- sh -c '...'` for one).
+    #[arg(required = true, num_args = 1.., last = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -8,6 +8,7 @@
 mod cli;
 mod console;
 mod control;
+mod exec;
 mod logger;
 mod riscv;
 mod signals;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
     logger::init(args.log_level());
     match args.command {
         Some(cli::Command::Ctl(ctl)) => cli::run_ctl(ctl),
+        Some(cli::Command::Exec(args)) => exec::run(args),
         None => match cli::machine_spec(&args.run) {
             Ok(spec) if args.run.print_config => {
                 print!("{}", spec.to_toml());
@@ -61,6 +63,12 @@ fn run_vm(spec: MachineSpec) -> ExitCode {
         vcpus: spec.vcpus,
         memory_bytes: spec.memory.bytes(),
         cpu_template: (spec.arch == Arch::X86_64).then(|| spec.cpu_template.clone()),
+        vsock_uds: spec.vsock.as_ref().map(|v| {
+            std::path::absolute(&v.uds)
+                .unwrap_or_else(|_| v.uds.clone())
+                .display()
+                .to_string()
+        }),
     };
     let _server = match &spec.control_socket {
         Some(path) => match socket::ControlServer::bind(path, control.clone(), facts) {

@@ -17,6 +17,8 @@ pub struct VmFacts {
     pub vcpus: u32,
     pub memory_bytes: u64,
     pub cpu_template: Option<String>,
+    /// The vsock device's host socket (absolute), where `vme-vmm exec` reaches the agent.
+    pub vsock_uds: Option<String>,
 }
 
 /// Longest request line accepted; anything longer is a broken or hostile client.
@@ -123,6 +125,7 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
                     .load(std::sync::atomic::Ordering::Relaxed),
                 instructions_retired: control.instructions_retired(),
                 cpu_template: facts.cpu_template.clone(),
+                vsock_uds: facts.vsock_uds.clone(),
             };
             let mut r = Reply::ok(status.state);
             r.status = Some(status);
@@ -152,6 +155,7 @@ mod tests {
             vcpus: 2,
             memory_bytes: 1 << 28,
             cpu_template: None,
+            vsock_uds: None,
         }
     }
 

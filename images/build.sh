@@ -226,11 +226,11 @@ check_pvh_note() {
 
 # ------------------------------------------------------------- initramfs
 
-# make_initramfs <out.cpio> <busybox binary> [<modules dir> <module list>]
+# make_initramfs <out.cpio> <busybox binary> <agent binary or ""> [<modules dir> <module list>]
 # A directory tree with fixed modes, owners and mtimes, archived in sorted order:
 # the same inputs give the same bytes.
 make_initramfs() {
-	local out=$1 busybox=$2 moddir=${3:-} modlist=${4:-} root
+	local out=$1 busybox=$2 agent=$3 moddir=${4:-} modlist=${5:-} root
 	root=$(mktemp -d /tmp/vme-initramfs.XXXXXX)
 	# shellcheck disable=SC2064 # expand now: the trap must remove this very dir
 	trap "rm -rf '$root' '$root.cpio'" RETURN
@@ -240,6 +240,10 @@ make_initramfs() {
 		cp "$busybox" bin/busybox
 		cp "$IMAGES_DIR/init/init" init
 		chmod 0755 bin/busybox init
+		if [ -n "$agent" ]; then
+			cp "$agent" sbin/vme-agent
+			chmod 0755 sbin/vme-agent
+		fi
 		# The kernel opens /dev/console for init before anything is mounted.
 		if [ "$(id -u)" = 0 ]; then
 			mknod -m 0600 dev/console c 5 1
@@ -358,7 +362,8 @@ image_tiny_riscv64() {
 initramfs_tiny_riscv64() {
 	build_busybox_riscv64
 	mkdir -p "$(dirname "$1")"
-	make_initramfs "$1" "$BUSYBOX_RISCV64"
+	# No agent: only the x86_64 Rust standard library is installed on our hosts.
+	make_initramfs "$1" "$BUSYBOX_RISCV64" ""
 }
 
 image_tiny() {
@@ -374,8 +379,25 @@ image_tiny() {
 
 initramfs_tiny() {
 	ensure_pkgs busybox-static cpio
+	build_agent
 	mkdir -p "$(dirname "$1")"
-	make_initramfs "$1" /bin/busybox
+	make_initramfs "$1" /bin/busybox "$AGENT"
+}
+
+# ------------------------------------------------------------- guest agent
+
+# Builds vme-agent (crates/agent) as a static x86_64 binary against glibc's
+# libc.a; sets AGENT. Cargo rebuilds only when its sources changed.
+build_agent() {
+	local dir=$REPO_DIR/target/agent triple=x86_64-unknown-linux-gnu
+	ensure_pkgs libc6-dev file
+	command -v cargo >/dev/null || die "no cargo on PATH: install Rust (see README) to build vme-agent"
+	# --target keeps the static flag off build scripts and proc macros.
+	(cd "$REPO_DIR" && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" quiet cargo build \
+		--release -p vme-agent --target "$triple" --target-dir "$dir")
+	AGENT=$dir/$triple/release/vme-agent
+	file "$AGENT" | grep -q 'static' ||
+		die "$AGENT is not statically linked: $(file -b "$AGENT")"
 }
 
 # ------------------------------------------------- Debian's stock kernel
@@ -504,7 +526,8 @@ initramfs_tiny_stock() {
 	ensure_pkgs busybox-static cpio kmod xz-utils binutils
 	fetch_stock_kernel
 	mkdir -p "$(dirname "$1")"
-	make_initramfs "$1" /bin/busybox "$STOCK_DIR/modules" "$STOCK_DIR/vme-modules"
+	build_agent
+	make_initramfs "$1" /bin/busybox "$AGENT" "$STOCK_DIR/modules" "$STOCK_DIR/vme-modules"
 }
 
 # ------------------------------------------------------ checks

@@ -11,7 +11,12 @@ mod common;
 
 use common::netns::{Netns, net_available};
 use common::{Vm, image, kvm_available, temp_dir};
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vme_api::agent::AgentClient;
 
 /// Generous for PVM hosts.
 const BOOT: Duration = Duration::from_secs(40 * 60);
@@ -123,8 +128,11 @@ impl Boot<'_> {
             std::fs::write(&vda, random_bytes(4 << 20)).unwrap();
             std::fs::write(&vdb, vec![0u8; 1 << 20]).unwrap();
             vda_sha = host_sha256(&vda);
-            run = format!("{run}; {VIRTIO_RUN}");
+            // Stays up until the host has talked to the agent (see agent_checks).
+            run = format!("{run}; {VIRTIO_RUN}; while [ ! -e /tmp/vme-done ]; do sleep 1; done");
             extra.extend([
+                "--vsock".to_string(),
+                format!("cid=3,uds={}", dir.join("v.sock").display()),
                 "--disk".to_string(),
                 format!("path={},readonly=on", vda.display()),
                 "--disk".to_string(),
@@ -166,6 +174,7 @@ impl Boot<'_> {
             assert_eq!(vm.wait_for("VDA-RO=", BOOT).trim(), "VDA-RO=yes");
             assert_eq!(vm.wait_for("RNG=", BOOT).trim(), "RNG=virtio_rng.0");
             assert_eq!(vm.wait_for("HWRNG=", BOOT).trim(), "HWRNG=64");
+            agent_checks(&dir.join("v.sock"), sock);
         }
         // The guest is still up (it powers off after the command): ask the monitor what it
         // did. On PVM hosts the kernel's int3 self-test needs the monitor's emulator.
@@ -197,6 +206,96 @@ impl Boot<'_> {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Talks to the guest agent over vsock in both directions, then lets the guest power off.
+fn agent_checks(uds: &Path, ctl: &str) {
+    let t0 = Instant::now();
+    let mut agent = AgentClient::wait(uds, BOOT).expect("the guest agent answers");
+    // Guest commands are slow on PVM hosts.
+    agent.set_timeout(Some(BOOT)).unwrap();
+    eprintln!("agent answered {:?} after the checks above", t0.elapsed());
+
+    // vme-vmm exec: output, error output and exit status of a guest command.
+    let out = Command::new(common::VMM)
+        .args(["exec", "--control-socket", ctl, "--"])
+        .args(["sh", "-c", "echo out; echo err >&2; exit 7"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(
+        (&out.stdout[..], &out.stderr[..]),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
+
+    // A file written through the agent reads back the same, in the guest and to the host.
+    let data = random_bytes(8 << 20);
+    let t = Instant::now();
+    agent.write_file("/tmp/blob", &data, None).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "host -> guest over vsock: 8 MiB in {secs:.2} s ({:.1} MiB/s)",
+        8.0 / secs
+    );
+    let sum = agent
+        .exec(&["sha256sum".into(), "/tmp/blob".into()], &[], BOOT)
+        .unwrap();
+    let host_sum = sha256_hex(&data);
+    assert!(
+        String::from_utf8_lossy(&sum.stdout).starts_with(&host_sum),
+        "{sum:?}"
+    );
+    let t = Instant::now();
+    assert!(agent.read_file("/tmp/blob").unwrap() == data);
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "guest -> host over vsock: 8 MiB in {secs:.2} s ({:.1} MiB/s)",
+        8.0 / secs
+    );
+
+    // The guest connects to the host: its port 5000 is the Unix socket <uds>_5000.
+    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        s.write_all(format!("host saw {got}").as_bytes()).unwrap();
+    });
+    let echo = agent
+        .exec(
+            &["vme-agent".into(), "--connect".into(), "5000".into()],
+            b"guest hello",
+            BOOT,
+        )
+        .unwrap();
+    server.join().unwrap();
+    assert_eq!(echo.code, Some(0), "{echo:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&echo.stdout),
+        "host saw guest hello"
+    );
+
+    let stats = agent.stats().unwrap();
+    assert!(
+        stats.mem_total_kib > 100 << 10 && stats.processes > 5,
+        "{stats:?}"
+    );
+    agent.write_file("/tmp/vme-done", b"", None).unwrap();
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 const MINIMAL_PVH: Boot = Boot {

@@ -20,6 +20,13 @@ pub enum Request {
     Shutdown,
     /// End the VM now, without asking the guest.
     Stop,
+    /// Set the balloon's target: the guest should give this much memory back (0 deflates).
+    Balloon {
+        mib: u64,
+    },
+    /// The balloon's target and size, the guest's memory statistics (fresh if the guest
+    /// answers within a moment) and the monitor's resident memory.
+    BalloonStats,
 }
 
 impl Request {
@@ -41,14 +48,24 @@ impl Request {
 
     /// Parses the command-line form used by `vme-vmm ctl`: `status`, `pause`, ...
     pub fn from_words(words: &[String]) -> Result<Request, String> {
-        let usage = "commands: status, pause, resume, shutdown, stop";
+        let usage = "commands: status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats";
         match words {
+            [w, mib] if w == "balloon" => match mib.parse() {
+                Ok(mib) => Ok(Request::Balloon { mib }),
+                Err(_) => Err(format!(
+                    "balloon takes the target in MiB as a whole number, not {mib:?}: e.g. balloon 128"
+                )),
+            },
+            [w] if w == "balloon" => Err(format!(
+                "balloon needs the target in MiB (e.g. balloon 128; 0 gives everything back); {usage}"
+            )),
             [w] => match w.as_str() {
                 "status" => Ok(Request::Status),
                 "pause" => Ok(Request::Pause),
                 "resume" => Ok(Request::Resume),
                 "shutdown" => Ok(Request::Shutdown),
                 "stop" => Ok(Request::Stop),
+                "balloon-stats" | "balloon_stats" => Ok(Request::BalloonStats),
                 other => Err(format!("unknown command {other:?}; {usage}")),
             },
             [] => Err(format!("no command given; {usage}")),
@@ -89,6 +106,61 @@ pub struct Status {
     /// The vsock device's host Unix socket, if the VM has one (the guest agent is there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_uds: Option<String>,
+    /// The monitor process's resident memory (VmRSS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+}
+
+/// The guest's memory statistics as its balloon driver last sent them. A statistic the guest
+/// does not send is absent. Amounts are bytes; faults are counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMemoryStats {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_faults: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_faults: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_caches_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_allocations: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_failures: Option<u64>,
+}
+
+/// The answer to `balloon` and `balloon_stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStatus {
+    /// What the host asked the guest to give back.
+    pub target_bytes: u64,
+    /// What the guest says it has given back.
+    pub actual_bytes: u64,
+    /// Whether the guest's balloon driver is running.
+    pub driver_ready: bool,
+    /// Pages the guest put into the balloon / took out of it, and bytes of free memory it
+    /// reported, since the VM started.
+    pub inflated_pages: u64,
+    pub deflated_pages: u64,
+    pub reported_bytes: u64,
+    /// Page numbers the device refused (outside guest RAM, repeated in one request).
+    pub refused_pages: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<GuestMemoryStats>,
+    /// How old `stats` are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats_age_ms: Option<u64>,
+    /// The monitor process's resident memory (VmRSS): what the host really spends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_rss_bytes: Option<u64>,
 }
 
 /// One reply line. `ok:false` always carries `error`.
@@ -101,6 +173,8 @@ pub struct Reply {
     pub state: Option<RunState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonStatus>,
 }
 
 impl Reply {
@@ -110,6 +184,7 @@ impl Reply {
             error: None,
             state: Some(state),
             status: None,
+            balloon: None,
         }
     }
     pub fn error(msg: impl Into<String>) -> Reply {
@@ -118,6 +193,7 @@ impl Reply {
             error: Some(msg.into()),
             state: None,
             status: None,
+            balloon: None,
         }
     }
 }
@@ -216,5 +292,30 @@ mod tests {
                 .contains("status, pause")
         );
         assert!(Request::from_words(&["pause".into(), "x".into()]).is_err());
+    }
+
+    #[test]
+    fn balloon_requests() {
+        let w =
+            |v: &[&str]| Request::from_words(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(w(&["balloon", "128"]), Ok(Request::Balloon { mib: 128 }));
+        assert_eq!(w(&["balloon-stats"]), Ok(Request::BalloonStats));
+        assert!(w(&["balloon"]).unwrap_err().contains("in MiB"));
+        assert!(w(&["balloon", "-1"]).unwrap_err().contains("whole number"));
+        assert!(w(&["balloon", "1G"]).unwrap_err().contains("whole number"));
+        assert_eq!(
+            serde_json::to_string(&Request::Balloon { mib: 64 }).unwrap(),
+            r#"{"cmd":"balloon","mib":64}"#
+        );
+        assert_eq!(
+            Request::parse_line(r#"{"cmd":"balloon_stats"}"#),
+            Ok(Request::BalloonStats)
+        );
+        assert!(
+            Request::parse_line(r#"{"cmd":"balloon"}"#)
+                .unwrap_err()
+                .contains("mib")
+        );
+        assert!(Request::parse_line(r#"{"cmd":"balloon","mib":-5}"#).is_err());
     }
 }

@@ -421,6 +421,15 @@ pub struct MachineSpec {
     /// a guest without it can starve for entropy at boot, and it costs nothing until used.
     #[serde(default = "default_rng")]
     pub rng: bool,
+    /// A virtio-balloon device, through which the host asks the guest for memory back
+    /// (`balloon <MiB>` on the control socket) and reads its memory statistics. Off by
+    /// default, as in Firecracker: a balloon is a promise to manage the guest's memory.
+    #[serde(default)]
+    pub balloon: bool,
+    /// Whether the balloon offers free page reporting (the guest hands back large free
+    /// blocks by itself). Default: on with the balloon; only valid with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_reporting: Option<bool>,
     /// virtio block devices, in the order the guest sees them (vda, vdb, ...). Kept last:
     /// TOML writes arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -447,6 +456,8 @@ impl MachineSpec {
             cpu_template: default_cpu_template(),
             on_reboot: RebootAction::default(),
             rng: default_rng(),
+            balloon: false,
+            free_page_reporting: None,
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
@@ -499,6 +510,13 @@ impl MachineSpec {
                 self.cpu_template
             )));
         }
+        if self.free_page_reporting.is_some() && !self.balloon {
+            return Err(SpecError(
+                "free_page_reporting is a feature of the balloon device: add --balloon on \
+                 (balloon = true) or drop it"
+                    .into(),
+            ));
+        }
         for disk in &self.disks {
             disk.validate()?;
         }
@@ -522,6 +540,11 @@ impl MachineSpec {
             }
         }
         Ok(())
+    }
+
+    /// Whether the balloon (if any) offers free page reporting.
+    pub fn free_page_reporting(&self) -> bool {
+        self.balloon && self.free_page_reporting.unwrap_or(true)
     }
 
     /// Parses a TOML machine file; unknown fields and bad values are named in the error.
@@ -679,5 +702,23 @@ mod tests {
         assert!(spec.rng);
         assert!(spec.disks.is_empty());
         assert!(!spec.to_toml().contains("disks"));
+    }
+
+    #[test]
+    fn balloon_is_off_by_default_and_reporting_needs_it() {
+        let spec = MachineSpec::from_toml("kernel = \"/k\"\n").unwrap();
+        assert!(!spec.balloon && !spec.free_page_reporting());
+        let spec = MachineSpec::from_toml("kernel = \"/k\"\nballoon = true\n").unwrap();
+        assert!(spec.balloon && spec.free_page_reporting());
+        assert_eq!(MachineSpec::from_toml(&spec.to_toml()).unwrap(), spec);
+        let text = "kernel = \"/k\"\nballoon = true\nfree_page_reporting = false\n";
+        let spec = MachineSpec::from_toml(text).unwrap();
+        assert!(spec.validate(8).is_ok());
+        assert!(spec.balloon && !spec.free_page_reporting());
+        assert!(spec.to_toml().contains("free_page_reporting = false"));
+        let mut bad = spec;
+        bad.balloon = false;
+        let e = bad.validate(8).unwrap_err();
+        assert!(e.0.contains("--balloon on"), "{e}");
     }
 }

@@ -119,4 +119,6 @@ pub enum Error {
     AlreadyRunning,
     #[error("cannot start a hart thread: {0}; check the process thread limit")]
     Thread(String),
+    #[error("the host refused to free guest pages (madvise): {0}")]
+    Discard(String),
 }

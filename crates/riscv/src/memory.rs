@@ -129,6 +129,35 @@ impl GuestRam {
     }
 }
 
+impl GuestRam {
+    /// Gives the host pages behind `[pa, pa+len)` back (whole [`PAGE_SIZE`] pages inside
+    /// RAM): they read as zero afterwards and are backed again on the next touch, by a
+    /// hart or a device. Harts racing on the range see either old bytes or zeros, as if
+    /// another hart had cleared it; host pointers into RAM stay valid.
+    pub fn discard(&self, pa: u64, len: u64) -> Result<(), Error> {
+        let out = Error::OutOfRam { addr: pa, len };
+        if pa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Config(format!(
+                "cannot discard guest range {pa:#x}+{len:#x}: not whole {PAGE_SIZE}-byte pages"
+            )));
+        }
+        let p = self.host_ptr(pa, len).ok_or(out)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `p..p+len` lies inside our private anonymous mapping (checked by host_ptr)
+        // and is page-aligned (the mapping is, and `pa - RAM_BASE` is a multiple of the
+        // page size). MADV_DONTNEED only replaces its pages with zero-fill-on-demand ones:
+        // the mapping stays, so no reference or pointer into it becomes dangling, and all
+        // accesses to guest RAM are atomics that may observe any value.
+        let r = unsafe { libc::madvise(p.cast(), len as usize, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(Error::Discard(std::io::Error::last_os_error().to_string()));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for GuestRam {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` are the mapping made in `new`, unmapped only here; no reference
@@ -284,6 +313,32 @@ mod tests {
         assert_eq!(ram.read(u64::MAX, 1), None);
         assert_eq!(ram.read(0, 8), None);
         assert!(ram.read_bytes(last, &mut [0u8; 9]).is_err());
+    }
+
+    #[test]
+    fn discarded_pages_read_as_zero_and_can_be_used_again() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        for k in 0..3 {
+            assert!(ram.write(RAM_BASE + k * PAGE_SIZE, 8, 0xdead_beef));
+        }
+        ram.discard(RAM_BASE + PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(ram.read(RAM_BASE, 8), Some(0xdead_beef));
+        assert_eq!(ram.read(RAM_BASE + PAGE_SIZE, 8), Some(0));
+        assert_eq!(ram.read(RAM_BASE + 2 * PAGE_SIZE, 8), Some(0xdead_beef));
+        assert!(ram.write(RAM_BASE + PAGE_SIZE, 8, 7));
+        assert_eq!(ram.read(RAM_BASE + PAGE_SIZE, 8), Some(7));
+        // Partial pages, outside RAM, straddling its end: refused, nothing freed.
+        assert!(ram.discard(RAM_BASE + 1, PAGE_SIZE).is_err());
+        assert!(ram.discard(RAM_BASE, 100).is_err());
+        assert!(ram.discard(RAM_BASE - PAGE_SIZE, PAGE_SIZE).is_err());
+        assert!(
+            ram.discard(RAM_BASE + (2 << 20) - PAGE_SIZE, 2 * PAGE_SIZE)
+                .is_err()
+        );
+        assert!(ram.discard(u64::MAX - PAGE_SIZE + 1, PAGE_SIZE).is_err());
+        assert_eq!(ram.read(RAM_BASE, 8), Some(0xdead_beef));
+        ram.discard(RAM_BASE, 2 << 20).unwrap();
+        assert_eq!(ram.read(RAM_BASE, 8), Some(0));
     }
 
     #[test]

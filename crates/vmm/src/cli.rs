@@ -70,7 +70,7 @@ pub struct CtlArgs {
     /// The running monitor's control socket (its --control-socket).
     #[arg(long)]
     pub control_socket: PathBuf,
-    /// status, pause, resume, shutdown or stop
+    /// status, pause, resume, shutdown, stop, balloon <MiB> or balloon-stats
     #[arg(required = true, num_args = 1..)]
     pub command: Vec<String>,
 }
@@ -136,10 +136,26 @@ pub struct RunArgs {
     /// The virtio-rng device: on (default) or off.
     #[arg(long, value_parser = parse_rng)]
     pub rng: Option<bool>,
+    /// The virtio-balloon device: on or off (default). With it, `ctl balloon <MiB>` asks the
+    /// guest for memory back and `ctl balloon-stats` shows the guest's memory statistics.
+    #[arg(long, value_parser = parse_balloon)]
+    pub balloon: Option<bool>,
+    /// Free page reporting by the balloon (the guest returns free memory by itself): on
+    /// (default with --balloon on) or off.
+    #[arg(long, value_parser = parse_free_page_reporting)]
+    pub free_page_reporting: Option<bool>,
 }
 
 fn parse_rng(s: &str) -> Result<bool, String> {
     vme_api::spec::parse_switch("--rng", s).map_err(|e| e.to_string())
+}
+
+fn parse_balloon(s: &str) -> Result<bool, String> {
+    vme_api::spec::parse_switch("--balloon", s).map_err(|e| e.to_string())
+}
+
+fn parse_free_page_reporting(s: &str) -> Result<bool, String> {
+    vme_api::spec::parse_switch("--free-page-reporting", s).map_err(|e| e.to_string())
 }
 
 /// Like clap's `parse`, but a usage error exits 1 (bad input) rather than clap's 2, which
@@ -210,6 +226,12 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
     }
     if let Some(v) = &args.vsock {
         spec.vsock = Some(v.clone());
+    }
+    if let Some(v) = args.balloon {
+        spec.balloon = v;
+    }
+    if let Some(v) = args.free_page_reporting {
+        spec.free_page_reporting = Some(v);
     }
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
     if args.print_config {

@@ -41,6 +41,15 @@ pub trait ControlHook: Send + Sync {
     fn state_changed(&self, state: RunState);
 }
 
+/// The host side of the VM's balloon device, for the control socket.
+pub trait BalloonControl: Send + Sync {
+    /// Sets the target (bytes the guest should give back) and tells the guest.
+    fn set_target(&self, bytes: u64) -> Result<(), String>;
+    /// The balloon now. With `wait`, first asks the guest for fresh statistics and waits
+    /// up to that long for them.
+    fn status(&self, wait: Option<Duration>) -> vme_api::control::BalloonStatus;
+}
+
 struct Inner {
     state: RunState,
     exit: Option<ExitReason>,
@@ -60,6 +69,7 @@ pub struct VmControl {
     power_button: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     instructions: Mutex<Option<Box<dyn Fn() -> u64 + Send + Sync>>>,
     panic_line: Mutex<Option<String>>,
+    balloon: Mutex<Option<Arc<dyn BalloonControl>>>,
     started: Instant,
     pub exits: AtomicU64,
     pub emulated_instructions: AtomicU64,
@@ -95,6 +105,7 @@ impl VmControl {
             power_button: Mutex::new(None),
             instructions: Mutex::new(None),
             panic_line: Mutex::new(None),
+            balloon: Mutex::new(None),
             started: Instant::now(),
             exits: AtomicU64::new(0),
             emulated_instructions: AtomicU64::new(0),
@@ -116,6 +127,15 @@ impl VmControl {
 
     pub fn set_instruction_counter(&self, count: Box<dyn Fn() -> u64 + Send + Sync>) {
         *relock(&self.instructions) = Some(count);
+    }
+
+    /// Registers the machine's balloon device (dropped by [`Self::reset_for_restart`]).
+    pub fn set_balloon(&self, balloon: Arc<dyn BalloonControl>) {
+        *relock(&self.balloon) = Some(balloon);
+    }
+
+    pub fn balloon(&self) -> Option<Arc<dyn BalloonControl>> {
+        relock(&self.balloon).clone()
     }
 
     pub fn instructions_retired(&self) -> Option<u64> {
@@ -272,6 +292,7 @@ impl VmControl {
         *relock(&self.power_button) = None;
         *relock(&self.instructions) = None;
         *relock(&self.panic_line) = None;
+        *relock(&self.balloon) = None;
         self.parkers.store(0, Ordering::SeqCst);
         let mut inner = relock(&self.inner);
         inner.exit = None;

@@ -10,7 +10,7 @@ use vme_devices::IrqLine;
 use vme_devices::bus::BusDevice;
 use vme_devices::serial::Serial;
 use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
-use vme_devices::virtio::{GuestMemory, MemError};
+use vme_devices::virtio::{DiscardError, GuestMemory, MemError};
 use vme_riscv::{
     GuestRam, MAX_VIRTIO_SLOTS, Machine, MachineConfig, MachineHandle, MmioDevice, UART_BASE,
     UART_IRQ, VIRTIO_BASE, VIRTIO_STRIDE,
@@ -89,6 +89,16 @@ impl GuestMemory for MachineRam {
         self.with(addr, 2, |ram| {
             ram.write(addr, 2, u64::from(val)).then_some(())
         })
+    }
+    fn discard(&self, addr: u64, len: u64) -> Result<(), DiscardError> {
+        DiscardError::check_pages(addr, len)?;
+        self.check(addr, len)?;
+        self.with(addr, len, |ram| Some(ram.discard(addr, len)))?
+            .map_err(|e| DiscardError::Host {
+                addr,
+                len,
+                source: std::io::Error::other(e.to_string()),
+            })
     }
 }
 

@@ -126,6 +126,7 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
                 instructions_retired: control.instructions_retired(),
                 cpu_template: facts.cpu_template.clone(),
                 vsock_uds: facts.vsock_uds.clone(),
+                rss_bytes: rss_bytes(),
             };
             let mut r = Reply::ok(status.state);
             r.status = Some(status);
@@ -141,7 +142,50 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
             control.request_exit(crate::control::ExitReason::Stopped);
             Reply::ok(control.state())
         }
+        Request::Balloon { mib } => balloon(control, facts, Some(mib)),
+        Request::BalloonStats => balloon(control, facts, None),
     }
+}
+
+/// How long `balloon_stats` waits for the guest to send fresh statistics.
+const STATS_WAIT: Duration = Duration::from_secs(2);
+
+/// `balloon <MiB>` (with `mib`) or `balloon_stats`.
+fn balloon(control: &VmControl, facts: &VmFacts, mib: Option<u64>) -> Reply {
+    let Some(b) = control.balloon() else {
+        return Reply::error(
+            "this VM has no balloon device: start it with --balloon on (balloon = true in the \
+             machine file)",
+        );
+    };
+    let running = control.state() == vme_api::control::RunState::Running;
+    if let Some(mib) = mib {
+        let guest_mib = facts.memory_bytes >> 20;
+        if mib > guest_mib {
+            return Reply::error(format!(
+                "balloon {mib} MiB is more than the guest's {guest_mib} MiB of memory: give at \
+                 most {guest_mib} (0 gives it all back to the guest)"
+            ));
+        }
+        if let Err(e) = b.set_target(mib << 20) {
+            return Reply::error(e);
+        }
+    }
+    // Fresh statistics only when asked for them and the guest can answer.
+    let wait = (mib.is_none() && running).then_some(STATS_WAIT);
+    let mut status = b.status(wait);
+    status.vmm_rss_bytes = rss_bytes();
+    let mut r = Reply::ok(control.state());
+    r.balloon = Some(status);
+    r
+}
+
+/// This process's resident memory, from /proc/self/status (VmRSS).
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]
@@ -208,6 +252,31 @@ mod tests {
         assert!(!a.ok && a.error.unwrap().contains("not JSON"));
         assert!(!b.ok && b.error.unwrap().contains("nope"));
         assert!(c.ok && c.status.is_some());
+        assert!(c.status.unwrap().rss_bytes.unwrap() > 0);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn balloon_requests_need_a_balloon_and_a_sane_size() {
+        let ctl = VmControl::new();
+        let r = handle(Request::Balloon { mib: 1 }, &ctl, &facts());
+        assert!(r.error.unwrap().contains("--balloon on"));
+        let r = handle(Request::BalloonStats, &ctl, &facts());
+        assert!(r.error.unwrap().contains("--balloon on"));
+
+        let dev = vme_devices::virtio::balloon::Balloon::new(1 << 28, true);
+        let link = crate::virtio::tests::link(dev.shared());
+        ctl.set_balloon(link);
+        let r = handle(Request::Balloon { mib: 257 }, &ctl, &facts());
+        assert!(r.error.unwrap().contains("at most 256"));
+        let r = handle(Request::Balloon { mib: 64 }, &ctl, &facts());
+        let b = r.balloon.unwrap();
+        assert_eq!((b.target_bytes, b.actual_bytes), (64 << 20, 0));
+        assert!(!b.driver_ready && b.vmm_rss_bytes.unwrap() > 0);
+        // No driver to ask: answers at once with what it has.
+        let r = handle(Request::BalloonStats, &ctl, &facts());
+        assert!(r.ok && r.balloon.unwrap().stats.is_none());
+        ctl.reset_for_restart();
+        assert!(ctl.balloon().is_none(), "a rebuilt machine brings its own");
     }
 }

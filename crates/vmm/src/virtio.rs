@@ -1,11 +1,13 @@
 //! The virtio devices of a [`MachineSpec`], shared by both machine kinds: both place them on
 //! virtio-mmio transports, only where (and with which interrupt line) differs.
 
-use crate::control::{ControlHook, RunContext};
+use crate::control::{BalloonControl, ControlHook, RunContext};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use vme_api::MachineSpec;
-use vme_api::control::RunState;
+use vme_api::control::{BalloonStatus, GuestMemoryStats, RunState};
 use vme_devices::virtio::VirtioDevice;
+use vme_devices::virtio::balloon::{Balloon, BalloonShared, PFN_SHIFT};
 use vme_devices::virtio::block::Block;
 use vme_devices::virtio::mmio::MmioTransport;
 use vme_devices::virtio::net::{self as virtio_net, Net, RxSignal, RxSource, RxWorker};
@@ -18,22 +20,38 @@ use vme_devices::virtio::vsock::{self, Vsock};
 pub struct Slot {
     pub device: Box<dyn VirtioDevice>,
     pub rx: Option<(String, RxSource)>,
+    /// The host side of a balloon device, linked to the control socket by [`Workers`].
+    pub balloon: Option<Arc<BalloonShared>>,
 }
 
 /// The spec's virtio devices in slot order: disks first (vda, vdb, ...), then network
-/// devices (eth0, ...), then the rng, then vsock. `machine` has `max_slots` slots.
+/// devices (eth0, ...), then the rng, the balloon and vsock. `machine` has `max_slots` slots.
 pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Vec<Slot>, String> {
-    let (rng, vsock) = (usize::from(spec.rng), usize::from(spec.vsock.is_some()));
-    let wanted = spec.disks.len() + spec.nets.len() + rng + vsock;
+    let optional: Vec<&str> = [
+        (spec.rng, "the rng"),
+        (spec.balloon, "the balloon"),
+        (spec.vsock.is_some(), "vsock"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    let wanted = spec.disks.len() + spec.nets.len() + optional.len();
     if wanted > max_slots {
         return Err(format!(
-            "{} disks, {} network devices{}{} need {wanted} virtio slots, but the {machine} \
+            "{} disks, {} network devices{} need {wanted} virtio slots, but the {machine} \
              machine has {max_slots}: remove some{}",
             spec.disks.len(),
             spec.nets.len(),
-            if spec.rng { ", the rng" } else { "" },
-            if vsock == 1 { ", vsock" } else { "" },
-            if spec.rng { " or use --rng off" } else { "" }
+            if optional.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", optional.join(", "))
+            },
+            if optional.is_empty() {
+                ""
+            } else {
+                " or drop an optional device (--rng off, --balloon off, no --vsock)"
+            }
         ));
     }
     let mut slots = Vec::new();
@@ -45,6 +63,7 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
         slots.push(Slot {
             device: Box::new(block),
             rx: None,
+            balloon: None,
         });
     }
     for (i, net) in spec.nets.iter().enumerate() {
@@ -66,11 +85,21 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
         slots.push(Slot {
             device: Box::new(dev),
             rx: Some((net.tap.clone(), rx)),
+            balloon: None,
         });
     }
     if spec.rng {
         slots.push(Slot {
             device: Box::new(Rng::new()),
+            rx: None,
+            balloon: None,
+        });
+    }
+    if spec.balloon {
+        let balloon = Balloon::new(spec.memory.bytes(), spec.free_page_reporting());
+        slots.push(Slot {
+            balloon: Some(balloon.shared()),
+            device: Box::new(balloon),
             rx: None,
         });
     }
@@ -82,6 +111,7 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
         slots.push(Slot {
             device: Box::new(dev),
             rx: Some(("vsock".into(), rx)),
+            balloon: None,
         });
     }
     Ok(slots)
@@ -106,6 +136,7 @@ fn limits(bytes: Option<vme_api::ByteSize>, ops: Option<u64>, burst_ms: Option<u
 pub struct Workers {
     rx: Vec<RxWorker>,
     refill: Vec<RefillWorker>,
+    balloon: Option<Arc<BalloonLink>>,
 }
 
 impl Workers {
@@ -129,6 +160,18 @@ impl Workers {
                 .map_err(|e| format!("cannot start the receive thread of {name}: {e}"))?;
             self.rx.push(worker);
         }
+        if let Some(shared) = slot.balloon {
+            let (t, k) = (transport.clone(), transport.clone());
+            self.balloon = Some(Arc::new(BalloonLink {
+                shared,
+                config_changed: Box::new(move || {
+                    t.lock().unwrap_or_else(|p| p.into_inner()).config_changed()
+                }),
+                kick: Box::new(move |q| {
+                    k.lock().unwrap_or_else(|p| p.into_inner()).kick(q);
+                }),
+            }));
+        }
         if let Some(timer) = timer {
             // Serves a throttled queue again when tokens are back.
             let name = format!("virtio{index}");
@@ -143,8 +186,12 @@ impl Workers {
     }
 
     /// Makes the threads follow the VM's run state from now on: nothing is delivered into
-    /// or served for a paused guest, and the threads end with the VM.
+    /// or served for a paused guest, and the threads end with the VM. Also links the
+    /// balloon (if any) to the control socket.
     pub fn follow_run_state(&self, ctx: &RunContext) {
+        if let Some(b) = &self.balloon {
+            ctx.control.set_balloon(b.clone());
+        }
         let threads: Vec<Arc<dyn Follows>> = self
             .rx
             .iter()
@@ -202,5 +249,74 @@ impl ControlHook for Follow {
                 RunState::Stopping => t.stop(),
             }
         }
+    }
+}
+
+/// The balloon as the control socket drives it: the device's shared state, and its
+/// transport for the interrupts (whatever transport the machine put it on).
+struct BalloonLink {
+    shared: Arc<BalloonShared>,
+    config_changed: Box<dyn Fn() + Send + Sync>,
+    kick: Box<dyn Fn(u32) + Send + Sync>,
+}
+
+impl BalloonControl for BalloonLink {
+    fn set_target(&self, bytes: u64) -> Result<(), String> {
+        self.shared
+            .set_target(bytes >> PFN_SHIFT)
+            .map_err(|e| e.to_string())?;
+        (self.config_changed)();
+        Ok(())
+    }
+
+    fn status(&self, wait: Option<Duration>) -> BalloonStatus {
+        if let Some(wait) = wait {
+            let (seq, queue) = self.shared.request_stats();
+            if let Some(q) = queue {
+                (self.kick)(q);
+                // A guest that does not answer in time gets its older numbers shown, with
+                // their age.
+                self.shared.wait_stats_after(seq, wait);
+            }
+        }
+        let s = self.shared.snapshot();
+        let page = 1u64 << PFN_SHIFT;
+        BalloonStatus {
+            target_bytes: u64::from(s.target_pages) * page,
+            actual_bytes: u64::from(s.actual_pages) * page,
+            driver_ready: s.driver_ready,
+            inflated_pages: s.counters.inflated_pages,
+            deflated_pages: s.counters.deflated_pages,
+            reported_bytes: s.counters.reported_bytes,
+            refused_pages: s.counters.refused_pfns,
+            stats: s.stats.map(|g| GuestMemoryStats {
+                swap_in_bytes: g.swap_in,
+                swap_out_bytes: g.swap_out,
+                major_faults: g.major_faults,
+                minor_faults: g.minor_faults,
+                free_bytes: g.free_memory,
+                total_bytes: g.total_memory,
+                available_bytes: g.available_memory,
+                disk_caches_bytes: g.disk_caches,
+                hugetlb_allocations: g.hugetlb_allocations,
+                hugetlb_failures: g.hugetlb_failures,
+            }),
+            stats_age_ms: s.stats_age.map(|a| a.as_millis() as u64),
+            vmm_rss_bytes: None,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A link whose transport does nothing (no driver running).
+    pub(crate) fn link(shared: Arc<BalloonShared>) -> Arc<dyn BalloonControl> {
+        Arc::new(BalloonLink {
+            shared,
+            config_changed: Box::new(|| {}),
+            kick: Box::new(|_| {}),
+        })
     }
 }

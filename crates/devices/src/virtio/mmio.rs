@@ -70,6 +70,9 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     interrupt_status: u32,
+    /// Bumped whenever the device's configuration changes, so a driver reading a
+    /// multi-field configuration sees that it changed under it.
+    config_generation: u32,
 }
 
 impl MmioTransport {
@@ -94,6 +97,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             interrupt_status: 0,
+            config_generation: 0,
         }
     }
 
@@ -209,6 +213,16 @@ impl MmioTransport {
         }
     }
 
+    /// The host changed the device's configuration (a balloon's new target): tells a running
+    /// driver with the configuration-change interrupt. A driver that is not running yet reads
+    /// the configuration when it starts.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & S_DRIVER_OK != 0 {
+            self.set_interrupt(self.interrupt_status | INT_CONFIG);
+        }
+    }
+
     /// Serves queue `index` as if the driver had notified it, for devices with an event
     /// source of their own (frames arriving for a net device). Returns false when the device
     /// cannot serve the queue (not running, needing reset, queue not ready), so the caller
@@ -238,7 +252,7 @@ impl MmioTransport {
             R_STATUS => self.status,
             // No shared memory regions: length and base read as all ones (§4.2.2.1).
             R_SHM_LEN_LOW..=R_SHM_BASE_HIGH => u32::MAX,
-            R_CONFIG_GENERATION => 0,
+            R_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }

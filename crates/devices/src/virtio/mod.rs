@@ -1,6 +1,8 @@
 //! virtio 1.2 devices, independent of the machine kind: split virtqueues ([`queue`]), the
 //! virtio-mmio transport ([`mmio`]), virtio-blk ([`block`]), virtio-net ([`net`]),
-//! virtio-rng ([`rng`]), virtio-vsock ([`vsock`]) and the token buckets that rate-limit disks and nets ([`rate_limit`]).
+//! virtio-rng ([`rng`]), virtio-vsock ([`vsock`]) and the token buckets that rate-limit disks
+//! and nets ([`rate_limit`]). virtio-balloon ([`balloon`]) gives guest pages back to the host
+//! ([`GuestMemory::discard`]).
 //!
 //! Every value a guest places in a ring or descriptor is untrusted. Devices reach guest
 //! memory only through [`GuestMemory`], whose accessors bounds-check and return errors; a
@@ -16,6 +18,7 @@
 //! aligned atomic 16-bit loads/stores) fits both and keeps the checked surface small, so the
 //! split ring (≈300 lines, no indirect descriptors, no EVENT_IDX) is written here.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
@@ -37,6 +40,7 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const ID_NET: u32 = 1;
 pub const ID_BLOCK: u32 = 2;
 pub const ID_RNG: u32 = 4;
+pub const ID_BALLOON: u32 = 5;
 pub const ID_VSOCK: u32 = 19;
 
 /// A guest range a device tried to touch lies (partly) outside guest RAM.
@@ -45,6 +49,40 @@ pub const ID_VSOCK: u32 = 19;
 pub struct MemError {
     pub addr: u64,
     pub len: u64,
+}
+
+/// Granule of [`GuestMemory::discard`]: the balloon's page size (`VIRTIO_BALLOON_PFN_SHIFT`),
+/// which is also the host's page size on every host we run on.
+pub const DISCARD_PAGE: u64 = 4096;
+
+/// Why guest pages could not be given back to the host.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    #[error(transparent)]
+    OutsideRam(#[from] MemError),
+    #[error(
+        "guest range {addr:#x}+{len:#x} is not made of whole 4 KiB pages: only whole pages can be discarded"
+    )]
+    Unaligned { addr: u64, len: u64 },
+    #[error("this machine's guest memory cannot give pages back to the host")]
+    Unsupported,
+    #[error("the host refused to free guest range {addr:#x}+{len:#x} (madvise DONTNEED): {source}")]
+    Host {
+        addr: u64,
+        len: u64,
+        source: std::io::Error,
+    },
+}
+
+impl DiscardError {
+    /// Checks the arguments every implementation of [`GuestMemory::discard`] takes: whole
+    /// pages, no wrap-around.
+    pub fn check_pages(addr: u64, len: u64) -> Result<(), DiscardError> {
+        if addr % DISCARD_PAGE != 0 || len % DISCARD_PAGE != 0 || addr.checked_add(len).is_none() {
+            return Err(DiscardError::Unaligned { addr, len });
+        }
+        Ok(())
+    }
 }
 
 /// Guest-physical memory as a device sees it. Implementations bounds-check every access and
@@ -60,6 +98,15 @@ pub trait GuestMemory: Send + Sync {
     fn load_u16(&self, addr: u64) -> Result<u16, MemError>;
     /// A naturally aligned 16-bit store that cannot tear.
     fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemError>;
+    /// Gives the host pages behind `[addr, addr+len)` back to the host (whole
+    /// [`DISCARD_PAGE`]s, entirely in RAM): afterwards they read as zero and are backed
+    /// again when next touched. For memory the guest said it does not use (balloon).
+    /// Machines whose memory cannot do this keep the default, which refuses.
+    fn discard(&self, addr: u64, len: u64) -> Result<(), DiscardError> {
+        DiscardError::check_pages(addr, len)?;
+        self.check(addr, len)?;
+        Err(DiscardError::Unsupported)
+    }
 }
 
 /// What a device does with the chains of one notified queue.

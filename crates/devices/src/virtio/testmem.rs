@@ -1,7 +1,7 @@
 //! Test harness: guest RAM as a vector at a non-zero base, counting every access the device
 //! attempted outside it, and a driver-side helper that lays out rings and posts chains.
 
-use super::{GuestMemory, MemError, Queue};
+use super::{DiscardError, GuestMemory, MemError, Queue};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,6 +12,8 @@ pub struct TestMemory {
     bytes: Mutex<Vec<u8>>,
     /// Reads/writes the device attempted outside RAM (the harness refused them).
     pub refused: AtomicUsize,
+    /// Ranges given back with `discard`, in call order.
+    pub discarded: Mutex<Vec<(u64, u64)>>,
 }
 
 impl TestMemory {
@@ -19,6 +21,7 @@ impl TestMemory {
         TestMemory {
             bytes: Mutex::new(vec![0; SIZE as usize]),
             refused: AtomicUsize::new(0),
+            discarded: Mutex::new(Vec::new()),
         }
     }
 
@@ -70,6 +73,14 @@ impl GuestMemory for TestMemory {
     }
     fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemError> {
         self.write(addr, &val.to_le_bytes())
+    }
+    /// Zeroes the range, as MADV_DONTNEED on private anonymous memory would.
+    fn discard(&self, addr: u64, len: u64) -> Result<(), DiscardError> {
+        DiscardError::check_pages(addr, len)?;
+        let r = self.refuse(self.range(addr, len))?;
+        self.bytes.lock().unwrap()[r].fill(0);
+        self.discarded.lock().unwrap().push((addr, len));
+        Ok(())
     }
 }
 

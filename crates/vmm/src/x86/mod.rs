@@ -20,7 +20,7 @@ use vme_arch::acpi::VirtioMmio;
 use vme_arch::{CpuTemplate, layout, regs};
 use vme_devices::bus::{Bus, SharedDevice};
 use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
-use vme_devices::virtio::{GuestMemory, MemError};
+use vme_devices::virtio::{DiscardError, GuestMemory, MemError};
 use vme_devices::{IrqLine, acpi, i8042, rtc, serial};
 use vme_hypervisor::{Kicker, Kvm, Vm};
 
@@ -122,6 +122,40 @@ impl GuestMemory for Ram {
         self.0
             .store(val, GuestAddress(addr), Ordering::Release)
             .map_err(|_| Self::err(addr, 2))
+    }
+    /// Region by region (a range may only span regions that touch in guest-physical space,
+    /// since it must be RAM throughout).
+    fn discard(&self, addr: u64, len: u64) -> Result<(), DiscardError> {
+        use vm_memory::GuestMemoryRegion;
+        DiscardError::check_pages(addr, len)?;
+        self.check(addr, len)?;
+        let (mut at, end) = (addr, addr + len);
+        while at < end {
+            let (region, offset) = self
+                .0
+                .to_region_addr(GuestAddress(at))
+                .ok_or(Self::err(at, end - at))?;
+            let n = (region.len() - offset.0).min(end - at);
+            let host = region
+                .get_host_address(offset)
+                .map_err(|_| Self::err(at, n))?;
+            // SAFETY: `host..host+n` lies inside one region's mapping (`n` is capped at the
+            // region's end), which vm-memory created as private anonymous memory, and is
+            // page-aligned (regions start on page boundaries and `at` is page-aligned).
+            // MADV_DONTNEED swaps its pages for zero-fill-on-demand ones without unmapping:
+            // every pointer into it stays valid, KVM's MMU notifier drops the guest's
+            // mappings of those pages, and vCPUs racing on the range see old bytes or zeros.
+            let r = unsafe { libc::madvise(host.cast(), n as usize, libc::MADV_DONTNEED) };
+            if r != 0 {
+                return Err(DiscardError::Host {
+                    addr: at,
+                    len: n,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            at += n;
+        }
+        Ok(())
     }
 }
 
@@ -392,5 +426,35 @@ mod tests {
         assert_eq!(ram.load_u16(0x2000), Ok(0xbeef));
         assert!(ram.load_u16((1 << 20) - 1).is_err());
         assert!(ram.store_u16(layout::MMIO_HOLE_START, 1).is_err());
+    }
+
+    #[test]
+    fn discard_zeroes_whole_pages_of_ram_only() {
+        let ram = ram();
+        let hi = layout::MMIO_HOLE_END;
+        for at in [0x1000, 0x2000, 0x3000, hi, hi + 0x1000] {
+            ram.write(at, b"resident").unwrap();
+        }
+        ram.discard(0x2000, 0x1000).unwrap();
+        ram.discard(hi, 0x1000).unwrap();
+        let mut buf = [0u8; 8];
+        for (at, want) in [
+            (0x1000, b"resident"),
+            (0x2000, &[0u8; 8]),
+            (0x3000, b"resident"),
+            (hi, &[0u8; 8]),
+            (hi + 0x1000, b"resident"),
+        ] {
+            ram.read(at, &mut buf).unwrap();
+            assert_eq!(&buf, want, "at {at:#x}");
+        }
+        // Partial pages, the hole, straddling a region's end, wrapping: refused.
+        assert!(ram.discard(0x1001, 0x1000).is_err());
+        assert!(ram.discard(0x1000, 0x800).is_err());
+        assert!(ram.discard(layout::MMIO_HOLE_START, 0x1000).is_err());
+        assert!(ram.discard((1 << 20) - 0x1000, 0x2000).is_err());
+        assert!(ram.discard(u64::MAX - 0xfff, 0x1000).is_err());
+        ram.read(0x1000, &mut buf).unwrap();
+        assert_eq!(&buf, b"resident");
     }
 }

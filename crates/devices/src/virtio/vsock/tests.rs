@@ -407,3 +407,52 @@ fn the_socket_file_is_removed_with_the_device_and_other_files_are_not_replaced()
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep");
 }
+
+/// A guest that behaves like Linux's driver: 4 KiB receive buffers, a 256 KiB receive
+/// window, and a credit update only once less than 64 KiB of it looks free.
+#[test]
+fn megabytes_flow_to_a_linux_like_guest_under_credit() {
+    const WINDOW: u32 = 256 << 10;
+    const TOTAL: usize = 8 << 20;
+    let mut rig = Rig::new();
+    let listener = host_listener(&rig, 7000);
+    rig.post_rx(16);
+    let mut req = rig.guest(OP_REQUEST, 77, 7000);
+    req.buf_alloc = WINDOW;
+    rig.send(req, &[]).unwrap();
+    let (mut host, _) = listener.accept().unwrap();
+    let data: Vec<u8> = (0..TOTAL).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || host.write_all(&sent).map(|_| host));
+
+    let (mut got, mut fwd_cnt, mut told) = (Vec::new(), 0u32, 0u32);
+    let mut idle = 0;
+    while got.len() < TOTAL {
+        let packets = rig.receive();
+        rig.post_rx(packets.len() as u16);
+        if packets.is_empty() {
+            idle += 1;
+            assert!(idle < 400, "stalled after {} bytes", got.len());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        }
+        idle = 0;
+        for (h, payload) in packets {
+            if h.op == OP_RW {
+                got.extend_from_slice(&payload);
+                fwd_cnt = fwd_cnt.wrapping_add(payload.len() as u32);
+            }
+        }
+        if WINDOW - fwd_cnt.wrapping_sub(told) < 64 << 10 {
+            let upd = Header {
+                buf_alloc: WINDOW,
+                fwd_cnt,
+                ..rig.guest(OP_CREDIT_UPDATE, 77, 7000)
+            };
+            rig.send(upd, &[]).unwrap();
+            told = fwd_cnt;
+        }
+    }
+    assert!(got == data, "the bytes arrive intact and in order");
+    drop(writer.join().unwrap().unwrap());
+}

@@ -6,7 +6,7 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 VMM := $(CARGO_TARGET_DIR)/release/vme-vmm
 IMAGES := $(CARGO_TARGET_DIR)/images
 
-.PHONY: all setup build images lint test unit run bench clean
+.PHONY: all setup build images lint test unit run bench fuzz clean
 
 all: build
 
@@ -37,6 +37,11 @@ run: build images
 
 bench: build images
 	bench/run.sh
+
+# Each virtio device's queue handler under libFuzzer for FUZZ_SECONDS (60) each; not part of
+# `make test` (random-input unit tests of the same harness are).
+fuzz: setup
+	scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean

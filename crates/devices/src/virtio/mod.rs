@@ -20,6 +20,8 @@
 
 pub mod balloon;
 pub mod block;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod mmio;
 pub mod net;
 mod net_worker;
@@ -27,8 +29,8 @@ pub mod queue;
 pub mod rate_limit;
 mod refill;
 pub mod rng;
-#[cfg(test)]
-pub(crate) mod testmem;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testmem;
 pub mod vsock;
 
 pub use queue::{Chain, Queue, QueueError};

@@ -16,6 +16,12 @@ pub struct TestMemory {
     pub discarded: Mutex<Vec<(u64, u64)>>,
 }
 
+impl Default for TestMemory {
+    fn default() -> Self {
+        TestMemory::new()
+    }
+}
+
 impl TestMemory {
     pub fn new() -> Self {
         TestMemory {

@@ -1,0 +1,4 @@
+//! A hostile guest driving virtio-balloon through its transport (see vme_devices::virtio::fuzz).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vme_devices::virtio::fuzz::balloon(data));

@@ -1,0 +1,4 @@
+//! A hostile guest driving virtio-block through its transport (see vme_devices::virtio::fuzz).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vme_devices::virtio::fuzz::block(data));

@@ -18,6 +18,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod transport;
 pub mod net;
 mod net_worker;
 pub mod queue;

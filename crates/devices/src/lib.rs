@@ -1,5 +1,5 @@
 //! Virtual devices shared by both machine kinds: 16550 serial, i8042 reset, CMOS RTC, virtio
-//! (blk, net, rng over the mmio transport; PCI later), and the host tap backend of virtio-net
+//! (blk, net, rng over the virtio-mmio or virtio-pci transport), a PCI bus 0 with MSI-X, and the host tap backend of virtio-net
 //! ([`net`]). Devices are small state machines: their effects leave through traits (interrupt
 //! lines, VM events, output sinks), so they test without KVM. The threads devices own are
 //! virtio-net's receive worker, because frames arrive when no vCPU touches the device, and
@@ -14,6 +14,7 @@ pub mod acpi;
 pub mod bus;
 pub mod i8042;
 pub mod net;
+pub mod pci;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;

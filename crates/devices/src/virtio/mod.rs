@@ -1,5 +1,6 @@
 //! virtio 1.2 devices, independent of the machine kind: split virtqueues ([`queue`]), the
-//! virtio-mmio transport ([`mmio`]), virtio-blk ([`block`]), virtio-net ([`net`]),
+//! transports (virtio-mmio [`mmio`] and virtio-pci [`pci`], sharing the state machine in
+//! [`transport`]), virtio-blk ([`block`]), virtio-net ([`net`]),
 //! virtio-rng ([`rng`]) and the token buckets that rate-limit disks and nets ([`rate_limit`]).
 //!
 //! Every value a guest places in a ring or descriptor is untrusted. Devices reach guest
@@ -12,7 +13,7 @@
 //! `virtio-queue` is built on `vm-memory`'s `GuestMemory`, which hands out host slices of
 //! mmap'ed regions. The riscv64 machine's RAM is accessed only through host atomics (harts
 //! race on it from other threads) and is not a `vm-memory` region, and the same devices must
-//! serve the x86 machine over PCI later. A small trait ([`GuestMemory`]: copy in, copy out,
+//! serve the x86 machine over PCI. A small trait ([`GuestMemory`]: copy in, copy out,
 //! aligned atomic 16-bit loads/stores) fits both and keeps the checked surface small, so the
 //! split ring (≈300 lines, no indirect descriptors, no EVENT_IDX) is written here.
 
@@ -21,6 +22,7 @@ pub mod mmio;
 pub mod transport;
 pub mod net;
 mod net_worker;
+pub mod pci;
 pub mod queue;
 pub mod rate_limit;
 mod refill;
@@ -59,6 +61,25 @@ pub trait GuestMemory: Send + Sync {
     fn load_u16(&self, addr: u64) -> Result<u16, MemError>;
     /// A naturally aligned 16-bit store that cannot tear.
     fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemError>;
+}
+
+/// A transport that can serve a queue on behalf of a device thread (net receive, rate-limit
+/// refill, the machine's notification thread). Returns what [`transport::VirtioCore::kick`]
+/// returns: false when the device cannot serve the queue now.
+pub trait Kick: Send {
+    fn kick(&mut self, index: u32) -> bool;
+}
+
+impl Kick for mmio::MmioTransport {
+    fn kick(&mut self, index: u32) -> bool {
+        mmio::MmioTransport::kick(self, index)
+    }
+}
+
+impl Kick for pci::PciTransport {
+    fn kick(&mut self, index: u32) -> bool {
+        pci::PciTransport::kick(self, index)
+    }
 }
 
 /// What a device does with the chains of one notified queue.

@@ -9,6 +9,7 @@ mod cli;
 mod console;
 mod control;
 mod logger;
+mod notify;
 mod riscv;
 mod signals;
 mod socket;

@@ -142,3 +142,54 @@ fn run(s: &NotifySignal, epoll: &Epoll, mut queues: Vec<Notification>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn kicks_the_notified_queue_and_holds_notifications_while_paused() {
+        let fds: Vec<Arc<EventFd>> = (0..2)
+            .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+            .collect();
+        let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..2).map(|_| AtomicUsize::new(0)).collect());
+        let queues = fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                let c = counts.clone();
+                Notification {
+                    fd: fd.clone(),
+                    kick: Box::new(move || {
+                        c[i].fetch_add(1, Ordering::SeqCst);
+                    }),
+                }
+            })
+            .collect();
+        let worker = NotifyWorker::spawn(queues).unwrap();
+        fds[1].write(1).unwrap();
+        wait_for("queue 1 kicked", || counts[1].load(Ordering::SeqCst) == 1);
+        assert_eq!(counts[0].load(Ordering::SeqCst), 0);
+
+        worker.signal().set_paused(true);
+        std::thread::sleep(Duration::from_millis(50));
+        fds[0].write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(counts[0].load(Ordering::SeqCst), 0, "served while paused");
+        worker.signal().set_paused(false);
+        wait_for("queue 0 kicked after resume", || {
+            counts[0].load(Ordering::SeqCst) == 1
+        });
+        drop(worker);
+    }
+}

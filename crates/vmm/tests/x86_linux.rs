@@ -38,8 +38,8 @@ struct Boot<'a> {
     kernel: &'a str,
     vcpus: u32,
     memory_mib: u64,
-    /// Also check virtio-mmio: a read-only disk of known content, a writable disk and the rng
-    /// (only our kernels have the virtio_mmio driver built in).
+    /// Also check the virtio devices on PCI: a read-only disk of known content, a writable
+    /// disk and the rng (only our kernels have the virtio drivers built in).
     virtio: bool,
 }
 
@@ -74,12 +74,15 @@ fn random_bytes(len: usize) -> Vec<u8> {
 }
 
 /// What the guest does with the virtio devices: hash the read-only vda, try to write it, write
-/// a marker to vdb, name the hardware rng and read from it.
+/// a marker to vdb, name the hardware rng and read from it, list the PCI vendors and count
+/// the virtio interrupts that are MSI(-X).
 const VIRTIO_RUN: &str = "echo VDA=$(sha256sum /dev/vda); \
      (printf x > /dev/vda) 2>/dev/null && echo VDA-RO=no || echo VDA-RO=yes; \
      printf VME-VDB-WRITTEN > /dev/vdb; sync; \
      echo RNG=$(cat /sys/class/misc/hw_random/rng_current); \
-     echo HWRNG=$(head -c 64 /dev/hwrng | wc -c)";
+     echo HWRNG=$(head -c 64 /dev/hwrng | wc -c); \
+     echo PCI=$(sort -u /sys/bus/pci/devices/*/vendor); \
+     echo MSI=$(grep -i msi /proc/interrupts | grep -c virtio)";
 
 impl Boot<'_> {
     fn start(&self, run: &str, extra: &[&str]) -> Vm {
@@ -166,6 +169,11 @@ impl Boot<'_> {
             assert_eq!(vm.wait_for("VDA-RO=", BOOT).trim(), "VDA-RO=yes");
             assert_eq!(vm.wait_for("RNG=", BOOT).trim(), "RNG=virtio_rng.0");
             assert_eq!(vm.wait_for("HWRNG=", BOOT).trim(), "HWRNG=64");
+            // virtio (1af4) functions behind our host bridge (8086:0d57).
+            assert_eq!(vm.wait_for("PCI=", BOOT).trim(), "PCI=0x1af4 0x8086");
+            // Three devices: a config vector and one per queue (one queue each).
+            let msi = vm.wait_for("MSI=", BOOT);
+            assert_eq!(msi.trim(), "MSI=6", "virtio interrupts that are MSI-X");
         }
         // The guest is still up (it powers off after the command): ask the monitor what it
         // did. On PVM hosts the kernel's int3 self-test needs the monitor's emulator.

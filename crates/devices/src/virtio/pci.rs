@@ -45,6 +45,7 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
 const CAP_VENDOR: u8 = 0x09;
 
 // Common configuration fields (§4.1.4.3): offset.
@@ -141,6 +142,8 @@ pub struct PciTransport {
     core: VirtioCore,
     config: ConfigSpace,
     msix_cap: usize,
+    /// The VIRTIO_PCI_CAP_PCI_CFG capability: BAR 0 through configuration space.
+    cfg_cap: usize,
     irq: Irq,
     /// BAR 0's decoded address as the watcher last heard it.
     bar: Option<u64>,
@@ -191,10 +194,18 @@ impl PciTransport {
         let mut notify = vendor_cap(CAP_NOTIFY, NOTIFY as u32, notify_len, 18).to_vec();
         notify.extend_from_slice(&NOTIFY_MULTIPLIER.to_le_bytes());
         config.add_capability(CAP_VENDOR, &notify, &[]);
+        // VIRTIO_PCI_CAP_PCI_CFG: bar, offset, length and the data window are the driver's.
+        let mut window = vendor_cap(CAP_PCI_CFG, 0, 0, 18).to_vec();
+        window.extend_from_slice(&[0; 4]);
+        let mut wmask = [0u8; 18];
+        wmask[2] = 0xff;
+        wmask[6..18].fill(0xff);
+        let cfg_cap = config.add_capability(CAP_VENDOR, &window, &wmask);
         PciTransport {
             core,
             config,
             msix_cap,
+            cfg_cap,
             irq: Irq {
                 msix,
                 isr: 0,
@@ -334,6 +345,26 @@ impl PciTransport {
     }
 }
 
+impl PciTransport {
+    /// For an access to the PCI_CFG capability's data window: the BAR 0 offset and length
+    /// the driver selected (§4.1.4.9: length 1, 2 or 4, offset aligned to it, inside BAR 0
+    /// and no longer than the access). Anything else is a plain configuration access.
+    fn cfg_window(&self, offset: usize, len: usize) -> Option<(u64, usize)> {
+        if offset != self.cfg_cap + 16 {
+            return None;
+        }
+        let bar = self.config.u16_at(self.cfg_cap + 4) as u8;
+        let off = u64::from(self.config.u32_at(self.cfg_cap + 8));
+        let n = self.config.u32_at(self.cfg_cap + 12) as usize;
+        (bar == 0
+            && matches!(n, 1 | 2 | 4)
+            && n <= len
+            && off % n as u64 == 0
+            && off + n as u64 <= u64::from(BAR_SIZE))
+        .then_some((off, n))
+    }
+}
+
 /// A `virtio_pci_cap` after ID and next pointer: cap_len, cfg_type, bar 0, id 0, padding,
 /// offset and length.
 fn vendor_cap(kind: u8, offset: u32, len: u32, cap_len: u8) -> [u8; 14] {
@@ -347,10 +378,21 @@ fn vendor_cap(kind: u8, offset: u32, len: u32, cap_len: u8) -> [u8; 14] {
 
 impl PciFunction for PciTransport {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if let Some((off, len)) = self.cfg_window(offset, data.len()) {
+            let mut buf = [0u8; 4];
+            self.bar_read(0, off, &mut buf[..len]);
+            data.fill(0);
+            data[..len].copy_from_slice(&buf[..len]);
+            return;
+        }
         self.config.read(offset, data);
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
+        if let Some((off, len)) = self.cfg_window(offset, data.len()) {
+            self.bar_write(0, off, &data[..len]);
+            return;
+        }
         // Read-only bits stay (ConfigSpace's write mask); a BAR only takes addresses its size
         // aligns.
         self.config.write(offset, data);

@@ -168,7 +168,13 @@ fn identity_capabilities_and_bar_sizing() {
     found.sort();
     assert_eq!(
         found,
-        vec![(1, 0, 0), (2, 0, 0x3000), (3, 0, 0x1000), (4, 0, 0x2000)]
+        vec![
+            (1, 0, 0),
+            (2, 0, 0x3000),
+            (3, 0, 0x1000),
+            (4, 0, 0x2000),
+            (5, 0, 0)
+        ]
     );
     // MSI-X: 2 vectors (config + one queue), table and PBA in BAR 0.
     let cap = r.msix_cap();
@@ -359,4 +365,33 @@ fn odd_widths_and_offsets_are_harmless() {
     }
     assert_eq!(r.cfg(0, 4), 0x1044_1af4);
     assert_eq!(r.mem.refused.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn the_pci_cfg_capability_reaches_bar0_through_configuration_space() {
+    let mut r = Rig::new();
+    let mut at = r.cfg(0x34, 1) as usize;
+    while r.cfg(at, 1) != 0x09 || r.cfg(at + 3, 1) != 5 {
+        at = r.cfg(at + 1, 1) as usize;
+        assert_ne!(at, 0, "no PCI_CFG capability");
+    }
+    // num_queues (2 bytes at 0x12) through the window, with BAR decoding off.
+    r.t.config_write(at + 4, &[0]);
+    r.t.config_write(at + 8, &0x12u32.to_le_bytes());
+    r.t.config_write(at + 12, &2u32.to_le_bytes());
+    assert_eq!(r.cfg(at + 16, 4), 1);
+    // Status written through the window.
+    r.t.config_write(at + 8, &(C_DEVICE_STATUS as u32).to_le_bytes());
+    r.t.config_write(at + 12, &1u32.to_le_bytes());
+    r.t.config_write(at + 16, &[S_ACKNOWLEDGE as u8]);
+    assert_eq!(r.status(), S_ACKNOWLEDGE);
+    // Bad selections (length 3, misaligned, past the BAR, another BAR) read the plain
+    // register and write nothing.
+    for (bar, off, len) in [(0u8, 0u32, 3u32), (0, 1, 2), (0, BAR_SIZE, 4), (1, 0, 4)] {
+        r.t.config_write(at + 4, &[bar]);
+        r.t.config_write(at + 8, &off.to_le_bytes());
+        r.t.config_write(at + 12, &len.to_le_bytes());
+        r.t.config_write(at + 16, &[0; 4]);
+    }
+    assert_eq!(r.status(), S_ACKNOWLEDGE);
 }

@@ -23,11 +23,15 @@ fn is_x86_msi(msg: &MsiMessage) -> bool {
     msg.address >> 20 == 0xfee
 }
 
-/// One function's MSI-X vectors as KVM GSIs (`first_gsi + vector`), each with an irqfd.
+/// One function's MSI-X vectors as KVM GSIs (`first_gsi + vector`), each with an irqfd that
+/// is bound to its GSI when the vector is first routed (a driver that never enables MSI-X
+/// leaves KVM without irqfds).
 struct KvmMsi {
     vm: Arc<Vm>,
     first_gsi: u32,
     irqfds: Vec<EventFd>,
+    /// Whether each vector's irqfd is bound to its GSI.
+    bound: Vec<AtomicBool>,
     /// Whether each vector has a route (signalling an unrouted vector does nothing).
     routed: Vec<AtomicBool>,
 }
@@ -54,6 +58,15 @@ impl MsiSink for KvmMsi {
             None => None,
         };
         let gsi = self.first_gsi + u32::from(vector);
+        if route.is_some() && !self.bound[v].load(Ordering::SeqCst) {
+            // Routes change on the vCPU thread that wrote the MSI-X table, under the
+            // transport's lock: no two threads bind the same vector.
+            if let Err(e) = self.vm.register_irqfd(&self.irqfds[v], gsi) {
+                log::warn!("PCI: cannot bind MSI-X vector {vector} to GSI {gsi}: {e}");
+                return;
+            }
+            self.bound[v].store(true, Ordering::SeqCst);
+        }
         match self.vm.set_msi_route(gsi, route) {
             Ok(()) => flag.store(route.is_some(), Ordering::SeqCst),
             Err(e) => {
@@ -144,16 +157,15 @@ pub fn attach(
             ));
         }
         let mut irqfds = Vec::new();
-        for v in 0..vectors {
+        for _ in 0..vectors {
             let fd = EventFd::new(EFD_NONBLOCK)
                 .map_err(|e| format!("cannot create an irqfd for virtio device {i}: {e}"))?;
-            vm.register_irqfd(&fd, next_gsi + v)
-                .map_err(|e| format!("virtio device {i}: {e}"))?;
             irqfds.push(fd);
         }
         let sink = Arc::new(KvmMsi {
             vm: vm.clone(),
             first_gsi: next_gsi,
+            bound: (0..vectors).map(|_| AtomicBool::new(false)).collect(),
             routed: (0..vectors).map(|_| AtomicBool::new(false)).collect(),
             irqfds,
         });

@@ -11,8 +11,8 @@ use vme_devices::virtio::rate_limit::{Limits, RefillTimer, RefillWorker};
 use vme_devices::virtio::rng::Rng;
 use vme_devices::virtio::{Kick, VirtioDevice};
 
-/// One virtio-mmio slot's device, with the receive side of a net device (which needs the
-/// transport before its thread can start: see [`Workers::wire`]).
+/// One virtio slot's device (an mmio window or a PCI function), with the receive side of a
+/// net device (which needs the transport before its thread can start: see [`Workers::wire`]).
 pub struct Slot {
     pub device: Box<dyn VirtioDevice>,
     pub rx: Option<(String, RxSource)>,

@@ -133,14 +133,11 @@ impl ConfigSpace {
         self.bar_sizes.get(index).copied().unwrap_or(0)
     }
 
-    /// The BAR that holds all of `[addr, addr+len)`, with the offset of `addr` in it. The
-    /// lowest-numbered BAR wins where the guest made two overlap.
-    pub fn bar_at(&self, addr: u64, len: u64) -> Option<(usize, u64)> {
-        (0..BARS).find_map(|i| {
-            let base = self.bar_addr(i)?;
-            let off = addr.checked_sub(base)?;
-            (off.checked_add(len)? <= self.bar_sizes[i]).then_some((i, off))
-        })
+    /// The BARs that decode now: (index, base, size), lowest index first.
+    pub fn bar_ranges(&self) -> Vec<(usize, u64, u64)> {
+        (0..BARS)
+            .filter_map(|i| Some((i, self.bar_addr(i)?, self.bar_sizes[i])))
+            .collect()
     }
 
     /// Appends a capability with ID `id`; `body` follows the ID and next-pointer bytes and

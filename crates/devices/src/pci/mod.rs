@@ -32,9 +32,8 @@ pub trait PciFunction: Send {
     fn config_read(&mut self, offset: usize, data: &mut [u8]);
     /// Writes configuration space; read-only bits are kept.
     fn config_write(&mut self, offset: usize, data: &[u8]);
-    /// The memory BAR that holds all of `[addr, addr+len)` while memory decoding is on, and
-    /// the offset of `addr` inside it.
-    fn bar_at(&self, addr: u64, len: u64) -> Option<(usize, u64)>;
+    /// The memory BARs that decode now (memory decoding on): (BAR index, base, size).
+    fn bar_ranges(&self) -> Vec<(usize, u64, u64)>;
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
 }

@@ -4,7 +4,7 @@
 use super::config::{ConfigSpace, Ids};
 use super::{CONFIG_SPACE_SIZE, PciFunction};
 use crate::bus::BusDevice;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// Devices on bus 0 (device numbers 0..31; function 0 only).
 pub const SLOTS: usize = 32;
@@ -61,8 +61,8 @@ impl PciFunction for HostBridge {
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.0.write(offset, data);
     }
-    fn bar_at(&self, _addr: u64, _len: u64) -> Option<(usize, u64)> {
-        None
+    fn bar_ranges(&self) -> Vec<(usize, u64, u64)> {
+        Vec::new()
     }
     fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
@@ -73,6 +73,11 @@ impl PciFunction for HostBridge {
 /// Bus 0's functions by device number. Fixed once the machine is built.
 pub struct PciBus {
     slots: Vec<Option<SharedFunction>>,
+    /// Where each function's BARs decode, (device, BAR, base, size) in device order,
+    /// refreshed after every configuration write to that device. Decoding an access looks
+    /// here, so it waits for no function's lock but the target's (a device thread may hold
+    /// another function's lock for a long request).
+    decoded: RwLock<Vec<(usize, usize, u64, u64)>>,
 }
 
 impl Default for PciBus {
@@ -86,7 +91,10 @@ impl PciBus {
     pub fn new() -> Self {
         let mut slots: Vec<Option<SharedFunction>> = vec![None; SLOTS];
         slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
-        PciBus { slots }
+        PciBus {
+            slots,
+            decoded: RwLock::new(Vec::new()),
+        }
     }
 
     /// Puts `f` at the next free device number and returns that number.
@@ -97,6 +105,7 @@ impl PciBus {
             .position(Option::is_none)
             .ok_or(PciError::Full)?;
         self.slots[slot] = Some(f);
+        self.refresh(slot);
         Ok(slot as u8)
     }
 
@@ -119,15 +128,36 @@ impl PciBus {
         if let Some(f) = self.function(bus, device, function) {
             if reg + data.len() <= CONFIG_SPACE_SIZE {
                 lock(f).config_write(reg, data);
+                self.refresh(device as usize);
             }
         }
     }
 
+    /// Re-reads where device `slot`'s BARs decode.
+    fn refresh(&self, slot: usize) {
+        let Some(f) = self.slots.get(slot).and_then(Option::as_ref) else {
+            return;
+        };
+        let ranges = lock(f).bar_ranges();
+        let mut decoded = self.decoded.write().unwrap_or_else(|p| p.into_inner());
+        decoded.retain(|&(s, ..)| s != slot);
+        decoded.extend(
+            ranges
+                .into_iter()
+                .map(|(bar, base, size)| (slot, bar, base, size)),
+        );
+        decoded.sort_by_key(|&(s, bar, ..)| (s, bar));
+    }
+
     /// The function whose BAR holds `[addr, addr+len)`, the lowest device number first.
     fn decode(&self, addr: u64, len: u64) -> Option<(&SharedFunction, usize, u64)> {
-        self.slots.iter().flatten().find_map(|f| {
-            let (bar, off) = lock(f).bar_at(addr, len)?;
-            Some((f, bar, off))
+        let decoded = self.decoded.read().unwrap_or_else(|p| p.into_inner());
+        decoded.iter().find_map(|&(slot, bar, base, size)| {
+            let off = addr.checked_sub(base)?;
+            if off.checked_add(len)? > size {
+                return None;
+            }
+            Some((self.slots.get(slot)?.as_ref()?, bar, off))
         })
     }
 }

@@ -38,8 +38,8 @@ impl PciFunction for Dummy {
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
     }
-    fn bar_at(&self, addr: u64, len: u64) -> Option<(usize, u64)> {
-        self.config.bar_at(addr, len)
+    fn bar_ranges(&self) -> Vec<(usize, u64, u64)> {
+        self.config.bar_ranges()
     }
     fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(offset as u8);

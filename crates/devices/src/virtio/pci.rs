@@ -399,8 +399,8 @@ impl PciFunction for PciTransport {
         self.config_changed();
     }
 
-    fn bar_at(&self, addr: u64, len: u64) -> Option<(usize, u64)> {
-        self.config.bar_at(addr, len)
+    fn bar_ranges(&self) -> Vec<(usize, u64, u64)> {
+        self.config.bar_ranges()
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

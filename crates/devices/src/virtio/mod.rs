@@ -19,7 +19,6 @@
 
 pub mod block;
 pub mod mmio;
-pub mod transport;
 pub mod net;
 mod net_worker;
 pub mod pci;
@@ -29,6 +28,7 @@ mod refill;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod testmem;
+pub mod transport;
 
 pub use queue::{Chain, Queue, QueueError};
 

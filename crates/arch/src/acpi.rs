@@ -1,33 +1,27 @@
-//! ACPI tables: RSDP → XSDT → FADT (hardware-reduced, with DSDT) and MADT.
+//! ACPI tables: RSDP → XSDT → FADT (hardware-reduced, with DSDT), MADT and MCFG.
 //!
 //! Linux finds every vCPU here (one local APIC entry each; there is no MP table), the IOAPIC
 //! with the ISA overrides (IRQ0 → GSI2; IRQ9 level), how to power off (`\_S5_` and the FADT
 //! sleep control register) and the power button (a GED, ACPI0013, whose `_EVT` notifies a
 //! PNP0C0C button). The registers are `vme_devices::acpi`'s port block.
 //!
-//! virtio-mmio devices are DSDT devices with `_HID` "LNRO0005" (Linux's virtio_mmio driver
-//! matches it, as on QEMU's arm `virt` and x86 `microvm`): their `_CRS` carries the window and
-//! a level-triggered, active-high interrupt, which matches the transport holding its line up
-//! while its interrupt status is non-zero (an edge could be lost; a level is re-delivered
-//! after EOI until the driver acknowledges). This needs no kernel command line entries.
+//! PCI: the DSDT's `\_SB_.PCI0` (PNP0A08, compatible PNP0A03) is the host bridge of segment
+//! 0, bus 0. Its `_CRS` gives bus 0, the type-1 configuration ports 0xCF8..0xCFF, the I/O
+//! ports around them, and the 32-bit BAR window; the MCFG gives bus 0's ECAM window (also
+//! reserved in the e820 map, which Linux requires before it uses ECAM). Functions interrupt
+//! through MSI-X only, so there is no `_PRT`.
 
 use crate::ArchError;
-use crate::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
-use acpi_tables::aml::{
-    self, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, IO,
-    If, Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion, OpRegionSpace, Package,
-    Path, ResourceTemplate, Scope, Store,
+use crate::layout::{
+    ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_BASE, PCI_MMIO_BASE, PCI_MMIO_SIZE,
 };
-use acpi_tables::{Aml, rsdp::Rsdp, sdt::Sdt};
+use acpi_tables::aml::{
+    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, IO, If, Interrupt, Local, Method, Name, Notify,
+    OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store,
+};
+use acpi_tables::{Aml, mcfg::MCFG, rsdp::Rsdp, sdt::Sdt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-/// A virtio-mmio device for the DSDT: its register window and its IOAPIC pin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VirtioMmio {
-    pub base: u32,
-    pub size: u32,
-    pub gsi: u32,
-}
 
 const OEM_ID: [u8; 6] = *b"VME   ";
 const OEM_TABLE: [u8; 8] = *b"VMEACPI ";
@@ -102,7 +96,7 @@ fn madt(vcpus: u32, ged_gsi: u32) -> Sdt {
     t
 }
 
-fn dsdt(acpi_port: u16, ged_gsi: u32, virtio: &[VirtioMmio]) -> Sdt {
+fn dsdt(acpi_port: u16, ged_gsi: u32) -> Sdt {
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
     let s5 = Package::new(vec![&SLP_TYP_S5, &SLP_TYP_S5, &0u8, &0u8]);
     Name::new("_S5_".into(), &s5).to_aml_bytes(&mut t);
@@ -149,18 +143,47 @@ fn dsdt(acpi_port: u16, ged_gsi: u32, virtio: &[VirtioMmio]) -> Sdt {
 
     Scope::new("\\_SB_".into(), vec![&pwrb, &ged, &com1]).to_aml_bytes(&mut t);
 
-    for (i, v) in virtio.iter().enumerate() {
-        let window = Memory32Fixed::new(true, v.base, v.size);
-        let irq = Interrupt::new(true, false, false, false, v.gsi);
-        let crs = ResourceTemplate::new(vec![&window, &irq]);
-        let crs = Name::new("_CRS".into(), &crs);
-        let hid = Name::new("_HID".into(), &"LNRO0005");
-        let uid = Name::new("_UID".into(), &(i as u32));
-        let name = format!("VR{i:02X}");
-        let dev = Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
-        Scope::new("\\_SB_".into(), vec![&dev]).to_aml_bytes(&mut t);
-    }
+    pci_host_bridge(&mut t);
     t
+}
+
+/// `\_SB_.PCI0`: the host bridge of segment 0, bus 0, and the resources it decodes.
+fn pci_host_bridge(t: &mut Sdt) {
+    let bus = AddressSpace::<u16>::new_bus_number(0, 0);
+    let config_ports = IO::new(0xcf8, 0xcf8, 1, 8);
+    // Port I/O below and above the configuration ports passes through the bridge.
+    let io_low = AddressSpace::<u16>::new_io(0, 0xcf7, None);
+    let io_high = AddressSpace::<u16>::new_io(0xd00, 0xffff, None);
+    let window = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_BASE as u32,
+        (PCI_MMIO_BASE + PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&bus, &config_ports, &io_low, &io_high, &window]);
+    let hid = EISAName::new("PNP0A08");
+    let cid = EISAName::new("PNP0A03");
+    let names = [
+        Name::new("_HID".into(), &hid),
+        Name::new("_CID".into(), &cid),
+        Name::new("_ADR".into(), &0u8),
+        Name::new("_SEG".into(), &0u8),
+        Name::new("_UID".into(), &0u8),
+        Name::new("_BBN".into(), &0u8),
+        Name::new("_CRS".into(), &crs),
+    ];
+    let children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    let dev = Device::new("PCI0".into(), children);
+    Scope::new("\\_SB_".into(), vec![&dev]).to_aml_bytes(t);
+}
+
+fn mcfg() -> Vec<u8> {
+    let mut t = MCFG::new(OEM_ID, OEM_TABLE, 1);
+    t.add_ecam(PCI_ECAM_BASE, 0, 0, 0);
+    let mut bytes = Vec::new();
+    t.to_aml_bytes(&mut bytes);
+    bytes
 }
 
 fn xsdt(entries: &[u64]) -> Sdt {
@@ -181,30 +204,25 @@ pub fn write_tables(
     vcpus: u32,
     acpi_port: u16,
     ged_gsi: u32,
-    virtio: &[VirtioMmio],
 ) -> Result<u64, ArchError> {
     if vcpus == 0 || vcpus > 255 {
         return Err(ArchError::Acpi(format!(
             "{vcpus} vCPUs: the MADT describes 1 to 255 local APICs"
         )));
     }
-    if virtio.len() > 0xff {
-        return Err(ArchError::Acpi(format!(
-            "{} virtio devices: the DSDT names at most 255",
-            virtio.len()
-        )));
-    }
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
-    // XSDT: header + two 8-byte entries.
-    let dsdt_addr = align8(xsdt_addr + 36 + 16);
-    let dsdt = dsdt(acpi_port, ged_gsi, virtio);
+    // XSDT: header + three 8-byte entries.
+    let dsdt_addr = align8(xsdt_addr + 36 + 24);
+    let dsdt = dsdt(acpi_port, ged_gsi);
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr, acpi_port);
     let madt_addr = align8(fadt_addr + fadt.len() as u64);
     let madt = madt(vcpus, ged_gsi);
-    let xsdt = xsdt(&[fadt_addr, madt_addr]);
-    let end = madt_addr + madt.len() as u64;
+    let mcfg_addr = align8(madt_addr + madt.len() as u64);
+    let mcfg = mcfg();
+    let xsdt = xsdt(&[fadt_addr, madt_addr, mcfg_addr]);
+    let end = mcfg_addr + mcfg.len() as u64;
     if end > ACPI_END {
         return Err(ArchError::Acpi(format!(
             "tables need {} bytes but only {} are reserved",
@@ -220,6 +238,7 @@ pub fn write_tables(
         (dsdt_addr, dsdt.as_slice()),
         (fadt_addr, fadt.as_slice()),
         (madt_addr, madt.as_slice()),
+        (mcfg_addr, mcfg.as_slice()),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))
             .map_err(|e| ArchError::Acpi(format!("writing at {addr:#x}: {e}")))?;
@@ -249,7 +268,7 @@ mod tests {
     #[test]
     fn tables_chain_with_valid_checksums() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let rsdp = write_tables(&mem, 4, 0x600, 9, &[]).unwrap();
+        let rsdp = write_tables(&mem, 4, 0x600, 9).unwrap();
         let r = read(&mem, rsdp, 36);
         assert_eq!(&r[..8], b"RSD PTR ");
         assert_eq!(sum(&r[..20]), 0);
@@ -282,41 +301,48 @@ mod tests {
     }
 
     #[test]
-    fn virtio_devices_are_in_the_dsdt() {
+    fn the_pci_host_bridge_is_in_the_dsdt_and_ecam_in_the_mcfg() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let devs: Vec<VirtioMmio> = (0..8)
-            .map(|i| VirtioMmio {
-                base: 0xd000_1000 + i * 0x1000,
-                size: 0x1000,
-                gsi: 16 + i,
-            })
-            .collect();
-        let rsdp = write_tables(&mem, 1, 0x600, 9, &devs).unwrap();
+        let rsdp = write_tables(&mem, 1, 0x600, 9).unwrap();
         let xsdt_addr = u64::from_le_bytes(read(&mem, rsdp + 24, 8).try_into().unwrap());
-        let fadt_addr = u64::from_le_bytes(read(&mem, xsdt_addr + 36, 8).try_into().unwrap());
+        let xsdt = table(&mem, xsdt_addr);
+        assert_eq!(xsdt.len(), 36 + 24);
+        let fadt_addr = u64::from_le_bytes(xsdt[36..44].try_into().unwrap());
+        let mcfg_addr = u64::from_le_bytes(xsdt[52..60].try_into().unwrap());
         let dsdt_addr = u64::from_le_bytes(read(&mem, fadt_addr + 140, 8).try_into().unwrap());
         let dsdt = table(&mem, dsdt_addr);
         assert_eq!(sum(&dsdt), 0);
-        let hids = dsdt.windows(8).filter(|w| *w == b"LNRO0005").count();
-        assert_eq!(hids, 8);
-        for d in &devs {
-            // Memory32Fixed: tag 0x86, length 9, read-write, base, size.
-            let mut m = vec![0x86, 9, 0, 1];
-            m.extend_from_slice(&d.base.to_le_bytes());
-            m.extend_from_slice(&d.size.to_le_bytes());
-            assert!(dsdt.windows(m.len()).any(|w| w == m), "{d:?}");
-            // Extended interrupt: tag 0x89, length 6, consumer + level + active high, 1 pin.
-            let mut x = vec![0x89, 6, 0, 1, 1];
-            x.extend_from_slice(&d.gsi.to_le_bytes());
-            assert!(dsdt.windows(x.len()).any(|w| w == x), "{d:?}");
+        assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
+        for name in [b"_SEG", b"_BBN", b"_CRS", b"_CID"] {
+            assert!(dsdt.windows(4).any(|w| w == name), "{name:?}");
         }
+        // EISA IDs of PNP0A08 and PNP0A03, compressed.
+        assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x08]));
+        assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x03]));
+        // IO descriptor for 0xCF8..0xCFF: tag 0x47, decode16, min, max, align 1, len 8.
+        assert!(
+            dsdt.windows(8)
+                .any(|w| w == [0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8])
+        );
+        // DWordMemory window: min and max of the BAR window.
+        let mut win = (PCI_MMIO_BASE as u32).to_le_bytes().to_vec();
+        win.extend_from_slice(&((PCI_MMIO_BASE + PCI_MMIO_SIZE - 1) as u32).to_le_bytes());
+        assert!(dsdt.windows(8).any(|w| w == win));
+        let mcfg = table(&mem, mcfg_addr);
+        assert_eq!((&mcfg[..4], sum(&mcfg), mcfg.len()), (&b"MCFG"[..], 0, 60));
+        assert_eq!(
+            u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+            PCI_ECAM_BASE
+        );
+        // Segment 0, buses 0..0.
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, 0]);
     }
 
     #[test]
     fn vcpu_count_is_checked() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        assert!(write_tables(&mem, 0, 0x600, 9, &[]).is_err());
-        assert!(write_tables(&mem, 256, 0x600, 9, &[]).is_err());
-        assert!(write_tables(&mem, 255, 0x600, 9, &[]).is_ok());
+        assert!(write_tables(&mem, 0, 0x600, 9).is_err());
+        assert!(write_tables(&mem, 256, 0x600, 9).is_err());
+        assert!(write_tables(&mem, 255, 0x600, 9).is_ok());
     }
 }

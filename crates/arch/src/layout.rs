@@ -38,15 +38,18 @@ pub const HIMEM_START: u64 = 0x100000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
-/// virtio-mmio windows: slot i at `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE`, in the 32-bit
-/// hole. The page below stays empty on purpose: tests read it to check that unclaimed MMIO
-/// reads as all-ones.
-pub const VIRTIO_MMIO_BASE: u64 = 0xd000_1000;
-pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
-/// Slot i interrupts on IOAPIC pin (GSI) `VIRTIO_GSI_BASE + i`: the pins above the ISA range,
-/// where no legacy device or override can collide. KVM's IOAPIC has 24 pins, hence 8 slots.
-pub const VIRTIO_GSI_BASE: u32 = 16;
-pub const VIRTIO_MMIO_SLOTS: usize = 8;
+/// The PCI BAR window: the host bridge forwards memory accesses in
+/// `[PCI_MMIO_BASE, PCI_MMIO_BASE + PCI_MMIO_SIZE)` to BARs; the monitor assigns every BAR
+/// inside it at boot. It ends below 0xd000_0000 on purpose: tests read that page to check
+/// that unclaimed MMIO reads as all-ones.
+pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+/// ECAM (memory-mapped configuration space) of PCI bus 0: 1 MiB, described in the MCFG and
+/// reserved in the e820 map (Linux uses ECAM only where the firmware reserved it).
+pub const PCI_ECAM_BASE: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// PCI devices (function 0 of device numbers 1..31 on bus 0; device 0 is the host bridge).
+pub const PCI_DEVICE_SLOTS: usize = 31;
 
 /// One e820 entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +78,7 @@ pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
 }
 
 /// The memory map the guest sees: RAM except the EBDA/BIOS area, which is reserved (the ACPI
-/// tables live there).
+/// tables live there), and the reserved PCI ECAM window.
 pub fn e820_map(size: u64) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
@@ -89,6 +92,11 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
             kind: E820Kind::Reserved,
         },
     ];
+    map.push(E820Entry {
+        addr: PCI_ECAM_BASE,
+        size: PCI_ECAM_SIZE,
+        kind: E820Kind::Reserved,
+    });
     for (start, len) in ram_regions(size) {
         let start = start.max(HIMEM_START);
         let end = if start == HIMEM_START {
@@ -104,6 +112,7 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
             });
         }
     }
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -135,6 +144,11 @@ mod tests {
         assert!(map.iter().any(|e| e.kind == E820Kind::Reserved
             && e.addr <= ACPI_START
             && e.addr + e.size >= ACPI_END));
+        // The ECAM window is reserved and the map is in address order.
+        assert!(map.iter().any(|e| e.kind == E820Kind::Reserved
+            && e.addr == PCI_ECAM_BASE
+            && e.size == PCI_ECAM_SIZE));
+        assert!(map.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr));
         // No RAM entry overlaps the hole.
         assert!(map.iter().all(|e| e.kind != E820Kind::Ram
             || e.addr + e.size <= MMIO_HOLE_START

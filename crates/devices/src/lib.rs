@@ -1,6 +1,6 @@
 //! Virtual devices shared by both machine kinds: 16550 serial, i8042 reset, CMOS RTC, virtio
-//! (blk, net, rng over the mmio transport; PCI later), and the host tap backend of virtio-net
-//! ([`net`]). Devices are small state machines: their effects leave through traits (interrupt
+//! (blk, net, rng over the virtio-mmio or virtio-pci transport), PCI bus 0 with MSI-X
+//! ([`pci`]), and the host tap backend of virtio-net ([`net`]). Devices are small state machines: their effects leave through traits (interrupt
 //! lines, VM events, output sinks), so they test without KVM. The threads devices own are
 //! virtio-net's receive worker, because frames arrive when no vCPU touches the device, and
 //! a rate-limited device's refill thread, which resumes a throttled queue when tokens are
@@ -14,6 +14,7 @@ pub mod acpi;
 pub mod bus;
 pub mod i8042;
 pub mod net;
+pub mod pci;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;

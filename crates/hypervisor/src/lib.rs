@@ -1,5 +1,5 @@
 //! A safe layer over KVM: the VM, its vCPUs, guest memory slots, the in-kernel irqchip, IRQ
-//! lines and CPUID. It owns every KVM ioctl the monitor makes; it knows nothing of boot
+//! lines, MSI routes, irqfds and ioeventfds, and CPUID. It owns every KVM ioctl the monitor makes; it knows nothing of boot
 //! protocols, devices or guests' operating systems.
 
 mod kick;
@@ -10,7 +10,7 @@ mod vm;
 pub use kick::Kicker;
 pub use kvm::Kvm;
 pub use vcpu::{INTERNAL_ERROR_EMULATION, Vcpu, VcpuExit};
-pub use vm::Vm;
+pub use vm::{FIRST_MSI_GSI, MAX_GSI, MsiRoute, Vm};
 
 pub use kvm_bindings::{
     CpuId, kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs,
@@ -59,6 +59,10 @@ pub enum HypervisorError {
     },
     #[error("no {what} is pending on this vCPU: its last exit was something else")]
     NothingPending { what: &'static str },
+    #[error("GSI {gsi} cannot carry an MSI route: MSI GSIs are {FIRST_MSI_GSI}..={MAX_GSI}")]
+    BadGsi { gsi: u32 },
+    #[error("{count} interrupt routes are more than KVM takes: use fewer PCI devices")]
+    TooManyRoutes { count: usize },
     #[error("cannot set up the vCPU kick signal: {0}")]
     Signal(std::io::Error),
 }

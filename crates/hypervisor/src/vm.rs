@@ -1,8 +1,13 @@
 //! One KVM virtual machine: its memory slots, in-kernel interrupt controllers and vCPUs.
 
 use crate::{HypervisorError, Result, Vcpu, ioctl};
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::VmFd;
+use kvm_bindings::{
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting,
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 use vm_memory::{
     Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
@@ -14,15 +19,39 @@ use vmm_sys_util::eventfd::EventFd;
 pub const TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// GSIs 0..23 are the in-kernel PIC/IOAPIC pins; MSI routes use the GSIs above them.
+pub const FIRST_MSI_GSI: u32 = 24;
+/// KVM's limit on routing entries (`KVM_MAX_IRQ_ROUTES`), pins included.
+pub const MAX_GSI: u32 = 4095;
+
+/// KVM's in-kernel irqchips as routing entries name them.
+const IRQCHIP_PIC_MASTER: u32 = 0;
+const IRQCHIP_PIC_SLAVE: u32 = 1;
+const IRQCHIP_IOAPIC: u32 = 2;
+
+/// An MSI message a GSI delivers: the address the device writes and the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsiRoute {
+    pub address: u64,
+    pub data: u32,
+}
+
 pub struct Vm {
     fd: VmFd,
     /// Kept so the mappings KVM was given live as long as the VM.
     memory: Option<GuestMemoryMmap>,
+    /// The MSI routes by GSI; `KVM_SET_GSI_ROUTING` replaces the whole table, so every
+    /// change sends all of them (with the irqchip pins).
+    msi_routes: Mutex<BTreeMap<u32, MsiRoute>>,
 }
 
 impl Vm {
     pub(crate) fn new(fd: VmFd) -> Self {
-        Vm { fd, memory: None }
+        Vm {
+            fd,
+            memory: None,
+            msi_routes: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Registers every region of `memory` as one KVM memory slot. Call once.
@@ -96,6 +125,91 @@ impl Vm {
     /// Makes a write to `fd` raise `gsi` in the kernel, without a trip through the monitor.
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
         self.fd.register_irqfd(fd, gsi).map_err(ioctl("KVM_IRQFD"))
+    }
+
+    /// Makes GSI `gsi` (at least [`FIRST_MSI_GSI`]) deliver `route`, or nothing (`None`).
+    /// The legacy pins keep KVM's default routing: GSI 0..15 on both the PIC and the IOAPIC,
+    /// 16..23 on the IOAPIC.
+    pub fn set_msi_route(&self, gsi: u32, route: Option<MsiRoute>) -> Result<()> {
+        if !(FIRST_MSI_GSI..=MAX_GSI).contains(&gsi) {
+            return Err(HypervisorError::BadGsi { gsi });
+        }
+        let mut routes = self.routes();
+        let old = match route {
+            Some(r) => routes.insert(gsi, r),
+            None => routes.remove(&gsi),
+        };
+        if old == route {
+            return Ok(());
+        }
+        let result = self.push_routes(&routes);
+        if result.is_err() {
+            // Keep our table what KVM has.
+            match old {
+                Some(r) => routes.insert(gsi, r),
+                None => routes.remove(&gsi),
+            };
+        }
+        result
+    }
+
+    fn routes(&self) -> MutexGuard<'_, BTreeMap<u32, MsiRoute>> {
+        // Every critical section leaves the map whole.
+        self.msi_routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_routes(&self, routes: &BTreeMap<u32, MsiRoute>) -> Result<()> {
+        let mut entries = Vec::with_capacity(40 + routes.len());
+        for gsi in 0..FIRST_MSI_GSI {
+            let mut chip = |irqchip, pin| {
+                let mut e = kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_IRQCHIP,
+                    ..Default::default()
+                };
+                e.u.irqchip.irqchip = irqchip;
+                e.u.irqchip.pin = pin;
+                entries.push(e);
+            };
+            if gsi < 8 {
+                chip(IRQCHIP_PIC_MASTER, gsi);
+            } else if gsi < 16 {
+                chip(IRQCHIP_PIC_SLAVE, gsi - 8);
+            }
+            chip(IRQCHIP_IOAPIC, gsi);
+        }
+        for (&gsi, r) in routes {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = r.address as u32;
+            e.u.msi.address_hi = (r.address >> 32) as u32;
+            e.u.msi.data = r.data;
+            entries.push(e);
+        }
+        let table =
+            KvmIrqRouting::from_entries(&entries).map_err(|_| HypervisorError::TooManyRoutes {
+                count: entries.len(),
+            })?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(ioctl("KVM_SET_GSI_ROUTING"))
+    }
+
+    /// Makes a guest write of any width to `addr` signal `fd` inside the kernel instead of
+    /// exiting to the monitor.
+    pub fn register_ioevent(&self, fd: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(ioctl("KVM_IOEVENTFD"))
+    }
+
+    pub fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(ioctl("KVM_IOEVENTFD (deassign)"))
     }
 
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu> {

@@ -237,3 +237,58 @@ fn guest_cpuid_follows_set_cpuid2_unless_pvm() {
         assert_eq!(seen, set);
     }
 }
+
+#[test]
+fn an_ioeventfd_takes_the_mmio_write_without_an_exit() {
+    if skip() {
+        return;
+    }
+    let (vm, mut vcpu) = setup(0x1000);
+    let fd =
+        vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).expect("eventfd");
+    vm.register_ioevent(&fd, 0x20010).expect("KVM_IOEVENTFD");
+    assert!(matches!(
+        next(&mut vcpu),
+        VcpuExit::IoOut { port: 0x10, .. }
+    ));
+    assert!(matches!(next(&mut vcpu), VcpuExit::IoIn { port: 0x11, .. }));
+    vcpu.complete_io_in(&[0x99]).expect("complete in");
+    assert!(matches!(
+        next(&mut vcpu),
+        VcpuExit::IoOut { port: 0x12, .. }
+    ));
+    // The byte store to 0x20010 went to the eventfd: the next exit is the read after it.
+    assert_eq!(
+        next(&mut vcpu),
+        VcpuExit::MmioRead {
+            addr: 0x20020,
+            len: 1
+        }
+    );
+    assert_eq!(fd.read().expect("the eventfd was signalled"), 1);
+    vm.unregister_ioevent(&fd, 0x20010).expect("deassign");
+}
+
+#[test]
+fn msi_routes_are_set_and_cleared_above_the_irqchip_pins() {
+    if skip() {
+        return;
+    }
+    let kvm = Kvm::open().expect("KVM (set VME_SKIP_KVM_TESTS=1 to skip KVM tests)");
+    let vm = kvm.create_vm().expect("create VM");
+    vm.create_platform_devices().expect("irqchip");
+    let route = vme_hypervisor::MsiRoute {
+        address: 0xfee0_0000,
+        data: 0x31,
+    };
+    vm.set_msi_route(24, Some(route)).expect("route GSI 24");
+    vm.set_msi_route(25, Some(route)).expect("route GSI 25");
+    vm.set_msi_route(24, None).expect("clear GSI 24");
+    let fd = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+    vm.register_irqfd(&fd, 25).expect("irqfd on a routed GSI");
+    fd.write(1).expect("signal");
+    for gsi in [0, 23, 4096] {
+        let e = vm.set_msi_route(gsi, Some(route)).unwrap_err();
+        assert!(e.to_string().contains(&format!("GSI {gsi}")), "{e}");
+    }
+}

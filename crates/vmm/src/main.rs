@@ -10,6 +10,7 @@ mod console;
 mod control;
 mod exec;
 mod logger;
+mod notify;
 mod riscv;
 mod signals;
 mod socket;

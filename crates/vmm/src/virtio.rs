@@ -1,22 +1,22 @@
-//! The virtio devices of a [`MachineSpec`], shared by both machine kinds: both place them on
-//! virtio-mmio transports, only where (and with which interrupt line) differs.
+//! The virtio devices of a [`MachineSpec`], shared by both machine kinds (riscv64 places them
+//! on virtio-mmio, x86_64 on virtio-pci), and the threads that serve them besides the vCPUs.
 
 use crate::control::{BalloonControl, ControlHook, RunContext};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vme_api::MachineSpec;
 use vme_api::control::{BalloonStatus, GuestMemoryStats, RunState};
-use vme_devices::virtio::VirtioDevice;
 use vme_devices::virtio::balloon::{Balloon, BalloonShared, PFN_SHIFT};
 use vme_devices::virtio::block::Block;
-use vme_devices::virtio::mmio::MmioTransport;
 use vme_devices::virtio::net::{self as virtio_net, Net, RxSignal, RxSource, RxWorker};
 use vme_devices::virtio::rate_limit::{Limits, RefillTimer, RefillWorker};
 use vme_devices::virtio::rng::Rng;
 use vme_devices::virtio::vsock::{self, Vsock};
+use vme_devices::virtio::{Kick, VirtioDevice};
 
-/// One virtio-mmio slot's device, with the receive side of a net or vsock device (which
-/// needs the transport before its thread can start: see [`Workers::wire`]).
+/// One virtio slot's device (an mmio window or a PCI function), with the receive side of a
+/// net or vsock device (which needs the transport before its thread can start: see
+/// [`Workers::wire`]).
 pub struct Slot {
     pub device: Box<dyn VirtioDevice>,
     pub rx: Option<(String, RxSource)>,
@@ -137,18 +137,19 @@ pub struct Workers {
     rx: Vec<RxWorker>,
     refill: Vec<RefillWorker>,
     balloon: Option<Arc<BalloonLink>>,
+    notify: Vec<crate::notify::NotifyWorker>,
 }
 
 impl Workers {
     /// Puts `slot`'s device on the transport `transport_for` builds and starts the device's
     /// threads, which need that transport to serve its queues. Returns the transport, for
     /// the machine to place on its bus.
-    pub fn wire(
+    pub fn wire<T: Kick + 'static>(
         &mut self,
         index: usize,
         slot: Slot,
-        transport_for: impl FnOnce(Box<dyn VirtioDevice>) -> MmioTransport,
-    ) -> Result<Arc<Mutex<MmioTransport>>, String> {
+        transport_for: impl FnOnce(Box<dyn VirtioDevice>) -> T,
+    ) -> Result<Arc<Mutex<T>>, String> {
         // Taken before the device moves into its transport.
         let timer = slot.device.refill_timer();
         let transport = Arc::new(Mutex::new(transport_for(slot.device)));
@@ -185,6 +186,11 @@ impl Workers {
         Ok(transport)
     }
 
+    /// Adds the thread that serves queue notifications (ioeventfds) of the machine's devices.
+    pub fn add_notify(&mut self, worker: crate::notify::NotifyWorker) {
+        self.notify.push(worker);
+    }
+
     /// Makes the threads follow the VM's run state from now on: nothing is delivered into
     /// or served for a paused guest, and the threads end with the VM. Also links the
     /// balloon (if any) to the control socket.
@@ -201,6 +207,11 @@ impl Workers {
                     .iter()
                     .map(|w| w.timer().clone() as Arc<dyn Follows>),
             )
+            .chain(
+                self.notify
+                    .iter()
+                    .map(|w| w.signal().clone() as Arc<dyn Follows>),
+            )
             .collect();
         if threads.is_empty() {
             return;
@@ -215,7 +226,7 @@ impl Workers {
 }
 
 /// What a device thread does when the VM's run state changes.
-trait Follows: Send + Sync {
+pub(crate) trait Follows: Send + Sync {
     fn set_paused(&self, paused: bool);
     fn stop(&self);
 }

@@ -75,10 +75,11 @@ fn unclaimed_ports_and_mmio_read_all_ones() {
     assert_eq!(vm.wait_exit(T).code(), Some(0));
 }
 
-/// A disk given with `--disk` is virtio-mmio slot 0 at 0xd0001000 (modern, device ID 2: block),
-/// the default rng slot 1 (device ID 4); the ACPI DSDT tells Linux where they are.
+/// A disk given with `--disk` is PCI device 1 (virtio-blk, 1af4:1042) and the default rng
+/// device 2 (1af4:1044), behind the host bridge at device 0; BAR 0 is 32 KiB. The probe
+/// reads them through the type-1 ports and through ECAM.
 #[test]
-fn a_disk_is_a_virtio_mmio_block_device_at_the_first_window() {
+fn a_disk_is_a_virtio_pci_block_device_at_device_1() {
     if !kvm_available() {
         return;
     }
@@ -88,10 +89,10 @@ fn a_disk_is_a_virtio_mmio_block_device_at_the_first_window() {
     let p = x86_probe().to_str().unwrap();
     let disk = format!("path={}", disk.display());
     let mut vm = Vm::start(&args(p, "v", &["--disk", &disk]));
-    let line = vm.wait_for("PROBE-VIRTIO", T);
+    let line = vm.wait_for("PROBE-PCI", T);
     assert_eq!(
         line.trim(),
-        "PROBE-VIRTIO magic=74726976 version=00000002 device=00000002 device=00000004"
+        "PROBE-PCI host=0d578086 dev1=10421af4 dev2=10441af4 bar0=ffff8000 ecam=10421af4"
     );
     assert_eq!(vm.wait_exit(T).code(), Some(0));
 }

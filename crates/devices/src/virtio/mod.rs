@@ -1,7 +1,8 @@
 //! virtio 1.2 devices, independent of the machine kind: split virtqueues ([`queue`]), the
-//! virtio-mmio transport ([`mmio`]), virtio-blk ([`block`]), virtio-net ([`net`]),
-//! virtio-rng ([`rng`]), virtio-vsock ([`vsock`]) and the token buckets that rate-limit disks
-//! and nets ([`rate_limit`]). virtio-balloon ([`balloon`]) gives guest pages back to the host
+//! transports (virtio-mmio [`mmio`] and virtio-pci [`pci`], sharing the state machine in
+//! [`transport`]), virtio-blk ([`block`]), virtio-net ([`net`]), virtio-rng ([`rng`]),
+//! virtio-vsock ([`vsock`]) and the token buckets that rate-limit disks and nets
+//! ([`rate_limit`]). virtio-balloon ([`balloon`]) gives guest pages back to the host
 //! ([`GuestMemory::discard`]).
 //!
 //! Every value a guest places in a ring or descriptor is untrusted. Devices reach guest
@@ -14,7 +15,7 @@
 //! `virtio-queue` is built on `vm-memory`'s `GuestMemory`, which hands out host slices of
 //! mmap'ed regions. The riscv64 machine's RAM is accessed only through host atomics (harts
 //! race on it from other threads) and is not a `vm-memory` region, and the same devices must
-//! serve the x86 machine over PCI later. A small trait ([`GuestMemory`]: copy in, copy out,
+//! serve the x86 machine over PCI. A small trait ([`GuestMemory`]: copy in, copy out,
 //! aligned atomic 16-bit loads/stores) fits both and keeps the checked surface small, so the
 //! split ring (≈300 lines, no indirect descriptors, no EVENT_IDX) is written here.
 
@@ -25,12 +26,14 @@ pub mod fuzz;
 pub mod mmio;
 pub mod net;
 mod net_worker;
+pub mod pci;
 pub mod queue;
 pub mod rate_limit;
 mod refill;
 pub mod rng;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod testmem;
+pub mod transport;
 pub mod vsock;
 
 pub use queue::{Chain, Queue, QueueError};
@@ -108,6 +111,33 @@ pub trait GuestMemory: Send + Sync {
         DiscardError::check_pages(addr, len)?;
         self.check(addr, len)?;
         Err(DiscardError::Unsupported)
+    }
+}
+
+/// A transport that can serve a queue on behalf of a device thread (net receive, rate-limit
+/// refill, the machine's notification thread). Returns what [`transport::VirtioCore::kick`]
+/// returns: false when the device cannot serve the queue now.
+pub trait Kick: Send {
+    fn kick(&mut self, index: u32) -> bool;
+    /// The host changed the device's configuration: tell the driver.
+    fn config_changed(&mut self);
+}
+
+impl Kick for mmio::MmioTransport {
+    fn kick(&mut self, index: u32) -> bool {
+        mmio::MmioTransport::kick(self, index)
+    }
+    fn config_changed(&mut self) {
+        mmio::MmioTransport::config_changed(self);
+    }
+}
+
+impl Kick for pci::PciTransport {
+    fn kick(&mut self, index: u32) -> bool {
+        pci::PciTransport::kick(self, index)
+    }
+    fn config_changed(&mut self) {
+        pci::PciTransport::config_changed(self);
     }
 }
 

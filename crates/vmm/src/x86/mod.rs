@@ -1,10 +1,11 @@
 //! The x86_64 machine on KVM: builds the VM from a [`MachineSpec`] (memory with the PCI hole,
 //! in-kernel irqchip and PIT, vCPUs with their CPU template, kernel and initrd, legacy
-//! devices, virtio disks/nets/rng on virtio-mmio) and runs one thread per vCPU until the VM
-//! ends. The virtio windows and their level-triggered GSIs are in `vme_arch::layout`; Linux
-//! finds them in the DSDT (`vme_arch::acpi`).
+//! devices, virtio disks/nets/rng on PCI bus 0 with MSI-X) and runs one thread per vCPU until
+//! the VM ends. The PCI windows are in `vme_arch::layout`; Linux finds the host bridge in the
+//! DSDT and ECAM in the MCFG (`vme_arch::acpi`).
 
 mod emu;
+mod pci;
 mod vcpu;
 
 use crate::control::{ControlHook, ExitReason, RunContext};
@@ -16,10 +17,8 @@ use vcpu::{VcpuReport, VcpuThread};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vme_api::MachineSpec;
 use vme_api::control::RunState;
-use vme_arch::acpi::VirtioMmio;
 use vme_arch::{CpuTemplate, layout, regs};
 use vme_devices::bus::{Bus, SharedDevice};
-use vme_devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
 use vme_devices::virtio::{DiscardError, GuestMemory, MemError};
 use vme_devices::{IrqLine, acpi, i8042, rtc, serial};
 use vme_hypervisor::{Kicker, Kvm, Vm};
@@ -207,17 +206,9 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
     let vm = Arc::new(vm);
 
     regs::write_boot_structures(&mem)?;
-    // Slot i's window and pin; Linux finds them in the DSDT (see vme_arch::acpi).
     let slots =
-        virtio::devices(spec, layout::VIRTIO_MMIO_SLOTS, "x86_64").map_err(X86Error::Setup)?;
-    let windows: Vec<VirtioMmio> = (0..slots.len())
-        .map(|i| VirtioMmio {
-            base: (layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_STRIDE) as u32,
-            size: MMIO_SIZE as u32,
-            gsi: layout::VIRTIO_GSI_BASE + i as u32,
-        })
-        .collect();
-    let rsdp = vme_arch::acpi::write_tables(&mem, spec.vcpus, ACPI_PORT, GED_GSI, &windows)?;
+        virtio::devices(spec, layout::PCI_DEVICE_SLOTS, "x86_64").map_err(X86Error::Setup)?;
+    let rsdp = vme_arch::acpi::write_tables(&mem, spec.vcpus, ACPI_PORT, GED_GSI)?;
     let mut kernel = open("kernel", &spec.kernel)?;
     let mut initrd = match &spec.initrd {
         Some(p) => Some(open("initrd", p)?),
@@ -282,15 +273,7 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, X86Error>
     let ram = Arc::new(Ram(mem.clone()));
     // Stopped and joined when this function returns, after the vCPUs.
     let mut workers = virtio::Workers::default();
-    for (i, (slot, window)) in slots.into_iter().zip(&windows).enumerate() {
-        let transport = workers
-            .wire(i, slot, |device| {
-                MmioTransport::new(device, ram.clone(), irq(window.gsi))
-            })
-            .map_err(X86Error::Setup)?;
-        mmio.insert(u64::from(window.base), u64::from(window.size), transport)
-            .map_err(|e| X86Error::Setup(format!("device layout: {e}")))?;
-    }
+    pci::attach(&vm, &ram, slots, &mut workers, &mut pio, &mut mmio).map_err(X86Error::Setup)?;
     workers.follow_run_state(ctx);
     ctx.attach_console_input(serial);
     control.set_power_button(Box::new(move || {

@@ -9,8 +9,10 @@
  *   t  triple fault: no IDT, then int3                          (exit 2)
  *   u  read an unclaimed port and unclaimed MMIO: both must read all-ones
  *   m  find where its RAM ends (write, read back, restore each MiB), print it, power off
- *   v  print MagicValue, Version and DeviceID of the first virtio-mmio window (0xd0001000)
- *      and the DeviceID of the second (0xd0002000), power off
+ *   v  read PCI configuration space through ports 0xCF8/0xCFC: the IDs of the host bridge
+ *      (device 0) and of devices 1 and 2, the size mask of device 1's BAR 0 (all-ones
+ *      written, read back, restored), and device 1's IDs again through ECAM (0xe0008000);
+ *      power off
  * Assembled and linked by the integration tests (binutils): see tests/x86_probe.rs.
  */
 	.intel_syntax noprefix
@@ -135,25 +137,53 @@ ram_size:
 	jmp poweroff
 
 virtio:
-	lea esi, msg_virtio
+	lea esi, msg_pci_host
 	call print
-	mov eax, [0xd0001000]	/* MagicValue: "virt" */
+	mov eax, 0x80000000	/* bus 0, device 0, register 0 */
+	call pci_read
 	call print_hex
-	lea esi, msg_version
+	lea esi, msg_pci_dev1
 	call print
-	mov eax, [0xd0001004]	/* Version: 2 (modern) */
+	mov eax, 0x80000800	/* device 1 */
+	call pci_read
 	call print_hex
-	lea esi, msg_device
+	lea esi, msg_pci_dev2
 	call print
-	mov eax, [0xd0001008]	/* DeviceID */
+	mov eax, 0x80001000	/* device 2 */
+	call pci_read
 	call print_hex
-	lea esi, msg_device
+	lea esi, msg_pci_bar0
 	call print
-	mov eax, [0xd0002008]	/* the next slot's DeviceID */
+	mov eax, 0x80000810	/* device 1, BAR 0 */
+	call pci_read
+	mov edi, eax		/* the assigned address, restored below */
+	mov eax, 0x80000810
+	mov dx, 0xcf8
+	out dx, eax
+	mov eax, 0xffffffff
+	mov dx, 0xcfc
+	out dx, eax
+	in eax, dx
+	push eax
+	mov eax, edi
+	out dx, eax
+	pop eax
+	call print_hex
+	lea esi, msg_pci_ecam
+	call print
+	mov eax, [0xe0008000]	/* ECAM: device 1 << 15 */
 	call print_hex
 	mov al, '\n'
 	call putc
 	jmp poweroff
+
+/* Reads the configuration dword that eax (a CONFIG_ADDRESS value) selects into eax. */
+pci_read:
+	mov dx, 0xcf8
+	out dx, eax
+	mov dx, 0xcfc
+	in eax, dx
+	ret
 
 halt:
 	cli
@@ -217,7 +247,9 @@ msg_triple:	.asciz "PROBE-TRIPLE\n"
 msg_port:	.asciz "PROBE-UNCLAIMED port="
 msg_mmio:	.asciz " mmio="
 msg_ram:	.asciz "PROBE-RAM-MIB "
-msg_virtio:	.asciz "PROBE-VIRTIO magic="
-msg_version:	.asciz " version="
-msg_device:	.asciz " device="
+msg_pci_host:	.asciz "PROBE-PCI host="
+msg_pci_dev1:	.asciz " dev1="
+msg_pci_dev2:	.asciz " dev2="
+msg_pci_bar0:	.asciz " bar0="
+msg_pci_ecam:	.asciz " ecam="
 msg_unknown:	.asciz "PROBE-UNKNOWN-COMMAND\n"

@@ -1,6 +1,7 @@
 use super::*;
 use crate::virtio::testmem::{BASE, Driver, TestMemory};
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const GUEST_CID: u64 = 42;

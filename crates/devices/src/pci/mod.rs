@@ -17,6 +17,8 @@
 pub mod config;
 pub mod msix;
 pub mod root;
+#[cfg(test)]
+pub(crate) mod test_sink;
 
 pub use config::ConfigSpace;
 pub use msix::{MsiMessage, MsiSink, Msix};

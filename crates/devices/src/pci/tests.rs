@@ -3,6 +3,7 @@ use super::msix::{CTRL_ENABLE, CTRL_MASK};
 use super::root::ECAM_BUS_SIZE;
 use super::*;
 use crate::bus::BusDevice;
+use crate::pci::test_sink::Sink;
 use std::sync::{Arc, Mutex};
 
 /// A function with one 4 KiB memory BAR whose reads return the offset and whose writes are
@@ -200,21 +201,6 @@ fn the_window_decodes_bars_only_while_memory_decoding_is_on() {
     // A BAR moved over RAM or outside the window is simply not decoded here.
     r.cfg_write(1, 0x10, &0x0010_0000u32.to_le_bytes());
     assert_eq!(r.win_read(a_bar), u32::MAX);
-}
-
-#[derive(Default)]
-struct Sink {
-    routes: Mutex<Vec<(u16, Option<MsiMessage>)>>,
-    signals: Mutex<Vec<u16>>,
-}
-
-impl MsiSink for Sink {
-    fn route(&self, vector: u16, msg: Option<MsiMessage>) {
-        self.routes.lock().unwrap().push((vector, msg));
-    }
-    fn signal(&self, vector: u16) {
-        self.signals.lock().unwrap().push(vector);
-    }
 }
 
 fn dword(m: &mut Msix, offset: u64, v: u32) {

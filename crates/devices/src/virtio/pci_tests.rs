@@ -1,5 +1,6 @@
 use super::*;
 use crate::pci::msix::{CTRL_ENABLE, MsiMessage};
+use crate::pci::test_sink::Sink;
 use crate::virtio::rng::Rng;
 use crate::virtio::testmem::{BASE, Driver, F_NEXT, TestMemory};
 use crate::virtio::transport::{S_ACKNOWLEDGE, S_DRIVER, S_FEATURES_OK, S_NEEDS_RESET};
@@ -8,21 +9,6 @@ use std::sync::atomic::Ordering;
 
 const BAR: u32 = 0xc000_0000;
 const DATA: u64 = BASE + 0x10000;
-
-#[derive(Default)]
-struct Sink {
-    routes: Mutex<Vec<(u16, Option<MsiMessage>)>>,
-    signals: Mutex<Vec<u16>>,
-}
-
-impl MsiSink for Sink {
-    fn route(&self, vector: u16, msg: Option<MsiMessage>) {
-        self.routes.lock().unwrap().push((vector, msg));
-    }
-    fn signal(&self, vector: u16) {
-        self.signals.lock().unwrap().push(vector);
-    }
-}
 
 #[derive(Default)]
 struct Watch(Arc<Mutex<Vec<Option<u64>>>>);

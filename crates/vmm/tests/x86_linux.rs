@@ -10,7 +10,7 @@
 mod common;
 
 use common::netns::{Netns, net_available};
-use common::{Vm, image, kvm_available, temp_dir};
+use common::{Vm, image, kvm_available, on_pvm_host, random_bytes, sha256_hex, temp_dir};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -51,23 +51,6 @@ struct Boot<'a> {
 /// The host's SHA-256 of a file.
 fn host_sha256(path: &std::path::Path) -> String {
     sha256_hex(&std::fs::read(path).expect("read the file to hash"))
-}
-
-/// `len` bytes that differ per run (xorshift from the clock), so a stale read cannot match.
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut x = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
 }
 
 /// What the guest does with the virtio devices: hash the read-only vda, try to write it, write
@@ -295,31 +278,11 @@ fn agent_checks(uds: &Path, ctl: &str) {
     agent.write_file("/tmp/vme-done", b"", None).unwrap();
 }
 
-fn on_pvm_host() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
 /// The first differing index and how many bytes differ.
 fn first_difference(a: &[u8], b: &[u8]) -> (Option<usize>, usize) {
     let diff = a.iter().zip(b).enumerate().filter(|(_, (x, y))| x != y);
     let first = diff.clone().next().map(|(i, _)| i);
     (first, diff.count())
-}
-
-/// The SHA-256 of `data` as hex (coreutils' sha256sum).
-fn sha256_hex(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 const MINIMAL_PVH: Boot = Boot {

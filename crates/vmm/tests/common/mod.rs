@@ -4,7 +4,7 @@
 
 pub mod netns;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, channel};
@@ -114,6 +114,49 @@ pub fn kvm_available() -> bool {
         "/dev/kvm is missing: load kvm_intel/kvm_amd, or set VME_SKIP_KVM_TESTS=1 to skip KVM tests knowingly"
     );
     true
+}
+
+/// `len` bytes that differ per run (xorshift from the clock), so a stale read cannot match.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// The SHA-256 of `data` as hex (coreutils' sha256sum).
+pub fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run sha256sum (coreutils)");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(data)
+        .expect("write to sha256sum");
+    let out = child.wait_with_output().expect("wait for sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum prints a hash")
+        .to_string()
+}
+
+/// True on hosts whose /dev/kvm is PVM (see shared/PVM.md).
+pub fn on_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {

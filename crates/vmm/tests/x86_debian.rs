@@ -63,9 +63,13 @@ fn debian_root_disk_boots_with_the_minimal_kernel() {
     );
     let mut agent = AgentClient::wait(&uds, BOOT).expect("the guest agent in the image answers");
     // Guest commands are slow on PVM hosts.
-    agent.set_timeout(Some(BOOT)).unwrap();
+    agent
+        .set_timeout(Some(BOOT))
+        .expect("set the agent timeout");
 
-    let version = agent.read_file("/etc/debian_version").unwrap();
+    let version = agent
+        .read_file("/etc/debian_version")
+        .expect("read /etc/debian_version through the agent");
     assert!(
         version.starts_with(b"12"),
         "the root is Debian 12: /etc/debian_version is {:?}",
@@ -76,7 +80,9 @@ fn debian_root_disk_boots_with_the_minimal_kernel() {
     // What `sync` has returned for must be on the disk: the host stops the VM right after it
     // (no unmount, no shutdown in the guest), then reads its copy of the disk.
     let data = random_bytes(64 << 10);
-    agent.write_file(PERSIST, &data, None).unwrap();
+    agent
+        .write_file(PERSIST, &data, None)
+        .expect("write a file through the agent");
     let sum = agent
         .exec(&["sha256sum".into(), PERSIST.into()], &[], BOOT)
         .unwrap();
@@ -121,7 +127,13 @@ fn debian_root_disk_boots_with_the_minimal_kernel() {
 /// `/dev/root` (the kernel's name for the device it mounts itself), so the device is matched
 /// by number against vda's.
 fn check_root_is_vda(agent: &mut AgentClient) {
-    let mounts = String::from_utf8(agent.read_file("/proc/mounts").unwrap()).unwrap();
+    let mut read = |path: &str| {
+        let bytes = agent
+            .read_file(path)
+            .unwrap_or_else(|e| panic!("read {path} through the agent: {e}"));
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let mounts = read("/proc/mounts");
     let root = mounts
         .lines()
         .rfind(|l| l.split_whitespace().nth(1) == Some("/"))
@@ -131,8 +143,8 @@ fn check_root_is_vda(agent: &mut AgentClient) {
         f[2] == "ext4" && f[3].split(',').any(|o| o == "rw"),
         "/ is ext4 and read-write: {root}"
     );
-    let vda = String::from_utf8(agent.read_file("/sys/block/vda/dev").unwrap()).unwrap();
-    let info = String::from_utf8(agent.read_file("/proc/self/mountinfo").unwrap()).unwrap();
+    let vda = read("/sys/block/vda/dev");
+    let info = read("/proc/self/mountinfo");
     // mountinfo: ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...
     let dev = info
         .lines()

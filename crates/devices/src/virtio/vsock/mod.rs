@@ -221,7 +221,7 @@ impl Vsock {
             );
             conn.interest = 0;
         }
-        self.tokens.retain(|_, k| *k != key);
+        self.tokens.remove(&conn.token);
         Some(conn)
     }
 
@@ -232,11 +232,22 @@ impl Vsock {
         }
     }
 
-    fn token_of(&self, key: Key) -> Option<u64> {
-        self.tokens
-            .iter()
-            .find(|(_, k)| **k == key)
-            .map(|(t, _)| *t)
+    /// Adds a connection under a fresh epoll token (tokens are never reused, so an event
+    /// for a connection already gone cannot reach its successor on the same descriptor).
+    fn insert(&mut self, key: Key, mut conn: Conn) {
+        conn.token = self.next_token;
+        self.next_token += 1;
+        self.tokens.insert(conn.token, key);
+        if let Some(old) = self.conns.insert(key, conn) {
+            self.tokens.remove(&old.token);
+            if old.interest != 0 {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    old.stream.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+        }
     }
 
     fn guest_packet(&mut self, h: &Header, data: &[u8]) {

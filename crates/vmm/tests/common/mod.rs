@@ -4,9 +4,9 @@
 
 pub mod netns;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -126,6 +126,8 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 /// A running monitor whose stdout (the guest console) and stderr are collected line by line.
 pub struct Vm {
     child: Child,
+    /// The console's input, for [`Vm::start_interactive`] guests.
+    input: Option<ChildStdin>,
     lines: Receiver<String>,
     pub console: Arc<Mutex<Vec<String>>>,
     pub stderr: Arc<Mutex<String>>,
@@ -136,9 +138,18 @@ impl Vm {
         Vm::start_wrapped(&[], args)
     }
 
+    /// Starts the monitor with its console input on a pipe, for [`Vm::type_line`].
+    pub fn start_interactive(args: &[&str]) -> Vm {
+        Vm::spawn(&[], args, Stdio::piped())
+    }
+
     /// Starts the monitor under a wrapper command (`wrapper... vme-vmm args...`), e.g.
     /// `ip netns exec NS` to run it in a network namespace.
     pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Vm {
+        Vm::spawn(wrapper, args, Stdio::null())
+    }
+
+    fn spawn(wrapper: &[&str], args: &[&str], stdin: Stdio) -> Vm {
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
                 let mut c = Command::new(prog);
@@ -149,11 +160,12 @@ impl Vm {
         };
         let mut child = cmd
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start vme-vmm");
+        let input = child.stdin.take();
         let (tx, lines) = channel();
         let console = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().expect("piped stdout");
@@ -184,6 +196,7 @@ impl Vm {
         });
         Vm {
             child,
+            input,
             lines,
             console,
             stderr,
@@ -203,18 +216,39 @@ impl Vm {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
-                Err(_) => {
-                    let exited = self.child.try_wait().ok().flatten();
-                    let _ = self.child.kill();
-                    std::thread::sleep(Duration::from_millis(100));
-                    panic!(
-                        "no console line with {needle:?} within {timeout:?} (monitor exit: {exited:?})\n--- console ---\n{}\n--- stderr ---\n{}",
-                        self.console_text(),
-                        self.stderr.lock().unwrap()
-                    );
-                }
+                Err(_) => self.fail(&format!(
+                    "no console line with {needle:?} within {timeout:?}"
+                )),
             }
         }
+    }
+
+    /// Kills the monitor and fails the test with `why`, the console and stderr.
+    pub fn fail(&mut self, why: &str) -> ! {
+        let exited = self.child.try_wait().ok().flatten();
+        let _ = self.child.kill();
+        std::thread::sleep(Duration::from_millis(100));
+        panic!(
+            "{why} (monitor exit: {exited:?})\n--- console ---\n{}\n--- stderr ---\n{}",
+            self.console_text(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Types a line into the guest's console (a [`Vm::start_interactive`] guest).
+    pub fn type_line(&mut self, line: &str) {
+        let input = self
+            .input
+            .as_mut()
+            .expect("type_line needs a guest started with Vm::start_interactive");
+        input
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to the guest console");
+    }
+
+    /// The monitor's exit status if it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait for vme-vmm")
     }
 
     /// Lines received since the last call (drains the queue).

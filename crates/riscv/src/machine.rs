@@ -88,18 +88,35 @@ impl MmioDevice for Finisher {
 
 /// An RV64GC machine (see the crate documentation).
 pub struct Machine {
-    shared: Arc<Shared>,
-    harts: Mutex<Vec<Hart>>,
-    plic: Arc<Plic>,
-    cfg: MachineConfig,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) harts: Mutex<Vec<Hart>>,
+    pub(crate) plic: Arc<Plic>,
+    pub(crate) cfg: MachineConfig,
     kernel_end: Option<u64>,
     initrd: Option<(u64, u64)>,
+    /// The device tree still has to be written into RAM (a kernel was loaded and has not
+    /// run yet); a restored machine has its own in RAM already.
+    pub(crate) fdt_pending: AtomicBool,
     running: AtomicBool,
 }
 
 impl Machine {
     /// Creates a machine with RAM, CLINT, PLIC and the test finisher; no kernel yet.
     pub fn new(cfg: MachineConfig) -> Result<Machine, Error> {
+        let ram = GuestRam::new(cfg.memory_bytes)?;
+        Self::with_ram(cfg, ram)
+    }
+
+    /// Like [`Machine::new`], on RAM the caller made (a snapshot's memory file:
+    /// [`GuestRam::from_file`]); it must be `cfg.memory_bytes` long.
+    pub fn with_ram(cfg: MachineConfig, ram: GuestRam) -> Result<Machine, Error> {
+        if ram.size() != cfg.memory_bytes {
+            return Err(Error::Config(format!(
+                "the RAM given is {} bytes but the configuration says {}",
+                ram.size(),
+                cfg.memory_bytes
+            )));
+        }
         if cfg.harts == 0 || cfg.harts > MAX_HARTS {
             return Err(Error::Config(format!(
                 "{} harts requested; use 1 to {MAX_HARTS}",
@@ -118,7 +135,6 @@ impl Machine {
                 cfg.timebase_hz
             )));
         }
-        let ram = GuestRam::new(cfg.memory_bytes)?;
         let shared = Arc::new(Shared::new(ram, cfg.harts, cfg.timebase_hz));
         let plic = Arc::new(Plic::new(Arc::downgrade(&shared), cfg.harts));
         {
@@ -151,6 +167,7 @@ impl Machine {
             cfg,
             kernel_end: None,
             initrd: None,
+            fdt_pending: AtomicBool::new(false),
             running: AtomicBool::new(false),
         })
     }
@@ -218,6 +235,7 @@ impl Machine {
         }
         self.shared.ram.write_bytes(load, image)?;
         self.kernel_end = Some(end);
+        self.fdt_pending.store(true, Ordering::SeqCst);
         self.shared.firmware.store(true, Ordering::SeqCst);
         let mut harts = lock(&self.harts);
         for h in harts.iter_mut() {
@@ -307,7 +325,9 @@ impl Machine {
 
     fn run_inner(&self) -> Result<ExitReason, Error> {
         let mut harts = lock(&self.harts);
-        if self.shared.firmware.load(Ordering::SeqCst) {
+        // Once, before the kernel's first instruction: a machine run again (or restored)
+        // continues with the registers and RAM it has.
+        if self.fdt_pending.swap(false, Ordering::SeqCst) {
             let dtb = self.device_tree()?;
             let dtb_addr = RAM_BASE + self.cfg.memory_bytes - FDT_ROOM;
             if dtb.len() as u64 > FDT_ROOM {
@@ -369,6 +389,7 @@ impl Machine {
     pub fn handle(&self) -> MachineHandle {
         MachineHandle {
             shared: Arc::clone(&self.shared),
+            plic: Arc::clone(&self.plic),
         }
     }
 
@@ -383,7 +404,8 @@ impl Machine {
 /// Controls a machine from other threads.
 #[derive(Clone)]
 pub struct MachineHandle {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) plic: Arc<Plic>,
 }
 
 /// Per-hart counters.

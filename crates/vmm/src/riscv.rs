@@ -225,9 +225,9 @@ pub fn run(
                 .kick_ready_queues();
         }
         log::info!(
-            "restored snapshot {} in {} ms; the VM continues",
+            "restored snapshot {} in {:.2} ms; the VM continues",
             r.dir.display(),
-            r.started.elapsed().as_millis()
+            r.started.elapsed().as_secs_f64() * 1000.0
         );
     }
 

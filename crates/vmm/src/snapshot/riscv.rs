@@ -50,14 +50,17 @@ impl Snapshotter for RiscvSnapshotter {
             .machine
             .upgrade()
             .ok_or("the machine has stopped: there is nothing to save")?;
-        // Every device is held until RAM is saved, so a device thread that woke before the
-        // pause (a frame arriving) cannot move a queue or write RAM between the two.
-        let serial = lock(&self.serial);
-        let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
+        // Harts first, before any device lock: a hart still on its way to park may need one.
+        // An interrupt a device raises after this is raised again by its restored device
+        // (virtio levels and the UART follow their saved registers).
         let st = self
             .handle
             .save_state(PARK_WAIT)
             .map_err(|e| format!("cannot save the machine's state: {e}"))?;
+        // Every device is held until RAM is saved, so a device thread that woke before the
+        // pause (a frame arriving) cannot move a queue or write RAM between the two.
+        let serial = lock(&self.serial);
+        let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
         let mut w = StateWriter::new(ARCH, &st.isa, st.memory_bytes);
         let e = |e: super::format::FormatError| e.to_string();
         w.add("config", &self.spec.to_toml()).map_err(e)?;

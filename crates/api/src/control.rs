@@ -27,6 +27,12 @@ pub enum Request {
     /// The balloon's target and size, the guest's memory statistics (fresh if the guest
     /// answers within a moment) and the monitor's resident memory.
     BalloonStats,
+    /// Write a snapshot of the VM into directory `dir` (an absolute path: the monitor's
+    /// working directory is not the client's). A running VM is paused for it and resumed
+    /// after; a paused VM stays paused.
+    Snapshot {
+        dir: String,
+    },
 }
 
 impl Request {
@@ -48,8 +54,14 @@ impl Request {
 
     /// Parses the command-line form used by `vme-vmm ctl`: `status`, `pause`, ...
     pub fn from_words(words: &[String]) -> Result<Request, String> {
-        let usage = "commands: status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats";
+        let usage = "commands: status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, \
+                     snapshot <DIR>";
         match words {
+            [w, dir] if w == "snapshot" => Ok(Request::Snapshot { dir: dir.clone() }),
+            [w] if w == "snapshot" => Err(format!(
+                "snapshot needs the directory to write it into (e.g. snapshot /var/lib/vm1/snap); \
+                 {usage}"
+            )),
             [w, mib] if w == "balloon" => match mib.parse() {
                 Ok(mib) => Ok(Request::Balloon { mib }),
                 Err(_) => Err(format!(
@@ -163,6 +175,22 @@ pub struct BalloonStatus {
     pub vmm_rss_bytes: Option<u64>,
 }
 
+/// The answer to `snapshot`: what was written and how long the VM was stopped for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub dir: String,
+    /// Size of the state file.
+    pub state_bytes: u64,
+    /// Guest RAM (the memory file's length).
+    pub memory_bytes: u64,
+    /// RAM that was not zero pages, written to the memory file (the rest are holes).
+    pub memory_data_bytes: u64,
+    /// Space the memory file takes on disk.
+    pub memory_disk_bytes: u64,
+    /// From the request to the files on disk, the pause included.
+    pub took_ms: u64,
+}
+
 /// One reply line. `ok:false` always carries `error`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
@@ -175,6 +203,8 @@ pub struct Reply {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
 }
 
 impl Reply {
@@ -185,6 +215,7 @@ impl Reply {
             state: Some(state),
             status: None,
             balloon: None,
+            snapshot: None,
         }
     }
     pub fn error(msg: impl Into<String>) -> Reply {
@@ -194,6 +225,7 @@ impl Reply {
             state: None,
             status: None,
             balloon: None,
+            snapshot: None,
         }
     }
 }
@@ -292,6 +324,19 @@ mod tests {
                 .contains("status, pause")
         );
         assert!(Request::from_words(&["pause".into(), "x".into()]).is_err());
+        assert_eq!(
+            Request::from_words(&["snapshot".into(), "/s".into()]),
+            Ok(Request::Snapshot { dir: "/s".into() })
+        );
+        assert!(
+            Request::from_words(&["snapshot".into()])
+                .unwrap_err()
+                .contains("directory")
+        );
+        assert_eq!(
+            Request::parse_line(r#"{"cmd":"snapshot","dir":"/s"}"#),
+            Ok(Request::Snapshot { dir: "/s".into() })
+        );
     }
 
     #[test]

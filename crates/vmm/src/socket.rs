@@ -144,6 +144,32 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
         }
         Request::Balloon { mib } => balloon(control, facts, Some(mib)),
         Request::BalloonStats => balloon(control, facts, None),
+        Request::Snapshot { dir } => snapshot(control, &dir),
+    }
+}
+
+fn snapshot(control: &VmControl, dir: &str) -> Reply {
+    let dir = Path::new(dir);
+    if !dir.is_absolute() {
+        return Reply::error(format!(
+            "snapshot directory {} is relative: give an absolute path (vme-vmm ctl makes it \
+             absolute for you)",
+            dir.display()
+        ));
+    }
+    match control.snapshot(dir) {
+        Ok((state, info)) => {
+            log::info!(
+                "snapshot written to {} in {} ms ({} bytes of memory data)",
+                info.dir,
+                info.took_ms,
+                info.memory_data_bytes
+            );
+            let mut r = Reply::ok(state);
+            r.snapshot = Some(info);
+            r
+        }
+        Err(e) => Reply::error(format!("snapshot to {} failed: {e}", dir.display())),
     }
 }
 

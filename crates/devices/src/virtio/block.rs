@@ -11,7 +11,8 @@
 
 use super::queue::{Chain, Cursor, Queue, QueueError};
 use super::rate_limit::{Limits, RefillTimer, Throttle};
-use super::{GuestMemory, ID_BLOCK, VirtioDevice};
+use super::{DeviceState, GuestMemory, ID_BLOCK, StateError, VirtioDevice};
+use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -70,6 +71,16 @@ pub enum BlockError {
     },
     #[error("disk serial {serial:?} is {len} bytes; the limit is {SERIAL_LEN}: shorten it")]
     Serial { serial: String, len: usize },
+}
+
+/// A disk in a snapshot. Requests are served synchronously under the transport's lock, so
+/// none is ever in flight when a snapshot is taken: what the guest sees of the disk is its
+/// size and whether it may write. The image's contents are not saved: restore with the
+/// image as it was at the snapshot (or a copy of it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub capacity: u64,
+    pub readonly: bool,
 }
 
 /// A virtio block device backed by a raw image.
@@ -348,6 +359,38 @@ impl VirtioDevice for Block {
 
     fn refill_timer(&self) -> Option<Arc<RefillTimer>> {
         self.timer.clone()
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            capacity: self.capacity,
+            readonly: self.readonly,
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, _: &[u16]) -> Result<(), StateError> {
+        let DeviceState::Block(s) = state else {
+            return Err(StateError("the saved state is not a disk's".into()));
+        };
+        if s.capacity != self.capacity {
+            return Err(StateError(format!(
+                "the guest knows this disk as {} bytes, but the image now is {} bytes: \
+                 restore with the image the VM had when the snapshot was taken",
+                s.capacity, self.capacity
+            )));
+        }
+        if s.readonly != self.readonly {
+            return Err(StateError(format!(
+                "the disk was {} in the snapshot: restore it {}",
+                if s.readonly { "read-only" } else { "writable" },
+                if s.readonly {
+                    "with readonly=on"
+                } else {
+                    "without readonly=on"
+                }
+            )));
+        }
+        Ok(())
     }
 
     fn process(

@@ -323,3 +323,33 @@ fn an_unlimited_disk_has_no_timer() {
     r.blk.set_limits(Limits::default());
     assert!(r.blk.refill_timer().is_none());
 }
+
+#[test]
+fn a_restored_disk_must_be_the_one_the_guest_knows() {
+    let (a, b) = (Image::new(), Image::new());
+    let state = Block::open(&a.0, false, "").unwrap().save_state();
+    drop(a);
+    let mut same = Block::open(&b.0, false, "").unwrap();
+    same.restore_state(&state, &[QUEUE_SIZE]).unwrap();
+    drop(same);
+    let err = Block::open(&b.0, true, "")
+        .unwrap()
+        .restore_state(&state, &[QUEUE_SIZE])
+        .unwrap_err();
+    assert!(err.0.contains("without readonly=on"), "{err}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b.0)
+        .unwrap()
+        .set_len(DISK * 2)
+        .unwrap();
+    let err = Block::open(&b.0, false, "")
+        .unwrap()
+        .restore_state(&state, &[QUEUE_SIZE])
+        .unwrap_err();
+    assert!(
+        err.0
+            .contains("1048576 bytes, but the image now is 2097152"),
+        "{err}"
+    );
+}

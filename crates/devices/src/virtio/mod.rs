@@ -36,7 +36,9 @@ pub mod testmem;
 pub mod transport;
 pub mod vsock;
 
-pub use queue::{Chain, Queue, QueueError};
+pub use queue::{Chain, Queue, QueueError, QueueState};
+
+use serde::{Deserialize, Serialize};
 
 /// `VIRTIO_F_VERSION_1`: the modern interface (the only one we implement).
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -47,6 +49,35 @@ pub const ID_BLOCK: u32 = 2;
 pub const ID_RNG: u32 = 4;
 pub const ID_BALLOON: u32 = 5;
 pub const ID_VSOCK: u32 = 19;
+
+/// A device's own state in a snapshot, beyond what its transport holds (features, status,
+/// queues). Connections, frames and requests in flight are not part of it: a device is
+/// saved between requests, and what cannot survive (vsock connections) is reset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block(block::BlockState),
+    Net(net::NetState),
+    Rng,
+    Balloon(balloon::BalloonState),
+    Vsock(vsock::VsockState),
+}
+
+/// A saved state that cannot be restored into this device; says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StateError(pub String);
+
+/// The name of device type `id` as people know it ("virtio-blk").
+pub fn device_name(id: u32) -> String {
+    match id {
+        ID_NET => "virtio-net".into(),
+        ID_BLOCK => "virtio-blk".into(),
+        ID_RNG => "virtio-rng".into(),
+        ID_BALLOON => "virtio-balloon".into(),
+        ID_VSOCK => "virtio-vsock".into(),
+        other => format!("virtio device type {other}"),
+    }
+}
 
 /// A guest range a device tried to touch lies (partly) outside guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -165,6 +196,14 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, QueueError>;
     /// Forgets everything negotiated (status written 0).
     fn reset(&mut self) {}
+    /// The device's own state for a snapshot, taken between requests.
+    fn save_state(&self) -> DeviceState;
+    /// Takes a snapshot's state, after the transport restored its queues and, for a driver
+    /// that was running, called [`Self::activate`] with the negotiated features.
+    /// `queue_sizes` are the restored queues' sizes. A state of another device type, or
+    /// one that does not fit this device's backend (another disk size), is refused.
+    fn restore_state(&mut self, state: &DeviceState, queue_sizes: &[u16])
+    -> Result<(), StateError>;
     /// The timer of a rate-limited device, whose thread the machine starts with a `kick` of
     /// the device's transport ([`rate_limit::RefillTimer::spawn`]); `None` when unlimited.
     fn refill_timer(&self) -> Option<std::sync::Arc<rate_limit::RefillTimer>> {

@@ -24,7 +24,8 @@
 use super::block::copy_config;
 use super::queue::{Chain, Cursor, Queue, QueueError};
 use super::rate_limit::{Limits, RefillTimer, Throttle};
-use super::{GuestMemory, ID_NET, VirtioDevice};
+use super::{DeviceState, GuestMemory, ID_NET, StateError, VirtioDevice};
+use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -109,6 +110,14 @@ pub struct NetStats {
     pub tx_bytes: u64,
     /// Frames the backend refused or had no room for.
     pub tx_dropped: u64,
+}
+
+/// A network device in a snapshot: the MAC address the guest knows. The negotiated
+/// offloads are the transport's features (re-applied to the new backend on restore); a
+/// received frame still waiting for guest buffers is dropped, as a NIC might drop it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
 }
 
 /// What became of the waiting received frame.
@@ -387,6 +396,34 @@ impl VirtioDevice for Net {
 
     fn refill_timer(&self) -> Option<Arc<RefillTimer>> {
         self.timer.clone()
+    }
+
+    fn save_state(&self) -> DeviceState {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        DeviceState::Net(NetState { mac })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, _: &[u16]) -> Result<(), StateError> {
+        let DeviceState::Net(s) = state else {
+            return Err(StateError(
+                "the saved state is not a network device's".into(),
+            ));
+        };
+        if s.mac != self.config[..6] {
+            let hex = |m: &[u8]| {
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            };
+            return Err(StateError(format!(
+                "the guest knows this device as MAC {}, not {}: leave mac= out to keep it",
+                hex(&s.mac),
+                hex(&self.config[..6])
+            )));
+        }
+        Ok(())
     }
 
     fn activate(&mut self, features: u64) {

@@ -2,6 +2,7 @@
 //! prints, stop it, and find the guest images `make images` built.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -420,8 +420,11 @@ impl PciFunction for PciTransport {
                 data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
             }
             ISR => {
-                // Reading clears it (and would lower INTx, which we do not have).
-                data[0] = std::mem::take(&mut self.irq.isr);
+                // Reading clears it (and would lower INTx, which we do not have); an empty
+                // access reads nothing and clears nothing.
+                if let Some(b) = data.first_mut() {
+                    *b = std::mem::take(&mut self.irq.isr);
+                }
             }
             o if (DEVICE_CONFIG..DEVICE_CONFIG + u64::from(DEVICE_CONFIG_LEN)).contains(&o) => {
                 self.core.device().read_config(o - DEVICE_CONFIG, data);

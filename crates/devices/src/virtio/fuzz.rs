@@ -325,23 +325,37 @@ pub fn block(input: &[u8]) {
     run_mmio(block_device(input), input);
 }
 
-/// A datagram socket pair moves whole frames like a tap.
-struct Frames(std::os::unix::net::UnixDatagram);
+/// One end of a datagram socket pair moves whole frames like a tap (the other end plays the
+/// host's network); the offload flags the device sets are kept for tests to read.
+pub(crate) struct Frames {
+    pub sock: std::os::unix::net::UnixDatagram,
+    pub offload: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Frames {
+    pub fn new(sock: std::os::unix::net::UnixDatagram) -> Frames {
+        Frames {
+            sock,
+            offload: Arc::new(std::sync::atomic::AtomicU32::new(u32::MAX)),
+        }
+    }
+}
 
 impl std::os::fd::AsRawFd for Frames {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
+        self.sock.as_raw_fd()
     }
 }
 
 impl super::net::FrameIo for Frames {
     fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.recv(buf)
+        self.sock.recv(buf)
     }
     fn send(&mut self, frame: &[u8]) -> std::io::Result<usize> {
-        self.0.send(frame)
+        self.sock.send(frame)
     }
-    fn set_offload(&mut self, _flags: u32) -> std::io::Result<()> {
+    fn set_offload(&mut self, flags: u32) -> std::io::Result<()> {
+        self.offload.store(flags, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -354,7 +368,8 @@ fn net_device() -> Box<dyn VirtioDevice> {
     let _ = peer.send(&[0u8; 60]);
     let _ = peer.send(&vec![0x55u8; super::net::HDR_LEN + 65000]);
     Box::new(
-        super::net::Net::new(Box::new(Frames(ours)), [0x52, 0x54, 0, 1, 2, 3]).expect("net device"),
+        super::net::Net::new(Box::new(Frames::new(ours)), [0x52, 0x54, 0, 1, 2, 3])
+            .expect("net device"),
     )
 }
 

@@ -70,6 +70,8 @@ pub struct VmControl {
     instructions: Mutex<Option<Box<dyn Fn() -> u64 + Send + Sync>>>,
     panic_line: Mutex<Option<String>>,
     balloon: Mutex<Option<Arc<dyn BalloonControl>>>,
+    /// Disks and nets, for `status` and `set_limit`.
+    pub limits: crate::limits::LimitRegistry,
     started: Instant,
     pub exits: AtomicU64,
     pub emulated_instructions: AtomicU64,
@@ -106,6 +108,7 @@ impl VmControl {
             instructions: Mutex::new(None),
             panic_line: Mutex::new(None),
             balloon: Mutex::new(None),
+            limits: Default::default(),
             started: Instant::now(),
             exits: AtomicU64::new(0),
             emulated_instructions: AtomicU64::new(0),
@@ -293,6 +296,7 @@ impl VmControl {
         *relock(&self.instructions) = None;
         *relock(&self.panic_line) = None;
         *relock(&self.balloon) = None;
+        self.limits.clear();
         self.parkers.store(0, Ordering::SeqCst);
         let mut inner = relock(&self.inner);
         inner.exit = None;

@@ -8,9 +8,9 @@
 
 mod common;
 
-use common::{VMM, image, temp_dir};
+use common::{VMM, ctl_words as ctl, image, temp_dir};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
@@ -181,20 +181,6 @@ impl Drop for Guest {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `vme-vmm ctl --control-socket S words...`: exit status and output.
-fn ctl(sock: &Path, words: &[&str]) -> (bool, String) {
-    let out = Command::new(VMM)
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(sock)
-        .args(words)
-        .output()
-        .expect("run vme-vmm ctl");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
 }
 
 /// Makes the guest touch `mib` MiB in a tmpfs file and delete it again: free in the guest,

@@ -70,7 +70,8 @@ pub struct CtlArgs {
     /// The running monitor's control socket (its --control-socket).
     #[arg(long)]
     pub control_socket: PathBuf,
-    /// status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats or snapshot <DIR>
+    /// status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, snapshot <DIR> or
+    /// set-limit <device> <KEY=VALUE,...> (e.g. set-limit disk0 bw=20M,iops=off)
     #[arg(required = true, num_args = 1..)]
     pub command: Vec<String>,
 }

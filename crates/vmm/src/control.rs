@@ -80,6 +80,8 @@ pub struct VmControl {
     snapshotter: Mutex<Option<Arc<dyn Snapshotter>>>,
     /// Held by a snapshot, so snapshots go one at a time.
     snapshots: Mutex<()>,
+    /// Disks and nets, for `status` and `set_limit`.
+    pub limits: crate::limits::LimitRegistry,
     started: Instant,
     pub exits: AtomicU64,
     pub emulated_instructions: AtomicU64,
@@ -121,6 +123,7 @@ impl VmControl {
             balloon: Mutex::new(None),
             snapshotter: Mutex::new(None),
             snapshots: Mutex::new(()),
+            limits: Default::default(),
             started: Instant::now(),
             exits: AtomicU64::new(0),
             emulated_instructions: AtomicU64::new(0),
@@ -368,6 +371,7 @@ impl VmControl {
         *relock(&self.panic_line) = None;
         *relock(&self.balloon) = None;
         *relock(&self.snapshotter) = None;
+        self.limits.clear();
         self.parkers.store(0, Ordering::SeqCst);
         let mut inner = relock(&self.inner);
         inner.exit = None;

@@ -9,6 +9,7 @@ mod cli;
 mod console;
 mod control;
 mod exec;
+mod limits;
 mod logger;
 mod notify;
 mod riscv;

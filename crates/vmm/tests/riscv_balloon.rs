@@ -8,9 +8,8 @@
 
 mod common;
 
-use common::{VMM, Vm, image, temp_dir};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use common::{Vm, ctl_words as ctl, image, temp_dir};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vme_api::control::{BalloonStatus, Request, call};
 
@@ -126,20 +125,6 @@ impl Guest {
         self.vm.wait_exit(Duration::from_secs(30));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `vme-vmm ctl --control-socket S words...`: exit status and output.
-fn ctl(sock: &Path, words: &[&str]) -> (bool, String) {
-    let out = Command::new(VMM)
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(sock)
-        .args(words)
-        .output()
-        .expect("run vme-vmm ctl");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
 }
 
 /// Makes the guest touch `mib` MiB in a tmpfs file and delete it again: free in the guest,

@@ -10,7 +10,7 @@
 //! in the ring and the device's refill thread serves the queue again when tokens are back.
 
 use super::queue::{Chain, Cursor, Queue, QueueError};
-use super::rate_limit::{Limits, RefillTimer, Throttle};
+use super::rate_limit::{LimitSet, Limits, RefillTimer, Throttle};
 use super::{DeviceState, GuestMemory, ID_BLOCK, StateError, VirtioDevice};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -92,7 +92,8 @@ pub struct Block {
     config: [u8; 60],
     buf: Vec<u8>,
     throttle: Option<Throttle>,
-    timer: Option<Arc<RefillTimer>>,
+    /// Always there, so limits can be set while the VM runs; armed only when limited.
+    timer: Arc<RefillTimer>,
 }
 
 impl Block {
@@ -155,16 +156,15 @@ impl Block {
             config,
             buf: Vec::new(),
             throttle: None,
-            timer: None,
+            timer: RefillTimer::new(),
         })
     }
 
-    /// Limits the disk's bytes/s and requests/s (nothing when `limits` limit nothing). The
-    /// machine must then start the [`refill_timer`](VirtioDevice::refill_timer)'s thread.
+    /// Limits the disk's bytes/s and requests/s (nothing when `limits` limit nothing), also
+    /// while it runs ([`Throttle::update`]). The machine starts the
+    /// [`refill_timer`](VirtioDevice::refill_timer)'s thread.
     pub fn set_limits(&mut self, limits: Limits) {
-        let timer = RefillTimer::new();
-        self.throttle = Throttle::new(limits, 0, timer.clone());
-        self.timer = self.throttle.is_some().then_some(timer);
+        Throttle::update(&mut self.throttle, limits, 0, &self.timer);
     }
 
     #[cfg(test)]
@@ -358,7 +358,17 @@ impl VirtioDevice for Block {
     }
 
     fn refill_timer(&self) -> Option<Arc<RefillTimer>> {
-        self.timer.clone()
+        Some(self.timer.clone())
+    }
+
+    fn update_limits(&mut self, limits: &LimitSet) -> bool {
+        match limits {
+            LimitSet::Disk(l) => {
+                self.set_limits(*l);
+                true
+            }
+            LimitSet::Net { .. } => false,
+        }
     }
 
     fn save_state(&self) -> DeviceState {

@@ -150,6 +150,11 @@ impl MmioTransport {
         }
     }
 
+    /// Changes the device's rate limits while it runs (see [`VirtioDevice::update_limits`]).
+    pub fn update_limits(&mut self, limits: &super::rate_limit::LimitSet) -> bool {
+        self.core.device_mut().update_limits(limits)
+    }
+
     fn read_reg(&mut self, offset: u64) -> u32 {
         let core = &self.core;
         let q = core.selected();

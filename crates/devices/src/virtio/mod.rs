@@ -152,6 +152,8 @@ pub trait Kick: Send {
     fn kick(&mut self, index: u32) -> bool;
     /// The host changed the device's configuration: tell the driver.
     fn config_changed(&mut self);
+    /// [`VirtioDevice::update_limits`] of the device on this transport.
+    fn update_limits(&mut self, limits: &rate_limit::LimitSet) -> bool;
 }
 
 impl Kick for mmio::MmioTransport {
@@ -161,6 +163,9 @@ impl Kick for mmio::MmioTransport {
     fn config_changed(&mut self) {
         mmio::MmioTransport::config_changed(self);
     }
+    fn update_limits(&mut self, limits: &rate_limit::LimitSet) -> bool {
+        mmio::MmioTransport::update_limits(self, limits)
+    }
 }
 
 impl Kick for pci::PciTransport {
@@ -169,6 +174,9 @@ impl Kick for pci::PciTransport {
     }
     fn config_changed(&mut self) {
         pci::PciTransport::config_changed(self);
+    }
+    fn update_limits(&mut self, limits: &rate_limit::LimitSet) -> bool {
+        pci::PciTransport::update_limits(self, limits)
     }
 }
 
@@ -204,9 +212,15 @@ pub trait VirtioDevice: Send {
     /// one that does not fit this device's backend (another disk size), is refused.
     fn restore_state(&mut self, state: &DeviceState, queue_sizes: &[u16])
     -> Result<(), StateError>;
-    /// The timer of a rate-limited device, whose thread the machine starts with a `kick` of
-    /// the device's transport ([`rate_limit::RefillTimer::spawn`]); `None` when unlimited.
+    /// The timer of a device that can be rate-limited (disks and nets, limited or not: limits
+    /// can be set while the VM runs), whose thread the machine starts with a `kick` of the
+    /// device's transport ([`rate_limit::RefillTimer::spawn`]); `None` for other devices.
     fn refill_timer(&self) -> Option<std::sync::Arc<rate_limit::RefillTimer>> {
         None
+    }
+    /// Replaces the device's rate limits while it runs, keeping the tokens its buckets hold.
+    /// False (and nothing changed) when the device takes no limits of that kind.
+    fn update_limits(&mut self, _limits: &rate_limit::LimitSet) -> bool {
+        false
     }
 }

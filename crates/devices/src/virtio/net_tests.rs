@@ -406,3 +406,35 @@ fn a_receive_byte_limit_holds_the_frame_and_stops_watching_the_backend() {
     );
     assert_eq!(rig.drv.used_idx(&rig.mem), 3);
 }
+
+#[test]
+fn lifting_a_receive_limit_delivers_the_held_frame_and_watches_again() {
+    let mut rig = Rig::new(0);
+    let rx = Limits {
+        bytes: Some(10_000),
+        ops: None,
+        burst_ms: 100,
+    };
+    let (_now, timer) = limit(&mut rig, rx, Limits::default());
+    for k in 0..2 {
+        rig.peer.send(&frame(HDR_LEN + 600, k)).unwrap();
+        rig.drv
+            .post(&rig.mem, &[(DATA + u64::from(k) * 0x1000, 2048, true)]);
+    }
+    assert!(rig.run(RX_QUEUE).unwrap());
+    assert_eq!(rig.net.stats().rx_frames, 1);
+    assert!(!rig.net.signal.watching());
+    // Disk limits do not fit a network device: refused, nothing changes.
+    assert!(!rig.net.update_limits(&LimitSet::Disk(rx)));
+    assert!(!rig.net.signal.watching());
+    let lifted = LimitSet::Net {
+        rx: Limits::default(),
+        tx: Limits::default(),
+    };
+    assert!(rig.net.update_limits(&lifted));
+    // The refill thread would kick the receive queue now; the held frame goes at once.
+    assert!(timer.due(RX_QUEUE).unwrap() <= Instant::now());
+    assert!(rig.run(RX_QUEUE).unwrap());
+    assert_eq!(rig.net.stats().rx_frames, 2);
+    assert!(rig.net.signal.watching());
+}

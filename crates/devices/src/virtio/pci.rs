@@ -243,6 +243,11 @@ impl PciTransport {
         self.core.config_changed(&mut self.irq);
     }
 
+    /// Changes the device's rate limits while it runs (see [`VirtioDevice::update_limits`]).
+    pub fn update_limits(&mut self, limits: &super::rate_limit::LimitSet) -> bool {
+        self.core.device_mut().update_limits(limits)
+    }
+
     fn reset(&mut self) {
         self.core.reset();
         self.irq.isr = 0;

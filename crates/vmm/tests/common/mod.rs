@@ -104,6 +104,21 @@ pub fn ctl(sock: &Path, cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `vme-vmm ctl --control-socket S words...`: whether it succeeded, and its output and
+/// error output together.
+pub fn ctl_words(sock: &Path, words: &[&str]) -> (bool, String) {
+    let out = Command::new(VMM)
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(sock)
+        .args(words)
+        .output()
+        .expect("run vme-vmm ctl");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// True when KVM tests should run. Without /dev/kvm they fail, unless the skip is asked for.
 pub fn kvm_available() -> bool {
     if std::env::var("VME_SKIP_KVM_TESTS").as_deref() == Ok("1") {

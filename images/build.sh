@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Builds vme's guest images from Debian packages. See images/README.md.
 #
-#   images/build.sh tiny | tiny-stock | tiny-riscv64 | all
-#   images/build.sh verify-reproducible <image>   build the initramfs twice, compare
+#   images/build.sh tiny | tiny-stock | tiny-riscv64 | debian | all
+#   images/build.sh verify-reproducible <image>   build the initramfs (root disk) twice, compare
 #   images/build.sh boot-test <image>              boot it under QEMU (TCG), check /init
 #   images/build.sh kernel-config <image>          only generate + verify the kernel .config
 #
-# Outputs land in target/images/<image>/. Kernels and the cross-built busybox are
-# cached in ${VME_CACHE_DIR:-/var/cache/vme}, keyed by a hash of their inputs, so
-# each is built once per machine. Quiet on success; on failure says what broke.
+# Outputs land in target/images/<image>/. Kernels, the cross-built busybox and the
+# Debian root disk are cached in ${VME_CACHE_DIR:-/var/cache/vme}, keyed by a hash
+# of their inputs, so each is built once per machine. Quiet on success; on failure
+# says what broke.
 set -Eeuo pipefail
 # Under pipefail a pipe into "grep -q" may fail when grep exits early (SIGPIPE upstream):
 # pipes here end in "grep ... >/dev/null", which reads everything.
@@ -544,15 +545,231 @@ initramfs_tiny_stock() {
 	make_initramfs "$1" /bin/busybox "$AGENT" "$STOCK_DIR/modules" "$STOCK_DIR/vme-modules"
 }
 
+# ------------------------------------------------------ Debian root disk
+
+DEBIAN_SUITE=bookworm
+# On top of debootstrap's minbase: busybox-static runs the shared init (a busybox
+# script, /sbin/vme-init in this image); systemd-sysv is Debian's own init, the
+# image's other way to boot.
+DEBIAN_INCLUDE=(busybox-static systemd-sysv)
+DEBIAN_HOSTNAME=vme-debian
+# A fixed file system identity: the same tree gives the same image bytes.
+DEBIAN_FS_UUID=5e1f0c6a-0d1b-4c5e-9a57-766d65646562
+DEBIAN_FS_HASH_SEED=0e6a9d2b-3f41-4b8c-8d2e-766d65686173
+
+# Unmounts whatever is mounted below a directory (debootstrap mounts proc and sys
+# in its target and may leave them behind when it fails), deepest first.
+umount_below() {
+	local dir m
+	dir=$(realpath -m "$1")
+	awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+		umount -l "$m" || die "cannot unmount $m (left by an earlier build); unmount it, then retry"
+	done
+}
+
+# Removes a build tree without crossing into a file system mounted below it.
+remove_tree() {
+	[ -e "$1" ] || return 0
+	umount_below "$1"
+	rm -rf --one-file-system "$1"
+}
+
+# debootstrap's minbase of DEBIAN_SUITE with DEBIAN_INCLUDE, from the machine's
+# mirror, configured for a VM: a directory tree in the cache; sets DEBIAN_BASE.
+# The download and unpacking take minutes, so this is done once per set of inputs:
+# the packages are the mirror's when the entry was made (packages.txt lists them).
+fetch_debian_base() {
+	local mirror key
+	need_root_for "building the Debian image (debootstrap)" "run images/build.sh debian as root"
+	ensure_pkgs debootstrap
+	mirror=$(debian_mirror)
+	key=$({
+		echo "recipe $RECIPE debian $DEBIAN_SUITE amd64 minbase ${DEBIAN_INCLUDE[*]}"
+		echo "mirror $mirror"
+		echo "debootstrap $(pkg_version debootstrap)"
+		# The configuration steps are inputs too: changing them makes a new entry.
+		declare -f configure_debian_base
+	} | sha256sum | cut -c1-16)
+	DEBIAN_BASE=$CACHE_DIR/debian/base-$key
+	[ -f "$DEBIAN_BASE/.vme-done" ] && return 0
+	with_lock debian-base make_debian_base "$mirror"
+}
+
+make_debian_base() {
+	local mirror=$1 tmp started
+	[ -f "$DEBIAN_BASE/.vme-done" ] && return 0
+	started=$(date +%s)
+	tmp=$DEBIAN_BASE.tmp
+	remove_tree "$tmp"
+	mkdir -p "$tmp"
+	quiet debootstrap --variant=minbase --arch=amd64 \
+		--include="$(IFS=,; echo "${DEBIAN_INCLUDE[*]}")" "$DEBIAN_SUITE" "$tmp/root" "$mirror"
+	umount_below "$tmp"
+	configure_debian_base "$tmp/root"
+	# shellcheck disable=SC2016 # dpkg-query's format, not the shell's
+	chroot "$tmp/root" dpkg-query -W -f='${Package} ${Version}\n' >"$tmp/packages.txt"
+	echo "$(($(date +%s) - started))" >"$tmp/build-seconds"
+	touch "$tmp/.vme-done"
+	remove_tree "$DEBIAN_BASE"
+	mv "$tmp" "$DEBIAN_BASE"
+}
+
+# Makes the debootstrapped tree a VM's root: its own name and no trace of the
+# build host, no identity shared between copies of the disk, no way in with a
+# password, no build caches or logs.
+configure_debian_base() {
+	local root=$1
+	# debootstrap copies the build host's name and resolver configuration, modes included.
+	echo "$DEBIAN_HOSTNAME" >"$root/etc/hostname"
+	printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+		"$DEBIAN_HOSTNAME" >"$root/etc/hosts"
+	rm -f "$root/etc/resolv.conf"
+	# For systemd, which remounts the root as fstab says; vme-init leaves it as the kernel mounted it.
+	printf '/dev/vda\t/\text4\terrors=remount-ro\t0\t1\n' >"$root/etc/fstab"
+	chmod 0644 "$root/etc/hostname" "$root/etc/hosts" "$root/etc/fstab"
+	# Empty: systemd gives each boot an id of its own; no two copies of the disk share one.
+	: >"$root/etc/machine-id"
+	rm -f "$root/var/lib/dbus/machine-id"
+	chroot "$root" passwd -q -l root
+	# The password-change dates are the build day: empty them (no password aging).
+	sed -i -E 's/^([^:]*:[^:]*:)[0-9]*:/\1:/' "$root/etc/shadow"
+	if compgen -G "$root/etc/ssh/ssh_host_*" >/dev/null; then
+		die "the Debian image has ssh host keys (an ssh server in DEBIAN_INCLUDE?); every copy would share them"
+	fi
+	chroot "$root" apt-get clean
+	# Package lists are 50 MB and stale soon: "apt-get update" in the guest fetches them.
+	find "$root/var/lib/apt/lists" -type f -delete
+	rm -f "$root/var/log/bootstrap.log" "$root"/etc/*- "$root"/var/lib/dpkg/*-old \
+		"$root"/var/cache/debconf/*-old "$root/var/cache/ldconfig/aux-cache"
+	find "$root/var/log" -type f -exec truncate -s 0 {} +
+}
+
+# The root disk: the cached base plus vme-agent, the shared init as /sbin/vme-init
+# and the agent's systemd unit, made into ext4 from the tree (mkfs.ext4 -d, no loop
+# mount). Cached by its inputs; sets DEBIAN_ROOTFS.
+build_debian_rootfs() {
+	local key
+	ensure_pkgs e2fsprogs
+	fetch_debian_base
+	build_agent
+	key=$({
+		echo "recipe $RECIPE ${DEBIAN_BASE##*/}"
+		sha256sum "$AGENT" "$IMAGES_DIR/init/init" "$IMAGES_DIR/debian/vme-agent.service" | cut -d' ' -f1
+		mke2fs -V 2>&1 | sed -n 1p
+		declare -f make_debian_rootfs
+	} | sha256sum | cut -c1-16)
+	DEBIAN_ROOTFS=$CACHE_DIR/debian/rootfs-$key.ext4
+	[ -f "$DEBIAN_ROOTFS" ] && return 0
+	with_lock debian-rootfs make_debian_rootfs "$DEBIAN_ROOTFS"
+	# Each agent build makes a new entry; one is remade in seconds, so old ones go.
+	find "$CACHE_DIR/debian" -maxdepth 1 -name 'rootfs-*.ext4' -mtime +7 -delete
+}
+
+make_debian_rootfs() {
+	local out=$1 tree kib mib fake_time cleanup old
+	[ -f "$out" ] && return 0
+	# Under the lock any other tree is left from a build that was killed.
+	for old in "$CACHE_DIR"/debian/tree.*; do
+		remove_tree "$old"
+	done
+	tree=$(mktemp -d "$CACHE_DIR/debian/tree.XXXXXX")
+	# On return, and on exit when a step dies.
+	cleanup="remove_tree '$tree'; rm -f '$out.tmp' '$tree.debugfs' '$tree.debugfs.err'"
+	# shellcheck disable=SC2064 # expand now: the traps must remove this very tree
+	trap "$cleanup" EXIT
+	# shellcheck disable=SC2064
+	trap "$cleanup; trap - RETURN EXIT" RETURN
+	# mkfs.ext4 -d gives the file system's root this directory's mode (mktemp's is 0700).
+	chmod 0755 "$tree"
+	cp -a "$DEBIAN_BASE/root/." "$tree/"
+	install -m 0755 "$AGENT" "$tree/usr/sbin/vme-agent"
+	install -m 0755 "$IMAGES_DIR/init/init" "$tree/usr/sbin/vme-init"
+	install -m 0644 "$IMAGES_DIR/debian/vme-agent.service" "$tree/lib/systemd/system/vme-agent.service"
+	# What "systemctl enable" does, without running systemctl in the tree.
+	mkdir -p "$tree/etc/systemd/system/multi-user.target.wants"
+	ln -s /lib/systemd/system/vme-agent.service "$tree/etc/systemd/system/multi-user.target.wants/"
+	find "$tree" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+	# The content in 4 KiB blocks (counted, not asked of the host's file system, so
+	# the size is the same everywhere), plus a quarter and 64 MiB: room to work in,
+	# small to copy.
+	kib=$(find "$tree" -printf '%y %s\n' |
+		awk '$1 == "f" { k += int(($2 + 4095) / 4096) * 4 } $1 == "d" { k += 4 } END { print k }')
+	mib=$(((kib * 5 / 4 / 1024) + 64))
+	# mke2fs -d adds directory entries in sorted order; with a fixed UUID, hash seed
+	# and clock the bytes are the same for the same tree. Its fake clock reads 0 as
+	# unset. Inode tables are zeroed now, not by the guest kernel's lazy init at
+	# first mount (slow on PVM hosts); on a file, zeroing leaves holes.
+	rm -f "$out.tmp"
+	fake_time=$((SOURCE_DATE_EPOCH > 0 ? SOURCE_DATE_EPOCH : 1))
+	quiet env E2FSPROGS_FAKE_TIME=$fake_time \
+		mkfs.ext4 -q -F -T default -b 4096 -L "$DEBIAN_HOSTNAME" -U "$DEBIAN_FS_UUID" \
+		-E "hash_seed=$DEBIAN_FS_HASH_SEED,root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0" \
+		-d "$tree" "$out.tmp" "${mib}M"
+	# mke2fs -d copies each file's ctime, which is when the tree above was made (no
+	# tool can set it), and atime, which its own reading may have moved on (relatime):
+	# set both to the epoch, in place.
+	used_inodes "$out.tmp" | awk -v t="@$SOURCE_DATE_EPOCH" \
+		'{ print "set_inode_field <" $1 "> ctime " t; print "set_inode_field <" $1 "> atime " t }' \
+		>"$tree.debugfs"
+	E2FSPROGS_FAKE_TIME=$fake_time debugfs -w -f "$tree.debugfs" "$out.tmp" >/dev/null 2>"$tree.debugfs.err" || true
+	rm -f "$tree.debugfs"
+	if grep -v '^debugfs [0-9.]* (' "$tree.debugfs.err" >/dev/null; then
+		cat "$tree.debugfs.err" >&2
+		die "debugfs could not set the inode times of $out.tmp (see above)"
+	fi
+	rm -f "$tree.debugfs.err"
+	quiet e2fsck -fn "$out.tmp"
+	mv "$out.tmp" "$out"
+}
+
+# The inodes mke2fs -d filled: the root directory and every used inode from the
+# first non-reserved one (11, lost+found) on, from the groups' free-inode lists.
+used_inodes() {
+	dumpe2fs "$1" 2>/dev/null | awk '
+		/^Inodes per group:/ { ipg = $4 }
+		/^Group [0-9]+:/ { g = $2; sub(":", "", g) }
+		/^  Free inodes:/ {
+			split("", free)
+			n = split($0, f, /[ ,]+/)
+			for (i = 4; i <= n; i++) {
+				if (f[i] == "") continue
+				if (split(f[i], r, "-") == 1) r[2] = r[1]
+				for (j = r[1]; j <= r[2]; j++) free[j] = 1
+			}
+			for (j = g * ipg + 1; j <= (g + 1) * ipg; j++)
+				if (!(j in free) && (j == 2 || j >= 11)) print j
+		}'
+}
+
+# The root disk made afresh from the cached base into <out> (for verify-reproducible).
+rootfs_debian() {
+	build_debian_rootfs
+	rm -f "$1"
+	with_lock debian-rootfs make_debian_rootfs "$1"
+}
+
+image_debian() {
+	local out=$OUT_DIR/debian
+	build_debian_rootfs
+	install_file "$DEBIAN_ROOTFS" "$out/rootfs.ext4"
+	install_file "$DEBIAN_BASE/packages.txt" "$out/packages.txt"
+}
+
 # ------------------------------------------------------ checks
 
 # Builds an image's initramfs twice from scratch and compares the bytes (the
 # kernels come from the cache, keyed by their inputs).
 verify_reproducible() {
-	local image=$1 fn a b
+	local image=$1 fn file=initramfs.cpio how a b
+	# How to see the difference, with the two files for the two %s.
+	how='diff <(cpio -itv <%s) <(cpio -itv <%s)'
 	case "$image" in
 	tiny | tiny-stock | tiny-riscv64) fn=initramfs_${image//-/_} ;;
-	*) die "verify-reproducible: unknown image '$image' (tiny, tiny-stock, tiny-riscv64)" ;;
+	debian)
+		fn=rootfs_debian file=rootfs.ext4
+		how='diff <(dumpe2fs %s 2>&1) <(dumpe2fs %s 2>&1)'
+		;;
+	*) die "verify-reproducible: unknown image '$image' (tiny, tiny-stock, tiny-riscv64, debian)" ;;
 	esac
 	a=$(mktemp /tmp/vme-repro-a.XXXXXX)
 	b=$(mktemp /tmp/vme-repro-b.XXXXXX)
@@ -560,10 +777,11 @@ verify_reproducible() {
 	sleep 1 # a build that leaked the wall clock into the archive differs now
 	"$fn" "$b"
 	if ! cmp -s "$a" "$b"; then
-		die "$image: two initramfs builds differ ($a, $b); compare with: diff <(cpio -itv <$a) <(cpio -itv <$b)"
+		# shellcheck disable=SC2059 # the format is ours
+		die "$image: two builds of $file differ ($a, $b); compare with: $(printf "$how" "$a" "$b")"
 	fi
-	if [ -f "$OUT_DIR/$image/initramfs.cpio" ] && ! cmp -s "$a" "$OUT_DIR/$image/initramfs.cpio"; then
-		die "$image: $OUT_DIR/$image/initramfs.cpio differs from a fresh build (rebuild with images/build.sh $image)"
+	if [ -f "$OUT_DIR/$image/$file" ] && ! cmp -s "$a" "$OUT_DIR/$image/$file"; then
+		die "$image: $OUT_DIR/$image/$file differs from a fresh build (rebuild with images/build.sh $image)"
 	fi
 	rm -f "$a" "$b"
 }
@@ -583,7 +801,7 @@ boot_test() {
 		blk=virtio-blk-device
 		kernels=(Image)
 		;;
-	tiny | tiny-stock)
+	tiny | tiny-stock | debian)
 		ensure_backports
 		ensure_pkgs -t bookworm-backports qemu-system-x86
 		ensure_pkgs bc
@@ -596,13 +814,39 @@ boot_test() {
 		[ "$machine" = microvm ] && blk=virtio-blk-device
 		qemu_bin=(qemu-system-x86_64 -M "$machine" -accel tcg -cpu max -nic none)
 		;;
-	*) die "boot-test: unknown image '$image' (tiny, tiny-stock, tiny-riscv64)" ;;
+	*) die "boot-test: unknown image '$image' (tiny, tiny-stock, tiny-riscv64, debian)" ;;
 	esac
+	if [ "$image" = debian ]; then
+		boot_test_debian "${qemu_bin[@]}" -device "$blk,drive=vd0"
+		return
+	fi
 	[ -f "$dir/initramfs.cpio" ] || die "$dir/initramfs.cpio is missing: run images/build.sh $image first"
 	for k in "${kernels[@]}"; do
 		boot_qemu "$image/$k" "${qemu_bin[@]}" -kernel "$dir/$k" -initrd "$dir/initramfs.cpio" \
 			-drive "if=none,id=vd0,format=raw,file=$(boot_disk)" -device "$blk,drive=vd0"
 	done
+}
+
+# The Debian root disk with the tiny kernels (no initramfs), on a scratch copy:
+# the /init contract from the disk, then the file system as the guest left it
+# (power-off without unmounting: e2fsck replays the journal, then finds no error).
+# boot_test_debian <qemu command...>
+boot_test_debian() {
+	local disk k status
+	[ -f "$OUT_DIR/debian/rootfs.ext4" ] || die "$OUT_DIR/debian/rootfs.ext4 is missing: run images/build.sh debian first"
+	[ -f "$OUT_DIR/tiny/vmlinux" ] || die "$OUT_DIR/tiny/vmlinux is missing: run images/build.sh tiny first (the Debian disk boots its kernel)"
+	disk=$(mktemp /tmp/vme-boot-debian.XXXXXX.ext4)
+	for k in bzImage vmlinux; do
+		cp --sparse=always "$OUT_DIR/debian/rootfs.ext4" "$disk"
+		BOOT_APPEND='root=/dev/vda rw init=/sbin/vme-init' boot_qemu "debian/$k" "$@" \
+			-kernel "$OUT_DIR/tiny/$k" -drive "if=none,id=vd0,format=raw,file=$disk"
+		status=0
+		e2fsck -fp "$disk" >/dev/null 2>&1 || status=$?
+		# 1: the journal was replayed (or something fixed); anything more is damage.
+		[ "$status" -le 1 ] || die "debian/$k: e2fsck finds errors on the disk after the boot (status $status): $disk"
+		e2fsck -fn "$disk" >/dev/null 2>&1 || die "debian/$k: the disk is not clean after e2fsck's repair: $disk"
+	done
+	rm -f "$disk"
 }
 
 # A small blank disk for the virtio-blk check.
@@ -612,7 +856,8 @@ boot_disk() {
 	echo "$disk"
 }
 
-# boot_qemu <label> <qemu command...>: runs it with our command line, checks the log.
+# boot_qemu <label> <qemu command...>: runs it with our command line (and
+# $BOOT_APPEND before vme.run), checks the log.
 boot_qemu() {
 	local label=$1 log started elapsed want smp=2
 	shift
@@ -622,7 +867,7 @@ boot_qemu() {
 	log=$(mktemp /tmp/vme-boot.XXXXXX.log)
 	started=$(date +%s.%N)
 	if ! timeout "${VME_BOOT_TIMEOUT:-600}" "$@" -smp "$smp" -m 256M -nographic -no-reboot \
-		-append "console=ttyS0 quiet vme.run=\"$run\"" </dev/null >"$log" 2>&1; then
+		-append "console=ttyS0 quiet ${BOOT_APPEND:+$BOOT_APPEND }vme.run=\"$run\"" </dev/null >"$log" 2>&1; then
 		cat "$log" >&2
 		die "$label: QEMU failed or did not power off within ${VME_BOOT_TIMEOUT:-600}s (log: $log)"
 	fi
@@ -639,7 +884,7 @@ boot_qemu() {
 }
 
 usage() {
-	sed -n '2,10s/^# \{0,1\}//p' "$0"
+	sed -n '2,12s/^# \{0,1\}//p' "$0"
 	exit 2
 }
 
@@ -649,10 +894,12 @@ main() {
 	tiny) image_tiny ;;
 	tiny-stock) image_tiny_stock ;;
 	tiny-riscv64) image_tiny_riscv64 ;;
+	debian) image_debian ;;
 	all)
 		image_tiny_riscv64
 		image_tiny
 		image_tiny_stock
+		image_debian
 		;;
 	kernel-config)
 		[ $# -eq 2 ] || usage
@@ -667,7 +914,7 @@ main() {
 		boot_test "$2"
 		;;
 	-h | --help | help) usage ;;
-	*) die "unknown image or command '$1' (try: tiny, tiny-stock, tiny-riscv64, all, verify-reproducible <image>, boot-test <image>)" ;;
+	*) die "unknown image or command '$1' (try: tiny, tiny-stock, tiny-riscv64, debian, all, verify-reproducible <image>, boot-test <image>)" ;;
 	esac
 }
 

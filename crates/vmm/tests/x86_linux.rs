@@ -11,8 +11,7 @@ mod common;
 
 use common::agent;
 use common::netns::{Netns, net_available};
-use common::{Vm, image, kvm_available, temp_dir};
-use std::path::Path;
+use common::{Vm, image, kvm_available, on_pvm_host, random_bytes, sha256_hex, temp_dir};
 use std::time::Duration;
 
 /// Generous for PVM hosts.
@@ -47,7 +46,7 @@ struct Boot<'a> {
 
 /// The host's SHA-256 of a file.
 fn host_sha256(path: &std::path::Path) -> String {
-    agent::sha256_hex(&std::fs::read(path).expect("read the file to hash"))
+    sha256_hex(&std::fs::read(path).expect("read the file to hash"))
 }
 
 /// `len` bytes that differ per run (xorshift from the clock), so a stale read cannot match.
@@ -101,7 +100,7 @@ impl Boot<'_> {
         let (vda, vdb) = (dir.join("vda.raw"), dir.join("vdb.raw"));
         let mut vda_sha = String::new();
         if self.virtio {
-            std::fs::write(&vda, agent::random_bytes(4 << 20)).unwrap();
+            std::fs::write(&vda, random_bytes(4 << 20)).unwrap();
             std::fs::write(&vdb, vec![0u8; 1 << 20]).unwrap();
             vda_sha = host_sha256(&vda);
             // Stays up until the host has talked to the agent (see agent_checks).
@@ -159,8 +158,7 @@ impl Boot<'_> {
             // Seen intermittently on PVM hosts only and not explained yet: vsock data that
             // arrives altered is reported there, an error everywhere else (see
             // SPECIFICATION.md, virtio-vsock).
-            let tolerate = Path::new("/sys/module/kvm_pvm").exists();
-            agent::checks(&dir.join("v.sock"), sock, BOOT, tolerate);
+            agent::checks(&dir.join("v.sock"), sock, BOOT, on_pvm_host());
         }
         // The guest is still up (it powers off after the command): ask the monitor what it
         // did. On PVM hosts the kernel's int3 self-test needs the monitor's emulator.

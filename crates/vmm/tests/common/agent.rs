@@ -1,50 +1,17 @@
 //! The guest agent end to end, for any machine whose image runs `vme-agent`: commands
 //! through `vme-vmm exec`, files both ways over vsock, a guest-initiated connection, stats.
 
-use super::VMM;
+use super::{VMM, random_bytes, sha256_hex};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use vme_api::agent::AgentClient;
 
 /// File round trips through the agent. More than one, each after another connection has
 /// come and gone: on PVM hosts, data was seen altered most often right then.
 const ROUNDS: usize = 3;
-
-/// Pseudo-random bytes (xorshift, seeded from the clock): incompressible test data.
-pub fn random_bytes(len: usize) -> Vec<u8> {
-    let mut x = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
-}
-
-/// The SHA-256 of `data` as hex (coreutils' sha256sum).
-pub fn sha256_hex(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run the host's sha256sum (coreutils)");
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
 
 /// The first differing index and how many bytes differ.
 fn first_difference(a: &[u8], b: &[u8]) -> (Option<usize>, usize) {

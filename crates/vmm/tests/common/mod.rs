@@ -132,6 +132,49 @@ pub fn kvm_available() -> bool {
     true
 }
 
+/// `len` bytes that differ per run (xorshift from the clock), so a stale read cannot match.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// The SHA-256 of `data` as hex (coreutils' sha256sum).
+pub fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run sha256sum (coreutils)");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(data)
+        .expect("write to sha256sum");
+    let out = child.wait_with_output().expect("wait for sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum prints a hash")
+        .to_string()
+}
+
+/// True on hosts whose /dev/kvm is PVM (see shared/PVM.md).
+pub fn on_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
 pub fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vme-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: every benchmark, one JSON line per tool and measurement. Peers (QEMU, and
 # Firecracker when FIRECRACKER_BIN names one) run in the same invocation as vme-vmm.
+# Needs root (bench/io.py creates network namespaces and taps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "# boot: x86_64 on KVM (BENCH_RUNS=${BENCH_RUNS:-10})" >&2
@@ -9,3 +10,5 @@ echo "# boot: riscv64 software machine vs QEMU TCG" >&2
 BENCH_ARCH=riscv64 python3 bench/boot.py
 echo "# riscv64: CPU-bound guest work vs QEMU TCG" >&2
 python3 bench/riscv_cpu.py
+echo "# disk and TCP: riscv64 vs QEMU TCG and the host; x86_64 once, QEMU's failure on PVM" >&2
+python3 bench/io.py

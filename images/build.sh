@@ -362,9 +362,9 @@ image_tiny_riscv64() {
 
 initramfs_tiny_riscv64() {
 	build_busybox_riscv64
+	build_agent riscv64gc-unknown-linux-gnu
 	mkdir -p "$(dirname "$1")"
-	# No agent: only the x86_64 Rust standard library is installed on our hosts.
-	make_initramfs "$1" "$BUSYBOX_RISCV64" ""
+	make_initramfs "$1" "$BUSYBOX_RISCV64" "$AGENT"
 }
 
 image_tiny() {
@@ -387,12 +387,26 @@ initramfs_tiny() {
 
 # ------------------------------------------------------------- guest agent
 
-# Builds vme-agent (crates/agent) as a static x86_64 binary against glibc's
-# libc.a; sets AGENT. Cargo rebuilds only when its sources changed.
+# Builds vme-agent (crates/agent) as a static binary for <triple> (default
+# x86_64) against glibc's libc.a; sets AGENT. Cargo rebuilds only when its
+# sources changed. riscv64 uses Debian's cross gcc as the linker and rustup's
+# standard library for that target (added when missing).
 build_agent() {
-	local dir=$REPO_DIR/target/agent triple=x86_64-unknown-linux-gnu
-	ensure_pkgs libc6-dev file
+	local triple=${1:-x86_64-unknown-linux-gnu} dir=$REPO_DIR/target/agent linker_var
 	command -v cargo >/dev/null || die "no cargo on PATH: install Rust (see README) to build vme-agent"
+	case $triple in
+	x86_64-*) ensure_pkgs libc6-dev file ;;
+	riscv64gc-*)
+		ensure_pkgs gcc-riscv64-linux-gnu libc6-dev-riscv64-cross file
+		linker_var=CARGO_TARGET_RISCV64GC_UNKNOWN_LINUX_GNU_LINKER
+		export "$linker_var=riscv64-linux-gnu-gcc"
+		if ! rustup target list --installed 2>/dev/null | grep -qx "$triple"; then
+			command -v rustup >/dev/null || die "no rustup: install the Rust standard library for $triple another way to build the riscv64 vme-agent"
+			quiet rustup target add "$triple"
+		fi
+		;;
+	*) die "build_agent: no recipe for $triple" ;;
+	esac
 	# --target keeps the static flag off build scripts and proc macros.
 	(cd "$REPO_DIR" && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" quiet cargo build \
 		--release -p vme-agent --target "$triple" --target-dir "$dir")

@@ -1,6 +1,7 @@
 //! The monitor's control protocol: one JSON object per line over a Unix socket, one reply line
 //! per request. The daemon and `vme-vmm ctl` speak it; a person can too (`socat`).
 
+use crate::limits::DeviceLimits;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -27,6 +28,19 @@ pub enum Request {
     /// The balloon's target and size, the guest's memory statistics (fresh if the guest
     /// answers within a moment) and the monitor's resident memory.
     BalloonStats,
+    /// Write a snapshot of the VM into directory `dir` (an absolute path: the monitor's
+    /// working directory is not the client's). A running VM is paused for it and resumed
+    /// after; a paused VM stays paused.
+    Snapshot {
+        dir: String,
+    },
+    /// Change a disk's or network device's rate limits while the VM runs. `device` is a
+    /// name from `status` (`disk0`, `net0`, ...); `limits` uses the `--disk`/`--net` limit
+    /// syntax (`bw=20M,iops=500`; `KEY=off` removes a limit; keys not named keep their value).
+    SetLimit {
+        device: String,
+        limits: String,
+    },
 }
 
 impl Request {
@@ -48,8 +62,23 @@ impl Request {
 
     /// Parses the command-line form used by `vme-vmm ctl`: `status`, `pause`, ...
     pub fn from_words(words: &[String]) -> Result<Request, String> {
-        let usage = "commands: status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats";
+        let usage = "commands: status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, \
+                     snapshot <DIR>, set-limit <device> <KEY=VALUE,...>";
         match words {
+            [w, dir] if w == "snapshot" => Ok(Request::Snapshot { dir: dir.clone() }),
+            [w] if w == "snapshot" => Err(format!(
+                "snapshot needs the directory to write it into (e.g. snapshot /var/lib/vm1/snap); \
+                 {usage}"
+            )),
+            [w, device, limits] if w == "set-limit" || w == "set_limit" => Ok(Request::SetLimit {
+                device: device.clone(),
+                limits: limits.clone(),
+            }),
+            [w, ..] if w == "set-limit" || w == "set_limit" => Err(
+                "set-limit takes a device and its limits, like set-limit disk0 bw=20M,iops=500 \
+                 (devices as status names them; KEY=off removes a limit)"
+                    .into(),
+            ),
             [w, mib] if w == "balloon" => match mib.parse() {
                 Ok(mib) => Ok(Request::Balloon { mib }),
                 Err(_) => Err(format!(
@@ -109,6 +138,20 @@ pub struct Status {
     /// The monitor process's resident memory (VmRSS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rss_bytes: Option<u64>,
+    /// The disks and network devices, by the names `set-limit` takes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// A disk or network device of a running VM and the rate limits in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `disk0`, `disk1`, ... in `--disk` order (the guest's vda, vdb, ...); `net0`, ... in
+    /// `--net` order.
+    pub name: String,
+    /// The disk's image file or the network device's tap.
+    pub backend: String,
+    pub limits: DeviceLimits,
 }
 
 /// The guest's memory statistics as its balloon driver last sent them. A statistic the guest
@@ -163,6 +206,22 @@ pub struct BalloonStatus {
     pub vmm_rss_bytes: Option<u64>,
 }
 
+/// The answer to `snapshot`: what was written and how long the VM was stopped for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub dir: String,
+    /// Size of the state file.
+    pub state_bytes: u64,
+    /// Guest RAM (the memory file's length).
+    pub memory_bytes: u64,
+    /// RAM that was not zero pages, written to the memory file (the rest are holes).
+    pub memory_data_bytes: u64,
+    /// Space the memory file takes on disk.
+    pub memory_disk_bytes: u64,
+    /// From the request to the files on disk, the pause included.
+    pub took_ms: u64,
+}
+
 /// One reply line. `ok:false` always carries `error`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
@@ -175,6 +234,11 @@ pub struct Reply {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
+    /// The device `set_limit` changed, with the limits now in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceInfo>,
 }
 
 impl Reply {
@@ -185,6 +249,8 @@ impl Reply {
             state: Some(state),
             status: None,
             balloon: None,
+            snapshot: None,
+            device: None,
         }
     }
     pub fn error(msg: impl Into<String>) -> Reply {
@@ -194,6 +260,8 @@ impl Reply {
             state: None,
             status: None,
             balloon: None,
+            snapshot: None,
+            device: None,
         }
     }
 }
@@ -292,6 +360,19 @@ mod tests {
                 .contains("status, pause")
         );
         assert!(Request::from_words(&["pause".into(), "x".into()]).is_err());
+        assert_eq!(
+            Request::from_words(&["snapshot".into(), "/s".into()]),
+            Ok(Request::Snapshot { dir: "/s".into() })
+        );
+        assert!(
+            Request::from_words(&["snapshot".into()])
+                .unwrap_err()
+                .contains("directory")
+        );
+        assert_eq!(
+            Request::parse_line(r#"{"cmd":"snapshot","dir":"/s"}"#),
+            Ok(Request::Snapshot { dir: "/s".into() })
+        );
     }
 
     #[test]
@@ -317,5 +398,40 @@ mod tests {
                 .contains("mib")
         );
         assert!(Request::parse_line(r#"{"cmd":"balloon","mib":-5}"#).is_err());
+    }
+
+    #[test]
+    fn set_limit_requests() {
+        let w =
+            |v: &[&str]| Request::from_words(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let req = Request::SetLimit {
+            device: "disk0".into(),
+            limits: "bw=20M,iops=off".into(),
+        };
+        assert_eq!(
+            w(&["set-limit", "disk0", "bw=20M,iops=off"]),
+            Ok(req.clone())
+        );
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"cmd":"set_limit","device":"disk0","limits":"bw=20M,iops=off"}"#
+        );
+        assert_eq!(
+            Request::parse_line(
+                r#"{"cmd":"set_limit","device":"disk0","limits":"bw=20M,iops=off"}"#
+            ),
+            Ok(req)
+        );
+        for bad in [
+            &["set-limit"][..],
+            &["set-limit", "disk0"],
+            &["set-limit", "a", "b", "c"],
+        ] {
+            assert!(
+                w(bad).unwrap_err().contains("set-limit disk0 bw=20M"),
+                "{bad:?}"
+            );
+        }
+        assert!(Request::parse_line(r#"{"cmd":"set_limit","device":"disk0"}"#).is_err());
     }
 }

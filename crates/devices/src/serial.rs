@@ -3,10 +3,28 @@
 
 use crate::IrqLine;
 use crate::bus::BusDevice;
+use crate::virtio::StateError;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::sync::Arc;
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState as UartState};
 use vm_superio::{Serial as Uart, Trigger};
+
+/// The UART in a snapshot: its registers and the input the guest has not read yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// At most the FIFO's 64 bytes.
+    pub in_buffer: Vec<u8>,
+}
 
 /// Adapts our interrupt line to vm-superio's trigger. The UART signals events (data ready,
 /// transmitter empty), so each is delivered as an edge.
@@ -45,6 +63,53 @@ impl Serial {
 
     pub fn input_room(&self) -> usize {
         self.uart.fifo_capacity()
+    }
+
+    pub fn state(&self) -> SerialState {
+        let u = self.uart.state();
+        SerialState {
+            baud_divisor_low: u.baud_divisor_low,
+            baud_divisor_high: u.baud_divisor_high,
+            interrupt_enable: u.interrupt_enable,
+            interrupt_identification: u.interrupt_identification,
+            line_control: u.line_control,
+            line_status: u.line_status,
+            modem_control: u.modem_control,
+            modem_status: u.modem_status,
+            scratch: u.scratch,
+            in_buffer: u.in_buffer,
+        }
+    }
+
+    /// A UART with a snapshot's registers and input; raises its interrupt if one was
+    /// pending. Refuses more input than the FIFO holds.
+    pub fn from_state(
+        s: &SerialState,
+        irq: Arc<dyn IrqLine>,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, StateError> {
+        let u = UartState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let uart = Uart::from_state(&u, IrqTrigger(irq), NoEvents, out).map_err(|_| {
+            StateError(format!(
+                "{} bytes of input, more than the UART's FIFO holds",
+                s.in_buffer.len()
+            ))
+        })?;
+        Ok(Serial {
+            uart,
+            output_failed: false,
+        })
     }
 }
 
@@ -119,6 +184,34 @@ mod tests {
         assert_eq!(b[0] & 1, 1, "LSR data-ready");
         s.read(0, &mut b);
         assert_eq!(b[0], b'o');
+    }
+
+    #[test]
+    fn state_round_trips_with_unread_input() {
+        let irq = Arc::new(CountingIrq::default());
+        let mut s = Serial::new(irq.clone(), Box::new(std::io::sink()));
+        s.write(1, &[1]);
+        s.write(7, &[0x5a]);
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        let state = s.state();
+        let raised = irq.0.load(Ordering::SeqCst);
+        let mut t = Serial::from_state(&state, irq.clone(), Box::new(std::io::sink())).unwrap();
+        assert!(
+            irq.0.load(Ordering::SeqCst) > raised,
+            "pending input raises the line again"
+        );
+        assert_eq!(t.state(), state);
+        let mut b = [0u8; 1];
+        t.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        t.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        let mut big = state;
+        big.in_buffer = vec![0; 65];
+        let err = Serial::from_state(&big, irq, Box::new(std::io::sink()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("65 bytes"), "{err}");
     }
 
     #[test]

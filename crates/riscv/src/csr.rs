@@ -125,6 +125,48 @@ impl Csrs {
     }
 }
 
+/// Checks CSR values from outside (a snapshot) against what the guest could have written
+/// through the WARL masks: anything else is refused, so the interpreter only ever runs with
+/// values it can produce itself. Names the first register that is wrong.
+pub(crate) fn check(c: &Csrs, hartid: usize) -> Result<(), String> {
+    let mpp = (c.mstatus & MSTATUS_MPP) >> 11;
+    let checks: [(&str, bool); 18] = [
+        (
+            "mstatus",
+            c.mstatus & !(MSTATUS_WMASK | MSTATUS_XL) == 0
+                && c.mstatus & MSTATUS_XL == MSTATUS_XL
+                && mpp != 2,
+        ),
+        ("medeleg", c.medeleg & !MEDELEG_MASK == 0),
+        ("mideleg", c.mideleg & !S_INTS == 0),
+        ("mie", c.mie & !ALL_INTS == 0),
+        ("mip", c.mip & !S_INTS == 0),
+        ("mtvec", c.mtvec & 2 == 0),
+        ("stvec", c.stvec & 2 == 0),
+        ("mcounteren", c.mcounteren >> 32 == 0),
+        ("scounteren", c.scounteren >> 32 == 0),
+        ("menvcfg", c.menvcfg & !(MENVCFG_STCE | 1) == 0),
+        ("senvcfg", c.senvcfg & !1 == 0),
+        ("mcountinhibit", c.mcountinhibit & !0xffff_fffd == 0),
+        ("mepc", c.mepc & 1 == 0),
+        ("sepc", c.sepc & 1 == 0),
+        (
+            "satp",
+            matches!(
+                c.satp >> 60,
+                SATP_MODE_BARE | SATP_MODE_SV39 | SATP_MODE_SV48
+            ),
+        ),
+        ("fcsr", c.fcsr >> 8 == 0),
+        ("pmpaddr", c.pmpaddr.iter().all(|a| a >> 54 == 0)),
+        ("mhartid", c.mhartid == hartid as u64),
+    ];
+    match checks.iter().find(|(_, ok)| !ok) {
+        Some((name, _)) => Err(format!("{name} holds a value the hart cannot have")),
+        None => Ok(()),
+    }
+}
+
 /// CSR numbers.
 pub mod num {
     pub const FFLAGS: u16 = 0x001;

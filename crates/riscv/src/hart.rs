@@ -300,12 +300,16 @@ impl Hart {
                     return false;
                 }
                 if c.paused {
+                    // Published for snapshots while parked, under the control lock, so a
+                    // reader that sees every hart parked sees every state.
+                    *lock(&link.parked_state) = Some(self.save());
                     c.parked += 1;
                     shared.cv.notify_all();
                     while c.paused && !c.stop {
                         c = shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
                     }
                     c.parked -= 1;
+                    *lock(&link.parked_state) = None;
                     link.attention.store(true, Ordering::SeqCst);
                     continue;
                 }

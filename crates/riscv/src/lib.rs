@@ -47,6 +47,12 @@
 //!   page, so satp writes and sfence.vma keep it; invalidated by fence.i, remote fence.i and
 //!   by stores into decoded pages on any hart); a direct-mapped TLB per privilege context
 //!   whose entries point at host memory (also used by LR/SC/AMOs).
+//! - Snapshots: [`MachineHandle::save_state`] returns every hart's registers, CSRs,
+//!   counters and LR/SC reservation, the CLINT and the PLIC of a paused machine as serde
+//!   structures ([`MachineState`]); [`Machine::restore_state`] takes them back (checked:
+//!   registers must hold values the guest could have written) before `run`, with RAM mapped
+//!   privately from the snapshot's memory file ([`GuestRam::from_file`]). `mtime` continues
+//!   from the saved value. The caller saves RAM and devices.
 //! - Debugging speed: `VME_RISCV_COUNTERS=1` makes each hart print event counters (traps by
 //!   cause, TLB flushes, page walks, decode-cache fills, MMIO, instructions by privilege)
 //!   when it stops; see `counters.rs`.
@@ -82,6 +88,7 @@ mod mmu;
 mod plic;
 mod sbi;
 mod shared;
+mod snapshot;
 
 pub use clint::{CLINT_BASE, CLINT_SIZE};
 pub use fdt::{ISA, MAX_VIRTIO_SLOTS, UART_IRQ, VIRTIO_BASE, VIRTIO_STRIDE};
@@ -91,6 +98,7 @@ pub use machine::{
 pub use memory::{GuestRam, MmioDevice, PAGE_SIZE, RAM_BASE};
 pub use plic::{IrqLine, PLIC_BASE, PLIC_NDEV, PLIC_SIZE};
 pub use sbi::UART_BASE;
+pub use snapshot::{ClintState, CsrState, HartState, MachineState, PlicState};
 
 /// Errors of the machine's setup and run (guest misbehaviour is an `ExitReason`, not this).
 #[derive(Debug, thiserror::Error)]
@@ -121,4 +129,8 @@ pub enum Error {
     Thread(String),
     #[error("the host refused to free guest pages (madvise): {0}")]
     Discard(String),
+    #[error("memory file: {0}")]
+    MemoryFile(String),
+    #[error("machine state: {0}")]
+    State(String),
 }

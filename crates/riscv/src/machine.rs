@@ -88,18 +88,35 @@ impl MmioDevice for Finisher {
 
 /// An RV64GC machine (see the crate documentation).
 pub struct Machine {
-    shared: Arc<Shared>,
-    harts: Mutex<Vec<Hart>>,
-    plic: Arc<Plic>,
-    cfg: MachineConfig,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) harts: Mutex<Vec<Hart>>,
+    pub(crate) plic: Arc<Plic>,
+    pub(crate) cfg: MachineConfig,
     kernel_end: Option<u64>,
     initrd: Option<(u64, u64)>,
+    /// The device tree still has to be written into RAM (a kernel was loaded and has not
+    /// run yet); a restored machine has its own in RAM already.
+    pub(crate) fdt_pending: AtomicBool,
     running: AtomicBool,
 }
 
 impl Machine {
     /// Creates a machine with RAM, CLINT, PLIC and the test finisher; no kernel yet.
     pub fn new(cfg: MachineConfig) -> Result<Machine, Error> {
+        let ram = GuestRam::new(cfg.memory_bytes)?;
+        Self::with_ram(cfg, ram)
+    }
+
+    /// Like [`Machine::new`], on RAM the caller made (a snapshot's memory file:
+    /// [`GuestRam::from_file`]); it must be `cfg.memory_bytes` long.
+    pub fn with_ram(cfg: MachineConfig, ram: GuestRam) -> Result<Machine, Error> {
+        if ram.size() != cfg.memory_bytes {
+            return Err(Error::Config(format!(
+                "the RAM given is {} bytes but the configuration says {}",
+                ram.size(),
+                cfg.memory_bytes
+            )));
+        }
         if cfg.harts == 0 || cfg.harts > MAX_HARTS {
             return Err(Error::Config(format!(
                 "{} harts requested; use 1 to {MAX_HARTS}",
@@ -118,7 +135,6 @@ impl Machine {
                 cfg.timebase_hz
             )));
         }
-        let ram = GuestRam::new(cfg.memory_bytes)?;
         let shared = Arc::new(Shared::new(ram, cfg.harts, cfg.timebase_hz));
         let plic = Arc::new(Plic::new(Arc::downgrade(&shared), cfg.harts));
         {
@@ -151,6 +167,7 @@ impl Machine {
             cfg,
             kernel_end: None,
             initrd: None,
+            fdt_pending: AtomicBool::new(false),
             running: AtomicBool::new(false),
         })
     }
@@ -218,6 +235,7 @@ impl Machine {
         }
         self.shared.ram.write_bytes(load, image)?;
         self.kernel_end = Some(end);
+        self.fdt_pending.store(true, Ordering::SeqCst);
         self.shared.firmware.store(true, Ordering::SeqCst);
         let mut harts = lock(&self.harts);
         for h in harts.iter_mut() {
@@ -307,7 +325,9 @@ impl Machine {
 
     fn run_inner(&self) -> Result<ExitReason, Error> {
         let mut harts = lock(&self.harts);
-        if self.shared.firmware.load(Ordering::SeqCst) {
+        // Once, before the kernel's first instruction: a machine run again (or restored)
+        // continues with the registers and RAM it has.
+        if self.fdt_pending.swap(false, Ordering::SeqCst) {
             let dtb = self.device_tree()?;
             let dtb_addr = RAM_BASE + self.cfg.memory_bytes - FDT_ROOM;
             if dtb.len() as u64 > FDT_ROOM {
@@ -369,6 +389,7 @@ impl Machine {
     pub fn handle(&self) -> MachineHandle {
         MachineHandle {
             shared: Arc::clone(&self.shared),
+            plic: Arc::clone(&self.plic),
         }
     }
 
@@ -383,7 +404,8 @@ impl Machine {
 /// Controls a machine from other threads.
 #[derive(Clone)]
 pub struct MachineHandle {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) plic: Arc<Plic>,
 }
 
 /// Per-hart counters.
@@ -446,148 +468,5 @@ impl MachineHandle {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn words(ws: &[u32]) -> Vec<u8> {
-        ws.iter().flat_map(|w| w.to_le_bytes()).collect()
-    }
-
-    /// auipc a0, 1; loop: addi a1, a1, 1; sd a1, 0(a0); j loop
-    const COUNTER_LOOP: [u32; 4] = [0x0000_1517, 0x0015_8593, 0x00b5_3023, 0xff9f_f06f];
-
-    #[test]
-    fn pause_blocks_and_resume_continues() {
-        let mut m = Machine::new(MachineConfig {
-            memory_bytes: 4 << 20,
-            ..MachineConfig::default()
-        })
-        .unwrap();
-        m.load_program(&words(&COUNTER_LOOP)).unwrap();
-        let h = m.handle();
-        let counter = || m.ram().read(RAM_BASE + 0x1000, 8).unwrap();
-        std::thread::scope(|s| {
-            let run = s.spawn(|| m.run());
-            while counter() < 1000 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            h.pause();
-            assert!(h.is_paused());
-            let (c1, r1) = (counter(), h.stats().retired[0]);
-            std::thread::sleep(Duration::from_millis(50));
-            assert_eq!(counter(), c1, "a paused hart executed instructions");
-            assert_eq!(h.stats().retired[0], r1);
-            h.resume();
-            while counter() == c1 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            h.stop();
-            assert_eq!(run.join().unwrap().unwrap(), ExitReason::Stopped);
-        });
-        // The machine can be inspected after the run.
-        assert!(m.with_hart(0, |h| h.pc).unwrap() >= RAM_BASE);
-    }
-
-    #[test]
-    fn wfi_sleeps_instead_of_spinning() {
-        // loop: wfi; j loop  (no interrupt is enabled, so the hart sleeps until stopped)
-        let mut m = Machine::new(MachineConfig {
-            memory_bytes: 4 << 20,
-            ..MachineConfig::default()
-        })
-        .unwrap();
-        m.load_program(&words(&[0x1050_0073, 0xffdf_f06f])).unwrap();
-        let h = m.handle();
-        std::thread::scope(|s| {
-            let run = s.spawn(|| m.run());
-            std::thread::sleep(Duration::from_millis(100));
-            h.stop();
-            assert_eq!(run.join().unwrap().unwrap(), ExitReason::Stopped);
-        });
-        assert!(
-            h.stats().retired[0] < 100,
-            "WFI spun: {} instructions",
-            h.stats().retired[0]
-        );
-    }
-
-    #[test]
-    fn config_and_loader_errors_are_reported() {
-        assert!(
-            Machine::new(MachineConfig {
-                harts: 0,
-                ..MachineConfig::default()
-            })
-            .is_err()
-        );
-        assert!(
-            Machine::new(MachineConfig {
-                harts: 33,
-                ..MachineConfig::default()
-            })
-            .is_err()
-        );
-        assert!(
-            Machine::new(MachineConfig {
-                virtio_mmio_slots: 9,
-                ..MachineConfig::default()
-            })
-            .is_err()
-        );
-        let mut m = Machine::new(MachineConfig {
-            memory_bytes: 4 << 20,
-            ..MachineConfig::default()
-        })
-        .unwrap();
-        assert!(matches!(m.load_kernel(&[0u8; 16]), Err(Error::Kernel(_))));
-        assert!(matches!(m.load_kernel(&[0u8; 128]), Err(Error::Kernel(_))));
-        let mut img = vec![0u8; 128];
-        img[0x38..0x3c].copy_from_slice(b"RSC\x05");
-        img[16..24].copy_from_slice(&(64u64 << 20).to_le_bytes());
-        assert!(
-            matches!(m.load_kernel(&img), Err(Error::Kernel(_))),
-            "image larger than RAM"
-        );
-        assert!(matches!(
-            m.load_initrd(&vec![0u8; 8 << 20]),
-            Err(Error::Initrd(_))
-        ));
-        assert!(m.irq_line(0).is_err());
-        assert!(m.irq_line(64).is_err());
-        struct Nop;
-        impl MmioDevice for Nop {
-            fn read(&self, _: u64, d: &mut [u8]) {
-                d.fill(0)
-            }
-            fn write(&self, _: u64, _: &[u8]) {}
-        }
-        assert!(
-            m.add_mmio_device(CLINT_BASE, 0x10, Arc::new(Nop)).is_err(),
-            "overlaps the CLINT"
-        );
-        assert!(m.add_mmio_device(0x1000_0000, 0x100, Arc::new(Nop)).is_ok());
-    }
-
-    #[test]
-    fn kernel_boot_state_follows_the_sbi_convention() {
-        let mut m = Machine::new(MachineConfig {
-            harts: 2,
-            memory_bytes: 8 << 20,
-            ..MachineConfig::default()
-        })
-        .unwrap();
-        let mut img = vec![0u8; 4096];
-        img[0x38..0x3c].copy_from_slice(b"RSC\x05");
-        m.load_kernel(&img).unwrap();
-        m.with_hart(0, |h| {
-            assert_eq!(
-                (h.pc, h.prv, h.x[10]),
-                (RAM_BASE + DEFAULT_TEXT_OFFSET, PRV_S, 0)
-            );
-        });
-        assert_eq!(m.shared.links[1].hsm.load(Ordering::SeqCst), HSM_STOPPED);
-        let dtb = m.device_tree().unwrap();
-        assert_eq!(&dtb[..4], &[0xd0, 0x0d, 0xfe, 0xed]);
-    }
-}
+#[path = "machine_tests.rs"]
+mod tests;

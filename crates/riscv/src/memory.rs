@@ -21,6 +21,9 @@ pub const PAGE_SIZE: u64 = 4096;
 pub struct GuestRam {
     ptr: NonNull<u8>,
     len: usize,
+    /// Mapped privately from a file (a snapshot's memory): discarded pages must be replaced
+    /// by anonymous ones, or they would read back the file's bytes.
+    file_backed: bool,
 }
 
 // SAFETY: the memory is only ever accessed through atomic operations (or through `&mut self`),
@@ -34,13 +37,7 @@ impl GuestRam {
     /// follows what the guest touches, not what it was given (an aligned heap allocation would
     /// be zeroed with a memset that touches every page up front).
     pub fn new(bytes: u64) -> Result<Self, Error> {
-        if bytes == 0 || bytes % (2 << 20) != 0 || bytes > (1 << 40) {
-            return Err(Error::Config(format!(
-                "memory size {bytes} bytes is not a non-zero multiple of 2 MiB below 1 TiB; \
-                 choose e.g. 256 MiB"
-            )));
-        }
-        let len = usize::try_from(bytes).map_err(|_| Error::RamAlloc { bytes })?;
+        let len = Self::check_size(bytes)?;
         // SAFETY: a fresh anonymous mapping with no address hint; it aliases nothing.
         let raw = unsafe {
             libc::mmap(
@@ -56,7 +53,65 @@ impl GuestRam {
             return Err(Error::RamAlloc { bytes });
         }
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Error::RamAlloc { bytes })?;
-        Ok(Self { ptr, len })
+        Ok(Self {
+            ptr,
+            len,
+            file_backed: false,
+        })
+    }
+
+    fn check_size(bytes: u64) -> Result<usize, Error> {
+        if bytes == 0 || bytes % (2 << 20) != 0 || bytes > (1 << 40) {
+            return Err(Error::Config(format!(
+                "memory size {bytes} bytes is not a non-zero multiple of 2 MiB below 1 TiB; \
+                 choose e.g. 256 MiB"
+            )));
+        }
+        usize::try_from(bytes).map_err(|_| Error::RamAlloc { bytes })
+    }
+
+    /// Maps `bytes` of RAM privately from `file` (a snapshot's memory file), which must be
+    /// exactly that long. Pages are read from the file when first touched and copied on the
+    /// first write, so this takes the same time whatever the size, and the file is never
+    /// written. The file must not be truncated or changed while the machine runs: a page
+    /// not yet touched would read the new bytes, or fault the monitor past a truncation.
+    pub fn from_file(file: &std::fs::File, bytes: u64) -> Result<Self, Error> {
+        let len = Self::check_size(bytes)?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::MemoryFile(format!("cannot read its size: {e}")))?
+            .len();
+        if file_len != bytes {
+            return Err(Error::MemoryFile(format!(
+                "it is {file_len} bytes long, but the machine has {bytes} bytes of RAM: \
+                 the file is truncated or belongs to another snapshot"
+            )));
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh private mapping of a descriptor we hold, with no address hint; it
+        // aliases nothing, and MAP_PRIVATE means our writes never reach the file.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::MemoryFile(format!(
+                "cannot map it: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Error::RamAlloc { bytes })?;
+        Ok(Self {
+            ptr,
+            len,
+            file_backed: true,
+        })
     }
 
     /// RAM size in bytes.
@@ -106,9 +161,20 @@ impl GuestRam {
             addr: pa,
             len: buf.len() as u64,
         })?;
-        for (i, b) in buf.iter_mut().enumerate() {
+        // Byte atomics up to the first 8-byte boundary, then whole words (8 times fewer
+        // operations for disk I/O and snapshots), then the tail in bytes.
+        let head = p.align_offset(8).min(buf.len());
+        let mid = head + (buf.len() - head) / 8 * 8;
+        for i in (0..head).chain(mid..buf.len()) {
             // SAFETY: `p + i` is inside the checked range; byte atomics need no alignment.
-            *b = unsafe { AtomicU8::from_ptr(p.add(i)) }.load(Ordering::Relaxed);
+            buf[i] = unsafe { AtomicU8::from_ptr(p.add(i)) }.load(Ordering::Relaxed);
+        }
+        for (k, out) in buf[head..mid].chunks_exact_mut(8).enumerate() {
+            // SAFETY: `p + head + 8k` is 8-byte aligned and its 8 bytes lie inside the
+            // checked range.
+            let w =
+                unsafe { AtomicU64::from_ptr(p.add(head + 8 * k).cast()) }.load(Ordering::Relaxed);
+            out.copy_from_slice(&w.to_ne_bytes());
         }
         Ok(())
     }
@@ -121,9 +187,19 @@ impl GuestRam {
                 addr: pa,
                 len: data.len() as u64,
             })?;
-        for (i, b) in data.iter().enumerate() {
+        let head = p.align_offset(8).min(data.len());
+        let mid = head + (data.len() - head) / 8 * 8;
+        for i in (0..head).chain(mid..data.len()) {
             // SAFETY: `p + i` is inside the checked range; byte atomics need no alignment.
-            unsafe { AtomicU8::from_ptr(p.add(i)) }.store(*b, Ordering::Relaxed);
+            unsafe { AtomicU8::from_ptr(p.add(i)) }.store(data[i], Ordering::Relaxed);
+        }
+        for (k, w) in data[head..mid].chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            // SAFETY: `p + head + 8k` is 8-byte aligned and its 8 bytes lie inside the
+            // checked range.
+            unsafe { AtomicU64::from_ptr(p.add(head + 8 * k).cast()) }
+                .store(u64::from_ne_bytes(b), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -143,6 +219,26 @@ impl GuestRam {
         }
         let p = self.host_ptr(pa, len).ok_or(out)?;
         if len == 0 {
+            return Ok(());
+        }
+        if self.file_backed {
+            // SAFETY: `p..p+len` lies inside our own mapping (checked by host_ptr) and is
+            // page-aligned. MAP_FIXED replaces exactly those pages with fresh zero-fill ones
+            // at the same address in one step (under the kernel's mmap lock, so a racing
+            // hart sees old or new pages, never a hole): no pointer into RAM dangles.
+            let r = unsafe {
+                libc::mmap(
+                    p.cast(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return Err(Error::Discard(std::io::Error::last_os_error().to_string()));
+            }
             return Ok(());
         }
         // SAFETY: `p..p+len` lies inside our private anonymous mapping (checked by host_ptr)
@@ -339,6 +435,63 @@ mod tests {
         assert_eq!(ram.read(RAM_BASE, 8), Some(0xdead_beef));
         ram.discard(RAM_BASE, 2 << 20).unwrap();
         assert_eq!(ram.read(RAM_BASE, 8), Some(0));
+    }
+
+    #[test]
+    fn bulk_copies_match_byte_accesses_at_every_alignment() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let data: Vec<u8> = (0..100u8)
+            .map(|b| b.wrapping_mul(7).wrapping_add(1))
+            .collect();
+        for start in 0..9u64 {
+            for len in [0usize, 1, 7, 8, 9, 31, 100] {
+                let pa = RAM_BASE + 4096 * start + start;
+                ram.write_bytes(pa, &data[..len]).unwrap();
+                for (i, &b) in data[..len].iter().enumerate() {
+                    assert_eq!(ram.read(pa + i as u64, 1), Some(u64::from(b)));
+                }
+                let mut back = vec![0u8; len];
+                ram.read_bytes(pa, &mut back).unwrap();
+                assert_eq!(back, &data[..len], "start {start} len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn file_backed_ram_reads_the_file_lazily_and_never_writes_it() {
+        let path = std::env::temp_dir().join(format!("vme-ram-file-{}", std::process::id()));
+        let size = 2u64 << 20;
+        {
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(size).unwrap();
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&[0xab; 8], PAGE_SIZE).unwrap();
+        }
+        let f = std::fs::File::open(&path).unwrap();
+        let ram = GuestRam::from_file(&f, size).unwrap();
+        assert_eq!(
+            ram.read(RAM_BASE + PAGE_SIZE, 8),
+            Some(0xabab_abab_abab_abab)
+        );
+        assert_eq!(ram.read(RAM_BASE, 8), Some(0), "holes read as zero");
+        assert!(ram.write(RAM_BASE + PAGE_SIZE, 8, 5));
+        assert_eq!(ram.read(RAM_BASE + PAGE_SIZE, 8), Some(5));
+        // A discarded page reads as zero, not as the file's bytes.
+        ram.discard(RAM_BASE + PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(ram.read(RAM_BASE + PAGE_SIZE, 8), Some(0));
+        assert!(ram.write(RAM_BASE + PAGE_SIZE, 8, 9));
+        assert_eq!(ram.read(RAM_BASE + PAGE_SIZE, 8), Some(9));
+        drop(ram);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(
+            &on_disk[PAGE_SIZE as usize..][..8],
+            &[0xab; 8],
+            "file unchanged"
+        );
+        // A file of the wrong size is refused with the reason.
+        let err = GuestRam::from_file(&f, 4 << 20).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

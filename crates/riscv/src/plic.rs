@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::csr::{MIP_MEIP, MIP_SEIP};
 use crate::memory::MmioDevice;
 use crate::shared::{Shared, lock};
+use crate::snapshot::PlicState;
 
 pub const PLIC_BASE: u64 = 0x0c00_0000;
 pub const PLIC_SIZE: u64 = 0x400_0000;
@@ -92,6 +93,61 @@ impl Plic {
             st.level &= !bit;
         }
         self.update(&st);
+    }
+
+    /// The controller's registers, for a snapshot.
+    pub(crate) fn state(&self) -> PlicState {
+        let st = lock(&self.state);
+        PlicState {
+            priority: st.priority.to_vec(),
+            pending: st.pending,
+            level: st.level,
+            in_service: st.in_service,
+            enable: st.enable.clone(),
+            threshold: st.threshold.clone(),
+        }
+    }
+
+    /// Takes a snapshot's registers (checked first: a wrong count or a value no register
+    /// can hold is refused) and drives the harts' interrupt lines from them.
+    pub(crate) fn restore(&self, s: &PlicState) -> Result<(), String> {
+        let valid = (u64::MAX << 1) & (u64::MAX >> (63 - PLIC_NDEV));
+        if s.priority.len() != 64 || s.enable.len() != self.contexts {
+            return Err(format!(
+                "{} priorities and {} enable sets, but this machine has 64 and {}",
+                s.priority.len(),
+                s.enable.len(),
+                self.contexts
+            ));
+        }
+        if s.threshold.len() != self.contexts {
+            return Err(format!(
+                "{} thresholds for {} contexts",
+                s.threshold.len(),
+                self.contexts
+            ));
+        }
+        if s.priority[0] != 0 || s.priority.iter().chain(&s.threshold).any(|&p| p > 7) {
+            return Err("a priority or threshold above 7 (or one for source 0)".into());
+        }
+        if [s.pending, s.level, s.in_service]
+            .iter()
+            .chain(&s.enable)
+            .any(|&bits| bits & !valid != 0)
+        {
+            return Err(format!(
+                "interrupt bits for source 0 or sources above {PLIC_NDEV}"
+            ));
+        }
+        let mut st = lock(&self.state);
+        st.priority.copy_from_slice(&s.priority);
+        st.pending = s.pending;
+        st.level = s.level;
+        st.in_service = s.in_service;
+        st.enable.clone_from(&s.enable);
+        st.threshold.clone_from(&s.threshold);
+        self.update(&st);
+        Ok(())
     }
 
     /// An edge on source `irq`: latched pending even while the source is claimed, so it is

@@ -35,6 +35,9 @@ pub(crate) struct HartLink {
     pub start: Mutex<(u64, u64)>,
     /// Instructions retired (updated once per slice, for stats).
     pub retired: AtomicU64,
+    /// The hart's architectural state while it is parked by a pause (for snapshots);
+    /// `None` while it runs.
+    pub parked_state: Mutex<Option<crate::snapshot::HartState>>,
 }
 
 impl HartLink {
@@ -48,6 +51,7 @@ impl HartLink {
             hsm: AtomicU8::new(if started { HSM_STARTED } else { HSM_STOPPED }),
             start: Mutex::new((0, 0)),
             retired: AtomicU64::new(0),
+            parked_state: Mutex::new(None),
         }
     }
 }
@@ -64,12 +68,18 @@ pub(crate) struct Control {
     pub running: usize,
 }
 
-/// The guest clock: host monotonic time minus the time spent paused, at `freq` Hz.
+/// The guest clock: host monotonic time minus the time spent paused, at `freq` Hz, plus an
+/// offset that a restored machine sets so its clock continues from the snapshot's.
 pub(crate) struct Clock {
     origin: Instant,
     freq: u64,
     paused_ns: AtomicU64,
     pause_start: Mutex<Option<Instant>>,
+    /// Host nanoseconds (since `origin`) when the clock was frozen, u64::MAX while it runs:
+    /// a paused machine's `mtime` stands still (a snapshot records the value the guest
+    /// will see when it continues).
+    frozen_ns: AtomicU64,
+    offset: AtomicU64,
 }
 
 impl Clock {
@@ -79,14 +89,32 @@ impl Clock {
             freq,
             paused_ns: AtomicU64::new(0),
             pause_start: Mutex::new(None),
+            frozen_ns: AtomicU64::new(u64::MAX),
+            offset: AtomicU64::new(0),
         }
+    }
+
+    pub fn freq(&self) -> u64 {
+        self.freq
     }
 
     /// Current `mtime` in ticks.
     pub fn ticks(&self) -> u64 {
         let ns = (self.origin.elapsed().as_nanos() as u64)
+            .min(self.frozen_ns.load(Ordering::Relaxed))
             .saturating_sub(self.paused_ns.load(Ordering::Relaxed));
-        ((ns as u128 * self.freq as u128) / 1_000_000_000) as u64
+        let raw = ((ns as u128 * self.freq as u128) / 1_000_000_000) as u64;
+        raw.wrapping_add(self.offset.load(Ordering::Relaxed))
+    }
+
+    /// Makes `mtime` read `ticks` now and go on from there (a restored machine's clock
+    /// continues from its snapshot, never backwards).
+    pub fn set_ticks(&self, ticks: u64) {
+        let now = self
+            .ticks()
+            .wrapping_sub(self.offset.load(Ordering::Relaxed));
+        self.offset
+            .store(ticks.wrapping_sub(now), Ordering::Relaxed);
     }
 
     /// Host duration until `mtime` reaches `deadline` (zero if already past).
@@ -102,7 +130,10 @@ impl Clock {
     pub fn freeze(&self) {
         let mut p = lock(&self.pause_start);
         if p.is_none() {
-            *p = Some(Instant::now());
+            let now = Instant::now();
+            *p = Some(now);
+            let ns = now.saturating_duration_since(self.origin).as_nanos() as u64;
+            self.frozen_ns.store(ns, Ordering::Relaxed);
         }
     }
 
@@ -110,6 +141,7 @@ impl Clock {
         if let Some(t) = lock(&self.pause_start).take() {
             self.paused_ns
                 .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.frozen_ns.store(u64::MAX, Ordering::Relaxed);
         }
     }
 }

@@ -70,7 +70,8 @@ pub struct CtlArgs {
     /// The running monitor's control socket (its --control-socket).
     #[arg(long)]
     pub control_socket: PathBuf,
-    /// status, pause, resume, shutdown, stop, balloon <MiB> or balloon-stats
+    /// status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, snapshot <DIR> or
+    /// set-limit <device> <KEY=VALUE,...> (e.g. set-limit disk0 bw=20M,iops=off)
     #[arg(required = true, num_args = 1..)]
     pub command: Vec<String>,
 }
@@ -80,6 +81,11 @@ pub struct RunArgs {
     /// A TOML machine file with the same fields as the flags.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Restore the VM saved in this snapshot directory (`ctl ... snapshot DIR`) and
+    /// continue it. The machine comes from the snapshot; --disk, --net and --vsock replace
+    /// the backends of its devices by position (the first --disk the first disk, ...).
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
     /// Print the effective machine file and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -267,7 +273,7 @@ fn random_mac() -> Result<Mac, String> {
 }
 
 /// A disk must be a file (or block device) the monitor can open the way the guest will use it.
-fn check_disk(disk: &DiskSpec) -> Result<(), String> {
+pub(crate) fn check_disk(disk: &DiskSpec) -> Result<(), String> {
     let path = &disk.path;
     let meta = std::fs::metadata(path)
         .map_err(|e| format!("disk image {}: {e}: check the path", path.display()))?;
@@ -307,7 +313,7 @@ fn check_readable(what: &str, path: &Path) -> Result<(), String> {
 }
 
 /// Guest memory is allocated lazily, but a VM larger than the host's RAM can never be backed.
-fn check_host_memory(memory: ByteSize) -> Result<(), String> {
+pub(crate) fn check_host_memory(memory: ByteSize) -> Result<(), String> {
     let Some(total) = host_memory_bytes() else {
         return Ok(());
     };
@@ -328,15 +334,28 @@ fn host_memory_bytes() -> Option<u64> {
 }
 
 pub fn run_ctl(args: CtlArgs) -> ExitCode {
-    let req = match Request::from_words(&args.command) {
+    let mut req = match Request::from_words(&args.command) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vme-vmm ctl: {e}");
             return ExitCode::from(1);
         }
     };
-    // Pausing waits for every vCPU to park, which on slow hosts takes a while.
-    match call(&args.control_socket, &req, Duration::from_secs(30)) {
+    // Pausing waits for every vCPU to park, which on slow hosts takes a while; a snapshot
+    // also writes all of guest memory.
+    let mut timeout = Duration::from_secs(30);
+    if let Request::Snapshot { dir } = &mut req {
+        // The monitor resolves paths from its own working directory, not ours.
+        match std::path::absolute(&*dir) {
+            Ok(p) => *dir = p.display().to_string(),
+            Err(e) => {
+                eprintln!("vme-vmm ctl: snapshot directory {dir:?}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        timeout = Duration::from_secs(600);
+    }
+    match call(&args.control_socket, &req, timeout) {
         Ok(reply) => {
             println!("{}", serde_json::to_string(&reply).unwrap_or_default());
             if reply.ok {

@@ -50,11 +50,18 @@ pub trait BalloonControl: Send + Sync {
     fn status(&self, wait: Option<Duration>) -> vme_api::control::BalloonStatus;
 }
 
+/// Writes a snapshot of a paused VM (the machine kind's part of `snapshot`).
+pub trait Snapshotter: Send + Sync {
+    fn snapshot(&self, dir: &std::path::Path) -> Result<vme_api::control::SnapshotInfo, String>;
+}
+
 struct Inner {
     state: RunState,
     exit: Option<ExitReason>,
     /// Threads currently parked in [`VmControl::wait_while_paused`].
     parked: usize,
+    /// A snapshot is being written: only it may pause or resume the VM meanwhile.
+    snapshotting: bool,
 }
 
 pub struct VmControl {
@@ -70,6 +77,11 @@ pub struct VmControl {
     instructions: Mutex<Option<Box<dyn Fn() -> u64 + Send + Sync>>>,
     panic_line: Mutex<Option<String>>,
     balloon: Mutex<Option<Arc<dyn BalloonControl>>>,
+    snapshotter: Mutex<Option<Arc<dyn Snapshotter>>>,
+    /// Held by a snapshot, so snapshots go one at a time.
+    snapshots: Mutex<()>,
+    /// Disks and nets, for `status` and `set_limit`.
+    pub limits: crate::limits::LimitRegistry,
     started: Instant,
     pub exits: AtomicU64,
     pub emulated_instructions: AtomicU64,
@@ -79,6 +91,8 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the state whole, so a panicked holder poisons nothing.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+const SNAPSHOT_BUSY: &str = "a snapshot is being written: pause or resume again when it is done";
 
 /// How long `pause` waits for every vCPU to park before reporting failure.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,6 +110,7 @@ impl VmControl {
                 state: RunState::Running,
                 exit: None,
                 parked: 0,
+                snapshotting: false,
             }),
             changed: Condvar::new(),
             pause_requested: AtomicBool::new(false),
@@ -106,6 +121,9 @@ impl VmControl {
             instructions: Mutex::new(None),
             panic_line: Mutex::new(None),
             balloon: Mutex::new(None),
+            snapshotter: Mutex::new(None),
+            snapshots: Mutex::new(()),
+            limits: Default::default(),
             started: Instant::now(),
             exits: AtomicU64::new(0),
             emulated_instructions: AtomicU64::new(0),
@@ -136,6 +154,50 @@ impl VmControl {
 
     pub fn balloon(&self) -> Option<Arc<dyn BalloonControl>> {
         relock(&self.balloon).clone()
+    }
+
+    /// Registers the machine's snapshot writer (dropped by [`Self::reset_for_restart`]).
+    pub fn set_snapshotter(&self, s: Arc<dyn Snapshotter>) {
+        *relock(&self.snapshotter) = Some(s);
+    }
+
+    /// Writes a snapshot into `dir`: a running VM is paused for it and resumed after (also
+    /// when the snapshot fails), a paused VM stays paused. Returns the state after.
+    pub fn snapshot(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<(RunState, vme_api::control::SnapshotInfo), String> {
+        let _one = relock(&self.snapshots);
+        let Some(writer) = relock(&self.snapshotter).clone() else {
+            return Err(
+                "this VM cannot be snapshotted: its machine is still starting, or its kind \
+                 (x86_64) has no snapshots yet"
+                    .into(),
+            );
+        };
+        let was = {
+            let mut inner = relock(&self.inner);
+            if inner.state == RunState::Stopping {
+                return Err("the VM is stopping; it cannot be snapshotted".into());
+            }
+            inner.snapshotting = true;
+            inner.state
+        };
+        let result = if was == RunState::Running {
+            self.pause_as(true)
+                .map_err(|e| format!("cannot pause the VM for the snapshot: {e}"))
+                .and_then(|_| writer.snapshot(dir))
+        } else {
+            writer.snapshot(dir)
+        };
+        let resumed = if was == RunState::Running {
+            self.resume_as(true).map(drop)
+        } else {
+            Ok(())
+        };
+        relock(&self.inner).snapshotting = false;
+        resumed?;
+        result.map(|info| (self.state(), info))
     }
 
     pub fn instructions_retired(&self) -> Option<u64> {
@@ -198,8 +260,16 @@ impl VmControl {
 
     /// Pauses every vCPU and returns once all have stopped running guest code.
     pub fn pause(&self) -> Result<RunState, String> {
+        self.pause_as(false)
+    }
+
+    /// `pause`, by a snapshot or by anyone else (who must wait for the snapshot).
+    fn pause_as(&self, snapshot: bool) -> Result<RunState, String> {
         {
             let mut inner = relock(&self.inner);
+            if inner.snapshotting && !snapshot {
+                return Err(SNAPSHOT_BUSY.into());
+            }
             match inner.state {
                 RunState::Stopping => return Err("the VM is stopping; it cannot be paused".into()),
                 RunState::Paused => return Ok(RunState::Paused),
@@ -233,8 +303,15 @@ impl VmControl {
     }
 
     pub fn resume(&self) -> Result<RunState, String> {
+        self.resume_as(false)
+    }
+
+    fn resume_as(&self, snapshot: bool) -> Result<RunState, String> {
         {
             let mut inner = relock(&self.inner);
+            if inner.snapshotting && !snapshot {
+                return Err(SNAPSHOT_BUSY.into());
+            }
             match inner.state {
                 RunState::Stopping => return Err("the VM is stopping; it cannot be resumed".into()),
                 RunState::Running => return Ok(RunState::Running),
@@ -293,11 +370,14 @@ impl VmControl {
         *relock(&self.instructions) = None;
         *relock(&self.panic_line) = None;
         *relock(&self.balloon) = None;
+        *relock(&self.snapshotter) = None;
+        self.limits.clear();
         self.parkers.store(0, Ordering::SeqCst);
         let mut inner = relock(&self.inner);
         inner.exit = None;
         inner.state = RunState::Running;
         inner.parked = 0;
+        inner.snapshotting = false;
         self.stopping.store(false, Ordering::Release);
         self.pause_requested.store(false, Ordering::Release);
     }
@@ -381,6 +461,40 @@ mod tests {
         }
         assert_eq!(ctl.wait_for_exit(), ExitReason::Stopped);
         assert!(ctl.pause().is_err());
+    }
+
+    /// Records the VM's state while it writes, and what a resume then gets.
+    struct Probe(std::sync::Weak<VmControl>, Mutex<Vec<String>>);
+
+    impl Snapshotter for Probe {
+        fn snapshot(&self, _: &std::path::Path) -> Result<vme_api::control::SnapshotInfo, String> {
+            let ctl = self.0.upgrade().unwrap();
+            let mut seen = self.1.lock().unwrap();
+            seen.push(format!("{:?}", ctl.state()));
+            seen.push(ctl.resume().unwrap_err());
+            Ok(Default::default())
+        }
+    }
+
+    #[test]
+    fn a_snapshot_pauses_a_running_vm_and_leaves_a_paused_one_paused() {
+        let ctl = Arc::new(VmControl::new());
+        let dir = std::path::Path::new("/nowhere");
+        assert!(
+            ctl.snapshot(dir)
+                .unwrap_err()
+                .contains("cannot be snapshotted")
+        );
+        let probe = Arc::new(Probe(Arc::downgrade(&ctl), Mutex::new(Vec::new())));
+        ctl.set_snapshotter(probe.clone());
+        assert_eq!(ctl.snapshot(dir).unwrap().0, RunState::Running);
+        assert_eq!(ctl.pause(), Ok(RunState::Paused));
+        assert_eq!(ctl.snapshot(dir).unwrap().0, RunState::Paused);
+        let seen = probe.1.lock().unwrap().clone();
+        assert_eq!(seen[0], "Paused", "written while paused");
+        assert!(seen[1].contains("snapshot is being written"), "{}", seen[1]);
+        assert_eq!(seen[2], "Paused");
+        assert_eq!(ctl.resume(), Ok(RunState::Running), "free again after");
     }
 
     #[test]

@@ -9,10 +9,12 @@ mod cli;
 mod console;
 mod control;
 mod exec;
+mod limits;
 mod logger;
 mod notify;
 mod riscv;
 mod signals;
+mod snapshot;
 mod socket;
 mod taps;
 mod virtio;
@@ -30,16 +32,25 @@ fn main() -> ExitCode {
     match args.command {
         Some(cli::Command::Ctl(ctl)) => cli::run_ctl(ctl),
         Some(cli::Command::Exec(args)) => exec::run(args),
-        None => match cli::machine_spec(&args.run) {
-            Ok(spec) if args.run.print_config => {
-                print!("{}", spec.to_toml());
-                ExitCode::SUCCESS
-            }
-            Ok(spec) => run_vm(spec),
-            Err(e) => {
-                eprintln!("vme-vmm: {e}");
-                ExitCode::from(1)
-            }
+        None => match &args.run.restore {
+            Some(dir) => match snapshot::restore::restore_spec(dir, &args.run) {
+                Ok((spec, restore)) => run_vm(spec, Some(restore)),
+                Err(e) => {
+                    eprintln!("vme-vmm: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            None => match cli::machine_spec(&args.run) {
+                Ok(spec) if args.run.print_config => {
+                    print!("{}", spec.to_toml());
+                    ExitCode::SUCCESS
+                }
+                Ok(spec) => run_vm(spec, None),
+                Err(e) => {
+                    eprintln!("vme-vmm: {e}");
+                    ExitCode::from(1)
+                }
+            },
         },
     }
 }
@@ -56,7 +67,9 @@ fn abort_on_panic() {
     }));
 }
 
-fn run_vm(spec: MachineSpec) -> ExitCode {
+/// Runs the VM of `spec`, booted, or continued from `restore` (a guest reboot after that
+/// boots the spec's kernel).
+fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode {
     let control = Arc::new(VmControl::new());
     signals::stop_on_termination(control.clone());
     let facts = socket::VmFacts {
@@ -90,9 +103,12 @@ fn run_vm(spec: MachineSpec) -> ExitCode {
             control: control.clone(),
             serial: spec.serial.clone(),
         };
-        let outcome = match spec.arch {
-            Arch::X86_64 => x86::run(&spec, &ctx).map_err(|e| e.to_string()),
-            Arch::Riscv64 => riscv::run(&spec, &ctx),
+        let outcome = match (spec.arch, restore.take()) {
+            (Arch::X86_64, None) => x86::run(&spec, &ctx).map_err(|e| e.to_string()),
+            (Arch::X86_64, Some(_)) => {
+                Err("restoring x86_64 snapshots is not supported yet".into())
+            }
+            (Arch::Riscv64, r) => riscv::run(&spec, &ctx, r.as_ref()),
         };
         match outcome {
             Err(e) => {

@@ -2,6 +2,8 @@
 //! device, control and console as x86_64.
 
 use crate::control::{ControlHook, ExitReason, RunContext};
+use crate::snapshot::Restore;
+use crate::snapshot::riscv::{self as snap, RiscvSnapshotter};
 use crate::virtio;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use vme_api::MachineSpec;
@@ -119,23 +121,9 @@ fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
 
-pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
-    let harts = spec.vcpus as usize;
-    if harts > vme_riscv::MAX_HARTS {
-        return Err(format!(
-            "{harts} vCPUs requested, but the riscv64 machine allows at most {}: lower --vcpus",
-            vme_riscv::MAX_HARTS
-        ));
-    }
-    let slots = virtio::devices(spec, MAX_VIRTIO_SLOTS, "riscv64")?;
-    let mut machine = Machine::new(MachineConfig {
-        harts,
-        memory_bytes: spec.memory.bytes(),
-        cmdline: spec.cmdline.clone(),
-        virtio_mmio_slots: slots.len(),
-        ..MachineConfig::default()
-    })
-    .map_err(|e| e.to_string())?;
+/// A machine with the spec's kernel and initrd loaded, ready to boot.
+fn boot(cfg: MachineConfig, spec: &MachineSpec) -> Result<Machine, String> {
+    let mut machine = Machine::new(cfg).map_err(|e| e.to_string())?;
     let kernel = read_file("kernel", &spec.kernel)?;
     machine
         .load_kernel(&kernel)
@@ -146,16 +134,61 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
             .load_initrd(&initrd)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    Ok(machine)
+}
 
-    let irq = machine.irq_line(UART_IRQ).map_err(|e| e.to_string())?;
+/// Builds the machine of `spec` and runs it: booted from its kernel, or continuing from the
+/// snapshot `restore`.
+pub fn run(
+    spec: &MachineSpec,
+    ctx: &RunContext,
+    restore: Option<&Restore>,
+) -> Result<ExitReason, String> {
+    let harts = spec.vcpus as usize;
+    if harts > vme_riscv::MAX_HARTS {
+        return Err(format!(
+            "{harts} vCPUs requested, but the riscv64 machine allows at most {}: lower --vcpus",
+            vme_riscv::MAX_HARTS
+        ));
+    }
+    let slots = virtio::devices(spec, MAX_VIRTIO_SLOTS, "riscv64")?;
+    let cfg = MachineConfig {
+        harts,
+        memory_bytes: spec.memory.bytes(),
+        cmdline: spec.cmdline.clone(),
+        virtio_mmio_slots: slots.len(),
+        ..MachineConfig::default()
+    };
+    let mut machine = match restore {
+        None => boot(cfg, spec)?,
+        Some(r) => {
+            let state = snap::machine_state(r, spec)?;
+            let ram = GuestRam::from_file(&r.memory_file()?, cfg.memory_bytes)
+                .map_err(|e| format!("{}: {e}", r.dir.display()))?;
+            let mut m = Machine::with_ram(cfg, ram).map_err(|e| e.to_string())?;
+            m.restore_state(&state)
+                .map_err(|e| format!("snapshot {}: {e}", r.dir.display()))?;
+            m
+        }
+    };
+
+    let irq: Arc<dyn IrqLine> = Arc::new(PlicLine(
+        machine.irq_line(UART_IRQ).map_err(|e| e.to_string())?,
+    ));
     let output = ctx.console_output().map_err(|e| e.to_string())?;
-    let serial = Arc::new(Mutex::new(Serial::new(Arc::new(PlicLine(irq)), output)));
+    let serial = match restore {
+        None => Serial::new(irq, output),
+        Some(r) => Serial::from_state(&snap::serial_state(r)?, irq, output)
+            .map_err(|e| r.file.invalid("serial", e).to_string())?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     machine
         .add_mmio_device(UART_BASE, UART_SIZE, Arc::new(Window(serial.clone())))
         .map_err(|e| e.to_string())?;
-    ctx.attach_console_input(serial);
+    ctx.attach_console_input(serial.clone());
 
     let ram = Arc::new(MachineRam::default());
+    let mut transports = Vec::new();
     // Dropped (stopped and joined) when this function returns, before the devices go.
     let mut workers = virtio::Workers::default();
     for (slot, device) in slots.into_iter().enumerate() {
@@ -168,15 +201,44 @@ pub fn run(spec: &MachineSpec, ctx: &RunContext) -> Result<ExitReason, String> {
             MmioTransport::new(device, ram.clone(), Arc::new(PlicLine(irq)))
         })?;
         machine
-            .add_mmio_device(base, MMIO_SIZE, Arc::new(Window(transport)))
+            .add_mmio_device(base, MMIO_SIZE, Arc::new(Window(transport.clone())))
             .map_err(|e| e.to_string())?;
+        transports.push(transport);
     }
     workers.follow_run_state(ctx);
     let machine = Arc::new(machine);
     // Set once, here, on a fresh cell: it cannot already hold a value.
     let _ = ram.0.set(Arc::downgrade(&machine));
 
+    if let Some(r) = restore {
+        // Queues check their rings against RAM, so this waits for the machine's RAM link.
+        let states = snap::virtio_states(r, spec)?;
+        let names = crate::snapshot::slot_names(spec);
+        for ((t, st), name) in transports.iter().zip(&states).zip(&names) {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            t.restore(st)
+                .map_err(|e| format!("snapshot {}: {name}: {e}", r.dir.display()))?;
+        }
+        for t in &transports {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .kick_ready_queues();
+        }
+        log::info!(
+            "restored snapshot {} in {:.2} ms; the VM continues",
+            r.dir.display(),
+            r.started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+
     let handle = machine.handle();
+    ctx.control.set_snapshotter(Arc::new(RiscvSnapshotter {
+        spec: snap::absolute_spec(spec),
+        machine: Arc::downgrade(&machine),
+        handle: handle.clone(),
+        serial,
+        transports,
+    }));
     ctx.control.add_hook(Arc::new(Follow(handle.clone())));
     let counter = handle.clone();
     ctx.control

@@ -127,6 +127,7 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
                 cpu_template: facts.cpu_template.clone(),
                 vsock_uds: facts.vsock_uds.clone(),
                 rss_bytes: rss_bytes(),
+                devices: control.limits.list(),
             };
             let mut r = Reply::ok(status.state);
             r.status = Some(status);
@@ -144,6 +145,40 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
         }
         Request::Balloon { mib } => balloon(control, facts, Some(mib)),
         Request::BalloonStats => balloon(control, facts, None),
+        Request::SetLimit { device, limits } => match control.limits.set(&device, &limits) {
+            Ok(info) => {
+                let mut r = Reply::ok(control.state());
+                r.device = Some(info);
+                r
+            }
+            Err(e) => Reply::error(e),
+        },
+        Request::Snapshot { dir } => snapshot(control, &dir),
+    }
+}
+
+fn snapshot(control: &VmControl, dir: &str) -> Reply {
+    let dir = Path::new(dir);
+    if !dir.is_absolute() {
+        return Reply::error(format!(
+            "snapshot directory {} is relative: give an absolute path (vme-vmm ctl makes it \
+             absolute for you)",
+            dir.display()
+        ));
+    }
+    match control.snapshot(dir) {
+        Ok((state, info)) => {
+            log::info!(
+                "snapshot written to {} in {} ms ({} bytes of memory data)",
+                info.dir,
+                info.took_ms,
+                info.memory_data_bytes
+            );
+            let mut r = Reply::ok(state);
+            r.snapshot = Some(info);
+            r
+        }
+        Err(e) => Reply::error(format!("snapshot to {} failed: {e}", dir.display())),
     }
 }
 
@@ -278,5 +313,32 @@ mod tests {
         assert!(r.ok && r.balloon.unwrap().stats.is_none());
         ctl.reset_for_restart();
         assert!(ctl.balloon().is_none(), "a rebuilt machine brings its own");
+    }
+
+    #[test]
+    fn set_limit_names_the_devices_it_knows() {
+        let ctl = VmControl::new();
+        let req = |d: &str, l: &str| Request::SetLimit {
+            device: d.into(),
+            limits: l.into(),
+        };
+        let r = handle(req("disk0", "bw=1M"), &ctl, &facts());
+        assert!(r.error.unwrap().contains("no disks or network devices"));
+        ctl.limits.register(vec![crate::limits::LimitTarget {
+            name: "disk0".into(),
+            backend: "/d.img".into(),
+            limits: vme_api::limits::DeviceLimits::of_disk(&"path=/d.img".parse().unwrap()),
+            apply: Arc::new(|_| true),
+        }]);
+        let r = handle(req("disk0", "bw=1M"), &ctl, &facts());
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.device.unwrap().name, "disk0");
+        let s = handle(Request::Status, &ctl, &facts()).status.unwrap();
+        assert_eq!(s.devices.len(), 1);
+        let line = serde_json::to_string(&s.devices[0]).unwrap();
+        assert_eq!(
+            line,
+            r#"{"name":"disk0","backend":"/d.img","limits":{"kind":"disk","bw":"1M"}}"#
+        );
     }
 }

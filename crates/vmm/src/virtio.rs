@@ -2,14 +2,16 @@
 //! on virtio-mmio, x86_64 on virtio-pci), and the threads that serve them besides the vCPUs.
 
 use crate::control::{BalloonControl, ControlHook, RunContext};
+use crate::limits::{LimitTarget, device_limits};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vme_api::MachineSpec;
 use vme_api::control::{BalloonStatus, GuestMemoryStats, RunState};
+use vme_api::limits::DeviceLimits;
 use vme_devices::virtio::balloon::{Balloon, BalloonShared, PFN_SHIFT};
 use vme_devices::virtio::block::Block;
 use vme_devices::virtio::net::{self as virtio_net, Net, RxSignal, RxSource, RxWorker};
-use vme_devices::virtio::rate_limit::{Limits, RefillTimer, RefillWorker};
+use vme_devices::virtio::rate_limit::{RefillTimer, RefillWorker};
 use vme_devices::virtio::rng::Rng;
 use vme_devices::virtio::vsock::{self, Vsock};
 use vme_devices::virtio::{Kick, VirtioDevice};
@@ -22,6 +24,15 @@ pub struct Slot {
     pub rx: Option<(String, RxSource)>,
     /// The host side of a balloon device, linked to the control socket by [`Workers`].
     pub balloon: Option<Arc<BalloonShared>>,
+    /// A disk's or network device's name and limits, for `status` and `set_limit`.
+    pub limits: Option<Named>,
+}
+
+/// How the control socket names a device that takes rate limits.
+pub struct Named {
+    pub name: String,
+    pub backend: String,
+    pub limits: DeviceLimits,
 }
 
 /// The spec's virtio devices in slot order: disks first (vda, vdb, ...), then network
@@ -55,15 +66,20 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
         ));
     }
     let mut slots = Vec::new();
-    for disk in &spec.disks {
+    for (i, disk) in spec.disks.iter().enumerate() {
         let serial = disk.serial.as_deref().unwrap_or("");
         let mut block =
             Block::open(&disk.path, disk.readonly, serial).map_err(|e| e.to_string())?;
-        block.set_limits(limits(disk.bw, disk.iops, disk.burst_ms));
+        block.set_limits(device_limits(disk.bw, disk.iops, disk.burst_ms));
         slots.push(Slot {
             device: Box::new(block),
             rx: None,
             balloon: None,
+            limits: Some(Named {
+                name: format!("disk{i}"),
+                backend: disk.path.display().to_string(),
+                limits: DeviceLimits::of_disk(disk),
+            }),
         });
     }
     for (i, net) in spec.nets.iter().enumerate() {
@@ -76,8 +92,8 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
         let mut dev = Net::new(Box::new(tap), mac)
             .map_err(|e| format!("cannot set up the network device on tap {}: {e}", net.tap))?;
         dev.set_limits(
-            limits(net.rx_bw, net.rx_pps, net.burst_ms),
-            limits(net.tx_bw, net.tx_pps, net.burst_ms),
+            device_limits(net.rx_bw, net.rx_pps, net.burst_ms),
+            device_limits(net.tx_bw, net.tx_pps, net.burst_ms),
         );
         let rx = dev
             .rx_source()
@@ -86,6 +102,11 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
             device: Box::new(dev),
             rx: Some((net.tap.clone(), rx)),
             balloon: None,
+            limits: Some(Named {
+                name: format!("net{i}"),
+                backend: net.tap.clone(),
+                limits: DeviceLimits::of_net(net),
+            }),
         });
     }
     if spec.rng {
@@ -93,6 +114,7 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
             device: Box::new(Rng::new()),
             rx: None,
             balloon: None,
+            limits: None,
         });
     }
     if spec.balloon {
@@ -101,6 +123,7 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
             balloon: Some(balloon.shared()),
             device: Box::new(balloon),
             rx: None,
+            limits: None,
         });
     }
     if let Some(v) = &spec.vsock {
@@ -112,6 +135,7 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
             device: Box::new(dev),
             rx: Some(("vsock".into(), rx)),
             balloon: None,
+            limits: None,
         });
     }
     Ok(slots)
@@ -121,15 +145,6 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
 const RX_QUEUE: u32 = virtio_net::RX_QUEUE as u32;
 const _: () = assert!(vsock::RX_QUEUE == virtio_net::RX_QUEUE);
 
-/// A validated spec's limits as the devices take them (burst 0: the default).
-fn limits(bytes: Option<vme_api::ByteSize>, ops: Option<u64>, burst_ms: Option<u64>) -> Limits {
-    Limits {
-        bytes: bytes.map(|b| b.bytes()),
-        ops,
-        burst_ms: burst_ms.unwrap_or(0),
-    }
-}
-
 /// The threads of a machine's virtio devices (net receive, rate-limit refill). Dropping it
 /// stops and joins them: keep it until the vCPUs are done, before the devices go.
 #[derive(Default)]
@@ -138,6 +153,7 @@ pub struct Workers {
     refill: Vec<RefillWorker>,
     balloon: Option<Arc<BalloonLink>>,
     notify: Vec<crate::notify::NotifyWorker>,
+    limits: Vec<LimitTarget>,
 }
 
 impl Workers {
@@ -173,6 +189,20 @@ impl Workers {
                 }),
             }));
         }
+        if let Some(named) = slot.limits {
+            // Weak: a set_limit racing with the machine's end must not keep its devices.
+            let t = Arc::downgrade(&transport);
+            self.limits.push(LimitTarget {
+                name: named.name,
+                backend: named.backend,
+                limits: named.limits,
+                apply: Arc::new(move |l| {
+                    t.upgrade().is_some_and(|t| {
+                        t.lock().unwrap_or_else(|p| p.into_inner()).update_limits(l)
+                    })
+                }),
+            });
+        }
         if let Some(timer) = timer {
             // Serves a throttled queue again when tokens are back.
             let name = format!("virtio{index}");
@@ -193,11 +223,12 @@ impl Workers {
 
     /// Makes the threads follow the VM's run state from now on: nothing is delivered into
     /// or served for a paused guest, and the threads end with the VM. Also links the
-    /// balloon (if any) to the control socket.
+    /// balloon (if any) and the devices that take limits to the control socket.
     pub fn follow_run_state(&self, ctx: &RunContext) {
         if let Some(b) = &self.balloon {
             ctx.control.set_balloon(b.clone());
         }
+        ctx.control.limits.register(self.limits.clone());
         let threads: Vec<Arc<dyn Follows>> = self
             .rx
             .iter()

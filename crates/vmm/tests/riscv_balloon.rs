@@ -8,12 +8,8 @@
 
 mod common;
 
-use common::{VMM, image, temp_dir};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
-use std::sync::{Arc, Mutex};
+use common::{Vm, ctl_words as ctl, image, temp_dir};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vme_api::control::{BalloonStatus, Request, call};
 
@@ -23,11 +19,7 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A monitor running the tiny riscv64 image's shell, with its console on our pipes.
 struct Guest {
-    child: Child,
-    input: ChildStdin,
-    lines: Receiver<String>,
-    console: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
+    vm: Vm,
     sock: PathBuf,
     dir: PathBuf,
 }
@@ -40,49 +32,32 @@ impl Guest {
             image("tiny-riscv64", "Image"),
             image("tiny-riscv64", "initramfs.cpio"),
         );
-        let mut child = Command::new(VMM)
-            .args(["--arch", "riscv64", "--memory", "256M", "--vcpus", "1"])
-            .arg("--kernel")
-            .arg(&k)
-            .arg("--initrd")
-            .arg(&i)
-            .args(["--cmdline", "console=ttyS0 quiet panic=-1"])
-            .arg("--control-socket")
-            .arg(&sock)
-            .args(["--balloon", "on"])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start vme-vmm");
-        let input = child.stdin.take().expect("piped stdin");
-        let (tx, lines) = channel();
-        let console = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let log = console.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).split(b'\n') {
-                let Ok(line) = line else { break };
-                let line = String::from_utf8_lossy(&line).trim_end().to_string();
-                log.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("piped stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            sink.lock().unwrap().push_str(&s);
-        });
+        let (k, i, s) = (
+            k.to_str().unwrap(),
+            i.to_str().unwrap(),
+            sock.to_str().unwrap(),
+        );
+        let mut args = vec![
+            "--arch",
+            "riscv64",
+            "--memory",
+            "256M",
+            "--vcpus",
+            "1",
+            "--kernel",
+            k,
+            "--initrd",
+            i,
+            "--cmdline",
+            "console=ttyS0 quiet panic=-1",
+            "--control-socket",
+            s,
+            "--balloon",
+            "on",
+        ];
+        args.extend_from_slice(extra);
         let mut g = Guest {
-            child,
-            input,
-            lines,
-            console,
-            stderr,
+            vm: Vm::start_interactive(&args),
             sock,
             dir,
         };
@@ -91,39 +66,21 @@ impl Guest {
     }
 
     fn fail(&mut self, why: &str) -> ! {
-        let _ = self.child.kill();
-        std::thread::sleep(Duration::from_millis(200));
-        panic!(
-            "{why}\n--- console ---\n{}\n--- stderr ---\n{}",
-            self.console.lock().unwrap().join("\n"),
-            self.stderr.lock().unwrap()
-        );
+        self.vm.fail(why)
     }
 
     fn wait_for(&mut self, needle: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(_) => {}
-                Err(_) => self.fail(&format!(
-                    "no console line with {needle:?} within {TIMEOUT:?}"
-                )),
-            }
-        }
+        self.vm.wait_for(needle, TIMEOUT);
     }
 
     /// Types a command line into the guest's shell.
     fn type_line(&mut self, line: &str) {
-        self.input
-            .write_all(format!("{line}\n").as_bytes())
-            .expect("write to the guest console");
+        self.vm.type_line(line);
     }
 
     /// The monitor's resident memory.
     fn rss(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.vm.pid()))
             .expect("read the monitor's /proc status");
         let kib: u64 = s
             .lines()
@@ -165,36 +122,9 @@ impl Guest {
     fn stop(mut self) {
         let r = call(&self.sock, &Request::Stop, Duration::from_secs(10));
         assert!(r.is_ok_and(|r| r.ok));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                self.fail("the monitor did not exit after stop");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.vm.wait_exit(Duration::from_secs(30));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `vme-vmm ctl --control-socket S words...`: exit status and output.
-fn ctl(sock: &Path, words: &[&str]) -> (bool, String) {
-    let out = Command::new(VMM)
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(sock)
-        .args(words)
-        .output()
-        .expect("run vme-vmm ctl");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
 }
 
 /// Makes the guest touch `mib` MiB in a tmpfs file and delete it again: free in the guest,

@@ -1,11 +1,12 @@
 //! Rate limits end to end on the riscv64 software machine: the guest reads a disk limited to
 //! 2 MiB/s and must not see more, while the same read unlimited is faster. Times are the
 //! guest's own (/proc/uptime), so a loaded host can only make the limited run look slower,
-//! never faster: the bound checked cannot flake the wrong way.
+//! never faster: the bound checked cannot flake the wrong way. A limit changed with `set-limit`
+//! while the guest reads takes effect in the same boot.
 
 mod common;
 
-use common::{Vm, riscv_tiny_args, temp_dir};
+use common::{Vm, ctl_words, riscv_tiny_args, temp_dir};
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -74,4 +75,104 @@ fn a_disk_limited_to_2_mib_per_second_reads_no_faster() {
             "unlimited {free:.2} s vs limited {limited:.2} s"
         );
     }
+}
+
+#[test]
+fn set_limit_raises_a_disk_limit_while_the_guest_reads_and_refuses_bad_input() {
+    let dir = temp_dir("set-limit");
+    let data = dir.join("d.img");
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    // The guest waits for "GO" in the first bytes of this second disk: the host writes it
+    // once the new limit is in force, so the test does not depend on timing.
+    let go = dir.join("go.img");
+    std::fs::write(&go, vec![0u8; 4096]).unwrap();
+    let sock = dir.join("ctl.sock");
+    // 2 MiB at 1 MiB/s, then (after GO) the next 2 MiB; reads bypass the guest's cache.
+    let run = "echo P1T0=$(cut -d' ' -f1 /proc/uptime); \
+               dd if=/dev/vda of=/dev/null bs=64k count=32 iflag=direct 2>/dev/null; \
+               echo P1T1=$(cut -d' ' -f1 /proc/uptime); \
+               until [ x$(dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | head -c 2) = xGO ]; \
+               do sleep 0.1; done; \
+               echo P2T0=$(cut -d' ' -f1 /proc/uptime); \
+               dd if=/dev/vda of=/dev/null bs=64k count=32 skip=32 iflag=direct 2>/dev/null; \
+               echo P2T1=$(cut -d' ' -f1 /proc/uptime)";
+    let mut args = riscv_tiny_args("1", "128M", &format!("vme.run=\"{run}\""));
+    args.extend([
+        "--disk".into(),
+        format!("path={},readonly=on,bw=1M", data.display()),
+        "--disk".into(),
+        format!("path={},readonly=on", go.display()),
+        "--control-socket".into(),
+        sock.to_str().unwrap().into(),
+    ]);
+    let mut vm = Vm::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let p1 = seconds(&mut vm, "P1T0");
+
+    // While the guest reads at 1 MiB/s: status names the devices; bad input is refused with
+    // a message that says what to do, and changes nothing.
+    let (ok, out) = ctl_words(&sock, &["status"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(r#"{"name":"disk0","backend":"#)
+            && out.contains(r#""limits":{"kind":"disk","bw":"1M"}"#),
+        "{out}"
+    );
+    assert!(out.contains(r#"{"name":"disk1""#), "{out}");
+    for (words, why) in [
+        (&["set-limit", "disk0", "bw=1"][..], "between 4K and 1T"),
+        (&["set-limit", "disk0", "rx_bw=8M"], "not a limit of a disk"),
+        (&["set-limit", "disk0", "bw=8M,iops=0"], "between 1 and"),
+        (&["set-limit", "disk0", "fast"], "write KEY=VALUE"),
+        (&["set-limit", "disk7", "bw=8M"], "this VM has disk0, disk1"),
+        (&["set-limit", "disk0"], "set-limit disk0 bw=20M"),
+    ] {
+        let (ok, out) = ctl_words(&sock, words);
+        assert!(!ok, "{words:?} was accepted: {out}");
+        assert!(out.contains(why), "{words:?}: {out}");
+    }
+    let (_, out) = ctl_words(&sock, &["status"]);
+    assert!(
+        out.contains(r#""limits":{"kind":"disk","bw":"1M"}"#),
+        "{out}"
+    );
+
+    let slow = seconds(&mut vm, "P1T1") - p1;
+    let (ok, out) = ctl_words(&sock, &["set-limit", "disk0", "bw=64M"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(r#""device":{"name":"disk0""#) && out.contains(r#""bw":"64M""#),
+        "{out}"
+    );
+    let mut f = std::fs::OpenOptions::new().write(true).open(&go).unwrap();
+    std::io::Write::write_all(&mut f, b"GO").unwrap();
+    f.sync_all().unwrap();
+    let p2 = seconds(&mut vm, "P2T0");
+    let fast = seconds(&mut vm, "P2T1") - p2;
+    vm.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+
+    let rate = |s: f64| 2.0 / s.max(0.01);
+    eprintln!(
+        "riscv64 virtio-blk, 2 MiB at bw=1M: {slow:.2} s ({:.2} MiB/s); after set-limit bw=64M: \
+         {fast:.2} s ({:.2} MiB/s)",
+        rate(slow),
+        rate(fast)
+    );
+    // Guest times: a loaded host only slows the fast phase, it cannot speed up the slow one.
+    assert!(
+        rate(slow) < 1.25,
+        "the 1 MiB/s disk read at {:.2} MiB/s",
+        rate(slow)
+    );
+    // At the old limit the second 2 MiB would take as long as the first.
+    assert!(
+        rate(fast) > 1.25,
+        "after raising the limit to 64 MiB/s the read ran at {:.2} MiB/s, no faster than the \
+         old 1 MiB/s",
+        rate(fast)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -37,7 +37,10 @@
 
 use super::block::copy_config;
 use super::queue::{Chain, Cursor, Queue, QueueError};
-use super::{DISCARD_PAGE, DiscardError, GuestMemory, ID_BALLOON, VirtioDevice};
+use super::{
+    DISCARD_PAGE, DeviceState, DiscardError, GuestMemory, ID_BALLOON, StateError, VirtioDevice,
+};
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -123,7 +126,7 @@ impl GuestStats {
 }
 
 /// What the device has done since the VM started (for `balloon-stats` and tests).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Pages named on the inflate queue and given back to the host.
     pub inflated_pages: u64,
@@ -135,6 +138,17 @@ pub struct Counters {
     pub refused_pfns: u64,
     /// Discards the host's memory could not do.
     pub failed_discards: u64,
+}
+
+/// The balloon in a snapshot. The guest's statistics are not saved (it sends fresh ones
+/// when asked); the statistics buffer the device holds is, since the guest waits for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonState {
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    /// Head of the statistics chain held until the host wants fresh numbers.
+    pub stats_head: Option<u16>,
+    pub counters: Counters,
 }
 
 /// The balloon as the host sees it at one moment.
@@ -527,6 +541,46 @@ impl VirtioDevice for Balloon {
             ));
         }
         self.shared.lock().actual = actual;
+    }
+
+    fn save_state(&self) -> DeviceState {
+        let i = self.shared.lock();
+        DeviceState::Balloon(BalloonState {
+            target_pages: i.target,
+            actual_pages: i.actual,
+            stats_head: self.stats_head,
+            counters: i.counters,
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, sizes: &[u16]) -> Result<(), StateError> {
+        let DeviceState::Balloon(s) = state else {
+            return Err(StateError("the saved state is not a balloon's".into()));
+        };
+        let ram = self.shared.guest_pages;
+        if u64::from(s.target_pages) > ram {
+            return Err(StateError(format!(
+                "a target of {} pages is more than the guest's {ram}",
+                s.target_pages
+            )));
+        }
+        if let Some(head) = s.stats_head {
+            let queue = self.roles.iter().position(|&r| r == Role::Stats);
+            match queue.and_then(|q| sizes.get(q)) {
+                Some(&size) if head < size => {}
+                _ => {
+                    return Err(StateError(format!(
+                        "it holds statistics chain {head}, which the driver's queues cannot have"
+                    )));
+                }
+            }
+        }
+        self.stats_head = s.stats_head;
+        let mut i = self.shared.lock();
+        i.target = s.target_pages;
+        i.actual = s.actual_pages;
+        i.counters = s.counters;
+        Ok(())
     }
 
     fn activate(&mut self, features: u64) {

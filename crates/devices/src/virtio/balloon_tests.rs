@@ -424,3 +424,31 @@ fn a_new_target_raises_the_config_interrupt_once_the_driver_runs() {
     wr(&mut t, STATUS, 0);
     assert_eq!(shared.snapshot().actual_pages, 0);
 }
+
+#[test]
+fn state_keeps_the_target_and_the_held_statistics_buffer() {
+    let mut b = running(ALL);
+    b.shared().set_target(64).unwrap();
+    b.write_config(4, &7u32.to_le_bytes());
+    b.stats_head = Some(5);
+    let state = b.save_state();
+    let mut c = running(ALL);
+    c.restore_state(&state, &[QUEUE_SIZE; 4]).unwrap();
+    assert_eq!(c.save_state(), state);
+    let s = c.shared().snapshot();
+    assert_eq!((s.target_pages, s.actual_pages), (64, 7));
+    // A held chain beyond its queue, a target beyond RAM, a driver without statistics.
+    let DeviceState::Balloon(good) = state else {
+        unreachable!()
+    };
+    let bad = |f: &dyn Fn(&mut BalloonState)| {
+        let mut s = good.clone();
+        f(&mut s);
+        DeviceState::Balloon(s)
+    };
+    let err = |b: &mut Balloon, s: DeviceState| b.restore_state(&s, &[8; 4]).unwrap_err().0;
+    assert!(err(&mut running(ALL), bad(&|s| s.stats_head = Some(8))).contains("chain 8"));
+    assert!(err(&mut running(ALL), bad(&|s| s.target_pages = u32::MAX)).contains("more than"));
+    assert!(err(&mut running(0), bad(&|_| {})).contains("chain 5"));
+    assert!(err(&mut running(ALL), DeviceState::Rng).contains("not a balloon"));
+}

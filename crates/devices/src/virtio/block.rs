@@ -10,8 +10,9 @@
 //! in the ring and the device's refill thread serves the queue again when tokens are back.
 
 use super::queue::{Chain, Cursor, Queue, QueueError};
-use super::rate_limit::{Limits, RefillTimer, Throttle};
-use super::{GuestMemory, ID_BLOCK, VirtioDevice};
+use super::rate_limit::{LimitSet, Limits, RefillTimer, Throttle};
+use super::{DeviceState, GuestMemory, ID_BLOCK, StateError, VirtioDevice};
+use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -72,6 +73,16 @@ pub enum BlockError {
     Serial { serial: String, len: usize },
 }
 
+/// A disk in a snapshot. Requests are served synchronously under the transport's lock, so
+/// none is ever in flight when a snapshot is taken: what the guest sees of the disk is its
+/// size and whether it may write. The image's contents are not saved: restore with the
+/// image as it was at the snapshot (or a copy of it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub capacity: u64,
+    pub readonly: bool,
+}
+
 /// A virtio block device backed by a raw image.
 pub struct Block {
     file: File,
@@ -81,7 +92,8 @@ pub struct Block {
     config: [u8; 60],
     buf: Vec<u8>,
     throttle: Option<Throttle>,
-    timer: Option<Arc<RefillTimer>>,
+    /// Always there, so limits can be set while the VM runs; armed only when limited.
+    timer: Arc<RefillTimer>,
 }
 
 impl Block {
@@ -144,16 +156,15 @@ impl Block {
             config,
             buf: Vec::new(),
             throttle: None,
-            timer: None,
+            timer: RefillTimer::new(),
         })
     }
 
-    /// Limits the disk's bytes/s and requests/s (nothing when `limits` limit nothing). The
-    /// machine must then start the [`refill_timer`](VirtioDevice::refill_timer)'s thread.
+    /// Limits the disk's bytes/s and requests/s (nothing when `limits` limit nothing), also
+    /// while it runs ([`Throttle::update`]). The machine starts the
+    /// [`refill_timer`](VirtioDevice::refill_timer)'s thread.
     pub fn set_limits(&mut self, limits: Limits) {
-        let timer = RefillTimer::new();
-        self.throttle = Throttle::new(limits, 0, timer.clone());
-        self.timer = self.throttle.is_some().then_some(timer);
+        Throttle::update(&mut self.throttle, limits, 0, &self.timer);
     }
 
     #[cfg(test)]
@@ -347,7 +358,49 @@ impl VirtioDevice for Block {
     }
 
     fn refill_timer(&self) -> Option<Arc<RefillTimer>> {
-        self.timer.clone()
+        Some(self.timer.clone())
+    }
+
+    fn update_limits(&mut self, limits: &LimitSet) -> bool {
+        match limits {
+            LimitSet::Disk(l) => {
+                self.set_limits(*l);
+                true
+            }
+            LimitSet::Net { .. } => false,
+        }
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            capacity: self.capacity,
+            readonly: self.readonly,
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, _: &[u16]) -> Result<(), StateError> {
+        let DeviceState::Block(s) = state else {
+            return Err(StateError("the saved state is not a disk's".into()));
+        };
+        if s.capacity != self.capacity {
+            return Err(StateError(format!(
+                "the guest knows this disk as {} bytes, but the image now is {} bytes: \
+                 restore with the image the VM had when the snapshot was taken",
+                s.capacity, self.capacity
+            )));
+        }
+        if s.readonly != self.readonly {
+            return Err(StateError(format!(
+                "the disk was {} in the snapshot: restore it {}",
+                if s.readonly { "read-only" } else { "writable" },
+                if s.readonly {
+                    "with readonly=on"
+                } else {
+                    "without readonly=on"
+                }
+            )));
+        }
+        Ok(())
     }
 
     fn process(

@@ -316,10 +316,89 @@ fn a_disk_byte_limit_lets_an_oversized_request_through_when_full() {
 }
 
 #[test]
-fn an_unlimited_disk_has_no_timer() {
+fn an_unlimited_disk_never_arms_its_timer() {
     let img = Image::new();
     let mut r = Rig::new(&img, false);
-    assert!(r.blk.refill_timer().is_none());
+    let timer = r
+        .blk
+        .refill_timer()
+        .expect("disks can be limited while they run");
     r.blk.set_limits(Limits::default());
-    assert!(r.blk.refill_timer().is_none());
+    assert!(r.blk.throttle_mut().is_none());
+    for _ in 0..50 {
+        assert_eq!(r.run(T_IN, 0, Some((512, true))).0, S_OK);
+    }
+    assert_eq!(timer.due(0), None);
+}
+
+#[test]
+fn limits_change_while_requests_wait_and_the_queue_is_served_again() {
+    let img = Image::new();
+    let mut r = Rig::new(&img, false);
+    // 10 requests/s, 100 ms of burst: one at once, the next after 100 ms.
+    let slow = Limits {
+        bytes: None,
+        ops: Some(10),
+        burst_ms: 100,
+    };
+    r.blk.set_limits(slow);
+    let timer = r.blk.refill_timer().unwrap();
+    let (_now, clock) = manual_clock();
+    r.blk.throttle_mut().unwrap().set_clock(clock, slow);
+    r.header(T_IN, 0);
+    for _ in 0..3 {
+        r.drv.post(
+            &r.mem,
+            &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+        );
+    }
+    assert!(r.blk.process(0, &mut r.q, &r.mem).unwrap());
+    assert_eq!(r.drv.used_idx(&r.mem), 1, "the burst of one");
+    // Raised: the bucket keeps its (empty) level, so nothing goes before time passes, but
+    // the waiting queue is due for a look at once rather than at the old rate's deadline.
+    let fast = Limits {
+        bytes: None,
+        ops: Some(1000),
+        burst_ms: 100,
+    };
+    assert!(r.blk.update_limits(&LimitSet::Disk(fast)));
+    assert!(timer.due(0).unwrap() <= Instant::now());
+    assert!(!r.blk.process(0, &mut r.q, &r.mem).unwrap());
+    // A network device's limits are not a disk's: refused, nothing changes.
+    assert!(!r.blk.update_limits(&LimitSet::Net { rx: fast, tx: fast }));
+    // Lifted: the waiting requests go at once.
+    assert!(r.blk.update_limits(&LimitSet::Disk(Limits::default())));
+    assert!(r.blk.throttle_mut().is_none());
+    assert!(r.blk.process(0, &mut r.q, &r.mem).unwrap());
+    assert_eq!(r.drv.used_idx(&r.mem), 3);
+}
+
+#[test]
+fn a_restored_disk_must_be_the_one_the_guest_knows() {
+    let (a, b) = (Image::new(), Image::new());
+    let state = Block::open(&a.0, false, "").unwrap().save_state();
+    drop(a);
+    let mut same = Block::open(&b.0, false, "").unwrap();
+    same.restore_state(&state, &[QUEUE_SIZE]).unwrap();
+    drop(same);
+    let err = Block::open(&b.0, true, "")
+        .unwrap()
+        .restore_state(&state, &[QUEUE_SIZE])
+        .unwrap_err();
+    assert!(err.0.contains("without readonly=on"), "{err}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b.0)
+        .unwrap()
+        .set_len(DISK * 2)
+        .unwrap();
+    let err = Block::open(&b.0, false, "")
+        .unwrap()
+        .restore_state(&state, &[QUEUE_SIZE])
+        .unwrap_err();
+    assert!(
+        err.0
+            .contains("1048576 bytes, but the image now is 2097152"),
+        "{err}"
+    );
 }

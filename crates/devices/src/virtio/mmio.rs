@@ -6,13 +6,14 @@
 //! DRIVER_OK without FEATURES_OK) puts the device into `DEVICE_NEEDS_RESET`: it stops serving
 //! queues until the driver resets it, and other devices are unaffected.
 
-use super::transport::{Interrupts, VirtioCore};
+use super::transport::{CoreState, Interrupts, VirtioCore};
 pub use super::transport::{
     S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET,
 };
-use super::{GuestMemory, VirtioDevice};
+use super::{GuestMemory, StateError, VirtioDevice};
 use crate::IrqLine;
 use crate::bus::BusDevice;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// Size of one transport's MMIO window.
@@ -54,6 +55,13 @@ const R_SHM_LEN_LOW: u64 = 0x0b0;
 const R_SHM_BASE_HIGH: u64 = 0x0bc;
 const R_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG: u64 = 0x100;
+
+/// A virtio-mmio device in a snapshot: the shared core and the interrupt status register.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    pub core: CoreState,
+    pub interrupt_status: u32,
+}
 
 pub struct MmioTransport {
     core: VirtioCore,
@@ -110,6 +118,41 @@ impl MmioTransport {
     /// See [`VirtioCore::config_changed`].
     pub fn config_changed(&mut self) {
         self.core.config_changed(&mut self.irq);
+    }
+
+    /// The state for a snapshot.
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            core: self.core.state(),
+            interrupt_status: self.irq.status,
+        }
+    }
+
+    /// Takes a snapshot's state (see [`VirtioCore::restore`]) and drives the interrupt
+    /// line as the status register says.
+    pub fn restore(&mut self, s: &MmioState) -> Result<(), StateError> {
+        if s.interrupt_status & !(INT_USED | INT_CONFIG) != 0 {
+            return Err(StateError(format!(
+                "interrupt status {:#x} has bits that do not exist",
+                s.interrupt_status
+            )));
+        }
+        self.core.restore(&s.core)?;
+        self.irq.set(s.interrupt_status);
+        Ok(())
+    }
+
+    /// Serves every ready queue once, for a restored device (see
+    /// [`VirtioCore::ready_queues`]).
+    pub fn kick_ready_queues(&mut self) {
+        for q in self.core.ready_queues() {
+            self.core.kick(q, &mut self.irq);
+        }
+    }
+
+    /// Changes the device's rate limits while it runs (see [`VirtioDevice::update_limits`]).
+    pub fn update_limits(&mut self, limits: &super::rate_limit::LimitSet) -> bool {
+        self.core.device_mut().update_limits(limits)
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {

@@ -48,6 +48,11 @@ impl Rig {
 
     /// The Linux driver's bring-up sequence, with queue 0 at the driver's rings.
     fn bring_up(&mut self) {
+        self.bring_up_with(&[]);
+    }
+
+    /// Same, with more queues (index, rings) set up before DRIVER_OK.
+    fn bring_up_with(&mut self, more: &[(u32, &Driver)]) {
         self.wr(R_STATUS, 0);
         self.wr(R_STATUS, S_ACKNOWLEDGE);
         self.wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
@@ -70,6 +75,19 @@ impl Rig {
         }
         self.wr(R_QUEUE_READY, 1);
         assert_eq!(self.rd(R_QUEUE_READY), 1);
+        for &(i, d) in more {
+            self.wr(R_QUEUE_SEL, i);
+            self.wr(R_QUEUE_NUM, u32::from(d.size));
+            for (reg, addr) in [
+                (R_QUEUE_DESC_LOW, d.desc),
+                (R_QUEUE_DRIVER_LOW, d.avail),
+                (R_QUEUE_DEVICE_LOW, d.used),
+            ] {
+                self.wr(reg, addr as u32);
+                self.wr(reg + 4, (addr >> 32) as u32);
+            }
+            self.wr(R_QUEUE_READY, 1);
+        }
         self.wr(
             R_STATUS,
             S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
@@ -298,4 +316,147 @@ fn a_throttled_queue_is_served_by_the_refill_thread_through_kick() {
     assert_eq!(t.lock().unwrap().status() & S_NEEDS_RESET, 0);
     drop(worker);
     let _ = std::fs::remove_file(&img);
+}
+
+/// A transport for `device` on the rig's memory, given `state`.
+fn restored(
+    r: &Rig,
+    device: Box<dyn VirtioDevice>,
+    state: &MmioState,
+) -> Result<(MmioTransport, Arc<Line>), crate::virtio::StateError> {
+    let line = Arc::new(Line::default());
+    let mut t = MmioTransport::new(device, r.mem.clone(), line.clone());
+    t.restore(state)?;
+    Ok((t, line))
+}
+
+#[test]
+fn state_round_trips_and_the_restored_device_goes_on_serving() {
+    let mut r = Rig::new();
+    r.bring_up();
+    r.drv.post(&r.mem, &[(DATA, 16, true)]);
+    r.wr(R_QUEUE_NOTIFY, 0);
+    let state = r.t.state();
+    assert_eq!(state.interrupt_status, INT_USED);
+    assert_eq!(
+        (
+            state.core.queues[0].next_avail,
+            state.core.queues[0].next_used
+        ),
+        (1, 1)
+    );
+    let (mut t, line) = restored(&r, Box::new(Rng::new()), &state).unwrap();
+    assert_eq!(t.state(), state);
+    assert!(
+        line.0.load(Ordering::SeqCst),
+        "the pending interrupt holds the line"
+    );
+    // The guest goes on where it was: its next chain is served at the next ring slot.
+    r.drv.post(&r.mem, &[(DATA + 64, 16, true)]);
+    t.write(R_QUEUE_NOTIFY, &0u32.to_le_bytes());
+    assert_eq!(r.drv.used_idx(&r.mem), 2);
+    assert_eq!(r.drv.used_elem(&r.mem, 1).1, 16);
+    // A chain made available before the snapshot and not served is served on restore.
+    r.drv.post(&r.mem, &[(DATA + 128, 16, true)]);
+    let (mut t, _) = restored(&r, Box::new(Rng::new()), &t.state()).unwrap();
+    t.kick_ready_queues();
+    assert_eq!(r.drv.used_idx(&r.mem), 3);
+}
+
+#[test]
+fn states_that_cannot_be_reached_or_do_not_fit_are_refused() {
+    let mut r = Rig::new();
+    r.bring_up();
+    let good = r.t.state();
+    type Edit = Box<dyn Fn(&mut MmioState)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "bits that do not exist",
+            Box::new(|s| s.interrupt_status = 4),
+        ),
+        ("status 0x104", Box::new(|s| s.core.status = 0x104)),
+        (
+            "cannot be reached",
+            Box::new(|s| s.core.status = S_DRIVER_OK),
+        ),
+        (
+            "does not offer",
+            Box::new(|s| s.core.driver_features |= 1 << 40),
+        ),
+        (
+            "2 queues saved",
+            Box::new(|s| s.core.queues.push(s.core.queues[0].clone())),
+        ),
+        (
+            "queue 0: queue size 3",
+            Box::new(|s| s.core.queues[0].size = 3),
+        ),
+        (
+            "queue 0: descriptor table area",
+            Box::new(|s| s.core.queues[0].desc_addr = 1 << 40),
+        ),
+        (
+            "holds 9 chains",
+            Box::new(|s| s.core.queues[0].next_avail = 9),
+        ),
+        (
+            "not ready has ring positions",
+            Box::new(|s| {
+                s.core.queues[0].ready = false;
+                s.core.queues[0].next_used = 1;
+            }),
+        ),
+        (
+            "not an rng's",
+            Box::new(|s| {
+                s.core.device =
+                    crate::virtio::DeviceState::Vsock(crate::virtio::vsock::VsockState { cid: 3 })
+            }),
+        ),
+    ];
+    for (want, edit) in cases {
+        let mut bad = good.clone();
+        edit(&mut bad);
+        let err = restored(&r, Box::new(Rng::new()), &bad)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(want), "{want:?} not in {err:?}");
+    }
+    let balloon = crate::virtio::balloon::Balloon::new(1 << 20, false);
+    let err = restored(&r, Box::new(balloon), &good)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("a virtio-rng device here, this VM a virtio-balloon"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_restored_vsock_device_sends_the_guest_a_transport_reset() {
+    use crate::virtio::vsock::{EVENT_QUEUE, EVENT_TRANSPORT_RESET, Vsock};
+    let dir = std::env::temp_dir().join(format!("vme-vsock-restore-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vsock = |name: &str| Box::new(Vsock::new(3, &dir.join(name)).unwrap());
+    let mut r = Rig::with(vsock("a.sock"));
+    // The driver's event queue (2) with one buffer posted.
+    let mut ev = Driver::at(8, BASE + 0x8000);
+    r.bring_up_with(&[(EVENT_QUEUE as u32, &ev)]);
+    ev.post(&r.mem, &[(DATA, 8, true)]);
+    r.wr(R_QUEUE_NOTIFY, EVENT_QUEUE as u32);
+    assert_eq!(ev.used_idx(&r.mem), 0, "no event before a restore");
+    let state = r.t.state();
+    let (mut t, line) = restored(&r, vsock("b.sock"), &state).unwrap();
+    t.kick_ready_queues();
+    assert_eq!(ev.used_idx(&r.mem), 1);
+    assert_eq!(ev.used_elem(&r.mem, 0).1, 4);
+    assert_eq!(r.mem.get(DATA, 4), EVENT_TRANSPORT_RESET.to_le_bytes());
+    assert!(line.0.load(Ordering::SeqCst));
+    // Once only.
+    ev.post(&r.mem, &[(DATA + 64, 8, true)]);
+    t.write(R_QUEUE_NOTIFY, &(EVENT_QUEUE as u32).to_le_bytes());
+    assert_eq!(ev.used_idx(&r.mem), 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }

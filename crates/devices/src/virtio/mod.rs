@@ -36,7 +36,9 @@ pub mod testmem;
 pub mod transport;
 pub mod vsock;
 
-pub use queue::{Chain, Queue, QueueError};
+pub use queue::{Chain, Queue, QueueError, QueueState};
+
+use serde::{Deserialize, Serialize};
 
 /// `VIRTIO_F_VERSION_1`: the modern interface (the only one we implement).
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -47,6 +49,35 @@ pub const ID_BLOCK: u32 = 2;
 pub const ID_RNG: u32 = 4;
 pub const ID_BALLOON: u32 = 5;
 pub const ID_VSOCK: u32 = 19;
+
+/// A device's own state in a snapshot, beyond what its transport holds (features, status,
+/// queues). Connections, frames and requests in flight are not part of it: a device is
+/// saved between requests, and what cannot survive (vsock connections) is reset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block(block::BlockState),
+    Net(net::NetState),
+    Rng,
+    Balloon(balloon::BalloonState),
+    Vsock(vsock::VsockState),
+}
+
+/// A saved state that cannot be restored into this device; says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StateError(pub String);
+
+/// The name of device type `id` as people know it ("virtio-blk").
+pub fn device_name(id: u32) -> String {
+    match id {
+        ID_NET => "virtio-net".into(),
+        ID_BLOCK => "virtio-blk".into(),
+        ID_RNG => "virtio-rng".into(),
+        ID_BALLOON => "virtio-balloon".into(),
+        ID_VSOCK => "virtio-vsock".into(),
+        other => format!("virtio device type {other}"),
+    }
+}
 
 /// A guest range a device tried to touch lies (partly) outside guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -121,6 +152,8 @@ pub trait Kick: Send {
     fn kick(&mut self, index: u32) -> bool;
     /// The host changed the device's configuration: tell the driver.
     fn config_changed(&mut self);
+    /// [`VirtioDevice::update_limits`] of the device on this transport.
+    fn update_limits(&mut self, limits: &rate_limit::LimitSet) -> bool;
 }
 
 impl Kick for mmio::MmioTransport {
@@ -130,6 +163,9 @@ impl Kick for mmio::MmioTransport {
     fn config_changed(&mut self) {
         mmio::MmioTransport::config_changed(self);
     }
+    fn update_limits(&mut self, limits: &rate_limit::LimitSet) -> bool {
+        mmio::MmioTransport::update_limits(self, limits)
+    }
 }
 
 impl Kick for pci::PciTransport {
@@ -138,6 +174,9 @@ impl Kick for pci::PciTransport {
     }
     fn config_changed(&mut self) {
         pci::PciTransport::config_changed(self);
+    }
+    fn update_limits(&mut self, limits: &rate_limit::LimitSet) -> bool {
+        pci::PciTransport::update_limits(self, limits)
     }
 }
 
@@ -165,9 +204,23 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, QueueError>;
     /// Forgets everything negotiated (status written 0).
     fn reset(&mut self) {}
-    /// The timer of a rate-limited device, whose thread the machine starts with a `kick` of
-    /// the device's transport ([`rate_limit::RefillTimer::spawn`]); `None` when unlimited.
+    /// The device's own state for a snapshot, taken between requests.
+    fn save_state(&self) -> DeviceState;
+    /// Takes a snapshot's state, after the transport restored its queues and, for a driver
+    /// that was running, called [`Self::activate`] with the negotiated features.
+    /// `queue_sizes` are the restored queues' sizes. A state of another device type, or
+    /// one that does not fit this device's backend (another disk size), is refused.
+    fn restore_state(&mut self, state: &DeviceState, queue_sizes: &[u16])
+    -> Result<(), StateError>;
+    /// The timer of a device that can be rate-limited (disks and nets, limited or not: limits
+    /// can be set while the VM runs), whose thread the machine starts with a `kick` of the
+    /// device's transport ([`rate_limit::RefillTimer::spawn`]); `None` for other devices.
     fn refill_timer(&self) -> Option<std::sync::Arc<rate_limit::RefillTimer>> {
         None
+    }
+    /// Replaces the device's rate limits while it runs, keeping the tokens its buckets hold.
+    /// False (and nothing changed) when the device takes no limits of that kind.
+    fn update_limits(&mut self, _limits: &rate_limit::LimitSet) -> bool {
+        false
     }
 }

@@ -23,8 +23,9 @@
 
 use super::block::copy_config;
 use super::queue::{Chain, Cursor, Queue, QueueError};
-use super::rate_limit::{Limits, RefillTimer, Throttle};
-use super::{GuestMemory, ID_NET, VirtioDevice};
+use super::rate_limit::{LimitSet, Limits, RefillTimer, Throttle};
+use super::{DeviceState, GuestMemory, ID_NET, StateError, VirtioDevice};
+use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -111,6 +112,14 @@ pub struct NetStats {
     pub tx_dropped: u64,
 }
 
+/// A network device in a snapshot: the MAC address the guest knows. The negotiated
+/// offloads are the transport's features (re-applied to the new backend on restore); a
+/// received frame still waiting for guest buffers is dropped, as a NIC might drop it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+}
+
 /// What became of the waiting received frame.
 enum Delivery {
     Done,
@@ -136,7 +145,8 @@ pub struct Net {
     tx_warned: bool,
     rx_throttle: Option<Throttle>,
     tx_throttle: Option<Throttle>,
-    timer: Option<Arc<RefillTimer>>,
+    /// Always there, so limits can be set while the VM runs; armed only when limited.
+    timer: Arc<RefillTimer>,
 }
 
 impl Net {
@@ -160,18 +170,16 @@ impl Net {
             tx_warned: false,
             rx_throttle: None,
             tx_throttle: None,
-            timer: None,
+            timer: RefillTimer::new(),
         })
     }
 
-    /// Limits each direction (receive: host to guest; transmit: guest to host). With any
-    /// limit the machine must start the [`refill_timer`](VirtioDevice::refill_timer)'s thread.
+    /// Limits each direction (receive: host to guest; transmit: guest to host), also while
+    /// the device runs ([`Throttle::update`]). The machine starts the
+    /// [`refill_timer`](VirtioDevice::refill_timer)'s thread.
     pub fn set_limits(&mut self, rx: Limits, tx: Limits) {
-        let timer = RefillTimer::new();
-        self.rx_throttle = Throttle::new(rx, RX_QUEUE, timer.clone());
-        self.tx_throttle = Throttle::new(tx, TX_QUEUE, timer.clone());
-        let limited = self.rx_throttle.is_some() || self.tx_throttle.is_some();
-        self.timer = limited.then_some(timer);
+        Throttle::update(&mut self.rx_throttle, rx, RX_QUEUE, &self.timer);
+        Throttle::update(&mut self.tx_throttle, tx, TX_QUEUE, &self.timer);
     }
 
     #[cfg(test)]
@@ -386,7 +394,45 @@ impl VirtioDevice for Net {
     }
 
     fn refill_timer(&self) -> Option<Arc<RefillTimer>> {
-        self.timer.clone()
+        Some(self.timer.clone())
+    }
+
+    fn update_limits(&mut self, limits: &LimitSet) -> bool {
+        match limits {
+            LimitSet::Net { rx, tx } => {
+                self.set_limits(*rx, *tx);
+                true
+            }
+            LimitSet::Disk(_) => false,
+        }
+    }
+
+    fn save_state(&self) -> DeviceState {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        DeviceState::Net(NetState { mac })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, _: &[u16]) -> Result<(), StateError> {
+        let DeviceState::Net(s) = state else {
+            return Err(StateError(
+                "the saved state is not a network device's".into(),
+            ));
+        };
+        if s.mac != self.config[..6] {
+            let hex = |m: &[u8]| {
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            };
+            return Err(StateError(format!(
+                "the guest knows this device as MAC {}, not {}: leave mac= out to keep it",
+                hex(&s.mac),
+                hex(&self.config[..6])
+            )));
+        }
+        Ok(())
     }
 
     fn activate(&mut self, features: u64) {

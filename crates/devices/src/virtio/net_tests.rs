@@ -1,38 +1,13 @@
 use super::*;
+use crate::virtio::fuzz::Frames;
 use crate::virtio::rate_limit::{Limits, RefillTimer};
 use crate::virtio::testmem::{BASE, Driver, SIZE, TestMemory};
-use std::os::fd::RawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const DATA: u64 = BASE + 0x10000;
-
-/// A datagram socket pair moves whole frames like a tap does; the test holds the far end.
-struct Pair {
-    sock: UnixDatagram,
-    offload: Arc<AtomicU32>,
-}
-
-impl AsRawFd for Pair {
-    fn as_raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
-    }
-}
-
-impl FrameIo for Pair {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.recv(buf)
-    }
-    fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
-        self.sock.send(frame)
-    }
-    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
-        self.offload.store(flags, Ordering::SeqCst);
-        Ok(())
-    }
-}
 
 struct Rig {
     mem: TestMemory,
@@ -50,11 +25,8 @@ impl Rig {
         let (a, peer) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         // Room for a few 64 KiB frames in the socket.
-        let offload = Arc::new(AtomicU32::new(u32::MAX));
-        let io = Pair {
-            sock: a,
-            offload: offload.clone(),
-        };
+        let io = Frames::new(a);
+        let offload = io.offload.clone();
         let mut net = Net::new(Box::new(io), MAC).unwrap();
         net.activate(features | crate::virtio::F_VERSION_1);
         let drv = Driver::new(16);
@@ -433,4 +405,36 @@ fn a_receive_byte_limit_holds_the_frame_and_stops_watching_the_backend() {
         "drained and under budget: watch again"
     );
     assert_eq!(rig.drv.used_idx(&rig.mem), 3);
+}
+
+#[test]
+fn lifting_a_receive_limit_delivers_the_held_frame_and_watches_again() {
+    let mut rig = Rig::new(0);
+    let rx = Limits {
+        bytes: Some(10_000),
+        ops: None,
+        burst_ms: 100,
+    };
+    let (_now, timer) = limit(&mut rig, rx, Limits::default());
+    for k in 0..2 {
+        rig.peer.send(&frame(HDR_LEN + 600, k)).unwrap();
+        rig.drv
+            .post(&rig.mem, &[(DATA + u64::from(k) * 0x1000, 2048, true)]);
+    }
+    assert!(rig.run(RX_QUEUE).unwrap());
+    assert_eq!(rig.net.stats().rx_frames, 1);
+    assert!(!rig.net.signal.watching());
+    // Disk limits do not fit a network device: refused, nothing changes.
+    assert!(!rig.net.update_limits(&LimitSet::Disk(rx)));
+    assert!(!rig.net.signal.watching());
+    let lifted = LimitSet::Net {
+        rx: Limits::default(),
+        tx: Limits::default(),
+    };
+    assert!(rig.net.update_limits(&lifted));
+    // The refill thread would kick the receive queue now; the held frame goes at once.
+    assert!(timer.due(RX_QUEUE).unwrap() <= Instant::now());
+    assert!(rig.run(RX_QUEUE).unwrap());
+    assert_eq!(rig.net.stats().rx_frames, 2);
+    assert!(rig.net.signal.watching());
 }

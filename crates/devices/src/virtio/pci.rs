@@ -243,6 +243,11 @@ impl PciTransport {
         self.core.config_changed(&mut self.irq);
     }
 
+    /// Changes the device's rate limits while it runs (see [`VirtioDevice::update_limits`]).
+    pub fn update_limits(&mut self, limits: &super::rate_limit::LimitSet) -> bool {
+        self.core.device_mut().update_limits(limits)
+    }
+
     fn reset(&mut self) {
         self.core.reset();
         self.irq.isr = 0;
@@ -420,8 +425,11 @@ impl PciFunction for PciTransport {
                 data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
             }
             ISR => {
-                // Reading clears it (and would lower INTx, which we do not have).
-                data[0] = std::mem::take(&mut self.irq.isr);
+                // Reading clears it (and would lower INTx, which we do not have); an empty
+                // access reads nothing and clears nothing.
+                if let Some(b) = data.first_mut() {
+                    *b = std::mem::take(&mut self.irq.isr);
+                }
             }
             o if (DEVICE_CONFIG..DEVICE_CONFIG + u64::from(DEVICE_CONFIG_LEN)).contains(&o) => {
                 self.core.device().read_config(o - DEVICE_CONFIG, data);

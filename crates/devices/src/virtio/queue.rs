@@ -5,7 +5,8 @@
 //! Indirect descriptors and `VIRTIO_F_EVENT_IDX` are not offered; the driver's
 //! `VIRTQ_AVAIL_F_NO_INTERRUPT` hint is honoured.
 
-use super::{GuestMemory, MemError};
+use super::{GuestMemory, MemError, StateError};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{Ordering, fence};
 
 const DESC_F_NEXT: u16 = 1;
@@ -147,6 +148,20 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// A queue in a snapshot: what the driver configured and where the device is in the rings.
+/// (The maximum size is the device's, not saved.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_addr: u64,
+    pub avail_addr: u64,
+    pub used_addr: u64,
+    /// Chains taken from the available ring and returned to the used ring so far (mod 2^16).
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
 /// One split virtqueue as the transport configures it and a device consumes it.
 #[derive(Debug, Clone)]
 pub struct Queue {
@@ -176,6 +191,50 @@ impl Queue {
 
     pub fn max_size(&self) -> u16 {
         self.max_size
+    }
+
+    pub fn state(&self) -> QueueState {
+        QueueState {
+            size: self.size,
+            ready: self.ready,
+            desc_addr: self.desc_addr,
+            avail_addr: self.avail_addr,
+            used_addr: self.used_addr,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+        }
+    }
+
+    /// This queue with a snapshot's state, checked as the driver's own setup is: a ready
+    /// queue's size and rings must pass [`Self::validate`] against `mem` (the restored
+    /// RAM), and the device cannot hold more chains than the queue has; a queue not ready
+    /// has not moved.
+    pub fn restored(&self, s: &QueueState, mem: &dyn GuestMemory) -> Result<Queue, StateError> {
+        let q = Queue {
+            max_size: self.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_addr: s.desc_addr,
+            avail_addr: s.avail_addr,
+            used_addr: s.used_addr,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+        };
+        if q.ready {
+            q.validate(mem).map_err(|e| StateError(e.to_string()))?;
+            let held = q.next_avail.wrapping_sub(q.next_used);
+            if held > q.size {
+                return Err(StateError(format!(
+                    "the device holds {held} chains of a queue of {}",
+                    q.size
+                )));
+            }
+        } else if q.next_avail != 0 || q.next_used != 0 {
+            return Err(StateError(
+                "a queue that is not ready has ring positions".into(),
+            ));
+        }
+        Ok(q)
     }
 
     /// Back to the state after device reset.

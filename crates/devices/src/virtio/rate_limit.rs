@@ -10,6 +10,8 @@
 //!
 //! A device that is refused leaves the chain in the ring and arms its [`RefillTimer`] for the
 //! instant the tokens will be there, so a limited queue neither blocks a vCPU nor spins.
+//! Limits can change while the device runs ([`Throttle::update`]); the buckets keep the
+//! tokens they hold.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +91,17 @@ impl TokenBucket {
     fn take(&mut self, cost: u64) {
         self.level -= i128::from(cost) * NANOS;
     }
+
+    /// Gives the bucket a new rate and burst while it is in use. Time up to `now` still
+    /// counts at the old rate, and the tokens held stay held (cut to the new capacity; a debt
+    /// stays owed), so a change neither hands out a fresh burst nor forgives past traffic.
+    fn reconfigure(&mut self, rate: u64, burst_ms: u64, now: Instant) {
+        self.refill(now);
+        let fresh = TokenBucket::new(rate, burst_ms, now);
+        self.rate = fresh.rate;
+        self.capacity = fresh.capacity;
+        self.level = self.level.min(self.capacity);
+    }
 }
 
 /// What one device direction may do: optional bytes and operations buckets.
@@ -106,6 +119,24 @@ impl Limits {
     pub fn is_unlimited(&self) -> bool {
         self.bytes.is_none() && self.ops.is_none()
     }
+
+    /// The burst in force: the default when none is given.
+    fn burst(&self) -> u64 {
+        if self.burst_ms == 0 {
+            DEFAULT_BURST_MS
+        } else {
+            self.burst_ms
+        }
+    }
+}
+
+/// New limits for a whole device while it runs ([`super::VirtioDevice::update_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitSet {
+    /// A disk's reads and writes together.
+    Disk(Limits),
+    /// A network device's directions: rx is host to guest, tx guest to host.
+    Net { rx: Limits, tx: Limits },
 }
 
 /// The buckets of one direction; a request goes only when every bucket has room.
@@ -121,15 +152,29 @@ impl RateLimiter {
         if limits.is_unlimited() {
             return None;
         }
-        let burst = if limits.burst_ms == 0 {
-            DEFAULT_BURST_MS
-        } else {
-            limits.burst_ms
-        };
+        let burst = limits.burst();
         Some(RateLimiter {
             bytes: limits.bytes.map(|r| TokenBucket::new(r, burst, now)),
             ops: limits.ops.map(|r| TokenBucket::new(r, burst, now)),
         })
+    }
+
+    /// Applies new limits at `now`: a bucket that stays keeps its tokens
+    /// ([`TokenBucket::reconfigure`]), a new one starts full as at start, a removed one goes.
+    /// Returns whether anything is still limited.
+    pub fn update(&mut self, limits: Limits, now: Instant) -> bool {
+        let burst = limits.burst();
+        let apply = |bucket: Option<TokenBucket>, rate: Option<u64>| match (bucket, rate) {
+            (_, None) => None,
+            (None, Some(r)) => Some(TokenBucket::new(r, burst, now)),
+            (Some(mut b), Some(r)) => {
+                b.reconfigure(r, burst, now);
+                Some(b)
+            }
+        };
+        self.bytes = apply(self.bytes.take(), limits.bytes);
+        self.ops = apply(self.ops.take(), limits.ops);
+        self.bytes.is_some() || self.ops.is_some()
     }
 
     /// `None` when a request of `bytes` (one operation) may go now, else when it may.
@@ -180,6 +225,28 @@ impl Throttle {
             timer,
             clock,
         })
+    }
+
+    /// Sets the limits of the device direction whose throttle `slot` holds (`None`: unlimited)
+    /// while the device runs; buckets keep their tokens ([`RateLimiter::update`]). A queue
+    /// that was limited is served again at once, so requests waiting for tokens at the old
+    /// rate are measured against the new one (and go now if the limit was lifted).
+    pub fn update(
+        slot: &mut Option<Throttle>,
+        limits: Limits,
+        queue: usize,
+        timer: &Arc<RefillTimer>,
+    ) {
+        let Some(t) = slot.as_mut() else {
+            // Nothing can be waiting for tokens of a direction that had no limit.
+            *slot = Throttle::new(limits, queue, timer.clone());
+            return;
+        };
+        let now = (t.clock)();
+        if !t.limiter.update(limits, now) {
+            *slot = None;
+        }
+        timer.arm(queue, Instant::now());
     }
 
     /// Replaces the clock (tests), restarting the buckets full at the new clock's now.

@@ -136,3 +136,90 @@ fn the_refill_thread_kicks_due_queues_and_not_while_paused() {
     drop(worker);
     assert!(rx.recv_timeout(ms(50)).is_err());
 }
+
+#[test]
+fn a_changed_bucket_keeps_its_tokens_and_its_debt() {
+    let t0 = Instant::now();
+    // 1000 tokens/s, 100 ms: 100 tokens; 60 spent.
+    let mut b = TokenBucket::new(1000, 100, t0);
+    b.take(60);
+    // 10 ms later, at the old rate: 50. Raising the rate grants no fresh burst...
+    b.reconfigure(10_000, 100, t0 + ms(10));
+    assert_eq!(b.tokens(t0 + ms(10)), 50);
+    // ...but refills at the new rate from then on, up to the new capacity (1000).
+    assert_eq!(b.tokens(t0 + ms(20)), 150);
+    assert_eq!(b.tokens(t0 + ms(1000)), 1000);
+    // Lowering the capacity cuts what is held to it.
+    b.reconfigure(100, 100, t0 + ms(1000));
+    assert_eq!(b.tokens(t0 + ms(1000)), 10);
+    // A debt stays owed across a change: 90 tokens short at 100/s is 900 ms.
+    b.take(100);
+    b.reconfigure(100, 50, t0 + ms(1000));
+    assert_eq!(b.tokens(t0 + ms(1000)), -90);
+    assert_eq!(b.ready_at(1, t0 + ms(1000)), Some(t0 + ms(1910)));
+}
+
+#[test]
+fn a_limiter_update_adds_keeps_and_removes_buckets() {
+    let t0 = Instant::now();
+    let both = Limits {
+        bytes: Some(10_000),
+        ops: Some(100),
+        burst_ms: 100,
+    };
+    let mut l = RateLimiter::new(both, t0).unwrap();
+    l.consume(600);
+    // Ops removed, bytes kept with their 400 tokens, rate doubled.
+    let bytes_only = Limits {
+        bytes: Some(20_000),
+        ops: None,
+        burst_ms: 100,
+    };
+    assert!(l.update(bytes_only, t0));
+    assert!(l.ops.is_none());
+    assert_eq!(l.bytes.as_mut().unwrap().tokens(t0), 400);
+    // A new ops bucket starts full (its burst), as it would at start.
+    let t1 = t0 + ms(5);
+    assert!(l.update(both, t1));
+    assert_eq!(l.ops.as_mut().unwrap().tokens(t1), 10);
+    // 5 ms at 20,000/s added 100 before the change back to 10,000/s.
+    assert_eq!(l.bytes.as_mut().unwrap().tokens(t1), 500);
+    // Nothing left to limit.
+    assert!(!l.update(Limits::default(), t1));
+}
+
+#[test]
+fn a_throttle_update_creates_drops_and_serves_a_waiting_queue_again() {
+    let timer = RefillTimer::new();
+    let limits = Limits {
+        bytes: None,
+        ops: Some(10),
+        burst_ms: 100,
+    };
+    let mut slot = None;
+    Throttle::update(&mut slot, limits, 1, &timer);
+    assert!(slot.is_some());
+    assert_eq!(
+        timer.due(1),
+        None,
+        "nothing waited on a queue that had no limit"
+    );
+    let t = slot.as_mut().unwrap();
+    assert!(t.admit(0));
+    assert!(!t.admit(0), "one request of burst");
+    let refill = timer.due(1).unwrap();
+    assert!(refill > Instant::now() + ms(50));
+    // A change serves the waiting queue now instead of at the old rate's deadline.
+    Throttle::update(
+        &mut slot,
+        Limits {
+            ops: Some(1000),
+            ..limits
+        },
+        1,
+        &timer,
+    );
+    assert!(timer.due(1).unwrap() < refill);
+    Throttle::update(&mut slot, Limits::default(), 1, &timer);
+    assert!(slot.is_none());
+}

@@ -2,7 +2,8 @@
 //! chains in the ring and arms the timer; when the tokens are back the thread serves that
 //! queue through the transport's `kick`, as a driver notify would. It sleeps on a condition
 //! variable with a timeout (no polling, no spinning), does nothing while the VM is paused
-//! (the guest's memory must not change), and exists only for devices that have limits.
+//! (the guest's memory must not change). Every disk and network device has one, limited or
+//! not, because limits can be set while the VM runs; unarmed, it costs a sleeping thread.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;

@@ -3,7 +3,7 @@
 //! ignored.
 
 use super::queue::{Cursor, Queue, QueueError};
-use super::{GuestMemory, ID_RNG, VirtioDevice};
+use super::{DeviceState, GuestMemory, ID_RNG, StateError, VirtioDevice};
 
 const QUEUE_SIZE: u16 = 64;
 /// Most bytes served per chain: a guest asking for more gets a short (but valid) answer.
@@ -54,6 +54,17 @@ impl VirtioDevice for Rng {
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Rng
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, _: &[u16]) -> Result<(), StateError> {
+        match state {
+            DeviceState::Rng => Ok(()),
+            _ => Err(StateError("the saved state is not an rng's".into())),
+        }
     }
 
     fn process(

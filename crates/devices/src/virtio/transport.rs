@@ -8,7 +8,10 @@
 //! changed" (which includes entering `DEVICE_NEEDS_RESET`). How those become a level on a pin
 //! (mmio) or an MSI-X message (pci) is the transport's business.
 
-use super::{F_VERSION_1, GuestMemory, Queue, VirtioDevice};
+use super::{
+    DeviceState, F_VERSION_1, GuestMemory, Queue, QueueState, StateError, VirtioDevice, device_name,
+};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 // Device status bits (virtio 1.2 §2.1).
@@ -18,6 +21,25 @@ pub const S_DRIVER_OK: u32 = 4;
 pub const S_FEATURES_OK: u32 = 8;
 pub const S_NEEDS_RESET: u32 = 0x40;
 pub const S_FAILED: u32 = 0x80;
+
+/// Every status bit a device can have.
+const S_ALL: u32 =
+    S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK | S_FEATURES_OK | S_NEEDS_RESET | S_FAILED;
+
+/// The transport-independent state of one virtio device in a snapshot (both transports
+/// save this; each adds its own registers).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreState {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub queues: Vec<QueueState>,
+    pub device: DeviceState,
+}
 
 /// Where a transport's interrupts go.
 pub trait Interrupts {
@@ -229,6 +251,93 @@ impl VirtioCore {
             Ok(()) => q.ready = true,
             Err(e) => self.needs_reset(&format_args!("queue {sel}: {e}"), irq),
         }
+    }
+
+    /// The state for a snapshot (the caller holds the transport, so no request is half done).
+    pub fn state(&self) -> CoreState {
+        CoreState {
+            device_type: self.device.device_id(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            queues: self.queues.iter().map(Queue::state).collect(),
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Takes a snapshot's state into this freshly made device (status 0), checked as if
+    /// the driver had set it up step by step: the same device type and queue count, only
+    /// status bits that exist in an order the state machine allows, features the device
+    /// offers, queues that validate against the restored RAM. A running driver's device is
+    /// activated with its features, then given its own state. On error the transport must
+    /// be dropped.
+    pub fn restore(&mut self, s: &CoreState) -> Result<(), StateError> {
+        let here = self.device.device_id();
+        if s.device_type != here {
+            return Err(StateError(format!(
+                "the snapshot has a {} device here, this VM a {}",
+                device_name(s.device_type),
+                device_name(here)
+            )));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(StateError(format!(
+                "{} queues saved, the device has {}",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let st = s.status;
+        let accepted = st & S_FEATURES_OK != 0;
+        if st & !S_ALL != 0 || (st & S_DRIVER_OK != 0 && !accepted && st & S_NEEDS_RESET == 0) {
+            return Err(StateError(format!(
+                "device status {st:#x} cannot be reached"
+            )));
+        }
+        let unknown = s.driver_features & !self.offered();
+        if accepted && (unknown != 0 || s.driver_features & F_VERSION_1 == 0) {
+            return Err(StateError(format!(
+                "the guest's driver uses features {:#x} that the device does not offer now                  (it offers {:#x}): give the device the settings it had (e.g. the same                  readonly=)",
+                unknown,
+                self.offered()
+            )));
+        }
+        let queues = self
+            .queues
+            .iter()
+            .zip(&s.queues)
+            .enumerate()
+            .map(|(i, (q, qs))| {
+                q.restored(qs, &*self.mem)
+                    .map_err(|e| StateError(format!("queue {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.status = st;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        if st & S_DRIVER_OK != 0 && accepted {
+            self.device.activate(self.driver_features);
+        }
+        let sizes: Vec<u16> = self.queues.iter().map(|q| q.size).collect();
+        self.device.restore_state(&s.device, &sizes)
+    }
+
+    /// Indexes of the queues a restored device should look at once: the guest may have
+    /// made chains available that nobody served before the snapshot (a throttled disk).
+    pub fn ready_queues(&self) -> Vec<u32> {
+        if !self.running() {
+            return Vec::new();
+        }
+        (0..self.queues.len() as u32)
+            .filter(|&i| self.queues[i as usize].ready)
+            .collect()
     }
 
     /// The driver notified queue `index`: serve its available chains.

@@ -2,11 +2,12 @@
 //! prints, stop it, and find the guest images `make images` built.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -103,6 +104,21 @@ pub fn ctl(sock: &Path, cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `vme-vmm ctl --control-socket S words...`: whether it succeeded, and its output and
+/// error output together.
+pub fn ctl_words(sock: &Path, words: &[&str]) -> (bool, String) {
+    let out = Command::new(VMM)
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(sock)
+        .args(words)
+        .output()
+        .expect("run vme-vmm ctl");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// True when KVM tests should run. Without /dev/kvm they fail, unless the skip is asked for.
 pub fn kvm_available() -> bool {
     if std::env::var("VME_SKIP_KVM_TESTS").as_deref() == Ok("1") {
@@ -169,6 +185,8 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 /// A running monitor whose stdout (the guest console) and stderr are collected line by line.
 pub struct Vm {
     child: Child,
+    /// The console's input, for [`Vm::start_interactive`] guests.
+    input: Option<ChildStdin>,
     lines: Receiver<String>,
     pub console: Arc<Mutex<Vec<String>>>,
     pub stderr: Arc<Mutex<String>>,
@@ -179,9 +197,18 @@ impl Vm {
         Vm::start_wrapped(&[], args)
     }
 
+    /// Starts the monitor with its console input on a pipe, for [`Vm::type_line`].
+    pub fn start_interactive(args: &[&str]) -> Vm {
+        Vm::spawn(&[], args, Stdio::piped())
+    }
+
     /// Starts the monitor under a wrapper command (`wrapper... vme-vmm args...`), e.g.
     /// `ip netns exec NS` to run it in a network namespace.
     pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Vm {
+        Vm::spawn(wrapper, args, Stdio::null())
+    }
+
+    fn spawn(wrapper: &[&str], args: &[&str], stdin: Stdio) -> Vm {
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
                 let mut c = Command::new(prog);
@@ -192,11 +219,12 @@ impl Vm {
         };
         let mut child = cmd
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start vme-vmm");
+        let input = child.stdin.take();
         let (tx, lines) = channel();
         let console = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().expect("piped stdout");
@@ -227,6 +255,7 @@ impl Vm {
         });
         Vm {
             child,
+            input,
             lines,
             console,
             stderr,
@@ -246,18 +275,39 @@ impl Vm {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
-                Err(_) => {
-                    let exited = self.child.try_wait().ok().flatten();
-                    let _ = self.child.kill();
-                    std::thread::sleep(Duration::from_millis(100));
-                    panic!(
-                        "no console line with {needle:?} within {timeout:?} (monitor exit: {exited:?})\n--- console ---\n{}\n--- stderr ---\n{}",
-                        self.console_text(),
-                        self.stderr.lock().unwrap()
-                    );
-                }
+                Err(_) => self.fail(&format!(
+                    "no console line with {needle:?} within {timeout:?}"
+                )),
             }
         }
+    }
+
+    /// Kills the monitor and fails the test with `why`, the console and stderr.
+    pub fn fail(&mut self, why: &str) -> ! {
+        let exited = self.child.try_wait().ok().flatten();
+        let _ = self.child.kill();
+        std::thread::sleep(Duration::from_millis(100));
+        panic!(
+            "{why} (monitor exit: {exited:?})\n--- console ---\n{}\n--- stderr ---\n{}",
+            self.console_text(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Types a line into the guest's console (a [`Vm::start_interactive`] guest).
+    pub fn type_line(&mut self, line: &str) {
+        let input = self
+            .input
+            .as_mut()
+            .expect("type_line needs a guest started with Vm::start_interactive");
+        input
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to the guest console");
+    }
+
+    /// The monitor's exit status if it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait for vme-vmm")
     }
 
     /// Lines received since the last call (drains the queue).

@@ -51,6 +51,8 @@ pub struct Conn {
     pub credit_update_queued: bool,
     /// Epoll events currently registered (0 when not registered).
     pub interest: u32,
+    /// This connection's epoll token, given by the device when it adds the connection.
+    pub token: u64,
 }
 
 impl Conn {
@@ -74,6 +76,7 @@ impl Conn {
             guest_done_sending: false,
             credit_update_queued: false,
             interest: 0,
+            token: 0,
         }
     }
 

@@ -43,15 +43,7 @@ impl Vsock {
             return;
         }
         let fd = conn.stream.as_raw_fd();
-        let token = match self.token_of(key) {
-            Some(t) => t,
-            None => {
-                let t = self.next_token;
-                self.next_token += 1;
-                self.tokens.insert(t, key);
-                t
-            }
-        };
+        let token = conn.token;
         let op = match (conn.interest, want) {
             (0, _) => ControlOperation::Add,
             (_, 0) => ControlOperation::Delete,
@@ -138,8 +130,7 @@ impl Vsock {
             }
             let local = self.alloc_local_port();
             let key = (local, 0);
-            self.conns
-                .insert(key, Conn::new(stream, State::AwaitingConnect, local, 0));
+            self.insert(key, Conn::new(stream, State::AwaitingConnect, local, 0));
             self.update_interest(key);
         }
     }
@@ -202,7 +193,7 @@ impl Vsock {
         let key = (conn.local_port, port);
         conn.peer_port = port;
         conn.state = State::Connecting;
-        self.conns.insert(key, conn);
+        self.insert(key, conn);
         self.queue_ctrl(key, OP_REQUEST, 0);
     }
 
@@ -226,7 +217,7 @@ impl Vsock {
         let mut conn = Conn::new(stream, State::Established, h.dst_port, h.src_port);
         conn.peer_buf_alloc = h.buf_alloc;
         conn.peer_fwd_cnt = h.fwd_cnt;
-        self.conns.insert(key, conn);
+        self.insert(key, conn);
         self.queue_ctrl(key, OP_RESPONSE, 0);
         self.update_interest(key);
     }

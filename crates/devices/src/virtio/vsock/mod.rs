@@ -29,9 +29,10 @@ pub mod packet;
 use super::block::copy_config;
 use super::net_worker::{RxSignal, RxSource};
 use super::queue::{Chain, Cursor, Queue, QueueError};
-use super::{GuestMemory, ID_VSOCK, VirtioDevice};
+use super::{DeviceState, GuestMemory, ID_VSOCK, StateError, VirtioDevice};
 use conn::{BUF_ALLOC, Conn, State};
 use packet::*;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -62,6 +63,18 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
 
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2 §5.10.6.6).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// vsock in a snapshot: the guest's CID then. Connections cannot survive a snapshot (their
+/// host sockets belong to the old process): a restored device drops them all and tells
+/// the guest with a transport reset event, as Firecracker does; the guest then resets its
+/// connected sockets and reads its CID again (a restore may give it another).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    pub cid: u64,
+}
+
 /// A connection as both sides name it: (host port, guest port).
 type Key = (u32, u32);
 
@@ -90,6 +103,8 @@ pub struct Vsock {
     readable: VecDeque<Key>,
     buf: Vec<u8>,
     spoof_warned: bool,
+    /// A restored device owes the guest a transport reset event.
+    transport_reset: bool,
 }
 
 /// The guest CIDs a device may have: 0–2 are reserved and `u32::MAX` means "any".
@@ -153,6 +168,7 @@ impl Vsock {
             readable: VecDeque::new(),
             buf: vec![0; MAX_PAYLOAD],
             spoof_warned: false,
+            transport_reset: false,
         })
     }
 
@@ -221,7 +237,7 @@ impl Vsock {
             );
             conn.interest = 0;
         }
-        self.tokens.retain(|_, k| *k != key);
+        self.tokens.remove(&conn.token);
         Some(conn)
     }
 
@@ -232,11 +248,22 @@ impl Vsock {
         }
     }
 
-    fn token_of(&self, key: Key) -> Option<u64> {
-        self.tokens
-            .iter()
-            .find(|(_, k)| **k == key)
-            .map(|(t, _)| *t)
+    /// Adds a connection under a fresh epoll token (tokens are never reused, so an event
+    /// for a connection already gone cannot reach its successor on the same descriptor).
+    fn insert(&mut self, key: Key, mut conn: Conn) {
+        conn.token = self.next_token;
+        self.next_token += 1;
+        self.tokens.insert(conn.token, key);
+        if let Some(old) = self.conns.insert(key, conn) {
+            self.tokens.remove(&old.token);
+            if old.interest != 0 {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    old.stream.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+        }
     }
 
     fn guest_packet(&mut self, h: &Header, data: &[u8]) {
@@ -431,6 +458,31 @@ impl Vsock {
         Ok(used)
     }
 
+    /// Delivers the transport reset event a restore owes the guest, into one of the event
+    /// buffers its driver keeps posted; without one it waits for the driver's next notify.
+    fn send_events(
+        &mut self,
+        queue: &mut Queue,
+        mem: &dyn GuestMemory,
+    ) -> Result<bool, QueueError> {
+        if !self.transport_reset {
+            return Ok(false);
+        }
+        let Some(chain) = queue.pop(mem)? else {
+            return Ok(false);
+        };
+        if chain.writable_len() < 4 {
+            return Err(QueueError::Malformed {
+                head: chain.head,
+                why: "an event buffer is shorter than the 4-byte event",
+            });
+        }
+        Cursor::new(&chain.writable).write_from(mem, &EVENT_TRANSPORT_RESET.to_le_bytes())?;
+        queue.add_used(mem, chain.head, 4)?;
+        self.transport_reset = false;
+        Ok(true)
+    }
+
     /// Moves host bytes of connection `key` into `chain` as one RW packet; `None` when no
     /// packet was written (nothing to read, EOF or an error, each handled here).
     fn deliver_host_data(
@@ -514,9 +566,23 @@ impl VirtioDevice for Vsock {
             RX_QUEUE => self.fill_rx(queue, mem),
             TX_QUEUE => self.process_tx(queue, mem),
             // Event buffers stay posted until there is an event (a transport reset after
-            // a restore); we have none to send yet.
+            // a restore).
+            EVENT_QUEUE => self.send_events(queue, mem),
             _ => Ok(false),
         }
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Vsock(VsockState { cid: self.cid })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, _: &[u16]) -> Result<(), StateError> {
+        let DeviceState::Vsock(_) = state else {
+            return Err(StateError("the saved state is not a vsock device's".into()));
+        };
+        // A fresh device has no connections; the guest thinks it has some.
+        self.transport_reset = true;
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -527,6 +593,7 @@ impl VirtioDevice for Vsock {
         }
         self.pending.clear();
         self.readable.clear();
+        self.transport_reset = false;
         self.signal.set_watch(false);
     }
 }

@@ -1,0 +1,166 @@
+//! Snapshots of the riscv64 machine: its sections (`config`, `machine`, `hart.N`, `clint`,
+//! `plic`, `serial`, `virtio.N`) written from a paused machine, and read back for a
+//! restore.
+
+use super::format::{StateFile, StateWriter};
+use super::{Restore, check_machine, slot_names, write_dir};
+use crate::control::Snapshotter;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use vme_api::MachineSpec;
+use vme_api::control::SnapshotInfo;
+use vme_devices::serial::{Serial, SerialState};
+use vme_devices::virtio::mmio::{MmioState, MmioTransport};
+use vme_riscv::{ISA, Machine, MachineHandle, MachineState, RAM_BASE};
+
+pub const ARCH: &str = "riscv64";
+
+/// How long a snapshot waits for harts that are still on their way to park.
+const PARK_WAIT: Duration = Duration::from_secs(10);
+
+/// The `machine` section: what is neither a hart nor an interrupt controller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct MachineSection {
+    harts: u32,
+    timebase_hz: u64,
+    /// SBI served by the monitor.
+    firmware: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes snapshots of one running riscv64 machine.
+pub struct RiscvSnapshotter {
+    /// The spec as the VM was started, paths made absolute.
+    pub spec: MachineSpec,
+    pub machine: Weak<Machine>,
+    pub handle: MachineHandle,
+    pub serial: Arc<Mutex<Serial>>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl Snapshotter for RiscvSnapshotter {
+    fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, String> {
+        let started = Instant::now();
+        let machine = self
+            .machine
+            .upgrade()
+            .ok_or("the machine has stopped: there is nothing to save")?;
+        // Harts first, before any device lock: a hart still on its way to park may need one.
+        // An interrupt a device raises after this is raised again by its restored device
+        // (virtio levels and the UART follow their saved registers).
+        let st = self
+            .handle
+            .save_state(PARK_WAIT)
+            .map_err(|e| format!("cannot save the machine's state: {e}"))?;
+        // Every device is held until RAM is saved, so a device thread that woke before the
+        // pause (a frame arriving) cannot move a queue or write RAM between the two.
+        let serial = lock(&self.serial);
+        let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
+        let mut w = StateWriter::new(ARCH, &st.isa, st.memory_bytes);
+        let e = |e: super::format::FormatError| e.to_string();
+        w.add("config", &self.spec.to_toml()).map_err(e)?;
+        let m = MachineSection {
+            harts: st.harts.len() as u32,
+            timebase_hz: st.timebase_hz,
+            firmware: st.firmware,
+        };
+        w.add("machine", &m).map_err(e)?;
+        for (i, h) in st.harts.iter().enumerate() {
+            w.add(&format!("hart.{i}"), h).map_err(e)?;
+        }
+        w.add("clint", &st.clint).map_err(e)?;
+        w.add("plic", &st.plic).map_err(e)?;
+        w.add("serial", &serial.state()).map_err(e)?;
+        for (i, t) in transports.iter().enumerate() {
+            w.add(&format!("virtio.{i}"), &t.state()).map_err(e)?;
+        }
+        let ram = machine.ram();
+        let info = write_dir(
+            dir,
+            &w,
+            ram.size(),
+            |off, buf| {
+                ram.read_bytes(RAM_BASE + off, buf)
+                    .map_err(|e| format!("cannot read guest memory: {e}"))
+            },
+            started,
+        )?;
+        drop(transports);
+        drop(serial);
+        Ok(info)
+    }
+}
+
+/// The machine's state in a snapshot being restored, checked against `spec`.
+pub fn machine_state(r: &Restore, spec: &MachineSpec) -> Result<MachineState, String> {
+    let f = &r.file;
+    check_machine(f, ARCH, ISA)?;
+    let e = |e: super::format::FormatError| e.to_string();
+    let m: MachineSection = f.section("machine").map_err(e)?;
+    if m.harts != spec.vcpus {
+        return Err(f
+            .invalid(
+                "machine",
+                format!(
+                    "{} harts, but the machine file says {} vCPUs",
+                    m.harts, spec.vcpus
+                ),
+            )
+            .to_string());
+    }
+    let harts = (0..m.harts)
+        .map(|i| f.section(&format!("hart.{i}")).map_err(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MachineState {
+        isa: f.header.cpu.clone(),
+        timebase_hz: m.timebase_hz,
+        memory_bytes: f.header.memory_bytes,
+        firmware: m.firmware,
+        harts,
+        clint: f.section("clint").map_err(e)?,
+        plic: f.section("plic").map_err(e)?,
+    })
+}
+
+pub fn serial_state(r: &Restore) -> Result<SerialState, String> {
+    r.file.section("serial").map_err(|e| e.to_string())
+}
+
+/// The saved state of every virtio slot of `spec`; a snapshot with more or fewer is
+/// refused.
+pub fn virtio_states(r: &Restore, spec: &MachineSpec) -> Result<Vec<MmioState>, String> {
+    let f: &StateFile = &r.file;
+    let n = slot_names(spec).len();
+    if f.section::<MmioState>(&format!("virtio.{n}")).is_ok() {
+        return Err(f
+            .invalid(
+                &format!("virtio.{n}"),
+                format!("the machine file has {n} virtio devices, the snapshot more"),
+            )
+            .to_string());
+    }
+    (0..n)
+        .map(|i| f.section(&format!("virtio.{i}")).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// `spec` with the paths a later restore needs made absolute (it may run elsewhere).
+pub fn absolute_spec(spec: &MachineSpec) -> MachineSpec {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut s = spec.clone();
+    s.kernel = abs(&s.kernel);
+    s.initrd = s.initrd.as_deref().map(abs);
+    for d in &mut s.disks {
+        d.path = abs(&d.path);
+    }
+    if let Some(v) = &mut s.vsock {
+        v.uds = abs(&v.uds);
+    }
+    s.control_socket = None;
+    s
+}

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use crate::Error;
+use crate::dirty::DirtyLog;
 
 /// Guest physical address of the first byte of RAM (as on QEMU `virt`).
 pub const RAM_BASE: u64 = 0x8000_0000;
@@ -24,6 +25,8 @@ pub struct GuestRam {
     /// Mapped privately from a file (a snapshot's memory): discarded pages must be replaced
     /// by anonymous ones, or they would read back the file's bytes.
     file_backed: bool,
+    /// Pages written since the last harvest (off until first enabled).
+    pub(crate) dirty: DirtyLog,
 }
 
 // SAFETY: the memory is only ever accessed through atomic operations (or through `&mut self`),
@@ -57,6 +60,7 @@ impl GuestRam {
             ptr,
             len,
             file_backed: false,
+            dirty: DirtyLog::new(bytes / PAGE_SIZE),
         })
     }
 
@@ -111,6 +115,7 @@ impl GuestRam {
             ptr,
             len,
             file_backed: true,
+            dirty: DirtyLog::new(bytes / PAGE_SIZE),
         })
     }
 
@@ -149,6 +154,7 @@ impl GuestRam {
             Some(p) => {
                 // SAFETY: `p..p+size` is inside the allocation.
                 unsafe { store(p, size, val) };
+                self.dirty.mark_range(pa - RAM_BASE, size);
                 true
             }
             None => false,
@@ -201,7 +207,16 @@ impl GuestRam {
             unsafe { AtomicU64::from_ptr(p.add(head + 8 * k).cast()) }
                 .store(u64::from_ne_bytes(b), Ordering::Relaxed);
         }
+        // After the write: a harvest that sees the mark sees the data (see `dirty`).
+        self.dirty.mark_range(pa - RAM_BASE, data.len() as u64);
         Ok(())
+    }
+
+    /// Marks the page holding RAM address `pa` in the dirty log (harts: write TLB fills,
+    /// A/D updates).
+    #[inline]
+    pub(crate) fn mark_dirty(&self, pa: u64) {
+        self.dirty.mark(pa.wrapping_sub(RAM_BASE) / PAGE_SIZE);
     }
 }
 
@@ -239,6 +254,7 @@ impl GuestRam {
             if r == libc::MAP_FAILED {
                 return Err(Error::Discard(std::io::Error::last_os_error().to_string()));
             }
+            self.dirty.mark_range(pa - RAM_BASE, len);
             return Ok(());
         }
         // SAFETY: `p..p+len` lies inside our private anonymous mapping (checked by host_ptr)
@@ -250,6 +266,8 @@ impl GuestRam {
         if r != 0 {
             return Err(Error::Discard(std::io::Error::last_os_error().to_string()));
         }
+        // Discarded pages now read as zero: for the log, a write of zero pages.
+        self.dirty.mark_range(pa - RAM_BASE, len);
         Ok(())
     }
 }

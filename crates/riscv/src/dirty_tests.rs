@@ -1,0 +1,245 @@
+use super::*;
+use crate::csr::{MSTATUS_FS, SATP_MODE_SV39};
+use crate::hart::tests_support::hart;
+use crate::hart::{Hart, PRV_S};
+use crate::memory::{PAGE_SIZE, RAM_BASE};
+use crate::shared::REQ_DROP_WRITES;
+use crate::{ExitReason, Machine, MachineConfig};
+use std::time::Instant;
+
+fn page_of(pa: u64) -> u64 {
+    (pa - RAM_BASE) / PAGE_SIZE
+}
+
+/// The pages marked since the last call, clearing them (what a harvest does to the bitmap,
+/// without the TLB part, which the tests do by hand where it matters).
+fn take(h: &Hart) -> Vec<u64> {
+    let b = h.shared.ram.dirty.take().expect("the log is on");
+    (0..b.ram_pages()).filter(|&p| b.contains(p)).collect()
+}
+
+/// Instructions tested, each alone on code page 1 + its index.
+const CODE: [u32; 5] = [
+    0x00b5_3023, // sd a1, 0(a0)
+    0x00b5_362f, // amoadd.d a2, a1, (a0)
+    0x1005_362f, // lr.d a2, (a0)
+    0x18b5_36af, // sc.d a3, a1, (a0)
+    0x0015_3027, // fsd f1, 0(a0)
+];
+
+/// Runs `CODE[i]` once (placed by the caller before the log was cleared).
+fn exec_one(h: &mut Hart, i: usize) {
+    let pc = RAM_BASE + (1 + i as u64) * PAGE_SIZE;
+    h.pc = pc;
+    h.execute_slice(1);
+    assert_eq!(h.pc, pc + 4, "instruction {:#010x} trapped", CODE[i]);
+}
+
+const A0: usize = 10;
+const A1: usize = 11;
+
+#[test]
+fn the_log_is_off_until_enabled_and_then_sees_every_writer() {
+    let mut h = hart();
+    // Off: nothing is kept, nothing to harvest.
+    h.store(RAM_BASE + 0x70_0000, 8, 1).unwrap();
+    assert!(!h.shared.ram.dirty.enabled());
+    assert!(h.shared.ram.dirty.take().is_none());
+    h.shared.ram.dirty.enable();
+    h.csr.mstatus |= MSTATUS_FS;
+    // Code goes in first; its own writes are not what is tested.
+    for (i, &insn) in CODE.iter().enumerate() {
+        let pc = RAM_BASE + (1 + i as u64) * PAGE_SIZE;
+        assert!(h.shared.ram.write(pc, 4, u64::from(insn)));
+    }
+    take(&h);
+
+    // A plain store: marked when the write TLB entry is filled.
+    let data = RAM_BASE + 0x2_0000;
+    h.x[A0] = data;
+    h.x[A1] = 7;
+    exec_one(&mut h, 0);
+    assert_eq!(h.shared.ram.read(data, 8), Some(7));
+    assert_eq!(take(&h), [page_of(data)], "sd");
+
+    // AMO, LR/SC and an FPU store, each on its own page.
+    let amo = RAM_BASE + 0x3_0000;
+    h.x[A0] = amo;
+    exec_one(&mut h, 1);
+    assert_eq!(h.shared.ram.read(amo, 8), Some(7));
+    assert_eq!(take(&h), [page_of(amo)], "amoadd.d");
+    let sc = RAM_BASE + 0x4_0000;
+    h.x[A0] = sc;
+    exec_one(&mut h, 2);
+    assert!(take(&h).is_empty(), "a load writes nothing");
+    exec_one(&mut h, 3);
+    assert_eq!(h.x[13], 0, "sc.d succeeded");
+    assert_eq!(h.shared.ram.read(sc, 8), Some(7));
+    assert_eq!(take(&h), [page_of(sc)], "sc.d");
+    let fp = RAM_BASE + 0x5_0000;
+    h.x[A0] = fp;
+    h.f[1] = 0x4000_0000_0000_0000;
+    exec_one(&mut h, 4);
+    assert_eq!(h.shared.ram.read(fp, 8), Some(0x4000_0000_0000_0000));
+    assert_eq!(take(&h), [page_of(fp)], "fsd");
+
+    // Writers outside the harts: device DMA, the sized writes of the SBI console, and a
+    // balloon discard, which is a write of zero pages.
+    let ram = &h.shared.ram;
+    ram.write_bytes(RAM_BASE + 0x6_0ff8, &[1; 16]).unwrap();
+    assert!(ram.write(RAM_BASE + 0x8_0000, 1, 9));
+    ram.discard(RAM_BASE + 0x9_0000, 2 * PAGE_SIZE).unwrap();
+    let want: Vec<u64> = [0x6_0000, 0x6_1000, 0x8_0000, 0x9_0000, 0x9_1000]
+        .map(|o| o / PAGE_SIZE)
+        .into();
+    assert_eq!(take(&h), want);
+    // Refused writes mark nothing.
+    let end = RAM_BASE + ram.size();
+    assert!(ram.write_bytes(end - 4, &[0; 8]).is_err());
+    assert!(!ram.write(end, 1, 0));
+    assert!(take(&h).is_empty());
+}
+
+#[test]
+fn a_store_after_a_harvest_marks_again_once_write_entries_are_dropped() {
+    let mut h = hart();
+    h.shared.ram.dirty.enable();
+    let pa = RAM_BASE + 0x7_0000;
+    h.store(pa, 8, 1).unwrap();
+    assert_eq!(take(&h), [page_of(pa)]);
+    // The write entry is cached: without a drop the next store would go unseen, which is
+    // why a harvest drops them all.
+    h.store(pa + 8, 8, 2).unwrap();
+    assert!(
+        take(&h).is_empty(),
+        "a TLB hit does not mark (the cheap path)"
+    );
+    h.shared.links[0]
+        .requests
+        .fetch_or(REQ_DROP_WRITES, Ordering::SeqCst);
+    let req = h.shared.links[0].requests.swap(0, Ordering::SeqCst);
+    h.apply_requests(req);
+    h.store(pa + 16, 8, 3).unwrap();
+    assert_eq!(take(&h), [page_of(pa)], "refilled, marked again");
+    // Loads fill read entries only.
+    h.load(RAM_BASE + 0xa_0000, 8).unwrap();
+    assert!(take(&h).is_empty());
+}
+
+#[test]
+fn the_page_walker_marks_the_pages_whose_ptes_it_updates() {
+    let mut h = hart();
+    h.shared.ram.dirty.enable();
+    // One Sv39 gigapage mapping RAM onto itself, without A and D: root at +1 MiB.
+    let root = RAM_BASE + 0x10_0000;
+    let pte = root + ((RAM_BASE >> 30) & 0x1ff) * 8;
+    assert!(h.shared.ram.write(pte, 8, ((RAM_BASE >> 12) << 10) | 0xf));
+    h.csr.satp = (SATP_MODE_SV39 << 60) | (root >> 12);
+    h.flush_tlb();
+    h.set_prv(PRV_S);
+    take(&h);
+    h.load(RAM_BASE + 0xb_0000, 8).unwrap();
+    assert_eq!(take(&h), [page_of(root)], "A set by a load");
+    let pa = RAM_BASE + 0xc_0000;
+    h.store(pa, 8, 5).unwrap();
+    assert_eq!(
+        h.shared.ram.read(pte, 8).unwrap() & 0xc0,
+        0xc0,
+        "A and D set"
+    );
+    assert_eq!(take(&h), [page_of(pa), page_of(root)], "D set by a store");
+}
+
+fn words(ws: &[u32]) -> Vec<u8> {
+    ws.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Each hart counts and stores its count at RAM_BASE + 0x1000 + 8 * hartid.
+const COUNTERS: [u32; 6] = [
+    0x0000_1597,
+    0x0035_1293,
+    0x0055_85b3,
+    0x0016_0613,
+    0x00c5_b023,
+    0xff9f_f06f,
+];
+
+/// Stops the machine when a failed assertion unwinds out of the scope that runs it, so
+/// the test fails instead of waiting forever for the run to end.
+struct StopOnDrop(MachineHandle);
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+#[test]
+fn harvests_of_a_running_machine_return_exactly_the_pages_written() {
+    let mut m = Machine::new(MachineConfig {
+        harts: 2,
+        memory_bytes: 4 << 20,
+        ..MachineConfig::default()
+    })
+    .unwrap();
+    m.load_program(&words(&COUNTERS)).unwrap();
+    let h = m.handle();
+    assert!(h.harvest_dirty().is_none(), "off until enabled");
+    let count = |m: &Machine, i: u64| m.ram().read(RAM_BASE + 0x1000 + 8 * i, 8).unwrap();
+    std::thread::scope(|s| {
+        let run = s.spawn(|| m.run());
+        let _stop = StopOnDrop(h.clone());
+        let wait = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !done() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait("both harts to count", &|| {
+            count(&m, 0) > 0 && count(&m, 1) > 0
+        });
+        // Enabled while the harts run with write entries cached: they are dropped, so the
+        // counters' page is marked again by the next stores.
+        h.enable_dirty_log();
+        for round in 0..5 {
+            let before = [count(&m, 0), count(&m, 1)];
+            wait("both harts to store again", &|| {
+                count(&m, 0) > before[0] && count(&m, 1) > before[1]
+            });
+            let b = h.harvest_dirty().expect("the log is on");
+            assert_eq!(b.runs(), [(1, 1)], "round {round}: only the counters' page");
+        }
+        // Paused: nothing is written, a harvest returns at once and finds nothing; a
+        // harvest put back is found again.
+        h.pause();
+        h.harvest_dirty();
+        let empty = h.harvest_dirty().unwrap();
+        assert_eq!(empty.count(), 0);
+        m.ram().write_bytes(RAM_BASE + 0x3000, &[1]).unwrap();
+        let b = h.harvest_dirty().unwrap();
+        assert_eq!(b.runs(), [(3, 1)]);
+        h.remark_dirty(&b);
+        assert_eq!(h.harvest_dirty().unwrap(), b);
+        h.resume();
+        let before = count(&m, 0);
+        wait("hart 0 to store after the resume", &|| {
+            count(&m, 0) > before
+        });
+        assert!(h.harvest_dirty().unwrap().contains(1));
+        h.stop();
+        assert_eq!(run.join().unwrap().unwrap(), ExitReason::Stopped);
+    });
+}
+
+#[test]
+fn runs_group_consecutive_pages() {
+    let log = DirtyLog::new(200);
+    log.enable();
+    for p in [0, 1, 2, 63, 64, 65, 130, 199, 250] {
+        log.mark(p);
+    }
+    let b = log.take().unwrap();
+    assert_eq!(b.runs(), [(0, 3), (63, 3), (130, 1), (199, 1)]);
+    assert_eq!(b.count(), 8, "a page past RAM is ignored");
+    assert!(log.take().unwrap().runs().is_empty());
+}

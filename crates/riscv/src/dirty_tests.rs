@@ -2,7 +2,7 @@ use super::*;
 use crate::csr::{MSTATUS_FS, SATP_MODE_SV39};
 use crate::hart::tests_support::hart;
 use crate::hart::{Hart, PRV_S};
-use crate::memory::{PAGE_SIZE, RAM_BASE};
+use crate::memory::{GuestRam, PAGE_SIZE, RAM_BASE};
 use crate::shared::REQ_DROP_WRITES;
 use crate::{ExitReason, Machine, MachineConfig};
 use std::time::Instant;
@@ -242,4 +242,61 @@ fn runs_group_consecutive_pages() {
     assert_eq!(b.runs(), [(0, 3), (63, 3), (130, 1), (199, 1)]);
     assert_eq!(b.count(), 8, "a page past RAM is ignored");
     assert!(log.take().unwrap().runs().is_empty());
+}
+
+#[test]
+fn file_pages_map_over_ram_lazily_and_are_checked() {
+    let dir = std::env::temp_dir().join(format!("vme-file-pages-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let size = 2u64 << 20;
+    let file = |name: &str, fill: u8, pages: &[u64]| {
+        use std::os::unix::fs::FileExt;
+        let p = dir.join(name);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(size).unwrap();
+        for &pg in pages {
+            f.write_all_at(&[fill; PAGE_SIZE as usize], pg * PAGE_SIZE)
+                .unwrap();
+        }
+        std::fs::File::open(&p).unwrap()
+    };
+    let base = file("base", 0xaa, &(0..512).collect::<Vec<_>>());
+    let diff = file("diff", 0xbb, &[3, 4, 10]);
+    let ram = GuestRam::from_file(&base, size).unwrap();
+    // Page 11 is listed but a hole in the diff: a page that became zero.
+    let ram = ram.with_file_pages(&diff, &[(3, 2), (10, 2)]).unwrap();
+    let at = |ram: &GuestRam, page: u64| ram.read(RAM_BASE + page * PAGE_SIZE + 8, 1).unwrap();
+    assert_eq!(
+        [2, 3, 4, 5, 10, 11, 12].map(|p| at(&ram, p)),
+        [0xaa, 0xbb, 0xbb, 0xaa, 0xbb, 0, 0xaa]
+    );
+    // Writes stay private; a discard of an overlaid page reads zero, not the file.
+    assert!(ram.write(RAM_BASE + 3 * PAGE_SIZE + 8, 1, 1));
+    ram.discard(RAM_BASE + 4 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    assert_eq!([at(&ram, 3), at(&ram, 4)], [1, 0]);
+    drop(ram);
+    assert_eq!(std::fs::read(dir.join("diff")).unwrap()[3 * 4096 + 8], 0xbb);
+    // Runs that are empty, overlap, are out of order or pass the end of RAM are refused,
+    // and so is a file of another length.
+    for bad in [
+        &[(1, 0)][..],
+        &[(1, 3), (2, 1)],
+        &[(5, 1), (1, 1)],
+        &[(510, 3)],
+        &[(u64::MAX, 2)],
+    ] {
+        let ram = GuestRam::from_file(&base, size).unwrap();
+        let err = ram.with_file_pages(&diff, bad).err().unwrap().to_string();
+        assert!(err.contains("outside the 512 pages"), "{bad:?}: {err}");
+    }
+    let short = file("short", 0, &[]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("short"))
+        .unwrap();
+    f.set_len(size / 2).unwrap();
+    let ram = GuestRam::from_file(&base, size).unwrap();
+    let err = ram.with_file_pages(&short, &[]).err().unwrap().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

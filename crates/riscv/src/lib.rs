@@ -57,7 +57,8 @@
 //!   [`MachineHandle::enable_dirty_log`]; then [`MachineHandle::harvest_dirty`] returns the
 //!   4 KiB pages written since the last harvest (hart stores, AMOs, SC, FPU stores, A/D
 //!   updates, device writes and discards through [`GuestRam`]). Harts mark a page when they
-//!   fill a write TLB entry and drop their write entries at each harvest (`dirty.rs`).
+//!   fill a write TLB entry and drop their write entries at each harvest (`dirty.rs`). A diff
+//!   snapshot's pages are mapped over RAM with [`GuestRam::with_file_pages`].
 //! - Debugging speed: `VME_RISCV_COUNTERS=1` makes each hart print event counters (traps by
 //!   cause, TLB flushes, page walks, decode-cache fills, MMIO, instructions by privilege)
 //!   when it stops; see `counters.rs`.

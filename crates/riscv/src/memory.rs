@@ -119,6 +119,73 @@ impl GuestRam {
         })
     }
 
+    /// Maps runs of pages of `file` (a diff snapshot's memory file: RAM's length, its pages
+    /// at their RAM offsets) privately over this RAM, replacing what was there: `runs` are
+    /// `(first page, pages)` in [`PAGE_SIZE`] units, ascending and disjoint. Lazy like
+    /// [`GuestRam::from_file`]: nothing is read now, and the file is never written. Each run
+    /// is one host mapping, so callers bound their number (the host allows ~65000 per
+    /// process). Consumes the RAM so that a failure drops it: a failed fixed mapping may
+    /// leave a hole in the range, which must never be run.
+    pub fn with_file_pages(
+        mut self,
+        file: &std::fs::File,
+        runs: &[(u64, u64)],
+    ) -> Result<Self, Error> {
+        let pages = self.len as u64 / PAGE_SIZE;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::MemoryFile(format!("cannot read its size: {e}")))?
+            .len();
+        if file_len != self.len as u64 {
+            return Err(Error::MemoryFile(format!(
+                "it is {file_len} bytes long, but the machine has {} bytes of RAM: the file \
+                 is truncated or belongs to another snapshot",
+                self.len
+            )));
+        }
+        let mut next = 0u64;
+        for &(first, n) in runs {
+            let end = first.checked_add(n).filter(|&e| n > 0 && e <= pages);
+            let Some(end) = end.filter(|_| first >= next) else {
+                return Err(Error::MemoryFile(format!(
+                    "page run {first}+{n} is empty, overlaps the run before it, or lies \
+                     outside the {pages} pages of RAM"
+                )));
+            };
+            next = end;
+        }
+        use std::os::fd::AsRawFd;
+        for &(first, n) in runs {
+            let (off, len) = ((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
+            // SAFETY: every run was checked above to satisfy 0 < n and first + n <= pages, so
+            // `off + len <= self.len`: `[ptr + off, ptr + off + len)` lies exactly inside
+            // the RAM mapping this GuestRam made and owns, and nothing else is replaced.
+            // `ptr` is page-aligned (mmap returned it) and `off` a multiple of PAGE_SIZE, so
+            // the address is a valid MAP_FIXED target. We hold `self` by value: no hart,
+            // device or reference uses this RAM yet. MAP_PRIVATE means guest writes never
+            // reach the file; its length was checked, so every mapped page exists in it.
+            let r = unsafe {
+                libc::mmap(
+                    self.ptr.as_ptr().add(off).cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    off as libc::off_t,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return Err(Error::MemoryFile(format!(
+                    "cannot map its pages {first}+{n}: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        // Discarding must now replace pages, not drop them back to a file's bytes.
+        self.file_backed = true;
+        Ok(self)
+    }
+
     /// RAM size in bytes.
     pub fn size(&self) -> u64 {
         self.len as u64

@@ -300,3 +300,112 @@ fn file_pages_map_over_ram_lazily_and_are_checked() {
     assert!(err.contains("truncated"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Stores one word per page across 8 MiB, over and over: 2048 pages against a 256-entry
+/// TLB, so every store misses and refills, which is where the log marks (its worst case).
+/// auipc a1, 0x100; lui t1, 0x800; lui t2, 1; outer: li t0, 0;
+/// loop: add t3, a1, t0; sd t0, 0(t3); add t0, t0, t2; bltu t0, t1, loop; j outer
+const STRIDE: [u32; 9] = [
+    0x0010_0597,
+    0x0080_0337,
+    0x0000_13b7,
+    0x0000_0293,
+    0x0055_8e33,
+    0x005e_3023,
+    0x0072_82b3,
+    0xfe62_eae3,
+    0xfedf_f06f,
+];
+
+/// Nanoseconds the threads named `hart0` of this process have run on a CPU (schedstat):
+/// speeds per CPU second are far steadier than per wall second on a loaded host.
+fn hart0_cpu_ns() -> u64 {
+    let mut ns = 0;
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "hart0" {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += stat
+                .split(' ')
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ns
+}
+
+/// Measures, not asserts: two machines run `STRIDE`, one with the log off and one with it
+/// on (harvested every 10 ms in a last phase), taking turns so that host load hits both
+/// alike; prints their speeds (per CPU second of the hart) and how long a harvest of the
+/// running machine takes.
+#[test]
+fn what_the_log_costs_in_its_worst_case_is_printed() {
+    let machine = || {
+        let mut m = Machine::new(MachineConfig {
+            memory_bytes: 16 << 20,
+            ..MachineConfig::default()
+        })
+        .unwrap();
+        m.load_program(&words(&STRIDE)).unwrap();
+        m
+    };
+    let (a, b) = (machine(), machine());
+    let (ha, hb) = (a.handle(), b.handle());
+    ha.pause();
+    hb.pause();
+    hb.enable_dirty_log();
+    let turn = Duration::from_millis(150);
+    // MIPS of `h` running alone for one turn, harvesting every 10 ms when `harvest`.
+    let run_turn = |h: &MachineHandle, harvest: bool, us: &mut Vec<f64>| {
+        h.resume();
+        let (t0, r0, c0) = (Instant::now(), h.stats().retired[0], hart0_cpu_ns());
+        while t0.elapsed() < turn {
+            std::thread::sleep(Duration::from_millis(10));
+            if harvest {
+                let t = Instant::now();
+                h.harvest_dirty();
+                us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        h.pause();
+        // The other machine's hart0 is parked meanwhile: the CPU time is this one's.
+        (h.stats().retired[0] - r0) as f64 / (hart0_cpu_ns() - c0).max(1) as f64 * 1e3
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    std::thread::scope(|s| {
+        let runs = [s.spawn(|| a.run()), s.spawn(|| b.run())];
+        let _stop = (StopOnDrop(ha.clone()), StopOnDrop(hb.clone()));
+        let (mut off, mut on, mut harvested, mut us) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..5 {
+            off.push(run_turn(&ha, false, &mut us));
+            on.push(run_turn(&hb, false, &mut us));
+        }
+        for _ in 0..5 {
+            off.push(run_turn(&ha, false, &mut us));
+            harvested.push(run_turn(&hb, true, &mut us));
+        }
+        let mean = us.iter().sum::<f64>() / us.len().max(1) as f64;
+        eprintln!(
+            "dirty log, every store a TLB miss (median MIPS per CPU second, alternating turns): {:.1} off, \
+             {:.1} on, {:.1} on with a harvest every 10 ms (2048 pages dirty each); a harvest \
+             of the running machine takes {mean:.0} us on average, {:.0} us at the median",
+            median(off),
+            median(on),
+            median(harvested),
+            median(us.clone()),
+        );
+        ha.stop();
+        hb.stop();
+        for r in runs {
+            assert_eq!(r.join().unwrap().unwrap(), ExitReason::Stopped);
+        }
+    });
+}

@@ -150,6 +150,15 @@ pub fn merge(from: &Path, to: &Path) -> Result<SnapshotInfo, String> {
     let file = StateFile::read(&from.join(STATE_FILE)).map_err(|e| e.to_string())?;
     let chain = lineage::read_chain(from, &file)?;
     let size = file.header.memory_bytes;
+    // What a machine can have (whole pages, at most 1 TiB): the header is untrusted, and
+    // merging copies every byte of RAM.
+    if size == 0 || size % PAGE != 0 || size > 1 << 40 {
+        return Err(format!(
+            "snapshot state file {}: its header says {size} bytes of RAM, which no VM can \
+             have: the file is damaged or not one of ours",
+            file.path.display()
+        ));
+    }
     let top = std::path::absolute(from).map_err(|e| format!("{}: {e}", from.display()))?;
     let parents = std::iter::once(&chain.base)
         .chain(chain.diffs.iter().map(|l| &l.dir))

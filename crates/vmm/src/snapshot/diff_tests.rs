@@ -103,3 +103,15 @@ fn a_merged_chain_is_one_full_snapshot_with_the_newest_pages() {
     assert!(lineage::read_chain(&c, &flat).unwrap().diffs.is_empty());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_merge_of_a_header_with_an_impossible_ram_size_is_refused() {
+    let d = scratch("merge-size");
+    for size in [0, 4097, 1 << 50] {
+        let w = StateWriter::new("riscv64", "rv64test", size);
+        std::fs::write(d.join(STATE_FILE), w.encode().unwrap()).unwrap();
+        let err = merge(&d, &d.join("out")).unwrap_err();
+        assert!(err.contains("which no VM can have"), "{size}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

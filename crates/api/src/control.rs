@@ -41,6 +41,12 @@ pub enum Request {
         device: String,
         limits: String,
     },
+    /// Like `snapshot`, but the memory file holds only the pages written since this VM's
+    /// previous snapshot (full or diff, or the snapshot it was restored from), which it
+    /// names as its parent: restoring it needs the whole chain. CLI: `snapshot DIR --diff`.
+    SnapshotDiff {
+        dir: String,
+    },
 }
 
 impl Request {
@@ -63,13 +69,23 @@ impl Request {
     /// Parses the command-line form used by `vme-vmm ctl`: `status`, `pause`, ...
     pub fn from_words(words: &[String]) -> Result<Request, String> {
         let usage = "commands: status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, \
-                     snapshot <DIR>, set-limit <device> <KEY=VALUE,...>";
+                     snapshot <DIR> [--diff], set-limit <device> <KEY=VALUE,...>";
         match words {
-            [w, dir] if w == "snapshot" => Ok(Request::Snapshot { dir: dir.clone() }),
-            [w] if w == "snapshot" => Err(format!(
-                "snapshot needs the directory to write it into (e.g. snapshot /var/lib/vm1/snap); \
-                 {usage}"
-            )),
+            [w, dir, d] | [w, d, dir] if w == "snapshot" && d == "--diff" => {
+                Ok(Request::SnapshotDiff { dir: dir.clone() })
+            }
+            [w, dir] if w == "snapshot-diff" || w == "snapshot_diff" => {
+                Ok(Request::SnapshotDiff { dir: dir.clone() })
+            }
+            [w, dir] if w == "snapshot" && !dir.starts_with('-') => {
+                Ok(Request::Snapshot { dir: dir.clone() })
+            }
+            [w, ..] if w == "snapshot" || w == "snapshot-diff" || w == "snapshot_diff" => {
+                Err(format!(
+                    "snapshot takes the directory to write it into and optionally --diff (e.g. \
+                     snapshot /var/lib/vm1/snap, or snapshot /var/lib/vm1/snap2 --diff); {usage}"
+                ))
+            }
             [w, device, limits] if w == "set-limit" || w == "set_limit" => Ok(Request::SetLimit {
                 device: device.clone(),
                 limits: limits.clone(),
@@ -220,6 +236,12 @@ pub struct SnapshotInfo {
     pub memory_disk_bytes: u64,
     /// From the request to the files on disk, the pause included.
     pub took_ms: u64,
+    /// This snapshot's ID (diff snapshots name their parent by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// For a diff snapshot: the directory of its parent, which a restore needs too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// One reply line. `ok:false` always carries `error`.
@@ -368,6 +390,18 @@ mod tests {
             Request::from_words(&["snapshot".into()])
                 .unwrap_err()
                 .contains("directory")
+        );
+        let w =
+            |v: &[&str]| Request::from_words(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let diff = Ok(Request::SnapshotDiff { dir: "/s".into() });
+        assert_eq!(w(&["snapshot", "/s", "--diff"]), diff);
+        assert_eq!(w(&["snapshot", "--diff", "/s"]), diff);
+        assert_eq!(w(&["snapshot-diff", "/s"]), diff);
+        assert!(w(&["snapshot", "--diff"]).unwrap_err().contains("--diff"));
+        assert!(w(&["snapshot", "/s", "--full"]).is_err());
+        assert_eq!(
+            Request::parse_line(r#"{"cmd":"snapshot_diff","dir":"/s"}"#),
+            diff
         );
         assert_eq!(
             Request::parse_line(r#"{"cmd":"snapshot","dir":"/s"}"#),

@@ -12,7 +12,8 @@ use crate::icache::ICache;
 use crate::memory::Bus;
 use crate::mmu::Tlb;
 use crate::shared::{
-    HSM_START_PENDING, HSM_STARTED, HSM_STOPPED, REQ_FENCE_I, REQ_SFENCE, Shared, lock,
+    HSM_START_PENDING, HSM_STARTED, HSM_STOPPED, REQ_DROP_WRITES, REQ_FENCE_I, REQ_SFENCE, Shared,
+    lock,
 };
 
 /// Privilege levels.
@@ -244,16 +245,24 @@ impl Hart {
         let req = self.shared.links[self.hartid]
             .requests
             .load(Ordering::SeqCst);
+        self.apply_requests(req);
+        if req != 0 {
+            self.shared.links[self.hartid]
+                .requests
+                .fetch_and(!req, Ordering::SeqCst);
+        }
+    }
+
+    /// Does what REQ_* bits `req` ask (the caller clears them afterwards).
+    pub(crate) fn apply_requests(&mut self, req: u32) {
         if req & REQ_FENCE_I != 0 {
             self.icache.flush();
         }
         if req & REQ_SFENCE != 0 {
             self.flush_tlb();
         }
-        if req != 0 {
-            self.shared.links[self.hartid]
-                .requests
-                .fetch_and(!req, Ordering::SeqCst);
+        if req & REQ_DROP_WRITES != 0 {
+            self.drop_write_entries();
         }
     }
 

@@ -53,6 +53,12 @@
 //!   registers must hold values the guest could have written) before `run`, with RAM mapped
 //!   privately from the snapshot's memory file ([`GuestRam::from_file`]). `mtime` continues
 //!   from the saved value. The caller saves RAM and devices.
+//! - Dirty-page log (diff snapshots, migration): off until
+//!   [`MachineHandle::enable_dirty_log`]; then [`MachineHandle::harvest_dirty`] returns the
+//!   4 KiB pages written since the last harvest (hart stores, AMOs, SC, FPU stores, A/D
+//!   updates, device writes and discards through [`GuestRam`]). Harts mark a page when they
+//!   fill a write TLB entry and drop their write entries at each harvest (`dirty.rs`). A diff
+//!   snapshot's pages are mapped over RAM with [`GuestRam::with_file_pages`].
 //! - Debugging speed: `VME_RISCV_COUNTERS=1` makes each hart print event counters (traps by
 //!   cause, TLB flushes, page walks, decode-cache fills, MMIO, instructions by privilege)
 //!   when it stops; see `counters.rs`.
@@ -77,6 +83,7 @@ mod clint;
 mod counters;
 mod csr;
 mod decode;
+mod dirty;
 mod exec;
 mod fdt;
 mod fpu;
@@ -91,6 +98,7 @@ mod shared;
 mod snapshot;
 
 pub use clint::{CLINT_BASE, CLINT_SIZE};
+pub use dirty::DirtyBitmap;
 pub use fdt::{ISA, MAX_VIRTIO_SLOTS, UART_IRQ, VIRTIO_BASE, VIRTIO_STRIDE};
 pub use machine::{
     ExitReason, FINISHER_BASE, MAX_HARTS, Machine, MachineConfig, MachineHandle, Stats,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use crate::Error;
+use crate::dirty::DirtyLog;
 
 /// Guest physical address of the first byte of RAM (as on QEMU `virt`).
 pub const RAM_BASE: u64 = 0x8000_0000;
@@ -24,6 +25,8 @@ pub struct GuestRam {
     /// Mapped privately from a file (a snapshot's memory): discarded pages must be replaced
     /// by anonymous ones, or they would read back the file's bytes.
     file_backed: bool,
+    /// Pages written since the last harvest (off until first enabled).
+    pub(crate) dirty: DirtyLog,
 }
 
 // SAFETY: the memory is only ever accessed through atomic operations (or through `&mut self`),
@@ -57,6 +60,7 @@ impl GuestRam {
             ptr,
             len,
             file_backed: false,
+            dirty: DirtyLog::new(bytes / PAGE_SIZE),
         })
     }
 
@@ -111,7 +115,75 @@ impl GuestRam {
             ptr,
             len,
             file_backed: true,
+            dirty: DirtyLog::new(bytes / PAGE_SIZE),
         })
+    }
+
+    /// Maps runs of pages of `file` (a diff snapshot's memory file: RAM's length, its pages
+    /// at their RAM offsets) privately over this RAM, replacing what was there: `runs` are
+    /// `(first page, pages)` in [`PAGE_SIZE`] units, ascending and disjoint. Lazy like
+    /// [`GuestRam::from_file`]: nothing is read now, and the file is never written. Each run
+    /// is one host mapping, so callers bound their number (the host allows ~65000 per
+    /// process). Consumes the RAM so that a failure drops it: a failed fixed mapping may
+    /// leave a hole in the range, which must never be run.
+    pub fn with_file_pages(
+        mut self,
+        file: &std::fs::File,
+        runs: &[(u64, u64)],
+    ) -> Result<Self, Error> {
+        let pages = self.len as u64 / PAGE_SIZE;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::MemoryFile(format!("cannot read its size: {e}")))?
+            .len();
+        if file_len != self.len as u64 {
+            return Err(Error::MemoryFile(format!(
+                "it is {file_len} bytes long, but the machine has {} bytes of RAM: the file \
+                 is truncated or belongs to another snapshot",
+                self.len
+            )));
+        }
+        let mut next = 0u64;
+        for &(first, n) in runs {
+            let end = first.checked_add(n).filter(|&e| n > 0 && e <= pages);
+            let Some(end) = end.filter(|_| first >= next) else {
+                return Err(Error::MemoryFile(format!(
+                    "page run {first}+{n} is empty, overlaps the run before it, or lies \
+                     outside the {pages} pages of RAM"
+                )));
+            };
+            next = end;
+        }
+        use std::os::fd::AsRawFd;
+        for &(first, n) in runs {
+            let (off, len) = ((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
+            // SAFETY: every run was checked above to satisfy 0 < n and first + n <= pages, so
+            // `off + len <= self.len`: `[ptr + off, ptr + off + len)` lies exactly inside
+            // the RAM mapping this GuestRam made and owns, and nothing else is replaced.
+            // `ptr` is page-aligned (mmap returned it) and `off` a multiple of PAGE_SIZE, so
+            // the address is a valid MAP_FIXED target. We hold `self` by value: no hart,
+            // device or reference uses this RAM yet. MAP_PRIVATE means guest writes never
+            // reach the file; its length was checked, so every mapped page exists in it.
+            let r = unsafe {
+                libc::mmap(
+                    self.ptr.as_ptr().add(off).cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    off as libc::off_t,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return Err(Error::MemoryFile(format!(
+                    "cannot map its pages {first}+{n}: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        // Discarding must now replace pages, not drop them back to a file's bytes.
+        self.file_backed = true;
+        Ok(self)
     }
 
     /// RAM size in bytes.
@@ -149,6 +221,7 @@ impl GuestRam {
             Some(p) => {
                 // SAFETY: `p..p+size` is inside the allocation.
                 unsafe { store(p, size, val) };
+                self.dirty.mark_range(pa - RAM_BASE, size);
                 true
             }
             None => false,
@@ -201,7 +274,16 @@ impl GuestRam {
             unsafe { AtomicU64::from_ptr(p.add(head + 8 * k).cast()) }
                 .store(u64::from_ne_bytes(b), Ordering::Relaxed);
         }
+        // After the write: a harvest that sees the mark sees the data (see `dirty`).
+        self.dirty.mark_range(pa - RAM_BASE, data.len() as u64);
         Ok(())
+    }
+
+    /// Marks the page holding RAM address `pa` in the dirty log (harts: write TLB fills,
+    /// A/D updates).
+    #[inline]
+    pub(crate) fn mark_dirty(&self, pa: u64) {
+        self.dirty.mark(pa.wrapping_sub(RAM_BASE) / PAGE_SIZE);
     }
 }
 
@@ -239,6 +321,7 @@ impl GuestRam {
             if r == libc::MAP_FAILED {
                 return Err(Error::Discard(std::io::Error::last_os_error().to_string()));
             }
+            self.dirty.mark_range(pa - RAM_BASE, len);
             return Ok(());
         }
         // SAFETY: `p..p+len` lies inside our private anonymous mapping (checked by host_ptr)
@@ -250,6 +333,8 @@ impl GuestRam {
         if r != 0 {
             return Err(Error::Discard(std::io::Error::last_os_error().to_string()));
         }
+        // Discarded pages now read as zero: for the log, a write of zero pages.
+        self.dirty.mark_range(pa - RAM_BASE, len);
         Ok(())
     }
 }

@@ -124,6 +124,15 @@ impl Hart {
         self.update_data_ctx();
     }
 
+    /// Drops every write entry (a dirty-log harvest): the next store to each page misses,
+    /// refills and marks the page again.
+    pub(crate) fn drop_write_entries(&mut self) {
+        for ctx in 0..4 {
+            let b = base(ctx, WRITE);
+            self.tlb.entries[b..b + TLB_SIZE].fill(EMPTY);
+        }
+    }
+
     /// sfence.vma for one virtual address.
     pub(crate) fn flush_tlb_page(&mut self, va: u64) {
         self.counters.bump(Ev::TlbFlushPage);
@@ -201,12 +210,14 @@ impl Hart {
                     return Err(fault(kind, true, va)); // misaligned superpage
                 }
                 let need = PTE_A | if kind == WRITE { PTE_D } else { 0 };
-                if pte & need != need
-                    && pte_atomic
+                if pte & need != need {
+                    if pte_atomic
                         .compare_exchange(pte, pte | need, Ordering::AcqRel, Ordering::Acquire)
                         .is_err()
-                {
-                    continue 'walk; // the PTE changed under us: walk again
+                    {
+                        continue 'walk; // the PTE changed under us: walk again
+                    }
+                    self.shared.ram.mark_dirty(pte_addr);
                 }
                 let page = (ppn & !low_mask) | ((va >> 12) & low_mask);
                 return Ok((page << 12) | (va & 0xfff));
@@ -220,6 +231,10 @@ impl Hart {
         let pa = self.translate(va, kind, prv)?;
         let page = pa & !0xfff;
         if let Some(host) = self.shared.ram.host_ptr(page, 4096) {
+            if kind == WRITE {
+                // Before the entry exists: stores through it are covered (see `dirty`).
+                self.shared.ram.mark_dirty(page);
+            }
             let b = base(self.ctx_of(prv), kind);
             let vpn = va >> 12;
             self.tlb.entries[slot(b, vpn)] = TlbEntry {

@@ -203,12 +203,7 @@ impl Hart {
             // Serve requests aimed at us meanwhile, so two harts fencing each other cannot
             // deadlock; stopping the machine ends the wait.
             let own = shared.links[self.hartid].requests.swap(0, Ordering::SeqCst);
-            if own & REQ_FENCE_I != 0 {
-                self.icache.flush();
-            }
-            if own & REQ_SFENCE != 0 {
-                self.flush_tlb();
-            }
+            self.apply_requests(own);
             if lock(&shared.control).stop {
                 return;
             }

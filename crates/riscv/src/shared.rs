@@ -11,6 +11,8 @@ use crate::memory::{Bus, GuestRam, PAGE_SIZE};
 /// Hart requests posted by other harts (SBI RFENCE) and handled at the next poll.
 pub(crate) const REQ_FENCE_I: u32 = 1;
 pub(crate) const REQ_SFENCE: u32 = 2;
+/// Posted by a dirty-log harvest: drop write TLB entries.
+pub(crate) const REQ_DROP_WRITES: u32 = 4;
 
 /// SBI HSM states (values as in the SBI specification).
 pub(crate) const HSM_STARTED: u8 = 0;

@@ -44,6 +44,18 @@ pub enum Command {
     /// Run a command in the guest through its agent (the VM needs --vsock and the agent);
     /// exits with the command's status.
     Exec(ExecArgs),
+    /// Flatten a diff snapshot and its parents into one full snapshot (which no longer
+    /// needs them); prints what was written as JSON.
+    SnapshotMerge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The diff snapshot (its parents are found through it).
+    pub from: PathBuf,
+    /// Where to write the full snapshot: a new directory, or FROM itself to flatten it in
+    /// place.
+    pub to: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -70,10 +82,13 @@ pub struct CtlArgs {
     /// The running monitor's control socket (its --control-socket).
     #[arg(long)]
     pub control_socket: PathBuf,
-    /// status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, snapshot <DIR> or
-    /// set-limit <device> <KEY=VALUE,...> (e.g. set-limit disk0 bw=20M,iops=off)
+    /// status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, snapshot <DIR>
+    /// [--diff] or set-limit <device> <KEY=VALUE,...> (e.g. set-limit disk0 bw=20M,iops=off)
     #[arg(required = true, num_args = 1..)]
     pub command: Vec<String>,
+    /// With snapshot: write only the pages changed since the VM's previous snapshot.
+    #[arg(long)]
+    pub diff: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -334,7 +349,15 @@ fn host_memory_bytes() -> Option<u64> {
 }
 
 pub fn run_ctl(args: CtlArgs) -> ExitCode {
-    let mut req = match Request::from_words(&args.command) {
+    let mut words = args.command.clone();
+    if args.diff {
+        if words.first().map(String::as_str) != Some("snapshot") {
+            eprintln!("vme-vmm ctl: --diff goes with snapshot only (snapshot DIR --diff)");
+            return ExitCode::from(1);
+        }
+        words.push("--diff".into());
+    }
+    let mut req = match Request::from_words(&words) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vme-vmm ctl: {e}");
@@ -344,7 +367,7 @@ pub fn run_ctl(args: CtlArgs) -> ExitCode {
     // Pausing waits for every vCPU to park, which on slow hosts takes a while; a snapshot
     // also writes all of guest memory.
     let mut timeout = Duration::from_secs(30);
-    if let Request::Snapshot { dir } = &mut req {
+    if let Request::Snapshot { dir } | Request::SnapshotDiff { dir } = &mut req {
         // The monitor resolves paths from its own working directory, not ours.
         match std::path::absolute(&*dir) {
             Ok(p) => *dir = p.display().to_string(),
@@ -366,6 +389,19 @@ pub fn run_ctl(args: CtlArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("vme-vmm ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub fn run_merge(args: MergeArgs) -> ExitCode {
+    match crate::snapshot::diff::merge(&args.from, &args.to) {
+        Ok(info) => {
+            println!("{}", serde_json::to_string(&info).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vme-vmm snapshot-merge: {e}");
             ExitCode::from(1)
         }
     }

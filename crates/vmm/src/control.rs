@@ -53,6 +53,13 @@ pub trait BalloonControl: Send + Sync {
 /// Writes a snapshot of a paused VM (the machine kind's part of `snapshot`).
 pub trait Snapshotter: Send + Sync {
     fn snapshot(&self, dir: &std::path::Path) -> Result<vme_api::control::SnapshotInfo, String>;
+    /// A snapshot of the pages written since the previous one (see `snapshot::lineage`).
+    fn snapshot_diff(
+        &self,
+        _dir: &std::path::Path,
+    ) -> Result<vme_api::control::SnapshotInfo, String> {
+        Err("this machine kind has no diff snapshots yet: take a full snapshot".into())
+    }
 }
 
 struct Inner {
@@ -167,6 +174,22 @@ impl VmControl {
         &self,
         dir: &std::path::Path,
     ) -> Result<(RunState, vme_api::control::SnapshotInfo), String> {
+        self.snapshot_as(dir, false)
+    }
+
+    /// [`Self::snapshot`] of only the pages written since the previous snapshot.
+    pub fn snapshot_diff(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<(RunState, vme_api::control::SnapshotInfo), String> {
+        self.snapshot_as(dir, true)
+    }
+
+    fn snapshot_as(
+        &self,
+        dir: &std::path::Path,
+        diff: bool,
+    ) -> Result<(RunState, vme_api::control::SnapshotInfo), String> {
         let _one = relock(&self.snapshots);
         let Some(writer) = relock(&self.snapshotter).clone() else {
             return Err(
@@ -183,12 +206,16 @@ impl VmControl {
             inner.snapshotting = true;
             inner.state
         };
+        let write = || match diff {
+            true => writer.snapshot_diff(dir),
+            false => writer.snapshot(dir),
+        };
         let result = if was == RunState::Running {
             self.pause_as(true)
                 .map_err(|e| format!("cannot pause the VM for the snapshot: {e}"))
-                .and_then(|_| writer.snapshot(dir))
+                .and_then(|_| write())
         } else {
-            writer.snapshot(dir)
+            write()
         };
         let resumed = if was == RunState::Running {
             self.resume_as(true).map(drop)

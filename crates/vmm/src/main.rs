@@ -32,6 +32,7 @@ fn main() -> ExitCode {
     match args.command {
         Some(cli::Command::Ctl(ctl)) => cli::run_ctl(ctl),
         Some(cli::Command::Exec(args)) => exec::run(args),
+        Some(cli::Command::SnapshotMerge(args)) => cli::run_merge(args),
         None => match &args.run.restore {
             Some(dir) => match snapshot::restore::restore_spec(dir, &args.run) {
                 Ok((spec, restore)) => run_vm(spec, Some(restore)),

@@ -3,6 +3,7 @@
 
 use crate::control::{ControlHook, ExitReason, RunContext};
 use crate::snapshot::Restore;
+use crate::snapshot::lineage::{History, read_chain};
 use crate::snapshot::riscv::{self as snap, RiscvSnapshotter};
 use crate::virtio;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -159,15 +160,31 @@ pub fn run(
         virtio_mmio_slots: slots.len(),
         ..MachineConfig::default()
     };
+    // The chain the VM's next diff snapshot extends: the restored snapshot's.
+    let mut history = History::default();
     let mut machine = match restore {
         None => boot(cfg, spec)?,
         Some(r) => {
             let state = snap::machine_state(r, spec)?;
-            let ram = GuestRam::from_file(&r.memory_file()?, cfg.memory_bytes)
-                .map_err(|e| format!("{}: {e}", r.dir.display()))?;
+            let chain = read_chain(&r.dir, &r.file)?;
+            let ram = snap::guest_ram(r, &chain, cfg.memory_bytes)?;
+            if !chain.diffs.is_empty() {
+                log::info!(
+                    "{} is a diff snapshot: {} diffs ({} runs of pages) mapped over {}",
+                    r.dir.display(),
+                    chain.diffs.len(),
+                    chain.diffs.iter().map(|l| l.runs.len()).sum::<usize>(),
+                    chain.base.display()
+                );
+            }
+            history = chain.history;
             let mut m = Machine::with_ram(cfg, ram).map_err(|e| e.to_string())?;
             m.restore_state(&state)
                 .map_err(|e| format!("snapshot {}: {e}", r.dir.display()))?;
+            if history.unknown.is_none() {
+                // Before the harts run: every page they write from here on is logged.
+                m.handle().enable_dirty_log();
+            }
             m
         }
     };
@@ -238,6 +255,7 @@ pub fn run(
         handle: handle.clone(),
         serial,
         transports,
+        history: Mutex::new(history),
     }));
     ctx.control.add_hook(Arc::new(Follow(handle.clone())));
     let counter = handle.clone();

@@ -153,11 +153,12 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
             }
             Err(e) => Reply::error(e),
         },
-        Request::Snapshot { dir } => snapshot(control, &dir),
+        Request::Snapshot { dir } => snapshot(control, &dir, false),
+        Request::SnapshotDiff { dir } => snapshot(control, &dir, true),
     }
 }
 
-fn snapshot(control: &VmControl, dir: &str) -> Reply {
+fn snapshot(control: &VmControl, dir: &str, diff: bool) -> Reply {
     let dir = Path::new(dir);
     if !dir.is_absolute() {
         return Reply::error(format!(
@@ -166,7 +167,11 @@ fn snapshot(control: &VmControl, dir: &str) -> Reply {
             dir.display()
         ));
     }
-    match control.snapshot(dir) {
+    let taken = match diff {
+        true => control.snapshot_diff(dir),
+        false => control.snapshot(dir),
+    };
+    match taken {
         Ok((state, info)) => {
             log::info!(
                 "snapshot written to {} in {} ms ({} bytes of memory data)",

@@ -19,6 +19,11 @@ use std::path::{Path, PathBuf};
 pub const MAGIC: &[u8; 8] = b"VMESNAP\0";
 /// Bumped whenever the layout or any section's encoding changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
+/// A diff snapshot: version 1 plus the sections naming its parent and its pages
+/// (`lineage`, `diff_pages`). Full snapshots stay version 1 so that older monitors restore
+/// them; a diff is version 2 so that they refuse it rather than take its sparse memory file
+/// for all of RAM.
+pub const DIFF_FORMAT_VERSION: u32 = 2;
 /// Largest state file read: a few KiB per hart and device, so anything near this is not
 /// ours (and is refused before it is read into memory).
 const MAX_STATE_BYTES: u64 = 64 << 20;
@@ -51,8 +56,8 @@ pub enum FormatError {
     NotASnapshot { path: PathBuf },
     #[error(
         "snapshot {path} is in format version {found} (written by vme-vmm {writer}), but this \
-         vme-vmm {ours} reads format version {FORMAT_VERSION} only: restore it with the \
-         vme-vmm that wrote it, or take a new snapshot with this one"
+         vme-vmm {ours} reads format versions {FORMAT_VERSION} to {DIFF_FORMAT_VERSION} only: \
+         restore it with the vme-vmm that wrote it, or take a new snapshot with this one"
     )]
     Version {
         path: PathBuf,
@@ -92,6 +97,7 @@ pub enum FormatError {
 
 /// Collects sections, then writes the file.
 pub struct StateWriter {
+    version: u32,
     arch: String,
     cpu: String,
     memory_bytes: u64,
@@ -101,6 +107,7 @@ pub struct StateWriter {
 impl StateWriter {
     pub fn new(arch: &str, cpu: &str, memory_bytes: u64) -> Self {
         StateWriter {
+            version: FORMAT_VERSION,
             arch: arch.into(),
             cpu: cpu.into(),
             memory_bytes,
@@ -127,6 +134,20 @@ impl StateWriter {
         Ok(())
     }
 
+    /// Writes the file as a diff snapshot ([`DIFF_FORMAT_VERSION`]).
+    pub fn diff_format(&mut self) {
+        self.version = DIFF_FORMAT_VERSION;
+    }
+
+    /// Adds section `name` with a payload already encoded (copied from another state file).
+    pub fn add_encoded(&mut self, name: &str, data: &[u8]) -> Result<(), FormatError> {
+        self.add(name, &())?;
+        if let Some(last) = self.sections.last_mut() {
+            last.1 = data.to_vec();
+        }
+        Ok(())
+    }
+
     /// The whole file.
     pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
         let header = Header {
@@ -142,7 +163,7 @@ impl StateWriter {
         let version = env!("CARGO_PKG_VERSION").as_bytes();
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
         out.push(version.len() as u8);
         out.extend_from_slice(version);
         out.extend_from_slice(&(head.len() as u32).to_le_bytes());
@@ -164,6 +185,8 @@ impl StateWriter {
 /// A state file read and checked: every checksum matched.
 pub struct StateFile {
     pub path: PathBuf,
+    /// [`FORMAT_VERSION`], or [`DIFF_FORMAT_VERSION`] for a diff snapshot.
+    pub version: u32,
     pub header: Header,
     /// The monitor version that wrote it.
     pub writer: String,
@@ -229,7 +252,7 @@ impl StateFile {
         let version = c.u32("the format version")?;
         let n = c.u8("the monitor version")?;
         let writer = String::from_utf8_lossy(c.take(n.into(), "the monitor version")?);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION..=DIFF_FORMAT_VERSION).contains(&version) {
             return Err(FormatError::Version {
                 path: path.into(),
                 found: version,
@@ -282,6 +305,7 @@ impl StateFile {
         }
         Ok(StateFile {
             path: path.into(),
+            version,
             header,
             writer: writer.into_owned(),
             sections,
@@ -301,6 +325,13 @@ impl StateFile {
             what: format!("section {name}"),
             why,
         })
+    }
+
+    /// Every section's name and encoded payload, in file order.
+    pub fn sections(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.sections
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
     }
 
     /// The error for a section that decoded but holds a state this VM cannot take.

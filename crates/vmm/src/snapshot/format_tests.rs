@@ -58,10 +58,10 @@ fn sections_round_trip() {
 fn another_format_version_is_refused_with_what_to_do() {
     let (w, _) = sample();
     let mut bytes = w.encode().unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
     let err = read(&bytes).err().unwrap().to_string();
-    assert!(err.contains("format version 2"), "{err}");
-    assert!(err.contains("reads format version 1"), "{err}");
+    assert!(err.contains("format version 3"), "{err}");
+    assert!(err.contains("reads format versions 1 to 2"), "{err}");
     assert!(
         err.contains("restore it with the vme-vmm that wrote it"),
         "{err}"
@@ -138,4 +138,26 @@ fn a_section_that_does_not_decode_as_its_type_is_refused() {
         err.contains("section config") && err.contains("follow its data"),
         "{err}"
     );
+}
+
+#[test]
+fn diffs_are_written_as_version_2_and_sections_copy_across() {
+    let (mut w, regs) = sample();
+    assert_eq!(
+        read(&w.encode().unwrap()).unwrap().version,
+        1,
+        "full: version 1"
+    );
+    w.diff_format();
+    let f = read(&w.encode().unwrap()).unwrap();
+    assert_eq!(f.version, 2);
+    let mut copy = StateWriter::new("riscv64", "rv64imafdc", 256 << 20);
+    for (name, data) in f.sections() {
+        copy.add_encoded(name, data).unwrap();
+    }
+    assert!(copy.add_encoded("plic", &[]).is_err(), "names stay unique");
+    let g = read(&copy.encode().unwrap()).unwrap();
+    assert_eq!(g.version, 1);
+    assert_eq!(g.section::<Regs>("hart.0").unwrap(), regs);
+    assert_eq!(g.sections().count(), 3);
 }

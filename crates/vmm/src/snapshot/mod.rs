@@ -21,12 +21,18 @@
 //! stop the VM or copy the image beside the snapshot), host connections (vsock connections
 //! are reset, the guest is told), a frame received but not yet given to the guest.
 //!
+//! Diff snapshots (`snapshot DIR --diff`) hold only the pages written since the VM's
+//! previous snapshot and name it as their parent ([`lineage`], [`diff`]); a restore maps
+//! the chain's memory files over each other, still lazily.
+//!
 //! riscv64 only so far ([`riscv`]); the container, the memory file and the device states
 //! are architecture-independent, so x86_64 adds its vCPU and interrupt-controller
 //! sections next.
 
 pub mod crc32c;
+pub mod diff;
 pub mod format;
+pub mod lineage;
 pub mod memory;
 pub mod restore;
 pub mod riscv;
@@ -118,6 +124,17 @@ pub fn write_dir(
     read: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
     started: Instant,
 ) -> Result<SnapshotInfo, String> {
+    write_dir_with(dir, state, size, |p| memory::write(p, size, read), started)
+}
+
+/// [`write_dir`] with the memory file written by `write_memory(path)` (a diff's pages).
+pub fn write_dir_with(
+    dir: &Path,
+    state: &StateWriter,
+    size: u64,
+    write_memory: impl FnOnce(&Path) -> Result<memory::MemoryFileStats, String>,
+    started: Instant,
+) -> Result<SnapshotInfo, String> {
     std::fs::create_dir_all(dir).map_err(|e| {
         format!(
             "cannot create snapshot directory {}: {e}; check the path and its permissions",
@@ -125,7 +142,7 @@ pub fn write_dir(
         )
     })?;
     let (mem_tmp, state_tmp) = (dir.join(".memory.tmp"), dir.join(".state.tmp"));
-    let mem = memory::write(&mem_tmp, size, read)?;
+    let mem = write_memory(&mem_tmp)?;
     let bytes = state.encode().map_err(|e| e.to_string())?;
     let io =
         |what: &str, p: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", p.display());
@@ -156,5 +173,7 @@ pub fn write_dir(
         memory_data_bytes: mem.data_bytes,
         memory_disk_bytes: mem.disk_bytes,
         took_ms: started.elapsed().as_millis() as u64,
+        id: None,
+        parent: None,
     })
 }

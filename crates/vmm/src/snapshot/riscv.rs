@@ -2,8 +2,10 @@
 //! `plic`, `serial`, `virtio.N`) written from a paused machine, and read back for a
 //! restore.
 
+use super::diff::{coalesce, open_memory, write_pages};
 use super::format::{StateFile, StateWriter};
-use super::{Restore, check_machine, slot_names, write_dir};
+use super::lineage::{Chain, DIFF_PAGES, History, LINEAGE, Lineage, MAX_RUNS, ParentRef};
+use super::{Restore, check_machine, slot_names, write_dir, write_dir_with};
 use crate::control::Snapshotter;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -13,7 +15,7 @@ use vme_api::MachineSpec;
 use vme_api::control::SnapshotInfo;
 use vme_devices::serial::{Serial, SerialState};
 use vme_devices::virtio::mmio::{MmioState, MmioTransport};
-use vme_riscv::{ISA, Machine, MachineHandle, MachineState, RAM_BASE};
+use vme_riscv::{GuestRam, ISA, Machine, MachineHandle, MachineState, RAM_BASE};
 
 pub const ARCH: &str = "riscv64";
 
@@ -41,15 +43,33 @@ pub struct RiscvSnapshotter {
     pub handle: MachineHandle,
     pub serial: Arc<Mutex<Serial>>,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The chain the next diff snapshot extends.
+    pub history: Mutex<History>,
 }
 
 impl Snapshotter for RiscvSnapshotter {
     fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, String> {
+        self.write(dir, false)
+    }
+
+    fn snapshot_diff(&self, dir: &Path) -> Result<SnapshotInfo, String> {
+        self.write(dir, true)
+    }
+}
+
+impl RiscvSnapshotter {
+    /// A full snapshot, or with `diff` one of the pages written since the previous one.
+    fn write(&self, dir: &Path, diff: bool) -> Result<SnapshotInfo, String> {
         let started = Instant::now();
         let machine = self
             .machine
             .upgrade()
             .ok_or("the machine has stopped: there is nothing to save")?;
+        let mut history = lock(&self.history);
+        let parent = match diff {
+            true => Some(history.diff_parent(dir)?),
+            false => None,
+        };
         // Harts first, before any device lock: a hart still on its way to park may need one.
         // An interrupt a device raises after this is raised again by its restored device
         // (virtio levels and the UART follow their saved registers).
@@ -79,21 +99,78 @@ impl Snapshotter for RiscvSnapshotter {
         for (i, t) in transports.iter().enumerate() {
             w.add(&format!("virtio.{i}"), &t.state()).map_err(e)?;
         }
+        let id = super::lineage::new_id()?;
+        let lineage = Lineage {
+            id: id.clone(),
+            parent: parent.as_ref().map(|p| ParentRef {
+                dir: p.dir.display().to_string(),
+                id: p.id.clone(),
+            }),
+        };
+        w.add(LINEAGE, &lineage).map_err(e)?;
+        // The log (re)starts here, with the harts parked and every device held: the pages
+        // written from now on are the next diff's. A failed snapshot puts them back.
+        self.handle.enable_dirty_log();
+        let dirty = self
+            .handle
+            .harvest_dirty()
+            .ok_or("the dirty-page log is off after enabling it (interpreter bug)")?;
         let ram = machine.ram();
-        let info = write_dir(
-            dir,
-            &w,
-            ram.size(),
-            |off, buf| {
-                ram.read_bytes(RAM_BASE + off, buf)
-                    .map_err(|e| format!("cannot read guest memory: {e}"))
-            },
-            started,
-        )?;
+        let read = |off: u64, buf: &mut [u8]| {
+            ram.read_bytes(RAM_BASE + off, buf)
+                .map_err(|e| format!("cannot read guest memory: {e}"))
+        };
+        let written = match &parent {
+            None => write_dir(dir, &w, ram.size(), read, started),
+            Some(_) => {
+                let runs = coalesce(dirty.runs(), MAX_RUNS);
+                let size = ram.size();
+                w.add(DIFF_PAGES, &runs).map_err(e).and_then(|()| {
+                    w.diff_format();
+                    write_dir_with(
+                        dir,
+                        &w,
+                        size,
+                        |p| write_pages(p, size, &runs, read),
+                        started,
+                    )
+                })
+            }
+        };
         drop(transports);
         drop(serial);
-        Ok(info)
+        match written {
+            Ok(mut info) => {
+                history.record(dir, &id, diff);
+                info.id = Some(id);
+                info.parent = parent.map(|p| p.dir.display().to_string());
+                Ok(info)
+            }
+            Err(e) => {
+                self.handle.remark_dirty(&dirty);
+                Err(e)
+            }
+        }
     }
+}
+
+/// The RAM of a snapshot being restored: its memory file mapped privately, and for a diff
+/// each diff's pages of `chain` over it, oldest first. Nothing is read: pages load when the
+/// guest first touches them.
+pub fn guest_ram(r: &Restore, chain: &Chain, bytes: u64) -> Result<GuestRam, String> {
+    let at = |dir: &Path, e: vme_riscv::Error| format!("{}: {e}", dir.display());
+    let base = match chain.diffs.is_empty() {
+        true => r.memory_file()?,
+        false => open_memory(&chain.base, bytes)?,
+    };
+    let mut ram = GuestRam::from_file(&base, bytes).map_err(|e| at(&chain.base, e))?;
+    for layer in &chain.diffs {
+        let file = open_memory(&layer.dir, bytes)?;
+        ram = ram
+            .with_file_pages(&file, &layer.runs)
+            .map_err(|e| at(&layer.dir, e))?;
+    }
+    Ok(ram)
 }
 
 /// The machine's state in a snapshot being restored, checked against `spec`.

@@ -30,6 +30,7 @@ pub mod format;
 pub mod memory;
 pub mod restore;
 pub mod riscv;
+pub mod x86;
 
 use format::{StateFile, StateWriter};
 use std::path::{Path, PathBuf};
@@ -107,6 +108,43 @@ pub fn slot_names(spec: &MachineSpec) -> Vec<String> {
         }
     }
     names
+}
+
+/// The saved state of every virtio slot of `spec` (`virtio.N`, a transport's state each);
+/// a snapshot with more or fewer is refused.
+pub fn virtio_states<T: serde::de::DeserializeOwned>(
+    r: &Restore,
+    spec: &MachineSpec,
+) -> Result<Vec<T>, String> {
+    let f: &StateFile = &r.file;
+    let n = slot_names(spec).len();
+    if f.has_section(&format!("virtio.{n}")) {
+        return Err(f
+            .invalid(
+                &format!("virtio.{n}"),
+                format!("the machine file has {n} virtio devices, the snapshot more"),
+            )
+            .to_string());
+    }
+    (0..n)
+        .map(|i| f.section(&format!("virtio.{i}")).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// `spec` with the paths a later restore needs made absolute (it may run elsewhere).
+pub fn absolute_spec(spec: &MachineSpec) -> MachineSpec {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut s = spec.clone();
+    s.kernel = abs(&s.kernel);
+    s.initrd = s.initrd.as_deref().map(abs);
+    for d in &mut s.disks {
+        d.path = abs(&d.path);
+    }
+    if let Some(v) = &mut s.vsock {
+        v.uds = abs(&v.uds);
+    }
+    s.control_socket = None;
+    s
 }
 
 /// Writes a snapshot into `dir` (created if missing): the memory file from `read`, which

@@ -4,8 +4,9 @@
 //! A snapshot directory holds two files:
 //! - `state`: the format version, the monitor version, the architecture and CPU model, then
 //!   one section per part of the VM (`config`: the machine file; `machine`, `hart.N`,
-//!   `clint`, `plic` on riscv64; `serial`; `virtio.N` per virtio slot), each with its
-//!   length and CRC-32C ([`format`]);
+//!   `clint`, `plic` on riscv64; `machine`, `vm`, `vcpu.N`, `rtc`, `acpi`, `pci` on
+//!   x86_64; `serial`; `virtio.N` per virtio slot), each with its length and CRC-32C
+//!   ([`format`]);
 //! - `memory`: guest RAM as a sparse file ([`memory`]), mapped privately on restore so pages
 //!   load on first touch and restoring takes the same time for any memory size.
 //!
@@ -21,9 +22,8 @@
 //! stop the VM or copy the image beside the snapshot), host connections (vsock connections
 //! are reset, the guest is told), a frame received but not yet given to the guest.
 //!
-//! riscv64 only so far ([`riscv`]); the container, the memory file and the device states
-//! are architecture-independent, so x86_64 adds its vCPU and interrupt-controller
-//! sections next.
+//! Each machine kind writes and reads its own sections ([`riscv`], [`x86`]); the container,
+//! the memory file and the virtio core's state are shared.
 
 pub mod crc32c;
 pub mod format;

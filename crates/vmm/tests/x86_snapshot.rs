@@ -334,3 +334,51 @@ fn snapshots_of_another_machine_or_edited_ones_are_refused() {
     assert!(err.contains("belongs to another snapshot"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Device backends may be given again at restore, by position, as on riscv64.
+#[test]
+fn a_restore_takes_new_disk_backends_by_position() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = temp_dir("x86snapdisk");
+    let snap = dir.join("snap");
+    let (a, b) = (dir.join("a.raw"), dir.join("b.raw"));
+    for p in [&a, &b] {
+        std::fs::write(p, vec![0u8; 1 << 20]).unwrap();
+    }
+    let sock = dir.join("d.sock");
+    let disk = format!("path={}", a.display());
+    let mut vm = Vm::start(&[
+        "--kernel",
+        x86_probe().to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "s",
+        "--disk",
+        &disk,
+        "--control-socket",
+        sock.to_str().unwrap(),
+    ]);
+    wait_ticks(&mut vm, 1);
+    snapshot(&sock, &snap);
+    stop(vm, &sock);
+    let moved = format!("path={}", b.display());
+    let err = refused(&snap, &["--disk", &moved, "--disk", &moved]);
+    assert!(err.contains("2 --disk given"), "{err}");
+    let r_sock = dir.join("r.sock");
+    let mut r = Vm::start(&[
+        "--restore",
+        snap.to_str().unwrap(),
+        "--disk",
+        &moved,
+        "--control-socket",
+        r_sock.to_str().unwrap(),
+    ]);
+    check(&wait_ticks(&mut r, 2), "restored with the disk moved");
+    let status = ctl(&r_sock, "status");
+    assert!(status.contains(r#""state":"running""#), "{status}");
+    stop(r, &r_sock);
+    let _ = std::fs::remove_dir_all(&dir);
+}

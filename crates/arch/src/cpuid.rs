@@ -34,6 +34,15 @@ impl CpuTemplate {
         }
     }
 
+    /// The name [`Self::parse`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuTemplate::Host => "host",
+            CpuTemplate::Baseline => "baseline",
+            CpuTemplate::Pvm => "pvm",
+        }
+    }
+
     /// Like [`Self::parse`], and `auto` picks `pvm` on PVM hosts, `host` elsewhere.
     pub fn resolve(name: &str, is_pvm_host: bool) -> Result<Self, ArchError> {
         match name {
@@ -44,8 +53,9 @@ impl CpuTemplate {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Reg {
+    Eax,
     Ebx,
     Ecx,
     Edx,
@@ -96,6 +106,7 @@ const BASELINE_EXT_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1
 
 fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     match reg {
+        Reg::Eax => &mut e.eax,
         Reg::Ebx => &mut e.ebx,
         Reg::Ecx => &mut e.ecx,
         Reg::Edx => &mut e.edx,
@@ -122,6 +133,68 @@ fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
         .iter()
         .find(|e| e.function == 0)
         .is_some_and(|e| (e.ebx, e.edx, e.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163))
+}
+
+/// The CPU vendor string of leaf 0 ("GenuineIntel", "AuthenticAMD").
+pub fn vendor(entries: &[kvm_cpuid_entry2]) -> String {
+    let Some(e) = entries.iter().find(|e| e.function == 0) else {
+        return "unknown".into();
+    };
+    let bytes: Vec<u8> = [e.ebx, e.edx, e.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    String::from_utf8_lossy(&bytes)
+        .trim_end_matches('\0')
+        .to_string()
+}
+
+/// The feature-flag registers compared when a guest's CPUID moves to another host.
+const FEATURE_REGS: &[(u32, u32, Reg)] = &[
+    (1, 0, Reg::Ecx),
+    (1, 0, Reg::Edx),
+    (7, 0, Reg::Ebx),
+    (7, 0, Reg::Ecx),
+    (7, 0, Reg::Edx),
+    (7, 1, Reg::Eax),
+    (0xd, 1, Reg::Eax),
+    (0x8000_0001, 0, Reg::Ecx),
+    (0x8000_0001, 0, Reg::Edx),
+];
+
+/// Bits KVM flips at run time to follow the guest's own settings (CR4.OSXSAVE, CR4.PKE),
+/// not features of the host.
+const RUNTIME_BITS: &[(u32, u32, Reg, u32)] =
+    &[(1, 0, Reg::Ecx, 1 << 27), (7, 0, Reg::Ecx, 1 << 4)];
+
+/// The features a guest was shown (`saved`, its CPUID) that this host's template (`here`,
+/// the CPUID the same template gives the same vCPU now) lacks, as "leaf 0x7.0 EBX bits
+/// 0x…": a guest that found them would fault when it used them.
+pub fn missing_features(saved: &[kvm_cpuid_entry2], here: &[kvm_cpuid_entry2]) -> Vec<String> {
+    let find = |entries: &[kvm_cpuid_entry2], leaf, sub| {
+        entries
+            .iter()
+            .find(|e| e.function == leaf && e.index == sub)
+            .copied()
+    };
+    let get = |mut e: kvm_cpuid_entry2, reg| *reg_mut(&mut e, reg);
+    let mut missing = Vec::new();
+    for &(leaf, sub, reg) in FEATURE_REGS {
+        let Some(s) = find(saved, leaf, sub) else {
+            continue;
+        };
+        let h = find(here, leaf, sub).map_or(0, |e| get(e, reg));
+        let runtime = RUNTIME_BITS
+            .iter()
+            .filter(|r| (r.0, r.1, r.2) == (leaf, sub, reg))
+            .fold(0, |m, r| m | r.3);
+        let lost = get(s, reg) & !h & !runtime;
+        if lost != 0 {
+            let name = format!("{reg:?}").to_uppercase();
+            missing.push(format!("leaf {leaf:#x}.{sub} {name} bits {lost:#x}"));
+        }
+    }
+    missing
 }
 
 /// Bits needed to number `n` things.
@@ -316,6 +389,25 @@ mod tests {
         assert_eq!(get(&c, 0x8000_0001, 0).edx & (1 << 27), 0, "RDTSCP");
         assert_eq!(get(&c, 0xd, 0).ebx, 0);
         assert_eq!(l1.edx & (1 << 28), 0, "no HTT with one vCPU");
+    }
+
+    #[test]
+    fn vendor_and_features_a_host_lacks() {
+        let h = host();
+        assert_eq!(vendor(h.as_slice()), "AuthenticAMD");
+        let pvm = build_cpuid(&h, CpuTemplate::Pvm, 0, 1).unwrap();
+        let full = build_cpuid(&h, CpuTemplate::Host, 0, 1).unwrap();
+        assert!(missing_features(pvm.as_slice(), full.as_slice()).is_empty());
+        assert!(missing_features(full.as_slice(), full.as_slice()).is_empty());
+        let lost = missing_features(full.as_slice(), pvm.as_slice());
+        assert!(
+            lost.iter().any(|m| m.starts_with("leaf 0x1.0 ECX bits")),
+            "{lost:?}"
+        );
+        // A guest that turned on OSXSAVE keeps it wherever it goes.
+        let mut saved = pvm.as_slice().to_vec();
+        saved.iter_mut().find(|e| e.function == 1).unwrap().ecx |= 1 << 27;
+        assert!(missing_features(&saved, pvm.as_slice()).is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use crate::bus::BusDevice;
 use crate::{IrqLine, VmEvents};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 pub const SLEEP_CONTROL: u64 = 0;
@@ -26,6 +27,12 @@ pub const EVENT_POWER_BUTTON: u32 = 1;
 
 const SLP_EN: u8 = 1 << 5;
 
+/// The ACPI block in a snapshot: the GED events the guest has not read yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiState {
+    pub pending: u32,
+}
+
 pub struct AcpiDevice {
     events: Arc<dyn VmEvents>,
     ged_irq: Arc<dyn IrqLine>,
@@ -39,6 +46,22 @@ impl AcpiDevice {
             ged_irq,
             pending: 0,
         }
+    }
+
+    pub fn state(&self) -> AcpiState {
+        AcpiState {
+            pending: self.pending,
+        }
+    }
+
+    /// Takes a snapshot's pending events and drives the GED interrupt as they say.
+    pub fn restore(&mut self, s: &AcpiState) -> Result<(), String> {
+        if s.pending & !EVENT_POWER_BUTTON != 0 {
+            return Err(format!("GED events {:#x} do not exist", s.pending));
+        }
+        self.pending = s.pending;
+        self.ged_irq.set_level(s.pending != 0);
+        Ok(())
     }
 
     /// Tells the guest the power button was pressed (it runs its `_EVT` method, and Linux

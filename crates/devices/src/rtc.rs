@@ -3,6 +3,7 @@
 //! No alarms or periodic interrupts: Linux keeps time with kvmclock and the local APIC.
 
 use crate::bus::BusDevice;
+use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const SECONDS: u8 = 0x00;
@@ -24,6 +25,15 @@ const B_BINARY: u8 = 1 << 2;
 const B_24H: u8 = 1 << 1;
 
 pub const INDEX_PORT: u16 = 0x70;
+
+/// The RTC in a snapshot: the selected register and the CMOS bytes (the clock itself
+/// follows the host, so a restored guest reads the time of the restore).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RtcState {
+    pub index: u8,
+    /// 128 bytes.
+    pub nvram: Vec<u8>,
+}
 
 pub struct Rtc {
     index: u8,
@@ -59,6 +69,27 @@ impl Rtc {
             nvram,
             now,
         }
+    }
+
+    pub fn state(&self) -> RtcState {
+        RtcState {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
+    }
+
+    /// Takes a snapshot's registers.
+    pub fn restore(&mut self, s: &RtcState) -> Result<(), String> {
+        if s.index > 0x7f || s.nvram.len() != self.nvram.len() {
+            return Err(format!(
+                "register {:#x} selected and {} CMOS bytes saved; the RTC has 128 registers",
+                s.index,
+                s.nvram.len()
+            ));
+        }
+        self.index = s.index;
+        self.nvram.copy_from_slice(&s.nvram);
+        Ok(())
     }
 
     fn encode(&self, v: u32) -> u8 {
@@ -189,6 +220,24 @@ mod tests {
             0,
             "NMI bit masked, update not in progress"
         );
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_sizes_are_refused() {
+        let mut rtc = Rtc::with_clock(Box::new(|| 0));
+        rtc.write(0, &[0x40]);
+        rtc.write(1, &[0x5a]);
+        let s = rtc.state();
+        let mut back = Rtc::with_clock(Box::new(|| 0));
+        back.restore(&s).unwrap();
+        assert_eq!(read(&mut back, 0x40), 0x5a);
+        let short = RtcState {
+            index: 0,
+            nvram: vec![0; 12],
+        };
+        assert!(back.restore(&short).is_err());
+        let index = RtcState { index: 0x80, ..s };
+        assert!(back.restore(&index).is_err());
     }
 
     #[test]

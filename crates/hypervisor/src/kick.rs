@@ -85,6 +85,14 @@ impl KickTarget {
         }
     }
 
+    /// Makes the next `KVM_RUN` return at once (after completing a pending exit).
+    pub(crate) fn arm(&self) {
+        let state = self.lock();
+        if let Some(flag) = flag(&state) {
+            flag.store(1, Ordering::SeqCst);
+        }
+    }
+
     /// Called when the vCPU is dropped: later kicks do nothing.
     pub(crate) fn detach(&self) {
         let mut state = self.lock();

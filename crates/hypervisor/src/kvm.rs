@@ -1,6 +1,6 @@
 //! The KVM system handle: opening `/dev/kvm` with errors that say what to fix, and host facts.
 
-use crate::{HypervisorError, Result, Vm, ioctl};
+use crate::{HypervisorError, Result, StateCaps, Vm, ioctl};
 use kvm_bindings::{CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES};
 use std::path::Path;
 
@@ -76,9 +76,22 @@ impl Kvm {
         self.kvm.check_extension(cap)
     }
 
+    /// What this host's KVM offers for saving and restoring vCPU state.
+    pub fn state_caps(&self) -> StateCaps {
+        use kvm_ioctls::Cap;
+        let xsave2 = self.kvm.check_extension_int(Cap::Xsave2);
+        StateCaps {
+            xsave: self.kvm.check_extension(Cap::Xsave),
+            xcrs: self.kvm.check_extension(Cap::Xcrs),
+            xsave2_size: usize::try_from(xsave2).unwrap_or(0),
+            tsc_control: self.kvm.check_extension(Cap::TscControl),
+            adjust_clock: self.kvm.check_extension(Cap::AdjustClock),
+        }
+    }
+
     pub fn create_vm(&self) -> Result<Vm> {
         let fd = self.kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-        Ok(Vm::new(fd))
+        Ok(Vm::new(fd, self.state_caps()))
     }
 }
 

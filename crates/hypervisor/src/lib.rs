@@ -4,11 +4,15 @@
 
 mod kick;
 mod kvm;
+mod state;
 mod vcpu;
 mod vm;
 
 pub use kick::Kicker;
 pub use kvm::Kvm;
+pub use state::{
+    FpuRegs, FpuState, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, StateCaps, VcpuState, VmState,
+};
 pub use vcpu::{INTERNAL_ERROR_EMULATION, Vcpu, VcpuExit};
 pub use vm::{FIRST_MSI_GSI, MAX_GSI, MsiRoute, Vm};
 
@@ -63,6 +67,14 @@ pub enum HypervisorError {
     BadGsi { gsi: u32 },
     #[error("{count} interrupt routes are more than KVM takes: use fewer PCI devices")]
     TooManyRoutes { count: usize },
+    #[error("snapshot state of {what} cannot be used: {why}")]
+    BadState { what: &'static str, why: String },
+    #[error(
+        "the snapshot's guest TSC runs at {saved} kHz, this host's at {here} kHz, and this \
+         host's KVM cannot scale it (no KVM_CAP_TSC_CONTROL): restore on a host with the same \
+         TSC frequency"
+    )]
+    TscFrequency { saved: u32, here: u32 },
     #[error("cannot set up the vCPU kick signal: {0}")]
     Signal(std::io::Error),
 }

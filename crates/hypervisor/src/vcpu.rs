@@ -1,7 +1,7 @@
 //! One virtual CPU: running it, its exits as owned values, and its architectural state.
 
 use crate::kick::{KickTarget, install_kick_handler};
-use crate::{HypervisorError, Kicker, Result, ioctl};
+use crate::{HypervisorError, Kicker, Result, StateCaps, ioctl};
 use kvm_bindings::{
     CpuId, Msrs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events,
@@ -71,14 +71,15 @@ enum Pending {
 
 pub struct Vcpu {
     id: u32,
-    fd: VcpuFd,
+    pub(crate) fd: VcpuFd,
     run_size: usize,
     pending: Pending,
     kick: Arc<KickTarget>,
+    caps: StateCaps,
 }
 
 impl Vcpu {
-    pub(crate) fn new(id: u32, mut fd: VcpuFd, run_size: usize) -> Result<Self> {
+    pub(crate) fn new(id: u32, mut fd: VcpuFd, run_size: usize, caps: StateCaps) -> Result<Self> {
         install_kick_handler()?;
         let immediate_exit = std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit);
         Ok(Vcpu {
@@ -87,7 +88,21 @@ impl Vcpu {
             run_size,
             pending: Pending::None,
             kick: KickTarget::new(immediate_exit),
+            caps,
         })
+    }
+
+    pub(crate) fn caps(&self) -> StateCaps {
+        self.caps
+    }
+
+    pub(crate) fn kick_target(&self) -> &KickTarget {
+        &self.kick
+    }
+
+    /// Forgets the exit whose completion was pending (KVM completed it).
+    pub(crate) fn pending_done(&mut self) {
+        self.pending = Pending::None;
     }
 
     pub fn id(&self) -> u32 {
@@ -227,6 +242,13 @@ impl Vcpu {
 
     pub fn set_cpuid2(&self, cpuid: &CpuId) -> Result<()> {
         self.fd.set_cpuid2(cpuid).map_err(ioctl("KVM_SET_CPUID2"))
+    }
+
+    /// The CPUID KVM reports for this vCPU (on PVM hosts the host's own, whatever was set).
+    pub fn cpuid(&self) -> Result<CpuId> {
+        self.fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_CPUID2"))
     }
 
     pub fn mp_state(&self) -> Result<kvm_mp_state> {

@@ -1,6 +1,6 @@
 //! One KVM virtual machine: its memory slots, in-kernel interrupt controllers and vCPUs.
 
-use crate::{HypervisorError, Result, Vcpu, ioctl};
+use crate::{HypervisorError, Result, StateCaps, Vcpu, ioctl};
 use kvm_bindings::{
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting,
     kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region,
@@ -43,15 +43,25 @@ pub struct Vm {
     /// The MSI routes by GSI; `KVM_SET_GSI_ROUTING` replaces the whole table, so every
     /// change sends all of them (with the irqchip pins).
     msi_routes: Mutex<BTreeMap<u32, MsiRoute>>,
+    caps: StateCaps,
 }
 
 impl Vm {
-    pub(crate) fn new(fd: VmFd) -> Self {
+    pub(crate) fn new(fd: VmFd, caps: StateCaps) -> Self {
         Vm {
             fd,
             memory: None,
             msi_routes: Mutex::new(BTreeMap::new()),
+            caps,
         }
+    }
+
+    pub(crate) fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub(crate) fn caps(&self) -> StateCaps {
+        self.caps
     }
 
     /// Registers every region of `memory` as one KVM memory slot. Call once.
@@ -217,7 +227,7 @@ impl Vm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
-        Vcpu::new(id, fd, self.fd.run_size())
+        Vcpu::new(id, fd, self.fd.run_size(), self.caps)
     }
 
     pub fn memory(&self) -> Option<&GuestMemoryMmap> {

@@ -193,8 +193,8 @@ impl VmControl {
         let _one = relock(&self.snapshots);
         let Some(writer) = relock(&self.snapshotter).clone() else {
             return Err(
-                "this VM cannot be snapshotted: its machine is still starting, or its kind \
-                 (x86_64) has no snapshots yet"
+                "this VM cannot be snapshotted yet: its machine is still starting; try again \
+                 in a moment"
                     .into(),
             );
         };

@@ -105,10 +105,7 @@ fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode
             serial: spec.serial.clone(),
         };
         let outcome = match (spec.arch, restore.take()) {
-            (Arch::X86_64, None) => x86::run(&spec, &ctx).map_err(|e| e.to_string()),
-            (Arch::X86_64, Some(_)) => {
-                Err("restoring x86_64 snapshots is not supported yet".into())
-            }
+            (Arch::X86_64, r) => x86::run(&spec, &ctx, r.as_ref()).map_err(|e| e.to_string()),
             (Arch::Riscv64, r) => riscv::run(&spec, &ctx, r.as_ref()),
         };
         match outcome {

@@ -250,7 +250,7 @@ pub fn run(
 
     let handle = machine.handle();
     ctx.control.set_snapshotter(Arc::new(RiscvSnapshotter {
-        spec: snap::absolute_spec(spec),
+        spec: crate::snapshot::absolute_spec(spec),
         machine: Arc::downgrade(&machine),
         handle: handle.clone(),
         serial,

@@ -364,6 +364,9 @@ fn edited_corrupted_and_mismatched_snapshots_are_refused() {
     put(&good);
     let err = refused(&snap, &["--memory", "512M"]);
     assert!(err.contains("--memory cannot go with --restore"), "{err}");
+    // The snapshot fixes the architecture too: a riscv64 snapshot is not an x86_64 VM.
+    let err = refused(&snap, &["--arch", "x86_64"]);
+    assert!(err.contains("--arch cannot go with --restore"), "{err}");
     let err = refused(&snap, &["--disk", "path=/nonexistent"]);
     assert!(
         err.contains("1 --disk given") && err.contains("0 disks"),

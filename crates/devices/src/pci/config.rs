@@ -176,6 +176,33 @@ impl ConfigSpace {
         }
     }
 
+    /// The conventional space's bytes, for a snapshot.
+    pub fn state(&self) -> Vec<u8> {
+        self.regs.to_vec()
+    }
+
+    /// Takes a snapshot's bytes into this freshly made space. Only the bits a guest can
+    /// write may differ from what the space holds now; anything else means the snapshot
+    /// holds another function (or an edited one), and is refused.
+    pub fn restore(&mut self, regs: &[u8]) -> Result<(), String> {
+        if regs.len() != SIZE {
+            return Err(format!(
+                "{} bytes of configuration space saved, a function has {SIZE}",
+                regs.len()
+            ));
+        }
+        let fixed = (0..SIZE).find(|&o| (regs[o] ^ self.regs[o]) & !self.wmask[o] != 0);
+        if let Some(o) = fixed {
+            return Err(format!(
+                "configuration byte {o:#x} is {:#04x} but reads {:#04x} on this function, and \
+                 a guest cannot change it: the snapshot holds another device here",
+                regs[o], self.regs[o]
+            ));
+        }
+        self.regs.copy_from_slice(regs);
+        Ok(())
+    }
+
     /// Writes any bytes of the space; only the bits of the write mask change.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
         for (i, &b) in data.iter().enumerate() {

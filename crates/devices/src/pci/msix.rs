@@ -8,6 +8,8 @@
 //! (the guest writes address and data while the vector is masked), so a route is
 //! reprogrammed once per real change, not per dword.
 
+use serde::{Deserialize, Serialize};
+
 /// Capability ID of MSI-X.
 pub const CAP_ID: u8 = 0x11;
 /// Message control: MSI-X enable and function mask.
@@ -19,6 +21,15 @@ pub const ENTRY_SIZE: u64 = 16;
 const VECTOR_MASKED: u32 = 1;
 /// The most vectors a table can have.
 pub const MAX_VECTORS: u16 = 2048;
+
+/// A function's MSI-X vectors in a snapshot (enable and function mask live in the
+/// capability's message control register, saved with the configuration space).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// Per vector: address low, address high, data, vector control.
+    pub table: Vec<[u32; 4]>,
+    pub pending: Vec<bool>,
+}
 
 /// One MSI message: where the device writes and what.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,6 +213,40 @@ impl Msix {
                     .fold(0u8, |acc, bit| acc | (1 << bit))
             });
         }
+    }
+
+    /// The state for a snapshot.
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            table: self.table.clone(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Takes a snapshot's vectors into this fresh table, with `ctrl` the message control
+    /// register the configuration space was restored with; the sink hears every route that
+    /// is deliverable (so the routes are rebuilt) and a pending deliverable vector fires.
+    pub fn restore(&mut self, s: &MsixState, ctrl: u16) -> Result<(), String> {
+        let n = self.table.len();
+        if s.table.len() != n || s.pending.len() != n {
+            return Err(format!(
+                "{} MSI-X vectors and {} pending bits saved, the function has {n} vectors",
+                s.table.len(),
+                s.pending.len()
+            ));
+        }
+        for (v, e) in s.table.iter().enumerate() {
+            self.table[v] = [e[0], e[1], e[2], e[3] & VECTOR_MASKED];
+        }
+        self.enabled = ctrl & CTRL_ENABLE != 0;
+        self.function_masked = ctrl & CTRL_MASK != 0;
+        // Without MSI-X nothing is pending (set_control clears the bits when it goes off).
+        let enabled = self.enabled;
+        self.pending = s.pending.iter().map(|&p| p && enabled).collect();
+        for v in 0..n {
+            self.sync(v);
+        }
+        Ok(())
     }
 
     /// Whether vector `vector` is pending (for tests and diagnostics).

@@ -73,6 +73,8 @@ impl PciFunction for HostBridge {
 /// Bus 0's functions by device number. Fixed once the machine is built.
 pub struct PciBus {
     slots: Vec<Option<SharedFunction>>,
+    /// Device 0, also in `slots`, kept typed for snapshots.
+    bridge: Arc<Mutex<HostBridge>>,
     /// Where each function's BARs decode, (device, BAR, base, size) in device order,
     /// refreshed after every configuration write to that device. Decoding an access looks
     /// here, so it waits for no function's lock but the target's (a device thread may hold
@@ -90,10 +92,37 @@ impl PciBus {
     /// A bus with the host bridge at device 0.
     pub fn new() -> Self {
         let mut slots: Vec<Option<SharedFunction>> = vec![None; SLOTS];
-        slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
+        let bridge = Arc::new(Mutex::new(HostBridge::new()));
+        slots[0] = Some(bridge.clone());
         PciBus {
             slots,
+            bridge,
             decoded: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The host bridge's configuration space, for a snapshot.
+    pub fn bridge_state(&self) -> Vec<u8> {
+        self.bridge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .state()
+    }
+
+    /// Takes a snapshot's host bridge configuration space (see [`ConfigSpace::restore`]).
+    pub fn restore_bridge(&self, regs: &[u8]) -> Result<(), String> {
+        self.bridge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .restore(regs)
+    }
+
+    /// Re-reads where every function's BARs decode (after restoring their configuration).
+    pub fn refresh_all(&self) {
+        for slot in 0..self.slots.len() {
+            self.refresh(slot);
         }
     }
 

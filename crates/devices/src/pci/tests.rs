@@ -306,3 +306,22 @@ fn the_bus_holds_31_functions() {
         Err(PciError::Full)
     );
 }
+
+#[test]
+fn the_host_bridge_state_keeps_guest_bits_and_refuses_fixed_ones() {
+    let bus = Arc::new(PciBus::new());
+    let mut saved = bus.bridge_state();
+    // The command register is the guest's; the IDs are not.
+    saved[COMMAND] = 6;
+    bus.restore_bridge(&saved).unwrap();
+    let mut io = ConfigIo::new(bus.clone());
+    io.write(0, &0x8000_0004u32.to_le_bytes());
+    let mut b = [0u8; 2];
+    io.read(4, &mut b);
+    assert_eq!(u16::from_le_bytes(b), 6);
+    let mut other = saved.clone();
+    other[2] ^= 0xff;
+    let e = bus.restore_bridge(&other).unwrap_err();
+    assert!(e.contains("configuration byte 0x2"), "{e}");
+    assert!(bus.restore_bridge(&saved[..100]).is_err());
+}

@@ -16,11 +16,12 @@
 //! with virtio-mmio. Interrupts go through MSI-X only; INTx is not emulated (interrupt pin
 //! 0), so a driver that does not enable MSI-X must poll.
 
-use super::transport::{Interrupts, S_DRIVER_OK, VirtioCore};
-use super::{GuestMemory, VirtioDevice};
+use super::transport::{CoreState, Interrupts, S_DRIVER_OK, VirtioCore};
+use super::{GuestMemory, StateError, VirtioDevice};
 use crate::pci::config::Ids;
-use crate::pci::msix::{self, MsiSink, Msix};
+use crate::pci::msix::{self, MsiSink, Msix, MsixState};
 use crate::pci::{BarWatcher, ConfigSpace, PciFunction};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 pub const VENDOR: u16 = 0x1af4;
@@ -94,6 +95,19 @@ pub fn notify_queue(offset: u64) -> Option<u32> {
 /// The guest address of queue `queue`'s notification, with BAR 0 at `bar`.
 pub fn notify_addr(bar: u64, queue: u32) -> u64 {
     bar + NOTIFY + u64::from(queue) * u64::from(NOTIFY_MULTIPLIER)
+}
+
+/// A virtio-pci function in a snapshot: the shared core, the configuration space (BAR 0's
+/// address, command register, MSI-X enable and mask, the PCI_CFG window), the MSI-X table
+/// and pending bits, the ISR and the vector assignments.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciState {
+    pub core: CoreState,
+    pub config: Vec<u8>,
+    pub msix: MsixState,
+    pub isr: u8,
+    pub config_vector: u16,
+    pub queue_vectors: Vec<u16>,
 }
 
 /// The interrupt side: ISR status and MSI-X vector assignments.
@@ -246,6 +260,70 @@ impl PciTransport {
     /// Changes the device's rate limits while it runs (see [`VirtioDevice::update_limits`]).
     pub fn update_limits(&mut self, limits: &super::rate_limit::LimitSet) -> bool {
         self.core.device_mut().update_limits(limits)
+    }
+
+    /// The state for a snapshot (the caller holds the transport, so no request is half
+    /// done).
+    pub fn state(&self) -> PciState {
+        PciState {
+            core: self.core.state(),
+            config: self.config.state(),
+            msix: self.irq.msix.state(),
+            isr: self.irq.isr,
+            config_vector: self.irq.config_vector,
+            queue_vectors: self.irq.queue_vectors.clone(),
+        }
+    }
+
+    /// Takes a snapshot's state into this freshly made transport: the configuration space
+    /// (only bits a guest can write may differ), the MSI-X vectors (their routes are
+    /// rebuilt through the sink), the core (see [`VirtioCore::restore`]), and BAR 0's
+    /// address, which the watcher hears (so notifications get their fast path again). On
+    /// error the transport must be dropped.
+    pub fn restore(&mut self, s: &PciState) -> Result<(), StateError> {
+        let vectors = self.irq.msix.vectors();
+        let vector_ok = |v: u16| v == NO_VECTOR || v < vectors;
+        if s.queue_vectors.len() != self.irq.queue_vectors.len() {
+            return Err(StateError(format!(
+                "{} queue vectors saved, the device has {} queues",
+                s.queue_vectors.len(),
+                self.irq.queue_vectors.len()
+            )));
+        }
+        if let Some(v) = std::iter::once(&s.config_vector)
+            .chain(&s.queue_vectors)
+            .find(|&&v| !vector_ok(v))
+        {
+            return Err(StateError(format!(
+                "MSI-X vector {v} is assigned, but the function has {vectors}"
+            )));
+        }
+        if s.isr & !3 != 0 {
+            return Err(StateError(format!(
+                "ISR status {:#x} has bits that do not exist",
+                s.isr
+            )));
+        }
+        self.config.restore(&s.config).map_err(StateError)?;
+        self.irq.isr = s.isr;
+        self.irq.config_vector = s.config_vector;
+        self.irq.queue_vectors.clone_from(&s.queue_vectors);
+        self.core.restore(&s.core)?;
+        let ctrl = self.config.u16_at(self.msix_cap + 2);
+        self.irq.msix.restore(&s.msix, ctrl).map_err(StateError)?;
+        self.bar = self.config.bar_addr(0);
+        if let Some(w) = &mut self.watcher {
+            w.bar_moved(0, self.bar);
+        }
+        Ok(())
+    }
+
+    /// Serves every ready queue once, for a restored device (see
+    /// [`VirtioCore::ready_queues`]).
+    pub fn kick_ready_queues(&mut self) {
+        for q in self.core.ready_queues() {
+            self.core.kick(q, &mut self.irq);
+        }
     }
 
     fn reset(&mut self) {

@@ -383,3 +383,83 @@ fn the_pci_cfg_capability_reaches_bar0_through_configuration_space() {
     }
     assert_eq!(r.status(), S_ACKNOWLEDGE);
 }
+
+#[test]
+fn a_restored_function_keeps_its_routes_bar_and_queues() {
+    let mut a = Rig::new();
+    a.t.config_write(4, &2u16.to_le_bytes());
+    a.msix_on(2);
+    a.bring_up();
+    a.drv.post(&a.mem, &[(DATA, 16, true)]);
+    a.wr(notify_addr(0, 0), 2, 0);
+    assert_eq!(a.drv.used_idx(&a.mem), 1);
+    let saved = a.t.state();
+
+    // A fresh function over the same RAM takes it.
+    let sink = Arc::new(Sink::default());
+    let mut t = PciTransport::new(Box::new(Rng::new()), a.mem.clone(), sink.clone(), BAR);
+    let watch = Watch::default();
+    let moves = watch.0.clone();
+    t.set_watcher(Box::new(watch));
+    t.restore(&saved).unwrap();
+    assert_eq!(t.state(), saved);
+    let msg = |v: u32| {
+        Some(MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x30 + v,
+        })
+    };
+    assert_eq!(
+        *sink.routes.lock().unwrap(),
+        vec![(0, msg(0)), (1, msg(1))],
+        "every deliverable vector is routed again"
+    );
+    assert_eq!(moves.lock().unwrap().last(), Some(&Some(u64::from(BAR))));
+    assert_eq!(
+        t.bar_ranges(),
+        vec![(0, u64::from(BAR), u64::from(BAR_SIZE))]
+    );
+    let mut b = Rig {
+        t,
+        mem: a.mem.clone(),
+        sink,
+        moves,
+        drv: a.drv,
+    };
+    b.drv.post(&b.mem, &[(DATA, 16, true)]);
+    b.wr(notify_addr(0, 0), 2, 0);
+    assert_eq!(b.drv.used_idx(&b.mem), 2, "the queue goes on where it was");
+    assert_eq!(b.signals(), vec![1]);
+}
+
+#[test]
+fn restoring_another_function_or_impossible_vectors_is_refused() {
+    let mut a = Rig::new();
+    a.msix_on(2);
+    a.bring_up();
+    let good = a.t.state();
+    let fresh = || {
+        let mem = Arc::new(TestMemory::new());
+        PciTransport::new(Box::new(Rng::new()), mem, Arc::new(Sink::default()), BAR)
+    };
+    let mut bad = good.clone();
+    bad.config[0] ^= 1;
+    let e = fresh().restore(&bad).unwrap_err().to_string();
+    assert!(e.contains("configuration byte 0x0"), "{e}");
+    let mut bad = good.clone();
+    bad.config.pop();
+    assert!(fresh().restore(&bad).is_err());
+    let mut bad = good.clone();
+    bad.queue_vectors[0] = 7;
+    let e = fresh().restore(&bad).unwrap_err().to_string();
+    assert!(e.contains("MSI-X vector 7"), "{e}");
+    let mut bad = good.clone();
+    bad.queue_vectors.push(0);
+    assert!(fresh().restore(&bad).is_err());
+    let mut bad = good.clone();
+    bad.msix.table.push([0; 4]);
+    assert!(fresh().restore(&bad).is_err());
+    let mut bad = good.clone();
+    bad.isr = 4;
+    assert!(fresh().restore(&bad).is_err());
+}

@@ -312,6 +312,11 @@ impl StateFile {
         })
     }
 
+    /// Whether the file has a section `name`.
+    pub fn has_section(&self, name: &str) -> bool {
+        self.sections.iter().any(|(n, _)| n == name)
+    }
+
     /// Decodes section `name` (its checksum matched when the file was read).
     pub fn section<T: DeserializeOwned>(&self, name: &str) -> Result<T, FormatError> {
         let Some((_, data)) = self.sections.iter().find(|(n, _)| n == name) else {

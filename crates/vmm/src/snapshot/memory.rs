@@ -1,7 +1,8 @@
 //! The memory file: guest RAM byte for byte, as a sparse file. Pages that are all zero
 //! (never touched, or given back through the balloon) are holes, so an idle guest's file
 //! takes the space of the memory it uses, not of the memory it has. A restore maps it
-//! privately (see `vme_riscv::GuestRam::from_file`): pages load when first touched.
+//! privately (`vme_riscv::GuestRam::from_file`, `crate::x86::ram::from_file`): pages load
+//! when first touched.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -4,8 +4,9 @@
 //! A snapshot directory holds two files:
 //! - `state`: the format version, the monitor version, the architecture and CPU model, then
 //!   one section per part of the VM (`config`: the machine file; `machine`, `hart.N`,
-//!   `clint`, `plic` on riscv64; `serial`; `virtio.N` per virtio slot), each with its
-//!   length and CRC-32C ([`format`]);
+//!   `clint`, `plic` on riscv64; `machine`, `vm`, `vcpu.N`, `rtc`, `acpi`, `pci` on
+//!   x86_64; `serial`; `virtio.N` per virtio slot), each with its length and CRC-32C
+//!   ([`format`]);
 //! - `memory`: guest RAM as a sparse file ([`memory`]), mapped privately on restore so pages
 //!   load on first touch and restoring takes the same time for any memory size.
 //!
@@ -25,9 +26,8 @@
 //! previous snapshot and name it as their parent ([`lineage`], [`diff`]); a restore maps
 //! the chain's memory files over each other, still lazily.
 //!
-//! riscv64 only so far ([`riscv`]); the container, the memory file and the device states
-//! are architecture-independent, so x86_64 adds its vCPU and interrupt-controller
-//! sections next.
+//! Each machine kind writes and reads its own sections ([`riscv`], [`x86`]); the container,
+//! the memory file and the virtio core's state are shared.
 
 pub mod crc32c;
 pub mod diff;
@@ -36,6 +36,7 @@ pub mod lineage;
 pub mod memory;
 pub mod restore;
 pub mod riscv;
+pub mod x86;
 
 use format::{StateFile, StateWriter};
 use std::path::{Path, PathBuf};
@@ -113,6 +114,43 @@ pub fn slot_names(spec: &MachineSpec) -> Vec<String> {
         }
     }
     names
+}
+
+/// The saved state of every virtio slot of `spec` (`virtio.N`, a transport's state each);
+/// a snapshot with more or fewer is refused.
+pub fn virtio_states<T: serde::de::DeserializeOwned>(
+    r: &Restore,
+    spec: &MachineSpec,
+) -> Result<Vec<T>, String> {
+    let f: &StateFile = &r.file;
+    let n = slot_names(spec).len();
+    if f.has_section(&format!("virtio.{n}")) {
+        return Err(f
+            .invalid(
+                &format!("virtio.{n}"),
+                format!("the machine file has {n} virtio devices, the snapshot more"),
+            )
+            .to_string());
+    }
+    (0..n)
+        .map(|i| f.section(&format!("virtio.{i}")).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// `spec` with the paths a later restore needs made absolute (it may run elsewhere).
+pub fn absolute_spec(spec: &MachineSpec) -> MachineSpec {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut s = spec.clone();
+    s.kernel = abs(&s.kernel);
+    s.initrd = s.initrd.as_deref().map(abs);
+    for d in &mut s.disks {
+        d.path = abs(&d.path);
+    }
+    if let Some(v) = &mut s.vsock {
+        v.uds = abs(&v.uds);
+    }
+    s.control_socket = None;
+    s
 }
 
 /// Writes a snapshot into `dir` (created if missing): the memory file from `read`, which

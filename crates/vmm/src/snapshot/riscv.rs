@@ -3,9 +3,9 @@
 //! restore.
 
 use super::diff::{coalesce, open_memory, write_pages};
-use super::format::{StateFile, StateWriter};
+use super::format::StateWriter;
 use super::lineage::{Chain, DIFF_PAGES, History, LINEAGE, Lineage, MAX_RUNS, ParentRef};
-use super::{Restore, check_machine, slot_names, write_dir, write_dir_with};
+use super::{Restore, check_machine, write_dir, write_dir_with};
 use crate::control::Snapshotter;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -208,36 +208,7 @@ pub fn serial_state(r: &Restore) -> Result<SerialState, String> {
     r.file.section("serial").map_err(|e| e.to_string())
 }
 
-/// The saved state of every virtio slot of `spec`; a snapshot with more or fewer is
-/// refused.
+/// The saved state of every virtio slot of `spec` (see [`super::virtio_states`]).
 pub fn virtio_states(r: &Restore, spec: &MachineSpec) -> Result<Vec<MmioState>, String> {
-    let f: &StateFile = &r.file;
-    let n = slot_names(spec).len();
-    if f.section::<MmioState>(&format!("virtio.{n}")).is_ok() {
-        return Err(f
-            .invalid(
-                &format!("virtio.{n}"),
-                format!("the machine file has {n} virtio devices, the snapshot more"),
-            )
-            .to_string());
-    }
-    (0..n)
-        .map(|i| f.section(&format!("virtio.{i}")).map_err(|e| e.to_string()))
-        .collect()
-}
-
-/// `spec` with the paths a later restore needs made absolute (it may run elsewhere).
-pub fn absolute_spec(spec: &MachineSpec) -> MachineSpec {
-    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut s = spec.clone();
-    s.kernel = abs(&s.kernel);
-    s.initrd = s.initrd.as_deref().map(abs);
-    for d in &mut s.disks {
-        d.path = abs(&d.path);
-    }
-    if let Some(v) = &mut s.vsock {
-        v.uds = abs(&v.uds);
-    }
-    s.control_socket = None;
-    s
+    super::virtio_states(r, spec)
 }

@@ -3,7 +3,7 @@
 //! writes (no ioctl on the device's path), and each queue's notify address is an ioeventfd
 //! served by one notification thread (no exit to user space for a notification).
 
-use super::Ram;
+use super::ram::Ram;
 use crate::notify::{Notification, NotifyWorker};
 use crate::virtio::{Slot, Workers};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,6 +134,12 @@ impl BarWatcher for IoEvents {
     }
 }
 
+/// PCI bus 0 and its virtio functions in slot order, for snapshots.
+pub struct PciDevices {
+    pub bus: Arc<PciBus>,
+    pub transports: Vec<Arc<Mutex<PciTransport>>>,
+}
+
 /// Puts the virtio devices on PCI bus 0 and the bus on the machine's port and MMIO buses.
 pub fn attach(
     vm: &Arc<Vm>,
@@ -142,11 +148,12 @@ pub fn attach(
     workers: &mut Workers,
     pio: &mut Bus,
     mmio: &mut Bus,
-) -> Result<(), String> {
+) -> Result<PciDevices, String> {
     let mut bus = PciBus::new();
     let mut bars = BarAllocator::new(layout::PCI_MMIO_BASE, layout::PCI_MMIO_SIZE);
     let mut next_gsi = FIRST_MSI_GSI;
     let mut notifications = Vec::new();
+    let mut transports = Vec::new();
     for (i, slot) in slots.into_iter().enumerate() {
         let queues = slot.device.queue_max_sizes().len();
         let vectors = queues as u32 + 1;
@@ -198,7 +205,8 @@ pub fn attach(
                 fds,
                 placed: None,
             }));
-        bus.add(transport).map_err(|e| e.to_string())?;
+        bus.add(transport.clone()).map_err(|e| e.to_string())?;
+        transports.push(transport);
     }
     if !notifications.is_empty() {
         let worker = NotifyWorker::spawn(notifications)
@@ -219,8 +227,11 @@ pub fn attach(
         Arc::new(Mutex::new(Ecam::new(bus.clone()))),
     )
     .map_err(layout_err)?;
-    let window: SharedDevice = Arc::new(Mutex::new(BarWindow::new(bus, layout::PCI_MMIO_BASE)));
+    let window: SharedDevice = Arc::new(Mutex::new(BarWindow::new(
+        bus.clone(),
+        layout::PCI_MMIO_BASE,
+    )));
     mmio.insert(layout::PCI_MMIO_BASE, layout::PCI_MMIO_SIZE, window)
         .map_err(layout_err)?;
-    Ok(())
+    Ok(PciDevices { bus, transports })
 }

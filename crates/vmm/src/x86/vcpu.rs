@@ -4,8 +4,8 @@
 use super::emu::{GuestRam, KvmCpu};
 use crate::control::{ExitReason, VmControl};
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::GuestMemoryMmap;
 use vme_devices::bus::Bus;
 use vme_emulator::{Completer, Completion};
@@ -15,8 +15,17 @@ use vme_hypervisor::{INTERNAL_ERROR_EMULATION, Vcpu, VcpuExit};
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
 
+/// A vCPU shared by its thread, which holds it while it runs the guest, and the snapshot
+/// writer, which takes it while the VM is paused (the thread never holds it while parked).
+pub type SharedVcpu = Arc<Mutex<Vcpu>>;
+
+pub fn lock(v: &SharedVcpu) -> MutexGuard<'_, Vcpu> {
+    // Every critical section leaves the vCPU usable: KVM holds its state.
+    v.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub struct VcpuThread {
-    pub vcpu: Vcpu,
+    pub vcpu: SharedVcpu,
     pub pio: Bus,
     pub mmio: Bus,
     pub mem: GuestMemoryMmap,
@@ -35,8 +44,8 @@ pub struct VcpuReport {
 }
 
 impl VcpuThread {
-    pub fn run(mut self) -> VcpuReport {
-        let id = self.vcpu.id();
+    pub fn run(self) -> VcpuReport {
+        let id = lock(&self.vcpu).id();
         let mut report = VcpuReport {
             id,
             ..Default::default()
@@ -44,14 +53,22 @@ impl VcpuThread {
         let mut unclaimed = HashSet::new();
         loop {
             if self.control.should_stop() {
-                log::info!("vCPU {id}: stopped at {}", self.place());
+                log::info!("vCPU {id}: stopped at {}", place(&lock(&self.vcpu)));
                 break;
             }
             if self.control.pause_requested() {
+                // KVM finishes an `in` or MMIO read on the next entry: finish it now, so a
+                // snapshot of the paused vCPU holds the state between two instructions.
+                if let Err(e) = lock(&self.vcpu).finish_pending_exit() {
+                    self.crash(format!("vCPU {id}: {e}"));
+                    break;
+                }
                 self.control.wait_while_paused();
                 continue;
             }
-            let exit = match self.vcpu.run() {
+            let mut guard = lock(&self.vcpu);
+            let vcpu = &mut *guard;
+            let exit = match vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) => {
                     self.crash(format!("vCPU {id}: {e}"));
@@ -65,7 +82,7 @@ impl VcpuThread {
                 VcpuExit::Interrupted => Ok(()),
                 VcpuExit::IoIn { port, size, count } => {
                     report.io_exits += 1;
-                    self.io_in(port, size, count, &mut unclaimed)
+                    self.io_in(vcpu, port, size, count, &mut unclaimed)
                 }
                 VcpuExit::IoOut { port, size, data } => {
                     report.io_exits += 1;
@@ -90,8 +107,7 @@ impl VcpuThread {
                             );
                         }
                     }
-                    self.vcpu
-                        .complete_mmio_read(buf)
+                    vcpu.complete_mmio_read(buf)
                         .map_err(|e| format!("vCPU {id}: {e}"))
                 }
                 VcpuExit::MmioWrite { addr, len, data } => {
@@ -107,23 +123,23 @@ impl VcpuThread {
                     if suberror == INTERNAL_ERROR_EMULATION =>
                 {
                     report.completions += 1;
-                    self.complete(&mut report.completer)
+                    self.complete(vcpu, &mut report.completer)
                 }
                 VcpuExit::InternalError { suberror, data } => Err(format!(
                     "vCPU {id}: KVM internal error {suberror} (data {data:x?}) at {}",
-                    self.place()
+                    place(vcpu)
                 )),
                 VcpuExit::Shutdown => Err(format!(
                     "vCPU {id}: triple fault (the guest hit an exception it could not handle) at {}",
-                    self.place()
+                    place(vcpu)
                 )),
                 VcpuExit::FailEntry { reason, cpu } => Err(format!(
                     "vCPU {id}: the host refused to enter the guest (hardware reason {reason:#x}, host CPU {cpu}) at {}",
-                    self.place()
+                    place(vcpu)
                 )),
                 VcpuExit::Hlt => Err(format!(
                     "vCPU {id}: halted with no way to wake (HLT exit) at {}",
-                    self.place()
+                    place(vcpu)
                 )),
                 VcpuExit::SystemEvent { kind, .. } => {
                     match kind {
@@ -137,7 +153,7 @@ impl VcpuThread {
                 }
                 other => Err(format!(
                     "vCPU {id}: unexpected exit {other:?} at {}",
-                    self.place()
+                    place(vcpu)
                 )),
             };
             if let Err(why) = outcome {
@@ -149,7 +165,8 @@ impl VcpuThread {
     }
 
     fn io_in(
-        &mut self,
+        &self,
+        vcpu: &mut Vcpu,
         port: u16,
         size: u8,
         count: u32,
@@ -160,12 +177,7 @@ impl VcpuThread {
         let total = size
             .checked_mul(count as usize)
             .filter(|&n| n <= 4096)
-            .ok_or_else(|| {
-                format!(
-                    "vCPU {}: port read of {count} x {size} bytes",
-                    self.vcpu.id()
-                )
-            })?;
+            .ok_or_else(|| format!("vCPU {}: port read of {count} x {size} bytes", vcpu.id()))?;
         let mut buf = vec![0xffu8; total];
         for chunk in buf.chunks_mut(size) {
             if !self.pio.read(u64::from(port), chunk) {
@@ -173,21 +185,20 @@ impl VcpuThread {
                 if unclaimed.insert((0, u64::from(port))) {
                     log::debug!(
                         "vCPU {}: read of unclaimed port {port:#x} returns all-ones",
-                        self.vcpu.id()
+                        vcpu.id()
                     );
                 }
             }
         }
-        self.vcpu
-            .complete_io_in(&buf)
-            .map_err(|e| format!("vCPU {}: {e}", self.vcpu.id()))
+        vcpu.complete_io_in(&buf)
+            .map_err(|e| format!("vCPU {}: {e}", vcpu.id()))
     }
 
     /// Completes the instruction KVM gave up on, then resumes the guest.
-    fn complete(&mut self, completer: &mut Completer) -> Result<(), String> {
-        let id = self.vcpu.id();
-        let regs = self.vcpu.regs().map_err(|e| format!("vCPU {id}: {e}"))?;
-        let sregs = self.vcpu.sregs().map_err(|e| format!("vCPU {id}: {e}"))?;
+    fn complete(&self, vcpu: &mut Vcpu, completer: &mut Completer) -> Result<(), String> {
+        let id = vcpu.id();
+        let regs = vcpu.regs().map_err(|e| format!("vCPU {id}: {e}"))?;
+        let sregs = vcpu.sregs().map_err(|e| format!("vCPU {id}: {e}"))?;
         let mut cpu = KvmCpu { id, regs, sregs };
         let mut ram = GuestRam(&self.mem);
         let done = completer
@@ -196,8 +207,7 @@ impl VcpuThread {
         self.control
             .emulated_instructions
             .fetch_add(1, Ordering::Relaxed);
-        self.vcpu
-            .set_regs(&cpu.regs)
+        vcpu.set_regs(&cpu.regs)
             .map_err(|e| format!("vCPU {id}: {e}"))?;
         if let Completion::Inject {
             vector,
@@ -208,22 +218,13 @@ impl VcpuThread {
             if let Some(cr2) = cr2 {
                 let mut sregs = cpu.sregs;
                 sregs.cr2 = cr2;
-                self.vcpu
-                    .set_sregs(&sregs)
+                vcpu.set_sregs(&sregs)
                     .map_err(|e| format!("vCPU {id}: {e}"))?;
             }
-            self.vcpu
-                .inject_exception(vector, error_code)
+            vcpu.inject_exception(vector, error_code)
                 .map_err(|e| format!("vCPU {id}: injecting vector {vector}: {e}"))?;
         }
         Ok(())
-    }
-
-    /// "RIP 0x… (CS 0x…)" of this vCPU, for error messages.
-    fn place(&self) -> String {
-        let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(u64::MAX);
-        let cs = self.vcpu.sregs().map(|s| s.cs.selector).unwrap_or(u16::MAX);
-        format!("RIP {rip:#x} (CS {cs:#x})")
     }
 
     fn crash(&self, why: String) {
@@ -231,4 +232,11 @@ impl VcpuThread {
         log::debug!("{why}");
         self.control.request_exit(ExitReason::Crash(why));
     }
+}
+
+/// "RIP 0x… (CS 0x…)" of a vCPU, for error messages.
+fn place(vcpu: &Vcpu) -> String {
+    let rip = vcpu.regs().map(|r| r.rip).unwrap_or(u64::MAX);
+    let cs = vcpu.sregs().map(|s| s.cs.selector).unwrap_or(u16::MAX);
+    format!("RIP {rip:#x} (CS {cs:#x})")
 }

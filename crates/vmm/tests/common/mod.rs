@@ -89,16 +89,21 @@ pub fn x86_probe() -> &'static PathBuf {
 
 /// Sends one control command through `vme-vmm ctl`; asserts it succeeded, returns the reply.
 pub fn ctl(sock: &Path, cmd: &str) -> String {
+    ctl_args(sock, &[cmd])
+}
+
+/// [`ctl`] with a command that takes arguments (`["snapshot", DIR]`).
+pub fn ctl_args(sock: &Path, cmd: &[&str]) -> String {
     let out = Command::new(VMM)
         .arg("ctl")
         .arg("--control-socket")
         .arg(sock)
-        .arg(cmd)
+        .args(cmd)
         .output()
         .expect("run vme-vmm ctl");
     assert!(
         out.status.success(),
-        "ctl {cmd}: {}",
+        "ctl {cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -13,6 +13,12 @@
  *      (device 0) and of devices 1 and 2, the size mask of device 1's BAR 0 (all-ones
  *      written, read back, restored), and device 1's IDs again through ECAM (0xe0008000);
  *      power off
+ *   s  state a snapshot must keep: set the local APIC's TPR, an IOAPIC redirection entry,
+ *      the PIC's mask, an MSR, a debug register, and fill 64 KiB at 16 MiB with a pattern;
+ *      then once per RTC second count in a register and in RAM, and print one line (a
+ *      single `rep outsb`, so a snapshot never splits it):
+ *      "tick N mem=N dr0=00abcdef tpr=00000020 ioapic=00010035 pic=000000fa msr=12345678
+ *      sum=S" (no x87/SSE: on PVM hosts they fail in the guest's kernel mode)
  * Assembled and linked by the integration tests (binutils): see tests/x86_probe.rs.
  */
 	.intel_syntax noprefix
@@ -49,6 +55,8 @@ _start:
 	je ram_size
 	cmp al, 'v'
 	je virtio
+	cmp al, 's'
+	je state
 	lea esi, msg_unknown
 	call print
 	jmp halt
@@ -177,6 +185,90 @@ virtio:
 	call putc
 	jmp poweroff
 
+state:
+	mov dword ptr [0xfee00080], 0x20	/* local APIC TPR */
+	mov dword ptr [0xfec00000], 0x1a	/* IOAPIC: select pin 5's redirection (low) */
+	mov dword ptr [0xfec00010], 0x00010035	/* masked, vector 0x35 */
+	mov al, 0xfa			/* PIC master mask */
+	out 0x21, al
+	mov ecx, 0x175			/* IA32_SYSENTER_ESP */
+	mov eax, 0x12345678
+	xor edx, edx
+	wrmsr
+	mov eax, 0x00abcdef		/* a debug register (breakpoint 0 stays disabled) */
+	mov dr0, eax
+	mov ebx, 0x1000000		/* pattern: dword i holds i * 0x9e3779b1 */
+	xor eax, eax
+1:	mov [ebx], eax
+	add eax, 0x9e3779b1
+	add ebx, 4
+	cmp ebx, 0x1010000
+	jb 1b
+	lea esi, msg_ready
+	call print
+	mov byte ptr [buffered], 1
+	xor ebp, ebp
+	mov dword ptr [ticks_ram], 0
+2:	call next_second
+	inc ebp
+	inc dword ptr [ticks_ram]
+	lea esi, msg_tick
+	call print
+	mov eax, ebp
+	call print_hex
+	lea esi, msg_mem
+	call print
+	mov eax, [ticks_ram]
+	call print_hex
+	lea esi, msg_dr0
+	call print
+	mov eax, dr0
+	call print_hex
+	lea esi, msg_tpr
+	call print
+	mov eax, [0xfee00080]
+	call print_hex
+	lea esi, msg_ioapic
+	call print
+	mov dword ptr [0xfec00000], 0x1a
+	mov eax, [0xfec00010]
+	call print_hex
+	lea esi, msg_pic
+	call print
+	xor eax, eax
+	in al, 0x21
+	call print_hex
+	lea esi, msg_msr
+	call print
+	mov ecx, 0x175
+	rdmsr
+	call print_hex
+	lea esi, msg_sum
+	call print
+	xor eax, eax
+	mov ebx, 0x1000000
+3:	add eax, [ebx]
+	add ebx, 4
+	cmp ebx, 0x1010000
+	jb 3b
+	call print_hex
+	mov al, '\n'
+	call putc
+	call flush
+	jmp 2b
+
+/* Sends the line buffered by putc in one string write. */
+flush:
+	lea esi, linebuf
+	mov ecx, [bufpos]
+	sub ecx, esi
+	mov dx, 0x3f8
+	cld
+	rep outsb
+	lea eax, linebuf
+	mov [bufpos], eax
+	ret
+
 /* Reads the configuration dword that eax (a CONFIG_ADDRESS value) selects into eax. */
 pci_read:
 	mov dx, 0xcf8
@@ -214,9 +306,19 @@ print:
 	jmp print
 1:	ret
 
+/* Writes al to the serial port, or appends it to the line buffer while `buffered`. */
 putc:
+	cmp byte ptr [buffered], 0
+	jne 1f
 	mov dx, 0x3f8
 	out dx, al
+	ret
+1:	push ebx
+	mov ebx, [bufpos]
+	mov [ebx], al
+	inc ebx
+	mov [bufpos], ebx
+	pop ebx
 	ret
 
 /* Prints eax as 8 hex digits. */
@@ -253,3 +355,17 @@ msg_pci_dev2:	.asciz " dev2="
 msg_pci_bar0:	.asciz " bar0="
 msg_pci_ecam:	.asciz " ecam="
 msg_unknown:	.asciz "PROBE-UNKNOWN-COMMAND\n"
+msg_mem:	.asciz " mem="
+msg_dr0:	.asciz " dr0="
+msg_tpr:	.asciz " tpr="
+msg_ioapic:	.asciz " ioapic="
+msg_pic:	.asciz " pic="
+msg_msr:	.asciz " msr="
+msg_sum:	.asciz " sum="
+
+	.data
+	.balign 4
+ticks_ram:	.long 0
+bufpos:		.long linebuf
+buffered:	.byte 0
+linebuf:	.space 256

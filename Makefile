@@ -27,9 +27,11 @@ lint: setup
 	shellcheck --shell=dash images/init/init  # busybox ash, checked as its POSIX subset
 
 # Every test: unit tests, instruction-level machine tests, and integration tests that boot
-# real guests (they find the images under target/images).
+# real guests (they find the images under target/images). VME_TEST_RUN lets every test
+# binary of this run share one booted guest (tests/common/booted.rs); older runs' go.
 test: build images lint
-	$(CARGO) test --workspace --release
+	rm -rf $(CARGO_TARGET_DIR)/tmp/booted
+	VME_TEST_RUN=$$(date +%s)-$$$$ $(CARGO) test --workspace --release
 
 # Boots the tiny image and attaches its console (see README: "A first VM").
 run: build images

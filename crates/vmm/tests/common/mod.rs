@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod booted;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,6 +14,23 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const VMM: &str = env!("CARGO_BIN_EXE_vme-vmm");
+
+/// Guest shell commands that print what a booted Linux guest sees of itself: `NPROC=`,
+/// `MemTotal:` and `DATE=` (Unix seconds).
+pub const BASIC_FACTS: &str =
+    "echo NPROC=$(nproc); grep MemTotal /proc/meminfo; echo DATE=$(date +%s)";
+
+/// What the guest does with its virtio devices (a read-only `vda`, a writable `vdb`, the
+/// rng, vsock): hash vda (`VDA=`), try to write it (`VDA-RO=`), write a marker to vdb, name
+/// the hardware rng and read from it (`RNG=`, `HWRNG=`), list the PCI vendors (`PCI=`) and
+/// count the virtio interrupts that are MSI(-X) (`MSI=`, printed last).
+pub const VIRTIO_FACTS: &str = "echo VDA=$(sha256sum /dev/vda); \
+     (printf x > /dev/vda) 2>/dev/null && echo VDA-RO=no || echo VDA-RO=yes; \
+     printf VME-VDB-WRITTEN > /dev/vdb; sync; \
+     echo RNG=$(cat /sys/class/misc/hw_random/rng_current); \
+     echo HWRNG=$(head -c 64 /dev/hwrng | wc -c); \
+     echo PCI=$(sort -u /sys/bus/pci/devices/*/vendor); \
+     echo MSI=$(grep -i msi /proc/interrupts | grep -c virtio)";
 
 pub fn repo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -2,8 +2,8 @@
 
 use crate::{HypervisorError, Result, StateCaps, Vcpu, ioctl};
 use kvm_bindings::{
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting,
-    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    KvmIrqRouting, kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use std::collections::BTreeMap;
@@ -73,6 +73,14 @@ impl Vm {
                 why: "guest memory is already registered for this VM".into(),
             });
         }
+        self.register_slots(memory, 0)?;
+        self.memory = Some(memory.clone());
+        Ok(())
+    }
+
+    /// Registers (or re-registers, with new `flags`) every region of `memory` as one KVM
+    /// memory slot, numbered in order.
+    fn register_slots(&self, memory: &GuestMemoryMmap, flags: u32) -> Result<()> {
         for (slot, region) in memory.iter().enumerate() {
             let addr = region.start_addr().raw_value();
             let len = region.len();
@@ -90,19 +98,51 @@ impl Vm {
             })?;
             let region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: addr,
                 memory_size: len,
                 userspace_addr: host as u64,
             };
-            // SAFETY: the host range is a live mapping owned by `memory`; a clone of `memory`
-            // (sharing the same mappings) is stored in `self` below, so the mapping outlives
-            // the VM's use of it.
+            // SAFETY: the host range is a live mapping owned by `memory`, and a clone of
+            // `memory` (sharing the same mappings) is or is about to be stored in `self`, so
+            // the mapping outlives the VM's use of it. Re-registering a slot with the same
+            // range only changes its flags.
             unsafe { self.fd.set_user_memory_region(region) }
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        self.memory = Some(memory.clone());
         Ok(())
+    }
+
+    /// Turns KVM's log of the pages vCPUs write on for every memory slot (for diff snapshots
+    /// and migration). From here on each first write to a page after a
+    /// [`Vm::take_dirty_log`] costs the guest a fault. Writes by this process (devices,
+    /// emulated instructions) are not in it: the caller logs those itself.
+    pub fn enable_dirty_log(&self) -> Result<()> {
+        let memory = self.memory.as_ref().ok_or(HypervisorError::Memory {
+            addr: 0,
+            len: 0,
+            why: "guest memory is not registered yet".into(),
+        })?;
+        self.register_slots(memory, KVM_MEM_LOG_DIRTY_PAGES)
+    }
+
+    /// The pages vCPUs wrote since logging began or since the last call, one bitmap per
+    /// slot (bit `i` of word `i / 64` is the slot's page `i`); KVM clears them.
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>> {
+        let memory = self.memory.as_ref().ok_or(HypervisorError::Memory {
+            addr: 0,
+            len: 0,
+            why: "guest memory is not registered yet".into(),
+        })?;
+        memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(ioctl("KVM_GET_DIRTY_LOG"))
+            })
+            .collect()
     }
 
     /// Creates the in-kernel PIC + IOAPIC + local APICs and the PIT, and gives KVM the

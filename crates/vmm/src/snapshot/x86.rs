@@ -16,9 +16,12 @@
 //! resets the machine). GSI routes, irqfds and ioeventfds are not saved: restoring the
 //! MSI-X tables and BARs rebuilds them.
 
+use super::diff::{coalesce, open_memory, write_pages};
 use super::format::{FormatError, StateWriter};
-use super::{Restore, write_dir};
+use super::lineage::{Chain, DIFF_PAGES, History, LINEAGE, Lineage, MAX_RUNS, ParentRef};
+use super::{Restore, write_dir, write_dir_with};
 use crate::control::Snapshotter;
+use crate::x86::dirty::DirtyPages;
 use crate::x86::pci::PciDevices;
 use crate::x86::ram;
 use crate::x86::vcpu::{SharedVcpu, lock as lock_vcpu};
@@ -26,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
+use vm_memory::GuestMemoryMmap;
 use vme_api::MachineSpec;
 use vme_api::control::SnapshotInfo;
 use vme_devices::acpi::{AcpiDevice, AcpiState};
@@ -76,11 +80,31 @@ pub struct X86Snapshotter {
     pub vcpus: Vec<Weak<Mutex<vme_hypervisor::Vcpu>>>,
     pub legacy: LegacyDevices,
     pub pci: PciDevices,
+    /// The chain the next diff snapshot extends.
+    pub history: Mutex<History>,
+    /// What the monitor itself writes to RAM; KVM logs the vCPUs' writes.
+    pub dirty: Arc<DirtyPages>,
 }
 
 impl Snapshotter for X86Snapshotter {
     fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, String> {
+        self.write(dir, false)
+    }
+
+    fn snapshot_diff(&self, dir: &Path) -> Result<SnapshotInfo, String> {
+        self.write(dir, true)
+    }
+}
+
+impl X86Snapshotter {
+    /// A full snapshot, or with `diff` one of the pages written since the previous one.
+    fn write(&self, dir: &Path, diff: bool) -> Result<SnapshotInfo, String> {
         let started = Instant::now();
+        let mut history = lock(&self.history);
+        let parent = match diff {
+            true => Some(history.diff_parent(dir)?),
+            false => None,
+        };
         let gone = "the VM has stopped: there is nothing to save";
         let vm = self.vm.upgrade().ok_or(gone)?;
         let vcpus: Vec<SharedVcpu> = self
@@ -119,17 +143,76 @@ impl Snapshotter for X86Snapshotter {
         for (i, t) in transports.iter().enumerate() {
             w.add(&format!("virtio.{i}"), &t.state()).map_err(text)?;
         }
-        let info = write_dir(
-            dir,
-            &w,
-            self.spec.memory.bytes(),
-            |off, buf| ram::read_at(&mem, off, buf),
-            started,
-        )?;
+        let id = super::lineage::new_id()?;
+        let lineage = Lineage {
+            id: id.clone(),
+            parent: parent.as_ref().map(|p| ParentRef {
+                dir: p.dir.display().to_string(),
+                id: p.id.clone(),
+            }),
+        };
+        w.add(LINEAGE, &lineage).map_err(text)?;
+        // The log (re)starts here, with the vCPUs parked and every device held: the pages
+        // written from now on are the next diff's. A failed snapshot puts them back.
+        if !self.dirty.is_on() {
+            vm.enable_dirty_log()
+                .map_err(|e| format!("cannot start KVM's dirty-page log: {e}"))?;
+            self.dirty.enable();
+        }
+        let kvm_log = vm
+            .take_dirty_log()
+            .map_err(|e| format!("cannot read KVM's dirty-page log: {e}"))?;
+        let dirty = self.dirty.harvest(&kvm_log);
+        let size = self.spec.memory.bytes();
+        let read = |off: u64, buf: &mut [u8]| ram::read_at(&mem, off, buf);
+        let written = match &parent {
+            None => write_dir(dir, &w, size, read, started),
+            Some(_) => {
+                let runs = coalesce(dirty.clone(), MAX_RUNS);
+                w.add(DIFF_PAGES, &runs).map_err(text).and_then(|()| {
+                    w.diff_format();
+                    write_dir_with(
+                        dir,
+                        &w,
+                        size,
+                        |p| write_pages(p, size, &runs, read),
+                        started,
+                    )
+                })
+            }
+        };
         drop(transports);
         drop((serial, rtc, acpi));
-        Ok(info)
+        match written {
+            Ok(mut info) => {
+                history.record(dir, &id, diff);
+                info.id = Some(id);
+                info.parent = parent.map(|p| p.dir.display().to_string());
+                Ok(info)
+            }
+            Err(e) => {
+                self.dirty.remark(&dirty);
+                Err(e)
+            }
+        }
     }
+}
+
+/// The RAM of a snapshot being restored: its memory file mapped privately, and for a diff
+/// each diff's pages of `chain` over it, oldest first. Nothing is read: pages load when the
+/// guest first touches them.
+pub fn guest_ram(r: &Restore, chain: &Chain, bytes: u64) -> Result<GuestMemoryMmap, String> {
+    let base = match chain.diffs.is_empty() {
+        true => r.memory_file()?,
+        false => open_memory(&chain.base, bytes)?,
+    };
+    let at = |dir: &Path, e: String| format!("snapshot memory file in {}: {e}", dir.display());
+    let mem = ram::from_file(&base, bytes).map_err(|e| at(&chain.base, e))?;
+    for layer in &chain.diffs {
+        let file = open_memory(&layer.dir, bytes)?;
+        ram::map_file_pages(&mem, &file, &layer.runs).map_err(|e| at(&layer.dir, e))?;
+    }
+    Ok(mem)
 }
 
 /// Refuses a snapshot taken with another CPU template or on another CPU vendor.

@@ -2,6 +2,7 @@
 //! completion and written back after, and guest RAM through vm-memory with every access
 //! bounds-checked (MMIO and holes are refused, never touched).
 
+use super::dirty::DirtyPages;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -122,8 +123,8 @@ impl CpuState for KvmCpu {
     }
 }
 
-/// Guest RAM for the emulator.
-pub struct GuestRam<'a>(pub &'a GuestMemoryMmap);
+/// Guest RAM for the emulator, and the log its writes go into (for diff snapshots).
+pub struct GuestRam<'a>(pub &'a GuestMemoryMmap, pub &'a DirtyPages);
 
 impl GuestRam<'_> {
     /// The host address of `[gpa, gpa+len)` if it lies inside one RAM region.
@@ -153,6 +154,7 @@ impl GuestPhysMemory for GuestRam<'_> {
     }
 
     fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.1.mark(gpa, buf.len() as u64);
         self.0
             .write_slice(buf, GuestAddress(gpa))
             .map_err(|_| MemError::NotRam {
@@ -166,6 +168,7 @@ impl GuestPhysMemory for GuestRam<'_> {
             return Err(MemError::Unaligned { gpa, len: 8 });
         }
         let ptr = self.host_range(gpa, 8)?.cast::<u64>();
+        self.1.mark(gpa, 8);
         // SAFETY: `ptr` points at 8 bytes inside a live guest RAM mapping (checked by
         // host_range), 8-aligned (gpa is 8-aligned and regions are page-aligned); guest memory
         // is shared with vCPUs that access it concurrently, which is why this is atomic.
@@ -187,6 +190,7 @@ impl GuestPhysMemory for GuestRam<'_> {
             return Err(MemError::Unaligned { gpa, len: 16 });
         }
         let ptr = self.host_range(gpa, 16)?;
+        self.1.mark(gpa, 16);
         let (mut lo, mut hi) = (expected as u64, (expected >> 64) as u64);
         // SAFETY: `ptr` addresses 16 bytes of live guest RAM, 16-aligned (checked above), so
         // `lock cmpxchg16b` on it is defined (the host has CX16: x86-64 hosts running KVM do).
@@ -220,7 +224,8 @@ mod tests {
     #[test]
     fn accesses_outside_ram_are_refused() {
         let mem = ram();
-        let mut r = GuestRam(&mem);
+        let dirty = DirtyPages::new(&mem);
+        let mut r = GuestRam(&mem, &dirty);
         let mut b = [0u8; 8];
         assert!(r.read(0x1ffc, &mut b).is_err(), "straddles the end of RAM");
         assert!(r.read(u64::MAX - 2, &mut b).is_err());
@@ -229,15 +234,18 @@ mod tests {
         assert!(r.compare_exchange_u64(0x3000, 0, 1).is_err());
         assert!(r.compare_exchange_u128(0x10ff8, 0, 1).is_err());
         assert!(r.compare_exchange_u128(0x10008, 0, 1).is_err(), "unaligned");
+        dirty.enable();
         r.write(0x10010, &7u64.to_le_bytes()).unwrap();
         r.read(0x10010, &mut b).unwrap();
         assert_eq!(u64::from_le_bytes(b), 7);
+        assert_eq!(dirty.harvest(&[]), vec![(2, 1)], "the write is logged");
     }
 
     #[test]
     fn compare_exchange_is_real() {
         let mem = ram();
-        let mut r = GuestRam(&mem);
+        let dirty = DirtyPages::new(&mem);
+        let mut r = GuestRam(&mem, &dirty);
         assert_eq!(r.compare_exchange_u64(0x100, 0, 5).unwrap(), 0);
         assert_eq!(
             r.compare_exchange_u64(0x100, 0, 9).unwrap(),

@@ -5,16 +5,19 @@
 //! DSDT and ECAM in the MCFG (`vme_arch::acpi`).
 
 mod boot;
+pub mod dirty;
 mod emu;
 pub(crate) mod pci;
 pub(crate) mod ram;
 pub(crate) mod vcpu;
 
 use crate::control::{ControlHook, ExitReason, RunContext};
+use crate::snapshot::Restore;
+use crate::snapshot::lineage::{History, read_chain};
 use crate::snapshot::x86::{self as snap, LegacyDevices, X86Snapshotter};
-use crate::snapshot::{MEMORY_FILE, Restore};
 use crate::virtio;
 use boot::{ACPI_PORT, GED_GSI};
+use dirty::DirtyPages;
 use ram::Ram;
 use std::sync::{Arc, Mutex};
 use vcpu::{SharedVcpu, VcpuReport, VcpuThread};
@@ -96,23 +99,37 @@ pub fn run(
         )));
     }
     let mem_size = spec.memory.bytes();
+    // The chain the VM's next diff snapshot extends: the restored snapshot's.
+    let mut history = History::default();
     let mem = match restore {
         None => ram::anonymous(mem_size).map_err(|why| X86Error::Memory {
             bytes: mem_size,
             why,
         })?,
         Some(r) => {
-            let file = r.memory_file().map_err(X86Error::Setup)?;
-            ram::from_file(&file, mem_size).map_err(|e| {
-                X86Error::Setup(format!(
-                    "snapshot memory file {}: {e}",
-                    r.dir.join(MEMORY_FILE).display()
-                ))
-            })?
+            let chain = read_chain(&r.dir, &r.file).map_err(X86Error::Setup)?;
+            let mem = snap::guest_ram(r, &chain, mem_size).map_err(X86Error::Setup)?;
+            if !chain.diffs.is_empty() {
+                log::info!(
+                    "{} is a diff snapshot: {} diffs ({} runs of pages) mapped over {}",
+                    r.dir.display(),
+                    chain.diffs.len(),
+                    chain.diffs.iter().map(|l| l.runs.len()).sum::<usize>(),
+                    chain.base.display()
+                );
+            }
+            history = chain.history;
+            mem
         }
     };
     let mut vm = kvm.create_vm()?;
     vm.set_memory(&mem)?;
+    let dirty = Arc::new(DirtyPages::new(&mem));
+    if restore.is_some() && history.unknown.is_none() {
+        // Before the vCPUs run: every page written from here on is the next diff's.
+        vm.enable_dirty_log()?;
+        dirty.enable();
+    }
     vm.create_platform_devices()?;
     let vm = Arc::new(vm);
     let slots =
@@ -172,7 +189,7 @@ pub fn run(
             .map_err(|e| X86Error::Setup(format!("device layout: {e}")))?;
     }
     let mut mmio = Bus::new();
-    let ram = Arc::new(Ram(mem.clone()));
+    let ram = Arc::new(Ram::new(mem.clone(), dirty.clone()));
     // Stopped and joined when this function returns, after the vCPUs.
     let mut workers = virtio::Workers::default();
     let pci = pci::attach(&vm, &ram, slots, &mut workers, &mut pio, &mut mmio)
@@ -203,6 +220,8 @@ pub fn run(
             acpi: acpi_dev,
         },
         pci,
+        history: Mutex::new(history),
+        dirty: dirty.clone(),
     }));
     if let Some(r) = restore {
         log::info!(
@@ -211,7 +230,7 @@ pub fn run(
             r.started.elapsed().as_secs_f64() * 1000.0
         );
     }
-    let reports = run_vcpus(&vcpus, &pio, &mmio, &mem, ctx)?;
+    let reports = run_vcpus(&vcpus, &pio, &mmio, (&mem, &dirty), ctx)?;
     // No frame may reach a VM that has stopped running.
     drop(workers);
     log_measurements(&reports);
@@ -301,7 +320,7 @@ fn run_vcpus(
     vcpus: &[SharedVcpu],
     pio: &Bus,
     mmio: &Bus,
-    mem: &GuestMemoryMmap,
+    (mem, dirty): (&GuestMemoryMmap, &Arc<DirtyPages>),
     ctx: &RunContext,
 ) -> Result<Vec<VcpuReport>, X86Error> {
     let control = &ctx.control;
@@ -315,6 +334,7 @@ fn run_vcpus(
             pio: pio.clone(),
             mmio: mmio.clone(),
             mem: mem.clone(),
+            dirty: dirty.clone(),
             control: control.clone(),
         };
         let handle = std::thread::Builder::new()

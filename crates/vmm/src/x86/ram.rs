@@ -6,7 +6,10 @@
 //! The memory file holds the regions back to back in address order: offset 0 is guest
 //! address 0, and the RAM above 4 GiB follows the RAM below the hole.
 
+use super::dirty::DirtyPages;
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
@@ -59,6 +62,60 @@ pub fn from_file(file: &File, size: u64) -> Result<GuestMemoryMmap, String> {
     GuestMemoryMmap::from_regions(regions).map_err(|e| format!("cannot map it: {e}"))
 }
 
+/// Maps the pages `runs` (`(first page, pages)` of the memory file, regions back to back)
+/// of `file` (a diff snapshot's memory file, RAM's length) privately over `mem`, which a
+/// restore has just mapped and no vCPU runs in yet. Like the base mapping, nothing is read
+/// until the guest touches a page.
+pub fn map_file_pages(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    runs: &[(u64, u64)],
+) -> Result<(), String> {
+    const PAGE: u64 = 4096;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    for &(first, n) in runs {
+        let (lo, hi) = (
+            first.saturating_mul(PAGE),
+            first.saturating_add(n).saturating_mul(PAGE),
+        );
+        if hi > total || lo >= hi {
+            return Err(format!("page run {first}+{n} lies outside RAM"));
+        }
+        let mut base = 0u64;
+        for region in mem.iter() {
+            let (from, to) = (lo.max(base), hi.min(base + region.len()));
+            if from < to {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(from - base))
+                    .map_err(|e| format!("page run {first}+{n}: {e}"))?;
+                // SAFETY: `host..host+(to-from)` lies inside one region's mapping (clipped to
+                // it above) and is page-aligned (page-multiple offsets in a page-aligned
+                // region). MAP_FIXED replaces exactly those pages with a private mapping of
+                // the file at the same offset; no vCPU or device uses RAM yet, and every
+                // pointer into RAM stays valid.
+                let r = unsafe {
+                    libc::mmap(
+                        host.cast(),
+                        (to - from) as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                        file.as_raw_fd(),
+                        from as libc::off_t,
+                    )
+                };
+                if r == libc::MAP_FAILED {
+                    return Err(format!(
+                        "cannot map page run {first}+{n}: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+            }
+            base += region.len();
+        }
+    }
+    Ok(())
+}
+
 /// Copies `buf.len()` bytes of RAM at memory-file offset `offset` (regions back to back).
 pub fn read_at(mem: &GuestMemoryMmap, offset: u64, buf: &mut [u8]) -> Result<(), String> {
     let (mut off, mut done) = (offset, 0usize);
@@ -86,9 +143,17 @@ pub fn read_at(mem: &GuestMemoryMmap, offset: u64, buf: &mut [u8]) -> Result<(),
 
 /// Guest RAM as the virtio devices see it. Every access is checked against the RAM regions
 /// (the PCI hole and anything past the end are not RAM), so a hostile address is an error.
-pub struct Ram(pub GuestMemoryMmap);
+pub struct Ram {
+    pub mem: GuestMemoryMmap,
+    /// Logs what the devices write, for diff snapshots.
+    pub dirty: Arc<DirtyPages>,
+}
 
 impl Ram {
+    pub fn new(mem: GuestMemoryMmap, dirty: Arc<DirtyPages>) -> Ram {
+        Ram { mem, dirty }
+    }
+
     fn err(addr: u64, len: u64) -> MemError {
         MemError { addr, len }
     }
@@ -97,31 +162,31 @@ impl Ram {
 impl GuestMemory for Ram {
     fn check(&self, addr: u64, len: u64) -> Result<(), MemError> {
         let ok = addr.checked_add(len).is_some()
-            && usize::try_from(len).is_ok_and(|n| self.0.check_range(GuestAddress(addr), n));
+            && usize::try_from(len).is_ok_and(|n| self.mem.check_range(GuestAddress(addr), n));
         ok.then_some(()).ok_or(Self::err(addr, len))
     }
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
         let len = buf.len() as u64;
         self.check(addr, len)?;
-        self.0
+        self.mem
             .read_slice(buf, GuestAddress(addr))
             .map_err(|_| Self::err(addr, len))
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemError> {
         let len = data.len() as u64;
         self.check(addr, len)?;
-        self.0
+        self.mem
             .write_slice(data, GuestAddress(addr))
             .map_err(|_| Self::err(addr, len))
     }
     // Single atomic accesses: ring indices race with the guest's vCPUs.
     fn load_u16(&self, addr: u64) -> Result<u16, MemError> {
-        self.0
+        self.mem
             .load(GuestAddress(addr), Ordering::Acquire)
             .map_err(|_| Self::err(addr, 2))
     }
     fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemError> {
-        self.0
+        self.mem
             .store(val, GuestAddress(addr), Ordering::Release)
             .map_err(|_| Self::err(addr, 2))
     }
@@ -130,10 +195,12 @@ impl GuestMemory for Ram {
     fn discard(&self, addr: u64, len: u64) -> Result<(), DiscardError> {
         DiscardError::check_pages(addr, len)?;
         self.check(addr, len)?;
+        // The pages become zeros: a diff must hold them.
+        self.dirty.mark(addr, len);
         let (mut at, end) = (addr, addr + len);
         while at < end {
             let (region, offset) = self
-                .0
+                .mem
                 .to_region_addr(GuestAddress(at))
                 .ok_or(Self::err(at, end - at))?;
             let n = (region.len() - offset.0).min(end - at);
@@ -201,11 +268,13 @@ mod tests {
     /// RAM at [0, 1 MiB) and [4 GiB, 4 GiB + 1 MiB): a hole between, as with the PCI hole.
     fn ram() -> Ram {
         let mib = 1 << 20;
-        Ram(GuestMemoryMmap::from_ranges(&[
+        let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), mib),
             (GuestAddress(layout::MMIO_HOLE_END), mib),
         ])
-        .unwrap())
+        .unwrap();
+        let dirty = Arc::new(DirtyPages::new(&mem));
+        Ram::new(mem, dirty)
     }
 
     #[test]
@@ -277,7 +346,7 @@ mod tests {
             .unwrap();
         let f = File::open(&path).unwrap();
         let mem = from_file(&f, size).unwrap();
-        let ram = Ram(mem.clone());
+        let ram = Ram::new(mem.clone(), Arc::new(DirtyPages::new(&mem)));
         let mut b = [0u8; 4];
         ram.read(0x1000, &mut b).unwrap();
         assert_eq!(&b, b"low!");

@@ -1,6 +1,7 @@
 //! One vCPU thread: run, route port I/O and MMIO to the buses, complete what KVM's emulator
 //! gave up on, follow pause/stop, and turn fatal exits into a VM exit reason.
 
+use super::dirty::DirtyPages;
 use super::emu::{GuestRam, KvmCpu};
 use crate::control::{ExitReason, VmControl};
 use std::collections::HashSet;
@@ -29,6 +30,8 @@ pub struct VcpuThread {
     pub pio: Bus,
     pub mmio: Bus,
     pub mem: GuestMemoryMmap,
+    /// Where instructions the monitor completes log their writes.
+    pub dirty: Arc<DirtyPages>,
     pub control: Arc<VmControl>,
 }
 
@@ -200,7 +203,7 @@ impl VcpuThread {
         let regs = vcpu.regs().map_err(|e| format!("vCPU {id}: {e}"))?;
         let sregs = vcpu.sregs().map_err(|e| format!("vCPU {id}: {e}"))?;
         let mut cpu = KvmCpu { id, regs, sregs };
-        let mut ram = GuestRam(&self.mem);
+        let mut ram = GuestRam(&self.mem, &self.dirty);
         let done = completer
             .complete(&mut cpu, &mut ram, None)
             .map_err(|e| e.to_string())?;

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use vme_api::control::{Reply, Request, Status};
 
@@ -26,6 +27,9 @@ const MAX_LINE: u64 = 64 * 1024;
 
 pub struct ControlServer {
     path: PathBuf,
+    /// Requests being answered: the process waits for them before it exits, so a `stop`
+    /// (which lets it exit at once) still gets its reply.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl ControlServer {
@@ -49,20 +53,24 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)
             .map_err(|e| format!("cannot create control socket {}: {e}", path.display()))?;
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let counter = in_flight.clone();
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
                     let (control, facts) = (control.clone(), facts.clone());
+                    let counter = counter.clone();
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
-                        .spawn(move || serve(conn, &control, &facts));
+                        .spawn(move || serve(conn, &control, &facts, &counter));
                 }
             })
             .map_err(|e| format!("cannot start the control socket thread: {e}"))?;
         Ok(ControlServer {
             path: path.to_path_buf(),
+            in_flight,
         })
     }
 }
@@ -70,10 +78,15 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // Bounded: a client that stopped reading must not hold the exit up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
-fn serve(conn: UnixStream, control: &VmControl, facts: &VmFacts) {
+fn serve(conn: UnixStream, control: &VmControl, facts: &VmFacts, in_flight: &AtomicUsize) {
     let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
     let Ok(mut writer) = conn.try_clone() else {
         return;
@@ -87,25 +100,31 @@ fn serve(conn: UnixStream, control: &VmControl, facts: &VmFacts) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let reply = if !line.ends_with('\n') && reader.limit() == 0 {
-            Reply::error(format!("request longer than {MAX_LINE} bytes"))
-        } else if line.trim().is_empty() {
-            continue;
-        } else {
-            match Request::parse_line(line.trim()) {
-                Ok(req) => handle(req, control, facts),
-                Err(e) => Reply::error(e),
-            }
-        };
-        let mut out = serde_json::to_string(&reply).unwrap_or_default();
-        out.push('\n');
-        if writer.write_all(out.as_bytes()).is_err() {
+        if !line.ends_with('\n') && reader.limit() == 0 {
+            let too_long = Reply::error(format!("request longer than {MAX_LINE} bytes"));
+            let _ = write_reply(&mut writer, &too_long);
             return;
         }
-        if reader.limit() == 0 {
+        if line.trim().is_empty() {
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        let reply = match Request::parse_line(line.trim()) {
+            Ok(req) => handle(req, control, facts),
+            Err(e) => Reply::error(e),
+        };
+        let written = write_reply(&mut writer, &reply);
+        in_flight.fetch_sub(1, Ordering::SeqCst);
+        if written.is_err() {
             return;
         }
     }
+}
+
+fn write_reply(writer: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(reply).unwrap_or_default();
+    out.push('\n');
+    writer.write_all(out.as_bytes())
 }
 
 pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {

@@ -114,7 +114,10 @@ fn snapshot(sock: &Path, snap: &Path) -> String {
 }
 
 fn stop(mut vm: Vm, sock: &Path) {
-    assert!(ctl(sock, "stop").contains("stopping"));
+    let (ok, text) = common::ctl_words(sock, &["stop"]);
+    if !ok || !text.contains("stopping") {
+        vm.fail(&format!("stop: {text}"));
+    }
     assert_eq!(vm.wait_exit(T).code(), Some(0));
 }
 

@@ -12,3 +12,5 @@ echo "# riscv64: CPU-bound guest work vs QEMU TCG" >&2
 python3 bench/riscv_cpu.py
 echo "# disk and TCP: riscv64 vs QEMU TCG and the host; x86_64 once, QEMU's failure on PVM" >&2
 python3 bench/io.py
+echo "# snapshots: size, time, restore to running and to a guest that answers (riscv64 vs QEMU TCG; x86_64 probe)" >&2
+python3 bench/snapshot.py

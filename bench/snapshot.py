@@ -66,9 +66,19 @@ class Proc:
         self.p.stdin.flush()
 
     def answered(self):
-        """Seconds from process start until the guest's shell runs a command."""
-        self.type("echo R$((6*7))Z")
-        return self.wait_for(b"R42Z")
+        """Seconds from process start until the guest's shell runs a command. Typed again
+        every 50 ms: a UART whose VM is still loading may drop what arrives (QEMU's does)."""
+        deadline = time.monotonic() + TIMEOUT
+        typed = 0.0
+        while b"R42Z" not in self.out:
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"the guest did not answer within {TIMEOUT} s")
+            if now - typed >= 0.05:
+                self.type("echo R$((6*7))Z")
+                typed = now
+            self.pump(typed + 0.05)
+        return time.monotonic() - self.start
 
     def kill(self):
         if self.p.poll() is None:
@@ -131,6 +141,7 @@ def restores(runs, cmd, is_vmm, answer=True):
         try:
             if is_vmm:
                 running.append(p.wait_for(b"restored snapshot", where="err"))
+                p.wait_for(b"; the VM continues", where="err")
                 line = p.err.split(b"restored snapshot", 1)[1].split(b"\n", 1)[0]
                 own.append(float(line.split(b" in ", 1)[1].split(b" ", 1)[0]) / 1000)
             if answer:

@@ -266,6 +266,10 @@ pub fn run(
         handle.stop();
     }
 
+    // An incoming migration runs the machine only once the sender has committed.
+    if let Some(r) = restore {
+        r.pass_gate()?;
+    }
     let ended = machine.run().map_err(|e| e.to_string());
     // No frame may reach a machine that has stopped running.
     drop(workers);

@@ -87,19 +87,32 @@ fn serve(conn: UnixStream, control: &VmControl, facts: &VmFacts) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        let mut migrated = false;
         let reply = if !line.ends_with('\n') && reader.limit() == 0 {
             Reply::error(format!("request longer than {MAX_LINE} bytes"))
         } else if line.trim().is_empty() {
             continue;
         } else {
             match Request::parse_line(line.trim()) {
-                Ok(req) => handle(req, control, facts),
+                Ok(req) => {
+                    let r = handle(req, control, facts);
+                    migrated = r.ok && r.migration.is_some();
+                    r
+                }
                 Err(e) => Reply::error(e),
             }
         };
         let mut out = serde_json::to_string(&reply).unwrap_or_default();
         out.push('\n');
-        if writer.write_all(out.as_bytes()).is_err() {
+        let written = writer.write_all(out.as_bytes());
+        if migrated {
+            // The guest runs at the destination now: this monitor ends (status 0), whether
+            // or not the client is still there to read the figures.
+            log::info!("migration done: this monitor exits");
+            control.request_exit(crate::control::ExitReason::Stopped);
+            return;
+        }
+        if written.is_err() {
             return;
         }
         if reader.limit() == 0 {
@@ -155,6 +168,34 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
         },
         Request::Snapshot { dir } => snapshot(control, &dir, false),
         Request::SnapshotDiff { dir } => snapshot(control, &dir, true),
+        Request::MigrateSend {
+            to,
+            downtime_ms,
+            bandwidth_mib,
+            key,
+        } => {
+            let p = crate::migrate::send::Params {
+                to,
+                downtime: Duration::from_millis(downtime_ms.unwrap_or(100)),
+                bandwidth: bandwidth_mib.map(|m| m << 20),
+                key: key.map(PathBuf::from),
+            };
+            match control.migrate(&p) {
+                Ok(info) => {
+                    let mut r = Reply::ok(control.state());
+                    r.migration = Some(info);
+                    r
+                }
+                Err(e) => Reply::error(format!(
+                    "migration to {} failed: {e}; the VM {} here",
+                    p.to,
+                    match control.state() {
+                        vme_api::control::RunState::Running => "keeps running",
+                        _ => "is paused",
+                    }
+                )),
+            }
+        }
     }
 }
 

@@ -12,3 +12,5 @@ echo "# riscv64: CPU-bound guest work vs QEMU TCG" >&2
 python3 bench/riscv_cpu.py
 echo "# disk and TCP: riscv64 vs QEMU TCG and the host; x86_64 once, QEMU's failure on PVM" >&2
 python3 bench/io.py
+echo "# live migration: riscv64 1 GiB guest on loopback, idle and dirtying (total, downtime)" >&2
+python3 bench/migrate.py

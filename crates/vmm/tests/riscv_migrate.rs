@@ -143,8 +143,12 @@ fn a_running_guest_migrates_and_failures_leave_it_running_at_the_source() {
     let (ok, out) = ctl_words(&sock2, &words);
     drop(killer.join().unwrap());
     assert!(
-        !ok && out.contains("failed") && out.contains("keeps running"),
+        !ok && out.contains("keeps running"),
         "{out}"
+    );
+    assert!(
+        out.contains("connection") || out.contains("closed"),
+        "the error names the broken connection: {out}"
     );
     let (n2, last2, uniq2) = counter(&mut src, 2);
     assert!(

@@ -111,4 +111,31 @@ mod tests {
         assert!(endpoint("no port", None).unwrap_err().contains("HOST:PORT"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A machine kind without migration (x86_64 so far).
+    struct NoMigration;
+
+    impl crate::control::Snapshotter for NoMigration {
+        fn snapshot(&self, _: &Path) -> Result<vme_api::control::SnapshotInfo, String> {
+            Err("unused".into())
+        }
+    }
+
+    #[test]
+    fn a_machine_kind_without_migration_says_so_and_keeps_running() {
+        use vme_api::control::RunState;
+        let ctl = crate::control::VmControl::new();
+        let p = send::Params {
+            to: "127.0.0.1:7000".into(),
+            downtime: Duration::from_millis(100),
+            bandwidth: None,
+            key: None,
+        };
+        assert!(ctl.migrate(&p).unwrap_err().contains("still starting"));
+        ctl.set_snapshotter(std::sync::Arc::new(NoMigration));
+        let err = ctl.migrate(&p).unwrap_err();
+        assert!(err.contains("x86_64") && err.contains("not supported yet"), "{err}");
+        assert_eq!(ctl.state(), RunState::Running);
+        assert_eq!(ctl.pause(), Ok(RunState::Paused), "free for others again");
+    }
 }

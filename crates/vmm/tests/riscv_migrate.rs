@@ -142,10 +142,7 @@ fn a_running_guest_migrates_and_failures_leave_it_running_at_the_source() {
     let words = ["migrate-send", &addr, "--key", &key_s, "--bandwidth", "4"];
     let (ok, out) = ctl_words(&sock2, &words);
     drop(killer.join().unwrap());
-    assert!(
-        !ok && out.contains("keeps running"),
-        "{out}"
-    );
+    assert!(!ok && out.contains("keeps running"), "{out}");
     assert!(
         out.contains("connection") || out.contains("closed"),
         "the error names the broken connection: {out}"

@@ -134,7 +134,10 @@ mod tests {
         assert!(ctl.migrate(&p).unwrap_err().contains("still starting"));
         ctl.set_snapshotter(std::sync::Arc::new(NoMigration));
         let err = ctl.migrate(&p).unwrap_err();
-        assert!(err.contains("x86_64") && err.contains("not supported yet"), "{err}");
+        assert!(
+            err.contains("x86_64") && err.contains("not supported yet"),
+            "{err}"
+        );
         assert_eq!(ctl.state(), RunState::Running);
         assert_eq!(ctl.pause(), Ok(RunState::Paused), "free for others again");
     }

@@ -269,7 +269,11 @@ impl VmControl {
                 .map_err(|e| format!("cannot pause the VM for the final copy: {e}")),
             _ => Ok(()),
         };
-        let result = writer.migrate(p, &pause);
+        let p = crate::migrate::send::Params {
+            paused: was == RunState::Paused,
+            ..p.clone()
+        };
+        let result = writer.migrate(&p, &pause);
         if let Err(f) = &result {
             if f.resume && was == RunState::Running {
                 // The destination never got commit: the guest is still only ours.

@@ -179,6 +179,7 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
                 downtime: Duration::from_millis(downtime_ms.unwrap_or(100)),
                 bandwidth: bandwidth_mib.map(|m| m << 20),
                 key: key.map(PathBuf::from),
+                paused: false,
             };
             match control.migrate(&p) {
                 Ok(info) => {

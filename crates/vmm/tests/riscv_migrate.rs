@@ -3,7 +3,8 @@
 //! booted and serves every case in turn: refusals (no key off loopback, wrong key), a
 //! destination killed mid-migration (the source keeps running), then a migration with a
 //! shell loop writing a counter into tmpfs all along (the counter is continuous at the
-//! destination, a 4 MB file's checksum is unchanged, the source exits 0).
+//! destination, a 4 MB file's checksum is unchanged, the source exits 0), and on from there,
+//! paused and without a key, to a third monitor where it arrives paused.
 //!
 //! Markers are printed with shell arithmetic (`A$((1+1))=` prints `A2=`), so the echo of
 //! the typed line never matches.
@@ -156,6 +157,7 @@ fn a_running_guest_migrates_and_failures_leave_it_running_at_the_source() {
 
     // The migration itself, authenticated, with the loop running.
     let (mut dst, addr) = listen(&dir, "dst", Some(&key));
+    let dst_sock = dir.join("dst.sock");
     let (ok, out) = ctl_words(&sock, &["migrate-send", &addr, "--key", &key_s]);
     assert!(ok, "{out}");
     let reply: vme_api::control::Reply = serde_json::from_str(out.trim()).unwrap();
@@ -197,6 +199,33 @@ fn a_running_guest_migrates_and_failures_leave_it_running_at_the_source() {
     assert!(
         n4 > n3 && n4 == last4 && n4 == uniq4,
         "{n4}:{last4}:{uniq4}"
+    );
+
+    // Onwards, paused, without a key (loopback): it arrives paused, and runs on resume.
+    let (ok, out) = ctl_words(&dst_sock, &["pause"]);
+    assert!(ok, "{out}");
+    let (mut dst2, addr) = listen(&dir, "dst2", None);
+    let (ok, out) = ctl_words(&dst_sock, &["migrate-send", &addr]);
+    assert!(ok && out.contains("\"authenticated\":false"), "{out}");
+    assert_eq!(exit_code(&mut dst), Some(0));
+    // Paused for real: its harts retire nothing.
+    let retired = || {
+        let (ok, out) = ctl_words(&dir.join("dst2.sock"), &["status"]);
+        let r: vme_api::control::Reply = serde_json::from_str(out.trim()).unwrap();
+        let s = r.status.unwrap();
+        assert!(ok && s.state == vme_api::control::RunState::Paused, "{out}");
+        s.instructions_retired.unwrap()
+    };
+    let before = retired();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(retired(), before, "a paused guest runs no instructions");
+    let (ok, out) = ctl_words(&dir.join("dst2.sock"), &["resume"]);
+    assert!(ok, "{out}");
+    assert_eq!(sha(&mut dst2, 5), sha1);
+    let (n5, last5, uniq5) = counter(&mut dst2, 5);
+    assert!(
+        n5 > n4 && n5 == last5 && n5 == uniq5,
+        "{n5}:{last5}:{uniq5}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

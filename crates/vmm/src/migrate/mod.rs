@@ -130,6 +130,7 @@ mod tests {
             downtime: Duration::from_millis(100),
             bandwidth: None,
             key: None,
+            paused: false,
         };
         assert!(ctl.migrate(&p).unwrap_err().contains("still starting"));
         ctl.set_snapshotter(std::sync::Arc::new(NoMigration));

@@ -63,7 +63,7 @@ pub fn receive(addr: &str, args: &RunArgs) -> Result<(MachineSpec, Restore), Str
         "received the VM from {peer} in {:.0} ms; building it",
         started.elapsed().as_secs_f64() * 1000.0
     );
-    let gate = move || -> Result<(), String> {
+    let gate = move || -> Result<bool, String> {
         let fail = |e: String| {
             format!(
                 "migration from {peer} failed after the machine was built: {e}; the guest \
@@ -71,14 +71,22 @@ pub fn receive(addr: &str, args: &RunArgs) -> Result<(MachineSpec, Restore), Str
             )
         };
         conn.send(Kind::Ready, &[]).map_err(fail)?;
-        conn.expect(Kind::Commit).map_err(fail)?;
+        let commit = conn.expect(Kind::Commit).map_err(fail)?;
+        let paused = commit.first() == Some(&1);
         // Committed: the sender will never run the guest again, so it runs here even if
         // this confirmation is lost.
         if let Err(e) = conn.send(Kind::Started, &[]) {
             log::warn!("could not confirm the start to {peer}: {e}; the guest runs here");
         }
-        eprintln!("vme-vmm: migration from {peer} committed; the guest runs here");
-        Ok(())
+        eprintln!(
+            "vme-vmm: migration from {peer} committed; the guest runs here{}",
+            if paused {
+                " (paused, as it was at the sender)"
+            } else {
+                ""
+            }
+        );
+        Ok(paused)
     };
     *restore.gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(gate));
     Ok((spec, restore))

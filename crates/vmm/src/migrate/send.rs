@@ -27,6 +27,8 @@ pub struct Params {
     /// Bytes per second at most.
     pub bandwidth: Option<u64>,
     pub key: Option<PathBuf>,
+    /// The VM was paused when asked: it starts paused at the destination.
+    pub paused: bool,
 }
 
 /// A failed migration: why, and whether the guest may run here again (false once commit
@@ -233,7 +235,7 @@ fn precopy_and_commit(
     conn.expect(Kind::Ready)
         .map_err(|e| format!("the destination did not get ready: {e}"))?;
     // Past this point the destination may run the guest: ours must never run again.
-    let committed = conn.send(Kind::Commit, &[]);
+    let committed = conn.send(Kind::Commit, &[p.paused as u8]);
     let confirmed = committed.and_then(|()| conn.expect(Kind::Started));
     if let Err(e) = confirmed {
         return Err(Failure {

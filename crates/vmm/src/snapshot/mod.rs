@@ -48,8 +48,9 @@ pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
 /// What a restored machine must pass before its vCPUs run: an incoming migration's
-/// handshake (ready, then the sender's commit).
-pub type Gate = Box<dyn FnOnce() -> Result<(), String> + Send>;
+/// handshake (ready, then the sender's commit). It says whether the VM starts paused (it
+/// was paused at the sender).
+pub type Gate = Box<dyn FnOnce() -> Result<bool, String> + Send>;
 
 /// A snapshot being restored: its checked state file, and when restoring began.
 pub struct Restore {
@@ -63,10 +64,11 @@ pub struct Restore {
 }
 
 impl Restore {
-    /// Passes the gate, if there is one (only the first call runs it).
-    pub fn pass_gate(&self) -> Result<(), String> {
+    /// Passes the gate, if there is one (only the first call runs it); whether the VM
+    /// starts paused.
+    pub fn pass_gate(&self) -> Result<bool, String> {
         let gate = self.gate.lock().unwrap_or_else(|p| p.into_inner()).take();
-        gate.map_or(Ok(()), |g| g())
+        gate.map_or(Ok(false), |g| g())
     }
 
     /// Opens the memory file for mapping.

@@ -14,3 +14,5 @@ echo "# disk and TCP: riscv64 vs QEMU TCG and the host; x86_64 once, QEMU's fail
 python3 bench/io.py
 echo "# snapshots: size, time, restore to running and to a guest that answers (riscv64 vs QEMU TCG; x86_64 probe)" >&2
 python3 bench/snapshot.py
+echo "# live migration: riscv64 1 GiB guest on loopback, idle and dirtying (total, downtime)" >&2
+python3 bench/migrate.py

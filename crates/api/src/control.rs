@@ -47,6 +47,22 @@ pub enum Request {
     SnapshotDiff {
         dir: String,
     },
+    /// Live-migrate the VM to a monitor waiting with `vme-vmm --migrate-listen` at `to`
+    /// (HOST:PORT): memory is copied while the guest runs, then the guest stops for at most
+    /// about `downtime_ms` (default 100) while the rest and the device state go. On success
+    /// the reply carries `migration` and this monitor exits (status 0); on failure the guest
+    /// keeps running here. `bandwidth_mib` caps the rate (MiB/s); `key` is the pre-shared
+    /// key file, required unless `to` is a loopback address. CLI: `migrate-send HOST:PORT
+    /// [--downtime-ms N] [--bandwidth MiB/s] [--key FILE]`.
+    MigrateSend {
+        to: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bandwidth_mib: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
 }
 
 impl Request {
@@ -69,8 +85,10 @@ impl Request {
     /// Parses the command-line form used by `vme-vmm ctl`: `status`, `pause`, ...
     pub fn from_words(words: &[String]) -> Result<Request, String> {
         let usage = "commands: status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, \
-                     snapshot <DIR> [--diff], set-limit <device> <KEY=VALUE,...>";
+                     snapshot <DIR> [--diff], set-limit <device> <KEY=VALUE,...>, \
+                     migrate-send <HOST:PORT> [--downtime-ms N] [--bandwidth MiB/s] [--key FILE]";
         match words {
+            [w, rest @ ..] if w == "migrate-send" || w == "migrate_send" => migrate_words(rest),
             [w, dir, d] | [w, d, dir] if w == "snapshot" && d == "--diff" => {
                 Ok(Request::SnapshotDiff { dir: dir.clone() })
             }
@@ -117,6 +135,66 @@ impl Request {
             [w, ..] => Err(format!("command {w:?} takes no arguments; {usage}")),
         }
     }
+}
+
+/// The arguments of `migrate-send`: the destination, then options with a value each.
+fn migrate_words(words: &[String]) -> Result<Request, String> {
+    let usage = "migrate-send takes the destination and options, like migrate-send \
+                 10.0.0.2:7000 --key /etc/vme/migrate.key [--downtime-ms 100] [--bandwidth 500]";
+    let Some((to, mut rest)) = words.split_first() else {
+        return Err(format!("{usage}: the destination HOST:PORT is missing"));
+    };
+    if to.starts_with('-') {
+        return Err(format!("{usage}: the destination comes first, not {to:?}"));
+    }
+    let (mut downtime_ms, mut bandwidth_mib, mut key) = (None, None, None);
+    let number = |flag: &str, v: &str| -> Result<Option<u64>, String> {
+        match v.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(format!(
+                "{flag} takes a whole number above 0, not {v:?}; {usage}"
+            )),
+        }
+    };
+    while let [flag, value, more @ ..] = rest {
+        match flag.as_str() {
+            "--downtime-ms" => downtime_ms = number(flag, value)?,
+            "--bandwidth" => bandwidth_mib = number(flag, value)?,
+            "--key" => key = Some(value.clone()),
+            other => return Err(format!("unknown option {other:?} of migrate-send; {usage}")),
+        }
+        rest = more;
+    }
+    if let [extra] = rest {
+        return Err(format!(
+            "{extra:?} lacks a value or is not an option; {usage}"
+        ));
+    }
+    Ok(Request::MigrateSend {
+        to: to.clone(),
+        downtime_ms,
+        bandwidth_mib,
+        key,
+    })
+}
+
+/// The answer to a `migrate_send` that succeeded: what it took.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// The destination, as given.
+    pub to: String,
+    /// From the request to the destination's confirmation that the guest runs there.
+    pub total_ms: u64,
+    /// From pausing the guest here to that confirmation.
+    pub downtime_ms: u64,
+    /// Copy rounds while the guest ran (the first copies all of RAM).
+    pub rounds: u32,
+    /// Bytes sent, framing and state included.
+    pub bytes_sent: u64,
+    /// Pages sent in the final copy while paused.
+    pub final_pages: u64,
+    /// Whether the transport was authenticated and encrypted with a pre-shared key.
+    pub authenticated: bool,
 }
 
 /// What the VM is doing.
@@ -261,6 +339,9 @@ pub struct Reply {
     /// The device `set_limit` changed, with the limits now in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<DeviceInfo>,
+    /// What a successful `migrate_send` took (the monitor exits after this reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationInfo>,
 }
 
 impl Reply {
@@ -273,6 +354,7 @@ impl Reply {
             balloon: None,
             snapshot: None,
             device: None,
+            migration: None,
         }
     }
     pub fn error(msg: impl Into<String>) -> Reply {
@@ -284,6 +366,7 @@ impl Reply {
             balloon: None,
             snapshot: None,
             device: None,
+            migration: None,
         }
     }
 }
@@ -406,6 +489,59 @@ mod tests {
         assert_eq!(
             Request::parse_line(r#"{"cmd":"snapshot","dir":"/s"}"#),
             Ok(Request::Snapshot { dir: "/s".into() })
+        );
+    }
+
+    #[test]
+    fn migrate_send_requests() {
+        let w =
+            |v: &[&str]| Request::from_words(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let req = Request::MigrateSend {
+            to: "10.0.0.2:7000".into(),
+            downtime_ms: Some(50),
+            bandwidth_mib: None,
+            key: Some("/k".into()),
+        };
+        let words = [
+            "migrate-send",
+            "10.0.0.2:7000",
+            "--key",
+            "/k",
+            "--downtime-ms",
+            "50",
+        ];
+        assert_eq!(w(&words), Ok(req.clone()));
+        let line = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            line,
+            r#"{"cmd":"migrate_send","to":"10.0.0.2:7000","downtime_ms":50,"key":"/k"}"#
+        );
+        assert_eq!(Request::parse_line(&line), Ok(req));
+        assert!(
+            Request::parse_line(r#"{"cmd":"migrate_send","to":"h:1","bw":5}"#)
+                .unwrap_err()
+                .contains("\"bw\"")
+        );
+        assert!(w(&["migrate-send"]).unwrap_err().contains("HOST:PORT"));
+        assert!(
+            w(&["migrate-send", "--key", "/k"])
+                .unwrap_err()
+                .contains("first")
+        );
+        assert!(
+            w(&["migrate-send", "h:1", "--key"])
+                .unwrap_err()
+                .contains("value")
+        );
+        assert!(
+            w(&["migrate-send", "h:1", "--bandwidth", "0"])
+                .unwrap_err()
+                .contains("above 0")
+        );
+        assert!(
+            w(&["migrate-send", "h:1", "--fast", "1"])
+                .unwrap_err()
+                .contains("--fast")
         );
     }
 

@@ -83,12 +83,23 @@ pub struct CtlArgs {
     #[arg(long)]
     pub control_socket: PathBuf,
     /// status, pause, resume, shutdown, stop, balloon <MiB>, balloon-stats, snapshot <DIR>
-    /// [--diff] or set-limit <device> <KEY=VALUE,...> (e.g. set-limit disk0 bw=20M,iops=off)
+    /// [--diff], set-limit <device> <KEY=VALUE,...> (e.g. set-limit disk0 bw=20M,iops=off)
+    /// or migrate-send <HOST:PORT> [--downtime-ms N] [--bandwidth MiB/s] [--key FILE]
     #[arg(required = true, num_args = 1..)]
     pub command: Vec<String>,
     /// With snapshot: write only the pages changed since the VM's previous snapshot.
     #[arg(long)]
     pub diff: bool,
+    /// With migrate-send: the longest pause to aim for, in milliseconds (default 100).
+    #[arg(long, value_name = "N")]
+    pub downtime_ms: Option<String>,
+    /// With migrate-send: the most to send per second, in MiB (default: no cap).
+    #[arg(long, value_name = "MiB/s")]
+    pub bandwidth: Option<String>,
+    /// With migrate-send: the pre-shared key file (required unless the destination is a
+    /// loopback address); the destination's --migrate-key must hold the same bytes.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -101,6 +112,16 @@ pub struct RunArgs {
     /// the backends of its devices by position (the first --disk the first disk, ...).
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
+    /// Wait at ADDR:PORT for one VM sent by `vme-vmm ctl ... migrate-send`, receive it and
+    /// run it (riscv64). Like --restore, the machine comes from the sender; --disk, --net
+    /// and --vsock replace its devices' backends by position.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "restore")]
+    pub migrate_listen: Option<String>,
+    /// With --migrate-listen: the pre-shared key file the sender must prove it holds
+    /// (required unless ADDR is a loopback address; make one with
+    /// `head -c 32 /dev/urandom > FILE`).
+    #[arg(long, value_name = "FILE", requires = "migrate_listen")]
+    pub migrate_key: Option<PathBuf>,
     /// Print the effective machine file and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -357,6 +378,19 @@ pub fn run_ctl(args: CtlArgs) -> ExitCode {
         }
         words.push("--diff".into());
     }
+    let migrate = words.first().map(String::as_str) == Some("migrate-send");
+    for (flag, value) in [
+        ("--downtime-ms", args.downtime_ms.clone()),
+        ("--bandwidth", args.bandwidth.clone()),
+        ("--key", args.key.as_ref().map(|k| k.display().to_string())),
+    ] {
+        let Some(value) = value else { continue };
+        if !migrate {
+            eprintln!("vme-vmm ctl: {flag} goes with migrate-send only");
+            return ExitCode::from(1);
+        }
+        words.extend([flag.to_string(), value]);
+    }
     let mut req = match Request::from_words(&words) {
         Ok(r) => r,
         Err(e) => {
@@ -377,6 +411,20 @@ pub fn run_ctl(args: CtlArgs) -> ExitCode {
             }
         }
         timeout = Duration::from_secs(600);
+    }
+    if let Request::MigrateSend { key: Some(key), .. } = &mut req {
+        // The monitor reads the key file from its own working directory, not ours.
+        match std::path::absolute(&*key) {
+            Ok(p) => *key = p.display().to_string(),
+            Err(e) => {
+                eprintln!("vme-vmm ctl: key file {key:?}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if let Request::MigrateSend { .. } = req {
+        // A migration copies all of RAM, in rounds, before it answers.
+        timeout = Duration::from_secs(3600);
     }
     match call(&args.control_socket, &req, timeout) {
         Ok(reply) => {

@@ -60,6 +60,18 @@ pub trait Snapshotter: Send + Sync {
     ) -> Result<vme_api::control::SnapshotInfo, String> {
         Err("this machine kind has no diff snapshots yet: take a full snapshot".into())
     }
+    /// Live-migrates the VM (see `crate::migrate`); `pause` stops it for the final copy.
+    fn migrate(
+        &self,
+        _p: &crate::migrate::send::Params,
+        _pause: &dyn Fn() -> Result<(), String>,
+    ) -> Result<vme_api::control::MigrationInfo, crate::migrate::send::Failure> {
+        Err(crate::migrate::send::Failure::before_commit(
+            "live migration of x86_64 VMs is not supported yet (it needs KVM dirty-page \
+             logging, not done yet); riscv64 VMs migrate. Meanwhile move an x86_64 VM with \
+             snapshot DIR and --restore DIR on the other host",
+        ))
+    }
 }
 
 struct Inner {
@@ -225,6 +237,51 @@ impl VmControl {
         relock(&self.inner).snapshotting = false;
         resumed?;
         result.map(|info| (self.state(), info))
+    }
+
+    /// Live-migrates the VM. Nobody else may pause, resume or snapshot it meanwhile. On
+    /// success the VM stays paused here for good (it runs at the destination; the caller
+    /// ends this monitor); on a failure before commit a running VM is resumed.
+    pub fn migrate(
+        &self,
+        p: &crate::migrate::send::Params,
+    ) -> Result<vme_api::control::MigrationInfo, String> {
+        let _one = relock(&self.snapshots);
+        let Some(writer) = relock(&self.snapshotter).clone() else {
+            return Err(
+                "this VM cannot be migrated yet: its machine is still starting; try again in a \
+                 moment"
+                    .into(),
+            );
+        };
+        let was = {
+            let mut inner = relock(&self.inner);
+            if inner.state == RunState::Stopping {
+                return Err("the VM is stopping; it cannot be migrated".into());
+            }
+            inner.snapshotting = true;
+            inner.state
+        };
+        let pause = || match was {
+            RunState::Running => self
+                .pause_as(true)
+                .map(drop)
+                .map_err(|e| format!("cannot pause the VM for the final copy: {e}")),
+            _ => Ok(()),
+        };
+        let p = crate::migrate::send::Params {
+            paused: was == RunState::Paused,
+            ..p.clone()
+        };
+        let result = writer.migrate(&p, &pause);
+        if let Err(f) = &result {
+            if f.resume && was == RunState::Running {
+                // The destination never got commit: the guest is still only ours.
+                let _ = self.resume_as(true);
+            }
+            relock(&self.inner).snapshotting = false;
+        }
+        result.map_err(|f| f.error)
     }
 
     pub fn instructions_retired(&self) -> Option<u64> {

@@ -11,6 +11,7 @@ mod control;
 mod exec;
 mod limits;
 mod logger;
+mod migrate;
 mod notify;
 mod riscv;
 mod signals;
@@ -33,6 +34,16 @@ fn main() -> ExitCode {
         Some(cli::Command::Ctl(ctl)) => cli::run_ctl(ctl),
         Some(cli::Command::Exec(args)) => exec::run(args),
         Some(cli::Command::SnapshotMerge(args)) => cli::run_merge(args),
+        None if args.run.migrate_listen.is_some() => {
+            let addr = args.run.migrate_listen.clone().unwrap_or_default();
+            match migrate::recv::receive(&addr, &args.run) {
+                Ok((spec, restore)) => run_vm(spec, Some(restore)),
+                Err(e) => {
+                    eprintln!("vme-vmm: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         None => match &args.run.restore {
             Some(dir) => match snapshot::restore::restore_spec(dir, &args.run) {
                 Ok((spec, restore)) => run_vm(spec, Some(restore)),

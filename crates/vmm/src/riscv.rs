@@ -266,6 +266,14 @@ pub fn run(
         handle.stop();
     }
 
+    // An incoming migration runs the machine only once the sender has committed.
+    if let Some(r) = restore {
+        if r.pass_gate()? {
+            // Paused at the sender, so paused here: the harts park before their first
+            // instruction.
+            ctx.control.pause()?;
+        }
+    }
     let ended = machine.run().map_err(|e| e.to_string());
     // No frame may reach a machine that has stopped running.
     drop(workers);

@@ -113,8 +113,16 @@ fn serve(conn: UnixStream, control: &VmControl, facts: &VmFacts, in_flight: &Ato
             Ok(req) => handle(req, control, facts),
             Err(e) => Reply::error(e),
         };
+        let migrated = reply.ok && reply.migration.is_some();
         let written = write_reply(&mut writer, &reply);
         in_flight.fetch_sub(1, Ordering::SeqCst);
+        if migrated {
+            // The guest runs at the destination now: this monitor ends (status 0), whether
+            // or not the client is still there to read the figures.
+            log::info!("migration done: this monitor exits");
+            control.request_exit(crate::control::ExitReason::Stopped);
+            return;
+        }
         if written.is_err() {
             return;
         }
@@ -174,6 +182,35 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
         },
         Request::Snapshot { dir } => snapshot(control, &dir, false),
         Request::SnapshotDiff { dir } => snapshot(control, &dir, true),
+        Request::MigrateSend {
+            to,
+            downtime_ms,
+            bandwidth_mib,
+            key,
+        } => {
+            let p = crate::migrate::send::Params {
+                to,
+                downtime: Duration::from_millis(downtime_ms.unwrap_or(100)),
+                bandwidth: bandwidth_mib.map(|m| m << 20),
+                key: key.map(PathBuf::from),
+                paused: false,
+            };
+            match control.migrate(&p) {
+                Ok(info) => {
+                    let mut r = Reply::ok(control.state());
+                    r.migration = Some(info);
+                    r
+                }
+                Err(e) => Reply::error(format!(
+                    "migration to {} failed: {e}; the VM {} here",
+                    p.to,
+                    match control.state() {
+                        vme_api::control::RunState::Running => "keeps running",
+                        _ => "is paused",
+                    }
+                )),
+            }
+        }
     }
 }
 

@@ -22,7 +22,7 @@ pub struct MemoryFileStats {
     pub disk_bytes: u64,
 }
 
-pub(super) fn zero(page: &[u8]) -> bool {
+pub fn zero(page: &[u8]) -> bool {
     // OR-folding fixed blocks vectorizes; an early exit per byte would not.
     page.chunks_exact(64)
         .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)

@@ -47,16 +47,37 @@ use vme_api::control::SnapshotInfo;
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
+/// What a restored machine must pass before its vCPUs run: an incoming migration's
+/// handshake (ready, then the sender's commit). It says whether the VM starts paused (it
+/// was paused at the sender).
+pub type Gate = Box<dyn FnOnce() -> Result<bool, String> + Send>;
+
 /// A snapshot being restored: its checked state file, and when restoring began.
 pub struct Restore {
     pub dir: PathBuf,
     pub file: StateFile,
     pub started: Instant,
+    /// Guest RAM received by a migration (in memory), instead of the directory's file.
+    pub memory: Option<std::fs::File>,
+    /// Run once, just before the machine starts; the machine does not run if it fails.
+    pub gate: std::sync::Mutex<Option<Gate>>,
 }
 
 impl Restore {
+    /// Passes the gate, if there is one (only the first call runs it); whether the VM
+    /// starts paused.
+    pub fn pass_gate(&self) -> Result<bool, String> {
+        let gate = self.gate.lock().unwrap_or_else(|p| p.into_inner()).take();
+        gate.map_or(Ok(false), |g| g())
+    }
+
     /// Opens the memory file for mapping.
     pub fn memory_file(&self) -> Result<std::fs::File, String> {
+        if let Some(f) = &self.memory {
+            return f
+                .try_clone()
+                .map_err(|e| format!("cannot reopen the received guest memory: {e}"));
+        }
         let path = self.dir.join(MEMORY_FILE);
         std::fs::File::open(&path).map_err(|e| {
             format!(

@@ -15,6 +15,22 @@ pub fn restore_spec(dir: &Path, args: &RunArgs) -> Result<(MachineSpec, Restore)
     let started = Instant::now();
     refuse_machine_flags(args)?;
     let file = StateFile::read(&dir.join(STATE_FILE)).map_err(|e| e.to_string())?;
+    let spec = spec_of(&file, dir, args)?;
+    let restore = Restore {
+        dir: dir.to_path_buf(),
+        file,
+        started,
+        memory: None,
+        gate: Default::default(),
+    };
+    Ok((spec, restore))
+}
+
+/// The spec a checked state file holds (`from` names where it came from, for messages),
+/// with the flags' overrides, checked against this host. Shared by `--restore` and
+/// `--migrate-listen`.
+pub fn spec_of(file: &StateFile, from: &Path, args: &RunArgs) -> Result<MachineSpec, String> {
+    let dir = from;
     let text: String = file.section("config").map_err(|e| e.to_string())?;
     let mut spec =
         MachineSpec::from_toml(&text).map_err(|e| file.invalid("config", e).to_string())?;
@@ -93,16 +109,12 @@ pub fn restore_spec(dir: &Path, args: &RunArgs) -> Result<(MachineSpec, Restore)
         cli::check_disk(disk)?;
     }
     cli::check_host_memory(spec.memory)?;
-    let restore = Restore {
-        dir: dir.to_path_buf(),
-        file,
-        started,
-    };
-    Ok((spec, restore))
+    Ok(spec)
 }
 
-/// Flags that describe the machine itself cannot go with `--restore`.
-fn refuse_machine_flags(a: &RunArgs) -> Result<(), String> {
+/// Flags that describe the machine itself cannot go with `--restore` (or
+/// `--migrate-listen`: the sender fixes the machine as a snapshot does).
+pub fn refuse_machine_flags(a: &RunArgs) -> Result<(), String> {
     let given: Vec<&str> = [
         (a.config.is_some(), "--config"),
         (a.print_config, "--print-config"),
@@ -124,7 +136,7 @@ fn refuse_machine_flags(a: &RunArgs) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "{} cannot go with --restore: the snapshot fixes the machine; only --disk, --net, \
+        "{} cannot go with --restore or --migrate-listen: the snapshot (or sender) fixes the machine; only --disk, --net, \
          --vsock (device backends, by position), --control-socket, --serial and --on-reboot \
          may be given",
         given.join(", ")

@@ -20,7 +20,7 @@ use vme_riscv::{GuestRam, ISA, Machine, MachineHandle, MachineState, RAM_BASE};
 pub const ARCH: &str = "riscv64";
 
 /// How long a snapshot waits for harts that are still on their way to park.
-const PARK_WAIT: Duration = Duration::from_secs(10);
+pub const PARK_WAIT: Duration = Duration::from_secs(10);
 
 /// The `machine` section: what is neither a hart nor an interrupt controller.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +55,14 @@ impl Snapshotter for RiscvSnapshotter {
     fn snapshot_diff(&self, dir: &Path) -> Result<SnapshotInfo, String> {
         self.write(dir, true)
     }
+
+    fn migrate(
+        &self,
+        p: &crate::migrate::send::Params,
+        pause: &dyn Fn() -> Result<(), String>,
+    ) -> Result<vme_api::control::MigrationInfo, crate::migrate::send::Failure> {
+        crate::migrate::send::riscv(self, p, pause)
+    }
 }
 
 impl RiscvSnapshotter {
@@ -81,24 +89,8 @@ impl RiscvSnapshotter {
         // pause (a frame arriving) cannot move a queue or write RAM between the two.
         let serial = lock(&self.serial);
         let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
-        let mut w = StateWriter::new(ARCH, &st.isa, st.memory_bytes);
+        let mut w = self.sections(&st, &serial, &transports)?;
         let e = |e: super::format::FormatError| e.to_string();
-        w.add("config", &self.spec.to_toml()).map_err(e)?;
-        let m = MachineSection {
-            harts: st.harts.len() as u32,
-            timebase_hz: st.timebase_hz,
-            firmware: st.firmware,
-        };
-        w.add("machine", &m).map_err(e)?;
-        for (i, h) in st.harts.iter().enumerate() {
-            w.add(&format!("hart.{i}"), h).map_err(e)?;
-        }
-        w.add("clint", &st.clint).map_err(e)?;
-        w.add("plic", &st.plic).map_err(e)?;
-        w.add("serial", &serial.state()).map_err(e)?;
-        for (i, t) in transports.iter().enumerate() {
-            w.add(&format!("virtio.{i}"), &t.state()).map_err(e)?;
-        }
         let id = super::lineage::new_id()?;
         let lineage = Lineage {
             id: id.clone(),
@@ -151,6 +143,37 @@ impl RiscvSnapshotter {
                 Err(e)
             }
         }
+    }
+}
+
+impl RiscvSnapshotter {
+    /// The sections of a paused machine's state `st` with its devices held: what a full
+    /// snapshot's state file holds, less its lineage (also what a migration sends).
+    pub fn sections(
+        &self,
+        st: &MachineState,
+        serial: &Serial,
+        transports: &[MutexGuard<'_, MmioTransport>],
+    ) -> Result<StateWriter, String> {
+        let mut w = StateWriter::new(ARCH, &st.isa, st.memory_bytes);
+        let e = |e: super::format::FormatError| e.to_string();
+        w.add("config", &self.spec.to_toml()).map_err(e)?;
+        let m = MachineSection {
+            harts: st.harts.len() as u32,
+            timebase_hz: st.timebase_hz,
+            firmware: st.firmware,
+        };
+        w.add("machine", &m).map_err(e)?;
+        for (i, h) in st.harts.iter().enumerate() {
+            w.add(&format!("hart.{i}"), h).map_err(e)?;
+        }
+        w.add("clint", &st.clint).map_err(e)?;
+        w.add("plic", &st.plic).map_err(e)?;
+        w.add("serial", &serial.state()).map_err(e)?;
+        for (i, t) in transports.iter().enumerate() {
+            w.add(&format!("virtio.{i}"), &t.state()).map_err(e)?;
+        }
+        Ok(w)
     }
 }
 

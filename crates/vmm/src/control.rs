@@ -67,9 +67,8 @@ pub trait Snapshotter: Send + Sync {
         _pause: &dyn Fn() -> Result<(), String>,
     ) -> Result<vme_api::control::MigrationInfo, crate::migrate::send::Failure> {
         Err(crate::migrate::send::Failure::before_commit(
-            "live migration of x86_64 VMs is not supported yet (it needs KVM dirty-page \
-             logging, not done yet); riscv64 VMs migrate. Meanwhile move an x86_64 VM with \
-             snapshot DIR and --restore DIR on the other host",
+            "this machine kind has no live migration: move the VM with snapshot DIR and \
+             --restore DIR on the other host",
         ))
     }
 }

@@ -462,3 +462,62 @@ fn a_diff_chain_restores_the_same_memory_as_a_full_snapshot() {
     stop(r, &r_sock);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A destination (`--migrate-listen` on a free loopback port) and its address.
+fn listen(dir: &Path) -> (Vm, PathBuf, String) {
+    let sock = dir.join("dst.sock");
+    let vm = Vm::start(&[
+        "--migrate-listen",
+        "127.0.0.1:0",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "--log-level",
+        "info",
+    ]);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let err = vm.stderr.lock().unwrap().clone();
+        if let Some(rest) = err.split("incoming migration on ").nth(1) {
+            if let Some(addr) = rest.split_whitespace().next() {
+                return (vm, sock, addr.to_string());
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination never listened: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live migration of an x86_64 VM on loopback (KVM's dirty log for the pre-copy): the
+/// probe's counters go on at the destination from exactly where the source stopped, its
+/// CPU, interrupt controllers and RAM intact, and the source exits 0.
+#[test]
+fn a_running_probe_migrates_and_counts_on_at_the_destination() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = temp_dir("x86migrate");
+    let (mut src, src_sock) = boot(&dir, "src");
+    let before = wait_ticks(&mut src, 2);
+    check(&before, "the source before the migration");
+    let (mut dst, dst_sock, addr) = listen(&dir);
+    let (ok, reply) = common::ctl_words(&src_sock, &["migrate-send", &addr]);
+    assert!(ok && reply.contains(r#""migration""#), "{reply}");
+    eprintln!("x86_64 probe (64M, 2 vCPUs) migrated: {reply}");
+    assert_eq!(src.wait_exit(T).code(), Some(0), "the source exits 0");
+    let last = ticks(&src).last().unwrap().clone();
+    check(&ticks(&src), "the source");
+    let got = wait_ticks(&mut dst, 2);
+    check(&got, "the destination");
+    assert_eq!(
+        got[0].n,
+        last.n + 1,
+        "the destination goes on from the source's last tick, no skip, no repeat"
+    );
+    assert_eq!(got[0].fields[6], before[0].fields[6], "the RAM checksum");
+    assert!(ctl(&dst_sock, "status").contains(r#""vcpus":2"#));
+    stop(dst, &dst_sock);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,4 +1,4 @@
-//! Live migration between two monitors over TCP (riscv64 so far).
+//! Live migration between two monitors over TCP (riscv64 and x86_64).
 //!
 //! The destination (`vme-vmm --migrate-listen ADDR:PORT`) waits for one sender; the source
 //! (`ctl ... migrate-send HOST:PORT`) connects and, after the handshake ([`wire`]):
@@ -7,7 +7,7 @@
 //!    written meanwhile, until what is left can go within the downtime target at the rate
 //!    measured (or the rounds run out, or stop shrinking);
 //! 2. stop-and-copy: the guest is paused, the last dirty pages go, then the state file a
-//!    snapshot would write (the same sections, [`crate::snapshot::riscv`]);
+//!    snapshot would write (the same sections; each machine kind is a [`send::Source`]);
 //! 3. the destination checks everything and builds the machine as a restore does, says
 //!    `Ready`; the source sends `Commit`; the destination starts the guest and confirms.
 //!    The source's monitor then exits (status 0).
@@ -24,6 +24,7 @@
 pub mod recv;
 pub mod send;
 pub mod wire;
+pub mod x86;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -112,7 +113,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A machine kind without migration (x86_64 so far).
+    /// A machine kind without migration.
     struct NoMigration;
 
     impl crate::control::Snapshotter for NoMigration {
@@ -136,7 +137,7 @@ mod tests {
         ctl.set_snapshotter(std::sync::Arc::new(NoMigration));
         let err = ctl.migrate(&p).unwrap_err();
         assert!(
-            err.contains("x86_64") && err.contains("not supported yet"),
+            err.contains("no live migration") && err.contains("--restore"),
             "{err}"
         );
         assert_eq!(ctl.state(), RunState::Running);

@@ -137,9 +137,9 @@ fn receive_vm<S: std::io::Read + std::io::Write>(
         return Err("the sender's Begin frame is too short".into());
     };
     let arch = String::from_utf8_lossy(arch);
-    if arch != crate::snapshot::riscv::ARCH {
+    if arch != crate::snapshot::riscv::ARCH && arch != crate::snapshot::x86::ARCH {
         return Err(format!(
-            "the sender's VM is {arch:?}; only riscv64 VMs can be migrated so far"
+            "the sender's VM is {arch:?}; only riscv64 and x86_64 VMs can be migrated"
         ));
     }
     if bytes == 0 || bytes % PAGE as u64 != 0 {
@@ -257,8 +257,8 @@ mod tests {
         let zeros =
             |first: u64, n: u64| (Kind::Zeros, [first.to_le_bytes(), n.to_le_bytes()].concat());
         let mib = 1u64 << 20;
-        let x86 = (Kind::Begin, [&mib.to_le_bytes()[..], b"x86_64"].concat());
-        assert!(feed(&[x86]).contains("only riscv64"));
+        let arm = (Kind::Begin, [&mib.to_le_bytes()[..], b"aarch64"].concat());
+        assert!(feed(&[arm]).contains("only riscv64 and x86_64"));
         assert!(feed(&[begin(mib + 1)]).contains("multiple of pages"));
         assert!(feed(&[begin(mib), page(256, PAGE)]).contains("outside"));
         assert!(feed(&[begin(mib), page(255, 2 * PAGE)]).contains("outside"));

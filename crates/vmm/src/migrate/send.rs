@@ -70,7 +70,7 @@ struct Sent {
 /// zeroed, so the first full copy needs none of them).
 fn send_runs(
     conn: &mut Conn<TcpStream>,
-    ram: &GuestRam,
+    src: &dyn Source,
     runs: &[(u64, u64)],
     skip_zero: bool,
     sent: &mut Sent,
@@ -83,8 +83,7 @@ fn send_runs(
         while page < end {
             let n = (end - page).min(MAX_PAGES as u64);
             let chunk = &mut buf[..n as usize * PAGE];
-            ram.read_bytes(RAM_BASE + page * PAGE as u64, chunk)
-                .map_err(|e| format!("cannot read guest memory: {e}"))?;
+            src.read(page * PAGE as u64, chunk)?;
             // Split the chunk into runs of zero and of non-zero pages.
             let mut i = 0usize;
             while i < n as usize {
@@ -115,16 +114,36 @@ fn send_runs(
     Ok(())
 }
 
-/// Migrates the riscv64 machine of `s` (see the module documentation of `crate::migrate`).
-pub fn riscv(
-    s: &RiscvSnapshotter,
+/// Sends page runs `(first page, pages)` to the destination.
+pub type SendPages<'a> = dyn FnMut(&[(u64, u64)]) -> Result<(), String> + 'a;
+
+/// What a machine kind gives a migration: its RAM (as the memory file lays it out), its
+/// dirty-page log, and its state with the guest paused.
+pub trait Source {
+    /// `riscv64` or `x86_64`, as the destination checks it.
+    fn arch(&self) -> &'static str;
+    fn ram_bytes(&self) -> u64;
+    /// Copies RAM at memory-file offset `off` into `buf`.
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// The pages written since the previous call, as `(first page, pages)` runs; the first
+    /// call switches the log on (if a snapshot has not) and returns what it held.
+    fn harvest(&self) -> Result<Vec<(u64, u64)>, String>;
+    /// Puts every page harvested so far back into the log: the migration failed, and the
+    /// VM's next diff snapshot must still hold them.
+    fn give_back(&self);
+    /// With the guest paused: holds the devices (so nothing writes RAM), passes the pages
+    /// written since the last harvest to `last_pages` (which sends them), and returns the
+    /// state file a full snapshot would write, without its lineage.
+    fn stop_and_copy(&self, last_pages: &mut SendPages<'_>) -> Result<Vec<u8>, String>;
+}
+
+/// Migrates the machine behind `src` (see the module documentation of `crate::migrate`).
+pub fn migrate(
+    src: &dyn Source,
     p: &Params,
     pause: &dyn Fn() -> Result<(), String>,
 ) -> Result<MigrationInfo, Failure> {
     let started = Instant::now();
-    let machine = s.machine.upgrade().ok_or_else(|| {
-        Failure::before_commit("the machine has stopped: there is nothing to migrate")
-    })?;
     let (addr, key) = endpoint(&p.to, p.key.as_deref())?;
     let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
         format!(
@@ -144,15 +163,10 @@ pub fn riscv(
     if let Some(b) = p.bandwidth {
         conn.limit_rate(b);
     }
-    // Pages harvested from the log: given back if the migration fails, so that the VM's
-    // next diff snapshot still holds every page written since its previous snapshot.
-    let mut harvested: Vec<DirtyBitmap> = Vec::new();
-    let result = precopy_and_commit(s, &machine, p, pause, &mut conn, &mut harvested, started);
+    let result = precopy_and_commit(src, p, pause, &mut conn, started);
     if let Err(f) = &result {
         if f.resume {
-            for b in &harvested {
-                s.handle.remark_dirty(b);
-            }
+            src.give_back();
             // Tell the destination, if it still listens, so that it exits promptly.
             let _ = conn.send(Kind::Error, f.error.as_bytes());
         }
@@ -160,39 +174,100 @@ pub fn riscv(
     result
 }
 
-fn harvest(s: &RiscvSnapshotter, kept: &mut Vec<DirtyBitmap>) -> Result<DirtyBitmap, String> {
-    let d = s
-        .handle
-        .harvest_dirty()
-        .ok_or("the dirty-page log is off after enabling it (interpreter bug)")?;
-    kept.push(d.clone());
-    Ok(d)
+/// The riscv64 machine of a snapshotter, for [`migrate`].
+pub struct RiscvSource<'a> {
+    s: &'a RiscvSnapshotter,
+    machine: std::sync::Arc<vme_riscv::Machine>,
+    /// Every bitmap harvested, for [`Source::give_back`].
+    kept: Mutex<Vec<DirtyBitmap>>,
+}
+
+impl<'a> RiscvSource<'a> {
+    pub fn new(s: &'a RiscvSnapshotter) -> Result<RiscvSource<'a>, String> {
+        let machine = s
+            .machine
+            .upgrade()
+            .ok_or("the machine has stopped: there is nothing to migrate")?;
+        Ok(RiscvSource {
+            s,
+            machine,
+            kept: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn take(&self) -> Result<DirtyBitmap, String> {
+        let d = self
+            .s
+            .handle
+            .harvest_dirty()
+            .ok_or("the dirty-page log is off after enabling it (interpreter bug)")?;
+        lock(&self.kept).push(d.clone());
+        Ok(d)
+    }
+}
+
+impl Source for RiscvSource<'_> {
+    fn arch(&self) -> &'static str {
+        ARCH
+    }
+
+    fn ram_bytes(&self) -> u64 {
+        self.machine.ram().size()
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        let ram: &GuestRam = self.machine.ram();
+        ram.read_bytes(RAM_BASE + off, buf)
+            .map_err(|e| format!("cannot read guest memory: {e}"))
+    }
+
+    fn harvest(&self) -> Result<Vec<(u64, u64)>, String> {
+        // From the first call on every page written is logged; the full copy reads each
+        // page after it, so what that copy misses is in the next harvest.
+        self.s.handle.enable_dirty_log();
+        Ok(self.take()?.runs())
+    }
+
+    fn give_back(&self) {
+        for b in lock(&self.kept).iter() {
+            self.s.handle.remark_dirty(b);
+        }
+    }
+
+    fn stop_and_copy(&self, last_pages: &mut SendPages<'_>) -> Result<Vec<u8>, String> {
+        let st = self
+            .s
+            .handle
+            .save_state(PARK_WAIT)
+            .map_err(|e| format!("cannot save the machine's state: {e}"))?;
+        // Devices held until the last pages are out, as a snapshot holds them (a device
+        // thread that woke before the pause cannot write RAM behind our back).
+        let serial = lock(&self.s.serial);
+        let transports: Vec<_> = self.s.transports.iter().map(|t| lock(t)).collect();
+        let w = self.s.sections(&st, &serial, &transports)?;
+        last_pages(&self.take()?.runs())?;
+        w.encode().map_err(|e| e.to_string())
+    }
 }
 
 fn precopy_and_commit(
-    s: &RiscvSnapshotter,
-    machine: &vme_riscv::Machine,
+    src: &dyn Source,
     p: &Params,
     pause: &dyn Fn() -> Result<(), String>,
     conn: &mut Conn<TcpStream>,
-    harvested: &mut Vec<DirtyBitmap>,
     started: Instant,
 ) -> Result<MigrationInfo, Failure> {
-    let ram = machine.ram();
-    let size = ram.size();
-    conn.send_parts(Kind::Begin, &[&size.to_le_bytes(), ARCH.as_bytes()])?;
-    // From here every page written is logged; the full copy below reads each page after
-    // this, so what it misses is in the first round.
-    s.handle.enable_dirty_log();
-    harvest(s, harvested)?;
+    let size = src.ram_bytes();
+    conn.send_parts(Kind::Begin, &[&size.to_le_bytes(), src.arch().as_bytes()])?;
+    src.harvest()?;
     let mut sent = Sent::default();
     let pages = size / PAGE as u64;
-    send_runs(conn, ram, &[(0, pages)], true, &mut sent)?;
+    send_runs(conn, src, &[(0, pages)], true, &mut sent)?;
     let mut rounds = 1u32;
     let (mut last, mut flat) = (u64::MAX, 0u32);
     let pending = loop {
-        let d = harvest(s, harvested)?;
-        let n = d.count();
+        let d = src.harvest()?;
+        let n: u64 = d.iter().map(|r| r.1).sum();
         // The rate so far (all rounds), in bytes per second of sending.
         let rate = conn.bytes_sent as f64 / sent.busy.as_secs_f64().max(1e-6);
         let would_take = Duration::from_secs_f64((n * PAGE as u64) as f64 / rate.max(1.0));
@@ -206,27 +281,16 @@ fn precopy_and_commit(
             );
             break d;
         }
-        send_runs(conn, ram, &d.runs(), false, &mut sent)?;
+        send_runs(conn, src, &d, false, &mut sent)?;
         rounds += 1;
     };
     pause()?;
     let paused = Instant::now();
-    let st = s
-        .handle
-        .save_state(PARK_WAIT)
-        .map_err(|e| format!("cannot save the machine's state: {e}"))?;
     let before = sent.pages;
-    let state = {
-        // Devices held until the last pages are out, as a snapshot holds them (a device
-        // thread that woke before the pause cannot write RAM behind our back).
-        let serial = lock(&s.serial);
-        let transports: Vec<_> = s.transports.iter().map(|t| lock(t)).collect();
-        let w = s.sections(&st, &serial, &transports)?;
-        let last = harvest(s, harvested)?;
-        send_runs(conn, ram, &pending.runs(), false, &mut sent)?;
-        send_runs(conn, ram, &last.runs(), false, &mut sent)?;
-        w.encode().map_err(|e| e.to_string())?
-    };
+    let state = src.stop_and_copy(&mut |last| {
+        send_runs(conn, src, &pending, false, &mut sent)?;
+        send_runs(conn, src, last, false, &mut sent)
+    })?;
     let final_pages = sent.pages - before;
     for piece in state.chunks(MAX_PAGES * PAGE) {
         conn.send(Kind::State, piece)?;

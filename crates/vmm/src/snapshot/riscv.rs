@@ -61,7 +61,8 @@ impl Snapshotter for RiscvSnapshotter {
         p: &crate::migrate::send::Params,
         pause: &dyn Fn() -> Result<(), String>,
     ) -> Result<vme_api::control::MigrationInfo, crate::migrate::send::Failure> {
-        crate::migrate::send::riscv(self, p, pause)
+        let src = crate::migrate::send::RiscvSource::new(self)?;
+        crate::migrate::send::migrate(&src, p, pause)
     }
 }
 

@@ -94,6 +94,15 @@ impl Snapshotter for X86Snapshotter {
     fn snapshot_diff(&self, dir: &Path) -> Result<SnapshotInfo, String> {
         self.write(dir, true)
     }
+
+    fn migrate(
+        &self,
+        p: &crate::migrate::send::Params,
+        pause: &dyn Fn() -> Result<(), String>,
+    ) -> Result<vme_api::control::MigrationInfo, crate::migrate::send::Failure> {
+        let src = crate::migrate::x86::X86Source::new(self)?;
+        crate::migrate::send::migrate(&src, p, pause)
+    }
 }
 
 impl X86Snapshotter {
@@ -105,6 +114,74 @@ impl X86Snapshotter {
             true => Some(history.diff_parent(dir)?),
             false => None,
         };
+        self.with_sections(|mut w, vm, mem| {
+            let id = super::lineage::new_id()?;
+            let lineage = Lineage {
+                id: id.clone(),
+                parent: parent.as_ref().map(|p| ParentRef {
+                    dir: p.dir.display().to_string(),
+                    id: p.id.clone(),
+                }),
+            };
+            w.add(LINEAGE, &lineage).map_err(text)?;
+            // The log (re)starts here, with the vCPUs parked and every device held: the pages
+            // written from now on are the next diff's. A failed snapshot puts them back.
+            let dirty = self.harvest_dirty(vm)?;
+            let size = self.spec.memory.bytes();
+            let read = |off: u64, buf: &mut [u8]| ram::read_at(mem, off, buf);
+            let written = match &parent {
+                None => write_dir(dir, &w, size, read, started),
+                Some(_) => {
+                    let runs = coalesce(dirty.clone(), MAX_RUNS);
+                    w.add(DIFF_PAGES, &runs).map_err(text).and_then(|()| {
+                        w.diff_format();
+                        write_dir_with(
+                            dir,
+                            &w,
+                            size,
+                            |p| write_pages(p, size, &runs, read),
+                            started,
+                        )
+                    })
+                }
+            };
+            match written {
+                Ok(mut info) => {
+                    history.record(dir, &id, diff);
+                    info.id = Some(id);
+                    info.parent = parent.map(|p| p.dir.display().to_string());
+                    Ok(info)
+                }
+                Err(e) => {
+                    self.dirty.remark(&dirty);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    /// The pages written since the previous harvest (KVM's log and the monitor's), as
+    /// memory-file page runs; the first call switches both logs on.
+    pub fn harvest_dirty(&self, vm: &Vm) -> Result<Vec<(u64, u64)>, String> {
+        if !self.dirty.is_on() {
+            vm.enable_dirty_log()
+                .map_err(|e| format!("cannot start KVM's dirty-page log: {e}"))?;
+            self.dirty.enable();
+        }
+        let kvm_log = vm
+            .take_dirty_log()
+            .map_err(|e| format!("cannot read KVM's dirty-page log: {e}"))?;
+        Ok(self.dirty.harvest(&kvm_log))
+    }
+
+    /// Builds the state sections of the paused VM (a full snapshot's, less its lineage)
+    /// with every device held, and runs `f` on them, the VM and its RAM before letting the
+    /// devices go: a device thread that woke before the pause (a frame arriving) finishes
+    /// its request and can neither raise an interrupt nor write RAM until `f` is done.
+    pub fn with_sections<R>(
+        &self,
+        f: impl FnOnce(StateWriter, &Vm, &GuestMemoryMmap) -> Result<R, String>,
+    ) -> Result<R, String> {
         let gone = "the VM has stopped: there is nothing to save";
         let vm = self.vm.upgrade().ok_or(gone)?;
         let vcpus: Vec<SharedVcpu> = self
@@ -113,9 +190,7 @@ impl X86Snapshotter {
             .map(|v| v.upgrade().ok_or(gone))
             .collect::<Result<_, _>>()?;
         let mem = vm.memory().ok_or(gone)?.clone();
-        // Every device first: a device thread that woke before the pause (a frame
-        // arriving) finishes its request and can neither raise an interrupt nor write RAM
-        // until RAM is saved. The vCPUs are parked and hold none of their locks.
+        // The vCPUs are parked and hold none of their locks.
         let serial = lock(&self.legacy.serial);
         let rtc = lock(&self.legacy.rtc);
         let acpi = lock(&self.legacy.acpi);
@@ -143,58 +218,7 @@ impl X86Snapshotter {
         for (i, t) in transports.iter().enumerate() {
             w.add(&format!("virtio.{i}"), &t.state()).map_err(text)?;
         }
-        let id = super::lineage::new_id()?;
-        let lineage = Lineage {
-            id: id.clone(),
-            parent: parent.as_ref().map(|p| ParentRef {
-                dir: p.dir.display().to_string(),
-                id: p.id.clone(),
-            }),
-        };
-        w.add(LINEAGE, &lineage).map_err(text)?;
-        // The log (re)starts here, with the vCPUs parked and every device held: the pages
-        // written from now on are the next diff's. A failed snapshot puts them back.
-        if !self.dirty.is_on() {
-            vm.enable_dirty_log()
-                .map_err(|e| format!("cannot start KVM's dirty-page log: {e}"))?;
-            self.dirty.enable();
-        }
-        let kvm_log = vm
-            .take_dirty_log()
-            .map_err(|e| format!("cannot read KVM's dirty-page log: {e}"))?;
-        let dirty = self.dirty.harvest(&kvm_log);
-        let size = self.spec.memory.bytes();
-        let read = |off: u64, buf: &mut [u8]| ram::read_at(&mem, off, buf);
-        let written = match &parent {
-            None => write_dir(dir, &w, size, read, started),
-            Some(_) => {
-                let runs = coalesce(dirty.clone(), MAX_RUNS);
-                w.add(DIFF_PAGES, &runs).map_err(text).and_then(|()| {
-                    w.diff_format();
-                    write_dir_with(
-                        dir,
-                        &w,
-                        size,
-                        |p| write_pages(p, size, &runs, read),
-                        started,
-                    )
-                })
-            }
-        };
-        drop(transports);
-        drop((serial, rtc, acpi));
-        match written {
-            Ok(mut info) => {
-                history.record(dir, &id, diff);
-                info.id = Some(id);
-                info.parent = parent.map(|p| p.dir.display().to_string());
-                Ok(info)
-            }
-            Err(e) => {
-                self.dirty.remark(&dirty);
-                Err(e)
-            }
-        }
+        f(w, &vm, &mem)
     }
 }
 

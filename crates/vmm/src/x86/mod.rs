@@ -230,6 +230,13 @@ pub fn run(
             r.started.elapsed().as_secs_f64() * 1000.0
         );
     }
+    // An incoming migration runs the vCPUs only once the sender has committed.
+    if let Some(r) = restore {
+        if r.pass_gate().map_err(X86Error::Setup)? {
+            // Paused at the sender, so paused here: the vCPUs park before they run.
+            ctx.control.pause().map_err(X86Error::Setup)?;
+        }
+    }
     let reports = run_vcpus(&vcpus, &pio, &mmio, (&mem, &dirty), ctx)?;
     // No frame may reach a VM that has stopped running.
     drop(workers);

@@ -43,6 +43,53 @@ pub fn coalesce(mut dirty: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
     out
 }
 
+/// Writes one snapshot of a VM into `dir`: the state `w` (with the VM paused and its
+/// devices held) plus a new lineage, and either all of RAM (`size` bytes, copied out by
+/// `read`) or, for a diff on `parent`, the pages of `dirty` (runs written since the
+/// previous snapshot). Records it in `history` when it is on disk; on error the caller
+/// puts `dirty` back into its log.
+#[allow(clippy::too_many_arguments)]
+pub fn write_member(
+    dir: &Path,
+    mut w: StateWriter,
+    size: u64,
+    dirty: Vec<(u64, u64)>,
+    parent: Option<lineage::Member>,
+    history: &mut lineage::History,
+    read: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
+    started: Instant,
+) -> Result<SnapshotInfo, String> {
+    let e = |e: super::format::FormatError| e.to_string();
+    let id = lineage::new_id()?;
+    let me = Lineage {
+        id: id.clone(),
+        parent: parent.as_ref().map(|p| lineage::ParentRef {
+            dir: p.dir.display().to_string(),
+            id: p.id.clone(),
+        }),
+    };
+    w.add(LINEAGE, &me).map_err(e)?;
+    let mut info = match &parent {
+        None => write_dir(dir, &w, size, read, started)?,
+        Some(_) => {
+            let runs = coalesce(dirty, lineage::MAX_RUNS);
+            w.add(DIFF_PAGES, &runs).map_err(e)?;
+            w.diff_format();
+            super::write_dir_with(
+                dir,
+                &w,
+                size,
+                |p| write_pages(p, size, &runs, read),
+                started,
+            )?
+        }
+    };
+    history.record(dir, &id, parent.is_some());
+    info.id = Some(id);
+    info.parent = parent.map(|p| p.dir.display().to_string());
+    Ok(info)
+}
+
 /// Writes the pages of `runs` (RAM of `size` bytes, copied out by `read(offset, buf)`) at
 /// their offsets into a new sparse file `path`, synced before it returns.
 pub fn write_pages(

@@ -2,10 +2,10 @@
 //! `plic`, `serial`, `virtio.N`) written from a paused machine, and read back for a
 //! restore.
 
-use super::diff::{coalesce, open_memory, write_pages};
+use super::diff::{open_memory, write_member};
 use super::format::StateWriter;
-use super::lineage::{Chain, DIFF_PAGES, History, LINEAGE, Lineage, MAX_RUNS, ParentRef};
-use super::{Restore, check_machine, write_dir, write_dir_with};
+use super::lineage::{Chain, History};
+use super::{Restore, check_machine};
 use crate::control::Snapshotter;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -90,17 +90,7 @@ impl RiscvSnapshotter {
         // pause (a frame arriving) cannot move a queue or write RAM between the two.
         let serial = lock(&self.serial);
         let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
-        let mut w = self.sections(&st, &serial, &transports)?;
-        let e = |e: super::format::FormatError| e.to_string();
-        let id = super::lineage::new_id()?;
-        let lineage = Lineage {
-            id: id.clone(),
-            parent: parent.as_ref().map(|p| ParentRef {
-                dir: p.dir.display().to_string(),
-                id: p.id.clone(),
-            }),
-        };
-        w.add(LINEAGE, &lineage).map_err(e)?;
+        let w = self.sections(&st, &serial, &transports)?;
         // The log (re)starts here, with the harts parked and every device held: the pages
         // written from now on are the next diff's. A failed snapshot puts them back.
         self.handle.enable_dirty_log();
@@ -113,37 +103,21 @@ impl RiscvSnapshotter {
             ram.read_bytes(RAM_BASE + off, buf)
                 .map_err(|e| format!("cannot read guest memory: {e}"))
         };
-        let written = match &parent {
-            None => write_dir(dir, &w, ram.size(), read, started),
-            Some(_) => {
-                let runs = coalesce(dirty.runs(), MAX_RUNS);
-                let size = ram.size();
-                w.add(DIFF_PAGES, &runs).map_err(e).and_then(|()| {
-                    w.diff_format();
-                    write_dir_with(
-                        dir,
-                        &w,
-                        size,
-                        |p| write_pages(p, size, &runs, read),
-                        started,
-                    )
-                })
-            }
-        };
-        drop(transports);
-        drop(serial);
-        match written {
-            Ok(mut info) => {
-                history.record(dir, &id, diff);
-                info.id = Some(id);
-                info.parent = parent.map(|p| p.dir.display().to_string());
-                Ok(info)
-            }
-            Err(e) => {
-                self.handle.remark_dirty(&dirty);
-                Err(e)
-            }
+        let size = ram.size();
+        let written = write_member(
+            dir,
+            w,
+            size,
+            dirty.runs(),
+            parent,
+            &mut history,
+            read,
+            started,
+        );
+        if written.is_err() {
+            self.handle.remark_dirty(&dirty);
         }
+        written
     }
 }
 

@@ -16,10 +16,10 @@
 //! resets the machine). GSI routes, irqfds and ioeventfds are not saved: restoring the
 //! MSI-X tables and BARs rebuilds them.
 
-use super::diff::{coalesce, open_memory, write_pages};
+use super::Restore;
+use super::diff::{open_memory, write_member};
 use super::format::{FormatError, StateWriter};
-use super::lineage::{Chain, DIFF_PAGES, History, LINEAGE, Lineage, MAX_RUNS, ParentRef};
-use super::{Restore, write_dir, write_dir_with};
+use super::lineage::{Chain, History};
 use crate::control::Snapshotter;
 use crate::x86::dirty::DirtyPages;
 use crate::x86::pci::PciDevices;
@@ -114,49 +114,26 @@ impl X86Snapshotter {
             true => Some(history.diff_parent(dir)?),
             false => None,
         };
-        self.with_sections(|mut w, vm, mem| {
-            let id = super::lineage::new_id()?;
-            let lineage = Lineage {
-                id: id.clone(),
-                parent: parent.as_ref().map(|p| ParentRef {
-                    dir: p.dir.display().to_string(),
-                    id: p.id.clone(),
-                }),
-            };
-            w.add(LINEAGE, &lineage).map_err(text)?;
-            // The log (re)starts here, with the vCPUs parked and every device held: the pages
-            // written from now on are the next diff's. A failed snapshot puts them back.
+        self.with_sections(|w, vm, mem| {
+            // The log (re)starts here, with the vCPUs parked and every device held: the
+            // pages written from now on are the next diff's. A failed snapshot puts them back.
             let dirty = self.harvest_dirty(vm)?;
             let size = self.spec.memory.bytes();
             let read = |off: u64, buf: &mut [u8]| ram::read_at(mem, off, buf);
-            let written = match &parent {
-                None => write_dir(dir, &w, size, read, started),
-                Some(_) => {
-                    let runs = coalesce(dirty.clone(), MAX_RUNS);
-                    w.add(DIFF_PAGES, &runs).map_err(text).and_then(|()| {
-                        w.diff_format();
-                        write_dir_with(
-                            dir,
-                            &w,
-                            size,
-                            |p| write_pages(p, size, &runs, read),
-                            started,
-                        )
-                    })
-                }
-            };
-            match written {
-                Ok(mut info) => {
-                    history.record(dir, &id, diff);
-                    info.id = Some(id);
-                    info.parent = parent.map(|p| p.dir.display().to_string());
-                    Ok(info)
-                }
-                Err(e) => {
-                    self.dirty.remark(&dirty);
-                    Err(e)
-                }
+            let written = write_member(
+                dir,
+                w,
+                size,
+                dirty.clone(),
+                parent,
+                &mut history,
+                read,
+                started,
+            );
+            if written.is_err() {
+                self.dirty.remark(&dirty);
             }
+            written
         })
     }
 

@@ -101,6 +101,14 @@ pub struct RunArgs {
     /// the backends of its devices by position (the first --disk the first disk, ...).
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
+    /// With --restore: start a clone, a new VM with its own identity, rather than continue
+    /// the snapshot's VM. Every network device gets a new random MAC (unless its --net
+    /// gives mac=), the vsock device a new random CID (unless --vsock gives cid=), and the
+    /// guest a fresh entropy seed and generation ID. The new CID reaches the guest by
+    /// itself; the MACs and the seed go through the guest agent (needs --vsock), which
+    /// `ctl status` shows under identity.clone.
+    #[arg(long, requires = "restore")]
+    pub clone: bool,
     /// Print the effective machine file and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -151,7 +159,8 @@ pub struct RunArgs {
     pub nets: Vec<NetSpec>,
     /// A virtio-vsock device: cid=N (3 and up),uds=PATH. Host programs connect to PATH and
     /// write `CONNECT <port>\n` to reach a guest port; guest connections to host port P go
-    /// to the Unix socket PATH_P.
+    /// to the Unix socket PATH_P. With --restore, uds=PATH alone keeps the snapshot's CID
+    /// (a new random one with --clone).
     #[arg(long, value_name = "cid=N,uds=PATH")]
     pub vsock: Option<vme_api::vsock::VsockSpec>,
     /// The virtio-rng device: on (default) or off.

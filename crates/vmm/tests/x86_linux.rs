@@ -12,7 +12,8 @@ mod common;
 use common::agent;
 use common::netns::{Netns, net_available};
 use common::{Vm, image, kvm_available, on_pvm_host, random_bytes, sha256_hex, temp_dir};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use vme_api::agent::AgentClient;
 
 /// Generous for PVM hosts.
 const BOOT: Duration = Duration::from_secs(40 * 60);

@@ -4,7 +4,7 @@
 //! snapshot's backend.
 
 use super::format::StateFile;
-use super::{Restore, STATE_FILE};
+use super::{Restore, STATE_FILE, clone};
 use crate::cli::{self, RunArgs};
 use std::path::Path;
 use std::time::Instant;
@@ -47,6 +47,7 @@ pub fn restore_spec(dir: &Path, args: &RunArgs) -> Result<(MachineSpec, Restore)
             )
             .to_string());
     }
+    let saved = spec.clone();
     if args.disks.len() > spec.disks.len() {
         return Err(format!(
             "{} --disk given, but the snapshot's VM has {} disks: give at most one per disk, in \
@@ -79,8 +80,17 @@ pub fn restore_spec(dir: &Path, args: &RunArgs) -> Result<(MachineSpec, Restore)
         if spec.vsock.is_none() {
             return Err("--vsock given, but the snapshot's VM has no vsock device: drop it".into());
         }
-        spec.vsock = Some(v.clone());
+        let mut v = v.clone();
+        // `--vsock uds=PATH` alone moves the socket and keeps the guest's CID.
+        if v.cid == vme_api::vsock::CID_UNSET {
+            v.cid = saved.vsock.as_ref().map_or(v.cid, |s| s.cid);
+        }
+        spec.vsock = Some(v);
     }
+    let clone = match args.clone {
+        true => Some(clone::new_identity(dir, &mut spec, &saved, args)?),
+        false => None,
+    };
     // The host side of this process, not of the VM: from the flags, as for a new VM.
     spec.control_socket = args.control_socket.clone();
     spec.serial = args.serial.clone().unwrap_or_default();
@@ -97,6 +107,7 @@ pub fn restore_spec(dir: &Path, args: &RunArgs) -> Result<(MachineSpec, Restore)
         dir: dir.to_path_buf(),
         file,
         started,
+        clone,
     };
     Ok((spec, restore))
 }
@@ -125,8 +136,8 @@ fn refuse_machine_flags(a: &RunArgs) -> Result<(), String> {
     }
     Err(format!(
         "{} cannot go with --restore: the snapshot fixes the machine; only --disk, --net, \
-         --vsock (device backends, by position), --control-socket, --serial and --on-reboot \
-         may be given",
+         --vsock (device backends, by position), --clone, --control-socket, --serial and \
+         --on-reboot may be given",
         given.join(", ")
     ))
 }

@@ -28,6 +28,11 @@ pub fn apply(
     reseed(seed).map_err(|e| format!("cannot reseed the kernel's random generator: {e}"))?;
     let mut interfaces = Vec::new();
     for change in macs {
+        // Already done: the monitor retries a request whose reply it did not get.
+        if let Ok(name) = interface_with(change.new) {
+            interfaces.push(name);
+            continue;
+        }
         let name = interface_with(change.old)?;
         set_mac(&name, change.new).map_err(|e| {
             format!(

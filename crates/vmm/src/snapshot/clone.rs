@@ -219,37 +219,31 @@ pub fn announce(uds: Option<PathBuf>, id: CloneIdentity, status: Arc<Mutex<Clone
 
 fn deliver(uds: &Path, id: &CloneIdentity) -> (CloneGuestState, String) {
     let started = Instant::now();
+    // Short at first: a guest that answers before it has handled the transport reset
+    // answers from its old CID, which the device drops, so that attempt can only time
+    // out. Longer later, for a slow guest.
+    let mut patience = Duration::from_secs(1);
     loop {
-        let last =
-            match AgentClient::connect(uds, vme_api::agent::AGENT_PORT, Duration::from_secs(10)) {
-                Ok(mut client) => match client.identity(id.seed, &id.macs) {
-                    Ok(applied) => {
-                        let detail = format!(
-                            "the agent reseeded the guest's random generator and changed {} \
-                         interface(s) [{}]; the guest's vsock CID is {}",
-                            applied.interfaces.len(),
-                            applied.interfaces.join(", "),
-                            applied.cid.map_or("unknown".into(), |c| c.to_string())
-                        );
-                        log::info!(
-                            "clone identity applied after {:.1} s: {detail}",
-                            started.elapsed().as_secs_f64()
-                        );
-                        return (CloneGuestState::Applied, detail);
-                    }
-                    // The agent answered and refused: trying again would not change that.
-                    Err(e) if e.to_string().contains("the guest agent says") => {
-                        let detail = format!(
-                            "{e}; the guest may keep its parent's MACs or random generator state"
-                        );
-                        log::warn!("clone identity: {detail}");
-                        return (CloneGuestState::Failed, detail);
-                    }
-                    // A connection cut by the transport reset, or a guest still on its old CID.
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
-            };
+        let last = match attempt(uds, id, patience) {
+            Ok(detail) => {
+                log::info!(
+                    "clone identity applied after {:.1} s: {detail}",
+                    started.elapsed().as_secs_f64()
+                );
+                return (CloneGuestState::Applied, detail);
+            }
+            // The agent answered and refused: trying again would not change that.
+            Err(e) if e.to_string().contains("the guest agent says") => {
+                let detail =
+                    format!("{e}; the guest may keep its parent's MACs or random generator state");
+                log::warn!("clone identity: {detail}");
+                return (CloneGuestState::Failed, detail);
+            }
+            // Not up yet, a connection cut by the transport reset, or a guest still on its
+            // old CID.
+            Err(e) => e.to_string(),
+        };
+        log::debug!("clone identity: the agent did not take it yet: {last}");
         if started.elapsed() >= ANNOUNCE_WAIT {
             let detail = format!(
                 "the guest agent did not answer within {} s ({last}): the guest keeps its \
@@ -260,8 +254,22 @@ fn deliver(uds: &Path, id: &CloneIdentity) -> (CloneGuestState, String) {
             log::warn!("clone identity: {detail}");
             return (CloneGuestState::Failed, detail);
         }
+        patience = (patience * 2).min(Duration::from_secs(16));
         std::thread::sleep(RETRY);
     }
+}
+
+/// One try: connect, send the identity, and describe what the agent did.
+fn attempt(uds: &Path, id: &CloneIdentity, patience: Duration) -> std::io::Result<String> {
+    let mut client = AgentClient::connect(uds, vme_api::agent::AGENT_PORT, patience)?;
+    let applied = client.identity(id.seed, &id.macs)?;
+    Ok(format!(
+        "the agent reseeded the guest's random generator and changed {} interface(s) [{}]; \
+         the guest's vsock CID is {}",
+        applied.interfaces.len(),
+        applied.interfaces.join(", "),
+        applied.cid.map_or("unknown".into(), |c| c.to_string())
+    ))
 }
 
 #[cfg(test)]

@@ -181,3 +181,45 @@ fn local_cid(conn: &std::fs::File) -> Option<u32> {
     let rc = unsafe { libc::getsockname(conn.as_raw_fd(), (&raw mut addr).cast(), &mut len) };
     (rc == 0 && i32::from(addr.svm_family) == libc::AF_VSOCK).then_some(addr.svm_cid)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(old: &str, new: &str) -> MacChange {
+        MacChange {
+            old: old.parse().unwrap(),
+            new: new.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn ambiguous_requests_are_refused_before_anything_changes() {
+        // Refused by the checks alone: no reseed of this (host) kernel, no interface
+        // touched.
+        let conn = std::fs::File::open("/dev/null").unwrap();
+        let a = change("52:54:00:00:00:01", "02:00:00:00:00:01");
+        let b = change("52:54:00:00:00:01", "02:00:00:00:00:02");
+        let e = apply(&Seed([1; 32]), &[a, b], &conn).unwrap_err();
+        assert!(e.contains("change twice"), "{e}");
+    }
+
+    #[test]
+    fn an_address_no_interface_has_is_named_in_the_error() {
+        let mac: Mac = "02:5e:ed:00:00:7f".parse().unwrap();
+        let e = interface_with(mac).unwrap_err();
+        assert!(e.contains("02:5e:ed:00:00:7f"), "{e}");
+    }
+
+    #[test]
+    fn interface_names_must_fit_ifreq() {
+        assert!(ifreq("eth0").is_ok());
+        assert!(ifreq("a-name-far-too-long").is_err());
+    }
+
+    #[test]
+    fn the_cid_of_something_not_vsock_is_unknown() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(local_cid(&f), None);
+    }
+}

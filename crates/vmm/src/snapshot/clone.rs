@@ -176,10 +176,7 @@ pub fn adopt_macs<T: SlotState>(states: &mut [T], spec: &MachineSpec) {
 pub fn initial_status(id: &CloneIdentity, has_vsock: bool) -> CloneStatus {
     let (guest, detail) = match has_vsock {
         true => (CloneGuestState::Pending, None),
-        false => (
-            CloneGuestState::NoAgent,
-            Some(NO_AGENT.trim_start_matches("this clone ").to_string()),
-        ),
+        false => (CloneGuestState::NoAgent, Some(NO_AGENT.to_string())),
     };
     CloneStatus {
         snapshot: id.snapshot.display().to_string(),
@@ -289,6 +286,18 @@ mod tests {
         }
         let all: std::collections::HashSet<_> = (0..200).map(|_| new_mac(&[]).unwrap()).collect();
         assert!(all.len() > 190, "random MACs repeat: {}", all.len());
+    }
+
+    #[test]
+    fn a_clone_without_vsock_says_its_guest_cannot_be_told() {
+        let saved = spec_with(&["52:54:00:00:00:01"], None);
+        let mut spec = saved.clone();
+        let id = new_identity(Path::new("/s"), &mut spec, &saved, &RunArgs::default()).unwrap();
+        assert_eq!(id.cid, None);
+        let st = initial_status(&id, false);
+        assert_eq!(st.guest, CloneGuestState::NoAgent);
+        assert!(st.detail.unwrap().contains("no vsock device"));
+        assert_eq!(initial_status(&id, true).guest, CloneGuestState::Pending);
     }
 
     #[test]

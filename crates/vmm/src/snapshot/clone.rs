@@ -301,6 +301,17 @@ mod tests {
     }
 
     #[test]
+    fn clone_goes_only_with_restore() {
+        use clap::Parser;
+        let e = crate::cli::Cli::try_parse_from(["vme-vmm", "--clone", "--kernel", "/k"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--restore"), "{e}");
+        let ok = crate::cli::Cli::try_parse_from(["vme-vmm", "--restore", "/s", "--clone"]);
+        assert!(ok.is_ok_and(|c| c.run.clone));
+    }
+
+    #[test]
     fn new_cids_are_valid_and_new() {
         for _ in 0..200 {
             let c = new_cid(3).unwrap();

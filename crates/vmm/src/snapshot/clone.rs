@@ -38,7 +38,10 @@ pub struct CloneIdentity {
     /// The snapshot it was cloned from, for the status.
     pub snapshot: PathBuf,
     pub seed: Seed,
-    /// 128 random bits, in hex: tells this clone's life apart from its siblings'.
+    /// 128 random bits: tells this clone's life apart from its siblings'. On x86_64 the
+    /// guest reads it as its ACPI VM Generation ID.
+    pub generation: [u8; 16],
+    /// The same in hex, for the status.
     pub generation_id: String,
     /// Every network device's old and new address, in `--net` order.
     pub macs: Vec<MacChange>,
@@ -136,6 +139,7 @@ pub fn new_identity(
         snapshot: dir.to_path_buf(),
         seed: Seed(seed),
         generation_id: generation.iter().map(|b| format!("{b:02x}")).collect(),
+        generation,
         macs,
         cid,
     })

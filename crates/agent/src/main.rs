@@ -11,6 +11,7 @@
 //! protocol's frame limits).
 
 mod exec;
+mod identity;
 mod stats;
 mod vsock;
 
@@ -138,14 +139,14 @@ fn serve(conn: std::fs::File) {
                 return;
             }
         };
-        let (reply, out) = handle(req, data);
+        let (reply, out) = handle(req, data, &conn);
         if write_frame(&mut writer, &reply, &out).is_err() {
             return;
         }
     }
 }
 
-fn handle(req: Request, data: Vec<u8>) -> (Reply, Vec<u8>) {
+fn handle(req: Request, data: Vec<u8>, conn: &std::fs::File) -> (Reply, Vec<u8>) {
     let result = match req {
         Request::Ping => Ok((
             Reply::Pong {
@@ -162,6 +163,7 @@ fn handle(req: Request, data: Vec<u8>) -> (Reply, Vec<u8>) {
         Request::ReadFile { path } => read_file(&path),
         Request::WriteFile { path, mode } => write_file(&path, mode, &data),
         Request::Stats => stats::collect().map(|s| (Reply::Stats(s), Vec::new())),
+        Request::Identity { seed, macs } => identity::apply(&seed, &macs, conn),
     };
     result.unwrap_or_else(|message| (Reply::Error { message }, Vec::new()))
 }

@@ -6,6 +6,7 @@
 //! then a 4-byte big-endian length and that many bytes of raw data (stdin, file contents,
 //! command output; often empty). Data stays binary and is never inflated by JSON escaping.
 
+pub use crate::identity::{IdentityApplied, MacChange, Seed};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -45,6 +46,14 @@ pub enum Request {
     },
     /// What the guest says about itself: uptime, load, memory.
     Stats,
+    /// A clone's new identity (sent by the monitor after `--restore DIR --clone`): mix
+    /// `seed` into the kernel's random pool and reseed its CRNG, and give each interface
+    /// whose MAC is a change's `old` its `new` one.
+    Identity {
+        seed: Seed,
+        #[serde(default)]
+        macs: Vec<MacChange>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,6 +80,7 @@ pub enum Reply {
         bytes: u64,
     },
     Stats(GuestStats),
+    Identity(IdentityApplied),
     Error {
         message: String,
     },
@@ -318,6 +328,20 @@ impl AgentClient {
     pub fn stats(&mut self) -> io::Result<GuestStats> {
         match self.call(&Request::Stats, &[])? {
             (Reply::Stats(s), _) => Ok(s),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+}
+
+impl AgentClient {
+    /// Gives a clone its new identity (see [`Request::Identity`]).
+    pub fn identity(&mut self, seed: Seed, macs: &[MacChange]) -> io::Result<IdentityApplied> {
+        let req = Request::Identity {
+            seed,
+            macs: macs.to_vec(),
+        };
+        match self.call(&req, &[])? {
+            (Reply::Identity(applied), _) => Ok(applied),
             (other, _) => Err(unexpected(&other)),
         }
     }

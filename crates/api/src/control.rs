@@ -235,6 +235,52 @@ pub struct Status {
     /// The disks and network devices, by the names `set-limit` takes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceInfo>,
+    /// What tells this VM apart from others on the network and on vsock, and for a clone
+    /// whether the guest has taken its new identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityStatus>,
+}
+
+/// A VM's identity as the monitor gave it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityStatus {
+    /// The MAC of each network device, in `--net` order (`net0`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<String>,
+    /// The vsock device's guest CID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_cid: Option<u64>,
+    /// Set when the VM is a clone (`--restore DIR --clone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneStatus>,
+}
+
+/// A clone's new identity and how far the guest has taken it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneStatus {
+    /// The snapshot this VM was cloned from.
+    pub snapshot: String,
+    /// 32 hex digits, new for every clone.
+    pub generation_id: String,
+    pub guest: CloneGuestState,
+    /// Why the guest has not taken it, or what the agent changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Where the guest stands with its new identity (MACs and entropy go through its agent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneGuestState {
+    /// The monitor is still trying to reach the guest's agent.
+    Pending,
+    /// The agent reseeded the guest's random generator and changed its MACs.
+    Applied,
+    /// The agent could not be reached or refused: the guest keeps its parent's MACs and
+    /// random state inside (its vsock CID and the devices' MACs are new regardless).
+    Failed,
+    /// The VM has no vsock device, so no agent can be reached (as `failed`).
+    NoAgent,
 }
 
 /// A disk or network device of a running VM and the rate limits in force.

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod identity;
 pub mod limits;
 pub mod size;
 pub mod spec;

@@ -6,11 +6,17 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+/// `cid` when `--vsock` gave only a socket path (0 is reserved: no VM has it).
+pub const CID_UNSET: u64 = 0;
+
 /// Longest socket path we accept: the monitor also binds `PATH_<port>` names (up to 11 more
 /// bytes) and `sun_path` holds 107.
 pub const MAX_UDS_PATH_LEN: usize = 96;
 
-/// `cid=N,uds=PATH` on the command line; a `[vsock]` table in a machine file.
+/// `cid=N,uds=PATH` on the command line; a `[vsock]` table in a machine file. With
+/// `--restore`, `uds=PATH` alone keeps the snapshot's CID (or, with `--clone`, draws a new
+/// one): the parser then leaves `cid` at [`CID_UNSET`], which [`VsockSpec::validate`]
+/// refuses, so a VM never runs with it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockSpec {
@@ -23,6 +29,13 @@ pub struct VsockSpec {
 
 impl VsockSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
+        if self.cid == CID_UNSET {
+            return Err(SpecError(
+                "the vsock device has no cid: give cid=N (3 to 4294967294); only a restore \
+                 may leave it out"
+                    .into(),
+            ));
+        }
         if !(3..u64::from(u32::MAX)).contains(&self.cid) {
             return Err(SpecError(format!(
                 "vsock cid {} is reserved or too large: use 3 to 4294967294",
@@ -48,14 +61,18 @@ impl FromStr for VsockSpec {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let mut spec = VsockSpec::default();
-        let (mut cid, mut uds) = (false, false);
+        let mut uds = false;
         for item in s.split(',') {
             match item.split_once('=') {
                 Some(("cid", v)) => {
                     spec.cid = v.parse().map_err(|_| {
                         SpecError(format!("vsock cid {v:?} is not a number: use e.g. cid=3"))
                     })?;
-                    cid = true;
+                    if spec.cid == CID_UNSET {
+                        return Err(SpecError(
+                            "vsock cid 0 is reserved: use 3 to 4294967294".into(),
+                        ));
+                    }
                 }
                 Some(("uds", v)) => {
                     spec.uds = PathBuf::from(v);
@@ -68,12 +85,16 @@ impl FromStr for VsockSpec {
                 }
             }
         }
-        if !(cid && uds) {
-            return Err(SpecError(format!(
-                "vsock {s:?} needs both cid=N and uds=PATH"
-            )));
+        if !uds {
+            return Err(SpecError(format!("vsock {s:?} needs uds=PATH")));
         }
-        spec.validate()?;
+        // Without a cid, only the path is checked here; the machine's validation refuses
+        // the missing cid unless a restore fills it in.
+        let check = VsockSpec {
+            cid: if spec.cid == CID_UNSET { 3 } else { spec.cid },
+            uds: spec.uds.clone(),
+        };
+        check.validate()?;
         Ok(spec)
     }
 }
@@ -91,12 +112,16 @@ mod tests {
             "cid=4294967295,uds=/a",
             "cid=x,uds=/a",
             "cid=3",
-            "uds=/a",
+            "cid=0,uds=/a",
             "cid=3,uds=",
             "cid=3,uds=/a,extra=1",
         ] {
             assert!(bad.parse::<VsockSpec>().is_err(), "{bad} accepted");
         }
+        let bare: VsockSpec = "uds=/a".parse().unwrap();
+        assert_eq!(bare.cid, CID_UNSET, "a restore fills the cid in");
+        let err = bare.validate().unwrap_err().to_string();
+        assert!(err.contains("give cid=N"), "{err}");
         let long = format!("cid=3,uds=/{}", "a".repeat(MAX_UDS_PATH_LEN));
         let err = long.parse::<VsockSpec>().unwrap_err().to_string();
         assert!(err.contains("shorter path"), "{err}");

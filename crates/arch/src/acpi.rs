@@ -13,12 +13,12 @@
 
 use crate::ArchError;
 use crate::layout::{
-    ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_BASE, PCI_MMIO_BASE, PCI_MMIO_SIZE,
+    ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_BASE, PCI_MMIO_BASE, PCI_MMIO_SIZE, VMGENID_ADDR,
 };
 use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Field, FieldAccessType,
     FieldEntry, FieldLockRule, FieldUpdateRule, IO, If, Interrupt, Local, Method, Name, Notify,
-    OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store,
+    OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Return, Scope, Store,
 };
 use acpi_tables::{Aml, mcfg::MCFG, rsdp::Rsdp, sdt::Sdt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -31,6 +31,8 @@ const SLEEP_CONTROL: u16 = 0;
 const SLEEP_STATUS: u16 = 1;
 const RESET: u16 = 2;
 const GED_EVENT: u16 = 4;
+/// GED event bit: the VM Generation ID changed (bit 0 is the power button).
+const EVENT_GENERATION: u8 = 2;
 const RESET_VALUE: u8 = 1;
 const SLP_TYP_S5: u8 = 5;
 
@@ -123,7 +125,16 @@ fn dsdt(acpi_port: u16, ged_gsi: u32) -> Sdt {
     let button = Path::new("\\_SB_.PWRB");
     let notify_button = Notify::new(&button, &0x80u8);
     let on_press = If::new(&pressed, vec![&notify_button]);
-    let evt = Method::new("_EVT".into(), 1, true, vec![&read_event, &on_press]);
+    let changed = aml::And::new(&Local(1), &Local(0), &EVENT_GENERATION);
+    let vgen = Path::new("\\_SB_.VGEN");
+    let notify_vgen = Notify::new(&vgen, &0x80u8);
+    let on_change = If::new(&changed, vec![&notify_vgen]);
+    let evt = Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read_event, &on_press, &on_change],
+    );
     let ged_hid = Name::new("_HID".into(), &"ACPI0013");
     let ged_uid = Name::new("_UID".into(), &0u8);
     let ged_crs = Name::new("_CRS".into(), &ged_crs);
@@ -141,7 +152,18 @@ fn dsdt(acpi_port: u16, ged_gsi: u32) -> Sdt {
     let com1_crs = Name::new("_CRS".into(), &com1_crs);
     let com1 = Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
 
-    Scope::new("\\_SB_".into(), vec![&pwrb, &ged, &com1]).to_aml_bytes(&mut t);
+    // The VM Generation ID device (Microsoft's spec; Linux's vmgenid driver matches the
+    // _HID): ADDR returns the ID's address as two 32-bit halves; the GED notifies it when
+    // a clone gets a new ID, and Linux then reseeds its random generator.
+    let vgen_hid = Name::new("_HID".into(), &"VMGENCTR");
+    let vgen_cid = Name::new("_CID".into(), &"VM_GEN_COUNTER");
+    let (lo, hi) = (VMGENID_ADDR as u32, (VMGENID_ADDR >> 32) as u32);
+    let addr_pkg = Package::new(vec![&lo, &hi]);
+    let addr_ret = Return::new(&addr_pkg);
+    let addr = Method::new("ADDR".into(), 0, false, vec![&addr_ret]);
+    let vgen = Device::new("VGEN".into(), vec![&vgen_hid, &vgen_cid, &addr]);
+
+    Scope::new("\\_SB_".into(), vec![&pwrb, &ged, &com1, &vgen]).to_aml_bytes(&mut t);
 
     pci_host_bridge(&mut t);
     t
@@ -198,6 +220,13 @@ fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
 
+/// Writes the VM Generation ID the guest reads at `VMGENID_ADDR` (notify it through the
+/// GED's `EVENT_GENERATION` when it changes).
+pub fn write_generation_id(mem: &GuestMemoryMmap, id: &[u8; 16]) -> Result<(), ArchError> {
+    mem.write_slice(id, GuestAddress(VMGENID_ADDR))
+        .map_err(|e| ArchError::Acpi(format!("writing the VM generation ID: {e}")))
+}
+
 /// Writes the tables for `vcpus` vCPUs at `ACPI_START`; returns the RSDP's address.
 pub fn write_tables(
     mem: &GuestMemoryMmap,
@@ -223,11 +252,11 @@ pub fn write_tables(
     let mcfg = mcfg();
     let xsdt = xsdt(&[fadt_addr, madt_addr, mcfg_addr]);
     let end = mcfg_addr + mcfg.len() as u64;
-    if end > ACPI_END {
+    if end > VMGENID_ADDR {
         return Err(ArchError::Acpi(format!(
             "tables need {} bytes but only {} are reserved",
             end - ACPI_START,
-            ACPI_END - ACPI_START
+            VMGENID_ADDR - ACPI_START
         )));
     }
     let mut rsdp = Vec::new();
@@ -288,6 +317,14 @@ mod tests {
         assert_eq!((&dsdt[..4], sum(&dsdt)), (&b"DSDT"[..], 0));
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"));
+        // The generation ID device, and its address (as a DWord) in ADDR's package.
+        assert!(dsdt.windows(8).any(|w| w == b"VMGENCTR"));
+        assert!(dsdt.windows(4).any(|w| w == b"ADDR"));
+        let mut addr = vec![0x0c]; // DWordPrefix
+        addr.extend_from_slice(&(VMGENID_ADDR as u32).to_le_bytes());
+        assert!(dsdt.windows(5).any(|w| w == addr.as_slice()));
+        write_generation_id(&mem, &[0xab; 16]).unwrap();
+        assert_eq!(read(&mem, VMGENID_ADDR, 16), vec![0xab; 16]);
         let madt = table(&mem, madt_addr);
         assert_eq!((&madt[..4], sum(&madt)), (&b"APIC"[..], 0));
         // Four local APIC entries with IDs 0..3.

@@ -31,6 +31,9 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables (RSDP first): inside the legacy BIOS area, marked reserved.
 pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0x100000;
+/// The VM Generation ID (16 bytes), in the last page of the reserved ACPI area: the DSDT's
+/// `\_SB_.VGEN.ADDR` returns this address, and the guest maps it (Linux: vmgenid).
+pub const VMGENID_ADDR: u64 = ACPI_END - 0x1000;
 /// Kernels load at 1 MiB.
 pub const HIMEM_START: u64 = 0x100000;
 

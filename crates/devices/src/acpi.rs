@@ -6,7 +6,8 @@
 //!   +0  sleep control (FADT SLEEP_CONTROL_REG), 1 byte: bits 4:2 SLP_TYP, bit 5 SLP_EN
 //!   +1  sleep status  (FADT SLEEP_STATUS_REG), 1 byte: bit 7 WAK_STS (reads 0)
 //!   +2  reset         (FADT RESET_REG), 1 byte: writing RESET_VALUE reboots
-//!   +4  GED event     4 bytes, read-to-clear: bit 0 = power button pressed
+//!   +4  GED event     4 bytes, read-to-clear: bit 0 = power button pressed, bit 1 = the
+//!       VM Generation ID changed (the DSDT notifies `\_SB_.VGEN`)
 
 use crate::bus::BusDevice;
 use crate::{IrqLine, VmEvents};
@@ -24,6 +25,8 @@ pub const SLP_TYP_S5: u8 = 5;
 pub const RESET_VALUE: u8 = 0x1;
 /// GED event bit of the power button.
 pub const EVENT_POWER_BUTTON: u32 = 1;
+/// GED event bit of a new VM Generation ID (a clone's).
+pub const EVENT_GENERATION: u32 = 2;
 
 const SLP_EN: u8 = 1 << 5;
 
@@ -56,7 +59,7 @@ impl AcpiDevice {
 
     /// Takes a snapshot's pending events and drives the GED interrupt as they say.
     pub fn restore(&mut self, s: &AcpiState) -> Result<(), String> {
-        if s.pending & !EVENT_POWER_BUTTON != 0 {
+        if s.pending & !(EVENT_POWER_BUTTON | EVENT_GENERATION) != 0 {
             return Err(format!("GED events {:#x} do not exist", s.pending));
         }
         self.pending = s.pending;
@@ -68,6 +71,13 @@ impl AcpiDevice {
     /// then shuts down in order).
     pub fn press_power_button(&mut self) {
         self.pending |= EVENT_POWER_BUTTON;
+        self.ged_irq.set_level(true);
+    }
+
+    /// Tells the guest its VM Generation ID changed (write the new one first): Linux's
+    /// vmgenid driver reads it and reseeds the kernel's random generator.
+    pub fn notify_generation(&mut self) {
+        self.pending |= EVENT_GENERATION;
         self.ged_irq.set_level(true);
     }
 }
@@ -168,5 +178,25 @@ mod tests {
         let mut one = [0xffu8; 1];
         dev.read(GED_EVENT, &mut one);
         assert_eq!(one, [0]);
+    }
+
+    #[test]
+    fn a_new_generation_raises_its_own_bit_and_survives_a_snapshot() {
+        let (mut dev, _, irq) = device();
+        dev.press_power_button();
+        dev.notify_generation();
+        assert_eq!(irq.take(), vec!["irq true", "irq true"]);
+        let st = dev.state();
+        assert_eq!(st.pending, EVENT_POWER_BUTTON | EVENT_GENERATION);
+        let (mut other, _, irq2) = device();
+        other.restore(&st).unwrap();
+        assert_eq!(irq2.take(), vec!["irq true"]);
+        let mut b = [0u8; 4];
+        other.read(GED_EVENT, &mut b);
+        assert_eq!(u32::from_le_bytes(b), EVENT_POWER_BUTTON | EVENT_GENERATION);
+        assert!(
+            other.restore(&AcpiState { pending: 4 }).is_err(),
+            "bit 2 does not exist"
+        );
     }
 }

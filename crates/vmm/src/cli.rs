@@ -113,7 +113,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
     /// Wait at ADDR:PORT for one VM sent by `vme-vmm ctl ... migrate-send`, receive it and
-    /// run it (riscv64). Like --restore, the machine comes from the sender; --disk, --net
+    /// run it. Like --restore, the machine comes from the sender; --disk, --net
     /// and --vsock replace its devices' backends by position.
     #[arg(long, value_name = "ADDR:PORT", conflicts_with = "restore")]
     pub migrate_listen: Option<String>,
@@ -122,6 +122,14 @@ pub struct RunArgs {
     /// `head -c 32 /dev/urandom > FILE`).
     #[arg(long, value_name = "FILE", requires = "migrate_listen")]
     pub migrate_key: Option<PathBuf>,
+    /// With --restore: start a clone, a new VM with its own identity, rather than continue
+    /// the snapshot's VM. Every network device gets a new random MAC (unless its --net
+    /// gives mac=), the vsock device a new random CID (unless --vsock gives cid=), and the
+    /// guest a fresh entropy seed and generation ID. The new CID reaches the guest by
+    /// itself; the MACs and the seed go through the guest agent (needs --vsock), which
+    /// `ctl status` shows under identity.clone.
+    #[arg(long, requires = "restore")]
+    pub clone: bool,
     /// Print the effective machine file and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -172,7 +180,8 @@ pub struct RunArgs {
     pub nets: Vec<NetSpec>,
     /// A virtio-vsock device: cid=N (3 and up),uds=PATH. Host programs connect to PATH and
     /// write `CONNECT <port>\n` to reach a guest port; guest connections to host port P go
-    /// to the Unix socket PATH_P.
+    /// to the Unix socket PATH_P. With --restore, uds=PATH alone keeps the snapshot's CID
+    /// (a new random one with --clone).
     #[arg(long, value_name = "cid=N,uds=PATH")]
     pub vsock: Option<vme_api::vsock::VsockSpec>,
     /// The virtio-rng device: on (default) or off.

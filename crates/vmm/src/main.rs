@@ -84,6 +84,13 @@ fn abort_on_panic() {
 fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode {
     let control = Arc::new(VmControl::new());
     signals::stop_on_termination(control.clone());
+    let identity = restore.as_ref().and_then(|r| r.clone.clone());
+    let clone_status = identity.as_ref().map(|id| {
+        Arc::new(std::sync::Mutex::new(snapshot::clone::initial_status(
+            id,
+            spec.vsock.is_some(),
+        )))
+    });
     let facts = socket::VmFacts {
         arch: spec.arch.to_string(),
         vcpus: spec.vcpus,
@@ -95,6 +102,16 @@ fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode
                 .display()
                 .to_string()
         }),
+        identity: vme_api::control::IdentityStatus {
+            macs: spec
+                .nets
+                .iter()
+                .filter_map(|n| n.mac.map(|m| m.to_string()))
+                .collect(),
+            vsock_cid: spec.vsock.as_ref().map(|v| v.cid),
+            clone: None,
+        },
+        clone: clone_status.clone(),
     };
     let _server = match &spec.control_socket {
         Some(path) => match socket::ControlServer::bind(path, control.clone(), facts) {
@@ -106,6 +123,21 @@ fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode
         },
         None => None,
     };
+    if let (Some(id), Some(status)) = (identity, clone_status) {
+        log::info!(
+            "cloning {}: generation {}, MACs {}, vsock CID {}",
+            id.snapshot.display(),
+            id.generation_id,
+            id.macs
+                .iter()
+                .map(|c| format!("{} (was {})", c.new, c.old))
+                .collect::<Vec<_>>()
+                .join(", "),
+            id.cid.map_or("none".into(), |c| c.to_string())
+        );
+        // Started before the VM runs; it retries until the restored guest's agent answers.
+        snapshot::clone::announce(spec.vsock.as_ref().map(|v| v.uds.clone()), id, status);
+    }
     let mut raw_terminal = match spec.serial {
         vme_api::SerialSpec::Stdio => console::RawTerminal::enter(),
         _ => None,

@@ -20,6 +20,10 @@ pub struct VmFacts {
     pub cpu_template: Option<String>,
     /// The vsock device's host socket (absolute), where `vme-vmm exec` reaches the agent.
     pub vsock_uds: Option<String>,
+    /// MACs and vsock CID; the clone part is filled from `clone` at each request.
+    pub identity: vme_api::control::IdentityStatus,
+    /// A clone's status, which its announcing thread updates.
+    pub clone: Option<Arc<std::sync::Mutex<vme_api::control::CloneStatus>>>,
 }
 
 /// Longest request line accepted; anything longer is a broken or hostile client.
@@ -155,6 +159,13 @@ pub fn handle(req: Request, control: &VmControl, facts: &VmFacts) -> Reply {
                 vsock_uds: facts.vsock_uds.clone(),
                 rss_bytes: rss_bytes(),
                 devices: control.limits.list(),
+                identity: Some(vme_api::control::IdentityStatus {
+                    clone: facts
+                        .clone
+                        .as_ref()
+                        .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+                    ..facts.identity.clone()
+                }),
             };
             let mut r = Reply::ok(status.state);
             r.status = Some(status);
@@ -296,6 +307,8 @@ mod tests {
             memory_bytes: 1 << 28,
             cpu_template: None,
             vsock_uds: None,
+            identity: Default::default(),
+            clone: None,
         }
     }
 

@@ -455,3 +455,74 @@ fn minimal_kernel_snapshot_restores_in_a_new_process() {
     eprintln!("powered off at {:?} after the restore", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What the monitor reports of the VM's identity (`ctl status`), once its socket answers.
+fn identity(sock: &std::path::Path) -> vme_api::control::IdentityStatus {
+    use vme_api::control::{Request, call};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match call(sock, &Request::Status, Duration::from_secs(30)) {
+            Ok(r) if r.ok => return r.status.unwrap().identity.expect("the identity is shown"),
+            // The control socket appears once the monitor has started.
+            other if Instant::now() > deadline => panic!("ctl status: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A clone of this run's booted guest ([`booted::x86_tiny`]): the guest's vmgenid driver is
+/// bound to the DSDT's VM Generation ID device, and a `--clone` restore changes the ID and
+/// notifies it, so the kernel reseeds its random generator by itself (it logs "crng
+/// reseeded due to virtual machine fork"), besides the agent's reseed and the new vsock CID.
+#[test]
+fn a_linux_clone_is_told_its_new_generation_id_and_reseeds() {
+    use vme_api::control::CloneGuestState;
+    if !kvm_available() {
+        return;
+    }
+    let booted = booted::x86_tiny();
+    let dir = temp_dir("x86linuxclone");
+    let uds = dir.join("v.sock");
+    let mut args = booted.restore_args(&dir);
+    // `uds=` alone: a clone draws its own CID.
+    let at = args.iter().position(|a| a == "--vsock").unwrap() + 1;
+    args[at] = format!("uds={}", uds.display());
+    args.extend(["--clone".into(), "--log-level".into(), "info".into()]);
+    let mut b = Vm::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let ctl = dir.join("ctl.sock");
+    let deadline = Instant::now() + BOOT;
+    let id = loop {
+        let id = identity(&ctl);
+        let c = id.clone.clone().expect("a clone says it is one");
+        match c.guest {
+            CloneGuestState::Applied => break id,
+            CloneGuestState::Pending if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            _ => b.fail(&format!("the clone's identity was not applied: {c:?}")),
+        }
+    };
+    assert_ne!(id.vsock_cid, Some(3), "a clone gets a new CID");
+    let mut agent = AgentClient::wait(&uds, BOOT).expect("the clone's agent answers");
+    agent.set_timeout(Some(BOOT)).unwrap();
+    let sh = |agent: &mut AgentClient, script: &str| {
+        let out = agent
+            .exec(&["sh".into(), "-c".into(), script.into()], &[], BOOT)
+            .expect("the guest agent runs a command");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let bound = sh(&mut agent, "ls /sys/bus/acpi/drivers/vmgenid/");
+    assert!(
+        bound.contains("VMGENCTR"),
+        "the vmgenid driver did not bind to the DSDT's device: {bound:?}"
+    );
+    let log = sh(&mut agent, "dmesg");
+    assert!(
+        log.contains("crng reseeded due to virtual machine fork"),
+        "the guest was not told of its new generation ID:\n{log}"
+    );
+    drop(agent);
+    assert!(common::ctl(&ctl, "stop").contains("stopping"));
+    assert_eq!(b.wait_exit(BOOT).code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

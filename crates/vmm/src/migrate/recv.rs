@@ -206,13 +206,14 @@ fn receive_vm<S: std::io::Read + std::io::Write>(
     if file.version != crate::snapshot::format::FORMAT_VERSION {
         return Err("the sender's state is a diff snapshot's, not a whole VM's".into());
     }
-    let spec = spec_of(&file, Path::new(&from), args)?;
+    let (spec, clone) = spec_of(&file, Path::new(&from), args)?;
     let restore = Restore {
         dir: from,
         file,
         started,
         memory: Some(ram),
         gate: Default::default(),
+        clone,
     };
     Ok((spec, restore))
 }

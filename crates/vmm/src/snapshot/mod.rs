@@ -29,6 +29,7 @@
 //! Each machine kind writes and reads its own sections ([`riscv`], [`x86`]); the container,
 //! the memory file and the virtio core's state are shared.
 
+pub mod clone;
 pub mod crc32c;
 pub mod diff;
 pub mod format;
@@ -61,6 +62,8 @@ pub struct Restore {
     pub memory: Option<std::fs::File>,
     /// Run once, just before the machine starts; the machine does not run if it fails.
     pub gate: std::sync::Mutex<Option<Gate>>,
+    /// Set for `--clone`: the VM's new identity.
+    pub clone: Option<clone::CloneIdentity>,
 }
 
 impl Restore {
@@ -139,7 +142,7 @@ pub fn slot_names(spec: &MachineSpec) -> Vec<String> {
 
 /// The saved state of every virtio slot of `spec` (`virtio.N`, a transport's state each);
 /// a snapshot with more or fewer is refused.
-pub fn virtio_states<T: serde::de::DeserializeOwned>(
+pub fn virtio_states<T: serde::de::DeserializeOwned + clone::SlotState>(
     r: &Restore,
     spec: &MachineSpec,
 ) -> Result<Vec<T>, String> {
@@ -153,9 +156,13 @@ pub fn virtio_states<T: serde::de::DeserializeOwned>(
             )
             .to_string());
     }
-    (0..n)
+    let mut states = (0..n)
         .map(|i| f.section(&format!("virtio.{i}")).map_err(|e| e.to_string()))
-        .collect()
+        .collect::<Result<Vec<T>, _>>()?;
+    if r.clone.is_some() {
+        clone::adopt_macs(&mut states, spec);
+    }
+    Ok(states)
 }
 
 /// `spec` with the paths a later restore needs made absolute (it may run elsewhere).

@@ -4,7 +4,7 @@
 //! snapshot's backend.
 
 use super::format::StateFile;
-use super::{Restore, STATE_FILE};
+use super::{Restore, STATE_FILE, clone};
 use crate::cli::{self, RunArgs};
 use std::path::Path;
 use std::time::Instant;
@@ -15,13 +15,14 @@ pub fn restore_spec(dir: &Path, args: &RunArgs) -> Result<(MachineSpec, Restore)
     let started = Instant::now();
     refuse_machine_flags(args)?;
     let file = StateFile::read(&dir.join(STATE_FILE)).map_err(|e| e.to_string())?;
-    let spec = spec_of(&file, dir, args)?;
+    let (spec, clone) = spec_of(&file, dir, args)?;
     let restore = Restore {
         dir: dir.to_path_buf(),
         file,
         started,
         memory: None,
         gate: Default::default(),
+        clone,
     };
     Ok((spec, restore))
 }
@@ -29,7 +30,11 @@ pub fn restore_spec(dir: &Path, args: &RunArgs) -> Result<(MachineSpec, Restore)
 /// The spec a checked state file holds (`from` names where it came from, for messages),
 /// with the flags' overrides, checked against this host. Shared by `--restore` and
 /// `--migrate-listen`.
-pub fn spec_of(file: &StateFile, from: &Path, args: &RunArgs) -> Result<MachineSpec, String> {
+pub fn spec_of(
+    file: &StateFile,
+    from: &Path,
+    args: &RunArgs,
+) -> Result<(MachineSpec, Option<clone::CloneIdentity>), String> {
     let dir = from;
     let text: String = file.section("config").map_err(|e| e.to_string())?;
     let mut spec =
@@ -63,6 +68,7 @@ pub fn spec_of(file: &StateFile, from: &Path, args: &RunArgs) -> Result<MachineS
             )
             .to_string());
     }
+    let saved = spec.clone();
     if args.disks.len() > spec.disks.len() {
         return Err(format!(
             "{} --disk given, but the snapshot's VM has {} disks: give at most one per disk, in \
@@ -95,8 +101,17 @@ pub fn spec_of(file: &StateFile, from: &Path, args: &RunArgs) -> Result<MachineS
         if spec.vsock.is_none() {
             return Err("--vsock given, but the snapshot's VM has no vsock device: drop it".into());
         }
-        spec.vsock = Some(v.clone());
+        let mut v = v.clone();
+        // `--vsock uds=PATH` alone moves the socket and keeps the guest's CID.
+        if v.cid == vme_api::vsock::CID_UNSET {
+            v.cid = saved.vsock.as_ref().map_or(v.cid, |s| s.cid);
+        }
+        spec.vsock = Some(v);
     }
+    let clone = match args.clone {
+        true => Some(clone::new_identity(dir, &mut spec, &saved, args)?),
+        false => None,
+    };
     // The host side of this process, not of the VM: from the flags, as for a new VM.
     spec.control_socket = args.control_socket.clone();
     spec.serial = args.serial.clone().unwrap_or_default();
@@ -109,7 +124,7 @@ pub fn spec_of(file: &StateFile, from: &Path, args: &RunArgs) -> Result<MachineS
         cli::check_disk(disk)?;
     }
     cli::check_host_memory(spec.memory)?;
-    Ok(spec)
+    Ok((spec, clone))
 }
 
 /// Flags that describe the machine itself cannot go with `--restore` (or
@@ -136,9 +151,9 @@ pub fn refuse_machine_flags(a: &RunArgs) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "{} cannot go with --restore or --migrate-listen: the snapshot (or sender) fixes the machine; only --disk, --net, \
-         --vsock (device backends, by position), --control-socket, --serial and --on-reboot \
-         may be given",
+        "{} cannot go with --restore or --migrate-listen: the snapshot (or the sender) fixes \
+         the machine; only --disk, --net, --vsock (device backends, by position), --clone (with \
+         --restore), --control-socket, --serial and --on-reboot may be given",
         given.join(", ")
     ))
 }

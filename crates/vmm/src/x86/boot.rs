@@ -53,6 +53,11 @@ pub fn prepare(
     let mem_size = spec.memory.bytes();
     regs::write_boot_structures(mem)?;
     let rsdp = vme_arch::acpi::write_tables(mem, spec.vcpus, ACPI_PORT, GED_GSI)?;
+    // Every VM starts with its own generation ID; a clone gets another (and is told).
+    let mut generation = [0u8; 16];
+    crate::snapshot::clone::random(&mut generation, "the VM generation ID")
+        .map_err(X86Error::Setup)?;
+    vme_arch::acpi::write_generation_id(mem, &generation)?;
     let mut kernel = open("kernel", &spec.kernel)?;
     let mut initrd = match &spec.initrd {
         Some(p) => Some(open("initrd", p)?),

@@ -173,6 +173,12 @@ pub fn run(
         rtc.restore(&st).map_err(|e| invalid(r, "rtc", e))?;
         let st = snap::acpi_state(r).map_err(X86Error::Setup)?;
         acpi_dev.restore(&st).map_err(|e| invalid(r, "acpi", e))?;
+        if let Some(id) = &r.clone {
+            // Linux's vmgenid driver reads the new ID on the notification and reseeds its
+            // random generator at once, before the agent is reached.
+            vme_arch::acpi::write_generation_id(&mem, &id.generation)?;
+            acpi_dev.notify_generation();
+        }
     }
     let (rtc, acpi_dev) = (Arc::new(Mutex::new(rtc)), Arc::new(Mutex::new(acpi_dev)));
     let (i8042_data, i8042_cmd) = i8042::i8042(control.clone());

@@ -229,6 +229,14 @@ fn two_clones_of_one_snapshot_get_their_own_mac_cid_and_random_numbers() {
     assert_eq!(id.macs, vec![orig_mac.clone()]);
     assert_eq!(id.vsock_cid, Some(3));
     assert_eq!(plain.mac(), orig_mac, "the guest keeps its MAC");
+    // The restored network device carries traffic (the others' taps are gone: one host
+    // address on one tap).
+    ns.configure_tap("vmecl3", &plain.vm);
+    let ping = plain.run(
+        "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
+         ping -c 2 -W 5 10.0.2.1 >/dev/null && echo PING=ok || echo PING=failed",
+    );
+    assert_eq!(ping.trim(), "PING=ok", "the restored guest reaches its tap");
     let uuids = plain.uuids();
     assert!(
         uuids.is_disjoint(&uuids_a) && uuids.is_disjoint(&uuids_b),

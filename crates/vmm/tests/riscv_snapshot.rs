@@ -227,6 +227,10 @@ fn a_restored_guest_keeps_its_memory_disk_and_clock() {
     let mut a = Guest::boot(&dir, "256M", &["--disk", &img]);
     let sha = a.ask(STATE, "SHA1");
     let up1 = uptime(&mut a, "U1");
+    // A process that must survive, and what the guest sees of its machine.
+    let facts = "echo F$((0+7))=$(nproc):$(grep MemTotal /proc/meminfo | tr -s ' ')";
+    let pid = a.ask("sleep 100000 & echo P$((0+8))=$!", "P8");
+    let machine = a.ask(facts, "F7");
     let info = a.snapshot(&snap);
     assert_eq!(info.memory_bytes, 256 * MIB);
     assert!(
@@ -253,6 +257,17 @@ fn a_restored_guest_keeps_its_memory_disk_and_clock() {
     let up3 = uptime(&mut b, "U3");
     assert!(up3 > up1, "the guest's uptime continues: {up1} then {up3}");
     assert!(up3 < up1 + 60.0, "without a jump: {up1} then {up3}");
+    assert_eq!(
+        b.ask(facts, "F7"),
+        machine,
+        "nproc and MemTotal are unchanged"
+    );
+    let alive = format!("kill -0 {pid} && echo A$((0+9))=alive || echo A$((0+9))=gone");
+    assert_eq!(
+        b.ask(&alive, "A9"),
+        "alive",
+        "the background process survived"
+    );
     let rw = "echo snapshot-disk | dd of=/dev/vda bs=512 conv=sync 2>/dev/null; sync; \
               echo 3 > /proc/sys/vm/drop_caches; \
               echo DISK$((2+2))=$(dd if=/dev/vda bs=13 count=1 2>/dev/null)";

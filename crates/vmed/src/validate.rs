@@ -1,0 +1,220 @@
+//! Checks on what users send: VM names and create requests. Everything here runs before
+//! anything is stored, so a refused request leaves no trace.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use vme_api::size::{GIB, MIB};
+use vme_api::{Arch, ByteSize, MachineSpec};
+
+/// Longest VM name: a DNS label, so a name can become a hostname.
+pub const MAX_NAME_LEN: usize = 63;
+/// More vCPUs than any host here has; larger requests are mistakes, not plans.
+pub const MAX_VCPUS: u32 = 256;
+/// Smallest and largest guest memory the daemon accepts.
+pub const MIN_MEMORY: u64 = 16 * MIB;
+pub const MAX_MEMORY: u64 = 4096 * GIB;
+
+/// Checks a VM name: 1 to 63 letters, digits and `-`, starting with a letter or digit. The
+/// name becomes a directory and a socket path under the state dir, so `/` and `..` must
+/// never get through.
+pub fn name(n: &str) -> Result<(), String> {
+    if n.is_empty() {
+        return Err("VM name is empty: give a name like web-1".into());
+    }
+    if n.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "VM name is {} characters long; the limit is {MAX_NAME_LEN}: use a shorter name",
+            n.len()
+        ));
+    }
+    if n.contains('/') || n.contains("..") {
+        return Err(format!(
+            "VM name {n:?} contains '/' or '..': use only letters, digits and '-'"
+        ));
+    }
+    if let Some(c) = n.chars().find(|c| !c.is_ascii_alphanumeric() && *c != '-') {
+        return Err(format!(
+            "VM name {n:?} contains {c:?}: use only letters, digits and '-'"
+        ));
+    }
+    if n.starts_with('-') {
+        return Err(format!(
+            "VM name {n:?} starts with '-': start it with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// The body of `POST /1.0/vms`. Unknown fields are refused: a misspelt `memroy` must not
+/// silently become the default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    #[serde(default)]
+    pub arch: Option<Arch>,
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// `"256M"`, `"2G"` or a number of bytes.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+}
+
+/// Checks a create request and turns it into the machine spec the daemon stores. The
+/// daemon fills in the host-specific parts (control socket, console) at start.
+pub fn create(req: &CreateVm) -> Result<MachineSpec, String> {
+    name(&req.name)?;
+    let mut spec = MachineSpec::new(req.kernel.clone());
+    spec.arch = req.arch.unwrap_or_default();
+    spec.initrd = req.initrd.clone();
+    if let Some(c) = &req.cmdline {
+        spec.cmdline = c.clone();
+    }
+    if let Some(v) = req.vcpus {
+        spec.vcpus = v;
+    }
+    if let Some(m) = req.memory {
+        spec.memory = m;
+    }
+    if spec.memory.bytes() < MIN_MEMORY || spec.memory.bytes() > MAX_MEMORY {
+        return Err(format!(
+            "memory {} is outside {}..{}: choose a size in that range, like 256M",
+            spec.memory,
+            ByteSize(MIN_MEMORY),
+            ByteSize(MAX_MEMORY)
+        ));
+    }
+    spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
+    file("kernel", &spec.kernel)?;
+    if let Some(i) = &spec.initrd {
+        file("initrd", i)?;
+    }
+    Ok(spec)
+}
+
+/// The daemon runs in another working directory than the client, so paths must be
+/// absolute; and a missing file is better reported now than as a crash at start.
+fn file(what: &str, p: &Path) -> Result<(), String> {
+    if !p.is_absolute() {
+        return Err(format!(
+            "{what} path {} is relative: give an absolute path (the daemon does not share \
+             your working directory)",
+            p.display()
+        ));
+    }
+    if !p.is_file() {
+        return Err(format!(
+            "{what} {} is not a readable file on the daemon's host: check the path",
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_names() {
+        for n in ["a", "web-1", "VM2", &"x".repeat(63)] {
+            assert_eq!(name(n), Ok(()), "{n}");
+        }
+    }
+
+    #[test]
+    fn bad_names() {
+        for (n, why) in [
+            ("", "empty"),
+            ("a/b", "'/'"),
+            ("..", "'..'"),
+            ("a..b", "'..'"),
+            (&"x".repeat(64), "limit is 63"),
+            (&"x".repeat(300), "300 characters"),
+            ("-a", "starts with '-'"),
+            ("a b", "' '"),
+            ("a.b", "'.'"),
+            ("é", "'é'"),
+        ] {
+            let e = name(n).unwrap_err();
+            assert!(e.contains(why), "{n:?}: {e}");
+        }
+    }
+
+    fn req(json: &str) -> Result<CreateVm, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    /// A file that surely exists, to stand in for a kernel.
+    fn existing() -> String {
+        std::env::current_exe().unwrap().display().to_string()
+    }
+
+    #[test]
+    fn create_fills_defaults() {
+        let k = existing();
+        let spec = create(&req(&format!(r#"{{"name":"a","kernel":"{k}"}}"#)).unwrap()).unwrap();
+        assert_eq!(spec.vcpus, 1);
+        assert_eq!(spec.memory.bytes(), 256 * MIB);
+        let spec = create(
+            &req(&format!(
+                r#"{{"name":"a","kernel":"{k}","arch":"riscv64","vcpus":2,"memory":"512M"}}"#
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!((spec.arch, spec.vcpus), (Arch::Riscv64, 2));
+        assert_eq!(spec.memory.bytes(), 512 * MIB);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_are_refused() {
+        assert!(req(r#"{"name":"a","kernel":"/k","memroy":"1G"}"#).is_err());
+        assert!(req(r#"{"name":"a","kernel":"/k","vcpus":-1}"#).is_err());
+        assert!(req(r#"{"name":"a","kernel":"/k","arch":"sparc"}"#).is_err());
+        assert!(req(r#"{"name":"a"}"#).is_err());
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        let k = existing();
+        for (extra, why) in [
+            (r#""memory":"1P""#, ""),
+            (r#""memory":"5000G""#, "outside"),
+            (r#""memory":"1M""#, "outside"),
+            (r#""vcpus":0"#, "at least 1"),
+            (r#""vcpus":100000"#, "at most 256"),
+        ] {
+            let json = format!(r#"{{"name":"a","kernel":"{k}",{extra}}}"#);
+            match req(&json) {
+                Err(_) => assert!(why.is_empty(), "{json} should parse"),
+                Ok(r) => {
+                    let e = create(&r).unwrap_err();
+                    assert!(e.contains(why), "{json}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn paths_must_be_absolute_existing_files() {
+        let e = create(&req(r#"{"name":"a","kernel":"Image"}"#).unwrap()).unwrap_err();
+        assert!(e.contains("relative"), "{e}");
+        let e = create(&req(r#"{"name":"a","kernel":"/nonexistent/Image"}"#).unwrap()).unwrap_err();
+        assert!(e.contains("not a readable file"), "{e}");
+        let k = existing();
+        let e = create(
+            &req(&format!(
+                r#"{{"name":"a","kernel":"{k}","initrd":"/no/initrd"}}"#
+            ))
+            .unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.contains("initrd"), "{e}");
+    }
+}

@@ -3,6 +3,8 @@
 //! It must never map guest memory or emulate devices: it talks to each monitor only over its
 //! control socket, so a daemon bug cannot reach into a guest.
 
+pub mod api;
+pub mod daemon;
 pub mod lifecycle;
 pub mod store;
 pub mod validate;

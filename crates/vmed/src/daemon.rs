@@ -1,0 +1,427 @@
+//! The daemon's operations on VMs: create, start, stop, pause, resume, restart, delete, and
+//! the supervision of each VM's `vme-vmm` process. Every operation checks the lifecycle
+//! first, records the transient state before acting (so the store always says what was being
+//! done), and talks to a monitor only through its control socket.
+//!
+//! Blocking by design (process waits, control-socket calls): the HTTP layer runs these on
+//! tokio's blocking pool.
+
+use crate::lifecycle::{self, Action, Illegal, State};
+use crate::store::{Store, StoreError, VmRecord};
+use crate::validate;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use vme_api::SerialSpec;
+use vme_api::control::{self, Request};
+
+/// How long a control-socket request may take before the monitor counts as unresponsive.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new monitor has to answer its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// After `stop` (or a kill), how long the monitor has to exit.
+const FORCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Illegal(#[from] Illegal),
+    #[error("an operation on VM {0:?} is already in progress: wait for it to finish and retry")]
+    Busy(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Options of the daemon that shape supervision.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// The `vme-vmm` binary.
+    pub vmm: PathBuf,
+    /// How long a guest has to power off after the ACPI power button before it is stopped.
+    pub stop_timeout: Duration,
+}
+
+/// One live monitor process.
+struct Monitor {
+    pid: u32,
+    control: PathBuf,
+}
+
+pub struct Daemon {
+    cfg: Config,
+    store: Mutex<Box<dyn Store>>,
+    /// Live monitors by VM name; a waiter thread removes its entry when the process exits
+    /// and signals `exited`.
+    monitors: Mutex<HashMap<String, Monitor>>,
+    exited: Condvar,
+    /// VMs with an operation in progress: one at a time per VM, so two starts cannot race.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Marks a VM busy for the length of an operation.
+struct BusyGuard<'a> {
+    daemon: &'a Daemon,
+    name: String,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.daemon.busy).remove(&self.name);
+    }
+}
+
+/// Locks a mutex even if a thread panicked holding it: the data are simple records whose
+/// every update is a single assignment, so they stay consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    /// Takes over the store. VMs recorded with a live monitor belonged to an earlier daemon
+    /// whose monitors this one does not supervise: they are marked crashed, with the reason.
+    pub fn new(cfg: Config, mut store: Box<dyn Store>) -> Result<Arc<Daemon>, StoreError> {
+        for vm in store.list()? {
+            if vm.state.has_monitor() {
+                let reason = format!(
+                    "vmed restarted while the VM was {}; re-adopting monitors is not \
+                     implemented yet: if its monitor still runs, end it with \
+                     `vme-vmm ctl {} stop`, then start the VM again",
+                    vm.state,
+                    control_path(&cfg.state_dir, &vm.name).display()
+                );
+                store.set_state(&vm.name, State::Crashed, &reason)?;
+            }
+        }
+        Ok(Arc::new(Daemon {
+            cfg,
+            store: Mutex::new(store),
+            monitors: Mutex::new(HashMap::new()),
+            exited: Condvar::new(),
+            busy: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    fn begin(&self, name: &str) -> Result<BusyGuard<'_>, OpError> {
+        if !lock(&self.busy).insert(name.to_string()) {
+            return Err(OpError::Busy(name.into()));
+        }
+        Ok(BusyGuard {
+            daemon: self,
+            name: name.into(),
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<VmRecord>, OpError> {
+        Ok(lock(&self.store).list()?)
+    }
+
+    pub fn get(&self, name: &str) -> Result<VmRecord, OpError> {
+        validate::name(name).map_err(OpError::BadRequest)?;
+        Ok(lock(&self.store).get(name)?)
+    }
+
+    pub fn create(&self, req: &validate::CreateVm) -> Result<VmRecord, OpError> {
+        let spec = validate::create(req).map_err(OpError::BadRequest)?;
+        Ok(lock(&self.store).create(&req.name, &spec)?)
+    }
+
+    /// Checks `action` against the VM's state and, if allowed, records the state it begins in.
+    fn transition(&self, name: &str, action: Action) -> Result<VmRecord, OpError> {
+        let mut store = lock(&self.store);
+        let vm = store.get(name)?;
+        lifecycle::check(vm.state, action)?;
+        if let Some(next) = lifecycle::begins(action) {
+            store.set_state(name, next, "")?;
+        }
+        Ok(vm)
+    }
+
+    fn set_state(&self, name: &str, state: State, reason: &str) -> Result<(), OpError> {
+        Ok(lock(&self.store).set_state(name, state, reason)?)
+    }
+
+    /// Carries out a state action (`PUT /1.0/vms/NAME/state`) and returns the VM after it.
+    pub fn act(
+        self: &Arc<Self>,
+        name: &str,
+        action: Action,
+        force: bool,
+    ) -> Result<VmRecord, OpError> {
+        validate::name(name).map_err(OpError::BadRequest)?;
+        let _busy = self.begin(name)?;
+        match action {
+            Action::Start => self.start(name)?,
+            Action::Stop => self.stop(name, force)?,
+            Action::Pause => self.control_action(name, action, Request::Pause, State::Running)?,
+            Action::Resume => self.control_action(name, action, Request::Resume, State::Paused)?,
+            Action::Restart => {
+                self.stop(name, force)?;
+                self.start(name)?;
+            }
+            Action::Delete => {
+                return Err(OpError::BadRequest(
+                    "delete is not a state action: send DELETE /1.0/vms/NAME".into(),
+                ));
+            }
+        }
+        self.get(name)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), OpError> {
+        validate::name(name).map_err(OpError::BadRequest)?;
+        let _busy = self.begin(name)?;
+        self.transition(name, Action::Delete)?;
+        let dir = vm_dir(&self.cfg.state_dir, name);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(OpError::Failed(format!(
+                    "cannot remove {}: {e}; fix its permissions and delete again",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(lock(&self.store).delete(name)?)
+    }
+
+    /// Pause or resume: one control request, then the state it leads to. On failure the VM
+    /// goes back to `from`, the state the monitor is still in.
+    fn control_action(
+        &self,
+        name: &str,
+        action: Action,
+        req: Request,
+        from: State,
+    ) -> Result<(), OpError> {
+        self.transition(name, action)?;
+        let Some(path) = lock(&self.monitors).get(name).map(|m| m.control.clone()) else {
+            return Err(OpError::Failed(format!("VM {name:?} has no monitor")));
+        };
+        match control::call(&path, &req, CONTROL_TIMEOUT) {
+            Ok(r) if r.ok => Ok(()),
+            Ok(r) => {
+                self.set_state(name, from, "")?;
+                Err(OpError::Failed(format!(
+                    "the monitor refused to {action}: {}",
+                    r.error.unwrap_or_default()
+                )))
+            }
+            Err(e) => {
+                self.set_state(name, from, "")?;
+                Err(OpError::Failed(format!("cannot {action} VM {name:?}: {e}")))
+            }
+        }
+    }
+
+    /// Spawns the VM's monitor from its spec and waits until its control socket answers.
+    fn start(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        let vm = self.transition(name, Action::Start)?;
+        let fail = |msg: String| -> OpError {
+            let _ = self.set_state(name, State::Crashed, &msg);
+            OpError::Failed(msg)
+        };
+        let dir = vm_dir(&self.cfg.state_dir, name);
+        let control_sock = control_path(&self.cfg.state_dir, name);
+        let mut spec = vm.spec.clone();
+        spec.control_socket = Some(control_sock.clone());
+        spec.serial = SerialSpec::File(dir.join("console.log"));
+        let machine = dir.join("machine.toml");
+        let log = dir.join("monitor.log");
+        let prepared = fs::create_dir_all(&dir)
+            .and_then(|()| match fs::remove_file(&control_sock) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            })
+            .and_then(|()| fs::write(&machine, spec.to_toml()))
+            .and_then(|()| fs::File::create(&log));
+        let log_file = prepared.map_err(|e| {
+            fail(format!(
+                "cannot prepare {}: {e}; check the state dir's permissions and free space",
+                dir.display()
+            ))
+        })?;
+        let child = Command::new(&self.cfg.vmm)
+            .arg("--config")
+            .arg(&machine)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            // Its own process group: a Ctrl-C meant for the daemon must not reach the VMs.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| {
+                fail(format!(
+                    "cannot run the monitor {}: {e}; install vme-vmm next to vmed or pass --vmm PATH",
+                    self.cfg.vmm.display()
+                ))
+            })?;
+        let pid = child.id();
+        lock(&self.monitors).insert(
+            name.to_string(),
+            Monitor {
+                pid,
+                control: control_sock.clone(),
+            },
+        );
+        let me = Arc::clone(self);
+        let n = name.to_string();
+        std::thread::spawn(move || me.supervise(n, child, log));
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if !lock(&self.monitors).contains_key(name) {
+                let reason = lock(&self.store)
+                    .get(name)
+                    .map(|v| v.reason)
+                    .unwrap_or_default();
+                return Err(OpError::Failed(format!(
+                    "VM {name:?} failed to start: {reason}"
+                )));
+            }
+            if let Ok(r) = control::call(&control_sock, &Request::Status, CONTROL_TIMEOUT) {
+                if r.ok {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                kill(pid);
+                self.wait_exit(name, FORCE_TIMEOUT);
+                return Err(fail(format!(
+                    "the monitor of VM {name:?} did not answer its control socket within {}s; \
+                     it was killed: see {}",
+                    START_TIMEOUT.as_secs(),
+                    dir.join("monitor.log").display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut store = lock(&self.store);
+        // The monitor may have exited between its answer and now; the waiter recorded that.
+        if store.get(name)?.state == State::Starting {
+            store.set_state(name, State::Running, "")?;
+        }
+        Ok(())
+    }
+
+    /// Stops the VM: the ACPI power button, then (after the stop timeout, or at once with
+    /// `force`) the monitor's `stop`, then SIGKILL. Returns when the monitor has exited.
+    fn stop(&self, name: &str, force: bool) -> Result<(), OpError> {
+        self.transition(name, Action::Stop)?;
+        let Some((pid, path)) = lock(&self.monitors)
+            .get(name)
+            .map(|m| (m.pid, m.control.clone()))
+        else {
+            // Nothing to stop (the monitor exited a moment ago).
+            self.set_state(name, State::Stopped, "")?;
+            return Ok(());
+        };
+        if !force {
+            // A guest without ACPI support ignores the button; the timeout then applies.
+            let _ = control::call(&path, &Request::Shutdown, CONTROL_TIMEOUT);
+            if self.wait_exit(name, self.cfg.stop_timeout) {
+                return Ok(());
+            }
+        }
+        let _ = control::call(&path, &Request::Stop, CONTROL_TIMEOUT);
+        if self.wait_exit(name, FORCE_TIMEOUT) {
+            return Ok(());
+        }
+        kill(pid);
+        if self.wait_exit(name, FORCE_TIMEOUT) {
+            return Ok(());
+        }
+        Err(OpError::Failed(format!(
+            "the monitor of VM {name:?} (pid {pid}) survived SIGKILL; check the host (it may be \
+             stuck in the kernel)"
+        )))
+    }
+
+    /// Waits up to `timeout` for the VM's monitor to exit; true when it has.
+    fn wait_exit(&self, name: &str, timeout: Duration) -> bool {
+        let monitors = lock(&self.monitors);
+        let (m, _) = self
+            .exited
+            .wait_timeout_while(monitors, timeout, |m| m.contains_key(name))
+            .unwrap_or_else(|e| e.into_inner());
+        !m.contains_key(name)
+    }
+
+    /// Runs on its own thread for each monitor: waits for the process to exit and records
+    /// what its exit means for the VM.
+    fn supervise(&self, name: String, mut child: Child, log: PathBuf) {
+        let status = child.wait();
+        let (clean, how) = match &status {
+            Ok(s) if s.success() => (true, String::new()),
+            Ok(s) => (false, describe(s)),
+            Err(e) => (false, format!("could not be waited for: {e}")),
+        };
+        {
+            let mut store = lock(&self.store);
+            if let Ok(vm) = store.get(&name) {
+                let next = lifecycle::after_exit(vm.state, clean);
+                let reason = if next == State::Crashed {
+                    format!("the monitor {how}: {}", tail(&log))
+                } else {
+                    String::new()
+                };
+                let _ = store.set_state(&name, next, &reason);
+            }
+        }
+        lock(&self.monitors).remove(&name);
+        self.exited.notify_all();
+    }
+}
+
+fn describe(s: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => "exited".into(),
+    }
+}
+
+/// The last lines of a monitor's log, for a crash reason.
+fn tail(path: &Path) -> String {
+    const MAX: u64 = 1024;
+    let mut text = String::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(MAX)));
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        text = String::from_utf8_lossy(&buf).trim().to_string();
+    }
+    if text.is_empty() {
+        format!("(nothing in {})", path.display())
+    } else {
+        text
+    }
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours. The pid is our own
+    // child's; callers only kill monitors still listed as live, so it is reaped at most a
+    // moment before (its waiter removes the entry right after reaping) and pids are not
+    // reused that fast in practice. A pidfd would close even that window (issue 6 item 6).
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+pub fn vm_dir(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("vms").join(name)
+}
+
+pub fn control_path(state_dir: &Path, name: &str) -> PathBuf {
+    vm_dir(state_dir, name).join("control.sock")
+}

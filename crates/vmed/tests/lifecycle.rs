@@ -1,0 +1,223 @@
+//! The real daemon, a real riscv64 VM: create, start, pause, resume, stop and delete over the
+//! REST API, with the refusals (400, 404, 409) along the way.
+
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// The daemon under test, killed when the test ends (its VMs are stopped by the test).
+struct Vmed {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Vmed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn image(file: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let p = target.join("images/tiny-riscv64").join(file);
+    assert!(
+        p.is_file(),
+        "guest image file {} is missing: build it with `images/build.sh tiny-riscv64` (or `make images`)",
+        p.display()
+    );
+    p.canonicalize().unwrap()
+}
+
+fn start_vmed(test: &str) -> Vmed {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_vmed"));
+    let vmm = bin.with_file_name("vme-vmm");
+    assert!(
+        vmm.is_file(),
+        "{} is missing: build it first (cargo build -p vme-vmm; cargo test --workspace does)",
+        vmm.display()
+    );
+    let dir = std::env::temp_dir().join(format!("vmed-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vme.sock");
+    let child = Command::new(bin)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--stop-timeout", "3"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "vmed did not open its socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Vmed { child, socket, dir }
+}
+
+/// One HTTP/1.1 request; returns the status code and the JSON body.
+fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    (code, json)
+}
+
+fn act(d: &Vmed, name: &str, action: &str) -> (u16, Value) {
+    let body = json!({ "action": action }).to_string();
+    http(&d.socket, "PUT", &format!("/1.0/vms/{name}/state"), &body)
+}
+
+fn state_of(d: &Vmed, name: &str) -> String {
+    let (code, v) = http(&d.socket, "GET", &format!("/1.0/vms/{name}"), "");
+    assert_eq!(code, 200, "{v}");
+    v["metadata"]["state"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn riscv64_vm_lifecycle_over_the_api() {
+    let d = start_vmed("lifecycle");
+    let create = |name: &str, extra: Value| {
+        let (kernel, initrd) = (image("Image"), image("initramfs.cpio"));
+        let mut body = json!({"name": name, "arch": "riscv64", "kernel": kernel,
+                              "initrd": initrd, "vcpus": 1, "memory": "128M"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        http(&d.socket, "POST", "/1.0/vms", &body.to_string())
+    };
+
+    // Bad input: 400 with a message, and nothing stored.
+    let long = "x".repeat(300);
+    for (code, v) in [
+        http(&d.socket, "POST", "/1.0/vms", "{not json"),
+        create("a", json!({"memroy": "1G"})),
+        create("a/b", json!({})),
+        create("..", json!({})),
+        create(&long, json!({})),
+        create("a", json!({"memory": "5000G"})),
+        create("a", json!({"vcpus": 100000})),
+        create("a", json!({"kernel": "relative/Image"})),
+    ] {
+        assert_eq!(code, 400, "{v}");
+        assert!(!v["error"].as_str().unwrap().is_empty(), "{v}");
+    }
+    let (_, v) = http(&d.socket, "GET", "/1.0/vms", "");
+    assert_eq!(
+        v["metadata"],
+        json!([]),
+        "a refused create stored something"
+    );
+
+    let (code, v) = create("r1", json!({}));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["metadata"]["state"], "defined");
+    let (code, _) = create("r1", json!({}));
+    assert_eq!(code, 409, "a second VM with the same name");
+
+    // An illegal transition names the state and what is allowed.
+    let (code, v) = act(&d, "r1", "pause");
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(v["metadata"]["state"], "defined");
+    assert_eq!(v["metadata"]["allowed_actions"], json!(["start", "delete"]));
+    let (code, _) = act(&d, "nope", "start");
+    assert_eq!(code, 404);
+    let (code, v) = http(&d.socket, "PUT", "/1.0/vms/r1/state", r#"{"action":"fly"}"#);
+    assert_eq!(code, 400, "{v}");
+
+    let (code, v) = act(&d, "r1", "start");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(state_of(&d, "r1"), "running");
+    let (code, v) = http(&d.socket, "DELETE", "/1.0/vms/r1", "");
+    assert_eq!(code, 409, "a running VM cannot be deleted: {v}");
+    assert_eq!(v["metadata"]["state"], "running");
+
+    assert_eq!(act(&d, "r1", "pause").0, 200);
+    assert_eq!(state_of(&d, "r1"), "paused");
+    let (code, v) = act(&d, "r1", "pause");
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(act(&d, "r1", "resume").0, 200);
+    assert_eq!(state_of(&d, "r1"), "running");
+
+    let (code, v) = act(&d, "r1", "stop");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(state_of(&d, "r1"), "stopped");
+    assert_eq!(v["metadata"]["reason"], "");
+
+    let (code, v) = http(&d.socket, "DELETE", "/1.0/vms/r1", "");
+    assert_eq!(code, 200, "{v}");
+    let (code, _) = http(&d.socket, "GET", "/1.0/vms/r1", "");
+    assert_eq!(code, 404);
+    assert!(
+        !d.dir.join("state/vms/r1").exists(),
+        "the VM's files remain"
+    );
+}
+
+/// The pid of the process whose command line mentions `needle`.
+fn pid_of(needle: &str) -> i32 {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            return pid;
+        }
+    }
+    panic!("no process mentions {needle}");
+}
+
+#[test]
+fn a_killed_monitor_is_recorded_as_crashed() {
+    let d = start_vmed("crash");
+    let body = json!({"name": "c1", "arch": "riscv64", "kernel": image("Image"),
+                      "initrd": image("initramfs.cpio"), "memory": "128M"});
+    assert_eq!(
+        http(&d.socket, "POST", "/1.0/vms", &body.to_string()).0,
+        201
+    );
+    assert_eq!(act(&d, "c1", "start").0, 200);
+    let machine = d.dir.join("state/vms/c1/machine.toml");
+    let pid = pid_of(machine.to_str().unwrap());
+    // SAFETY: kill(2) with plain integers; the pid is the VM's monitor found just above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(&d, "c1") != "crashed" {
+        assert!(Instant::now() < deadline, "the crash was not noticed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, v) = http(&d.socket, "GET", "/1.0/vms/c1", "");
+    let reason = v["metadata"]["reason"].as_str().unwrap();
+    assert!(reason.contains("killed by signal 9"), "{reason}");
+    // A crashed VM starts again.
+    assert_eq!(act(&d, "c1", "start").0, 200);
+    let (code, v) = http(
+        &d.socket,
+        "PUT",
+        "/1.0/vms/c1/state",
+        r#"{"action":"stop","force":true}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(state_of(&d, "c1"), "stopped");
+}

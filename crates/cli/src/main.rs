@@ -1,1 +1,271 @@
-fn main() {}
+//! `vme`, the command line of the vme environment: asks the daemon (`vmed`) over its REST
+//! API on a Unix socket. It holds no state of its own.
+
+mod http;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const DEFAULT_SOCKET: &str = "/run/vme/vme.sock";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vme",
+    version,
+    about = "Manage virtual machines through the vme daemon (vmed)"
+)]
+struct Cli {
+    /// The daemon's socket (default: $VME_SOCKET, else /run/vme/vme.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List the VMs and their states.
+    List,
+    /// Define a VM (it is not started).
+    Create {
+        name: String,
+        /// Kernel image (bzImage or ELF for x86_64, Image for riscv64).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// An initramfs.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// x86_64 (KVM, default) or riscv64 (software machine).
+        #[arg(long)]
+        arch: Option<String>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Guest memory: 256M, 2G or bytes.
+        #[arg(long)]
+        memory: Option<String>,
+        /// The kernel command line.
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
+    /// Start a VM.
+    Start { name: String },
+    /// Stop a VM: the ACPI power button, then a hard stop after the daemon's timeout.
+    Stop {
+        name: String,
+        /// Stop at once, without asking the guest.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pause a running VM's vCPUs.
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
+    /// Stop and start a VM.
+    Restart {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a stopped VM and its files.
+    #[command(alias = "rm")]
+    Delete { name: String },
+    /// Show a VM's record (state, reason, spec) as JSON.
+    Info { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vme: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `--socket`, else `$VME_SOCKET`, else the default.
+fn socket_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
+    flag.or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// The daemon does not share our working directory: send it absolute paths.
+fn absolute(what: &str, p: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("{what} {}: check the path", p.display()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let socket = socket_path(cli.socket, std::env::var_os("VME_SOCKET"));
+    let api = Api { socket };
+    let state = |name: &str, action: &str, force: bool| -> Result<()> {
+        let body = json!({"action": action, "force": force});
+        let vm = api.call(
+            "PUT",
+            &format!("/1.0/vms/{}/state", segment(name)?),
+            Some(body),
+        )?;
+        println!("{name}: {}", vm["state"].as_str().unwrap_or("?"));
+        Ok(())
+    };
+    match cli.command {
+        Cmd::List => {
+            let vms = api.call("GET", "/1.0/vms", None)?;
+            print!(
+                "{}",
+                table(vms.as_array().map(Vec::as_slice).unwrap_or_default())
+            );
+        }
+        Cmd::Create {
+            name,
+            kernel,
+            initrd,
+            arch,
+            vcpus,
+            memory,
+            cmdline,
+        } => {
+            let mut body = json!({"name": name, "kernel": absolute("kernel", &kernel)?});
+            if let Some(i) = initrd {
+                body["initrd"] = json!(absolute("initrd", &i)?);
+            }
+            for (k, v) in [
+                ("arch", arch.map(Value::from)),
+                ("vcpus", vcpus.map(Value::from)),
+                ("memory", memory.map(Value::from)),
+                ("cmdline", cmdline.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            api.call("POST", "/1.0/vms", Some(body))?;
+            println!("{name}: defined (start it with `vme start {name}`)");
+        }
+        Cmd::Start { name } => state(&name, "start", false)?,
+        Cmd::Stop { name, force } => state(&name, "stop", force)?,
+        Cmd::Pause { name } => state(&name, "pause", false)?,
+        Cmd::Resume { name } => state(&name, "resume", false)?,
+        Cmd::Restart { name, force } => state(&name, "restart", force)?,
+        Cmd::Delete { name } => {
+            api.call("DELETE", &format!("/1.0/vms/{}", segment(&name)?), None)?;
+            println!("{name}: deleted");
+        }
+        Cmd::Info { name } => {
+            let vm = api.call("GET", &format!("/1.0/vms/{}", segment(&name)?), None)?;
+            println!("{}", serde_json::to_string_pretty(&vm)?);
+        }
+    }
+    Ok(())
+}
+
+/// A name as one URL path segment. Characters that would change the path's meaning are
+/// refused here; the daemon checks the rest and says what a name may contain.
+fn segment(name: &str) -> Result<&str> {
+    if name.is_empty() || name.contains(['/', '?', '#', '%', ' ']) || name == "." || name == ".." {
+        bail!("VM name {name:?} is not valid: use only letters, digits and '-'");
+    }
+    Ok(name)
+}
+
+fn table(vms: &[Value]) -> String {
+    let rows: Vec<[String; 5]> = vms
+        .iter()
+        .map(|v| {
+            let s = |x: &Value| {
+                x.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| x.to_string())
+            };
+            [
+                s(&v["name"]),
+                s(&v["state"]),
+                s(&v["spec"]["arch"]),
+                s(&v["spec"]["vcpus"]),
+                s(&v["spec"]["memory"]),
+            ]
+        })
+        .collect();
+    let head = ["NAME", "STATE", "ARCH", "VCPUS", "MEMORY"].map(String::from);
+    let mut w = [0; 5];
+    for r in std::iter::once(&head).chain(&rows) {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(&head).chain(&rows) {
+        let line: Vec<_> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<0$}", w[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+struct Api {
+    socket: PathBuf,
+}
+
+impl Api {
+    /// One API request; returns the reply's `metadata`, or the daemon's error message.
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (code, text) = http::request(&self.socket, method, path, &body).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach vmed at {}: {e}; is the daemon running? Start it with \
+                 `vmed --socket {0}`, or point --socket or VME_SOCKET at its socket",
+                self.socket.display()
+            )
+        })?;
+        let v: Value = serde_json::from_str(&text).with_context(|| {
+            format!("vmed sent a reply that is not JSON (HTTP {code}): {text:?}")
+        })?;
+        if !(200..300).contains(&code) {
+            let msg = v["error"].as_str().unwrap_or("no message");
+            bail!("{msg} (HTTP {code})");
+        }
+        Ok(v["metadata"].clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_flag_then_env_then_default() {
+        let p =
+            |f: Option<&str>, e: Option<&str>| socket_path(f.map(PathBuf::from), e.map(Into::into));
+        assert_eq!(p(Some("/a"), Some("/b")), PathBuf::from("/a"));
+        assert_eq!(p(None, Some("/b")), PathBuf::from("/b"));
+        assert_eq!(p(None, Some("")), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(p(None, None), PathBuf::from(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn names_that_would_change_the_path_are_refused() {
+        for n in ["", "a/b", "..", ".", "a?b", "a%2f", "a b"] {
+            assert!(segment(n).is_err(), "{n:?}");
+        }
+        assert_eq!(segment("web-1").unwrap(), "web-1");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let vms = [
+            json!({"name":"a","state":"running","spec":{"arch":"riscv64","vcpus":2,"memory":"128M"}}),
+        ];
+        assert_eq!(
+            table(&vms),
+            "NAME  STATE    ARCH     VCPUS  MEMORY\na     running  riscv64  2      128M\n"
+        );
+        assert_eq!(table(&[]), "NAME  STATE  ARCH  VCPUS  MEMORY\n");
+    }
+}

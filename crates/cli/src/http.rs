@@ -1,0 +1,82 @@
+//! Just enough HTTP/1.1 to talk to vmed over its Unix socket: one request per connection
+//! (`Connection: close`), a body read to the end. The CLI needs no async runtime for that.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Long enough for a stop that waits out the guest's power-off timeout and then forces it.
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Sends one request; returns the status code and the body.
+pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> io::Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)?;
+    parse(&reply)
+}
+
+fn bad(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// Splits a whole HTTP response into its status code and body (de-chunked if need be).
+fn parse(reply: &[u8]) -> io::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(reply);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("the reply has no end of headers"))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("the reply has no status code"))?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> io::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").ok_or_else(|| bad("truncated chunk"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("bad chunk size"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest.get(..size).ok_or_else(|| bad("truncated chunk"))?;
+        out.push_str(chunk);
+        s = rest.get(size + 2..).ok_or_else(|| bad("truncated chunk"))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_chunked_replies() {
+        let r = b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse(r).unwrap(), (404, "{}".into()));
+        let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
+        assert_eq!(parse(r).unwrap(), (200, "{\"a\":1}".into()));
+        assert!(parse(b"garbage").is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nab").is_err());
+    }
+}

@@ -315,7 +315,10 @@ impl Daemon {
     /// Stops the VM: the ACPI power button, then (after the stop timeout, or at once with
     /// `force`) the monitor's `stop`, then SIGKILL. Returns when the monitor has exited.
     fn stop(&self, name: &str, force: bool) -> Result<(), OpError> {
-        self.transition(name, Action::Stop)?;
+        let was = self.transition(name, Action::Stop)?.state;
+        // A paused guest cannot see the power button: asking it would only wait out the
+        // timeout. A starting one may not have its ACPI driver yet: same.
+        let force = force || was != State::Running;
         let Some((pid, path)) = lock(&self.monitors)
             .get(name)
             .map(|m| (m.pid, m.control.clone()))

@@ -159,6 +159,16 @@ fn riscv64_vm_lifecycle_over_the_api() {
     assert_eq!(act(&d, "r1", "resume").0, 200);
     assert_eq!(state_of(&d, "r1"), "running");
 
+    let (code, v) = http(
+        &d.socket,
+        "PUT",
+        "/1.0/vms/r1/state",
+        r#"{"action":"restart","force":true}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["metadata"]["state"], "running");
+    // A paused VM stops at once (its guest could not answer the power button).
+    assert_eq!(act(&d, "r1", "pause").0, 200);
     let (code, v) = act(&d, "r1", "stop");
     assert_eq!(code, 200, "{v}");
     assert_eq!(state_of(&d, "r1"), "stopped");

@@ -1,0 +1,144 @@
+//! `vme` against the real daemon: the verbs a user types, their output and their errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+const VME: &str = env!("CARGO_BIN_EXE_vme");
+
+struct Vmed {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Vmed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `vmed` and `vme-vmm` live next to `vme` once the workspace is built.
+fn sibling(name: &str) -> PathBuf {
+    let p = Path::new(VME).with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace; cargo test \
+         --workspace does)",
+        p.display()
+    );
+    p
+}
+
+fn image(file: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let p = target.join("images/tiny-riscv64").join(file);
+    assert!(
+        p.is_file(),
+        "guest image file {} is missing: build it with `images/build.sh tiny-riscv64` (or `make images`)",
+        p.display()
+    );
+    p
+}
+
+fn vme(socket: &Path, args: &[&str]) -> Output {
+    Command::new(VME)
+        .env("VME_SOCKET", socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn fails(out: Output) -> String {
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn the_cli_drives_a_riscv64_vm() {
+    let dir = std::env::temp_dir().join(format!("vme-cli-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vme.sock");
+    let child = Command::new(sibling("vmed"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--vmm")
+        .arg(sibling("vme-vmm"))
+        .spawn()
+        .unwrap();
+    let _vmed = Vmed { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "vmed did not open its socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = socket.as_path();
+
+    let (k, i) = (image("Image"), image("initramfs.cpio"));
+    let out = ok(vme(
+        s,
+        &[
+            "create",
+            "t1",
+            "--arch",
+            "riscv64",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            i.to_str().unwrap(),
+            "--memory",
+            "128M",
+        ],
+    ));
+    assert!(out.contains("t1: defined"), "{out}");
+    assert_eq!(ok(vme(s, &["start", "t1"])), "t1: running\n");
+    let list = ok(vme(s, &["list"]));
+    assert!(
+        list.lines().any(|l| l
+            .split_whitespace()
+            .eq(["t1", "running", "riscv64", "1", "128M"])),
+        "{list}"
+    );
+    let err = fails(vme(s, &["start", "t1"]));
+    assert!(
+        err.contains("cannot start a VM that is running; allowed now: stop, pause, restart"),
+        "{err}"
+    );
+    assert_eq!(ok(vme(s, &["stop", "--force", "t1"])), "t1: stopped\n");
+    let info: serde_json::Value = serde_json::from_str(&ok(vme(s, &["info", "t1"]))).unwrap();
+    assert_eq!(info["state"], "stopped");
+    assert_eq!(ok(vme(s, &["rm", "t1"])), "t1: deleted\n");
+    let err = fails(vme(s, &["info", "t1"]));
+    assert!(
+        err.contains("no VM named \"t1\"") && err.contains("404"),
+        "{err}"
+    );
+
+    // Errors a user can make, each naming the fix.
+    let err = fails(vme(
+        s,
+        &["create", "bad/name", "--kernel", k.to_str().unwrap()],
+    ));
+    assert!(err.contains("'/'"), "{err}");
+    let err = fails(vme(Path::new("/nonexistent/vme.sock"), &["list"]));
+    assert!(
+        err.contains("cannot reach vmed") && err.contains("VME_SOCKET"),
+        "{err}"
+    );
+}

@@ -19,6 +19,12 @@ impl Drop for Vmed {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Monitors outlive the daemon by design (their own process groups): end any a
+        // failed test left behind.
+        for pid in pids_of(self.dir.to_str().unwrap()) {
+            // SAFETY: kill(2) with plain integers, on a monitor of this test's state dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -184,18 +190,26 @@ fn riscv64_vm_lifecycle_over_the_api() {
     );
 }
 
-/// The pid of the process whose command line mentions `needle`.
-fn pid_of(needle: &str) -> i32 {
+/// The pids of the processes whose command lines mention `needle`.
+fn pids_of(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(needle) {
-            return pid;
+        if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmdline).contains(needle) {
+            pids.push(pid);
         }
     }
-    panic!("no process mentions {needle}");
+    pids
+}
+
+fn pid_of(needle: &str) -> i32 {
+    match pids_of(needle)[..] {
+        [pid] => pid,
+        ref v => panic!("{} processes mention {needle}", v.len()),
+    }
 }
 
 #[test]
@@ -230,4 +244,28 @@ fn a_killed_monitor_is_recorded_as_crashed() {
     );
     assert_eq!(code, 200, "{v}");
     assert_eq!(state_of(&d, "c1"), "stopped");
+}
+
+#[test]
+fn a_monitor_that_cannot_boot_leaves_the_vm_crashed_with_its_reason() {
+    let d = start_vmed("badkernel");
+    // A file that is no riscv64 Image: the monitor refuses it and exits.
+    let bogus = d.dir.join("not-an-image");
+    std::fs::write(&bogus, b"this is not a kernel").unwrap();
+    let body = json!({"name": "b1", "arch": "riscv64", "kernel": bogus, "memory": "128M"});
+    assert_eq!(
+        http(&d.socket, "POST", "/1.0/vms", &body.to_string()).0,
+        201
+    );
+    let (code, v) = act(&d, "b1", "start");
+    assert_eq!(code, 500, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("failed to start") && msg.contains("exited with status"),
+        "{msg}"
+    );
+    assert_eq!(state_of(&d, "b1"), "crashed");
+    let (_, v) = http(&d.socket, "GET", "/1.0/vms/b1", "");
+    assert!(!v["metadata"]["reason"].as_str().unwrap().is_empty(), "{v}");
+    assert_eq!(http(&d.socket, "DELETE", "/1.0/vms/b1", "").0, 200);
 }

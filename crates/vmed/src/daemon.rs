@@ -52,7 +52,7 @@ pub struct Config {
 }
 
 /// One live monitor process.
-struct Monitor {
+pub(crate) struct Monitor {
     pid: u32,
     control: PathBuf,
 }
@@ -87,28 +87,32 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Daemon {
-    /// Takes over the store. VMs recorded with a live monitor belonged to an earlier daemon
-    /// whose monitors this one does not supervise: they are marked crashed, with the reason.
-    pub fn new(cfg: Config, mut store: Box<dyn Store>) -> Result<Arc<Daemon>, StoreError> {
-        for vm in store.list()? {
-            if vm.state.has_monitor() {
-                let reason = format!(
-                    "vmed restarted while the VM was {}; re-adopting monitors is not \
-                     implemented yet: if its monitor still runs, end it with \
-                     `vme-vmm ctl {} stop`, then start the VM again",
-                    vm.state,
-                    control_path(&cfg.state_dir, &vm.name).display()
-                );
-                store.set_state(&vm.name, State::Crashed, &reason)?;
-            }
-        }
-        Ok(Arc::new(Daemon {
+    /// Takes over the store and reconciles it with the monitors that still run (see
+    /// [`crate::reconcile`]): a daemon's restart takes down no VM.
+    pub fn new(cfg: Config, store: Box<dyn Store>) -> Result<Arc<Daemon>, StoreError> {
+        let daemon = Arc::new(Daemon {
             cfg,
             store: Mutex::new(store),
             monitors: Mutex::new(HashMap::new()),
             exited: Condvar::new(),
             busy: Mutex::new(HashSet::new()),
-        }))
+        });
+        crate::reconcile::run(&daemon)?;
+        Ok(daemon)
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub(crate) fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
+        lock(&self.store)
+    }
+
+    /// Lists a live monitor, whose exit the caller's thread will report with [`Self::exited`].
+    pub(crate) fn watch(&self, name: &str, pid: u32) {
+        let control = control_path(&self.cfg.state_dir, name);
+        lock(&self.monitors).insert(name.to_string(), Monitor { pid, control });
     }
 
     fn begin(&self, name: &str) -> Result<BusyGuard<'_>, OpError> {
@@ -234,8 +238,8 @@ impl Daemon {
         let mut spec = vm.spec.clone();
         spec.control_socket = Some(control_sock.clone());
         spec.serial = SerialSpec::File(dir.join("console.log"));
-        let machine = dir.join("machine.toml");
-        let log = dir.join("monitor.log");
+        let machine = machine_file(&self.cfg.state_dir, name);
+        let log = monitor_log(&self.cfg.state_dir, name);
         let prepared = fs::create_dir_all(&dir)
             .and_then(|()| match fs::remove_file(&control_sock) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -265,16 +269,13 @@ impl Daemon {
                 ))
             })?;
         let pid = child.id();
-        lock(&self.monitors).insert(
-            name.to_string(),
-            Monitor {
-                pid,
-                control: control_sock.clone(),
-            },
-        );
+        self.watch(name, pid);
         let me = Arc::clone(self);
         let n = name.to_string();
         std::thread::spawn(move || me.supervise(n, child, log));
+        // Recorded so a restarted daemon can find the monitor again; a failure here only
+        // costs that, so it does not fail the start.
+        let _ = lock(&self.store).set_pid(name, pid);
 
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -367,19 +368,26 @@ impl Daemon {
             Ok(s) => (false, describe(s)),
             Err(e) => (false, format!("could not be waited for: {e}")),
         };
+        self.exited(&name, clean, &how, &log);
+    }
+
+    /// Records a monitor's exit: the state it leaves the VM in (with the log's tail as the
+    /// reason of a crash), no pid, and no live monitor; wakes whoever waits for it.
+    pub(crate) fn exited(&self, name: &str, clean: bool, how: &str, log: &Path) {
         {
             let mut store = lock(&self.store);
-            if let Ok(vm) = store.get(&name) {
+            if let Ok(vm) = store.get(name) {
                 let next = lifecycle::after_exit(vm.state, clean);
                 let reason = if next == State::Crashed {
-                    format!("the monitor {how}: {}", tail(&log))
+                    format!("the monitor {how}: {}", tail(log))
                 } else {
                     String::new()
                 };
-                let _ = store.set_state(&name, next, &reason);
+                let _ = store.set_state(name, next, &reason);
+                let _ = store.set_pid(name, 0);
             }
         }
-        lock(&self.monitors).remove(&name);
+        lock(&self.monitors).remove(name);
         self.exited.notify_all();
     }
 }
@@ -394,7 +402,7 @@ fn describe(s: &std::process::ExitStatus) -> String {
 }
 
 /// The last lines of a monitor's log, for a crash reason.
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     const MAX: u64 = 1024;
     let mut text = String::new();
     if let Ok(mut f) = fs::File::open(path) {
@@ -412,13 +420,21 @@ fn tail(path: &Path) -> String {
 }
 
 fn kill(pid: u32) {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours. The pid is our own
-    // child's; callers only kill monitors still listed as live, so it is reaped at most a
-    // moment before (its waiter removes the entry right after reaping) and pids are not
-    // reused that fast in practice. A pidfd would close even that window (issue 6 item 6).
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours. The pid is a
+    // monitor's; callers only kill monitors still listed as live, so it exited at most a
+    // moment before (its waiter removes the entry right after) and pids are not reused that
+    // fast in practice. Killing through the waiter's pidfd would close even that window.
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
+}
+
+pub fn monitor_log(state_dir: &Path, name: &str) -> PathBuf {
+    vm_dir(state_dir, name).join("monitor.log")
+}
+
+pub fn machine_file(state_dir: &Path, name: &str) -> PathBuf {
+    vm_dir(state_dir, name).join("machine.toml")
 }
 
 pub fn vm_dir(state_dir: &Path, name: &str) -> PathBuf {

@@ -6,5 +6,6 @@
 pub mod api;
 pub mod daemon;
 pub mod lifecycle;
+pub mod reconcile;
 pub mod store;
 pub mod validate;

@@ -32,6 +32,8 @@ pub struct VmRecord {
     /// Why the VM is `crashed` (or why its last start failed); empty otherwise.
     pub reason: String,
     pub spec: MachineSpec,
+    /// The pid of the VM's monitor while it has one, else 0.
+    pub pid: u32,
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
@@ -45,18 +47,24 @@ pub trait Store: Send {
     fn list(&self) -> Result<Vec<VmRecord>, StoreError>;
     fn set_state(&mut self, name: &str, state: State, reason: &str) -> Result<(), StoreError>;
     fn delete(&mut self, name: &str) -> Result<(), StoreError>;
+    /// Records the pid of the VM's monitor (0 when it has none).
+    fn set_pid(&mut self, name: &str, pid: u32) -> Result<(), StoreError>;
 }
 
 /// Schema migrations, applied in order; `schema_version` records how many ran. Never edit
 /// one that has shipped: append a new one.
-const MIGRATIONS: &[&str] = &["CREATE TABLE vms (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE vms (
         name TEXT PRIMARY KEY NOT NULL,
         spec TEXT NOT NULL,
         state TEXT NOT NULL,
         reason TEXT NOT NULL DEFAULT '',
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL
-    ) STRICT"];
+    ) STRICT",
+    // The monitor's pid, so a restarted daemon can find and re-adopt a running VM (0: none).
+    "ALTER TABLE vms ADD COLUMN pid INTEGER NOT NULL DEFAULT 0",
+];
 
 pub struct SqliteStore {
     conn: Connection,
@@ -124,7 +132,9 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, String, i64, i64)> {
+type Row = (String, String, String, String, i64, i64, i64);
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -132,11 +142,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, Strin
         r.get(3)?,
         r.get(4)?,
         r.get(5)?,
+        r.get(6)?,
     ))
 }
 
 fn record(
-    (name, spec, state, reason, created_at, updated_at): (String, String, String, String, i64, i64),
+    (name, spec, state, reason, created_at, updated_at, pid): Row,
 ) -> Result<VmRecord, StoreError> {
     let state = State::parse(&state)
         .ok_or_else(|| StoreError::Corrupt(format!("VM {name:?} has state {state:?}")))?;
@@ -147,12 +158,13 @@ fn record(
         state,
         reason,
         spec,
+        pid: u32::try_from(pid).unwrap_or(0),
         created_at,
         updated_at,
     })
 }
 
-const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at";
+const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at, pid";
 
 impl Store for SqliteStore {
     fn create(&mut self, name: &str, spec: &MachineSpec) -> Result<VmRecord, StoreError> {
@@ -211,6 +223,17 @@ impl Store for SqliteStore {
         }
         Ok(())
     }
+
+    fn set_pid(&mut self, name: &str, pid: u32) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE vms SET pid = ?2 WHERE name = ?1",
+            params![name, pid],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -248,6 +271,29 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2, "synchronous=FULL");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A database left by a vmed that knew only the first migration is brought up to date
+    /// with its records intact.
+    #[test]
+    fn an_old_database_is_migrated_in_order() {
+        let (dir, db) = temp_db();
+        let c = Connection::open(&db).unwrap();
+        c.execute_batch(&format!(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);
+             INSERT INTO schema_version VALUES (1); {};
+             INSERT INTO vms VALUES ('old', '{{\"kernel\":\"/k\"}}', 'stopped', '', 1, 2);",
+            MIGRATIONS[0]
+        ))
+        .unwrap();
+        drop(c);
+        let mut s = SqliteStore::open(&db).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
+        let r = s.get("old").unwrap();
+        assert_eq!((r.state, r.pid, r.created_at), (State::Stopped, 0, 1));
+        s.set_pid("old", 42).unwrap();
+        assert_eq!(s.get("old").unwrap().pid, 42);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -54,20 +54,35 @@ fn start_vmed(test: &str) -> Vmed {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vme.sock");
-    let child = Command::new(bin)
+    let child = launch(&dir, &socket);
+    Vmed { child, socket, dir }
+}
+
+/// Runs vmed on `dir`'s state and waits for its socket.
+fn launch(dir: &Path, socket: &Path) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmed"))
         .arg("--socket")
-        .arg(&socket)
+        .arg(socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(["--stop-timeout", "3"])
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&socket).is_err() {
+    while UnixStream::connect(socket).is_err() {
         assert!(Instant::now() < deadline, "vmed did not open its socket");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Vmed { child, socket, dir }
+    child
+}
+
+impl Vmed {
+    /// Kills the daemon with SIGKILL and starts a new one on the same state.
+    fn kill9_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = launch(&self.dir, &self.socket);
+    }
 }
 
 /// One HTTP/1.1 request; returns the status code and the JSON body.
@@ -268,4 +283,61 @@ fn a_monitor_that_cannot_boot_leaves_the_vm_crashed_with_its_reason() {
     let (_, v) = http(&d.socket, "GET", "/1.0/vms/b1", "");
     assert!(!v["metadata"]["reason"].as_str().unwrap().is_empty(), "{v}");
     assert_eq!(http(&d.socket, "DELETE", "/1.0/vms/b1", "").0, 200);
+}
+
+#[test]
+fn a_killed_daemon_takes_down_no_vm() {
+    let mut d = start_vmed("kill9");
+    for n in ["k1", "k2", "k3"] {
+        let body = json!({"name": n, "arch": "riscv64", "kernel": image("Image"),
+                          "initrd": image("initramfs.cpio"), "memory": "128M"});
+        assert_eq!(
+            http(&d.socket, "POST", "/1.0/vms", &body.to_string()).0,
+            201
+        );
+        assert_eq!(act(&d, n, "start").0, 200);
+    }
+    assert_eq!(act(&d, "k2", "pause").0, 200);
+    let pid = |d: &Vmed, n: &str| {
+        let (_, v) = http(&d.socket, "GET", &format!("/1.0/vms/{n}"), "");
+        v["metadata"]["pid"].as_i64().unwrap() as i32
+    };
+    let (p1, p3) = (pid(&d, "k1"), pid(&d, "k3"));
+    assert!(p1 > 0 && p3 > 0);
+
+    d.kill9_and_restart();
+    assert_eq!(state_of(&d, "k1"), "running");
+    assert_eq!(state_of(&d, "k2"), "paused");
+    assert_eq!(pid(&d, "k1"), p1, "k1 was re-adopted, not restarted");
+
+    // A monitor that dies while no daemon watches is found crashed, with the reason.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // SAFETY: kill(2) with plain integers, on k3's monitor.
+    assert_eq!(unsafe { libc::kill(p3, libc::SIGKILL) }, 0);
+    while std::path::Path::new(&format!("/proc/{p3}/cmdline")).exists()
+        && !std::fs::read(format!("/proc/{p3}/cmdline"))
+            .unwrap_or_default()
+            .is_empty()
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.child = launch(&d.dir, &d.socket);
+    assert_eq!(state_of(&d, "k3"), "crashed");
+    let (_, v) = http(&d.socket, "GET", "/1.0/vms/k3", "");
+    let reason = v["metadata"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("vmed restarted while the VM was running") && reason.contains("gone"),
+        "{reason}"
+    );
+
+    // The adopted monitors answer and stop as before; the adopted monitor's exit is noticed.
+    assert_eq!(act(&d, "k2", "resume").0, 200);
+    assert_eq!(act(&d, "k1", "pause").0, 200);
+    for n in ["k1", "k2"] {
+        let (code, v) = act(&d, n, "stop");
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(state_of(&d, n), "stopped");
+        assert_eq!(pid(&d, n), 0);
+    }
 }

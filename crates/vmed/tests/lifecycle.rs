@@ -341,3 +341,73 @@ fn a_killed_daemon_takes_down_no_vm() {
         assert_eq!(pid(&d, n), 0);
     }
 }
+
+/// Several VMs created and started at once all reach `running` and stop cleanly; two starts
+/// of the same VM at once never both proceed.
+#[test]
+fn concurrent_vms() {
+    const N: usize = 8;
+    let d = start_vmed("concurrent");
+    let socket = d.socket.clone();
+    let threads: Vec<_> = (0..N)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let name = format!("c{i}");
+                let body = json!({"name": name, "arch": "riscv64", "kernel": image("Image"),
+                                  "initrd": image("initramfs.cpio"), "memory": "128M"});
+                let (code, v) = http(&socket, "POST", "/1.0/vms", &body.to_string());
+                assert_eq!(code, 201, "{v}");
+                let path = format!("/1.0/vms/{name}/state");
+                http(&socket, "PUT", &path, r#"{"action":"start"}"#)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (code, v) = t.join().unwrap();
+        assert_eq!(code, 200, "{v}");
+    }
+    let (_, v) = http(&d.socket, "GET", "/1.0/vms", "");
+    let states: Vec<_> = v["metadata"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, vec!["running"; N]);
+
+    // Two stops of one VM at once: one does it, the other is refused (busy or stopped).
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                http(
+                    &socket,
+                    "PUT",
+                    "/1.0/vms/c0/state",
+                    r#"{"action":"stop","force":true}"#,
+                )
+                .0
+            })
+        })
+        .collect();
+    let mut codes: Vec<u16> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    codes.sort();
+    assert_eq!(codes, [200, 409]);
+
+    let stops: Vec<_> = (1..N)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let path = format!("/1.0/vms/c{i}/state");
+                http(&socket, "PUT", &path, r#"{"action":"stop","force":true}"#).0
+            })
+        })
+        .collect();
+    for t in stops {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    for i in 0..N {
+        assert_eq!(state_of(&d, &format!("c{i}")), "stopped");
+    }
+}

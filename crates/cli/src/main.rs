@@ -32,23 +32,14 @@ enum Cmd {
     /// Define a VM (it is not started).
     Create {
         name: String,
-        /// Kernel image (bzImage or ELF for x86_64, Image for riscv64).
-        #[arg(long)]
-        kernel: PathBuf,
-        /// An initramfs.
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        /// x86_64 (KVM, default) or riscv64 (software machine).
-        #[arg(long)]
-        arch: Option<String>,
-        #[arg(long)]
-        vcpus: Option<u32>,
-        /// Guest memory: 256M, 2G or bytes.
-        #[arg(long)]
-        memory: Option<String>,
-        /// The kernel command line.
-        #[arg(long)]
-        cmdline: Option<String>,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Define a VM and start it (create + start).
+    Launch {
+        name: String,
+        #[command(flatten)]
+        spec: SpecArgs,
     },
     /// Start a VM.
     Start { name: String },
@@ -74,6 +65,56 @@ enum Cmd {
     Delete { name: String },
     /// Show a VM's record (state, reason, spec) as JSON.
     Info { name: String },
+    /// Print the end of a VM's console output (interactive attach is not there yet).
+    Console {
+        name: String,
+        /// Print the console log and exit.
+        #[arg(long)]
+        show_log: bool,
+    },
+}
+
+/// What a new VM is made of.
+#[derive(clap::Args, Debug)]
+struct SpecArgs {
+    /// Kernel image (bzImage or ELF for x86_64, Image for riscv64).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// An initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// x86_64 (KVM, default) or riscv64 (software machine).
+    #[arg(long)]
+    arch: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest memory: 256M, 2G or bytes.
+    #[arg(long)]
+    memory: Option<String>,
+    /// The kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+}
+
+impl SpecArgs {
+    /// The create request's body.
+    fn body(self, name: &str) -> Result<Value> {
+        let mut body = json!({"name": name, "kernel": absolute("kernel", &self.kernel)?});
+        if let Some(i) = self.initrd {
+            body["initrd"] = json!(absolute("initrd", &i)?);
+        }
+        for (k, v) in [
+            ("arch", self.arch.map(Value::from)),
+            ("vcpus", self.vcpus.map(Value::from)),
+            ("memory", self.memory.map(Value::from)),
+            ("cmdline", self.cmdline.map(Value::from)),
+        ] {
+            if let Some(v) = v {
+                body[k] = v;
+            }
+        }
+        Ok(body)
+    }
 }
 
 fn main() -> ExitCode {
@@ -119,31 +160,13 @@ fn run(cli: Cli) -> Result<()> {
                 table(vms.as_array().map(Vec::as_slice).unwrap_or_default())
             );
         }
-        Cmd::Create {
-            name,
-            kernel,
-            initrd,
-            arch,
-            vcpus,
-            memory,
-            cmdline,
-        } => {
-            let mut body = json!({"name": name, "kernel": absolute("kernel", &kernel)?});
-            if let Some(i) = initrd {
-                body["initrd"] = json!(absolute("initrd", &i)?);
-            }
-            for (k, v) in [
-                ("arch", arch.map(Value::from)),
-                ("vcpus", vcpus.map(Value::from)),
-                ("memory", memory.map(Value::from)),
-                ("cmdline", cmdline.map(Value::from)),
-            ] {
-                if let Some(v) = v {
-                    body[k] = v;
-                }
-            }
-            api.call("POST", "/1.0/vms", Some(body))?;
+        Cmd::Create { name, spec } => {
+            api.call("POST", "/1.0/vms", Some(spec.body(&name)?))?;
             println!("{name}: defined (start it with `vme start {name}`)");
+        }
+        Cmd::Launch { name, spec } => {
+            api.call("POST", "/1.0/vms", Some(spec.body(&name)?))?;
+            state(&name, "start", false)?;
         }
         Cmd::Start { name } => state(&name, "start", false)?,
         Cmd::Stop { name, force } => state(&name, "stop", force)?,
@@ -153,6 +176,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Delete { name } => {
             api.call("DELETE", &format!("/1.0/vms/{}", segment(&name)?), None)?;
             println!("{name}: deleted");
+        }
+        Cmd::Console { name, show_log } => {
+            if !show_log {
+                bail!(
+                    "attaching to a console is not implemented yet: use `vme console {name} --show-log`"
+                );
+            }
+            let v = api.call(
+                "GET",
+                &format!("/1.0/vms/{}/console", segment(&name)?),
+                None,
+            )?;
+            print!("{}", v["log"].as_str().unwrap_or_default());
         }
         Cmd::Info { name } => {
             let vm = api.call("GET", &format!("/1.0/vms/{}", segment(&name)?), None)?;

@@ -124,6 +124,41 @@ fn the_cli_drives_a_riscv64_vm() {
     let info: serde_json::Value = serde_json::from_str(&ok(vme(s, &["info", "t1"]))).unwrap();
     assert_eq!(info["state"], "stopped");
     assert_eq!(ok(vme(s, &["rm", "t1"])), "t1: deleted\n");
+
+    // launch = create + start; the console log shows what the guest printed (without
+    // `quiet`, the kernel's banner comes first).
+    let out = ok(vme(
+        s,
+        &[
+            "launch",
+            "t2",
+            "--arch",
+            "riscv64",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            i.to_str().unwrap(),
+            "--memory",
+            "128M",
+            "--cmdline",
+            "console=ttyS0 panic=-1",
+        ],
+    ));
+    assert_eq!(out, "t2: running\n");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = ok(vme(s, &["console", "t2", "--show-log"]));
+        if log.contains("Linux version") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no kernel banner in the console log: {log:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ok(vme(s, &["stop", "--force", "t2"])), "t2: stopped\n");
+    assert_eq!(ok(vme(s, &["delete", "t2"])), "t2: deleted\n");
     let err = fails(vme(s, &["info", "t1"]));
     assert!(
         err.contains("no VM named \"t1\"") && err.contains("404"),

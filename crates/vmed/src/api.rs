@@ -29,10 +29,11 @@ pub fn router(daemon: App) -> Router {
         .route("/1.0/vms", get(list).post(create))
         .route("/1.0/vms/{name}", get(info).delete(delete))
         .route("/1.0/vms/{name}/state", put(state))
+        .route("/1.0/vms/{name}/console", get(console))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "no such route: see /1.0/vms, /1.0/vms/NAME and /1.0/vms/NAME/state".into(),
+                "no such route: see /1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state and /1.0/vms/NAME/console".into(),
                 None,
             )
         })
@@ -123,6 +124,12 @@ async fn info(State(d): State<App>, Path(name): Path<String>) -> Result<Response
 async fn delete(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
     blocking(move || d.delete(&name)).await?;
     Ok(ok(StatusCode::OK, json!({})))
+}
+
+/// The end of the VM's console output (what its serial port printed).
+async fn console(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+    let log = blocking(move || d.console_log(&name)).await?;
+    Ok(ok(StatusCode::OK, json!({ "log": log })))
 }
 
 /// The body of `PUT /1.0/vms/{name}/state`.

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use vme_api::SerialSpec;
 use vme_api::control::{self, Request};
 
+/// How much of a console log the API returns.
+const CONSOLE_TAIL: u64 = 64 * 1024;
 /// How long a control-socket request may take before the monitor counts as unresponsive.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new monitor has to answer its control socket.
@@ -132,6 +134,21 @@ impl Daemon {
     pub fn get(&self, name: &str) -> Result<VmRecord, OpError> {
         validate::name(name).map_err(OpError::BadRequest)?;
         Ok(lock(&self.store).get(name)?)
+    }
+
+    /// The last [`CONSOLE_TAIL`] bytes the VM's serial console printed (empty before its
+    /// first start).
+    pub fn console_log(&self, name: &str) -> Result<String, OpError> {
+        self.get(name)?;
+        let path = vm_dir(&self.cfg.state_dir, name).join("console.log");
+        match read_tail(&path, CONSOLE_TAIL) {
+            Ok(t) => Ok(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(OpError::Failed(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
+        }
     }
 
     pub fn create(&self, req: &validate::CreateVm) -> Result<VmRecord, OpError> {
@@ -401,17 +418,19 @@ fn describe(s: &std::process::ExitStatus) -> String {
     }
 }
 
+/// The last `max` bytes of a file, as text.
+fn read_tail(path: &Path, max: u64) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 /// The last lines of a monitor's log, for a crash reason.
 pub(crate) fn tail(path: &Path) -> String {
-    const MAX: u64 = 1024;
-    let mut text = String::new();
-    if let Ok(mut f) = fs::File::open(path) {
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(MAX)));
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        text = String::from_utf8_lossy(&buf).trim().to_string();
-    }
+    let text = read_tail(path, 1024).unwrap_or_default().trim().to_string();
     if text.is_empty() {
         format!("(nothing in {})", path.display())
     } else {

@@ -18,6 +18,10 @@ struct Args {
     /// The API's Unix socket (mode 0660).
     #[arg(long, default_value = "/run/vme/vme.sock")]
     socket: PathBuf,
+    /// The group that may use the API socket (its mode is 0660). Skipped with a note when
+    /// the default group `vme` does not exist.
+    #[arg(long)]
+    group: Option<String>,
     /// Where the state database and each VM's files live.
     #[arg(long, default_value = "/var/lib/vme")]
     state_dir: PathBuf,
@@ -64,7 +68,7 @@ fn main() -> Result<()> {
 
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let listener = bind(&args.socket)?;
+        let listener = bind(&args.socket, args.group.as_deref())?;
         eprintln!("vmed: serving on {}", args.socket.display());
         axum::serve(listener, vmed::api::router(daemon))
             .with_graceful_shutdown(shutdown())
@@ -74,7 +78,7 @@ fn main() -> Result<()> {
 }
 
 /// Binds the API socket, replacing a stale one but never a live daemon's.
-fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
+fn bind(path: &std::path::Path, group: Option<&str>) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
@@ -101,7 +105,35 @@ fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
     })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    let name = group.unwrap_or("vme");
+    match group_id(name) {
+        Some(gid) => std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+            format!(
+                "cannot give {} to group {name}: run vmed as root or choose another --group",
+                path.display()
+            )
+        })?,
+        None if group.is_some() => {
+            bail!(
+                "group {name:?} does not exist: create it (groupadd {name}) or choose another --group"
+            )
+        }
+        None => eprintln!(
+            "vmed: no group vme; only {}'s owner may use it",
+            path.display()
+        ),
+    }
     Ok(listener)
+}
+
+/// The id of the group `name`, from /etc/group (no NSS lookup: the daemon's groups are
+/// local system groups).
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
 }
 
 /// Ends serving on SIGINT or SIGTERM. The VMs keep running: their monitors are in their own

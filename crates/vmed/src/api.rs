@@ -59,7 +59,7 @@ impl IntoResponse for OpError {
         match self {
             OpError::BadRequest(_) => error(StatusCode::BAD_REQUEST, msg, None),
             OpError::Store(StoreError::NotFound(_)) => error(StatusCode::NOT_FOUND, msg, None),
-            OpError::Store(StoreError::Exists(_)) | OpError::Busy(_) => {
+            OpError::Store(StoreError::Exists(_)) | OpError::Busy(_) | OpError::Capacity(_) => {
                 error(StatusCode::CONFLICT, msg, None)
             }
             OpError::Illegal(i) => {

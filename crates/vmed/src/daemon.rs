@@ -6,6 +6,7 @@
 //! Blocking by design (process waits, control-socket calls): the HTTP layer runs these on
 //! tokio's blocking pool.
 
+use crate::admission::{Host, Load, Ratios};
 use crate::lifecycle::{self, Action, Illegal, State};
 use crate::store::{Store, StoreError, VmRecord};
 use crate::validate;
@@ -39,6 +40,9 @@ pub enum OpError {
     Busy(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The host cannot take it (admission); names the numbers.
+    #[error("{0}")]
+    Capacity(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -51,6 +55,9 @@ pub struct Config {
     pub vmm: PathBuf,
     /// How long a guest has to power off after the ACPI power button before it is stopped.
     pub stop_timeout: Duration,
+    /// What VMs may be given in all (see [`crate::admission`]).
+    pub host: Host,
+    pub ratios: Ratios,
 }
 
 /// One live monitor process.
@@ -153,6 +160,10 @@ impl Daemon {
 
     pub fn create(&self, req: &validate::CreateVm) -> Result<VmRecord, OpError> {
         let spec = validate::create(req).map_err(OpError::BadRequest)?;
+        self.cfg
+            .host
+            .admits(self.cfg.ratios, load(&spec))
+            .map_err(OpError::BadRequest)?;
         Ok(lock(&self.store).create(&req.name, &spec)?)
     }
 
@@ -161,6 +172,23 @@ impl Daemon {
         let mut store = lock(&self.store);
         let vm = store.get(name)?;
         lifecycle::check(vm.state, action)?;
+        if action == Action::Start {
+            // Under the store's lock, so two starts cannot both take the last capacity.
+            let running = store.list()?.iter().filter(|v| v.state.has_monitor()).fold(
+                Load::default(),
+                |sum, v| {
+                    let l = load(&v.spec);
+                    Load {
+                        vcpus: sum.vcpus + l.vcpus,
+                        memory: sum.memory + l.memory,
+                    }
+                },
+            );
+            self.cfg
+                .host
+                .admits_next_to(self.cfg.ratios, running, load(&vm.spec))
+                .map_err(|e| OpError::Capacity(format!("cannot start VM {name:?}: {e}")))?;
+        }
         if let Some(next) = lifecycle::begins(action) {
             store.set_state(name, next, "")?;
         }
@@ -406,6 +434,13 @@ impl Daemon {
         }
         lock(&self.monitors).remove(name);
         self.exited.notify_all();
+    }
+}
+
+fn load(spec: &vme_api::MachineSpec) -> Load {
+    Load {
+        vcpus: u64::from(spec.vcpus),
+        memory: spec.memory.bytes(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! It must never map guest memory or emulate devices: it talks to each monitor only over its
 //! control socket, so a daemon bug cannot reach into a guest.
 
+pub mod admission;
 pub mod api;
 pub mod daemon;
 pub mod lifecycle;

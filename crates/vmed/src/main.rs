@@ -5,6 +5,7 @@ use clap::Parser;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
+use vmed::admission::{Host, Ratios};
 use vmed::daemon::{Config, Daemon};
 use vmed::store::SqliteStore;
 
@@ -31,10 +32,24 @@ struct Args {
     /// Seconds a guest has to power off after the ACPI power button before it is stopped.
     #[arg(long, default_value_t = 30)]
     stop_timeout: u64,
+    /// vCPUs the VMs may be given per host CPU, in all.
+    #[arg(long, default_value_t = 4.0)]
+    cpu_overcommit: f64,
+    /// Guest memory the VMs may be given per byte of host memory, in all.
+    #[arg(long, default_value_t = 1.0)]
+    memory_overcommit: f64,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    for (flag, r) in [
+        ("--cpu-overcommit", args.cpu_overcommit),
+        ("--memory-overcommit", args.memory_overcommit),
+    ] {
+        if !(r.is_finite() && r > 0.0 && r <= 100.0) {
+            bail!("{flag} {r} is out of range: give a ratio above 0 and at most 100, like 1.5");
+        }
+    }
     let vmm = match args.vmm {
         Some(p) => p,
         None => std::env::current_exe()
@@ -63,6 +78,11 @@ fn main() -> Result<()> {
         state_dir: args.state_dir,
         vmm,
         stop_timeout: Duration::from_secs(args.stop_timeout),
+        host: Host::probe(),
+        ratios: Ratios {
+            cpu: args.cpu_overcommit,
+            memory: args.memory_overcommit,
+        },
     };
     let daemon = Daemon::new(cfg, Box::new(store)).context("cannot read the state database")?;
 

@@ -13,6 +13,8 @@ struct Vmed {
     child: Child,
     socket: PathBuf,
     dir: PathBuf,
+    /// Flags beyond the socket, state dir and stop timeout.
+    args: Vec<String>,
 }
 
 impl Drop for Vmed {
@@ -43,6 +45,10 @@ fn image(file: &str) -> PathBuf {
 }
 
 fn start_vmed(test: &str) -> Vmed {
+    start_vmed_with(test, &[])
+}
+
+fn start_vmed_with(test: &str, args: &[String]) -> Vmed {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_vmed"));
     let vmm = bin.with_file_name("vme-vmm");
     assert!(
@@ -54,18 +60,24 @@ fn start_vmed(test: &str) -> Vmed {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vme.sock");
-    let child = launch(&dir, &socket);
-    Vmed { child, socket, dir }
+    let child = launch(&dir, &socket, args);
+    Vmed {
+        child,
+        socket,
+        dir,
+        args: args.to_vec(),
+    }
 }
 
 /// Runs vmed on `dir`'s state and waits for its socket.
-fn launch(dir: &Path, socket: &Path) -> Child {
+fn launch(dir: &Path, socket: &Path, args: &[String]) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_vmed"))
         .arg("--socket")
         .arg(socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(["--stop-timeout", "3"])
+        .args(args)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -81,7 +93,7 @@ impl Vmed {
     fn kill9_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = launch(&self.dir, &self.socket);
+        self.child = launch(&self.dir, &self.socket, &self.args);
     }
 }
 
@@ -322,7 +334,7 @@ fn a_killed_daemon_takes_down_no_vm() {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    d.child = launch(&d.dir, &d.socket);
+    d.child = launch(&d.dir, &d.socket, &d.args);
     assert_eq!(state_of(&d, "k3"), "crashed");
     let (_, v) = http(&d.socket, "GET", "/1.0/vms/k3", "");
     let reason = v["metadata"]["reason"].as_str().unwrap();
@@ -347,7 +359,8 @@ fn a_killed_daemon_takes_down_no_vm() {
 #[test]
 fn concurrent_vms() {
     const N: usize = 8;
-    let d = start_vmed("concurrent");
+    // Room for them on any host: admission is tested on its own.
+    let d = start_vmed_with("concurrent", &["--cpu-overcommit".into(), "100".into()]);
     let socket = d.socket.clone();
     let threads: Vec<_> = (0..N)
         .map(|i| {
@@ -410,4 +423,43 @@ fn concurrent_vms() {
     for i in 0..N {
         assert_eq!(state_of(&d, &format!("c{i}")), "stopped");
     }
+}
+
+/// With room for one vCPU, a larger VM is refused at create and a second VM at start, each
+/// with the numbers; nothing is stored or changed by a refusal.
+#[test]
+fn admission_names_the_numbers() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let ratio = format!("{}", 1.5 / cpus as f64);
+    let d = start_vmed_with("admission", &["--cpu-overcommit".into(), ratio]);
+    let create = |name: &str, vcpus: u32| {
+        let body = json!({"name": name, "arch": "riscv64", "kernel": image("Image"),
+                          "initrd": image("initramfs.cpio"), "memory": "128M", "vcpus": vcpus});
+        http(&d.socket, "POST", "/1.0/vms", &body.to_string())
+    };
+    let (code, v) = create("big", 2);
+    assert_eq!(code, 400, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("2 vCPUs") && msg.contains("= 1 vCPUs"),
+        "{msg}"
+    );
+    assert_eq!(http(&d.socket, "GET", "/1.0/vms/big", "").0, 404);
+
+    assert_eq!(create("a1", 1).0, 201);
+    assert_eq!(create("a2", 1).0, 201);
+    assert_eq!(act(&d, "a1", "start").0, 200);
+    let (code, v) = act(&d, "a2", "start");
+    assert_eq!(code, 409, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("running VMs have 1") && msg.contains("stop another VM"),
+        "{msg}"
+    );
+    assert_eq!(state_of(&d, "a2"), "defined");
+
+    let force = r#"{"action":"stop","force":true}"#;
+    assert_eq!(http(&d.socket, "PUT", "/1.0/vms/a1/state", force).0, 200);
+    assert_eq!(act(&d, "a2", "start").0, 200);
+    assert_eq!(http(&d.socket, "PUT", "/1.0/vms/a2/state", force).0, 200);
 }

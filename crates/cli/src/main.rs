@@ -94,6 +94,10 @@ struct SpecArgs {
     /// The kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
+    /// What the daemon does when the VM's monitor exits on its own: never (default),
+    /// on-failure or always.
+    #[arg(long)]
+    restart: Option<String>,
 }
 
 impl SpecArgs {
@@ -108,6 +112,7 @@ impl SpecArgs {
             ("vcpus", self.vcpus.map(Value::from)),
             ("memory", self.memory.map(Value::from)),
             ("cmdline", self.cmdline.map(Value::from)),
+            ("restart_policy", self.restart.map(Value::from)),
         ] {
             if let Some(v) = v {
                 body[k] = v;

@@ -142,6 +142,8 @@ fn the_cli_drives_a_riscv64_vm() {
             "128M",
             "--cmdline",
             "console=ttyS0 panic=-1",
+            "--restart",
+            "on-failure",
         ],
     ));
     assert_eq!(out, "t2: running\n");
@@ -157,6 +159,8 @@ fn the_cli_drives_a_riscv64_vm() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let info: serde_json::Value = serde_json::from_str(&ok(vme(s, &["info", "t2"]))).unwrap();
+    assert_eq!(info["restart_policy"], "on-failure");
     assert_eq!(ok(vme(s, &["stop", "--force", "t2"])), "t2: stopped\n");
     assert_eq!(ok(vme(s, &["delete", "t2"])), "t2: deleted\n");
     let err = fails(vme(s, &["info", "t1"]));

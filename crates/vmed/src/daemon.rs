@@ -64,7 +64,12 @@ pub struct Config {
 pub(crate) struct Monitor {
     pid: u32,
     control: PathBuf,
+    /// When the daemon started (or adopted) it.
+    since: Instant,
 }
+
+/// A VM that ran this long before its monitor exited starts its restart backoff afresh.
+const STABLE: Duration = Duration::from_secs(60);
 
 pub struct Daemon {
     cfg: Config,
@@ -75,6 +80,8 @@ pub struct Daemon {
     exited: Condvar,
     /// VMs with an operation in progress: one at a time per VM, so two starts cannot race.
     busy: Mutex<HashSet<String>>,
+    /// Automatic restarts in a row, per VM (for the backoff).
+    restarts: Mutex<HashMap<String, u32>>,
 }
 
 /// Marks a VM busy for the length of an operation.
@@ -105,6 +112,7 @@ impl Daemon {
             monitors: Mutex::new(HashMap::new()),
             exited: Condvar::new(),
             busy: Mutex::new(HashSet::new()),
+            restarts: Mutex::new(HashMap::new()),
         });
         crate::reconcile::run(&daemon)?;
         Ok(daemon)
@@ -121,7 +129,14 @@ impl Daemon {
     /// Lists a live monitor, whose exit the caller's thread will report with [`Self::exited`].
     pub(crate) fn watch(&self, name: &str, pid: u32) {
         let control = control_path(&self.cfg.state_dir, name);
-        lock(&self.monitors).insert(name.to_string(), Monitor { pid, control });
+        lock(&self.monitors).insert(
+            name.to_string(),
+            Monitor {
+                pid,
+                control,
+                since: Instant::now(),
+            },
+        );
     }
 
     fn begin(&self, name: &str) -> Result<BusyGuard<'_>, OpError> {
@@ -164,7 +179,7 @@ impl Daemon {
             .host
             .admits(self.cfg.ratios, load(&spec))
             .map_err(OpError::BadRequest)?;
-        Ok(lock(&self.store).create(&req.name, &spec)?)
+        Ok(lock(&self.store).create(&req.name, &spec, req.restart_policy)?)
     }
 
     /// Checks `action` against the VM's state and, if allowed, records the state it begins in.
@@ -406,7 +421,7 @@ impl Daemon {
 
     /// Runs on its own thread for each monitor: waits for the process to exit and records
     /// what its exit means for the VM.
-    fn supervise(&self, name: String, mut child: Child, log: PathBuf) {
+    fn supervise(self: Arc<Self>, name: String, mut child: Child, log: PathBuf) {
         let status = child.wait();
         let (clean, how) = match &status {
             Ok(s) if s.success() => (true, String::new()),
@@ -418,11 +433,15 @@ impl Daemon {
 
     /// Records a monitor's exit: the state it leaves the VM in (with the log's tail as the
     /// reason of a crash), no pid, and no live monitor; wakes whoever waits for it.
-    pub(crate) fn exited(&self, name: &str, clean: bool, how: &str, log: &Path) {
+    pub(crate) fn exited(self: &Arc<Self>, name: &str, clean: bool, how: &str, log: &Path) {
+        let mut restart = false;
         {
             let mut store = lock(&self.store);
             if let Ok(vm) = store.get(name) {
                 let next = lifecycle::after_exit(vm.state, clean);
+                restart = vm
+                    .restart_policy
+                    .restarts(vm.state == State::Stopping, next);
                 let reason = if next == State::Crashed {
                     format!("the monitor {how}: {}", tail(log))
                 } else {
@@ -432,8 +451,31 @@ impl Daemon {
                 let _ = store.set_pid(name, 0);
             }
         }
-        lock(&self.monitors).remove(name);
+        let started = lock(&self.monitors).remove(name).map(|m| m.since);
         self.exited.notify_all();
+        if restart {
+            self.restart_later(name, started);
+        }
+    }
+
+    /// Starts a VM again after its restart policy's backoff. Restarts in a row (the VM ran
+    /// less than [`STABLE`] each time) wait longer and longer; a user's action in between
+    /// wins (the start is then refused by the lifecycle and dropped).
+    fn restart_later(self: &Arc<Self>, name: &str, started: Option<Instant>) {
+        let attempt = {
+            let mut tries = lock(&self.restarts);
+            let n = tries.entry(name.to_string()).or_insert(0);
+            if started.is_some_and(|t| t.elapsed() >= STABLE) {
+                *n = 0;
+            }
+            *n += 1;
+            *n - 1
+        };
+        let (me, name) = (Arc::clone(self), name.to_string());
+        std::thread::spawn(move || {
+            std::thread::sleep(lifecycle::backoff(attempt));
+            let _ = me.act(&name, Action::Start, false);
+        });
     }
 }
 

@@ -131,6 +131,53 @@ pub fn begins(action: Action) -> Option<State> {
     }
 }
 
+/// What the daemon does when a VM's monitor exits without being asked to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it stopped or crashed.
+    #[default]
+    Never,
+    /// Start it again after a crash.
+    OnFailure,
+    /// Start it again after any exit it was not asked for (a crash, or the guest powering
+    /// itself off).
+    Always,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RestartPolicy> {
+        [Self::Never, Self::OnFailure, Self::Always]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+
+    /// Whether a monitor's exit that left the VM in `after` (see [`after_exit`]) calls for a
+    /// new start. `asked` says whether the daemon had asked it to stop: never restarted.
+    pub fn restarts(self, asked: bool, after: State) -> bool {
+        !asked
+            && match self {
+                RestartPolicy::Never => false,
+                RestartPolicy::OnFailure => after == State::Crashed,
+                RestartPolicy::Always => true,
+            }
+    }
+}
+
+/// How long to wait before the `attempt`th automatic restart in a row (0 first): doubling
+/// from 1 s up to a minute, so a VM that cannot boot does not keep the host busy.
+pub fn backoff(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(1u64 << attempt.min(6)).min(std::time::Duration::from_secs(60))
+}
+
 /// Refused transition: names the state and what it allows, for the 409 body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot {action} a VM that is {state}; allowed now: {}", list(allowed(*state)))]
@@ -244,6 +291,31 @@ mod tests {
         assert_eq!(after_exit(Running, false), Crashed);
         assert_eq!(after_exit(Paused, false), Crashed);
         assert_eq!(after_exit(Starting, false), Crashed);
+    }
+
+    #[test]
+    fn restart_policies() {
+        use RestartPolicy::*;
+        for p in [Never, OnFailure, Always] {
+            assert!(
+                !p.restarts(true, Stopped) && !p.restarts(true, Crashed),
+                "{p:?}"
+            );
+            assert_eq!(RestartPolicy::parse(p.as_str()), Some(p));
+        }
+        assert!(!Never.restarts(false, Crashed));
+        assert!(OnFailure.restarts(false, Crashed));
+        assert!(!OnFailure.restarts(false, Stopped));
+        assert!(Always.restarts(false, Stopped));
+        assert!(Always.restarts(false, Crashed));
+        assert_eq!(serde_json::to_string(&OnFailure).unwrap(), "\"on-failure\"");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_a_minute() {
+        let secs: Vec<u64> = (0..9).map(|a| backoff(a).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(u32::MAX).as_secs(), 60);
     }
 
     #[test]

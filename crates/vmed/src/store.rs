@@ -3,7 +3,7 @@
 //! embedded SQLite one later; SQLite in WAL mode with `synchronous=FULL`, so a state change
 //! that returned has reached the disk.
 
-use crate::lifecycle::State;
+use crate::lifecycle::{RestartPolicy, State};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use std::path::Path;
@@ -34,6 +34,7 @@ pub struct VmRecord {
     pub spec: MachineSpec,
     /// The pid of the VM's monitor while it has one, else 0.
     pub pid: u32,
+    pub restart_policy: RestartPolicy,
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
@@ -41,7 +42,12 @@ pub struct VmRecord {
 
 pub trait Store: Send {
     /// Stores a new VM in state `defined`.
-    fn create(&mut self, name: &str, spec: &MachineSpec) -> Result<VmRecord, StoreError>;
+    fn create(
+        &mut self,
+        name: &str,
+        spec: &MachineSpec,
+        policy: RestartPolicy,
+    ) -> Result<VmRecord, StoreError>;
     fn get(&self, name: &str) -> Result<VmRecord, StoreError>;
     /// Every VM, ordered by name.
     fn list(&self) -> Result<Vec<VmRecord>, StoreError>;
@@ -64,6 +70,8 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT",
     // The monitor's pid, so a restarted daemon can find and re-adopt a running VM (0: none).
     "ALTER TABLE vms ADD COLUMN pid INTEGER NOT NULL DEFAULT 0",
+    // What to do when the monitor exits on its own (never, on-failure, always).
+    "ALTER TABLE vms ADD COLUMN restart_policy TEXT NOT NULL DEFAULT 'never'",
 ];
 
 pub struct SqliteStore {
@@ -132,7 +140,7 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-type Row = (String, String, String, String, i64, i64, i64);
+type Row = (String, String, String, String, i64, i64, i64, String);
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((
@@ -143,38 +151,47 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(4)?,
         r.get(5)?,
         r.get(6)?,
+        r.get(7)?,
     ))
 }
 
 fn record(
-    (name, spec, state, reason, created_at, updated_at, pid): Row,
+    (name, spec, state, reason, created_at, updated_at, pid, policy): Row,
 ) -> Result<VmRecord, StoreError> {
     let state = State::parse(&state)
         .ok_or_else(|| StoreError::Corrupt(format!("VM {name:?} has state {state:?}")))?;
     let spec = serde_json::from_str(&spec)
         .map_err(|e| StoreError::Corrupt(format!("VM {name:?} has an unreadable spec: {e}")))?;
+    let restart_policy = RestartPolicy::parse(&policy)
+        .ok_or_else(|| StoreError::Corrupt(format!("VM {name:?} has restart policy {policy:?}")))?;
     Ok(VmRecord {
         name,
         state,
         reason,
         spec,
         pid: u32::try_from(pid).unwrap_or(0),
+        restart_policy,
         created_at,
         updated_at,
     })
 }
 
-const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at, pid";
+const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at, pid, restart_policy";
 
 impl Store for SqliteStore {
-    fn create(&mut self, name: &str, spec: &MachineSpec) -> Result<VmRecord, StoreError> {
+    fn create(
+        &mut self,
+        name: &str,
+        spec: &MachineSpec,
+        policy: RestartPolicy,
+    ) -> Result<VmRecord, StoreError> {
         let json = serde_json::to_string(spec)
             .map_err(|e| StoreError::Corrupt(format!("cannot encode the spec: {e}")))?;
         let t = now();
         let n = self.conn.execute(
-            "INSERT INTO vms (name, spec, state, reason, created_at, updated_at)
-             VALUES (?1, ?2, ?3, '', ?4, ?4) ON CONFLICT(name) DO NOTHING",
-            params![name, json, State::Defined.as_str(), t],
+            "INSERT INTO vms (name, spec, state, reason, created_at, updated_at, restart_policy)
+             VALUES (?1, ?2, ?3, '', ?4, ?4, ?5) ON CONFLICT(name) DO NOTHING",
+            params![name, json, State::Defined.as_str(), t, policy.as_str()],
         )?;
         if n == 0 {
             return Err(StoreError::Exists(name.into()));
@@ -256,7 +273,8 @@ mod tests {
         let (dir, db) = temp_db();
         let mut s = SqliteStore::open(&db).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
-        s.create("a", &MachineSpec::new("/k")).unwrap();
+        s.create("a", &MachineSpec::new("/k"), RestartPolicy::Never)
+            .unwrap();
         drop(s);
         let s = SqliteStore::open(&db).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
@@ -292,6 +310,7 @@ mod tests {
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
         let r = s.get("old").unwrap();
         assert_eq!((r.state, r.pid, r.created_at), (State::Stopped, 0, 1));
+        assert_eq!(r.restart_policy, RestartPolicy::Never);
         s.set_pid("old", 42).unwrap();
         assert_eq!(s.get("old").unwrap().pid, 42);
         std::fs::remove_dir_all(dir).unwrap();
@@ -315,10 +334,14 @@ mod tests {
         let mut s = SqliteStore::open_in_memory().unwrap();
         let mut spec = MachineSpec::new("/boot/Image");
         spec.vcpus = 3;
-        let r = s.create("web", &spec).unwrap();
+        let r = s.create("web", &spec, RestartPolicy::Always).unwrap();
+        assert_eq!(r.restart_policy, RestartPolicy::Always);
         assert_eq!((r.state, r.spec.vcpus), (State::Defined, 3));
-        assert!(matches!(s.create("web", &spec), Err(StoreError::Exists(_))));
-        s.create("db", &spec).unwrap();
+        assert!(matches!(
+            s.create("web", &spec, RestartPolicy::Never),
+            Err(StoreError::Exists(_))
+        ));
+        s.create("db", &spec, RestartPolicy::Never).unwrap();
         let names: Vec<_> = s.list().unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["db", "web"]);
         s.set_state("web", State::Crashed, "boom").unwrap();

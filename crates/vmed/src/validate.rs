@@ -1,6 +1,7 @@
 //! Checks on what users send: VM names and create requests. Everything here runs before
 //! anything is stored, so a refused request leaves no trace.
 
+use crate::lifecycle::RestartPolicy;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use vme_api::size::{GIB, MIB};
@@ -63,6 +64,9 @@ pub struct CreateVm {
     /// `"256M"`, `"2G"` or a number of bytes.
     #[serde(default)]
     pub memory: Option<ByteSize>,
+    /// `never` (default), `on-failure` or `always`.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
 }
 
 /// Checks a create request and turns it into the machine spec the daemon stores. The

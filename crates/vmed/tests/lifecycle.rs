@@ -463,3 +463,46 @@ fn admission_names_the_numbers() {
     assert_eq!(act(&d, "a2", "start").0, 200);
     assert_eq!(http(&d.socket, "PUT", "/1.0/vms/a2/state", force).0, 200);
 }
+
+/// `on-failure`: a killed monitor is started again (after the backoff); a stop the user
+/// asked for is not undone.
+#[test]
+fn on_failure_restarts_a_crashed_vm() {
+    let d = start_vmed("restart");
+    let body = json!({"name": "p1", "arch": "riscv64", "kernel": image("Image"),
+                      "initrd": image("initramfs.cpio"), "memory": "128M",
+                      "restart_policy": "on-failure"});
+    let (code, v) = http(&d.socket, "POST", "/1.0/vms", &body.to_string());
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["metadata"]["restart_policy"], "on-failure");
+    let (code, v) = http(
+        &d.socket,
+        "POST",
+        "/1.0/vms",
+        &json!({"name": "p2", "kernel": image("Image"), "restart_policy": "sometimes"}).to_string(),
+    );
+    assert_eq!(code, 400, "{v}");
+
+    assert_eq!(act(&d, "p1", "start").0, 200);
+    let pid = |d: &Vmed| {
+        let (_, v) = http(&d.socket, "GET", "/1.0/vms/p1", "");
+        v["metadata"]["pid"].as_i64().unwrap() as i32
+    };
+    let first = pid(&d);
+    // SAFETY: kill(2) with plain integers, on p1's monitor.
+    assert_eq!(unsafe { libc::kill(first, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(state_of(&d, "p1") == "running" && pid(&d) != first && pid(&d) != 0) {
+        assert!(
+            Instant::now() < deadline,
+            "p1 was not restarted: {}",
+            state_of(&d, "p1")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (code, v) = act(&d, "p1", "stop");
+    assert_eq!(code, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(state_of(&d, "p1"), "stopped", "a stop asked for was undone");
+}

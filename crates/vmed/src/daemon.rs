@@ -214,6 +214,16 @@ impl Daemon {
         Ok(lock(&self.store).set_state(name, state, reason)?)
     }
 
+    /// Moves the VM back from `now` to `back` after a failed pause or resume, unless its
+    /// monitor's exit has been recorded meanwhile (that record must stay).
+    fn revert(&self, name: &str, now: State, back: State) -> Result<(), OpError> {
+        let mut store = lock(&self.store);
+        if store.get(name)?.state == now {
+            store.set_state(name, back, "")?;
+        }
+        Ok(())
+    }
+
     /// Carries out a state action (`PUT /1.0/vms/NAME/state`) and returns the VM after it.
     pub fn act(
         self: &Arc<Self>,
@@ -229,6 +239,8 @@ impl Daemon {
             Action::Pause => self.control_action(name, action, Request::Pause, State::Running)?,
             Action::Resume => self.control_action(name, action, Request::Resume, State::Paused)?,
             Action::Restart => {
+                // Checked as a restart: stop alone allows more (a VM still starting).
+                lifecycle::check(lock(&self.store).get(name)?.state, Action::Restart)?;
                 self.stop(name, force)?;
                 self.start(name)?;
             }
@@ -267,20 +279,21 @@ impl Daemon {
         from: State,
     ) -> Result<(), OpError> {
         self.transition(name, action)?;
+        let to = lifecycle::begins(action).unwrap_or(from);
         let Some(path) = lock(&self.monitors).get(name).map(|m| m.control.clone()) else {
             return Err(OpError::Failed(format!("VM {name:?} has no monitor")));
         };
         match control::call(&path, &req, CONTROL_TIMEOUT) {
             Ok(r) if r.ok => Ok(()),
             Ok(r) => {
-                self.set_state(name, from, "")?;
+                self.revert(name, to, from)?;
                 Err(OpError::Failed(format!(
                     "the monitor refused to {action}: {}",
                     r.error.unwrap_or_default()
                 )))
             }
             Err(e) => {
-                self.set_state(name, from, "")?;
+                self.revert(name, to, from)?;
                 Err(OpError::Failed(format!("cannot {action} VM {name:?}: {e}")))
             }
         }

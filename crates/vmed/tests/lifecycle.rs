@@ -173,6 +173,10 @@ fn riscv64_vm_lifecycle_over_the_api() {
     assert_eq!(code, 409, "{v}");
     assert_eq!(v["metadata"]["state"], "defined");
     assert_eq!(v["metadata"]["allowed_actions"], json!(["start", "delete"]));
+    let (code, v) = act(&d, "r1", "restart");
+    assert_eq!(code, 409, "a VM never started cannot be restarted: {v}");
+    let (code, v) = act(&d, "nope-either", "restart");
+    assert_eq!(code, 404, "{v}");
     let (code, _) = act(&d, "nope", "start");
     assert_eq!(code, 404);
     let (code, v) = http(&d.socket, "PUT", "/1.0/vms/r1/state", r#"{"action":"fly"}"#);
@@ -189,6 +193,8 @@ fn riscv64_vm_lifecycle_over_the_api() {
     assert_eq!(state_of(&d, "r1"), "paused");
     let (code, v) = act(&d, "r1", "pause");
     assert_eq!(code, 409, "{v}");
+    let (code, v) = act(&d, "nope-either", "restart");
+    assert_eq!(code, 404, "{v}");
     assert_eq!(act(&d, "r1", "resume").0, 200);
     assert_eq!(state_of(&d, "r1"), "running");
 

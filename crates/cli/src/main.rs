@@ -28,7 +28,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// List the VMs and their states.
-    List,
+    List {
+        /// table (default) or json (the daemon's records, for scripts).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Define a VM (it is not started).
     Create {
         name: String,
@@ -72,6 +76,12 @@ enum Cmd {
         #[arg(long)]
         show_log: bool,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Format {
+    Table,
+    Json,
 }
 
 /// What a new VM is made of.
@@ -158,12 +168,17 @@ fn run(cli: Cli) -> Result<()> {
         Ok(())
     };
     match cli.command {
-        Cmd::List => {
+        Cmd::List { format } => {
             let vms = api.call("GET", "/1.0/vms", None)?;
-            print!(
-                "{}",
-                table(vms.as_array().map(Vec::as_slice).unwrap_or_default())
-            );
+            match format {
+                Format::Table => {
+                    print!(
+                        "{}",
+                        table(vms.as_array().map(Vec::as_slice).unwrap_or_default())
+                    )
+                }
+                Format::Json => println!("{}", serde_json::to_string_pretty(&vms)?),
+            }
         }
         Cmd::Create { name, spec } => {
             api.call("POST", "/1.0/vms", Some(spec.body(&name)?))?;

@@ -115,6 +115,10 @@ fn the_cli_drives_a_riscv64_vm() {
             .eq(["t1", "running", "riscv64", "1", "128M"])),
         "{list}"
     );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(vme(s, &["list", "--format", "json"]))).unwrap();
+    assert_eq!(json[0]["name"], "t1");
+    assert_eq!(json[0]["state"], "running");
     let err = fails(vme(s, &["start", "t1"]));
     assert!(
         err.contains("cannot start a VM that is running; allowed now: stop, pause, restart"),

@@ -27,13 +27,14 @@ pub fn router(daemon: App) -> Router {
             get(|| async { ok(StatusCode::OK, json!({"api_version": "1.0"})) }),
         )
         .route("/1.0/vms", get(list).post(create))
+        .route("/1.0/metrics", get(metrics))
         .route("/1.0/vms/{name}", get(info).delete(delete))
         .route("/1.0/vms/{name}/state", put(state))
         .route("/1.0/vms/{name}/console", get(console))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "no such route: see /1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state and /1.0/vms/NAME/console".into(),
+                "no such route: see /1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAME/console and /1.0/metrics".into(),
                 None,
             )
         })
@@ -103,6 +104,13 @@ async fn blocking<T: Send + 'static>(
 
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// Prometheus text format (not the JSON envelope: scrapers expect the bare text).
+async fn metrics(State(d): State<App>) -> Result<Response, OpError> {
+    let text = blocking(move || d.metrics()).await?;
+    let ctype = "text/plain; version=0.0.4; charset=utf-8";
+    Ok(([(axum::http::header::CONTENT_TYPE, ctype)], text).into_response())
 }
 
 async fn list(State(d): State<App>) -> Result<Response, OpError> {

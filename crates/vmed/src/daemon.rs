@@ -153,6 +153,11 @@ impl Daemon {
         Ok(lock(&self.store).list()?)
     }
 
+    pub fn metrics(&self) -> Result<String, OpError> {
+        let vms = self.list()?;
+        Ok(crate::metrics::render(&vms, self.cfg.host, self.cfg.ratios))
+    }
+
     pub fn get(&self, name: &str) -> Result<VmRecord, OpError> {
         validate::name(name).map_err(OpError::BadRequest)?;
         Ok(lock(&self.store).get(name)?)

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod api;
 pub mod daemon;
 pub mod lifecycle;
+pub mod metrics;
 pub mod reconcile;
 pub mod store;
 pub mod validate;

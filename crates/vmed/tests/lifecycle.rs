@@ -116,6 +116,21 @@ fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
     (code, json)
 }
 
+/// A GET whose reply is text (the metrics).
+fn http_text(socket: &Path, path: &str) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
 fn act(d: &Vmed, name: &str, action: &str) -> (u16, Value) {
     let body = json!({ "action": action }).to_string();
     http(&d.socket, "PUT", &format!("/1.0/vms/{name}/state"), &body)
@@ -185,6 +200,11 @@ fn riscv64_vm_lifecycle_over_the_api() {
     let (code, v) = act(&d, "r1", "start");
     assert_eq!(code, 200, "{v}");
     assert_eq!(state_of(&d, "r1"), "running");
+    let metrics = http_text(&d.socket, "/1.0/metrics");
+    assert!(
+        metrics.contains("vme_vms{state=\"running\"} 1"),
+        "{metrics}"
+    );
     let (code, v) = http(&d.socket, "DELETE", "/1.0/vms/r1", "");
     assert_eq!(code, 409, "a running VM cannot be deleted: {v}");
     assert_eq!(v["metadata"]["state"], "running");

@@ -196,6 +196,19 @@ fn riscv64_vm_lifecycle_over_the_api() {
     assert_eq!(code, 404);
     let (code, v) = http(&d.socket, "PUT", "/1.0/vms/r1/state", r#"{"action":"fly"}"#);
     assert_eq!(code, 400, "{v}");
+    let (code, v) = http(
+        &d.socket,
+        "PUT",
+        "/1.0/vms/r1/state",
+        r#"{"action":"start","forse":true}"#,
+    );
+    assert_eq!(code, 400, "an unknown field is refused, not ignored: {v}");
+    assert!(v["error"].as_str().unwrap().contains("forse"), "{v}");
+    let (code, v) = http(&d.socket, "GET", "/1.0/nothing", "");
+    assert_eq!((code, v["type"].as_str()), (404, Some("error")), "{v}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "the API socket's mode");
 
     let (code, v) = act(&d, "r1", "start");
     assert_eq!(code, 200, "{v}");

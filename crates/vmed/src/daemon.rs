@@ -347,13 +347,14 @@ impl Daemon {
                 ))
             })?;
         let pid = child.id();
+        // Recorded so a restarted daemon can find the monitor again (a failure here only
+        // costs that, so it does not fail the start); before the waiter starts, so that an
+        // immediate exit's pid 0 is the last word.
+        let _ = lock(&self.store).set_pid(name, pid);
         self.watch(name, pid);
         let me = Arc::clone(self);
         let n = name.to_string();
         std::thread::spawn(move || me.supervise(n, child, log));
-        // Recorded so a restarted daemon can find the monitor again; a failure here only
-        // costs that, so it does not fail the start.
-        let _ = lock(&self.store).set_pid(name, pid);
 
         let deadline = Instant::now() + START_TIMEOUT;
         loop {

@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod lifecycle;
 pub mod metrics;
 pub mod reconcile;
+pub mod settings;
 pub mod store;
 pub mod validate;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use vmed::admission::{Host, Ratios};
 use vmed::daemon::{Config, Daemon};
+use vmed::settings::Layer;
 use vmed::store::SqliteStore;
 
 #[derive(Parser, Debug)]
@@ -16,41 +17,51 @@ use vmed::store::SqliteStore;
     about = "The vme daemon: manages VMs behind a REST API on a Unix socket"
 )]
 struct Args {
-    /// The API's Unix socket (mode 0660).
-    #[arg(long, default_value = "/run/vme/vme.sock")]
-    socket: PathBuf,
-    /// The group that may use the API socket (its mode is 0660). Skipped with a note when
-    /// the default group `vme` does not exist.
+    /// A TOML file with any of the settings below (snake_case keys); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The API's Unix socket, mode 0660 (default /run/vme/vme.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The group that may use the API socket. Default: vme, skipped with a note when that
+    /// group does not exist.
     #[arg(long)]
     group: Option<String>,
-    /// Where the state database and each VM's files live.
-    #[arg(long, default_value = "/var/lib/vme")]
-    state_dir: PathBuf,
+    /// Where the state database and each VM's files live (default /var/lib/vme).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// The monitor binary (default: vme-vmm next to vmed).
     #[arg(long)]
     vmm: Option<PathBuf>,
-    /// Seconds a guest has to power off after the ACPI power button before it is stopped.
-    #[arg(long, default_value_t = 30)]
-    stop_timeout: u64,
-    /// vCPUs the VMs may be given per host CPU, in all.
-    #[arg(long, default_value_t = 4.0)]
-    cpu_overcommit: f64,
-    /// Guest memory the VMs may be given per byte of host memory, in all.
-    #[arg(long, default_value_t = 1.0)]
-    memory_overcommit: f64,
+    /// Seconds a guest has to power off after the ACPI power button before it is stopped
+    /// (default 30).
+    #[arg(long)]
+    stop_timeout: Option<u64>,
+    /// vCPUs the VMs may be given per host CPU, in all (default 4).
+    #[arg(long)]
+    cpu_overcommit: Option<f64>,
+    /// Guest memory the VMs may be given per byte of host memory, in all (default 1).
+    #[arg(long)]
+    memory_overcommit: Option<f64>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    for (flag, r) in [
-        ("--cpu-overcommit", args.cpu_overcommit),
-        ("--memory-overcommit", args.memory_overcommit),
-    ] {
-        if !(r.is_finite() && r > 0.0 && r <= 100.0) {
-            bail!("{flag} {r} is out of range: give a ratio above 0 and at most 100, like 1.5");
-        }
-    }
-    let vmm = match args.vmm {
+    let flags = Layer {
+        socket: args.socket,
+        group: args.group,
+        state_dir: args.state_dir,
+        vmm: args.vmm,
+        stop_timeout: args.stop_timeout,
+        cpu_overcommit: args.cpu_overcommit,
+        memory_overcommit: args.memory_overcommit,
+    };
+    let file = match &args.config {
+        Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
+        None => Layer::default(),
+    };
+    let settings = flags.over(file).settle().map_err(anyhow::Error::msg)?;
+    let vmm = match settings.vmm {
         Some(p) => p,
         None => std::env::current_exe()
             .context("cannot find the vmed binary's directory: pass --vmm PATH")?
@@ -62,34 +73,34 @@ fn main() -> Result<()> {
             vmm.display()
         );
     }
-    std::fs::create_dir_all(args.state_dir.join("vms")).with_context(|| {
+    std::fs::create_dir_all(settings.state_dir.join("vms")).with_context(|| {
         format!(
             "cannot create the state dir {}: create it or choose another with --state-dir",
-            args.state_dir.display()
+            settings.state_dir.display()
         )
     })?;
     // VM specs name host files and sockets: only the daemon's user may look inside.
-    std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot set the mode of {}", args.state_dir.display()))?;
-    let db = args.state_dir.join("vmed.db");
+    std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set the mode of {}", settings.state_dir.display()))?;
+    let db = settings.state_dir.join("vmed.db");
     let store = SqliteStore::open(&db)
         .with_context(|| format!("cannot open the state database {}", db.display()))?;
     let cfg = Config {
-        state_dir: args.state_dir,
+        state_dir: settings.state_dir,
         vmm,
-        stop_timeout: Duration::from_secs(args.stop_timeout),
+        stop_timeout: Duration::from_secs(settings.stop_timeout),
         host: Host::probe(),
         ratios: Ratios {
-            cpu: args.cpu_overcommit,
-            memory: args.memory_overcommit,
+            cpu: settings.cpu_overcommit,
+            memory: settings.memory_overcommit,
         },
     };
     let daemon = Daemon::new(cfg, Box::new(store)).context("cannot read the state database")?;
 
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let listener = bind(&args.socket, args.group.as_deref())?;
-        eprintln!("vmed: serving on {}", args.socket.display());
+        let listener = bind(&settings.socket, settings.group.as_deref())?;
+        eprintln!("vmed: serving on {}", settings.socket.display());
         axum::serve(listener, vmed::api::router(daemon))
             .with_graceful_shutdown(shutdown())
             .await

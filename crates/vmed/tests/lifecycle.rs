@@ -469,8 +469,15 @@ fn concurrent_vms() {
 #[test]
 fn admission_names_the_numbers() {
     let cpus = std::thread::available_parallelism().unwrap().get();
-    let ratio = format!("{}", 1.5 / cpus as f64);
-    let d = start_vmed_with("admission", &["--cpu-overcommit".into(), ratio]);
+    // Through a config file, to test that path too.
+    let config =
+        std::env::temp_dir().join(format!("vmed-test-{}-admission.toml", std::process::id()));
+    std::fs::write(&config, format!("cpu_overcommit = {}\n", 1.5 / cpus as f64)).unwrap();
+    let d = start_vmed_with(
+        "admission",
+        &["--config".into(), config.display().to_string()],
+    );
+    std::fs::remove_file(&config).unwrap();
     let create = |name: &str, vcpus: u32| {
         let body = json!({"name": name, "arch": "riscv64", "kernel": image("Image"),
                           "initrd": image("initramfs.cpio"), "memory": "128M", "vcpus": vcpus});

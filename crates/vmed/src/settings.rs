@@ -1,0 +1,152 @@
+//! The daemon's settings: flags, over an optional TOML file (`vmed --config FILE`, same keys
+//! as the flags in snake_case), over the defaults.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_SOCKET: &str = "/run/vme/vme.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vme";
+
+/// Every setting, each optional: one layer (the flags, or the file).
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub socket: Option<PathBuf>,
+    pub group: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub vmm: Option<PathBuf>,
+    pub stop_timeout: Option<u64>,
+    pub cpu_overcommit: Option<f64>,
+    pub memory_overcommit: Option<f64>,
+}
+
+/// The settings in force.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub socket: PathBuf,
+    /// None: the group `vme` if it exists.
+    pub group: Option<String>,
+    pub state_dir: PathBuf,
+    /// None: `vme-vmm` next to `vmed`.
+    pub vmm: Option<PathBuf>,
+    pub stop_timeout: u64,
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+}
+
+impl Layer {
+    /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
+    pub fn from_file(path: &Path) -> Result<Layer, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            format!(
+                "invalid config file {}: {e}; its keys are socket, group, state_dir, vmm, \
+                 stop_timeout, cpu_overcommit, memory_overcommit",
+                path.display()
+            )
+        })
+    }
+
+    /// `self` where set, else `below`.
+    pub fn over(self, below: Layer) -> Layer {
+        Layer {
+            socket: self.socket.or(below.socket),
+            group: self.group.or(below.group),
+            state_dir: self.state_dir.or(below.state_dir),
+            vmm: self.vmm.or(below.vmm),
+            stop_timeout: self.stop_timeout.or(below.stop_timeout),
+            cpu_overcommit: self.cpu_overcommit.or(below.cpu_overcommit),
+            memory_overcommit: self.memory_overcommit.or(below.memory_overcommit),
+        }
+    }
+
+    /// Fills in the defaults and checks the values.
+    pub fn settle(self) -> Result<Settings, String> {
+        let s = Settings {
+            socket: self.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            group: self.group,
+            state_dir: self.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            vmm: self.vmm,
+            stop_timeout: self.stop_timeout.unwrap_or(30),
+            cpu_overcommit: self.cpu_overcommit.unwrap_or(4.0),
+            memory_overcommit: self.memory_overcommit.unwrap_or(1.0),
+        };
+        for (key, r) in [
+            ("cpu_overcommit", s.cpu_overcommit),
+            ("memory_overcommit", s.memory_overcommit),
+        ] {
+            if !(r.is_finite() && r > 0.0 && r <= 100.0) {
+                return Err(format!(
+                    "{key} {r} is out of range: give a ratio above 0 and at most 100, like 1.5"
+                ));
+            }
+        }
+        if s.stop_timeout > 3600 {
+            return Err(format!(
+                "stop_timeout {} s is over an hour: give at most 3600",
+                s.stop_timeout
+            ));
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let s = Layer::default().settle().unwrap();
+        assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(
+            (s.stop_timeout, s.cpu_overcommit, s.memory_overcommit),
+            (30, 4.0, 1.0)
+        );
+    }
+
+    #[test]
+    fn flags_over_file_over_defaults() {
+        let file: Layer =
+            toml::from_str("state_dir = \"/srv/vme\"\nstop_timeout = 10\ncpu_overcommit = 2.5")
+                .unwrap();
+        let flags = Layer {
+            stop_timeout: Some(5),
+            ..Layer::default()
+        };
+        let s = flags.over(file).settle().unwrap();
+        assert_eq!(s.state_dir, PathBuf::from("/srv/vme"));
+        assert_eq!((s.stop_timeout, s.cpu_overcommit), (5, 2.5));
+        assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn bad_files_and_values() {
+        assert!(toml::from_str::<Layer>("stat_dir = \"/x\"").is_err());
+        assert!(toml::from_str::<Layer>("stop_timeout = \"soon\"").is_err());
+        for l in [
+            Layer {
+                cpu_overcommit: Some(0.0),
+                ..Layer::default()
+            },
+            Layer {
+                memory_overcommit: Some(f64::NAN),
+                ..Layer::default()
+            },
+            Layer {
+                stop_timeout: Some(100_000),
+                ..Layer::default()
+            },
+        ] {
+            assert!(l.settle().is_err());
+        }
+        let e = Layer::from_file(Path::new("/nonexistent/vmed.toml")).unwrap_err();
+        assert!(e.contains("cannot read"), "{e}");
+        // The example shipped beside the unit parses and says the defaults.
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/vmed.toml");
+        let s = Layer::from_file(&example).unwrap().settle().unwrap();
+        assert_eq!(s, Layer::default().settle().unwrap());
+    }
+}

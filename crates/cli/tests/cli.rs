@@ -15,6 +15,18 @@ impl Drop for Vmed {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Monitors outlive the daemon by design: end any a failed test left behind (their
+        // command lines name machine files under this test's dir).
+        let dir = self.dir.to_string_lossy().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let pid = e.file_name().to_string_lossy().to_string();
+            if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
+                && String::from_utf8_lossy(&cmdline).contains(&dir)
+            {
+                let _ = Command::new("kill").args(["-9", &pid]).status();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

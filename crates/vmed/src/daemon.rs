@@ -184,7 +184,9 @@ impl Daemon {
             .host
             .admits(self.cfg.ratios, load(&spec))
             .map_err(OpError::BadRequest)?;
-        Ok(lock(&self.store).create(&req.name, &spec, req.restart_policy)?)
+        let vm = lock(&self.store).create(&req.name, &spec, req.restart_policy)?;
+        crate::crashpoint::hit("create:after-insert");
+        Ok(vm)
     }
 
     /// Checks `action` against the VM's state and, if allowed, records the state it begins in.
@@ -271,6 +273,7 @@ impl Daemon {
                 )));
             }
         }
+        crate::crashpoint::hit("delete:after-remove-files");
         Ok(lock(&self.store).delete(name)?)
     }
 
@@ -307,6 +310,7 @@ impl Daemon {
     /// Spawns the VM's monitor from its spec and waits until its control socket answers.
     fn start(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
         let vm = self.transition(name, Action::Start)?;
+        crate::crashpoint::hit("start:after-transition");
         let fail = |msg: String| -> OpError {
             let _ = self.set_state(name, State::Crashed, &msg);
             OpError::Failed(msg)
@@ -347,11 +351,13 @@ impl Daemon {
                 ))
             })?;
         let pid = child.id();
+        crate::crashpoint::hit("start:after-spawn");
         // Recorded so a restarted daemon can find the monitor again (a failure here only
         // costs that, so it does not fail the start); before the waiter starts, so that an
         // immediate exit's pid 0 is the last word.
         let _ = lock(&self.store).set_pid(name, pid);
         self.watch(name, pid);
+        crate::crashpoint::hit("start:after-pid");
         let me = Arc::clone(self);
         let n = name.to_string();
         std::thread::spawn(move || me.supervise(n, child, log));
@@ -384,6 +390,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        crate::crashpoint::hit("start:before-running");
         let mut store = lock(&self.store);
         // The monitor may have exited between its answer and now; the waiter recorded that.
         if store.get(name)?.state == State::Starting {
@@ -396,6 +403,7 @@ impl Daemon {
     /// `force`) the monitor's `stop`, then SIGKILL. Returns when the monitor has exited.
     fn stop(&self, name: &str, force: bool) -> Result<(), OpError> {
         let was = self.transition(name, Action::Stop)?.state;
+        crate::crashpoint::hit("stop:after-transition");
         // A paused guest cannot see the power button: asking it would only wait out the
         // timeout. A starting one may not have its ACPI driver yet: same.
         let force = force || was != State::Running;
@@ -415,6 +423,7 @@ impl Daemon {
             }
         }
         let _ = control::call(&path, &Request::Stop, CONTROL_TIMEOUT);
+        crate::crashpoint::hit("stop:after-request");
         if self.wait_exit(name, FORCE_TIMEOUT) {
             return Ok(());
         }
@@ -457,6 +466,9 @@ impl Daemon {
         {
             let mut store = lock(&self.store);
             if let Ok(vm) = store.get(name) {
+                if vm.state == State::Stopping {
+                    crate::crashpoint::hit("stop:after-exit");
+                }
                 let next = lifecycle::after_exit(vm.state, clean);
                 restart = vm
                     .restart_policy

@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod crashpoint;
 pub mod daemon;
 pub mod lifecycle;
 pub mod metrics;

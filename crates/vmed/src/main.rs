@@ -95,6 +95,7 @@ fn main() -> Result<()> {
             memory: settings.memory_overcommit,
         },
     };
+    vmed::crashpoint::check().map_err(anyhow::Error::msg)?;
     let daemon = Daemon::new(cfg, Box::new(store)).context("cannot read the state database")?;
 
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -410,11 +410,11 @@ fn a_killed_daemon_takes_down_no_vm() {
     }
 }
 
-/// Several VMs created and started at once all reach `running` and stop cleanly; two starts
+/// Twenty VMs created and started at once all reach `running` and stop cleanly; two starts
 /// of the same VM at once never both proceed.
 #[test]
 fn concurrent_vms() {
-    const N: usize = 8;
+    const N: usize = 20;
     // Room for them on any host: admission is tested on its own.
     let d = start_vmed_with("concurrent", &["--cpu-overcommit".into(), "100".into()]);
     let socket = d.socket.clone();

@@ -10,7 +10,6 @@ pub const POINTS: &[&str] = &[
     "create:after-insert",
     "start:after-transition",
     "start:after-spawn",
-    "start:after-pid",
     "start:before-running",
     "stop:after-transition",
     "stop:after-request",

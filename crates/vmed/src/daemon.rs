@@ -352,12 +352,9 @@ impl Daemon {
             })?;
         let pid = child.id();
         crate::crashpoint::hit("start:after-spawn");
-        // Recorded so a restarted daemon can find the monitor again (a failure here only
-        // costs that, so it does not fail the start); before the waiter starts, so that an
-        // immediate exit's pid 0 is the last word.
-        let _ = lock(&self.store).set_pid(name, pid);
+        // The pid is recorded with `running`, in one flush: a daemon that dies before then
+        // finds the monitor by its machine file (see reconcile).
         self.watch(name, pid);
-        crate::crashpoint::hit("start:after-pid");
         let me = Arc::clone(self);
         let n = name.to_string();
         std::thread::spawn(move || me.supervise(n, child, log));
@@ -388,13 +385,14 @@ impl Daemon {
                     dir.join("monitor.log").display()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // A riscv64 monitor answers within tens of milliseconds: poll finely.
+            std::thread::sleep(Duration::from_millis(5));
         }
         crate::crashpoint::hit("start:before-running");
         let mut store = lock(&self.store);
         // The monitor may have exited between its answer and now; the waiter recorded that.
         if store.get(name)?.state == State::Starting {
-            store.set_state(name, State::Running, "")?;
+            store.set_state_and_pid(name, State::Running, "", pid)?;
         }
         Ok(())
     }
@@ -478,8 +476,7 @@ impl Daemon {
                 } else {
                     String::new()
                 };
-                let _ = store.set_state(name, next, &reason);
-                let _ = store.set_pid(name, 0);
+                let _ = store.set_state_and_pid(name, next, &reason, 0);
             }
         }
         let started = lock(&self.monitors).remove(name).map(|m| m.since);

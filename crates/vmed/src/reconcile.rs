@@ -64,9 +64,7 @@ fn settle_without_monitor(
             format!("vmed restarted while the VM was {s}; {why}"),
         ),
     };
-    let mut store = d.store();
-    store.set_state(&vm.name, state, &reason)?;
-    store.set_pid(&vm.name, 0)
+    d.store().set_state_and_pid(&vm.name, state, &reason, 0)
 }
 
 /// A running monitor started with `--config MACHINE`: the one a start spawned just before
@@ -109,13 +107,9 @@ fn adopt(d: &Arc<Daemon>, vm: &VmRecord) -> Result<(), String> {
         (_, Some(RunState::Paused)) => State::Paused,
         _ => State::Running,
     };
-    {
-        let mut store = d.store();
-        store
-            .set_state(name, state, "")
-            .map_err(|e| e.to_string())?;
-        store.set_pid(name, pid).map_err(|e| e.to_string())?;
-    }
+    d.store()
+        .set_state_and_pid(name, state, "", pid)
+        .map_err(|e| e.to_string())?;
     d.watch(name, pid);
     let (d, name) = (Arc::clone(d), name.to_string());
     std::thread::spawn(move || {

@@ -55,6 +55,15 @@ pub trait Store: Send {
     fn delete(&mut self, name: &str) -> Result<(), StoreError>;
     /// Records the pid of the VM's monitor (0 when it has none).
     fn set_pid(&mut self, name: &str, pid: u32) -> Result<(), StoreError>;
+    /// [`Store::set_state`] and [`Store::set_pid`] in one change (one disk flush, and never
+    /// a state without its pid).
+    fn set_state_and_pid(
+        &mut self,
+        name: &str,
+        state: State,
+        reason: &str,
+        pid: u32,
+    ) -> Result<(), StoreError>;
 }
 
 /// Schema migrations, applied in order; `schema_version` records how many ran. Never edit
@@ -235,6 +244,23 @@ impl Store for SqliteStore {
         let n = self
             .conn
             .execute("DELETE FROM vms WHERE name = ?1", [name])?;
+        if n == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        Ok(())
+    }
+
+    fn set_state_and_pid(
+        &mut self,
+        name: &str,
+        state: State,
+        reason: &str,
+        pid: u32,
+    ) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE vms SET state = ?2, reason = ?3, pid = ?4, updated_at = ?5 WHERE name = ?1",
+            params![name, state.as_str(), reason, pid, now()],
+        )?;
         if n == 0 {
             return Err(StoreError::NotFound(name.into()));
         }

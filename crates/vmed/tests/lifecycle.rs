@@ -630,7 +630,6 @@ fn a_daemon_killed_at_any_point_leaves_every_vm_explained() {
         "create:after-insert",
         "start:after-transition",
         "start:after-spawn",
-        "start:after-pid",
         "start:before-running",
         "stop:after-transition",
         "stop:after-request",

@@ -16,3 +16,5 @@ echo "# snapshots: size, time, restore to running and to a guest that answers (r
 python3 bench/snapshot.py
 echo "# live migration: riscv64 1 GiB guest on loopback, idle and dirtying (total, downtime)" >&2
 python3 bench/migrate.py
+echo "# the daemon: create->running for 20 VMs at once vs monitors started by hand, list of 1,000, RSS" >&2
+python3 bench/vmed.py

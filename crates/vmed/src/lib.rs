@@ -6,8 +6,10 @@
 pub mod admission;
 pub mod api;
 pub mod daemon;
+pub mod events;
 pub mod lifecycle;
 pub mod metrics;
+pub mod operations;
 pub mod reconcile;
 pub mod settings;
 pub mod store;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use vme_api::control::{self, Request, RunState};
 
 pub fn run(d: &Arc<Daemon>) -> Result<(), StoreError> {
+    let _doing = crate::events::doing("reconcile");
     let vms = d.store().list()?;
     for vm in vms.into_iter().filter(|vm| vm.state.has_monitor()) {
         if let Err(why) = adopt(d, &vm) {

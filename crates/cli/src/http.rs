@@ -144,4 +144,58 @@ mod tests {
         assert!(parse(b"garbage").is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nab").is_err());
     }
+
+    /// Serves one canned reply on a fresh socket; returns its path.
+    fn serve(reply: &'static [u8]) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vme-http-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = [0; 1024];
+            let _ = s.read(&mut req);
+            s.write_all(reply).unwrap();
+        });
+        path
+    }
+
+    #[test]
+    fn streamed_lines() {
+        // Lines split across chunks, two in one chunk, a final empty chunk.
+        let p = serve(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              4\r\n{\"a\"\r\n7\r\n:1}\n{}\n\r\n3\r\n[]\n\r\n0\r\n\r\n",
+        );
+        let mut got = Vec::new();
+        let end = stream_lines(&p, "/1.0/events", |l| {
+            got.push(l.to_string());
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(end, None);
+        assert_eq!(got, ["{\"a\":1}", "{}", "[]"]);
+
+        // The reader may stop early.
+        let p = serve(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\na\nb\n\r\n");
+        let mut n = 0;
+        stream_lines(&p, "/", |_| {
+            n += 1;
+            Ok(false)
+        })
+        .unwrap();
+        assert_eq!(n, 1);
+
+        // An error reply comes back whole.
+        let p = serve(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n{}");
+        let r = stream_lines(&p, "/", |_| Ok(true)).unwrap();
+        assert_eq!(r, Some((400, "{}".to_string())));
+    }
 }

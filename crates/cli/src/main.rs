@@ -313,10 +313,9 @@ fn run(cli: Cli) -> Result<()> {
                 Some(t) => api.call("GET", &format!("{path}/wait?timeout={t}"), None)?,
                 None => api.call("GET", &path, None)?,
             };
-            let op = if op["status"] == "Running" && timeout.is_none() {
-                api.wait(&op)?
-            } else {
-                op
+            let op = match timeout {
+                None => api.wait_end(&op)?,
+                Some(_) => op,
             };
             print(format, &op)?;
             match op["status"].as_str() {
@@ -388,9 +387,23 @@ impl Api {
         reply(code, &text)
     }
 
-    /// Waits for an operation (as the daemon returned it) to end, with a spinner naming it
-    /// and the time spent on a terminal; returns it when it succeeded, its error otherwise.
+    /// Waits for an operation (as the daemon returned it) to end; returns it when it
+    /// succeeded, its error otherwise.
     fn wait(&self, op: &Value) -> Result<Value> {
+        let op = self.wait_end(op)?;
+        match op["status"].as_str() {
+            Some("Success") => Ok(op),
+            _ => bail!(
+                "{} (operation {})",
+                op["err"].as_str().unwrap_or("the operation failed"),
+                op["id"].as_str().unwrap_or("?")
+            ),
+        }
+    }
+
+    /// Waits for an operation to end, with a spinner naming it and the time spent on a
+    /// terminal (nothing otherwise); returns it as it ended.
+    fn wait_end(&self, op: &Value) -> Result<Value> {
         let id = op["id"]
             .as_str()
             .context("vmed returned an operation without an id")?;
@@ -416,13 +429,7 @@ impl Api {
         if let Some(p) = spinner {
             p.finish_and_clear();
         }
-        match op["status"].as_str() {
-            Some("Success") => Ok(op),
-            _ => bail!(
-                "{} (operation {id})",
-                op["err"].as_str().unwrap_or("the operation failed")
-            ),
-        }
+        Ok(op)
     }
 
     /// Prints the event stream at `path` until the daemon ends it.

@@ -114,22 +114,35 @@ impl Drop for BusyGuard {
 pub struct Task {
     pub op: Arc<Op>,
     work: Box<dyn FnOnce() -> Result<Value, OpError> + Send>,
+    _unfinished: Unfinished,
+}
+
+/// Ends a task's operation as failed if the task is dropped before it ends (its work
+/// panicked, or never ran because vmed is shutting down). A normal end comes first and wins:
+/// only an operation's first end counts.
+struct Unfinished(Arc<Op>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        self.0.finish(Err(
+            "the operation ended unexpectedly (vmed failed or is shutting down); see the \
+             daemon's log, then check the VM's state"
+                .into(),
+        ));
+    }
 }
 
 impl Task {
+    fn new(op: Arc<Op>, work: impl FnOnce() -> Result<Value, OpError> + Send + 'static) -> Task {
+        Task {
+            _unfinished: Unfinished(Arc::clone(&op)),
+            op,
+            work: Box::new(work),
+        }
+    }
+
     /// Does the work and records its end in the operation; returns what the work returned.
     pub fn run(self) -> Result<Value, OpError> {
-        /// Ends the operation as failed if the work panics (a normal end comes first and
-        /// wins: only an operation's first end counts).
-        struct Unwound(Arc<Op>);
-        impl Drop for Unwound {
-            fn drop(&mut self) {
-                self.0.finish(Err(
-                    "the operation failed unexpectedly; see the daemon's log".into(),
-                ));
-            }
-        }
-        let _unwound = Unwound(Arc::clone(&self.op));
         let r = (self.work)();
         self.op
             .finish(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
@@ -267,10 +280,7 @@ impl Daemon {
             let vm = lock(&me.store).create(&req.name, &spec, req.restart_policy)?;
             Ok(serde_json::to_value(vm).unwrap_or(Value::Null))
         };
-        Ok(Task {
-            op,
-            work: Box::new(work),
-        })
+        Ok(Task::new(op, work))
     }
 
     /// Whether the host has room to start `vm` next to the VMs that have a monitor.
@@ -379,10 +389,7 @@ impl Daemon {
             me.act_now(&name, action, force)?;
             Ok(serde_json::to_value(me.get(&name)?).unwrap_or(Value::Null))
         };
-        Ok(Task {
-            op,
-            work: Box::new(work),
-        })
+        Ok(Task::new(op, work))
     }
 
     /// Carries out a checked state action, the VM marked busy.
@@ -425,10 +432,7 @@ impl Daemon {
             me.delete_now(&name)?;
             Ok(json!({}))
         };
-        Ok(Task {
-            op,
-            work: Box::new(work),
-        })
+        Ok(Task::new(op, work))
     }
 
     fn delete_now(&self, name: &str) -> Result<(), OpError> {
@@ -740,4 +744,38 @@ pub fn vm_dir(state_dir: &Path, name: &str) -> PathBuf {
 
 pub fn control_path(state_dir: &Path, name: &str) -> PathBuf {
     vm_dir(state_dir, name).join("control.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operations::Status;
+
+    #[test]
+    fn a_task_always_ends_its_operation() {
+        let ops = Operations::new(Events::new());
+        let op = ops.begin("ok".into(), "a");
+        let r = Task::new(Arc::clone(&op), || Ok(json!({"state": "running"}))).run();
+        assert_eq!(r.unwrap(), json!({"state": "running"}));
+        assert_eq!(op.view().status, Status::Success);
+        assert_eq!(op.view().metadata, json!({"state": "running"}));
+
+        let op = ops.begin("refused".into(), "a");
+        let r = Task::new(Arc::clone(&op), || Err(OpError::Failed("no room".into()))).run();
+        assert!(r.is_err());
+        assert_eq!(
+            (op.view().status, op.view().err),
+            (Status::Failure, "no room".into())
+        );
+
+        // Never run (vmed shutting down), or its work panicked: failed, not running forever.
+        let op = ops.begin("dropped".into(), "a");
+        drop(Task::new(Arc::clone(&op), || Ok(Value::Null)));
+        assert_eq!(op.view().status, Status::Failure);
+        let op = ops.begin("panicked".into(), "a");
+        let task = Task::new(Arc::clone(&op), || panic!("a bug"));
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.run())).is_err());
+        assert_eq!(op.view().status, Status::Failure);
+        assert!(op.view().err.contains("see the daemon's log"));
+    }
 }

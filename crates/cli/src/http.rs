@@ -1,7 +1,7 @@
 //! Just enough HTTP/1.1 to talk to vmed over its Unix socket: one request per connection
 //! (`Connection: close`), a body read to the end. The CLI needs no async runtime for that.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -22,6 +22,71 @@ pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> io::Resul
     let mut reply = Vec::new();
     s.read_to_end(&mut reply)?;
     parse(&reply)
+}
+
+/// Sends one GET whose reply is a stream of lines (chunked, as `/1.0/events` sends them)
+/// and hands each line to `line` until it returns false or the daemon ends the stream. No
+/// timeout: a stream may be quiet for long. A reply that is no stream (an error) comes back
+/// whole, as `Some((code, body))`.
+pub fn stream_lines(
+    socket: &Path,
+    path: &str,
+    mut line: impl FnMut(&str) -> io::Result<bool>,
+) -> io::Result<Option<(u16, String)>> {
+    let mut s = UnixStream::connect(socket)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut r = io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l)? == 0 {
+            return Err(bad("the reply has no end of headers"));
+        }
+        if l == "\r\n" {
+            break;
+        }
+        head.push_str(&l);
+    }
+    let code: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("the reply has no status code"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if code != 200 || !chunked {
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest)?;
+        let mut whole = format!("{head}\r\n").into_bytes();
+        whole.extend(rest);
+        return parse(&whole).map(Some);
+    }
+    let mut pending = Vec::new();
+    loop {
+        let mut size = String::new();
+        if r.read_line(&mut size)? == 0 {
+            return Ok(None);
+        }
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("bad chunk size"))?;
+        if size == 0 {
+            return Ok(None);
+        }
+        let mut chunk = vec![0; size + 2];
+        r.read_exact(&mut chunk)?;
+        pending.extend_from_slice(&chunk[..size]);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let l: Vec<u8> = pending.drain(..=end).collect();
+            if !line(String::from_utf8_lossy(&l[..end]).trim_end())? {
+                return Ok(None);
+            }
+        }
+    }
 }
 
 fn bad(msg: &str) -> io::Error {
@@ -78,5 +143,59 @@ mod tests {
         assert_eq!(parse(r).unwrap(), (200, "{\"a\":1}".into()));
         assert!(parse(b"garbage").is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nab").is_err());
+    }
+
+    /// Serves one canned reply on a fresh socket; returns its path.
+    fn serve(reply: &'static [u8]) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vme-http-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = [0; 1024];
+            let _ = s.read(&mut req);
+            s.write_all(reply).unwrap();
+        });
+        path
+    }
+
+    #[test]
+    fn streamed_lines() {
+        // Lines split across chunks, two in one chunk, a final empty chunk.
+        let p = serve(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              4\r\n{\"a\"\r\n7\r\n:1}\n{}\n\r\n3\r\n[]\n\r\n0\r\n\r\n",
+        );
+        let mut got = Vec::new();
+        let end = stream_lines(&p, "/1.0/events", |l| {
+            got.push(l.to_string());
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(end, None);
+        assert_eq!(got, ["{\"a\":1}", "{}", "[]"]);
+
+        // The reader may stop early.
+        let p = serve(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\na\nb\n\r\n");
+        let mut n = 0;
+        stream_lines(&p, "/", |_| {
+            n += 1;
+            Ok(false)
+        })
+        .unwrap();
+        assert_eq!(n, 1);
+
+        // An error reply comes back whole.
+        let p = serve(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n{}");
+        let r = stream_lines(&p, "/", |_| Ok(true)).unwrap();
+        assert_eq!(r, Some((400, "{}".to_string())));
     }
 }

@@ -5,12 +5,20 @@
 //!
 //! Blocking by design (process waits, control-socket calls): the HTTP layer runs these on
 //! tokio's blocking pool.
+//!
+//! Each long action is an [`Operation`](crate::operations): checked first (a refusal is an
+//! error then, before any operation exists), then carried out as a [`Task`] that records its
+//! end in the operation. Every store write goes through [`Published`], so every state change
+//! is a lifecycle event on [`Daemon::events`].
 
 use crate::admission::{Host, Load, Ratios};
+use crate::events::{self, Events, Published};
 use crate::lifecycle::{self, Action, Illegal, State};
+use crate::operations::{Op, Operations};
 use crate::store::{Store, StoreError, VmRecord};
 use crate::validate;
-use std::collections::{HashMap, HashSet};
+use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
@@ -78,22 +86,81 @@ pub struct Daemon {
     /// and signals `exited`.
     monitors: Mutex<HashMap<String, Monitor>>,
     exited: Condvar,
-    /// VMs with an operation in progress: one at a time per VM, so two starts cannot race.
-    busy: Mutex<HashSet<String>>,
+    /// VMs with an operation in progress, with what it does: one at a time per VM, so two
+    /// starts cannot race.
+    busy: Arc<Mutex<HashMap<String, &'static str>>>,
     /// Automatic restarts in a row, per VM (for the backoff).
     restarts: Mutex<HashMap<String, u32>>,
+    /// Lifecycle and operation events (`GET /1.0/events`).
+    pub events: Events,
+    /// The operations running and recently ended (`GET /1.0/operations`).
+    pub ops: Operations,
 }
 
-/// Marks a VM busy for the length of an operation.
-struct BusyGuard<'a> {
-    daemon: &'a Daemon,
+/// Marks a VM busy for the length of an operation (it may move to another thread with it).
+struct BusyGuard {
+    busy: Arc<Mutex<HashMap<String, &'static str>>>,
     name: String,
 }
 
-impl Drop for BusyGuard<'_> {
+impl Drop for BusyGuard {
     fn drop(&mut self) {
-        lock(&self.daemon.busy).remove(&self.name);
+        lock(&self.busy).remove(&self.name);
     }
+}
+
+/// A long action, checked and made an operation, to be carried out (blocking) by
+/// [`Task::run`]: at once for a synchronous request, in the background for `?async=true`.
+pub struct Task {
+    pub op: Arc<Op>,
+    work: Box<dyn FnOnce() -> Result<Value, OpError> + Send>,
+    _unfinished: Unfinished,
+}
+
+/// Ends a task's operation as failed if the task is dropped before it ends (its work
+/// panicked, or never ran because vmed is shutting down). A normal end comes first and wins:
+/// only an operation's first end counts.
+struct Unfinished(Arc<Op>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        self.0.finish(Err(
+            "the operation ended unexpectedly (vmed failed or is shutting down); see the \
+             daemon's log, then check the VM's state"
+                .into(),
+        ));
+    }
+}
+
+impl Task {
+    fn new(op: Arc<Op>, work: impl FnOnce() -> Result<Value, OpError> + Send + 'static) -> Task {
+        Task {
+            _unfinished: Unfinished(Arc::clone(&op)),
+            op,
+            work: Box::new(work),
+        }
+    }
+
+    /// Does the work and records its end in the operation; returns what the work returned.
+    pub fn run(self) -> Result<Value, OpError> {
+        let r = (self.work)();
+        self.op
+            .finish(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
+        r
+    }
+}
+
+/// What an operation carrying out `action` is called.
+fn describe_action(action: Action, name: &str) -> String {
+    let verb = match action {
+        Action::Start => "Starting",
+        Action::Stop => "Stopping",
+        Action::Pause => "Pausing",
+        Action::Resume => "Resuming",
+        Action::Restart => "Restarting",
+        Action::Delete => "Deleting",
+    };
+    format!("{verb} VM {name}")
 }
 
 /// Locks a mutex even if a thread panicked holding it: the data are simple records whose
@@ -106,13 +173,16 @@ impl Daemon {
     /// Takes over the store and reconciles it with the monitors that still run (see
     /// [`crate::reconcile`]): a daemon's restart takes down no VM.
     pub fn new(cfg: Config, store: Box<dyn Store>) -> Result<Arc<Daemon>, StoreError> {
+        let events = Events::new();
         let daemon = Arc::new(Daemon {
             cfg,
-            store: Mutex::new(store),
+            store: Mutex::new(Box::new(Published::new(store, events.clone()))),
             monitors: Mutex::new(HashMap::new()),
             exited: Condvar::new(),
-            busy: Mutex::new(HashSet::new()),
+            busy: Arc::new(Mutex::new(HashMap::new())),
             restarts: Mutex::new(HashMap::new()),
+            ops: Operations::new(events.clone()),
+            events,
         });
         crate::reconcile::run(&daemon)?;
         Ok(daemon)
@@ -139,12 +209,16 @@ impl Daemon {
         );
     }
 
-    fn begin(&self, name: &str) -> Result<BusyGuard<'_>, OpError> {
-        if !lock(&self.busy).insert(name.to_string()) {
+    /// Marks the VM busy with `what` (the `action` of the lifecycle events its monitor's
+    /// exit publishes meanwhile), unless it already is.
+    fn begin(&self, name: &str, what: &'static str) -> Result<BusyGuard, OpError> {
+        let mut busy = lock(&self.busy);
+        if busy.contains_key(name) {
             return Err(OpError::Busy(name.into()));
         }
+        busy.insert(name.to_string(), what);
         Ok(BusyGuard {
-            daemon: self,
+            busy: Arc::clone(&self.busy),
             name: name.into(),
         })
     }
@@ -178,15 +252,54 @@ impl Daemon {
         }
     }
 
-    pub fn create(&self, req: &validate::CreateVm) -> Result<VmRecord, OpError> {
-        let spec = validate::create(req).map_err(OpError::BadRequest)?;
+    /// Creates a VM (blocking; see [`Self::create_task`]).
+    pub fn create(self: &Arc<Self>, req: &validate::CreateVm) -> Result<VmRecord, OpError> {
+        self.create_task(req.clone())?.run()?;
+        self.get(&req.name)
+    }
+
+    /// Checks a create request (its fields, the host's room, the name is free) and makes it
+    /// an operation that stores the VM.
+    pub fn create_task(self: &Arc<Self>, req: validate::CreateVm) -> Result<Task, OpError> {
+        let spec = validate::create(&req).map_err(OpError::BadRequest)?;
         self.cfg
             .host
             .admits(self.cfg.ratios, load(&spec))
             .map_err(OpError::BadRequest)?;
-        let vm = lock(&self.store).create(&req.name, &spec, req.restart_policy)?;
-        crate::crashpoint::hit("create:after-insert");
-        Ok(vm)
+        let busy = self.begin(&req.name, "create")?;
+        if lock(&self.store).get(&req.name).is_ok() {
+            return Err(StoreError::Exists(req.name).into());
+        }
+        let op = self
+            .ops
+            .begin(format!("Creating VM {}", req.name), &req.name);
+        let me = Arc::clone(self);
+        let work = move || {
+            let _busy = busy;
+            let _doing = events::doing("create");
+            let vm = lock(&me.store).create(&req.name, &spec, req.restart_policy)?;
+            crate::crashpoint::hit("create:after-insert");
+            Ok(serde_json::to_value(vm).unwrap_or(Value::Null))
+        };
+        Ok(Task::new(op, work))
+    }
+
+    /// Whether the host has room to start `vm` next to the VMs that have a monitor.
+    fn admit(&self, store: &dyn Store, vm: &VmRecord) -> Result<(), OpError> {
+        let running = store.list()?.iter().filter(|v| v.state.has_monitor()).fold(
+            Load::default(),
+            |sum, v| {
+                let l = load(&v.spec);
+                Load {
+                    vcpus: sum.vcpus + l.vcpus,
+                    memory: sum.memory + l.memory,
+                }
+            },
+        );
+        self.cfg
+            .host
+            .admits_next_to(self.cfg.ratios, running, load(&vm.spec))
+            .map_err(|e| OpError::Capacity(format!("cannot start VM {:?}: {e}", vm.name)))
     }
 
     /// Checks `action` against the VM's state and, if allowed, records the state it begins in.
@@ -196,20 +309,7 @@ impl Daemon {
         lifecycle::check(vm.state, action)?;
         if action == Action::Start {
             // Under the store's lock, so two starts cannot both take the last capacity.
-            let running = store.list()?.iter().filter(|v| v.state.has_monitor()).fold(
-                Load::default(),
-                |sum, v| {
-                    let l = load(&v.spec);
-                    Load {
-                        vcpus: sum.vcpus + l.vcpus,
-                        memory: sum.memory + l.memory,
-                    }
-                },
-            );
-            self.cfg
-                .host
-                .admits_next_to(self.cfg.ratios, running, load(&vm.spec))
-                .map_err(|e| OpError::Capacity(format!("cannot start VM {name:?}: {e}")))?;
+            self.admit(&**store, &vm)?;
         }
         if let Some(next) = lifecycle::begins(action) {
             store.set_state(name, next, "")?;
@@ -231,15 +331,70 @@ impl Daemon {
         Ok(())
     }
 
-    /// Carries out a state action (`PUT /1.0/vms/NAME/state`) and returns the VM after it.
+    /// Carries out a state action (`PUT /1.0/vms/NAME/state`) and returns the VM after it
+    /// (blocking; see [`Self::act_task`]).
     pub fn act(
         self: &Arc<Self>,
         name: &str,
         action: Action,
         force: bool,
     ) -> Result<VmRecord, OpError> {
+        self.act_task(name, action, force)?.run()?;
+        self.get(name)
+    }
+
+    /// Checks a state action and makes it an operation. A refusal (a bad name, no such VM, a
+    /// transition the lifecycle does not allow, no room to start, another operation on the
+    /// VM in progress) is an error now, not a failed operation.
+    pub fn act_task(
+        self: &Arc<Self>,
+        name: &str,
+        action: Action,
+        force: bool,
+    ) -> Result<Task, OpError> {
+        self.act_task_as(name, action, force, action.as_str())
+    }
+
+    /// [`Self::act_task`] on behalf of `who` (the lifecycle events' `action`).
+    fn act_task_as(
+        self: &Arc<Self>,
+        name: &str,
+        action: Action,
+        force: bool,
+        who: &'static str,
+    ) -> Result<Task, OpError> {
         validate::name(name).map_err(OpError::BadRequest)?;
-        let _busy = self.begin(name)?;
+        if action == Action::Delete {
+            return Err(OpError::BadRequest(
+                "delete is not a state action: send DELETE /1.0/vms/NAME".into(),
+            ));
+        }
+        let busy = self.begin(name, who)?;
+        {
+            let store = lock(&self.store);
+            let vm = store.get(name)?;
+            lifecycle::check(vm.state, action)?;
+            if action == Action::Start {
+                self.admit(&**store, &vm)?;
+            }
+        }
+        let mut description = describe_action(action, name);
+        if who == "auto-restart" {
+            description.push_str(" again (its restart policy)");
+        }
+        let op = self.ops.begin(description, name);
+        let (me, name) = (Arc::clone(self), name.to_string());
+        let work = move || {
+            let _busy = busy;
+            let _doing = events::doing(who);
+            me.act_now(&name, action, force)?;
+            Ok(serde_json::to_value(me.get(&name)?).unwrap_or(Value::Null))
+        };
+        Ok(Task::new(op, work))
+    }
+
+    /// Carries out a checked state action, the VM marked busy.
+    fn act_now(self: &Arc<Self>, name: &str, action: Action, force: bool) -> Result<(), OpError> {
         match action {
             Action::Start => self.start(name)?,
             Action::Stop => self.stop(name, force)?,
@@ -257,12 +412,31 @@ impl Daemon {
                 ));
             }
         }
-        self.get(name)
+        Ok(())
     }
 
-    pub fn delete(&self, name: &str) -> Result<(), OpError> {
+    /// Deletes a VM that has no monitor, and its files (blocking; see [`Self::delete_task`]).
+    pub fn delete(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        self.delete_task(name)?.run().map(|_| ())
+    }
+
+    /// Checks a delete (the VM exists and has no monitor) and makes it an operation.
+    pub fn delete_task(self: &Arc<Self>, name: &str) -> Result<Task, OpError> {
         validate::name(name).map_err(OpError::BadRequest)?;
-        let _busy = self.begin(name)?;
+        let busy = self.begin(name, "delete")?;
+        lifecycle::check(lock(&self.store).get(name)?.state, Action::Delete)?;
+        let op = self.ops.begin(describe_action(Action::Delete, name), name);
+        let (me, name) = (Arc::clone(self), name.to_string());
+        let work = move || {
+            let _busy = busy;
+            let _doing = events::doing("delete");
+            me.delete_now(&name)?;
+            Ok(json!({}))
+        };
+        Ok(Task::new(op, work))
+    }
+
+    fn delete_now(&self, name: &str) -> Result<(), OpError> {
         self.transition(name, Action::Delete)?;
         let dir = vm_dir(&self.cfg.state_dir, name);
         if let Err(e) = fs::remove_dir_all(&dir) {
@@ -464,9 +638,15 @@ impl Daemon {
         {
             let mut store = lock(&self.store);
             if let Ok(vm) = store.get(name) {
-                if vm.state == State::Stopping {
+                // An exit asked for is part of the stop (or restart) that asked; any other is
+                // the monitor's own doing.
+                let who = if vm.state == State::Stopping {
                     crate::crashpoint::hit("stop:after-exit");
-                }
+                    lock(&self.busy).get(name).copied().unwrap_or("stop")
+                } else {
+                    "exit"
+                };
+                let _doing = events::doing(who);
                 let next = lifecycle::after_exit(vm.state, clean);
                 restart = vm
                     .restart_policy
@@ -502,7 +682,10 @@ impl Daemon {
         let (me, name) = (Arc::clone(self), name.to_string());
         std::thread::spawn(move || {
             std::thread::sleep(lifecycle::backoff(attempt));
-            let _ = me.act(&name, Action::Start, false);
+            // Refused (dropped) if a user acted meanwhile.
+            if let Ok(task) = me.act_task_as(&name, Action::Start, false, "auto-restart") {
+                let _ = task.run();
+            }
         });
     }
 }
@@ -567,4 +750,38 @@ pub fn vm_dir(state_dir: &Path, name: &str) -> PathBuf {
 
 pub fn control_path(state_dir: &Path, name: &str) -> PathBuf {
     vm_dir(state_dir, name).join("control.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operations::Status;
+
+    #[test]
+    fn a_task_always_ends_its_operation() {
+        let ops = Operations::new(Events::new());
+        let op = ops.begin("ok".into(), "a");
+        let r = Task::new(Arc::clone(&op), || Ok(json!({"state": "running"}))).run();
+        assert_eq!(r.unwrap(), json!({"state": "running"}));
+        assert_eq!(op.view().status, Status::Success);
+        assert_eq!(op.view().metadata, json!({"state": "running"}));
+
+        let op = ops.begin("refused".into(), "a");
+        let r = Task::new(Arc::clone(&op), || Err(OpError::Failed("no room".into()))).run();
+        assert!(r.is_err());
+        assert_eq!(
+            (op.view().status, op.view().err),
+            (Status::Failure, "no room".into())
+        );
+
+        // Never run (vmed shutting down), or its work panicked: failed, not running forever.
+        let op = ops.begin("dropped".into(), "a");
+        drop(Task::new(Arc::clone(&op), || Ok(Value::Null)));
+        assert_eq!(op.view().status, Status::Failure);
+        let op = ops.begin("panicked".into(), "a");
+        let task = Task::new(Arc::clone(&op), || panic!("a bug"));
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.run())).is_err());
+        assert_eq!(op.view().status, Status::Failure);
+        assert!(op.view().err.contains("see the daemon's log"));
+    }
 }

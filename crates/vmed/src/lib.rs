@@ -2,13 +2,19 @@
 //! store, the lifecycle state machine and the supervision of one `vme-vmm` process per VM.
 //! It must never map guest memory or emulate devices: it talks to each monitor only over its
 //! control socket, so a daemon bug cannot reach into a guest.
+//!
+//! The API's routes are listed in [`api`]'s docs (and served as OpenAPI 3 at
+//! `/1.0/openapi.json`); long actions are [`operations`], and every VM state change and
+//! operation is published on the [`events`] stream (`/1.0/events`).
 
 pub mod admission;
 pub mod api;
 pub mod crashpoint;
 pub mod daemon;
+pub mod events;
 pub mod lifecycle;
 pub mod metrics;
+pub mod operations;
 pub mod reconcile;
 pub mod settings;
 pub mod store;

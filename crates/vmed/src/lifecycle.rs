@@ -8,7 +8,7 @@ use std::fmt;
 /// Where a VM is in its life. `Starting` and `Stopping` are transient: they are recorded
 /// before the daemon acts, so a crash of the daemon mid-way leaves a state that says what was
 /// being done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Created, never started.
@@ -24,7 +24,7 @@ pub enum State {
 }
 
 /// What a user can ask of a VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Start,
@@ -132,7 +132,7 @@ pub fn begins(action: Action) -> Option<State> {
 }
 
 /// What the daemon does when a VM's monitor exits without being asked to.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Leave it stopped or crashed.

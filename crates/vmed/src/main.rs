@@ -43,10 +43,18 @@ struct Args {
     /// Guest memory the VMs may be given per byte of host memory, in all (default 1).
     #[arg(long)]
     memory_overcommit: Option<f64>,
+    /// Print the API's OpenAPI 3 document (as served at /1.0/openapi.json) and exit:
+    /// `vmed --print-openapi > docs/openapi.json` regenerates the committed copy.
+    #[arg(long)]
+    print_openapi: bool,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.print_openapi {
+        print!("{}", vmed::api::openapi_text());
+        return Ok(());
+    }
     let flags = Layer {
         socket: args.socket,
         group: args.group,
@@ -97,13 +105,18 @@ fn main() -> Result<()> {
     };
     vmed::crashpoint::check().map_err(anyhow::Error::msg)?;
     let daemon = Daemon::new(cfg, Box::new(store)).context("cannot read the state database")?;
+    let events = daemon.events.clone();
 
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let listener = bind(&settings.socket, settings.group.as_deref())?;
         eprintln!("vmed: serving on {}", settings.socket.display());
         axum::serve(listener, vmed::api::router(daemon))
-            .with_graceful_shutdown(shutdown())
+            .with_graceful_shutdown(async move {
+                shutdown().await;
+                // Event streams and waits would otherwise keep the server from stopping.
+                events.close();
+            })
             .await
             .context("the API server failed")
     })

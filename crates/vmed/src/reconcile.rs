@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use vme_api::control::{self, Request, RunState};
 
 pub fn run(d: &Arc<Daemon>) -> Result<(), StoreError> {
+    let _doing = crate::events::doing("reconcile");
     let vms = d.store().list()?;
     for mut vm in vms.into_iter().filter(|vm| vm.state.has_monitor()) {
         if vm.pid == 0 {

@@ -25,12 +25,15 @@ pub enum StoreError {
 }
 
 /// One VM as stored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VmRecord {
     pub name: String,
     pub state: State,
     /// Why the VM is `crashed` (or why its last start failed); empty otherwise.
     pub reason: String,
+    /// The machine it is (vme-api's `MachineSpec`: arch, kernel, initrd, cmdline, vcpus,
+    /// memory, devices).
+    #[schema(value_type = Object)]
     pub spec: MachineSpec,
     /// The pid of the VM's monitor while it has one, else 0.
     pub pid: u32,

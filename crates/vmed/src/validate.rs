@@ -48,21 +48,32 @@ pub fn name(n: &str) -> Result<(), String> {
 
 /// The body of `POST /1.0/vms`. Unknown fields are refused: a misspelt `memroy` must not
 /// silently become the default.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "web-1", "arch": "riscv64", "kernel": "/var/lib/vme/Image",
+                           "memory": "256M", "vcpus": 1}))]
 pub struct CreateVm {
+    /// 1 to 63 letters, digits and '-', starting with a letter or digit.
     pub name: String,
+    /// `x86_64` (default) or `riscv64`.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub arch: Option<Arch>,
+    /// The kernel image: an absolute path on the daemon's host.
+    #[schema(value_type = String)]
     pub kernel: PathBuf,
+    /// An initramfs: an absolute path on the daemon's host.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub initrd: Option<PathBuf>,
+    /// The kernel command line.
     #[serde(default)]
     pub cmdline: Option<String>,
     #[serde(default)]
     pub vcpus: Option<u32>,
     /// `"256M"`, `"2G"` or a number of bytes.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub memory: Option<ByteSize>,
     /// `never` (default), `on-failure` or `always`.
     #[serde(default)]

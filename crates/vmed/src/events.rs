@@ -1,0 +1,323 @@
+//! The daemon's event bus, behind `GET /1.0/events`: a `lifecycle` event for every change of
+//! a VM's recorded state (whoever made it: a user's action, a monitor's exit, a restart
+//! policy, the reconciliation at startup) and an `operation` event when an operation is
+//! created and when it ends.
+//!
+//! Lifecycle events come from one place: [`Published`], the wrapper every store write of the
+//! daemon goes through, so no state change escapes them. The bus is a tokio broadcast
+//! channel: publishing never blocks, and a subscriber that falls behind loses the oldest
+//! events and is told how many (a `lagged` event), so a slow reader cannot hold the daemon up.
+
+use crate::lifecycle::{RestartPolicy, State};
+use crate::store::{Store, StoreError, VmRecord};
+use serde::Serialize;
+use serde_json::Value;
+use std::cell::Cell;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, watch};
+use utoipa::ToSchema;
+use vme_api::MachineSpec;
+
+/// Events kept for each subscriber before the slowest start losing them.
+const BACKLOG: usize = 1024;
+
+/// What an event is about: what `?type=` filters on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A VM's state changed (or the VM was created or deleted).
+    Lifecycle,
+    /// An operation was created or ended.
+    Operation,
+    /// Not published: sent to one subscriber that fell behind, with how many it missed.
+    Lagged,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "lifecycle" => Some(Kind::Lifecycle),
+            "operation" => Some(Kind::Operation),
+            _ => None,
+        }
+    }
+}
+
+/// One event, as one line of `GET /1.0/events`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Event {
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// RFC 3339, UTC, milliseconds.
+    pub timestamp: String,
+    /// A [`LifecycleEvent`] or an operation (see `GET /1.0/operations/{id}`); for `lagged`,
+    /// `{"missed": N}`.
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+}
+
+/// The metadata of a `lifecycle` event.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct LifecycleEvent {
+    pub vm: String,
+    /// The state before; null when the VM was just created.
+    pub from: Option<State>,
+    /// The state after; null when the VM was deleted.
+    pub to: Option<State>,
+    /// Why the VM crashed (or its start failed); empty otherwise.
+    pub reason: String,
+    /// What made the change: a user's action (`create`, `start`, `stop`, `pause`, `resume`,
+    /// `restart`, `delete`), `exit` (the monitor exited without being asked to),
+    /// `auto-restart` (a restart policy started the VM again) or `reconcile` (vmed's startup
+    /// found the VM's monitor gone or adopted it).
+    pub action: String,
+}
+
+/// The bus. Cheap to clone (all clones publish to the same subscribers).
+#[derive(Clone)]
+pub struct Events {
+    tx: broadcast::Sender<Event>,
+    /// Set when the daemon shuts down: the streams end, so the server can stop.
+    closed: watch::Sender<bool>,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events::new()
+    }
+}
+
+impl Events {
+    pub fn new() -> Events {
+        Events {
+            tx: broadcast::channel(BACKLOG).0,
+            closed: watch::channel(false).0,
+        }
+    }
+
+    /// Sends an event to the current subscribers (none is fine). Never blocks.
+    pub fn publish(&self, kind: Kind, metadata: Value) {
+        let _ = self.tx.send(Event {
+            kind,
+            timestamp: rfc3339(SystemTime::now(), true),
+            metadata,
+        });
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    /// Ends every stream (the daemon is shutting down).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Resolves once [`Self::close`] has been called.
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+thread_local! {
+    /// What the daemon is doing on this thread, for the `action` of the lifecycle events its
+    /// store writes publish (see [`doing`]).
+    static DOING: Cell<&'static str> = const { Cell::new("") };
+}
+
+/// Says what this thread is doing (`start`, `exit`, ...) until the guard is dropped; the
+/// previous value comes back then.
+pub fn doing(action: &'static str) -> Doing {
+    Doing(DOING.with(|d| d.replace(action)))
+}
+
+pub struct Doing(&'static str);
+
+impl Drop for Doing {
+    fn drop(&mut self) {
+        DOING.with(|d| d.set(self.0));
+    }
+}
+
+/// A store whose every write of a VM's state (and every create and delete) publishes a
+/// lifecycle event, with the `action` this thread is [`doing`].
+pub struct Published {
+    inner: Box<dyn Store>,
+    events: Events,
+}
+
+impl Published {
+    pub fn new(inner: Box<dyn Store>, events: Events) -> Published {
+        Published { inner, events }
+    }
+
+    fn publish(&self, vm: &str, from: Option<State>, to: Option<State>, reason: &str) {
+        let ev = LifecycleEvent {
+            vm: vm.into(),
+            from,
+            to,
+            reason: reason.into(),
+            action: DOING.with(Cell::get).into(),
+        };
+        self.events.publish(
+            Kind::Lifecycle,
+            serde_json::to_value(ev).unwrap_or(Value::Null),
+        );
+    }
+}
+
+impl Store for Published {
+    fn create(
+        &mut self,
+        name: &str,
+        spec: &MachineSpec,
+        policy: RestartPolicy,
+    ) -> Result<VmRecord, StoreError> {
+        let vm = self.inner.create(name, spec, policy)?;
+        self.publish(name, None, Some(vm.state), "");
+        Ok(vm)
+    }
+
+    fn get(&self, name: &str) -> Result<VmRecord, StoreError> {
+        self.inner.get(name)
+    }
+
+    fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.inner.list()
+    }
+
+    fn set_state(&mut self, name: &str, state: State, reason: &str) -> Result<(), StoreError> {
+        let from = self.inner.get(name).ok().map(|v| v.state);
+        self.inner.set_state(name, state, reason)?;
+        // A write that changes nothing (a state recorded again) is no event.
+        if from != Some(state) {
+            self.publish(name, from, Some(state), reason);
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, name: &str) -> Result<(), StoreError> {
+        let from = self.inner.get(name).ok().map(|v| v.state);
+        self.inner.delete(name)?;
+        self.publish(name, from, None, "");
+        Ok(())
+    }
+
+    fn set_pid(&mut self, name: &str, pid: u32) -> Result<(), StoreError> {
+        self.inner.set_pid(name, pid)
+    }
+
+    fn set_state_and_pid(
+        &mut self,
+        name: &str,
+        state: State,
+        reason: &str,
+        pid: u32,
+    ) -> Result<(), StoreError> {
+        let from = self.inner.get(name).ok().map(|v| v.state);
+        self.inner.set_state_and_pid(name, state, reason, pid)?;
+        if from != Some(state) {
+            self.publish(name, from, Some(state), reason);
+        }
+        Ok(())
+    }
+}
+
+/// `t` in RFC 3339, UTC (`2024-05-01T12:00:00Z`, with `.123` milliseconds if `millis`).
+pub fn rfc3339(t: SystemTime, millis: bool) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s) = (rem / 3600, rem / 60 % 60, rem % 60);
+    let frac = if millis {
+        format!(".{:03}", d.subsec_millis())
+    } else {
+        String::new()
+    };
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}{frac}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+    use std::time::Duration;
+
+    #[test]
+    fn dates() {
+        let at = |s: u64, ms: u64| UNIX_EPOCH + Duration::from_millis(s * 1000 + ms);
+        assert_eq!(rfc3339(at(0, 0), false), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(at(951_782_400, 5), true),
+            "2000-02-29T00:00:00.005Z"
+        );
+        assert_eq!(rfc3339(at(1_709_251_199, 0), false), "2024-02-29T23:59:59Z");
+        assert_eq!(
+            rfc3339(at(4_102_444_800, 999), true),
+            "2100-01-01T00:00:00.999Z"
+        );
+    }
+
+    #[test]
+    fn every_write_is_published_with_what_the_thread_is_doing() {
+        let events = Events::new();
+        let mut rx = events.subscribe();
+        let mut store = Published::new(Box::new(SqliteStore::open_in_memory().unwrap()), events);
+        let spec = MachineSpec::new("/k");
+        {
+            let _d = doing("create");
+            store.create("a", &spec, RestartPolicy::Never).unwrap();
+        }
+        {
+            let _d = doing("start");
+            store.set_state("a", State::Starting, "").unwrap();
+            store.set_state("a", State::Starting, "").unwrap();
+            let _e = doing("exit");
+            store.set_state("a", State::Crashed, "boom").unwrap();
+        }
+        store.delete("a").unwrap();
+        let mut got = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            assert_eq!(e.kind, Kind::Lifecycle);
+            let m = e.metadata;
+            got.push(format!(
+                "{} {}>{} {} {}",
+                m["vm"], m["from"], m["to"], m["action"], m["reason"]
+            ));
+        }
+        assert_eq!(
+            got,
+            [
+                r#""a" null>"defined" "create" """#,
+                r#""a" "defined">"starting" "start" """#,
+                r#""a" "starting">"crashed" "exit" "boom""#,
+                r#""a" "crashed">null "" """#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_slow_subscriber_loses_events_and_blocks_nobody() {
+        let events = Events::new();
+        let mut rx = events.subscribe();
+        for i in 0..BACKLOG + 10 {
+            events.publish(Kind::Operation, Value::from(i));
+        }
+        match rx.try_recv() {
+            Err(broadcast::error::TryRecvError::Lagged(n)) => assert_eq!(n, 10),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rx.try_recv().unwrap().metadata, Value::from(10));
+    }
+}

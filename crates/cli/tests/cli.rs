@@ -9,6 +9,8 @@ const VME: &str = env!("CARGO_BIN_EXE_vme");
 struct Vmed {
     child: Child,
     dir: PathBuf,
+    /// This daemon's own cgroup root (tests run in parallel with other daemons).
+    cgroups: PathBuf,
 }
 
 impl Drop for Vmed {
@@ -28,7 +30,35 @@ impl Drop for Vmed {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for e in std::fs::read_dir(&self.cgroups)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            while e.path().is_dir()
+                && std::fs::remove_dir(e.path()).is_err()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroups);
     }
+}
+
+/// A cgroup root of this test's own, under the host's cgroup2 mount.
+fn cgroup_root(test: &str) -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = info
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ")
+                .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
+        })
+        .expect("this host has no cgroup2 mount");
+    mount.join(format!("vme-cli-test-{}-{test}", std::process::id()))
 }
 
 /// `vmed` and `vme-vmm` live next to `vme` once the workspace is built.
@@ -85,6 +115,7 @@ fn the_cli_drives_a_riscv64_vm() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vme.sock");
+    let cgroups = cgroup_root("drive");
     let child = Command::new(sibling("vmed"))
         .arg("--socket")
         .arg(&socket)
@@ -92,9 +123,15 @@ fn the_cli_drives_a_riscv64_vm() {
         .arg(dir.join("state"))
         .arg("--vmm")
         .arg(sibling("vme-vmm"))
+        .arg("--cgroup-root")
+        .arg(&cgroups)
         .spawn()
         .unwrap();
-    let _vmed = Vmed { child, dir };
+    let _vmed = Vmed {
+        child,
+        dir,
+        cgroups,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(Instant::now() < deadline, "vmed did not open its socket");

@@ -31,10 +31,11 @@ pub fn router(daemon: App) -> Router {
         .route("/1.0/vms/{name}", get(info).delete(delete))
         .route("/1.0/vms/{name}/state", put(state))
         .route("/1.0/vms/{name}/console", get(console))
+        .route("/1.0/vms/{name}/usage", get(usage))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "no such route: see /1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAME/console and /1.0/metrics".into(),
+                "no such route: see /1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAME/console, /1.0/vms/NAME/usage and /1.0/metrics".into(),
                 None,
             )
         })
@@ -138,6 +139,70 @@ async fn delete(State(d): State<App>, Path(name): Path<String>) -> Result<Respon
 async fn console(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
     let log = blocking(move || d.console_log(&name)).await?;
     Ok(ok(StatusCode::OK, json!({ "log": log })))
+}
+
+/// The query of `GET /1.0/vms/{name}/usage`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    /// Unix seconds or RFC 3339; default: every stored sample.
+    since: Option<String>,
+}
+
+/// The VM's accounting samples since `since`, with their totals and latest rates.
+async fn usage(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    query: axum::extract::RawQuery,
+) -> Result<Response, OpError> {
+    let q: UsageQuery = serde_urlencoded_query(query.0.as_deref().unwrap_or(""))?;
+    let v = blocking(move || d.usage(&name, q.since.as_deref())).await?;
+    Ok(ok(StatusCode::OK, v))
+}
+
+/// Parses a query string ourselves, so a bad one is a 400 in our error shape: `key=value`
+/// pairs, percent-decoded, unknown keys refused.
+fn serde_urlencoded_query(q: &str) -> Result<UsageQuery, OpError> {
+    let mut since = None;
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v).ok_or_else(|| {
+            OpError::BadRequest(format!("query value {v:?} is not valid percent-encoding"))
+        })?;
+        match k {
+            "since" => since = Some(v),
+            _ => {
+                return Err(OpError::BadRequest(format!(
+                    "unknown query parameter {k:?}: this route takes since=TIME"
+                )));
+            }
+        }
+    }
+    Ok(UsageQuery { since })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The body of `PUT /1.0/vms/{name}/state`.

@@ -3,12 +3,16 @@
 //! It must never map guest memory or emulate devices: it talks to each monitor only over its
 //! control socket, so a daemon bug cannot reach into a guest.
 
+pub mod accounting;
 pub mod admission;
 pub mod api;
+pub mod cgroup;
 pub mod daemon;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod reconcile;
 pub mod settings;
 pub mod store;
+pub mod usage;
 pub mod validate;

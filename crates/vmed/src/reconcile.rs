@@ -21,6 +21,13 @@ pub fn run(d: &Arc<Daemon>) -> Result<(), StoreError> {
             let mut store = d.store();
             store.set_state(&vm.name, State::Crashed, &reason)?;
             store.set_pid(&vm.name, 0)?;
+            drop(store);
+            // The cgroup of a monitor that is gone (one that still runs keeps it: ours to
+            // remove only once empty).
+            let cg = &d.config().cgroups;
+            if cg.enabled {
+                let _ = std::fs::remove_dir(crate::cgroup::vm_path(&cg.root, &vm.name));
+            }
         }
     }
     Ok(())
@@ -68,7 +75,11 @@ fn adopt(d: &Arc<Daemon>, vm: &VmRecord) -> Result<(), String> {
     d.store()
         .set_state(name, state, "")
         .map_err(|e| e.to_string())?;
-    d.watch(name, pid);
+    let cg = &d.config().cgroups;
+    let group = crate::cgroup::vm_path(&cg.root, name);
+    let group = (cg.enabled && crate::cgroup::contains(&group, pid)).then_some(group);
+    let taps = vm.spec.nets.iter().map(|n| n.tap.clone()).collect();
+    d.watch(name, pid, group, taps);
     let (d, name) = (Arc::clone(d), name.to_string());
     std::thread::spawn(move || {
         wait_exit(&pidfd);

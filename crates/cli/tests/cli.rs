@@ -125,6 +125,7 @@ fn the_cli_drives_a_riscv64_vm() {
         .arg(sibling("vme-vmm"))
         .arg("--cgroup-root")
         .arg(&cgroups)
+        .args(["--sample-interval", "1"])
         .spawn()
         .unwrap();
     let _vmed = Vmed {
@@ -214,6 +215,35 @@ fn the_cli_drives_a_riscv64_vm() {
     }
     let info: serde_json::Value = serde_json::from_str(&ok(vme(s, &["info", "t2"]))).unwrap();
     assert_eq!(info["restart_policy"], "on-failure");
+    // Stats: the samples taken each second, as a table and as JSON.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let usage = loop {
+        let u: serde_json::Value =
+            serde_json::from_str(&ok(vme(s, &["stats", "t2", "--format", "json"]))).unwrap();
+        if u["totals"]["samples"].as_u64().unwrap() >= 3 {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "no samples: {u}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        usage["totals"]["cpu_seconds"].as_f64().unwrap() > 0.0,
+        "{usage}"
+    );
+    let table = ok(vme(
+        s,
+        &["stats", "t2", "--since", "2000-01-01T00:00:00+01:00"],
+    ));
+    assert!(
+        table.starts_with("VM       t2 (running)\nCPU      "),
+        "{table}"
+    );
+    assert!(
+        table.contains("% now; ") && table.contains("MEMORY   "),
+        "{table}"
+    );
+    let err = fails(vme(s, &["stats", "t2", "--since", "last week"]));
+    assert!(err.contains("RFC 3339") && err.contains("400"), "{err}");
     assert_eq!(ok(vme(s, &["stop", "--force", "t2"])), "t2: stopped\n");
     assert_eq!(ok(vme(s, &["delete", "t2"])), "t2: deleted\n");
     let err = fails(vme(s, &["info", "t1"]));
@@ -228,6 +258,47 @@ fn the_cli_drives_a_riscv64_vm() {
         &["create", "bad/name", "--kernel", k.to_str().unwrap()],
     ));
     assert!(err.contains("'/'"), "{err}");
+    let err = fails(vme(
+        s,
+        &[
+            "create",
+            "x",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cpu-allowance",
+            "9000%",
+        ],
+    ));
+    assert!(
+        err.contains("cpu_allowance") && err.contains("out of range"),
+        "{err}"
+    );
+    let err = fails(vme(
+        s,
+        &[
+            "create",
+            "x",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--io-max",
+            "/,speed=1",
+        ],
+    ));
+    assert!(err.contains("unknown limit"), "{err}");
+    ok(vme(
+        s,
+        &[
+            "create",
+            "t3",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cpu-allowance",
+            "50%",
+        ],
+    ));
+    let info: serde_json::Value = serde_json::from_str(&ok(vme(s, &["info", "t3"]))).unwrap();
+    assert_eq!(info["limits"]["cpu_allowance"], 0.5);
+    ok(vme(s, &["rm", "t3"]));
     let err = fails(vme(Path::new("/nonexistent/vme.sock"), &["list"]));
     assert!(
         err.contains("cannot reach vmed") && err.contains("VME_SOCKET"),

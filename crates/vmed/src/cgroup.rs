@@ -54,6 +54,40 @@ pub fn default_root() -> PathBuf {
         .join("vme.slice")
 }
 
+/// A note for the daemon's log when the host's cgroup2 hierarchy lacks controllers the
+/// limits need (a hybrid host keeps them under cgroup v1); None when all are there.
+pub fn startup_note(cfg: &CgroupConfig) -> Option<String> {
+    if !cfg.enabled {
+        return None;
+    }
+    let Some(mount) = cgroup2_mount() else {
+        return Some(
+            "no cgroup v2 hierarchy is mounted: every start will fail until one is, or \
+             cgroups = false"
+                .into(),
+        );
+    };
+    let offered = words(&mount.join("cgroup.controllers"));
+    let missing: Vec<&str> = ["cpu", "memory", "io"]
+        .into_iter()
+        .filter(|c| !offered.iter().any(|o| o == c))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the cgroup v2 hierarchy at {} lacks the {} controller(s): VMs asking for what they \
+         enforce (cpu_allowance, io_max) cannot start; {}",
+        mount.display(),
+        missing.join(", "),
+        if cfg.require_controllers {
+            "with require_controllers, no VM can start"
+        } else {
+            "the implicit limits (memory.max, the default cpu.max) are skipped"
+        }
+    ))
+}
+
 /// The cgroup of VM `name`.
 pub fn vm_path(root: &Path, name: &str) -> PathBuf {
     root.join(format!("vm-{name}"))
@@ -92,6 +126,45 @@ impl Prepared {
     pub fn procs_fd(&self) -> RawFd {
         self.procs.as_raw_fd()
     }
+
+    /// Makes `cmd`'s child enter this cgroup before it executes anything.
+    pub fn attach(&self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        let fd = self.procs_fd();
+        // SAFETY: the hook runs in the forked child before exec and only calls write(2),
+        // which is async-signal-safe; `fd` stays open in the parent (in `self`) until the
+        // spawn has returned.
+        unsafe {
+            cmd.pre_exec(move || enter(fd));
+        }
+    }
+}
+
+/// VM `vm`'s cgroup made ready when cgroups are on; limits it had to skip are noted in the
+/// monitor's `log`.
+pub fn for_vm(
+    cfg: &CgroupConfig,
+    vm: &crate::store::VmRecord,
+    log: &mut fs::File,
+) -> Result<Option<Prepared>, String> {
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let g = prepare(
+        cfg,
+        &vm.name,
+        vm.spec.vcpus,
+        vm.spec.memory.bytes(),
+        &vm.limits,
+    )?;
+    if !g.skipped.is_empty() {
+        let _ = writeln!(
+            log,
+            "vmed: limits not enforced (the cgroup lacks their controller): {}",
+            g.skipped.join(", ")
+        );
+    }
+    Ok(Some(g))
 }
 
 /// Moves the calling process into the cgroup whose `cgroup.procs` is `fd`. Runs in the

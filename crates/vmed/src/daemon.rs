@@ -355,27 +355,8 @@ impl Daemon {
                 dir.display()
             ))
         })?;
-        let group = if self.cfg.cgroups.enabled {
-            let g = cgroup::prepare(
-                &self.cfg.cgroups,
-                name,
-                vm.spec.vcpus,
-                vm.spec.memory.bytes(),
-                &vm.limits,
-            )
+        let group = cgroup::for_vm(&self.cfg.cgroups, &vm, &mut log_file)
             .map_err(|e| fail(format!("cannot give VM {name:?} its cgroup: {e}")))?;
-            if !g.skipped.is_empty() {
-                use std::io::Write;
-                let _ = writeln!(
-                    log_file,
-                    "vmed: limits not enforced (the cgroup lacks their controller): {}",
-                    g.skipped.join(", ")
-                );
-            }
-            Some(g)
-        } else {
-            None
-        };
         let mut cmd = Command::new(&self.cfg.vmm);
         cmd.arg("--config")
             .arg(&machine)
@@ -385,12 +366,7 @@ impl Daemon {
             // Its own process group: a Ctrl-C meant for the daemon must not reach the VMs.
             .process_group(0);
         if let Some(g) = &group {
-            let fd = g.procs_fd();
-            // SAFETY: the hook runs in the forked child before exec and only calls write(2),
-            // which is async-signal-safe; `fd` stays open in the parent until spawn returns.
-            unsafe {
-                cmd.pre_exec(move || cgroup::enter(fd));
-            }
+            g.attach(&mut cmd);
         }
         let child = cmd.spawn().map_err(|e| {
             if let Some(g) = &group {

@@ -131,6 +131,9 @@ fn main() -> Result<()> {
         sample_interval: Duration::from_secs(settings.sample_interval),
         usage_retention: Duration::from_secs(settings.usage_retention),
     };
+    if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
+        eprintln!("vmed: {note}");
+    }
     let daemon = Daemon::new(cfg, Box::new(store)).context("cannot read the state database")?;
 
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -15,10 +15,15 @@ struct Vmed {
     socket: PathBuf,
     dir: PathBuf,
     cgroups: PathBuf,
+    args: Vec<String>,
 }
 
 impl Vmed {
     fn start(test: &str) -> Vmed {
+        Self::start_with(test, &[])
+    }
+
+    fn start_with(test: &str, args: &[&str]) -> Vmed {
         let dir = std::env::temp_dir().join(format!("vmed-cg-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -28,6 +33,7 @@ impl Vmed {
             socket: dir.join("vme.sock"),
             dir,
             cgroups,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         d.launch();
         d
@@ -43,6 +49,7 @@ impl Vmed {
             .arg("--cgroup-root")
             .arg(&self.cgroups)
             .args(["--stop-timeout", "3", "--sample-interval", "1"])
+            .args(&self.args)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -429,5 +436,35 @@ fn usage_is_sampled_stored_and_served() {
     assert!(cpu(&stopped) >= cpu(&grown), "{stopped}");
     assert!(!d.cgroups.join("vm-acct").exists());
     let (code, v) = d.call("DELETE", "/1.0/vms/acct", "");
+    assert_eq!(code, 200, "{v}");
+}
+
+#[test]
+fn without_cgroups_monitors_run_unconfined_and_are_still_accounted() {
+    let d = Vmed::start_with("nocg", &["--cgroups", "false"]);
+    let (code, v) = d.create_and_start("free", json!({}));
+    assert_eq!(code, 200, "{v}");
+    let pid = d.vm("free")["pid"].as_u64().unwrap();
+    let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let its = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert_eq!(its, mine, "the monitor left the daemon's cgroups");
+    assert!(!d.cgroups.exists(), "cgroups = false made a cgroup");
+    // CPU and memory then come from /proc/PID.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let u = d.usage("free", "");
+        if u["totals"]["samples"].as_u64().unwrap() >= 3 {
+            assert!(u["totals"]["cpu_seconds"].as_f64().unwrap() > 0.0, "{u}");
+            assert!(u["latest"]["memory_bytes"].as_u64().unwrap() > 0, "{u}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no samples: {u}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, v) = d.call(
+        "PUT",
+        "/1.0/vms/free/state",
+        r#"{"action":"stop","force":true}"#,
+    );
     assert_eq!(code, 200, "{v}");
 }

@@ -160,9 +160,17 @@ mod tests {
         let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            let mut req = [0; 1024];
-            let _ = s.read(&mut req);
-            s.write_all(reply).unwrap();
+            // The whole request first: a reply and close after its first part would make
+            // the client's next write fail (EPIPE).
+            let mut req = Vec::new();
+            let mut buf = [0; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s.write_all(reply);
         });
         path
     }

@@ -71,6 +71,17 @@ enum Cmd {
     /// Delete a stopped VM and its files.
     #[command(alias = "rm")]
     Delete { name: String },
+    /// Show a VM's usage: CPU now and in all, memory, disk and network bytes and rates.
+    Stats {
+        name: String,
+        /// Count from this time: Unix seconds or RFC 3339 (2026-12-02T15:00:00Z). Default:
+        /// every sample the daemon keeps.
+        #[arg(long)]
+        since: Option<String>,
+        /// table (default), json or yaml (the daemon's reply, with every sample).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Show a VM's record (state, reason, spec).
     Info {
         name: String,
@@ -170,6 +181,14 @@ struct SpecArgs {
     /// on-failure or always.
     #[arg(long)]
     restart: Option<String>,
+    /// CPUs the VM may use in all: a percent of one CPU (50%) or a count (1.5). Default:
+    /// its vCPU count.
+    #[arg(long, value_name = "ALLOWANCE")]
+    cpu_allowance: Option<String>,
+    /// An io.max limit: DEVICE,rbps=SIZE,wbps=SIZE,riops=N,wiops=N (any of the four).
+    /// DEVICE is a block device, a file on the disk to limit, or MAJ:MIN. Repeatable.
+    #[arg(long, value_name = "DEVICE,LIMITS")]
+    io_max: Vec<String>,
 }
 
 impl SpecArgs {
@@ -185,10 +204,15 @@ impl SpecArgs {
             ("memory", self.memory.map(Value::from)),
             ("cmdline", self.cmdline.map(Value::from)),
             ("restart_policy", self.restart.map(Value::from)),
+            ("cpu_allowance", self.cpu_allowance.map(Value::from)),
         ] {
             if let Some(v) = v {
                 body[k] = v;
             }
+        }
+        if !self.io_max.is_empty() {
+            let limits: Result<Vec<Value>> = self.io_max.iter().map(|s| io_max(s)).collect();
+            body["io_max"] = Value::from(limits?);
         }
         Ok(body)
     }
@@ -209,6 +233,141 @@ fn main() -> ExitCode {
 fn socket_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
     flag.or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// One `--io-max DEVICE,KEY=VALUE,...` as the API's object.
+fn io_max(arg: &str) -> Result<Value> {
+    let mut parts = arg.split(',');
+    let device = parts.next().unwrap_or_default();
+    if device.is_empty() {
+        bail!("--io-max {arg:?} names no device: give DEVICE,rbps=10M (or wbps, riops, wiops)");
+    }
+    let device = if device.contains(':') {
+        device.to_string()
+    } else {
+        absolute("--io-max device", Path::new(device))?
+            .display()
+            .to_string()
+    };
+    let mut v = json!({ "device": device });
+    for kv in parts {
+        let Some((k, val)) = kv.split_once('=') else {
+            bail!("--io-max {arg:?}: {kv:?} is not KEY=VALUE (rbps=10M, wiops=100, ...)");
+        };
+        v[k] = match k {
+            "rbps" | "wbps" => json!(val),
+            "riops" | "wiops" => json!(val.parse::<u64>().with_context(|| {
+                format!("--io-max {arg:?}: {k}={val} is not a whole number of operations")
+            })?),
+            _ => bail!("--io-max {arg:?}: unknown limit {k:?}; use rbps, wbps, riops or wiops"),
+        };
+    }
+    Ok(v)
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters stay).
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `1536` → `1.5K`: sizes as people read them.
+fn human(bytes: f64) -> String {
+    let mut v = bytes;
+    for unit in ["B", "K", "M", "G", "T"] {
+        if v < 1024.0 || unit == "T" {
+            return if unit == "B" {
+                format!("{v:.0}B")
+            } else {
+                format!("{v:.1}{unit}")
+            };
+        }
+        v /= 1024.0;
+    }
+    unreachable!()
+}
+
+/// The `vme stats` table from a usage reply.
+fn stats_table(u: &Value) -> String {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let (t, r, l) = (&u["totals"], &u["rates"], &u["latest"]);
+    let rate = |k: &str| {
+        if r.is_null() {
+            "-".to_string()
+        } else {
+            format!("{}/s", human(f(&r[k])))
+        }
+    };
+    let cpu_now = if r.is_null() {
+        "-".to_string()
+    } else {
+        format!("{:.1}%", f(&r["cpu_percent"]))
+    };
+    let mem_now = if l.is_null() {
+        "-".to_string()
+    } else {
+        human(f(&l["memory_bytes"]))
+    };
+    let rows = [
+        (
+            "VM",
+            format!(
+                "{} ({})",
+                u["name"].as_str().unwrap_or("?"),
+                u["state"].as_str().unwrap_or("?")
+            ),
+        ),
+        (
+            "CPU",
+            format!(
+                "{cpu_now} now; {:.2} s in all (user {:.2} s, system {:.2} s)",
+                f(&t["cpu_seconds"]),
+                f(&t["cpu_user_seconds"]),
+                f(&t["cpu_system_seconds"])
+            ),
+        ),
+        (
+            "MEMORY",
+            format!("{mem_now} now; peak {}", human(f(&t["memory_peak_bytes"]))),
+        ),
+        (
+            "DISK",
+            format!(
+                "read {} ({}), written {} ({})",
+                human(f(&t["disk_read_bytes"])),
+                rate("disk_read_bytes_per_second"),
+                human(f(&t["disk_write_bytes"])),
+                rate("disk_write_bytes_per_second")
+            ),
+        ),
+        (
+            "NET",
+            format!(
+                "received {} ({}), sent {} ({})",
+                human(f(&t["net_rx_bytes"])),
+                rate("net_rx_bytes_per_second"),
+                human(f(&t["net_tx_bytes"])),
+                rate("net_tx_bytes_per_second")
+            ),
+        ),
+        (
+            "SAMPLES",
+            format!(
+                "{} over {:.0} s (one every {} s)",
+                t["samples"],
+                f(&t["span_ms"]) / 1000.0,
+                u["sample_interval_seconds"]
+            ),
+        ),
+    ];
+    rows.iter().map(|(k, v)| format!("{k:<8} {v}\n")).collect()
 }
 
 /// The daemon does not share our working directory: send it absolute paths.
@@ -273,6 +432,21 @@ fn run(cli: Cli) -> Result<()> {
                 None,
             )?;
             print!("{}", v["log"].as_str().unwrap_or_default());
+        }
+        Cmd::Stats {
+            name,
+            since,
+            format,
+        } => {
+            let mut path = format!("/1.0/vms/{}/usage", segment(&name)?);
+            if let Some(s) = since {
+                path.push_str(&format!("?since={}", query_value(&s)));
+            }
+            let u = api.call("GET", &path, None)?;
+            match format {
+                Format::Table => out(&stats_table(&u))?,
+                f => print(f, &u)?,
+            }
         }
         Cmd::Info { name, format } => {
             let vm = api.call("GET", &format!("/1.0/vms/{}", segment(&name)?), None)?;
@@ -500,5 +674,43 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn io_max_flags() {
+        assert_eq!(
+            io_max("8:0,rbps=10M,wiops=50").unwrap(),
+            json!({"device": "8:0", "rbps": "10M", "wiops": 50})
+        );
+        let v = io_max("/,wbps=1M").unwrap();
+        assert_eq!(v["device"], "/");
+        for bad in ["", ",rbps=1M", "8:0,rbps", "8:0,wiops=many", "8:0,speed=1"] {
+            assert!(io_max(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            query_value("2026-12-02T15:00:00+01:00"),
+            "2026-12-02T15%3A00%3A00%2B01%3A00"
+        );
+    }
+
+    #[test]
+    fn stats_table_shows_totals_and_rates() {
+        let u = json!({"name": "a", "state": "running", "sample_interval_seconds": 10,
+            "totals": {"cpu_seconds": 3.5, "cpu_user_seconds": 3.0, "cpu_system_seconds": 0.5,
+                       "memory_peak_bytes": 2097152, "disk_read_bytes": 1536,
+                       "disk_write_bytes": 0, "net_rx_bytes": 0, "net_tx_bytes": 0,
+                       "samples": 4, "span_ms": 30000},
+            "rates": {"cpu_percent": 25.0, "disk_read_bytes_per_second": 512.0,
+                      "disk_write_bytes_per_second": 0.0, "net_rx_bytes_per_second": 0.0,
+                      "net_tx_bytes_per_second": 0.0},
+            "latest": {"memory_bytes": 1048576}});
+        let t = stats_table(&u);
+        assert!(t.contains("CPU      25.0% now; 3.50 s in all"), "{t}");
+        assert!(t.contains("MEMORY   1.0M now; peak 2.0M"), "{t}");
+        assert!(t.contains("DISK     read 1.5K (512B/s)"), "{t}");
+        assert!(t.contains("4 over 30 s"), "{t}");
+        let empty = stats_table(&json!({"name": "a", "state": "defined", "totals": {},
+                                        "rates": null, "latest": null}));
+        assert!(empty.contains("CPU      - now"), "{empty}");
     }
 }

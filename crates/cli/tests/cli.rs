@@ -12,6 +12,8 @@ const VME: &str = env!("CARGO_BIN_EXE_vme");
 struct Vmed {
     child: Child,
     dir: PathBuf,
+    /// This daemon's own cgroup root (tests run in parallel with other daemons).
+    cgroups: PathBuf,
 }
 
 impl Drop for Vmed {
@@ -31,7 +33,35 @@ impl Drop for Vmed {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for e in std::fs::read_dir(&self.cgroups)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            while e.path().is_dir()
+                && std::fs::remove_dir(e.path()).is_err()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroups);
     }
+}
+
+/// A cgroup root of this test's own, under the host's cgroup2 mount.
+fn cgroup_root(test: &str) -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = info
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ")
+                .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
+        })
+        .expect("this host has no cgroup2 mount");
+    mount.join(format!("vme-cli-test-{}-{test}", std::process::id()))
 }
 
 /// `vmed` and `vme-vmm` live next to `vme` once the workspace is built.
@@ -88,6 +118,7 @@ fn the_cli_drives_a_riscv64_vm() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vme.sock");
+    let cgroups = cgroup_root("drive");
     let child = Command::new(sibling("vmed"))
         .arg("--socket")
         .arg(&socket)
@@ -95,9 +126,16 @@ fn the_cli_drives_a_riscv64_vm() {
         .arg(dir.join("state"))
         .arg("--vmm")
         .arg(sibling("vme-vmm"))
+        .arg("--cgroup-root")
+        .arg(&cgroups)
+        .args(["--sample-interval", "1"])
         .spawn()
         .unwrap();
-    let _vmed = Vmed { child, dir };
+    let _vmed = Vmed {
+        child,
+        dir,
+        cgroups,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(Instant::now() < deadline, "vmed did not open its socket");
@@ -180,6 +218,35 @@ fn the_cli_drives_a_riscv64_vm() {
     }
     let info: serde_json::Value = serde_json::from_str(&ok(vme(s, &["info", "t2"]))).unwrap();
     assert_eq!(info["restart_policy"], "on-failure");
+    // Stats: the samples taken each second, as a table and as JSON.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let usage = loop {
+        let u: serde_json::Value =
+            serde_json::from_str(&ok(vme(s, &["stats", "t2", "--format", "json"]))).unwrap();
+        if u["totals"]["samples"].as_u64().unwrap() >= 3 {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "no samples: {u}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        usage["totals"]["cpu_seconds"].as_f64().unwrap() > 0.0,
+        "{usage}"
+    );
+    let table = ok(vme(
+        s,
+        &["stats", "t2", "--since", "2000-01-01T00:00:00+01:00"],
+    ));
+    assert!(
+        table.starts_with("VM       t2 (running)\nCPU      "),
+        "{table}"
+    );
+    assert!(
+        table.contains("% now; ") && table.contains("MEMORY   "),
+        "{table}"
+    );
+    let err = fails(vme(s, &["stats", "t2", "--since", "last week"]));
+    assert!(err.contains("RFC 3339") && err.contains("400"), "{err}");
     assert_eq!(ok(vme(s, &["stop", "--force", "t2"])), "t2: stopped\n");
     assert_eq!(ok(vme(s, &["delete", "t2"])), "t2: deleted\n");
     let err = fails(vme(s, &["info", "t1"]));
@@ -194,6 +261,47 @@ fn the_cli_drives_a_riscv64_vm() {
         &["create", "bad/name", "--kernel", k.to_str().unwrap()],
     ));
     assert!(err.contains("'/'"), "{err}");
+    let err = fails(vme(
+        s,
+        &[
+            "create",
+            "x",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cpu-allowance",
+            "9000%",
+        ],
+    ));
+    assert!(
+        err.contains("cpu_allowance") && err.contains("out of range"),
+        "{err}"
+    );
+    let err = fails(vme(
+        s,
+        &[
+            "create",
+            "x",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--io-max",
+            "/,speed=1",
+        ],
+    ));
+    assert!(err.contains("unknown limit"), "{err}");
+    ok(vme(
+        s,
+        &[
+            "create",
+            "t3",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cpu-allowance",
+            "50%",
+        ],
+    ));
+    let info: serde_json::Value = serde_json::from_str(&ok(vme(s, &["info", "t3"]))).unwrap();
+    assert_eq!(info["limits"]["cpu_allowance"], 0.5);
+    ok(vme(s, &["rm", "t3"]));
     let err = fails(vme(Path::new("/nonexistent/vme.sock"), &["list"]));
     assert!(
         err.contains("cannot reach vmed") && err.contains("VME_SOCKET"),
@@ -207,6 +315,7 @@ fn daemon(test: &str) -> (Vmed, PathBuf) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vme.sock");
+    let cgroups = cgroup_root(test);
     let child = Command::new(sibling("vmed"))
         .arg("--socket")
         .arg(&socket)
@@ -214,9 +323,15 @@ fn daemon(test: &str) -> (Vmed, PathBuf) {
         .arg(dir.join("state"))
         .arg("--vmm")
         .arg(sibling("vme-vmm"))
+        .arg("--cgroup-root")
+        .arg(&cgroups)
         .spawn()
         .unwrap();
-    let vmed = Vmed { child, dir };
+    let vmed = Vmed {
+        child,
+        dir,
+        cgroups,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(Instant::now() < deadline, "vmed did not open its socket");

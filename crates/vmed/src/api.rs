@@ -55,8 +55,8 @@ type App = Arc<Daemon>;
 
 /// Every route the fallback names (a 404 for an unknown path lists them).
 const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAME/console, \
-    /1.0/metrics, /1.0/operations, /1.0/operations/ID, /1.0/operations/ID/wait, /1.0/events \
-    and /1.0/openapi.json";
+    /1.0/vms/NAME/usage, /1.0/metrics, /1.0/operations, /1.0/operations/ID, \
+    /1.0/operations/ID/wait, /1.0/events and /1.0/openapi.json";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -85,6 +85,7 @@ fn routes() -> OpenApiRouter<App> {
         .routes(routes!(info, delete))
         .routes(routes!(state))
         .routes(routes!(console))
+        .routes(routes!(usage))
         .routes(routes!(metrics))
         .routes(routes!(operations))
         .routes(routes!(operation, cancel))
@@ -430,6 +431,86 @@ async fn delete(
 async fn console(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
     let log = blocking(move || d.console_log(&name)).await?;
     Ok(ok(StatusCode::OK, ConsoleLog { log }))
+}
+
+/// The reply of `GET /1.0/vms/{name}/usage`: `name`, `state`, `sample_interval_seconds`,
+/// `samples` (oldest first), `totals`, `latest` and `rates` (per second, `cpu_percent`).
+#[derive(ToSchema)]
+#[schema(value_type = Object)]
+#[allow(dead_code)] // Only its schema is used: the reply is built as JSON.
+struct UsageReport(Value);
+
+/// The query of `GET /1.0/vms/{name}/usage`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    /// Unix seconds or RFC 3339; default: every stored sample.
+    since: Option<String>,
+}
+
+/// The VM's accounting samples since `since`, with their totals and latest rates.
+#[utoipa::path(get, path = "/1.0/vms/{name}/usage", tag = "vms",
+    params(("name" = String, Path, description = NAME),
+        ("since" = Option<String>, Query,
+            description = "Unix seconds or RFC 3339; default: every stored sample")),
+    responses(
+        (status = 200, description = "Samples (10 s apart by default), totals, latest rates",
+            body = Reply<UsageReport>),
+        (status = 400, description = "Not a valid VM name, or a bad `since`", body = ErrorReply),
+        (status = 404, description = "No such VM", body = ErrorReply)))]
+async fn usage(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    query: axum::extract::RawQuery,
+) -> Result<Response, OpError> {
+    let q: UsageQuery = serde_urlencoded_query(query.0.as_deref().unwrap_or(""))?;
+    let v = blocking(move || d.usage(&name, q.since.as_deref())).await?;
+    Ok(ok(StatusCode::OK, v))
+}
+
+/// Parses a query string ourselves, so a bad one is a 400 in our error shape: `key=value`
+/// pairs, percent-decoded, unknown keys refused.
+fn serde_urlencoded_query(q: &str) -> Result<UsageQuery, OpError> {
+    let mut since = None;
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v).ok_or_else(|| {
+            OpError::BadRequest(format!("query value {v:?} is not valid percent-encoding"))
+        })?;
+        match k {
+            "since" => since = Some(v),
+            _ => {
+                return Err(OpError::BadRequest(format!(
+                    "unknown query parameter {k:?}: this route takes since=TIME"
+                )));
+            }
+        }
+    }
+    Ok(UsageQuery { since })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The body of `PUT /1.0/vms/{name}/state`.

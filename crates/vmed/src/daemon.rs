@@ -12,6 +12,7 @@
 //! is a lifecycle event on [`Daemon::events`].
 
 use crate::admission::{Host, Load, Ratios};
+use crate::cgroup::{self, CgroupConfig};
 use crate::events::{self, Events, Published};
 use crate::lifecycle::{self, Action, Illegal, State};
 use crate::operations::{Op, Operations};
@@ -66,14 +67,22 @@ pub struct Config {
     /// What VMs may be given in all (see [`crate::admission`]).
     pub host: Host,
     pub ratios: Ratios,
+    pub cgroups: CgroupConfig,
+    /// How often each VM's usage is sampled, and how long samples are kept.
+    pub sample_interval: Duration,
+    pub usage_retention: Duration,
 }
 
 /// One live monitor process.
 pub(crate) struct Monitor {
-    pid: u32,
+    pub(crate) pid: u32,
     control: PathBuf,
     /// When the daemon started (or adopted) it.
     since: Instant,
+    /// Its cgroup, when it has one (removed once it exits).
+    pub(crate) cgroup: Option<PathBuf>,
+    /// Its VM's taps, for the network counters.
+    pub(crate) taps: Vec<String>,
 }
 
 /// A VM that ran this long before its monitor exited starts its restart backoff afresh.
@@ -84,7 +93,7 @@ pub struct Daemon {
     store: Mutex<Box<dyn Store>>,
     /// Live monitors by VM name; a waiter thread removes its entry when the process exits
     /// and signals `exited`.
-    monitors: Mutex<HashMap<String, Monitor>>,
+    pub(crate) monitors: Mutex<HashMap<String, Monitor>>,
     exited: Condvar,
     /// VMs with an operation in progress, with what it does: one at a time per VM, so two
     /// starts cannot race.
@@ -95,6 +104,8 @@ pub struct Daemon {
     pub events: Events,
     /// The operations running and recently ended (`GET /1.0/operations`).
     pub ops: Operations,
+    /// Each live VM's last usage sample (see [`crate::accounting`]).
+    pub(crate) last_samples: Mutex<HashMap<String, crate::usage::Sample>>,
 }
 
 /// Marks a VM busy for the length of an operation (it may move to another thread with it).
@@ -183,8 +194,10 @@ impl Daemon {
             restarts: Mutex::new(HashMap::new()),
             ops: Operations::new(events.clone()),
             events,
+            last_samples: Mutex::new(HashMap::new()),
         });
         crate::reconcile::run(&daemon)?;
+        crate::accounting::spawn_sampler(&daemon);
         Ok(daemon)
     }
 
@@ -197,7 +210,7 @@ impl Daemon {
     }
 
     /// Lists a live monitor, whose exit the caller's thread will report with [`Self::exited`].
-    pub(crate) fn watch(&self, name: &str, pid: u32) {
+    pub(crate) fn watch(&self, name: &str, pid: u32, cgroup: Option<PathBuf>, taps: Vec<String>) {
         let control = control_path(&self.cfg.state_dir, name);
         lock(&self.monitors).insert(
             name.to_string(),
@@ -205,6 +218,8 @@ impl Daemon {
                 pid,
                 control,
                 since: Instant::now(),
+                cgroup,
+                taps,
             },
         );
     }
@@ -229,7 +244,10 @@ impl Daemon {
 
     pub fn metrics(&self) -> Result<String, OpError> {
         let vms = self.list()?;
-        Ok(crate::metrics::render(&vms, self.cfg.host, self.cfg.ratios))
+        let usage = lock(&self.store).latest_samples()?;
+        let mut text = crate::metrics::render(&vms, self.cfg.host, self.cfg.ratios);
+        text.push_str(&crate::metrics::render_usage(&vms, &usage));
+        Ok(text)
     }
 
     pub fn get(&self, name: &str) -> Result<VmRecord, OpError> {
@@ -262,6 +280,7 @@ impl Daemon {
     /// an operation that stores the VM.
     pub fn create_task(self: &Arc<Self>, req: validate::CreateVm) -> Result<Task, OpError> {
         let spec = validate::create(&req).map_err(OpError::BadRequest)?;
+        let limits = validate::limits(&req, &spec).map_err(OpError::BadRequest)?;
         self.cfg
             .host
             .admits(self.cfg.ratios, load(&spec))
@@ -277,7 +296,7 @@ impl Daemon {
         let work = move || {
             let _busy = busy;
             let _doing = events::doing("create");
-            let vm = lock(&me.store).create(&req.name, &spec, req.restart_policy)?;
+            let vm = lock(&me.store).create(&req.name, &spec, req.restart_policy, &limits)?;
             crate::crashpoint::hit("create:after-insert");
             Ok(serde_json::to_value(vm).unwrap_or(Value::Null))
         };
@@ -438,6 +457,11 @@ impl Daemon {
 
     fn delete_now(&self, name: &str) -> Result<(), OpError> {
         self.transition(name, Action::Delete)?;
+        if self.cfg.cgroups.enabled {
+            // A leftover of a monitor that died while no vmed watched it.
+            cgroup::remove(&cgroup::vm_path(&self.cfg.cgroups.root, name))
+                .map_err(OpError::Failed)?;
+        }
         let dir = vm_dir(&self.cfg.state_dir, name);
         if let Err(e) = fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -503,32 +527,41 @@ impl Daemon {
             })
             .and_then(|()| fs::write(&machine, spec.to_toml()))
             .and_then(|()| fs::File::create(&log));
-        let log_file = prepared.map_err(|e| {
+        let mut log_file = prepared.map_err(|e| {
             fail(format!(
                 "cannot prepare {}: {e}; check the state dir's permissions and free space",
                 dir.display()
             ))
         })?;
-        let child = Command::new(&self.cfg.vmm)
-            .arg("--config")
+        let group = cgroup::for_vm(&self.cfg.cgroups, &vm, &mut log_file)
+            .map_err(|e| fail(format!("cannot give VM {name:?} its cgroup: {e}")))?;
+        let mut cmd = Command::new(&self.cfg.vmm);
+        cmd.arg("--config")
             .arg(&machine)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
             // Its own process group: a Ctrl-C meant for the daemon must not reach the VMs.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| {
-                fail(format!(
-                    "cannot run the monitor {}: {e}; install vme-vmm next to vmed or pass --vmm PATH",
-                    self.cfg.vmm.display()
-                ))
-            })?;
+            .process_group(0);
+        if let Some(g) = &group {
+            g.attach(&mut cmd);
+        }
+        let child = cmd.spawn().map_err(|e| {
+            if let Some(g) = &group {
+                let _ = cgroup::remove(&g.dir);
+            }
+            fail(format!(
+                "cannot run the monitor {} in its cgroup: {e}; install vme-vmm next to vmed or \
+                 pass --vmm PATH",
+                self.cfg.vmm.display()
+            ))
+        })?;
         let pid = child.id();
         crate::crashpoint::hit("start:after-spawn");
         // The pid is recorded with `running`, in one flush: a daemon that dies before then
         // finds the monitor by its machine file (see reconcile).
-        self.watch(name, pid);
+        let taps = vm.spec.nets.iter().map(|n| n.tap.clone()).collect();
+        self.watch(name, pid, group.map(|g| g.dir), taps);
         let me = Arc::clone(self);
         let n = name.to_string();
         std::thread::spawn(move || me.supervise(n, child, log));
@@ -634,6 +667,8 @@ impl Daemon {
     /// Records a monitor's exit: the state it leaves the VM in (with the log's tail as the
     /// reason of a crash), no pid, and no live monitor; wakes whoever waits for it.
     pub(crate) fn exited(self: &Arc<Self>, name: &str, clean: bool, how: &str, log: &Path) {
+        // Before the VM counts as stopped: its last usage, then its cgroup goes.
+        self.account_exit(name);
         let mut restart = false;
         {
             let mut store = lock(&self.store);

@@ -9,7 +9,9 @@
 //! events and is told how many (a `lagged` event), so a slow reader cannot hold the daemon up.
 
 use crate::lifecycle::{RestartPolicy, State};
+use crate::limits::VmLimits;
 use crate::store::{Store, StoreError, VmRecord};
+use crate::usage::Sample;
 use serde::Serialize;
 use serde_json::Value;
 use std::cell::Cell;
@@ -173,8 +175,9 @@ impl Store for Published {
         name: &str,
         spec: &MachineSpec,
         policy: RestartPolicy,
+        limits: &VmLimits,
     ) -> Result<VmRecord, StoreError> {
-        let vm = self.inner.create(name, spec, policy)?;
+        let vm = self.inner.create(name, spec, policy, limits)?;
         self.publish(name, None, Some(vm.state), "");
         Ok(vm)
     }
@@ -206,6 +209,22 @@ impl Store for Published {
 
     fn set_pid(&mut self, name: &str, pid: u32) -> Result<(), StoreError> {
         self.inner.set_pid(name, pid)
+    }
+
+    fn add_samples(&mut self, samples: &[Sample]) -> Result<(), StoreError> {
+        self.inner.add_samples(samples)
+    }
+
+    fn samples(&self, name: &str, since_ms: i64) -> Result<Vec<Sample>, StoreError> {
+        self.inner.samples(name, since_ms)
+    }
+
+    fn latest_samples(&self) -> Result<Vec<Sample>, StoreError> {
+        self.inner.latest_samples()
+    }
+
+    fn prune_samples(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+        self.inner.prune_samples(before_ms)
     }
 
     fn set_state_and_pid(
@@ -277,7 +296,9 @@ mod tests {
         let spec = MachineSpec::new("/k");
         {
             let _d = doing("create");
-            store.create("a", &spec, RestartPolicy::Never).unwrap();
+            store
+                .create("a", &spec, RestartPolicy::Never, &VmLimits::default())
+                .unwrap();
         }
         {
             let _d = doing("start");

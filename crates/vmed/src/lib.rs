@@ -7,15 +7,19 @@
 //! `/1.0/openapi.json`); long actions are [`operations`], and every VM state change and
 //! operation is published on the [`events`] stream (`/1.0/events`).
 
+pub mod accounting;
 pub mod admission;
 pub mod api;
+pub mod cgroup;
 pub mod crashpoint;
 pub mod daemon;
 pub mod events;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod operations;
 pub mod reconcile;
 pub mod settings;
 pub mod store;
+pub mod usage;
 pub mod validate;

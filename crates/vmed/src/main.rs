@@ -47,6 +47,28 @@ struct Args {
     /// `vmed --print-openapi > docs/openapi.json` regenerates the committed copy.
     #[arg(long)]
     print_openapi: bool,
+    /// Run each VM's monitor in its own cgroup v2 with its limits (default true); false runs
+    /// them unconfined.
+    #[arg(long, value_name = "BOOL")]
+    cgroups: Option<bool>,
+    /// The cgroup under which each VM gets vm-NAME (default: vme.slice under the host's
+    /// cgroup2 mount, normally /sys/fs/cgroup/vme.slice).
+    #[arg(long, value_name = "DIR")]
+    cgroup_root: Option<PathBuf>,
+    /// Memory a monitor may use beyond its guest's: memory.max = guest memory + this
+    /// (default 64M).
+    #[arg(long, value_name = "SIZE")]
+    monitor_memory: Option<vme_api::ByteSize>,
+    /// Refuse a start when memory.max or the default cpu.max cannot be set for want of a
+    /// cgroup controller (default false: skipped, with a note in the monitor's log).
+    #[arg(long, value_name = "BOOL")]
+    require_controllers: Option<bool>,
+    /// Seconds between usage samples (default 10).
+    #[arg(long, value_name = "SECONDS")]
+    sample_interval: Option<u64>,
+    /// Seconds usage samples are kept (default 30 days).
+    #[arg(long, value_name = "SECONDS")]
+    usage_retention: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -63,6 +85,12 @@ fn main() -> Result<()> {
         stop_timeout: args.stop_timeout,
         cpu_overcommit: args.cpu_overcommit,
         memory_overcommit: args.memory_overcommit,
+        cgroups: args.cgroups,
+        cgroup_root: args.cgroup_root,
+        monitor_memory: args.monitor_memory,
+        require_controllers: args.require_controllers,
+        sample_interval: args.sample_interval,
+        usage_retention: args.usage_retention,
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -102,7 +130,18 @@ fn main() -> Result<()> {
             cpu: settings.cpu_overcommit,
             memory: settings.memory_overcommit,
         },
+        cgroups: vmed::cgroup::CgroupConfig {
+            enabled: settings.cgroups,
+            root: settings.cgroup_root,
+            monitor_memory: settings.monitor_memory,
+            require_controllers: settings.require_controllers,
+        },
+        sample_interval: Duration::from_secs(settings.sample_interval),
+        usage_retention: Duration::from_secs(settings.usage_retention),
     };
+    if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
+        eprintln!("vmed: {note}");
+    }
     vmed::crashpoint::check().map_err(anyhow::Error::msg)?;
     let daemon = Daemon::new(cfg, Box::new(store)).context("cannot read the state database")?;
     let events = daemon.events.clone();

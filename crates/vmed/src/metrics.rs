@@ -1,10 +1,89 @@
 //! `/1.0/metrics`: the daemon's view in Prometheus text format (VMs by state, each VM's
-//! resources, the host's capacity). Usage accounting (CPU seconds, bytes) comes with cgroups.
+//! resources, the host's capacity), and each VM's usage from its newest accounting sample.
 
 use crate::admission::{Host, Ratios};
 use crate::lifecycle::ALL_STATES;
 use crate::store::VmRecord;
+use crate::usage::Sample;
 use std::fmt::Write;
+
+/// Each VM's usage, from its newest sample. The counters count since the VM's monitor
+/// started (a new monitor starts them again, which Prometheus reads as a counter reset);
+/// a VM with no monitor keeps its last run's counters and shows no memory in use.
+pub fn render_usage(vms: &[VmRecord], latest: &[Sample]) -> String {
+    let mut out = String::new();
+    let rows: Vec<(&VmRecord, &Sample)> = vms
+        .iter()
+        .filter_map(|v| Some((v, latest.iter().find(|s| s.vm == v.name)?)))
+        .collect();
+    let mut metric = |name: &str, kind: &str, help: &str, f: &dyn Fn(&VmRecord, &Sample) -> f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (v, s) in &rows {
+            let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", v.name, f(v, s));
+        }
+    };
+    metric(
+        "vme_vm_cpu_seconds_total",
+        "counter",
+        "CPU time the VM's monitor used (its guest's vCPUs and its devices).",
+        &|_, s| s.cpu_usec as f64 / 1e6,
+    );
+    metric(
+        "vme_vm_cpu_user_seconds_total",
+        "counter",
+        "CPU time the VM's monitor used in user mode.",
+        &|_, s| s.cpu_user_usec as f64 / 1e6,
+    );
+    metric(
+        "vme_vm_cpu_system_seconds_total",
+        "counter",
+        "CPU time the VM's monitor used in the kernel.",
+        &|_, s| s.cpu_system_usec as f64 / 1e6,
+    );
+    metric(
+        "vme_vm_memory_used_bytes",
+        "gauge",
+        "Memory the VM's monitor uses now (0 without a monitor).",
+        &|v, s| {
+            if v.state.has_monitor() {
+                s.memory_bytes as f64
+            } else {
+                0.0
+            }
+        },
+    );
+    metric(
+        "vme_vm_memory_peak_bytes",
+        "gauge",
+        "The most memory the VM's monitor used.",
+        &|_, s| s.memory_peak_bytes as f64,
+    );
+    metric(
+        "vme_vm_disk_read_bytes_total",
+        "counter",
+        "Bytes the VM's monitor read from storage.",
+        &|_, s| s.disk_read_bytes as f64,
+    );
+    metric(
+        "vme_vm_disk_written_bytes_total",
+        "counter",
+        "Bytes the VM's monitor wrote to storage.",
+        &|_, s| s.disk_write_bytes as f64,
+    );
+    metric(
+        "vme_vm_network_receive_bytes_total",
+        "counter",
+        "Bytes the guest received on its network devices.",
+        &|_, s| s.net_rx_bytes as f64,
+    );
+    metric(
+        "vme_vm_network_transmit_bytes_total",
+        "counter",
+        "Bytes the guest sent on its network devices.",
+        &|_, s| s.net_tx_bytes as f64,
+    );
+    out
+}
 
 /// Renders the metrics. VM names need no escaping in labels: validation allows only
 /// letters, digits and '-'.
@@ -89,6 +168,7 @@ mod tests {
             spec,
             pid: 7,
             restart_policy: RestartPolicy::Never,
+            limits: Default::default(),
             created_at: 0,
             updated_at: 0,
         };
@@ -96,7 +176,7 @@ mod tests {
             cpus: 4,
             memory: 8 << 30,
         };
-        let text = render(&[vm], host, Ratios::default());
+        let text = render(std::slice::from_ref(&vm), host, Ratios::default());
         for line in [
             "# TYPE vme_vms gauge",
             "vme_vms{state=\"running\"} 1",
@@ -112,8 +192,42 @@ mod tests {
                 "{line} missing from:\n{text}"
             );
         }
+        let sample = Sample {
+            vm: "web-1".into(),
+            cpu_usec: 2_500_000,
+            memory_bytes: 1000,
+            net_rx_bytes: 7,
+            ..Sample::default()
+        };
+        let mut vm = vm;
+        let usage = render_usage(std::slice::from_ref(&vm), std::slice::from_ref(&sample));
+        for line in [
+            "# TYPE vme_vm_cpu_seconds_total counter",
+            "vme_vm_cpu_seconds_total{vm=\"web-1\"} 2.5",
+            "vme_vm_memory_used_bytes{vm=\"web-1\"} 1000",
+            "vme_vm_network_receive_bytes_total{vm=\"web-1\"} 7",
+        ] {
+            assert!(
+                usage.lines().any(|l| l == line),
+                "{line} missing from:\n{usage}"
+            );
+        }
+        vm.state = State::Stopped;
+        let usage = render_usage(&[vm], &[sample]);
+        assert!(
+            usage.contains("vme_vm_memory_used_bytes{vm=\"web-1\"} 0\n"),
+            "{usage}"
+        );
+        assert!(
+            usage.contains("vme_vm_cpu_seconds_total{vm=\"web-1\"} 2.5\n"),
+            "{usage}"
+        );
         // Every sample line is NAME[{labels}] VALUE.
-        for l in text.lines().filter(|l| !l.starts_with('#')) {
+        for l in text
+            .lines()
+            .chain(usage.lines())
+            .filter(|l| !l.starts_with('#'))
+        {
             let (_, v) = l.rsplit_once(' ').unwrap();
             v.parse::<f64>().unwrap();
         }

@@ -65,7 +65,14 @@ fn settle_without_monitor(
             format!("vmed restarted while the VM was {s}; {why}"),
         ),
     };
-    d.store().set_state_and_pid(&vm.name, state, &reason, 0)
+    d.store().set_state_and_pid(&vm.name, state, &reason, 0)?;
+    // The cgroup of a monitor that is gone (one that still runs keeps it: ours to remove
+    // only once empty).
+    let cg = &d.config().cgroups;
+    if cg.enabled {
+        let _ = std::fs::remove_dir(crate::cgroup::vm_path(&cg.root, &vm.name));
+    }
+    Ok(())
 }
 
 /// A running monitor started with `--config MACHINE`: the one a start spawned just before
@@ -111,7 +118,11 @@ fn adopt(d: &Arc<Daemon>, vm: &VmRecord) -> Result<(), String> {
     d.store()
         .set_state_and_pid(name, state, "", pid)
         .map_err(|e| e.to_string())?;
-    d.watch(name, pid);
+    let cg = &d.config().cgroups;
+    let group = crate::cgroup::vm_path(&cg.root, name);
+    let group = (cg.enabled && crate::cgroup::contains(&group, pid)).then_some(group);
+    let taps = vm.spec.nets.iter().map(|n| n.tap.clone()).collect();
+    d.watch(name, pid, group, taps);
     let (d, name) = (Arc::clone(d), name.to_string());
     std::thread::spawn(move || {
         if state == State::Stopping {

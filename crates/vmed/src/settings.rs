@@ -3,9 +3,13 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use vme_api::ByteSize;
 
 pub const DEFAULT_SOCKET: &str = "/run/vme/vme.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vme";
+/// What a monitor may use beyond its guest's memory: its code, device buffers and threads.
+pub const DEFAULT_MONITOR_MEMORY: u64 = 64 * MIB;
+use vme_api::size::{GIB, MIB};
 
 /// Every setting, each optional: one layer (the flags, or the file).
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
@@ -18,6 +22,15 @@ pub struct Layer {
     pub stop_timeout: Option<u64>,
     pub cpu_overcommit: Option<f64>,
     pub memory_overcommit: Option<f64>,
+    /// Each VM in its own cgroup v2 (default true).
+    pub cgroups: Option<bool>,
+    pub cgroup_root: Option<PathBuf>,
+    pub monitor_memory: Option<ByteSize>,
+    pub require_controllers: Option<bool>,
+    /// Seconds between usage samples.
+    pub sample_interval: Option<u64>,
+    /// Seconds usage samples are kept.
+    pub usage_retention: Option<u64>,
 }
 
 /// The settings in force.
@@ -32,7 +45,18 @@ pub struct Settings {
     pub stop_timeout: u64,
     pub cpu_overcommit: f64,
     pub memory_overcommit: f64,
+    pub cgroups: bool,
+    /// Default: `vme.slice` under the host's cgroup2 mount.
+    pub cgroup_root: PathBuf,
+    pub monitor_memory: u64,
+    pub require_controllers: bool,
+    pub sample_interval: u64,
+    pub usage_retention: u64,
 }
+
+pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
+    memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
+    sample_interval, usage_retention";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -41,8 +65,7 @@ impl Layer {
             .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
             format!(
-                "invalid config file {}: {e}; its keys are socket, group, state_dir, vmm, \
-                 stop_timeout, cpu_overcommit, memory_overcommit",
+                "invalid config file {}: {e}; its keys are {KEYS}",
                 path.display()
             )
         })
@@ -58,6 +81,12 @@ impl Layer {
             stop_timeout: self.stop_timeout.or(below.stop_timeout),
             cpu_overcommit: self.cpu_overcommit.or(below.cpu_overcommit),
             memory_overcommit: self.memory_overcommit.or(below.memory_overcommit),
+            cgroups: self.cgroups.or(below.cgroups),
+            cgroup_root: self.cgroup_root.or(below.cgroup_root),
+            monitor_memory: self.monitor_memory.or(below.monitor_memory),
+            require_controllers: self.require_controllers.or(below.require_controllers),
+            sample_interval: self.sample_interval.or(below.sample_interval),
+            usage_retention: self.usage_retention.or(below.usage_retention),
         }
     }
 
@@ -71,7 +100,41 @@ impl Layer {
             stop_timeout: self.stop_timeout.unwrap_or(30),
             cpu_overcommit: self.cpu_overcommit.unwrap_or(4.0),
             memory_overcommit: self.memory_overcommit.unwrap_or(1.0),
+            cgroups: self.cgroups.unwrap_or(true),
+            cgroup_root: self.cgroup_root.unwrap_or_else(crate::cgroup::default_root),
+            monitor_memory: self
+                .monitor_memory
+                .map_or(DEFAULT_MONITOR_MEMORY, ByteSize::bytes),
+            require_controllers: self.require_controllers.unwrap_or(false),
+            sample_interval: self.sample_interval.unwrap_or(10),
+            usage_retention: self.usage_retention.unwrap_or(30 * 86400),
         };
+        if !s.cgroup_root.is_absolute() || s.cgroup_root.components().any(|c| c.as_os_str() == "..")
+        {
+            return Err(format!(
+                "cgroup_root {} must be an absolute path without '..', like \
+                 /sys/fs/cgroup/vme.slice",
+                s.cgroup_root.display()
+            ));
+        }
+        if !(4 * MIB..=64 * GIB).contains(&s.monitor_memory) {
+            return Err(format!(
+                "monitor_memory {} is out of range: give 4M to 64G, like 64M",
+                ByteSize(s.monitor_memory)
+            ));
+        }
+        if !(1..=3600).contains(&s.sample_interval) {
+            return Err(format!(
+                "sample_interval {} s is out of range: give 1 to 3600 seconds",
+                s.sample_interval
+            ));
+        }
+        if s.usage_retention < s.sample_interval {
+            return Err(format!(
+                "usage_retention {} s is shorter than sample_interval {} s: keep samples longer",
+                s.usage_retention, s.sample_interval
+            ));
+        }
         for (key, r) in [
             ("cpu_overcommit", s.cpu_overcommit),
             ("memory_overcommit", s.memory_overcommit),
@@ -101,6 +164,13 @@ mod tests {
         let s = Layer::default().settle().unwrap();
         assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert!(s.cgroups && !s.require_controllers);
+        assert!(
+            s.cgroup_root.ends_with("vme.slice"),
+            "{}",
+            s.cgroup_root.display()
+        );
+        assert_eq!((s.monitor_memory, s.sample_interval), (64 << 20, 10));
         assert_eq!(
             (s.stop_timeout, s.cpu_overcommit, s.memory_overcommit),
             (30, 4.0, 1.0)
@@ -137,6 +207,23 @@ mod tests {
             },
             Layer {
                 stop_timeout: Some(100_000),
+                ..Layer::default()
+            },
+            Layer {
+                cgroup_root: Some("vme.slice".into()),
+                ..Layer::default()
+            },
+            Layer {
+                monitor_memory: Some(ByteSize(1024)),
+                ..Layer::default()
+            },
+            Layer {
+                sample_interval: Some(0),
+                ..Layer::default()
+            },
+            Layer {
+                sample_interval: Some(60),
+                usage_retention: Some(30),
                 ..Layer::default()
             },
         ] {

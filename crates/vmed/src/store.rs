@@ -4,6 +4,8 @@
 //! that returned has reached the disk.
 
 use crate::lifecycle::{RestartPolicy, State};
+use crate::limits::VmLimits;
+use crate::usage::Sample;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use std::path::Path;
@@ -38,6 +40,8 @@ pub struct VmRecord {
     /// The pid of the VM's monitor while it has one, else 0.
     pub pid: u32,
     pub restart_policy: RestartPolicy,
+    /// Cgroup limits beyond the spec (CPU allowance, io.max).
+    pub limits: VmLimits,
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
@@ -50,6 +54,7 @@ pub trait Store: Send {
         name: &str,
         spec: &MachineSpec,
         policy: RestartPolicy,
+        limits: &VmLimits,
     ) -> Result<VmRecord, StoreError>;
     fn get(&self, name: &str) -> Result<VmRecord, StoreError>;
     /// Every VM, ordered by name.
@@ -67,6 +72,15 @@ pub trait Store: Send {
         reason: &str,
         pid: u32,
     ) -> Result<(), StoreError>;
+    /// Records usage samples (one per VM per tick), all or none; samples of VMs no longer
+    /// stored are dropped. A VM's samples go with it when it is deleted.
+    fn add_samples(&mut self, samples: &[Sample]) -> Result<(), StoreError>;
+    /// VM `name`'s samples taken at or after `since_ms` (Unix ms), oldest first.
+    fn samples(&self, name: &str, since_ms: i64) -> Result<Vec<Sample>, StoreError>;
+    /// The newest sample of each VM that has one.
+    fn latest_samples(&self) -> Result<Vec<Sample>, StoreError>;
+    /// Drops samples older than `before_ms`; returns how many.
+    fn prune_samples(&mut self, before_ms: i64) -> Result<usize, StoreError>;
 }
 
 /// Schema migrations, applied in order; `schema_version` records how many ran. Never edit
@@ -84,6 +98,25 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN pid INTEGER NOT NULL DEFAULT 0",
     // What to do when the monitor exits on its own (never, on-failure, always).
     "ALTER TABLE vms ADD COLUMN restart_policy TEXT NOT NULL DEFAULT 'never'",
+    // Cgroup limits beyond the spec, as JSON (crate::limits::VmLimits).
+    "ALTER TABLE vms ADD COLUMN limits TEXT NOT NULL DEFAULT '{}'",
+    // Accounting: what each VM's monitor had used at a moment (counters since it started).
+    "CREATE TABLE samples (
+        vm TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        at_ms INTEGER NOT NULL,
+        pid INTEGER NOT NULL,
+        cpu_usec INTEGER NOT NULL,
+        cpu_user_usec INTEGER NOT NULL,
+        cpu_system_usec INTEGER NOT NULL,
+        memory_bytes INTEGER NOT NULL,
+        memory_peak_bytes INTEGER NOT NULL,
+        disk_read_bytes INTEGER NOT NULL,
+        disk_write_bytes INTEGER NOT NULL,
+        net_rx_bytes INTEGER NOT NULL,
+        net_tx_bytes INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX samples_by_vm ON samples (vm, at_ms);
+    CREATE INDEX samples_by_time ON samples (at_ms);",
 ];
 
 pub struct SqliteStore {
@@ -152,7 +185,17 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-type Row = (String, String, String, String, i64, i64, i64, String);
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    String,
+    String,
+);
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((
@@ -164,11 +207,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(5)?,
         r.get(6)?,
         r.get(7)?,
+        r.get(8)?,
     ))
 }
 
 fn record(
-    (name, spec, state, reason, created_at, updated_at, pid, policy): Row,
+    (name, spec, state, reason, created_at, updated_at, pid, policy, limits): Row,
 ) -> Result<VmRecord, StoreError> {
     let state = State::parse(&state)
         .ok_or_else(|| StoreError::Corrupt(format!("VM {name:?} has state {state:?}")))?;
@@ -176,6 +220,8 @@ fn record(
         .map_err(|e| StoreError::Corrupt(format!("VM {name:?} has an unreadable spec: {e}")))?;
     let restart_policy = RestartPolicy::parse(&policy)
         .ok_or_else(|| StoreError::Corrupt(format!("VM {name:?} has restart policy {policy:?}")))?;
+    let limits = serde_json::from_str(&limits)
+        .map_err(|e| StoreError::Corrupt(format!("VM {name:?} has unreadable limits: {e}")))?;
     Ok(VmRecord {
         name,
         state,
@@ -183,12 +229,40 @@ fn record(
         spec,
         pid: u32::try_from(pid).unwrap_or(0),
         restart_policy,
+        limits,
         created_at,
         updated_at,
     })
 }
 
-const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at, pid, restart_policy";
+const COLUMNS: &str =
+    "name, spec, state, reason, created_at, updated_at, pid, restart_policy, limits";
+
+const SAMPLE_COLUMNS: &str = "vm, at_ms, pid, cpu_usec, cpu_user_usec, cpu_system_usec, \
+    memory_bytes, memory_peak_bytes, disk_read_bytes, disk_write_bytes, net_rx_bytes, net_tx_bytes";
+
+fn sample(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sample> {
+    let u = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+    Ok(Sample {
+        vm: r.get(0)?,
+        at_ms: r.get(1)?,
+        pid: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+        cpu_usec: u(3)?,
+        cpu_user_usec: u(4)?,
+        cpu_system_usec: u(5)?,
+        memory_bytes: u(6)?,
+        memory_peak_bytes: u(7)?,
+        disk_read_bytes: u(8)?,
+        disk_write_bytes: u(9)?,
+        net_rx_bytes: u(10)?,
+        net_tx_bytes: u(11)?,
+    })
+}
+
+/// SQLite integers are signed: a counter past i64::MAX (never in practice) is clamped.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
 impl Store for SqliteStore {
     fn create(
@@ -196,14 +270,25 @@ impl Store for SqliteStore {
         name: &str,
         spec: &MachineSpec,
         policy: RestartPolicy,
+        limits: &VmLimits,
     ) -> Result<VmRecord, StoreError> {
         let json = serde_json::to_string(spec)
             .map_err(|e| StoreError::Corrupt(format!("cannot encode the spec: {e}")))?;
+        let limits = serde_json::to_string(limits)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode the limits: {e}")))?;
         let t = now();
         let n = self.conn.execute(
-            "INSERT INTO vms (name, spec, state, reason, created_at, updated_at, restart_policy)
-             VALUES (?1, ?2, ?3, '', ?4, ?4, ?5) ON CONFLICT(name) DO NOTHING",
-            params![name, json, State::Defined.as_str(), t, policy.as_str()],
+            "INSERT INTO vms (name, spec, state, reason, created_at, updated_at, restart_policy,
+                              limits)
+             VALUES (?1, ?2, ?3, '', ?4, ?4, ?5, ?6) ON CONFLICT(name) DO NOTHING",
+            params![
+                name,
+                json,
+                State::Defined.as_str(),
+                t,
+                policy.as_str(),
+                limits
+            ],
         )?;
         if n == 0 {
             return Err(StoreError::Exists(name.into()));
@@ -280,6 +365,59 @@ impl Store for SqliteStore {
         }
         Ok(())
     }
+
+    fn add_samples(&mut self, samples: &[Sample]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            // A VM deleted since it was sampled has no record to hang the sample on.
+            let mut stmt = tx.prepare(&format!(
+                "INSERT INTO samples ({SAMPLE_COLUMNS})
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12
+                 WHERE EXISTS (SELECT 1 FROM vms WHERE name = ?1)"
+            ))?;
+            for s in samples {
+                stmt.execute(params![
+                    s.vm,
+                    s.at_ms,
+                    s.pid,
+                    int(s.cpu_usec),
+                    int(s.cpu_user_usec),
+                    int(s.cpu_system_usec),
+                    int(s.memory_bytes),
+                    int(s.memory_peak_bytes),
+                    int(s.disk_read_bytes),
+                    int(s.disk_write_bytes),
+                    int(s.net_rx_bytes),
+                    int(s.net_tx_bytes),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn samples(&self, name: &str, since_ms: i64) -> Result<Vec<Sample>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {SAMPLE_COLUMNS} FROM samples WHERE vm = ?1 AND at_ms >= ?2 ORDER BY at_ms"
+        ))?;
+        let rows = stmt.query_map(params![name, since_ms], sample)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn latest_samples(&self) -> Result<Vec<Sample>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {SAMPLE_COLUMNS} FROM samples s
+             WHERE at_ms = (SELECT MAX(at_ms) FROM samples WHERE vm = s.vm) ORDER BY vm"
+        ))?;
+        let rows = stmt.query_map([], sample)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn prune_samples(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM samples WHERE at_ms < ?1", [before_ms])?)
+    }
 }
 
 #[cfg(test)]
@@ -302,8 +440,13 @@ mod tests {
         let (dir, db) = temp_db();
         let mut s = SqliteStore::open(&db).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
-        s.create("a", &MachineSpec::new("/k"), RestartPolicy::Never)
-            .unwrap();
+        s.create(
+            "a",
+            &MachineSpec::new("/k"),
+            RestartPolicy::Never,
+            &VmLimits::default(),
+        )
+        .unwrap();
         drop(s);
         let s = SqliteStore::open(&db).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
@@ -363,14 +506,17 @@ mod tests {
         let mut s = SqliteStore::open_in_memory().unwrap();
         let mut spec = MachineSpec::new("/boot/Image");
         spec.vcpus = 3;
-        let r = s.create("web", &spec, RestartPolicy::Always).unwrap();
+        let r = s
+            .create("web", &spec, RestartPolicy::Always, &VmLimits::default())
+            .unwrap();
         assert_eq!(r.restart_policy, RestartPolicy::Always);
         assert_eq!((r.state, r.spec.vcpus), (State::Defined, 3));
         assert!(matches!(
-            s.create("web", &spec, RestartPolicy::Never),
+            s.create("web", &spec, RestartPolicy::Never, &VmLimits::default()),
             Err(StoreError::Exists(_))
         ));
-        s.create("db", &spec, RestartPolicy::Never).unwrap();
+        s.create("db", &spec, RestartPolicy::Never, &VmLimits::default())
+            .unwrap();
         let names: Vec<_> = s.list().unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["db", "web"]);
         s.set_state("web", State::Crashed, "boom").unwrap();
@@ -383,5 +529,50 @@ mod tests {
             s.set_state("web", State::Running, ""),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn samples_are_stored_queried_pruned_and_go_with_their_vm() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let spec = MachineSpec::new("/k");
+        for n in ["a", "b"] {
+            s.create(n, &spec, RestartPolicy::Never, &VmLimits::default())
+                .unwrap();
+        }
+        let at = |vm: &str, at_ms: i64, cpu_usec: u64| Sample {
+            vm: vm.into(),
+            at_ms,
+            pid: 9,
+            cpu_usec,
+            net_tx_bytes: u64::MAX,
+            ..Sample::default()
+        };
+        s.add_samples(&[at("a", 1000, 1), at("b", 1000, 5), at("gone", 1000, 7)])
+            .unwrap();
+        s.add_samples(&[at("a", 2000, 2), at("a", 3000, 3)])
+            .unwrap();
+        let a = s.samples("a", 0).unwrap();
+        assert_eq!(a.iter().map(|x| x.cpu_usec).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(a[0].net_tx_bytes, i64::MAX as u64, "clamped, not wrapped");
+        assert_eq!(s.samples("a", 2000).unwrap().len(), 2);
+        assert!(
+            s.samples("gone", 0).unwrap().is_empty(),
+            "no VM, no samples"
+        );
+        let latest: Vec<_> = s
+            .latest_samples()
+            .unwrap()
+            .into_iter()
+            .map(|x| (x.vm, x.at_ms))
+            .collect();
+        assert_eq!(latest, [("a".to_string(), 3000), ("b".to_string(), 1000)]);
+        s.delete("b").unwrap();
+        assert_eq!(
+            s.latest_samples().unwrap().len(),
+            1,
+            "b's samples went with it"
+        );
+        assert_eq!(s.prune_samples(2000).unwrap(), 1);
+        assert_eq!(s.samples("a", 0).unwrap().len(), 2);
     }
 }

@@ -2,6 +2,7 @@
 //! anything is stored, so a refused request leaves no trace.
 
 use crate::lifecycle::RestartPolicy;
+use crate::limits::{CpuAllowance, IoMaxRequest, VmLimits};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use vme_api::size::{GIB, MIB};
@@ -78,6 +79,20 @@ pub struct CreateVm {
     /// `never` (default), `on-failure` or `always`.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// CPUs the VM may use in all: `"50%"` of one CPU, or a count like `"1.5"`. Default: its
+    /// vCPU count.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub cpu_allowance: Option<CpuAllowance>,
+    /// `io.max` limits: `[{"device": "/dev/sda" | "/path/on/the/disk" | "8:0", "rbps": "10M",
+    /// "wbps": ..., "riops": N, "wiops": N}]`.
+    #[serde(default)]
+    pub io_max: Vec<IoMaxRequest>,
+}
+
+/// Checks a create request's cgroup limits (after [`create`] checked its spec).
+pub fn limits(req: &CreateVm, spec: &MachineSpec) -> Result<VmLimits, String> {
+    crate::limits::check(req.cpu_allowance.as_ref(), &req.io_max, spec.vcpus)
 }
 
 /// Checks a create request and turns it into the machine spec the daemon stores. The

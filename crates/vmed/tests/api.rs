@@ -57,6 +57,9 @@ fn start_vmed(test: &str, vmm: Option<PathBuf>) -> Vmed {
         .arg("--vmm")
         .arg(vmm)
         .args(["--stop-timeout", "3"])
+        // Cgroups are tested on their own (tests/cgroups.rs); unconfined here, these tests
+        // cannot collide with another test daemon's cgroups of the same VM names.
+        .args(["--cgroups", "false"])
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

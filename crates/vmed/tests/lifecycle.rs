@@ -15,6 +15,8 @@ struct Vmed {
     dir: PathBuf,
     /// Flags beyond the socket, state dir and stop timeout.
     args: Vec<String>,
+    /// This daemon's own cgroup root: tests run in parallel and reuse VM names.
+    cgroups: PathBuf,
 }
 
 impl Drop for Vmed {
@@ -29,7 +31,33 @@ impl Drop for Vmed {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        remove_cgroups(&self.cgroups);
     }
+}
+
+/// The host's cgroup2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host).
+fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ")
+                .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
+        })
+        .expect("this host has no cgroup2 mount")
+}
+
+/// Removes a test daemon's cgroups once their (killed) monitors are gone.
+fn remove_cgroups(root: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            while std::fs::remove_dir(e.path()).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(root);
 }
 
 fn image(file: &str) -> PathBuf {
@@ -61,12 +89,17 @@ fn start_vmed_with(test: &str, args: &[String]) -> Vmed {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vme.sock");
-    let child = launch(&dir, &socket, args);
+    let cgroups = cgroup2_mount().join(format!("vme-test-{}-{test}", std::process::id()));
+    remove_cgroups(&cgroups);
+    let mut args = args.to_vec();
+    args.extend(["--cgroup-root".into(), cgroups.display().to_string()]);
+    let child = launch(&dir, &socket, &args);
     Vmed {
         child,
         socket,
         dir,
-        args: args.to_vec(),
+        args,
+        cgroups,
     }
 }
 

@@ -31,10 +31,11 @@ pub fn router(daemon: App) -> Router {
         .route("/1.0/vms/{name}", get(info).delete(delete))
         .route("/1.0/vms/{name}/state", put(state))
         .route("/1.0/vms/{name}/console", get(console))
+        .route("/1.0/vms/{name}/exec", axum::routing::post(exec))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "no such route: see /1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAME/console and /1.0/metrics".into(),
+                "no such route: see /1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAME/console, /1.0/vms/NAME/exec and /1.0/metrics".into(),
                 None,
             )
         })
@@ -74,6 +75,10 @@ impl IntoResponse for OpError {
                     Some(json!({"state": i.state, "allowed_actions": allowed})),
                 )
             }
+            OpError::NotRunning { state, .. } => {
+                error(StatusCode::CONFLICT, msg, Some(json!({ "state": state })))
+            }
+            OpError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, msg, None),
             OpError::Store(_) | OpError::Failed(_) => {
                 error(StatusCode::INTERNAL_SERVER_ERROR, msg, None)
             }
@@ -92,7 +97,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpError> {
 }
 
 /// Runs a blocking daemon operation off the async runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, OpError> + Send + 'static,
 ) -> Result<T, OpError> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
@@ -134,10 +139,29 @@ async fn delete(State(d): State<App>, Path(name): Path<String>) -> Result<Respon
     Ok(ok(StatusCode::OK, json!({})))
 }
 
-/// The end of the VM's console output (what its serial port printed).
-async fn console(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+/// The end of the VM's console output (what its serial port printed); with `?attach=1`,
+/// the console itself (see [`crate::console_attach`]).
+async fn console(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    req: axum::extract::Request,
+) -> Result<Response, OpError> {
+    if crate::console_attach::wanted(req.uri().query()).map_err(OpError::BadRequest)? {
+        return crate::console_attach::attach(d, name, req).await;
+    }
     let log = blocking(move || d.console_log(&name)).await?;
     Ok(ok(StatusCode::OK, json!({ "log": log })))
+}
+
+/// Runs a command in the guest through its agent (see [`crate::guest::ExecRequest`]).
+async fn exec(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, OpError> {
+    let req: crate::guest::ExecRequest = parse(&body)?;
+    let out = blocking(move || d.exec(&name, &req)).await?;
+    Ok(ok(StatusCode::OK, to_value(&out)))
 }
 
 /// The body of `PUT /1.0/vms/{name}/state`.

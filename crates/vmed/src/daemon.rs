@@ -45,6 +45,12 @@ pub enum OpError {
     Capacity(String),
     #[error("{0}")]
     Failed(String),
+    /// The VM is not in a state that allows it (409, with the state).
+    #[error("{msg}")]
+    NotRunning { msg: String, state: State },
+    /// The guest (its agent, its console) does not answer (503).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Options of the daemon that shape supervision.
@@ -58,6 +64,8 @@ pub struct Config {
     /// What VMs may be given in all (see [`crate::admission`]).
     pub host: Host,
     pub ratios: Ratios,
+    /// The cap of each VM's console log, in bytes.
+    pub console_log_size: u64,
 }
 
 /// One live monitor process.
@@ -168,9 +176,8 @@ impl Daemon {
     pub fn console_log(&self, name: &str) -> Result<String, OpError> {
         self.get(name)?;
         let path = vm_dir(&self.cfg.state_dir, name).join("console.log");
-        match read_tail(&path, CONSOLE_TAIL) {
-            Ok(t) => Ok(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        match vme_api::console_log::read_tail(&path, CONSOLE_TAIL) {
+            Ok(t) => Ok(String::from_utf8_lossy(&t).into_owned()),
             Err(e) => Err(OpError::Failed(format!(
                 "cannot read {}: {e}",
                 path.display()
@@ -179,12 +186,19 @@ impl Daemon {
     }
 
     pub fn create(&self, req: &validate::CreateVm) -> Result<VmRecord, OpError> {
-        let spec = validate::create(req).map_err(OpError::BadRequest)?;
+        let mut spec = validate::create(req).map_err(OpError::BadRequest)?;
         self.cfg
             .host
             .admits(self.cfg.ratios, load(&spec))
             .map_err(OpError::BadRequest)?;
-        Ok(lock(&self.store).create(&req.name, &spec, req.restart_policy)?)
+        let mut store = lock(&self.store);
+        let others = store.list()?;
+        if !others.iter().any(|v| v.name == req.name) {
+            let uds = crate::guest::vsock_socket(&self.cfg.state_dir, &req.name);
+            crate::devices::assign(&mut spec, req.vsock.unwrap_or(true), uds, &others)
+                .map_err(OpError::BadRequest)?;
+        }
+        Ok(store.create(&req.name, &spec, req.restart_policy)?)
     }
 
     /// Checks `action` against the VM's state and, if allowed, records the state it begins in.
@@ -315,7 +329,12 @@ impl Daemon {
         let control_sock = control_path(&self.cfg.state_dir, name);
         let mut spec = vm.spec.clone();
         spec.control_socket = Some(control_sock.clone());
-        spec.serial = SerialSpec::File(dir.join("console.log"));
+        // The console belongs to the monitor, so it survives a restart of this daemon.
+        spec.serial = SerialSpec::Socket {
+            path: crate::guest::console_socket(&self.cfg.state_dir, name),
+            log: Some(dir.join("console.log")),
+            log_size: self.cfg.console_log_size,
+        };
         let machine = machine_file(&self.cfg.state_dir, name);
         let log = monitor_log(&self.cfg.state_dir, name);
         let prepared = fs::create_dir_all(&dir)

@@ -5,7 +5,10 @@
 
 pub mod admission;
 pub mod api;
+pub mod console_attach;
 pub mod daemon;
+pub mod devices;
+pub mod guest;
 pub mod lifecycle;
 pub mod metrics;
 pub mod reconcile;

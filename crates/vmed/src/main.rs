@@ -43,6 +43,9 @@ struct Args {
     /// Guest memory the VMs may be given per byte of host memory, in all (default 1).
     #[arg(long)]
     memory_overcommit: Option<f64>,
+    /// The cap of each VM's console log: 1M (default), 64K, or bytes.
+    #[arg(long)]
+    console_log_size: Option<vme_api::ByteSize>,
 }
 
 fn main() -> Result<()> {
@@ -55,6 +58,7 @@ fn main() -> Result<()> {
         stop_timeout: args.stop_timeout,
         cpu_overcommit: args.cpu_overcommit,
         memory_overcommit: args.memory_overcommit,
+        console_log_size: args.console_log_size,
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -94,6 +98,7 @@ fn main() -> Result<()> {
             cpu: settings.cpu_overcommit,
             memory: settings.memory_overcommit,
         },
+        console_log_size: settings.console_log_size,
     };
     let daemon = Daemon::new(cfg, Box::new(store)).context("cannot read the state database")?;
 

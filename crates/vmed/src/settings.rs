@@ -18,6 +18,8 @@ pub struct Layer {
     pub stop_timeout: Option<u64>,
     pub cpu_overcommit: Option<f64>,
     pub memory_overcommit: Option<f64>,
+    /// `"1M"` or bytes.
+    pub console_log_size: Option<vme_api::ByteSize>,
 }
 
 /// The settings in force.
@@ -32,6 +34,8 @@ pub struct Settings {
     pub stop_timeout: u64,
     pub cpu_overcommit: f64,
     pub memory_overcommit: f64,
+    /// Each VM's console log holds at most this many bytes (the newest output).
+    pub console_log_size: u64,
 }
 
 impl Layer {
@@ -42,7 +46,7 @@ impl Layer {
         toml::from_str(&text).map_err(|e| {
             format!(
                 "invalid config file {}: {e}; its keys are socket, group, state_dir, vmm, \
-                 stop_timeout, cpu_overcommit, memory_overcommit",
+                 stop_timeout, cpu_overcommit, memory_overcommit, console_log_size",
                 path.display()
             )
         })
@@ -58,6 +62,7 @@ impl Layer {
             stop_timeout: self.stop_timeout.or(below.stop_timeout),
             cpu_overcommit: self.cpu_overcommit.or(below.cpu_overcommit),
             memory_overcommit: self.memory_overcommit.or(below.memory_overcommit),
+            console_log_size: self.console_log_size.or(below.console_log_size),
         }
     }
 
@@ -71,7 +76,22 @@ impl Layer {
             stop_timeout: self.stop_timeout.unwrap_or(30),
             cpu_overcommit: self.cpu_overcommit.unwrap_or(4.0),
             memory_overcommit: self.memory_overcommit.unwrap_or(1.0),
+            console_log_size: self
+                .console_log_size
+                .map_or(vme_api::console_log::DEFAULT_LOG_SIZE, |b| b.bytes()),
         };
+        let (min, max) = (
+            vme_api::console_log::MIN_LOG_SIZE,
+            vme_api::console_log::MAX_LOG_SIZE,
+        );
+        if !(min..=max).contains(&s.console_log_size) {
+            return Err(format!(
+                "console_log_size {} is outside {}..{}: give a size in that range, like 1M",
+                vme_api::ByteSize(s.console_log_size),
+                vme_api::ByteSize(min),
+                vme_api::ByteSize(max)
+            ));
+        }
         for (key, r) in [
             ("cpu_overcommit", s.cpu_overcommit),
             ("memory_overcommit", s.memory_overcommit),
@@ -117,6 +137,9 @@ mod tests {
             ..Layer::default()
         };
         let s = flags.over(file).settle().unwrap();
+        assert_eq!(s.console_log_size, 1 << 20);
+        let file: Layer = toml::from_str("console_log_size = \"64K\"").unwrap();
+        assert_eq!(file.settle().unwrap().console_log_size, 64 << 10);
         assert_eq!(s.state_dir, PathBuf::from("/srv/vme"));
         assert_eq!((s.stop_timeout, s.cpu_overcommit), (5, 2.5));
         assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
@@ -137,6 +160,10 @@ mod tests {
             },
             Layer {
                 stop_timeout: Some(100_000),
+                ..Layer::default()
+            },
+            Layer {
+                console_log_size: Some(vme_api::ByteSize(100)),
                 ..Layer::default()
             },
         ] {

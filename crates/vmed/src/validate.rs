@@ -67,6 +67,15 @@ pub struct CreateVm {
     /// `never` (default), `on-failure` or `always`.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// virtio disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<crate::devices::DiskReq>,
+    /// virtio NICs on host taps (eth0, eth1, ...).
+    #[serde(default)]
+    pub nics: Vec<crate::devices::NicReq>,
+    /// A vsock device for the guest agent (`vme exec`); on unless false.
+    #[serde(default)]
+    pub vsock: Option<bool>,
 }
 
 /// Checks a create request and turns it into the machine spec the daemon stores. The
@@ -93,6 +102,7 @@ pub fn create(req: &CreateVm) -> Result<MachineSpec, String> {
             ByteSize(MAX_MEMORY)
         ));
     }
+    crate::devices::add(&mut spec, &req.name, &req.disks, &req.nics)?;
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
     file("kernel", &spec.kernel)?;
     if let Some(i) = &spec.initrd {

@@ -22,23 +22,36 @@ struct Vmed {
 
 impl Vmed {
     fn start(test: &str) -> Vmed {
+        Vmed::start_in(test, &[])
+    }
+
+    /// `prefix` runs vmed under another program (`ip netns exec NS`).
+    fn start_in(test: &str, prefix: &[&str]) -> Vmed {
         let dir = std::env::temp_dir().join(format!("vme-guest-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("vme.sock");
-        let child = launch(&dir, &socket);
+        let child = launch(&dir, &socket, prefix);
         Vmed { child, dir, socket }
     }
 
     fn kill9_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = launch(&self.dir, &self.socket);
+        self.child = launch(&self.dir, &self.socket, &[]);
     }
 }
 
-fn launch(dir: &Path, socket: &Path) -> Child {
-    let child = Command::new(sibling("vmed"))
+fn launch(dir: &Path, socket: &Path, prefix: &[&str]) -> Child {
+    let mut cmd = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(sibling("vmed"));
+            c
+        }
+        None => Command::new(sibling("vmed")),
+    };
+    let child = cmd
         .arg("--socket")
         .arg(socket)
         .arg("--state-dir")
@@ -420,4 +433,106 @@ fn exec_console_and_a_disk_on_a_riscv64_vm() {
     for n in ["g1", "g2", "g3"] {
         ok(vme(&d, &["delete", n]));
     }
+}
+
+/// A network namespace of this test's own, deleted when dropped.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_nic_on_a_tap_reaches_the_guest_with_its_stored_mac() {
+    if !Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: no /dev/net/tun on this host");
+        return;
+    }
+    let ns = Netns(format!("vme-guest-{}", std::process::id()));
+    let _ = Command::new("ip")
+        .args(["netns", "del", &ns.0])
+        .stderr(Stdio::null())
+        .status();
+    let added = Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "ip netns add: {}",
+        text(&added.stderr)
+    );
+    // The daemon (and so its monitors and their taps) live in the namespace: no tap ever
+    // appears on the host's own network.
+    let d = Vmed::start_in("nic", &["ip", "netns", "exec", &ns.0]);
+    let (k, i) = (image("Image"), image("initramfs.cpio"));
+    let out = ok(vme(
+        &d,
+        &[
+            "launch",
+            "n1",
+            "--arch",
+            "riscv64",
+            "--kernel",
+            &k,
+            "--initrd",
+            &i,
+            "--memory",
+            "128M",
+            "--net",
+            "default",
+            "--net",
+            "tap=vmetest1,mac=52:54:00:12:34:56",
+        ],
+    ));
+    assert_eq!(out, "n1: running\n");
+    let info: Value = serde_json::from_str(&ok(vme(&d, &["info", "n1"]))).unwrap();
+    let nets = &info["spec"]["nets"];
+    assert_eq!(nets[0]["tap"], "vme-n1-0");
+    assert_eq!(nets[1]["tap"], "vmetest1");
+    let mac0 = nets[0]["mac"].as_str().unwrap().to_string();
+    let macs = ok(vme(
+        &d,
+        &[
+            "exec",
+            "n1",
+            "--",
+            "cat",
+            "/sys/class/net/eth0/address",
+            "/sys/class/net/eth1/address",
+        ],
+    ));
+    assert_eq!(macs, format!("{mac0}\n52:54:00:12:34:56\n"));
+    let taps = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ip", "-o", "link"])
+        .output()
+        .unwrap();
+    let taps = text(&taps.stdout);
+    assert!(
+        taps.contains("vme-n1-0") && taps.contains("vmetest1"),
+        "{taps}"
+    );
+    // Another VM cannot take a tap in use.
+    let out = vme(
+        &d,
+        &[
+            "create",
+            "n2",
+            "--arch",
+            "riscv64",
+            "--kernel",
+            &k,
+            "--net",
+            "tap=vmetest1",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already VM \"n1\"'s"),
+        "{err}"
+    );
+    ok(vme(&d, &["stop", "--force", "n1"]));
+    ok(vme(&d, &["delete", "n1"]));
 }

@@ -102,6 +102,14 @@ impl Layer {
                 ));
             }
         }
+        // Monitors get their console as `socket:PATH,log=FILE`, where a comma ends a path.
+        if s.state_dir.to_string_lossy().contains(',') {
+            return Err(format!(
+                "state_dir {} contains a comma, which the monitors' console option cannot \
+                 carry: choose a path without one",
+                s.state_dir.display()
+            ));
+        }
         if s.stop_timeout > 3600 {
             return Err(format!(
                 "stop_timeout {} s is over an hour: give at most 3600",
@@ -164,6 +172,10 @@ mod tests {
             },
             Layer {
                 console_log_size: Some(vme_api::ByteSize(100)),
+                ..Layer::default()
+            },
+            Layer {
+                state_dir: Some("/srv/a,b".into()),
                 ..Layer::default()
             },
         ] {

@@ -536,3 +536,111 @@ fn a_nic_on_a_tap_reaches_the_guest_with_its_stored_mac() {
     ok(vme(&d, &["stop", "--force", "n1"]));
     ok(vme(&d, &["delete", "n1"]));
 }
+
+/// The local modes of the terminal behind `fd`.
+fn lflag(fd: i32) -> libc::tcflag_t {
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid terminal descriptor.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is our pty's open slave side and `t` a writable termios.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+    t.c_lflag
+}
+
+/// `vme console` on a pseudo-terminal: raw while attached, restored after a detach and
+/// after the console closing under it (the VM stopped).
+#[test]
+fn the_terminal_goes_raw_and_comes_back() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let d = Vmed::start("tty");
+    let (k, i) = (image("Image"), image("initramfs.cpio"));
+    ok(vme(
+        &d,
+        &[
+            "launch", "t1", "--arch", "riscv64", "--kernel", &k, "--initrd", &i, "--memory", "128M",
+        ],
+    ));
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors into the given ints; name, termios and
+    // window size may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty just gave us these descriptors; nothing else owns them.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let cooked = lflag(slave.as_raw_fd());
+    assert_ne!(cooked & libc::ICANON, 0);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut reader = std::fs::File::from(master.try_clone().unwrap());
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let mut keys = std::fs::File::from(master.try_clone().unwrap());
+    let attach = || {
+        let io = || Stdio::from(slave.try_clone().unwrap());
+        Command::new(VME)
+            .env("VME_SOCKET", &d.socket)
+            .args(["console", "t1"])
+            .stdin(io())
+            .stdout(io())
+            .stderr(io())
+            .spawn()
+            .unwrap()
+    };
+    let wait = |child: &mut Child| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "vme console did not end");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut child = attach();
+    let deadline = Instant::now() + BOOT;
+    while !text(&seen.lock().unwrap()).contains("tty-42") {
+        assert!(Instant::now() < deadline, "{}", text(&seen.lock().unwrap()));
+        keys.write_all(b"echo tty-$((6*7))\r").unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let raw = lflag(slave.as_raw_fd());
+    assert_eq!(
+        raw & (libc::ICANON | libc::ECHO | libc::ISIG),
+        0,
+        "raw while attached"
+    );
+    keys.write_all(b"\x01q").unwrap();
+    assert!(wait(&mut child).success());
+    assert_eq!(lflag(slave.as_raw_fd()), cooked, "restored after a detach");
+
+    // The console closes under the client: the VM stops.
+    let mut child = attach();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lflag(slave.as_raw_fd()) & libc::ICANON != 0 {
+        assert!(Instant::now() < deadline, "the terminal never went raw");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ok(vme(&d, &["stop", "--force", "t1"]));
+    assert!(wait(&mut child).success());
+    assert_eq!(
+        lflag(slave.as_raw_fd()),
+        cooked,
+        "restored after the console closed"
+    );
+    assert!(text(&seen.lock().unwrap()).contains("The console closed"));
+    ok(vme(&d, &["delete", "t1"]));
+}

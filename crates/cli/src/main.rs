@@ -294,7 +294,8 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 vars.insert(k.into(), json!(v));
             }
-            let mut body = json!({"command": command, "env": vars});
+            // base64: the output's exact bytes, binary or not.
+            let mut body = json!({"command": command, "env": vars, "output": "base64"});
             if let Some(t) = timeout {
                 body["timeout_secs"] = json!(t);
             }
@@ -311,10 +312,16 @@ fn run(cli: Cli) -> Result<()> {
                     within
                 },
             )?;
+            let bytes = |key: &str| {
+                vme_api::base64::decode(out[key].as_str().unwrap_or_default())
+                    .with_context(|| format!("vmed sent a {key} that is not base64"))
+            };
+            let (stdout, stderr) = (bytes("stdout")?, bytes("stderr")?);
             use std::io::Write;
-            let _ = std::io::stdout().write_all(out["stdout"].as_str().unwrap_or("").as_bytes());
+            // A closed stdout (`| head`) is not our failure.
+            let _ = std::io::stdout().write_all(&stdout);
             let _ = std::io::stdout().flush();
-            let _ = std::io::stderr().write_all(out["stderr"].as_str().unwrap_or("").as_bytes());
+            let _ = std::io::stderr().write_all(&stderr);
             if out["truncated"] == json!(true) {
                 eprintln!("vme: the output was cut at 64 MiB");
             }

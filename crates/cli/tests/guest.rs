@@ -331,6 +331,22 @@ fn exec_console_and_a_disk_on_a_riscv64_vm() {
         (text(&out.stdout), text(&out.stderr)),
         ("out41\n".into(), "err\n".into())
     );
+    // Bytes that are not UTF-8 come through exactly (the CLI asks for base64), and the
+    // API's text output replaces them.
+    let out = vme(&d, &["exec", "g1", "--", "printf", "\\377\\000a"]);
+    assert_eq!(out.stdout, b"\xff\x00a", "{out:?}");
+    let (code, v) = http(
+        &d,
+        "POST",
+        "/1.0/vms/g1/exec",
+        r#"{"command":["printf","\\377a"]}"#,
+    );
+    assert_eq!(
+        (code, v["metadata"]["stdout"].as_str()),
+        (200, Some("\u{fffd}a")),
+        "{v}"
+    );
+    assert_eq!(v["metadata"]["encoding"], "text");
     let (code, v) = http(&d, "POST", "/1.0/vms/g1/exec", r#"{"command":[]}"#);
     assert_eq!(code, 400, "{v}");
     let (code, v) = http(

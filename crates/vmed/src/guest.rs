@@ -40,9 +40,30 @@ pub struct ExecRequest {
     /// The command is killed after this many seconds (default 300; 0: no limit).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// How the reply carries stdout and stderr.
+    #[serde(default)]
+    pub output: Encoding,
 }
 
-/// What a command did. Its output is text: invalid UTF-8 becomes U+FFFD.
+/// `text` (default): UTF-8, invalid sequences replaced by U+FFFD; `base64`: the exact bytes.
+#[derive(Debug, Default, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Text,
+    Base64,
+}
+
+impl Encoding {
+    fn apply(self, bytes: &[u8]) -> String {
+        match self {
+            Encoding::Text => String::from_utf8_lossy(bytes).into_owned(),
+            Encoding::Base64 => vme_api::base64::encode(bytes),
+        }
+    }
+}
+
+/// What a command did.
 #[derive(Debug, Serialize)]
 pub struct ExecReply {
     /// The exit status a shell would report: the command's, 128+N for signal N, 124 when
@@ -52,6 +73,8 @@ pub struct ExecReply {
     pub timed_out: bool,
     /// Output past 64 MiB was dropped.
     pub truncated: bool,
+    /// How `stdout` and `stderr` are written (the request's `output`).
+    pub encoding: Encoding,
     pub stdout: String,
     pub stderr: String,
 }
@@ -160,8 +183,9 @@ impl Daemon {
             signal: out.signal,
             timed_out: out.timed_out,
             truncated: out.truncated,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            encoding: req.output,
+            stdout: req.output.apply(&out.stdout),
+            stderr: req.output.apply(&out.stderr),
         })
     }
 }
@@ -191,6 +215,7 @@ mod tests {
             (r#"{"command":["env"],"timeout_secs":100000}"#, "over a day"),
             (r#"{"command":["env"],"cmd":1}"#, "unknown field"),
             (r#"{"command":"uname"}"#, "invalid type"),
+            (r#"{"command":["env"],"output":"hex"}"#, "unknown variant"),
         ] {
             let e = req(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

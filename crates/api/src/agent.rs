@@ -170,6 +170,23 @@ pub struct ExecOutput {
     pub truncated: bool,
 }
 
+/// The status a command's runner exits with: the command's own; 128 + N for a signal N
+/// (as shells report it); 124 when its timeout killed it (as timeout(1)); 255 when neither
+/// is known (as ssh reports its own failures).
+impl ExecOutput {
+    pub const TIMED_OUT: u8 = 124;
+    pub const UNKNOWN: u8 = 255;
+
+    pub fn status(&self) -> u8 {
+        match (self.timed_out, self.code, self.signal) {
+            (true, _, _) => Self::TIMED_OUT,
+            (false, Some(code), _) => code as u8,
+            (false, None, Some(sig)) => 128u8.wrapping_add(sig as u8),
+            (false, None, None) => Self::UNKNOWN,
+        }
+    }
+}
+
 /// A connection to a guest's agent.
 pub struct AgentClient {
     stream: UnixStream,
@@ -275,9 +292,20 @@ impl AgentClient {
         stdin: &[u8],
         timeout: Duration,
     ) -> io::Result<ExecOutput> {
+        self.exec_env(argv, &[], stdin, timeout)
+    }
+
+    /// [`Self::exec`] with variables added to the command's environment.
+    pub fn exec_env(
+        &mut self,
+        argv: &[String],
+        env: &[(String, String)],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> io::Result<ExecOutput> {
         let req = Request::Exec {
             argv: argv.to_vec(),
-            env: Vec::new(),
+            env: env.to_vec(),
             cwd: None,
             timeout_ms: timeout.as_millis() as u64,
         };

@@ -3,6 +3,8 @@
 //! small clients. No KVM, nothing that runs a VM.
 
 pub mod agent;
+pub mod base64;
+pub mod console_log;
 pub mod control;
 pub mod identity;
 pub mod limits;

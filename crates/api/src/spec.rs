@@ -45,7 +45,55 @@ pub enum SerialSpec {
     #[default]
     Stdio,
     File(PathBuf),
+    /// A Unix socket one client at a time attaches to (a newer client takes over from an
+    /// older one), its output also kept in a bounded log (see [`crate::console_log`]).
+    /// Without a client the output only goes to the log: the guest never waits.
+    Socket {
+        path: PathBuf,
+        log: Option<PathBuf>,
+        /// The log's cap in bytes.
+        log_size: u64,
+    },
     None,
+}
+
+fn parse_socket(s: &str, rest: &str) -> Result<SerialSpec, SpecError> {
+    let usage = || {
+        SpecError(format!(
+            "invalid serial {s:?}: use socket:PATH[,log=FILE][,log_size=BYTES] (paths without commas)"
+        ))
+    };
+    let mut items = rest.split(',');
+    let path = items.next().filter(|p| !p.is_empty()).ok_or_else(usage)?;
+    let (mut log, mut log_size) = (None, crate::console_log::DEFAULT_LOG_SIZE);
+    for item in items {
+        match item.split_once('=') {
+            Some(("log", p)) if !p.is_empty() => log = Some(PathBuf::from(p)),
+            Some(("log_size", n)) => {
+                log_size = n
+                    .parse::<ByteSize>()
+                    .map_err(|e| SpecError(format!("invalid serial log_size {n:?}: {e}")))?
+                    .bytes();
+                let (min, max) = (
+                    crate::console_log::MIN_LOG_SIZE,
+                    crate::console_log::MAX_LOG_SIZE,
+                );
+                if !(min..=max).contains(&log_size) {
+                    return Err(SpecError(format!(
+                        "serial log_size {n} is outside {}..{}: choose a size in that range, like 1M",
+                        ByteSize(min),
+                        ByteSize(max)
+                    )));
+                }
+            }
+            _ => return Err(usage()),
+        }
+    }
+    Ok(SerialSpec::Socket {
+        path: PathBuf::from(path),
+        log,
+        log_size,
+    })
 }
 
 impl FromStr for SerialSpec {
@@ -54,10 +102,11 @@ impl FromStr for SerialSpec {
         match s {
             "stdio" => Ok(SerialSpec::Stdio),
             "none" => Ok(SerialSpec::None),
+            _ if s.starts_with("socket:") => parse_socket(s, &s["socket:".len()..]),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(SerialSpec::File(PathBuf::from(p))),
                 _ => Err(SpecError(format!(
-                    "invalid serial {s:?}: use stdio, none or file:PATH"
+                    "invalid serial {s:?}: use stdio, none, file:PATH or socket:PATH[,log=FILE][,log_size=BYTES]"
                 ))),
             },
         }
@@ -70,6 +119,17 @@ impl fmt::Display for SerialSpec {
             SerialSpec::Stdio => f.write_str("stdio"),
             SerialSpec::None => f.write_str("none"),
             SerialSpec::File(p) => write!(f, "file:{}", p.display()),
+            SerialSpec::Socket {
+                path,
+                log,
+                log_size,
+            } => {
+                write!(f, "socket:{}", path.display())?;
+                if let Some(l) = log {
+                    write!(f, ",log={}", l.display())?;
+                }
+                write!(f, ",log_size={log_size}")
+            }
         }
     }
 }
@@ -605,6 +665,30 @@ mod tests {
     fn serial_and_arch_parse() {
         assert_eq!("file:/tmp/x".parse(), Ok(SerialSpec::File("/tmp/x".into())));
         assert!("file:".parse::<SerialSpec>().is_err());
+        let s: SerialSpec = "socket:/v/c.sock,log=/v/c.log,log_size=64K"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s,
+            SerialSpec::Socket {
+                path: "/v/c.sock".into(),
+                log: Some("/v/c.log".into()),
+                log_size: 64 << 10
+            }
+        );
+        assert_eq!(s.to_string().parse(), Ok(s));
+        let s: SerialSpec = "socket:/c.sock".parse().unwrap();
+        assert_eq!(s.to_string(), "socket:/c.sock,log_size=1048576");
+        for bad in [
+            "socket:",
+            "socket:/c,log=",
+            "socket:/c,log_size=1",
+            "socket:/c,log_size=2G",
+            "socket:/c,size=1M",
+            "socket:/c,log_size=lots",
+        ] {
+            assert!(bad.parse::<SerialSpec>().is_err(), "{bad}");
+        }
         assert_eq!("riscv64".parse(), Ok(Arch::Riscv64));
         assert!("arm".parse::<Arch>().is_err());
     }

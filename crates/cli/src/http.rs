@@ -6,13 +6,20 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-/// Long enough for a stop that waits out the guest's power-off timeout and then forces it.
+/// How long the daemon may take to answer an attach.
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Sends one request; returns the status code and the body.
-pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> io::Result<(u16, String)> {
+/// Sends one request; returns the status code and the body. `timeout` bounds the wait for
+/// the reply (a stop waits out the guest's power-off; an exec, its command).
+pub fn request_within(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_read_timeout(Some(timeout))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
@@ -22,6 +29,56 @@ pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> io::Resul
     let mut reply = Vec::new();
     s.read_to_end(&mut reply)?;
     parse(&reply)
+}
+
+/// A GET that asks to switch the connection to `protocol`. On `101 Switching Protocols`
+/// returns the connection, now raw both ways; otherwise the status code and the body.
+pub fn upgrade(
+    socket: &Path,
+    path: &str,
+    protocol: &str,
+) -> io::Result<Result<UnixStream, (u16, String)>> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+    )?;
+    // Byte by byte up to the end of the head: what follows a 101 is the raw stream.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 64 << 10 {
+            return Err(bad("the reply's head is too long"));
+        }
+        match s.read(&mut byte)? {
+            0 => return Err(bad("the daemon closed the connection before replying")),
+            _ => head.push(byte[0]),
+        }
+    }
+    let code: u16 = String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("the reply has no status code"))?;
+    if code == 101 {
+        s.set_read_timeout(None)?;
+        return Ok(Ok(s));
+    }
+    // The connection stays open (no `Connection: close` here): read just the body.
+    let len = String::from_utf8_lossy(&head)
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<u64>().ok())?
+        })
+        .ok_or_else(|| bad("the refusal has no Content-Length"))?;
+    let mut rest = Vec::new();
+    s.take(len).read_to_end(&mut rest)?;
+    head.extend_from_slice(&rest);
+    Ok(Err(parse(&head)?))
 }
 
 /// Sends one GET whose reply is a stream of lines (chunked, as `/1.0/events` sends them)

@@ -1,6 +1,7 @@
 //! `vme`, the command line of the vme environment: asks the daemon (`vmed`) over its REST
 //! API on a Unix socket. It holds no state of its own.
 
+mod console;
 mod http;
 mod output;
 
@@ -89,12 +90,25 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
     },
-    /// Print the end of a VM's console output (interactive attach is not there yet).
+    /// Attach to a VM's serial console (detach with Ctrl-a q; Ctrl-a Ctrl-a sends Ctrl-a).
     Console {
         name: String,
-        /// Print the console log and exit.
+        /// Print the end of the console log and exit.
         #[arg(long)]
         show_log: bool,
+    },
+    /// Run a command in a running VM through its guest agent; exits with its status.
+    Exec {
+        name: String,
+        /// KEY=VALUE added to the command's environment (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Kill the command after this many seconds (default 300; 0: no limit).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Follow the daemon's events (VM state changes, operations) until interrupted.
     Events {
@@ -189,6 +203,45 @@ struct SpecArgs {
     /// DEVICE is a block device, a file on the disk to limit, or MAJ:MIN. Repeatable.
     #[arg(long, value_name = "DEVICE,LIMITS")]
     io_max: Vec<String>,
+    /// A disk image: PATH[,ro] (repeatable; vda, vdb, ... in this order).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
+    /// A NIC on a host tap: tap=NAME[,mac=52:54:00:12:34:56], or `default` for a tap
+    /// named after the VM (repeatable).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<String>,
+    /// No vsock device: the VM gets no guest agent, so `vme exec` cannot reach it.
+    #[arg(long)]
+    no_vsock: bool,
+}
+
+/// `--disk PATH[,ro]` as a create request's disk.
+fn disk(arg: &str) -> Result<Value> {
+    let (path, ro) = match arg.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((_, opt)) => bail!("unknown disk option {opt:?} in {arg:?}: use PATH or PATH,ro"),
+        None => (arg, false),
+    };
+    let path = absolute("disk", Path::new(path))?;
+    Ok(json!({"path": path, "readonly": ro}))
+}
+
+/// `--net tap=NAME[,mac=MAC]` (or `default`) as a create request's NIC.
+fn nic(arg: &str) -> Result<Value> {
+    let mut nic = json!({});
+    if arg == "default" {
+        return Ok(nic);
+    }
+    for item in arg.split(',') {
+        match item.split_once('=') {
+            Some(("tap", v)) => nic["tap"] = json!(v),
+            Some(("mac", v)) => nic["mac"] = json!(v),
+            _ => bail!(
+                "invalid net option {item:?} in {arg:?}: use tap=NAME[,mac=52:54:00:12:34:56]                  or default"
+            ),
+        }
+    }
+    Ok(nic)
 }
 
 impl SpecArgs {
@@ -213,6 +266,15 @@ impl SpecArgs {
         if !self.io_max.is_empty() {
             let limits: Result<Vec<Value>> = self.io_max.iter().map(|s| io_max(s)).collect();
             body["io_max"] = Value::from(limits?);
+        }
+        if !self.disks.is_empty() {
+            body["disks"] = self.disks.iter().map(|d| disk(d)).collect::<Result<_>>()?;
+        }
+        if !self.nets.is_empty() {
+            body["nics"] = self.nets.iter().map(|n| nic(n)).collect::<Result<_>>()?;
+        }
+        if self.no_vsock {
+            body["vsock"] = json!(false);
         }
         Ok(body)
     }
@@ -420,12 +482,78 @@ fn run(cli: Cli) -> Result<()> {
             api.call("DELETE", &format!("/1.0/vms/{}", segment(&name)?), None)?;
             println!("{name}: deleted");
         }
-        Cmd::Console { name, show_log } => {
-            if !show_log {
-                bail!(
-                    "attaching to a console is not implemented yet: use `vme console {name} --show-log`"
-                );
+        Cmd::Console {
+            name,
+            show_log: false,
+        } => {
+            let path = format!("/1.0/vms/{}/console?attach=1", segment(&name)?);
+            let conn = match http::upgrade(&api.socket, &path, "vme-console")
+                .map_err(|e| api.unreachable(e))?
+            {
+                Ok(conn) => conn,
+                Err((code, text)) => bail!("{} (HTTP {code})", api_error(&text)),
+            };
+            let detached =
+                console::session(conn, &name).context("the console connection failed")?;
+            eprintln!(
+                "{}",
+                if detached {
+                    "Detached from the console."
+                } else {
+                    "The console closed (the VM stopped, or another client attached)."
+                }
+            );
+        }
+        Cmd::Exec {
+            name,
+            env,
+            timeout,
+            command,
+        } => {
+            let mut vars = serde_json::Map::new();
+            for e in &env {
+                let Some((k, v)) = e.split_once('=') else {
+                    bail!("--env {e:?} is not KEY=VALUE");
+                };
+                vars.insert(k.into(), json!(v));
             }
+            // base64: the output's exact bytes, binary or not.
+            let mut body = json!({"command": command, "env": vars, "output": "base64"});
+            if let Some(t) = timeout {
+                body["timeout_secs"] = json!(t);
+            }
+            // The reply comes when the command ends; the daemon also waits up to a minute
+            // for the guest's agent.
+            let within = std::time::Duration::from_secs(timeout.unwrap_or(300).max(1) + 120);
+            let out = api.call_within(
+                "POST",
+                &format!("/1.0/vms/{}/exec", segment(&name)?),
+                Some(body),
+                if timeout == Some(0) {
+                    std::time::Duration::from_secs(u64::from(u32::MAX))
+                } else {
+                    within
+                },
+            )?;
+            let bytes = |key: &str| {
+                vme_api::base64::decode(out[key].as_str().unwrap_or_default())
+                    .with_context(|| format!("vmed sent a {key} that is not base64"))
+            };
+            let (stdout, stderr) = (bytes("stdout")?, bytes("stderr")?);
+            use std::io::Write;
+            // A closed stdout (`| head`) is not our failure.
+            let _ = std::io::stdout().write_all(&stdout);
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().write_all(&stderr);
+            if out["truncated"] == json!(true) {
+                eprintln!("vme: the output was cut at 64 MiB");
+            }
+            if out["timed_out"] == json!(true) {
+                eprintln!("vme: the command was killed after its timeout");
+            }
+            std::process::exit(out["status"].as_i64().unwrap_or(255) as i32);
+        }
+        Cmd::Console { name, .. } => {
             let v = api.call(
                 "GET",
                 &format!("/1.0/vms/{}/console", segment(&name)?),
@@ -533,6 +661,14 @@ fn segment_id(id: &str) -> Result<&str> {
 
 /// A name as one URL path segment. Characters that would change the path's meaning are
 /// refused here; the daemon checks the rest and says what a name may contain.
+/// The message of an error reply (or the reply itself when it is not one).
+fn api_error(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(String::from))
+        .unwrap_or_else(|| text.to_string())
+}
+
 fn segment(name: &str) -> Result<&str> {
     if name.is_empty() || name.contains(['/', '?', '#', '%', ' ']) || name == "." || name == ".." {
         bail!("VM name {name:?} is not valid: use only letters, digits and '-'");
@@ -555,9 +691,20 @@ impl Api {
 
     /// One API request; returns the reply's `metadata`, or the daemon's error message.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        self.call_within(method, path, body, Duration::from_secs(300))
+    }
+
+    /// [`Self::call`] waiting up to `within` for the reply.
+    fn call_within(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        within: Duration,
+    ) -> Result<Value> {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let (code, text) =
-            http::request(&self.socket, method, path, &body).map_err(|e| self.unreachable(e))?;
+        let (code, text) = http::request_within(&self.socket, method, path, &body, within)
+            .map_err(|e| self.unreachable(e))?;
         reply(code, &text)
     }
 

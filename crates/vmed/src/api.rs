@@ -55,7 +55,7 @@ type App = Arc<Daemon>;
 
 /// Every route the fallback names (a 404 for an unknown path lists them).
 const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAME/console, \
-    /1.0/vms/NAME/usage, /1.0/metrics, /1.0/operations, /1.0/operations/ID, \
+    /1.0/vms/NAME/usage, /1.0/vms/NAME/exec, /1.0/metrics, /1.0/operations, /1.0/operations/ID, \
     /1.0/operations/ID/wait, /1.0/events and /1.0/openapi.json";
 
 #[derive(OpenApi)]
@@ -86,6 +86,7 @@ fn routes() -> OpenApiRouter<App> {
         .routes(routes!(state))
         .routes(routes!(console))
         .routes(routes!(usage))
+        .routes(routes!(exec))
         .routes(routes!(metrics))
         .routes(routes!(operations))
         .routes(routes!(operation, cancel))
@@ -249,6 +250,10 @@ impl IntoResponse for OpError {
                     Some(json!({"state": i.state, "allowed_actions": allowed})),
                 )
             }
+            OpError::NotRunning { state, .. } => {
+                error(StatusCode::CONFLICT, msg, Some(json!({ "state": state })))
+            }
+            OpError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, msg, None),
             OpError::Store(_) | OpError::Failed(_) => {
                 error(StatusCode::INTERNAL_SERVER_ERROR, msg, None)
             }
@@ -313,7 +318,7 @@ fn is_async(q: &HashMap<String, String>) -> Result<bool, OpError> {
 }
 
 /// Runs a blocking daemon operation off the async runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, OpError> + Send + 'static,
 ) -> Result<T, OpError> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
@@ -422,13 +427,29 @@ async fn delete(
     carry_out(task, background, StatusCode::OK).await
 }
 
-/// The end of the VM's console output (what its serial port printed).
+/// The end of the VM's console output (what its serial port printed); with `?attach=1`
+/// and `Upgrade: vme-console`, the console itself, raw both ways (see
+/// [`crate::console_attach`]).
 #[utoipa::path(get, path = "/1.0/vms/{name}/console", tag = "vms",
-    params(("name" = String, Path, description = NAME)),
+    params(("name" = String, Path, description = NAME),
+        ("attach" = Option<u8>, Query, description = "1: attach (needs `Connection: upgrade` \
+            and `Upgrade: vme-console`); a second client takes the console over")),
     responses(
         (status = 200, description = "The console log's last 64 KiB", body = Reply<ConsoleLog>),
-        (status = 404, description = "No such VM", body = ErrorReply)))]
-async fn console(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+        (status = 101, description = "Attached: raw bytes both ways"),
+        (status = 400, description = "A bad query, or attach without the upgrade headers",
+            body = ErrorReply),
+        (status = 404, description = "No such VM", body = ErrorReply),
+        (status = 409, description = "Attach to a VM that is not running", body = ErrorReply),
+        (status = 503, description = "The VM's console does not answer", body = ErrorReply)))]
+async fn console(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    req: axum::extract::Request,
+) -> Result<Response, OpError> {
+    if crate::console_attach::wanted(req.uri().query()).map_err(OpError::BadRequest)? {
+        return crate::console_attach::attach(d, name, req).await;
+    }
     let log = blocking(move || d.console_log(&name)).await?;
     Ok(ok(StatusCode::OK, ConsoleLog { log }))
 }
@@ -511,6 +532,41 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// The body of `POST /1.0/vms/{name}/exec`: `command` (program and arguments), optional
+/// `env` (object), `timeout_secs` (default 300, 0: none) and `output` (`text` or `base64`).
+#[derive(ToSchema)]
+#[schema(value_type = Object)]
+#[allow(dead_code)] // Only its schema is used: the body is parsed as ExecRequest.
+struct ExecBody(Value);
+
+/// The reply of an exec: `status` (as a shell reports it), `signal`, `timed_out`,
+/// `truncated`, `encoding`, `stdout`, `stderr`.
+#[derive(ToSchema)]
+#[schema(value_type = Object)]
+#[allow(dead_code)] // Only its schema is used.
+struct ExecReport(Value);
+
+/// Runs a command in the guest through its agent (see [`crate::guest::ExecRequest`]).
+#[utoipa::path(post, path = "/1.0/vms/{name}/exec", tag = "vms",
+    params(("name" = String, Path, description = NAME)),
+    request_body = ExecBody,
+    responses(
+        (status = 200, description = "The command ran; its status and output",
+            body = Reply<ExecReport>),
+        (status = 400, description = "A bad request, or a VM without vsock", body = ErrorReply),
+        (status = 404, description = "No such VM", body = ErrorReply),
+        (status = 409, description = "The VM is not running", body = ErrorReply),
+        (status = 503, description = "The guest agent does not answer", body = ErrorReply)))]
+async fn exec(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, OpError> {
+    let req: crate::guest::ExecRequest = parse(&body)?;
+    let out = blocking(move || d.exec(&name, &req)).await?;
+    Ok(ok(StatusCode::OK, out))
 }
 
 /// The body of `PUT /1.0/vms/{name}/state`.

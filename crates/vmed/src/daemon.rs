@@ -54,6 +54,12 @@ pub enum OpError {
     Capacity(String),
     #[error("{0}")]
     Failed(String),
+    /// The VM is not in a state that allows it (409, with the state).
+    #[error("{msg}")]
+    NotRunning { msg: String, state: State },
+    /// The guest (its agent, its console) does not answer (503).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Options of the daemon that shape supervision.
@@ -71,6 +77,8 @@ pub struct Config {
     /// How often each VM's usage is sampled, and how long samples are kept.
     pub sample_interval: Duration,
     pub usage_retention: Duration,
+    /// The cap of each VM's console log, in bytes.
+    pub console_log_size: u64,
 }
 
 /// One live monitor process.
@@ -260,9 +268,8 @@ impl Daemon {
     pub fn console_log(&self, name: &str) -> Result<String, OpError> {
         self.get(name)?;
         let path = vm_dir(&self.cfg.state_dir, name).join("console.log");
-        match read_tail(&path, CONSOLE_TAIL) {
-            Ok(t) => Ok(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        match vme_api::console_log::read_tail(&path, CONSOLE_TAIL) {
+            Ok(t) => Ok(String::from_utf8_lossy(&t).into_owned()),
             Err(e) => Err(OpError::Failed(format!(
                 "cannot read {}: {e}",
                 path.display()
@@ -279,7 +286,7 @@ impl Daemon {
     /// Checks a create request (its fields, the host's room, the name is free) and makes it
     /// an operation that stores the VM.
     pub fn create_task(self: &Arc<Self>, req: validate::CreateVm) -> Result<Task, OpError> {
-        let spec = validate::create(&req).map_err(OpError::BadRequest)?;
+        let mut spec = validate::create(&req).map_err(OpError::BadRequest)?;
         let limits = validate::limits(&req, &spec).map_err(OpError::BadRequest)?;
         self.cfg
             .host
@@ -296,7 +303,16 @@ impl Daemon {
         let work = move || {
             let _busy = busy;
             let _doing = events::doing("create");
-            let vm = lock(&me.store).create(&req.name, &spec, req.restart_policy, &limits)?;
+            // Devices (vsock CID, tap names) are assigned under the store's lock, so two
+            // creates cannot take the same ones.
+            let vm = {
+                let mut store = lock(&me.store);
+                let others = store.list()?;
+                let uds = crate::guest::vsock_socket(&me.cfg.state_dir, &req.name);
+                crate::devices::assign(&mut spec, req.vsock.unwrap_or(true), uds, &others)
+                    .map_err(OpError::BadRequest)?;
+                store.create(&req.name, &spec, req.restart_policy, &limits)?
+            };
             crate::crashpoint::hit("create:after-insert");
             Ok(serde_json::to_value(vm).unwrap_or(Value::Null))
         };
@@ -517,7 +533,12 @@ impl Daemon {
         let control_sock = control_path(&self.cfg.state_dir, name);
         let mut spec = vm.spec.clone();
         spec.control_socket = Some(control_sock.clone());
-        spec.serial = SerialSpec::File(dir.join("console.log"));
+        // The console belongs to the monitor, so it survives a restart of this daemon.
+        spec.serial = SerialSpec::Socket {
+            path: crate::guest::console_socket(&self.cfg.state_dir, name),
+            log: Some(dir.join("console.log")),
+            log_size: self.cfg.console_log_size,
+        };
         let machine = machine_file(&self.cfg.state_dir, name);
         let log = monitor_log(&self.cfg.state_dir, name);
         let prepared = fs::create_dir_all(&dir)

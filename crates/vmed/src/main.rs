@@ -69,6 +69,9 @@ struct Args {
     /// Seconds usage samples are kept (default 30 days).
     #[arg(long, value_name = "SECONDS")]
     usage_retention: Option<u64>,
+    /// The cap of each VM's console log: 1M (default), 64K, or bytes.
+    #[arg(long)]
+    console_log_size: Option<vme_api::ByteSize>,
 }
 
 fn main() -> Result<()> {
@@ -91,6 +94,7 @@ fn main() -> Result<()> {
         require_controllers: args.require_controllers,
         sample_interval: args.sample_interval,
         usage_retention: args.usage_retention,
+        console_log_size: args.console_log_size,
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -138,6 +142,7 @@ fn main() -> Result<()> {
         },
         sample_interval: Duration::from_secs(settings.sample_interval),
         usage_retention: Duration::from_secs(settings.usage_retention),
+        console_log_size: settings.console_log_size,
     };
     if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
         eprintln!("vmed: {note}");

@@ -31,6 +31,8 @@ pub struct Layer {
     pub sample_interval: Option<u64>,
     /// Seconds usage samples are kept.
     pub usage_retention: Option<u64>,
+    /// `"1M"` or bytes.
+    pub console_log_size: Option<vme_api::ByteSize>,
 }
 
 /// The settings in force.
@@ -52,11 +54,13 @@ pub struct Settings {
     pub require_controllers: bool,
     pub sample_interval: u64,
     pub usage_retention: u64,
+    /// Each VM's console log holds at most this many bytes (the newest output).
+    pub console_log_size: u64,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
-    sample_interval, usage_retention";
+    sample_interval, usage_retention, console_log_size";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -87,6 +91,7 @@ impl Layer {
             require_controllers: self.require_controllers.or(below.require_controllers),
             sample_interval: self.sample_interval.or(below.sample_interval),
             usage_retention: self.usage_retention.or(below.usage_retention),
+            console_log_size: self.console_log_size.or(below.console_log_size),
         }
     }
 
@@ -108,6 +113,9 @@ impl Layer {
             require_controllers: self.require_controllers.unwrap_or(false),
             sample_interval: self.sample_interval.unwrap_or(10),
             usage_retention: self.usage_retention.unwrap_or(30 * 86400),
+            console_log_size: self
+                .console_log_size
+                .map_or(vme_api::console_log::DEFAULT_LOG_SIZE, |b| b.bytes()),
         };
         if !s.cgroup_root.is_absolute() || s.cgroup_root.components().any(|c| c.as_os_str() == "..")
         {
@@ -135,6 +143,18 @@ impl Layer {
                 s.usage_retention, s.sample_interval
             ));
         }
+        let (min, max) = (
+            vme_api::console_log::MIN_LOG_SIZE,
+            vme_api::console_log::MAX_LOG_SIZE,
+        );
+        if !(min..=max).contains(&s.console_log_size) {
+            return Err(format!(
+                "console_log_size {} is outside {}..{}: give a size in that range, like 1M",
+                vme_api::ByteSize(s.console_log_size),
+                vme_api::ByteSize(min),
+                vme_api::ByteSize(max)
+            ));
+        }
         for (key, r) in [
             ("cpu_overcommit", s.cpu_overcommit),
             ("memory_overcommit", s.memory_overcommit),
@@ -144,6 +164,14 @@ impl Layer {
                     "{key} {r} is out of range: give a ratio above 0 and at most 100, like 1.5"
                 ));
             }
+        }
+        // Monitors get their console as `socket:PATH,log=FILE`, where a comma ends a path.
+        if s.state_dir.to_string_lossy().contains(',') {
+            return Err(format!(
+                "state_dir {} contains a comma, which the monitors' console option cannot \
+                 carry: choose a path without one",
+                s.state_dir.display()
+            ));
         }
         if s.stop_timeout > 3600 {
             return Err(format!(
@@ -187,6 +215,9 @@ mod tests {
             ..Layer::default()
         };
         let s = flags.over(file).settle().unwrap();
+        assert_eq!(s.console_log_size, 1 << 20);
+        let file: Layer = toml::from_str("console_log_size = \"64K\"").unwrap();
+        assert_eq!(file.settle().unwrap().console_log_size, 64 << 10);
         assert_eq!(s.state_dir, PathBuf::from("/srv/vme"));
         assert_eq!((s.stop_timeout, s.cpu_overcommit), (5, 2.5));
         assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
@@ -224,6 +255,14 @@ mod tests {
             Layer {
                 sample_interval: Some(60),
                 usage_retention: Some(30),
+                ..Layer::default()
+            },
+            Layer {
+                console_log_size: Some(vme_api::ByteSize(100)),
+                ..Layer::default()
+            },
+            Layer {
+                state_dir: Some("/srv/a,b".into()),
                 ..Layer::default()
             },
         ] {

@@ -88,6 +88,15 @@ pub struct CreateVm {
     /// "wbps": ..., "riops": N, "wiops": N}]`.
     #[serde(default)]
     pub io_max: Vec<IoMaxRequest>,
+    /// virtio disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<crate::devices::DiskReq>,
+    /// virtio NICs on host taps (eth0, eth1, ...).
+    #[serde(default)]
+    pub nics: Vec<crate::devices::NicReq>,
+    /// A vsock device for the guest agent (`vme exec`); on unless false.
+    #[serde(default)]
+    pub vsock: Option<bool>,
 }
 
 /// Checks a create request's cgroup limits (after [`create`] checked its spec).
@@ -119,6 +128,7 @@ pub fn create(req: &CreateVm) -> Result<MachineSpec, String> {
             ByteSize(MAX_MEMORY)
         ));
     }
+    crate::devices::add(&mut spec, &req.name, &req.disks, &req.nics)?;
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
     file("kernel", &spec.kernel)?;
     if let Some(i) = &spec.initrd {

@@ -151,7 +151,9 @@ pub struct RunArgs {
     /// Guest memory: 256M, 2G or bytes.
     #[arg(long)]
     pub memory: Option<ByteSize>,
-    /// stdio, none or file:PATH.
+    /// stdio, none, file:PATH, or socket:PATH[,log=FILE][,log_size=BYTES]: a Unix socket
+    /// one client at a time attaches to (a new one takes over), output also kept in a log
+    /// of at most log_size bytes (default 1M) in FILE and FILE.1.
     #[arg(long)]
     pub serial: Option<SerialSpec>,
     /// A Unix socket for status, pause, resume, shutdown and stop (see `vme-vmm ctl`).

@@ -2,6 +2,7 @@
 //! and where its input comes from (stdin, when interactive). Output is also watched for a
 //! kernel panic line, so the monitor can say why a guest died.
 
+use crate::console_socket::{ConsoleHub, HubWriter};
 use crate::control::VmControl;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -23,9 +24,18 @@ pub struct ConsoleOut {
 }
 
 impl ConsoleOut {
-    pub fn open(spec: &SerialSpec, control: Arc<VmControl>) -> io::Result<ConsoleOut> {
+    /// `hub` serves a socket console (made once per monitor by the caller).
+    pub fn open(
+        spec: &SerialSpec,
+        hub: Option<&Arc<ConsoleHub>>,
+        control: Arc<VmControl>,
+    ) -> io::Result<ConsoleOut> {
         let target: Option<Box<dyn Write + Send>> = match spec {
             SerialSpec::Stdio => Some(Box::new(io::stdout())),
+            SerialSpec::Socket { .. } => match hub {
+                Some(h) => Some(Box::new(HubWriter(h.clone()))),
+                None => return Err(io::Error::other("the socket console was not set up")),
+            },
             SerialSpec::None => None,
             SerialSpec::File(p) => Some(Box::new(
                 OpenOptions::new()
@@ -164,7 +174,7 @@ mod tests {
     #[test]
     fn panic_lines_are_noticed_even_when_split() {
         let ctl = Arc::new(VmControl::new());
-        let mut out = ConsoleOut::open(&SerialSpec::None, ctl.clone()).unwrap();
+        let mut out = ConsoleOut::open(&SerialSpec::None, None, ctl.clone()).unwrap();
         out.write_all(b"[ 1.0] Kernel pa").unwrap();
         out.write_all(b"nic - not syncing: Attempted to kill init! exitcode=0x00000100\r\n")
             .unwrap();
@@ -183,7 +193,7 @@ mod tests {
     #[test]
     fn ordinary_output_is_not_a_panic() {
         let ctl = Arc::new(VmControl::new());
-        let mut out = ConsoleOut::open(&SerialSpec::None, ctl.clone()).unwrap();
+        let mut out = ConsoleOut::open(&SerialSpec::None, None, ctl.clone()).unwrap();
         out.write_all(&[b'x'; 5000]).unwrap();
         out.write_all(b"\nVME-GUEST-READY uptime=1.00\n").unwrap();
         vme_devices::VmEvents::reboot(&*ctl);

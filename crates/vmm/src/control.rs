@@ -470,6 +470,8 @@ impl VmControl {
 pub struct RunContext {
     pub control: Arc<VmControl>,
     pub serial: SerialSpec,
+    /// The socket console, made once per monitor so it outlives guest reboots.
+    pub console: Option<Arc<crate::console_socket::ConsoleHub>>,
 }
 
 impl RunContext {
@@ -477,13 +479,17 @@ impl RunContext {
     pub fn console_output(&self) -> std::io::Result<Box<dyn std::io::Write + Send>> {
         Ok(Box::new(ConsoleOut::open(
             &self.serial,
+            self.console.as_ref(),
             self.control.clone(),
         )?))
     }
 
-    /// Feeds the host's stdin to the guest's UART when the console is on stdio.
+    /// Feeds the host's stdin (console on stdio) or the socket console's client to the
+    /// guest's UART.
     pub fn attach_console_input(&self, serial: Arc<Mutex<vme_devices::serial::Serial>>) {
-        if self.serial == SerialSpec::Stdio {
+        if let Some(hub) = &self.console {
+            hub.set_serial(serial);
+        } else if self.serial == SerialSpec::Stdio {
             spawn_stdin_pump(serial, self.control.clone());
         }
     }

@@ -9,9 +9,7 @@ use vme_api::agent::AgentClient;
 use vme_api::control::{Request, call};
 
 /// Our own failures (as ssh does), distinct from the command's usual statuses.
-const FAILED: u8 = 255;
-/// A command killed for its timeout (as timeout(1) does).
-const TIMED_OUT: u8 = 124;
+const FAILED: u8 = vme_api::agent::ExecOutput::UNKNOWN;
 
 pub fn run(args: ExecArgs) -> ExitCode {
     match exec(&args) {
@@ -56,10 +54,5 @@ fn exec(args: &ExecArgs) -> Result<u8, String> {
     if out.truncated {
         eprintln!("vme-vmm exec: output was truncated at 64 MiB");
     }
-    Ok(match (out.timed_out, out.code, out.signal) {
-        (true, _, _) => TIMED_OUT,
-        (false, Some(code), _) => code as u8,
-        (false, None, Some(sig)) => 128u8.wrapping_add(sig as u8),
-        (false, None, None) => FAILED,
-    })
+    Ok(out.status())
 }

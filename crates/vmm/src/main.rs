@@ -7,6 +7,7 @@
 
 mod cli;
 mod console;
+mod console_socket;
 mod control;
 mod exec;
 mod limits;
@@ -138,6 +139,20 @@ fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode
         // Started before the VM runs; it retries until the restored guest's agent answers.
         snapshot::clone::announce(spec.vsock.as_ref().map(|v| v.uds.clone()), id, status);
     }
+    let console = match &spec.serial {
+        vme_api::SerialSpec::Socket {
+            path,
+            log,
+            log_size,
+        } => match console_socket::ConsoleHub::bind(path, log.as_deref(), *log_size) {
+            Ok(hub) => Some(hub),
+            Err(e) => {
+                eprintln!("vme-vmm: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        _ => None,
+    };
     let mut raw_terminal = match spec.serial {
         vme_api::SerialSpec::Stdio => console::RawTerminal::enter(),
         _ => None,
@@ -146,6 +161,7 @@ fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode
         let ctx = RunContext {
             control: control.clone(),
             serial: spec.serial.clone(),
+            console: console.clone(),
         };
         let outcome = match (spec.arch, restore.take()) {
             (Arch::X86_64, r) => x86::run(&spec, &ctx, r.as_ref()).map_err(|e| e.to_string()),

@@ -6,105 +6,23 @@
 
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-struct Vmed {
-    child: Child,
-    socket: PathBuf,
-    dir: PathBuf,
-}
+mod support;
+use support::{Vmed, image, request, send};
 
-impl Drop for Vmed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Monitors outlive the daemon by design: end any a failed test left behind (their
-        // command lines name machine files under this test's dir).
-        let dir = self.dir.to_string_lossy().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmdline).contains(&dir)
-            {
-                // SAFETY: kill(2) with plain integers, on a process of this test's dir.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Runs vmed on a fresh state dir. `vmm` None: a file that is no monitor (for tests that
-/// start no VM, so they need no other binary).
-fn start_vmed(test: &str, vmm: Option<PathBuf>) -> Vmed {
-    let dir = std::env::temp_dir().join(format!("vmed-api-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vme.sock");
-    let vmm = vmm.unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vmed")));
-    let child = Command::new(env!("CARGO_BIN_EXE_vmed"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--vmm")
-        .arg(vmm)
-        .args(["--stop-timeout", "3"])
-        // Cgroups are tested on their own (tests/cgroups.rs); unconfined here, these tests
-        // cannot collide with another test daemon's cgroups of the same VM names.
-        .args(["--cgroups", "false"])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "vmed did not open its socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Vmed { child, socket, dir }
-}
-
-fn image(file: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let p = target.join("images/tiny-riscv64").join(file);
-    assert!(
-        p.is_file(),
-        "guest image file {} is missing: build it with `images/build.sh tiny-riscv64` (or `make images`)",
-        p.display()
-    );
-    p.canonicalize().unwrap()
-}
-
-fn send(socket: &Path, method: &str, path: &str, body: &str) -> UnixStream {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    s
+/// A daemon without cgroups (they have their own tests).
+fn start_vmed(test: &str) -> Vmed {
+    Vmed::start(test, false, &[])
 }
 
 /// One request; the status code and the body (JSON, or the text as a JSON string).
 fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut reply = String::new();
-    send(socket, method, path, body)
-        .read_to_string(&mut reply)
-        .unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let json = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.into()));
+    let (code, text) = request(socket, method, path, body);
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (code, json)
 }
 
@@ -293,7 +211,7 @@ fn the_openapi_document_is_sound() {
 /// (405), and that each answers a code it documents.
 #[test]
 fn every_documented_route_answers() {
-    let d = start_vmed("routes", None);
+    let d = start_vmed("routes");
     let s = d.socket.as_path();
     let (code, doc) = http(s, "GET", "/1.0/openapi.json", "");
     assert_eq!(code, 200);
@@ -375,13 +293,7 @@ fn every_documented_route_answers() {
 
 #[test]
 fn operations_and_events_of_a_riscv64_vm() {
-    let vmm = PathBuf::from(env!("CARGO_BIN_EXE_vmed")).with_file_name("vme-vmm");
-    assert!(
-        vmm.is_file(),
-        "{} is missing: build it first (cargo build -p vme-vmm; cargo test --workspace does)",
-        vmm.display()
-    );
-    let d = start_vmed("ops", Some(vmm));
+    let d = start_vmed("ops");
     let s = d.socket.as_path();
     let all = subscribe(s, "");
     let lifecycle_only = subscribe(s, "?type=lifecycle");

@@ -4,59 +4,21 @@
 //! cgroup is gone once the monitor is.
 
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-struct Vmed {
-    child: Child,
-    socket: PathBuf,
-    dir: PathBuf,
-    cgroups: PathBuf,
-    args: Vec<String>,
+mod support;
+use support::{Vmed, cgroup2_mount as mount, image, request};
+
+/// A daemon sampling every second, with cgroups of its own (or none).
+fn start(test: &str, cgroups: bool) -> Vmed {
+    Vmed::start(test, cgroups, &["--sample-interval", "1"])
 }
 
 impl Vmed {
-    fn start(test: &str) -> Vmed {
-        Self::start_with(test, &[])
-    }
-
-    fn start_with(test: &str, args: &[&str]) -> Vmed {
-        let dir = std::env::temp_dir().join(format!("vmed-cg-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cgroups = mount().join(format!("vme-test-{}-{test}", std::process::id()));
-        let mut d = Vmed {
-            child: Command::new("true").spawn().unwrap(),
-            socket: dir.join("vme.sock"),
-            dir,
-            cgroups,
-            args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        d.launch();
-        d
-    }
-
-    fn launch(&mut self) {
-        let _ = self.child.wait();
-        self.child = Command::new(env!("CARGO_BIN_EXE_vmed"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--cgroup-root")
-            .arg(&self.cgroups)
-            .args(["--stop-timeout", "3", "--sample-interval", "1"])
-            .args(&self.args)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < deadline, "vmed did not open its socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// This daemon's cgroup root.
+    fn cg(&self) -> &Path {
+        self.cgroups.as_deref().unwrap()
     }
 
     fn call(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
@@ -94,78 +56,6 @@ impl Vmed {
     }
 }
 
-impl Drop for Vmed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let needle = self.dir.to_string_lossy().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
-                if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                    // SAFETY: kill(2) with plain integers, on a monitor of this test's dir.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for e in std::fs::read_dir(&self.cgroups)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            while std::fs::remove_dir(e.path()).is_err() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = std::fs::remove_dir(&self.cgroups);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn mount() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            post.starts_with("cgroup2 ")
-                .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
-        })
-        .expect("this host has no cgroup2 mount")
-}
-
-fn image(file: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let p = target.join("images/tiny-riscv64").join(file);
-    assert!(
-        p.is_file(),
-        "guest image file {} is missing: build it with `images/build.sh tiny-riscv64`",
-        p.display()
-    );
-    p.canonicalize().unwrap()
-}
-
-fn request(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.into(),
-    )
-}
-
 fn controllers(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("cgroup.controllers"))
         .unwrap_or_default()
@@ -191,11 +81,11 @@ fn cpu_share(dir: &Path, secs: u64) -> f64 {
 
 #[test]
 fn each_monitor_runs_in_its_cgroup_with_its_limits() {
-    let d = Vmed::start("limits");
+    let d = start("limits", true);
     let (code, v) = d.create_and_start("spin", json!({}));
     assert_eq!(code, 200, "{v}");
     let pid = d.vm("spin")["pid"].as_u64().unwrap();
-    let group = d.cgroups.join("vm-spin");
+    let group = d.cg().join("vm-spin");
     let rel = group.strip_prefix(mount()).unwrap();
     let line = format!("0::/{}", rel.display());
     let in_it = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -230,7 +120,7 @@ fn each_monitor_runs_in_its_cgroup_with_its_limits() {
     // An allowance the host cannot enforce fails the start, saying why; one it can is
     // enforced.
     let (code, v) = d.create_and_start("slow", json!({"cpu_allowance": "20%"}));
-    let slow = d.cgroups.join("vm-slow");
+    let slow = d.cg().join("vm-slow");
     if offered.iter().any(|c| c == "cpu") {
         assert_eq!(code, 200, "{v}");
         let max = std::fs::read_to_string(slow.join("cpu.max")).unwrap();
@@ -266,7 +156,7 @@ fn each_monitor_runs_in_its_cgroup_with_its_limits() {
         "io",
         json!({"io_max": [{"device": disk, "wbps": "1M", "riops": 100}]}),
     );
-    let io = d.cgroups.join("vm-io");
+    let io = d.cg().join("vm-io");
     if offered.iter().any(|c| c == "io") {
         assert_eq!(code, 200, "{v}");
         let max = std::fs::read_to_string(io.join("io.max")).unwrap();
@@ -340,7 +230,7 @@ fn each_monitor_runs_in_its_cgroup_with_its_limits() {
 
 #[test]
 fn usage_is_sampled_stored_and_served() {
-    let mut d = Vmed::start("usage");
+    let mut d = start("usage", true);
     let (code, v) = d.create_and_start("acct", json!({}));
     assert_eq!(code, 200, "{v}");
 
@@ -415,7 +305,7 @@ fn usage_is_sampled_stored_and_served() {
     // Samples survive a daemon killed -9; the re-adopted monitor keeps being sampled.
     let before = d.usage("acct", "");
     d.child.kill().unwrap();
-    d.launch();
+    d.launch(None);
     let after = d.usage("acct", "");
     assert!(
         after["totals"]["samples"].as_u64() >= before["totals"]["samples"].as_u64(),
@@ -434,21 +324,24 @@ fn usage_is_sampled_stored_and_served() {
     assert_eq!(code, 200, "{v}");
     let stopped = d.usage("acct", "");
     assert!(cpu(&stopped) >= cpu(&grown), "{stopped}");
-    assert!(!d.cgroups.join("vm-acct").exists());
+    assert!(!d.cg().join("vm-acct").exists());
     let (code, v) = d.call("DELETE", "/1.0/vms/acct", "");
     assert_eq!(code, 200, "{v}");
 }
 
 #[test]
 fn without_cgroups_monitors_run_unconfined_and_are_still_accounted() {
-    let d = Vmed::start_with("nocg", &["--cgroups", "false"]);
+    let d = start("nocg", false);
     let (code, v) = d.create_and_start("free", json!({}));
     assert_eq!(code, 200, "{v}");
     let pid = d.vm("free")["pid"].as_u64().unwrap();
     let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let its = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert_eq!(its, mine, "the monitor left the daemon's cgroups");
-    assert!(!d.cgroups.exists(), "cgroups = false made a cgroup");
+    assert!(
+        !mount().join("vme.slice/vm-free").exists(),
+        "cgroups = false made a cgroup"
+    );
     // CPU and memory then come from /proc/PID.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

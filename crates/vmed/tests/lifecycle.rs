@@ -4,157 +4,18 @@
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The daemon under test, killed when the test ends (its VMs are stopped by the test).
-struct Vmed {
-    child: Child,
-    socket: PathBuf,
-    dir: PathBuf,
-    /// Flags beyond the socket, state dir and stop timeout.
-    args: Vec<String>,
-    /// This daemon's own cgroup root: tests run in parallel and reuse VM names.
-    cgroups: PathBuf,
-}
-
-impl Drop for Vmed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Monitors outlive the daemon by design (their own process groups): end any a
-        // failed test left behind.
-        // The trailing '/' keeps test "crash" from matching test "crash-points"' processes.
-        for pid in pids_of(&format!("{}/", self.dir.display())) {
-            // SAFETY: kill(2) with plain integers, on a monitor of this test's state dir.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        remove_cgroups(&self.cgroups);
-    }
-}
-
-/// The host's cgroup2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host).
-fn cgroup2_mount() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            post.starts_with("cgroup2 ")
-                .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
-        })
-        .expect("this host has no cgroup2 mount")
-}
-
-/// Removes a test daemon's cgroups once their (killed) monitors are gone.
-fn remove_cgroups(root: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if e.path().is_dir() {
-            while std::fs::remove_dir(e.path()).is_err() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(root);
-}
-
-fn image(file: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let p = target.join("images/tiny-riscv64").join(file);
-    assert!(
-        p.is_file(),
-        "guest image file {} is missing: build it with `images/build.sh tiny-riscv64` (or `make images`)",
-        p.display()
-    );
-    p.canonicalize().unwrap()
-}
+mod support;
+use support::{Vmed, http, image, pids_of};
 
 fn start_vmed(test: &str) -> Vmed {
-    start_vmed_with(test, &[])
+    Vmed::start(test, true, &[])
 }
 
-fn start_vmed_with(test: &str, args: &[String]) -> Vmed {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_vmed"));
-    let vmm = bin.with_file_name("vme-vmm");
-    assert!(
-        vmm.is_file(),
-        "{} is missing: build it first (cargo build -p vme-vmm; cargo test --workspace does)",
-        vmm.display()
-    );
-    let dir = std::env::temp_dir().join(format!("vmed-test-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vme.sock");
-    let cgroups = cgroup2_mount().join(format!("vme-test-{}-{test}", std::process::id()));
-    remove_cgroups(&cgroups);
-    let mut args = args.to_vec();
-    args.extend(["--cgroup-root".into(), cgroups.display().to_string()]);
-    let child = launch(&dir, &socket, &args);
-    Vmed {
-        child,
-        socket,
-        dir,
-        args,
-        cgroups,
-    }
-}
-
-/// Runs vmed on `dir`'s state and waits for its socket.
-fn launch(dir: &Path, socket: &Path, args: &[String]) -> Child {
-    launch_env(dir, socket, args, None)
-}
-
-/// Like [`launch`], with a crash point armed (see vmed's crashpoint module).
-fn launch_env(dir: &Path, socket: &Path, args: &[String], crash_at: Option<&str>) -> Child {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(env!("CARGO_BIN_EXE_vmed"))
-        .env("VMED_TEST_CRASH_AT", crash_at.unwrap_or(""))
-        .arg("--socket")
-        .arg(socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(["--stop-timeout", "3"])
-        .args(args)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "vmed did not open its socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-impl Vmed {
-    /// Kills the daemon with SIGKILL and starts a new one on the same state.
-    fn kill9_and_restart(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        self.child = launch(&self.dir, &self.socket, &self.args);
-    }
-}
-
-/// One HTTP/1.1 request; returns the status code and the JSON body.
-fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
-    (code, json)
+fn start_vmed_with(test: &str, args: &[&str]) -> Vmed {
+    Vmed::start(test, true, args)
 }
 
 /// A GET whose reply is text (the metrics).
@@ -297,21 +158,6 @@ fn riscv64_vm_lifecycle_over_the_api() {
     );
 }
 
-/// The pids of the processes whose command lines mention `needle`.
-fn pids_of(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmdline).contains(needle) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 fn pid_of(needle: &str) -> i32 {
     match pids_of(needle)[..] {
         [pid] => pid,
@@ -423,7 +269,7 @@ fn a_killed_daemon_takes_down_no_vm() {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    d.child = launch(&d.dir, &d.socket, &d.args);
+    d.launch(None);
     assert_eq!(state_of(&d, "k3"), "crashed");
     let (_, v) = http(&d.socket, "GET", "/1.0/vms/k3", "");
     let reason = v["metadata"]["reason"].as_str().unwrap();
@@ -449,7 +295,7 @@ fn a_killed_daemon_takes_down_no_vm() {
 fn concurrent_vms() {
     const N: usize = 20;
     // Room for them on any host: admission is tested on its own.
-    let d = start_vmed_with("concurrent", &["--cpu-overcommit".into(), "100".into()]);
+    let d = start_vmed_with("concurrent", &["--cpu-overcommit", "100"]);
     let socket = d.socket.clone();
     let threads: Vec<_> = (0..N)
         .map(|i| {
@@ -523,10 +369,7 @@ fn admission_names_the_numbers() {
     let config =
         std::env::temp_dir().join(format!("vmed-test-{}-admission.toml", std::process::id()));
     std::fs::write(&config, format!("cpu_overcommit = {}\n", 1.5 / cpus as f64)).unwrap();
-    let d = start_vmed_with(
-        "admission",
-        &["--config".into(), config.display().to_string()],
-    );
+    let d = start_vmed_with("admission", &["--config", &config.display().to_string()]);
     std::fs::remove_file(&config).unwrap();
     let create = |name: &str, vcpus: u32| {
         let body = json!({"name": name, "arch": "riscv64", "kernel": image("Image"),
@@ -620,12 +463,6 @@ fn http_or_eof(socket: &Path, method: &str, path: &str, body: &str) -> Option<u1
     reply.split(' ').nth(1)?.parse().ok()
 }
 
-/// The processes of monitors started for VM `name` of this daemon's state dir.
-fn monitors_of(d: &Vmed, name: &str) -> Vec<i32> {
-    let machine = d.dir.join(format!("state/vms/{name}/machine.toml"));
-    pids_of(machine.to_str().unwrap())
-}
-
 fn wait_state(d: &Vmed, name: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while state_of(d, name) != want {
@@ -644,7 +481,7 @@ fn wait_state(d: &Vmed, name: &str, want: &str) {
 /// and a VM that ran all along was never touched.
 #[test]
 fn a_daemon_killed_at_any_point_leaves_every_vm_explained() {
-    let mut d = start_vmed_with("crash-points", &["--cpu-overcommit".into(), "100".into()]);
+    let mut d = start_vmed_with("crash-points", &["--cpu-overcommit", "100"]);
     let create = |d: &Vmed, name: &str| {
         let body = json!({"name": name, "arch": "riscv64", "kernel": image("Image"),
                           "initrd": image("initramfs.cpio"), "memory": "64M"});
@@ -674,7 +511,7 @@ fn a_daemon_killed_at_any_point_leaves_every_vm_explained() {
         let state = format!("/1.0/vms/{vm}/state");
         d.child.kill().unwrap();
         d.child.wait().unwrap();
-        d.child = launch_env(&d.dir, &d.socket, &d.args, Some(point));
+        d.launch(Some(point));
         if !point.starts_with("create") {
             assert_eq!(create(&d, &vm), Some(201), "{point}");
         }
@@ -690,7 +527,7 @@ fn a_daemon_killed_at_any_point_leaves_every_vm_explained() {
         assert_eq!(reply, None, "{point}: the daemon answered instead of dying");
         let died = d.child.wait().unwrap();
         assert!(!died.success(), "{point}: {died}");
-        d.child = launch(&d.dir, &d.socket, &d.args);
+        d.launch(None);
 
         let (_, v) = http(&d.socket, "GET", &format!("/1.0/vms/{vm}"), "");
         let (now, reason) = (&v["metadata"]["state"], &v["metadata"]["reason"]);
@@ -701,15 +538,15 @@ fn a_daemon_killed_at_any_point_leaves_every_vm_explained() {
             "start:after-transition" => {
                 assert_eq!(now, "stopped", "{point}: {v}");
                 assert!(reason.as_str().unwrap().contains("nothing ran"), "{v}");
-                assert!(monitors_of(&d, &vm).is_empty(), "{point}");
+                assert!(d.monitors_of(&vm).is_empty(), "{point}");
             }
             p if p.starts_with("start") => {
                 assert_eq!(now, "running", "{point}: {v}");
-                assert_eq!(monitors_of(&d, &vm), [pid(&d, &vm)], "{point}");
+                assert_eq!(d.monitors_of(&vm), [pid(&d, &vm)], "{point}");
             }
             _ => {
                 wait_state(&d, &vm, "stopped");
-                assert!(monitors_of(&d, &vm).is_empty(), "{point}");
+                assert!(d.monitors_of(&vm).is_empty(), "{point}");
             }
         }
         // Every record once, the one that ran all along untouched.
@@ -727,7 +564,7 @@ fn a_daemon_killed_at_any_point_leaves_every_vm_explained() {
         assert_eq!(names, want, "{point}");
         assert_eq!(state_of(&d, "keep"), "running", "{point}");
         assert_eq!(pid(&d, "keep"), keep, "{point}: keep was restarted");
-        assert_eq!(monitors_of(&d, "keep"), [keep], "{point}");
+        assert_eq!(d.monitors_of("keep"), [keep], "{point}");
 
         // Settled means usable: the VM can be driven to stopped and deleted again.
         if state_of(&d, &vm) == "running" {

@@ -9,85 +9,9 @@ use std::time::{Duration, Instant};
 
 const VME: &str = env!("CARGO_BIN_EXE_vme");
 
-struct Vmed {
-    child: Child,
-    dir: PathBuf,
-    /// This daemon's own cgroup root (tests run in parallel with other daemons).
-    cgroups: PathBuf,
-}
-
-impl Drop for Vmed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Monitors outlive the daemon by design: end any a failed test left behind (their
-        // command lines name machine files under this test's dir).
-        let dir = self.dir.to_string_lossy().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let pid = e.file_name().to_string_lossy().to_string();
-            if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
-                && String::from_utf8_lossy(&cmdline).contains(&dir)
-            {
-                let _ = Command::new("kill").args(["-9", &pid]).status();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for e in std::fs::read_dir(&self.cgroups)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            while e.path().is_dir()
-                && std::fs::remove_dir(e.path()).is_err()
-                && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = std::fs::remove_dir(&self.cgroups);
-    }
-}
-
-/// A cgroup root of this test's own, under the host's cgroup2 mount.
-fn cgroup_root(test: &str) -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mount = info
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            post.starts_with("cgroup2 ")
-                .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
-        })
-        .expect("this host has no cgroup2 mount");
-    mount.join(format!("vme-cli-test-{}-{test}", std::process::id()))
-}
-
-/// `vmed` and `vme-vmm` live next to `vme` once the workspace is built.
-fn sibling(name: &str) -> PathBuf {
-    let p = Path::new(VME).with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build the workspace first (cargo build --workspace; cargo test \
-         --workspace does)",
-        p.display()
-    );
-    p
-}
-
-fn image(file: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let p = target.join("images/tiny-riscv64").join(file);
-    assert!(
-        p.is_file(),
-        "guest image file {} is missing: build it with `images/build.sh tiny-riscv64` (or `make images`)",
-        p.display()
-    );
-    p
-}
+#[path = "../../vmed/tests/support/mod.rs"]
+mod support;
+use support::{Vmed, image};
 
 fn vme(socket: &Path, args: &[&str]) -> Output {
     Command::new(VME)
@@ -114,33 +38,8 @@ fn fails(out: Output) -> String {
 
 #[test]
 fn the_cli_drives_a_riscv64_vm() {
-    let dir = std::env::temp_dir().join(format!("vme-cli-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vme.sock");
-    let cgroups = cgroup_root("drive");
-    let child = Command::new(sibling("vmed"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--vmm")
-        .arg(sibling("vme-vmm"))
-        .arg("--cgroup-root")
-        .arg(&cgroups)
-        .args(["--sample-interval", "1"])
-        .spawn()
-        .unwrap();
-    let _vmed = Vmed {
-        child,
-        dir,
-        cgroups,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "vmed did not open its socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let vmed = Vmed::start("drive", true, &["--sample-interval", "1"]);
+    let socket = vmed.socket.clone();
     let s = socket.as_path();
 
     let (k, i) = (image("Image"), image("initramfs.cpio"));
@@ -311,32 +210,8 @@ fn the_cli_drives_a_riscv64_vm() {
 
 /// A daemon of its own for a test, on a fresh state dir; its socket.
 fn daemon(test: &str) -> (Vmed, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("vme-cli-test-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vme.sock");
-    let cgroups = cgroup_root(test);
-    let child = Command::new(sibling("vmed"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--vmm")
-        .arg(sibling("vme-vmm"))
-        .arg("--cgroup-root")
-        .arg(&cgroups)
-        .spawn()
-        .unwrap();
-    let vmed = Vmed {
-        child,
-        dir,
-        cgroups,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "vmed did not open its socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let vmed = Vmed::start(test, true, &[]);
+    let socket = vmed.socket.clone();
     (vmed, socket)
 }
 

@@ -4,8 +4,7 @@
 
 use serde_json::{Value, json};
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,104 +13,22 @@ const VME: &str = env!("CARGO_BIN_EXE_vme");
 /// Generous for an interpreted guest on a loaded 2-core host.
 const BOOT: Duration = Duration::from_secs(300);
 
-struct Vmed {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
+#[path = "../../vmed/tests/support/mod.rs"]
+mod support;
+use support::{Vmed, request};
+
+/// A daemon (without cgroups: they have their own tests) with a small console log.
+fn start(test: &str) -> Vmed {
+    start_under(test, &[])
 }
 
-impl Vmed {
-    fn start(test: &str) -> Vmed {
-        Vmed::start_in(test, &[])
-    }
-
-    /// `prefix` runs vmed under another program (`ip netns exec NS`).
-    fn start_in(test: &str, prefix: &[&str]) -> Vmed {
-        let dir = std::env::temp_dir().join(format!("vme-guest-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("vme.sock");
-        let child = launch(&dir, &socket, prefix);
-        Vmed { child, dir, socket }
-    }
-
-    fn kill9_and_restart(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        self.child = launch(&self.dir, &self.socket, &[]);
-    }
-}
-
-fn launch(dir: &Path, socket: &Path, prefix: &[&str]) -> Child {
-    let mut cmd = match prefix.split_first() {
-        Some((program, args)) => {
-            let mut c = Command::new(program);
-            c.args(args).arg(sibling("vmed"));
-            c
-        }
-        None => Command::new(sibling("vmed")),
-    };
-    let child = cmd
-        .arg("--socket")
-        .arg(socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--vmm")
-        .arg(sibling("vme-vmm"))
-        .args(["--console-log-size", "8K", "--stop-timeout", "3"])
-        // Cgroups have their own tests; unconfined here, no clash with another test
-        // daemon's cgroups of the same VM names.
-        .args(["--cgroups", "false"])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "vmed did not open its socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-impl Drop for Vmed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Monitors outlive the daemon by design: end any a failed test left behind.
-        let dir = self.dir.to_string_lossy().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let pid = e.file_name().to_string_lossy().to_string();
-            if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
-                && String::from_utf8_lossy(&cmdline).contains(&dir)
-            {
-                let _ = Command::new("kill").args(["-9", &pid]).status();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn sibling(name: &str) -> PathBuf {
-    let p = Path::new(VME).with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build the workspace first",
-        p.display()
-    );
-    p
+/// [`start`] under `prefix` (`ip netns exec NS`).
+fn start_under(test: &str, prefix: &[&str]) -> Vmed {
+    Vmed::start_under(test, false, &["--console-log-size", "8K"], prefix)
 }
 
 fn image(file: &str) -> String {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let p = target.join("images/tiny-riscv64").join(file);
-    assert!(
-        p.is_file(),
-        "guest image file {} is missing: build it with `images/build.sh tiny-riscv64`",
-        p.display()
-    );
-    p.canonicalize().unwrap().display().to_string()
+    support::image(file).display().to_string()
 }
 
 fn vme(d: &Vmed, args: &[&str]) -> Output {
@@ -138,19 +55,8 @@ fn ok(out: Output) -> String {
 
 /// One raw API request: the status code and the JSON body.
 fn http(d: &Vmed, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = UnixStream::connect(&d.socket).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    let (code, text) = request(&d.socket, method, path, body);
+    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// `vme console NAME` with its stdin and stdout in our hands.
@@ -234,7 +140,7 @@ impl Attached {
 
 #[test]
 fn exec_console_and_a_disk_on_a_riscv64_vm() {
-    let mut d = Vmed::start("main");
+    let mut d = start("main");
     let (k, i) = (image("Image"), image("initramfs.cpio"));
     let disk = d.dir.join("data.img");
     // 1 MiB: the guest sees 2048 sectors.
@@ -485,7 +391,7 @@ fn a_nic_on_a_tap_reaches_the_guest_with_its_stored_mac() {
     );
     // The daemon (and so its monitors and their taps) live in the namespace: no tap ever
     // appears on the host's own network.
-    let d = Vmed::start_in("nic", &["ip", "netns", "exec", &ns.0]);
+    let d = start_under("nic", &["ip", "netns", "exec", &ns.0]);
     let (k, i) = (image("Image"), image("initramfs.cpio"));
     let out = ok(vme(
         &d,
@@ -570,7 +476,7 @@ fn lflag(fd: i32) -> libc::tcflag_t {
 #[test]
 fn the_terminal_goes_raw_and_comes_back() {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let d = Vmed::start("tty");
+    let d = start("tty");
     let (k, i) = (image("Image"), image("initramfs.cpio"));
     ok(vme(
         &d,

@@ -3,11 +3,13 @@
 //! certificate lets it in, the server certificate is made once and kept across restarts,
 //! and a remade one is refused by the CLI naming both fingerprints.
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const VME: &str = env!("CARGO_BIN_EXE_vme");
@@ -99,6 +101,32 @@ impl Vmed {
             c.args(["--remote", &self.url()]);
         }
         c.args(args).output().unwrap()
+    }
+
+    /// `vme --remote URL ARGS` left running, its stdio piped; its stdout gathered.
+    fn spawn_remote(&self, args: &[&str]) -> (Child, Arc<Mutex<Vec<u8>>>) {
+        let mut child = Command::new(VME)
+            .env("HOME", self.dir.join("home"))
+            .env_remove("XDG_CONFIG_HOME")
+            .args(["--remote", &self.url()])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let (mut stdout, sink) = (child.stdout.take().unwrap(), out.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        (child, out)
     }
 
     fn vmed(&self, args: &[&str]) -> Output {
@@ -225,7 +253,6 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 
 /// A TLS client with no certificate asks for the VM list: the reply, or the error.
 fn request_without_client_cert(port: u16) -> Result<String, String> {
-    use std::io::{Read, Write};
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let verifier = std::sync::Arc::new(AnyServer(provider.signature_verification_algorithms));
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -291,6 +318,8 @@ fn remote_cli_over_https_with_client_certificates_and_a_pinned_server() {
     assert_eq!(added.trim(), format!("trusted {client_fp}"));
     assert!(ok(d.vmed(&["trust", "list"])).contains(&client_fp));
     assert!(ok(d.vme(true, &["list"])).starts_with("NAME"));
+    // The event stream over TLS, followed while the VM comes and goes.
+    let (mut events, seen) = d.spawn_remote(&["events", "--type", "lifecycle"]);
     let (kernel, initrd) = (image("Image"), image("initramfs.cpio"));
     let launched = ok(d.vme(
         true,

@@ -340,11 +340,47 @@ fn remote_cli_over_https_with_client_certificates_and_a_pinned_server() {
         .output()
         .unwrap();
     assert!(ok(info).contains("riscv64"));
+
+    // The console over TLS (through the CLI's relay): keystrokes in, output out, Ctrl-a q.
+    let (mut console, screen) = d.spawn_remote(&["console", "r1"]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !text(&screen.lock().unwrap()).contains("tls-42") {
+        assert!(
+            Instant::now() < deadline,
+            "no answer on the console: {}",
+            text(&screen.lock().unwrap())
+        );
+        let keys = console.stdin.as_mut().unwrap();
+        keys.write_all(b"echo tls-$((6*7))\n").unwrap();
+        keys.flush().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    console.stdin.as_mut().unwrap().write_all(b"\x01q").unwrap();
+    let out = console.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && text(&out.stderr).contains("Detached"),
+        "{}",
+        text(&out.stderr)
+    );
+
     assert_eq!(
         ok(d.vme(true, &["stop", "r1", "--force"])).trim(),
         "r1: stopped"
     );
     assert_eq!(ok(d.vme(true, &["rm", "r1"])).trim(), "r1: deleted");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !text(&seen.lock().unwrap()).contains("r1: stopped -> - (delete)") {
+        assert!(
+            Instant::now() < deadline,
+            "events: {}",
+            text(&seen.lock().unwrap())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    let seen = text(&seen.lock().unwrap());
+    assert!(seen.contains("r1: starting -> running (start)"), "{seen}");
 
     // A restart keeps the certificate: the pin still holds.
     d.stop();

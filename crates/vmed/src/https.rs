@@ -24,6 +24,8 @@ use tokio::net::TcpListener;
 
 /// How long a client has to complete the TLS handshake: a silent one must not hold a task.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request's headers may take to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Asks every client for a certificate and checks it proves possession of its key; whether
 /// the certificate is trusted is decided after the handshake, so that an unknown client
@@ -139,7 +141,12 @@ pub async fn serve(
             } else {
                 refusal(&peer.to_string(), fp.as_deref().unwrap_or("none"))
             };
+            // A client that stops sending mid-request must not hold its connection: its
+            // headers have a deadline, and an untrusted client gets one reply and the close.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(known)
                 .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
                 .with_upgrades();
             let _ = conn.await;

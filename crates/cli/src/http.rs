@@ -1,10 +1,81 @@
-//! Just enough HTTP/1.1 to talk to vmed over its Unix socket: one request per connection
-//! (`Connection: close`), a body read to the end. The CLI needs no async runtime for that.
+//! Just enough HTTP/1.1 to talk to vmed over its Unix socket or over TLS (`--remote`): one
+//! request per connection (`Connection: close`), a body read to the end. The CLI needs no
+//! async runtime for that.
 
+use crate::remote::{Remote, TlsStream};
 use std::io::{self, BufRead, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// Where the daemon is.
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tls(Box<Remote>),
+}
+
+impl Endpoint {
+    fn connect(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+            Endpoint::Tls(r) => Stream::Tls(Box::new(r.connect()?)),
+        })
+    }
+}
+
+/// A connection to the daemon, either kind.
+pub enum Stream {
+    Unix(UnixStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.sock.set_read_timeout(t),
+        }
+    }
+
+    /// The connection as a local socket that can be cloned for a reader and a writer
+    /// thread (a TLS one through a relay thread).
+    pub fn into_unix(self) -> io::Result<UnixStream> {
+        match self {
+            Stream::Unix(s) => Ok(s),
+            Stream::Tls(s) => crate::remote::into_unix(*s),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            // A daemon that closes without TLS's close_notify has still sent its whole
+            // reply (HTTP's framing says where it ends): take that as the end.
+            Stream::Tls(s) => match s.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                r => r,
+            },
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
 
 /// How long the daemon may take to answer an attach.
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -12,20 +83,21 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 /// Sends one request; returns the status code and the body. `timeout` bounds the wait for
 /// the reply (a stop waits out the guest's power-off; an exec, its command).
 pub fn request_within(
-    socket: &Path,
+    ep: &Endpoint,
     method: &str,
     path: &str,
     body: &str,
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
-    let mut s = UnixStream::connect(socket)?;
+    let mut s = ep.connect()?;
     s.set_read_timeout(Some(timeout))?;
-    write!(
-        s,
+    let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    s.write_all(req.as_bytes())?;
+    s.flush()?;
     let mut reply = Vec::new();
     s.read_to_end(&mut reply)?;
     parse(&reply)
@@ -34,16 +106,17 @@ pub fn request_within(
 /// A GET that asks to switch the connection to `protocol`. On `101 Switching Protocols`
 /// returns the connection, now raw both ways; otherwise the status code and the body.
 pub fn upgrade(
-    socket: &Path,
+    ep: &Endpoint,
     path: &str,
     protocol: &str,
-) -> io::Result<Result<UnixStream, (u16, String)>> {
-    let mut s = UnixStream::connect(socket)?;
+) -> io::Result<Result<Stream, (u16, String)>> {
+    let mut s = ep.connect()?;
     s.set_read_timeout(Some(TIMEOUT))?;
-    write!(
-        s,
+    let req = format!(
         "GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: upgrade\r\nUpgrade: {protocol}\r\n\r\n"
-    )?;
+    );
+    s.write_all(req.as_bytes())?;
+    s.flush()?;
     // Byte by byte up to the end of the head: what follows a 101 is the raw stream.
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -76,7 +149,7 @@ pub fn upgrade(
         })
         .ok_or_else(|| bad("the refusal has no Content-Length"))?;
     let mut rest = Vec::new();
-    s.take(len).read_to_end(&mut rest)?;
+    Read::by_ref(&mut s).take(len).read_to_end(&mut rest)?;
     head.extend_from_slice(&rest);
     Ok(Err(parse(&head)?))
 }
@@ -86,15 +159,14 @@ pub fn upgrade(
 /// timeout: a stream may be quiet for long. A reply that is no stream (an error) comes back
 /// whole, as `Some((code, body))`.
 pub fn stream_lines(
-    socket: &Path,
+    ep: &Endpoint,
     path: &str,
     mut line: impl FnMut(&str) -> io::Result<bool>,
 ) -> io::Result<Option<(u16, String)>> {
-    let mut s = UnixStream::connect(socket)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut s = ep.connect()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())?;
+    s.flush()?;
     let mut r = io::BufReader::new(s);
     let mut head = String::new();
     loop {
@@ -240,7 +312,7 @@ mod tests {
               4\r\n{\"a\"\r\n7\r\n:1}\n{}\n\r\n3\r\n[]\n\r\n0\r\n\r\n",
         );
         let mut got = Vec::new();
-        let end = stream_lines(&p, "/1.0/events", |l| {
+        let end = stream_lines(&Endpoint::Unix(p), "/1.0/events", |l| {
             got.push(l.to_string());
             Ok(true)
         })
@@ -251,7 +323,7 @@ mod tests {
         // The reader may stop early.
         let p = serve(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\na\nb\n\r\n");
         let mut n = 0;
-        stream_lines(&p, "/", |_| {
+        stream_lines(&Endpoint::Unix(p), "/", |_| {
             n += 1;
             Ok(false)
         })
@@ -260,7 +332,7 @@ mod tests {
 
         // An error reply comes back whole.
         let p = serve(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n{}");
-        let r = stream_lines(&p, "/", |_| Ok(true)).unwrap();
+        let r = stream_lines(&Endpoint::Unix(p), "/", |_| Ok(true)).unwrap();
         assert_eq!(r, Some((400, "{}".to_string())));
     }
 }

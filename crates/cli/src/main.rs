@@ -4,6 +4,7 @@
 mod console;
 mod http;
 mod output;
+mod remote;
 
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -26,6 +27,14 @@ struct Cli {
     /// The daemon's socket (default: $VME_SOCKET, else /run/vme/vme.sock).
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    /// A daemon over HTTPS instead: https://HOST[:PORT] (default port 8443; also
+    /// $VME_REMOTE). Its admin must trust this client's certificate (see `vme remote cert`).
+    #[arg(long, global = true, value_name = "URL")]
+    remote: Option<String>,
+    /// The SHA-256 fingerprint the remote daemon's certificate must have (vmed prints it at
+    /// startup); without it the certificate seen first is pinned and must not change.
+    #[arg(long, global = true, value_name = "SHA256")]
+    server_fingerprint: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -123,11 +132,21 @@ enum Cmd {
     /// The daemon's operations (long actions, running and recent).
     #[command(subcommand, alias = "op")]
     Operation(OpCmd),
+    /// This client's identity for daemons over HTTPS (--remote).
+    #[command(subcommand)]
+    Remote(RemoteCmd),
     /// Print a shell completion script: `source <(vme completion bash)`.
     Completion {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RemoteCmd {
+    /// Print the path and SHA-256 fingerprint of this client's certificate (made on first
+    /// use), for the daemon's admin to trust: `vmed trust add FILE`.
+    Cert,
 }
 
 #[derive(Subcommand, Debug)]
@@ -437,9 +456,39 @@ fn absolute(what: &str, p: &Path) -> Result<PathBuf> {
     std::fs::canonicalize(p).with_context(|| format!("{what} {}: check the path", p.display()))
 }
 
+/// `vme remote cert`: this client's certificate, made on first use, and its fingerprint.
+fn client_cert() -> Result<()> {
+    let dir = remote::config_dir().map_err(anyhow::Error::msg)?;
+    let path = remote::client_cert(&dir).map_err(anyhow::Error::msg)?;
+    let pem = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let der = vme_api::base64::decode(
+        &String::from_utf8_lossy(&pem)
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>(),
+    )
+    .with_context(|| format!("{} is no PEM certificate: remove it", path.display()))?;
+    println!("{}", path.display());
+    println!("SHA-256 {}", remote::fingerprint(&der));
+    eprintln!(
+        "vme: on the daemon's host, trust it with `vmed trust add FILE` (a copy of {})",
+        path.display()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
-    let socket = socket_path(cli.socket, std::env::var_os("VME_SOCKET"));
-    let api = Api { socket };
+    let remote_url = cli
+        .remote
+        .or_else(|| std::env::var("VME_REMOTE").ok().filter(|v| !v.is_empty()));
+    let ep = match remote_url {
+        Some(url) => http::Endpoint::Tls(Box::new(
+            remote::Remote::new(&url, cli.server_fingerprint.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        )),
+        None => http::Endpoint::Unix(socket_path(cli.socket, std::env::var_os("VME_SOCKET"))),
+    };
+    let api = Api { ep };
     // Long actions run as operations the CLI waits on, showing progress on a terminal;
     // short ones (pause, resume) answer at once.
     let state = |name: &str, action: &str, force: bool, long: bool| -> Result<()> {
@@ -487,10 +536,10 @@ fn run(cli: Cli) -> Result<()> {
             show_log: false,
         } => {
             let path = format!("/1.0/vms/{}/console?attach=1", segment(&name)?);
-            let conn = match http::upgrade(&api.socket, &path, "vme-console")
+            let conn = match http::upgrade(&api.ep, &path, "vme-console")
                 .map_err(|e| api.unreachable(e))?
             {
-                Ok(conn) => conn,
+                Ok(conn) => conn.into_unix()?,
                 Err((code, text)) => bail!("{} (HTTP {code})", api_error(&text)),
             };
             let detached =
@@ -580,6 +629,7 @@ fn run(cli: Cli) -> Result<()> {
             let vm = api.call("GET", &format!("/1.0/vms/{}", segment(&name)?), None)?;
             print(format, &vm)?;
         }
+        Cmd::Remote(RemoteCmd::Cert) => client_cert()?,
         Cmd::Events { types, format } => {
             let mut path = "/1.0/events".to_string();
             if !types.is_empty() {
@@ -677,16 +727,30 @@ fn segment(name: &str) -> Result<&str> {
 }
 
 struct Api {
-    socket: PathBuf,
+    ep: http::Endpoint,
 }
 
 impl Api {
     fn unreachable(&self, e: std::io::Error) -> anyhow::Error {
-        anyhow::anyhow!(
-            "cannot reach vmed at {}: {e}; is the daemon running? Start it with \
-             `vmed --socket {0}`, or point --socket or VME_SOCKET at its socket",
-            self.socket.display()
-        )
+        use std::io::ErrorKind::{ConnectionRefused, NotFound, TimedOut};
+        match &self.ep {
+            http::Endpoint::Unix(socket) => anyhow::anyhow!(
+                "cannot reach vmed at {}: {e}; is the daemon running? Start it with \
+                 `vmed --socket {0}`, or point --socket or VME_SOCKET at its socket",
+                socket.display()
+            ),
+            http::Endpoint::Tls(r)
+                if matches!(e.kind(), ConnectionRefused | NotFound | TimedOut) =>
+            {
+                anyhow::anyhow!(
+                    "cannot reach vmed at {}: {e}; is the daemon serving HTTPS there \
+                     (vmed --https ADDR:PORT)?",
+                    r.url
+                )
+            }
+            // A TLS refusal (a changed certificate) says all there is to say.
+            http::Endpoint::Tls(r) => anyhow::anyhow!("vmed at {}: {e}", r.url),
+        }
     }
 
     /// One API request; returns the reply's `metadata`, or the daemon's error message.
@@ -703,7 +767,7 @@ impl Api {
         within: Duration,
     ) -> Result<Value> {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let (code, text) = http::request_within(&self.socket, method, path, &body, within)
+        let (code, text) = http::request_within(&self.ep, method, path, &body, within)
             .map_err(|e| self.unreachable(e))?;
         reply(code, &text)
     }
@@ -755,7 +819,7 @@ impl Api {
 
     /// Prints the event stream at `path` until the daemon ends it.
     fn events(&self, path: &str, format: Format) -> Result<()> {
-        let failed = http::stream_lines(&self.socket, path, |line| {
+        let failed = http::stream_lines(&self.ep, path, |line| {
             if line.is_empty() {
                 return Ok(true);
             }

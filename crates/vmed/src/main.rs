@@ -17,8 +17,10 @@ use vmed::store::SqliteStore;
     about = "The vme daemon: manages VMs behind a REST API on a Unix socket"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// A TOML file with any of the settings below (snake_case keys); flags override it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// The API's Unix socket, mode 0660 (default /run/vme/vme.sock).
     #[arg(long)]
@@ -28,7 +30,7 @@ struct Args {
     #[arg(long)]
     group: Option<String>,
     /// Where the state database and each VM's files live (default /var/lib/vme).
-    #[arg(long)]
+    #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
     /// The monitor binary (default: vme-vmm next to vmed).
     #[arg(long)]
@@ -72,6 +74,29 @@ struct Args {
     /// The cap of each VM's console log: 1M (default), 64K, or bytes.
     #[arg(long)]
     console_log_size: Option<vme_api::ByteSize>,
+    /// Also serve the API over HTTPS on ADDR:PORT (like 0.0.0.0:8443; default off), to
+    /// clients whose certificate is trusted (`vmed trust add`). The server certificate is
+    /// made on the first start, in STATE/tls/.
+    #[arg(long, value_name = "ADDR:PORT")]
+    https: Option<std::net::SocketAddr>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// The client certificates allowed to use the API over HTTPS (STATE/tls/trusted/).
+    /// Changes take effect at the next connection; the daemon need not run.
+    #[command(subcommand)]
+    Trust(TrustCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum TrustCmd {
+    /// Trust the client certificate in a PEM file (the one `vme remote cert` names).
+    Add { file: PathBuf },
+    /// List the trusted certificates: fingerprint and file.
+    List,
+    /// Stop trusting a certificate, by its SHA-256 fingerprint.
+    Remove { fingerprint: String },
 }
 
 fn main() -> Result<()> {
@@ -95,12 +120,16 @@ fn main() -> Result<()> {
         sample_interval: args.sample_interval,
         usage_retention: args.usage_retention,
         console_log_size: args.console_log_size,
+        https: args.https,
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
         None => Layer::default(),
     };
     let settings = flags.over(file).settle().map_err(anyhow::Error::msg)?;
+    if let Some(Sub::Trust(cmd)) = args.command {
+        return trust(&settings.state_dir, cmd);
+    }
     let vmm = match settings.vmm {
         Some(p) => p,
         None => std::env::current_exe()
@@ -125,6 +154,11 @@ fn main() -> Result<()> {
     let db = settings.state_dir.join("vmed.db");
     let store = SqliteStore::open(&db)
         .with_context(|| format!("cannot open the state database {}", db.display()))?;
+    let tls = settings
+        .https
+        .map(|_| tls_config(&settings.state_dir))
+        .transpose()?;
+    let tls_state_dir = settings.state_dir.clone();
     let cfg = Config {
         state_dir: settings.state_dir,
         vmm,
@@ -155,15 +189,68 @@ fn main() -> Result<()> {
     rt.block_on(async move {
         let listener = bind(&settings.socket, settings.group.as_deref())?;
         eprintln!("vmed: serving on {}", settings.socket.display());
-        axum::serve(listener, vmed::api::router(daemon))
-            .with_graceful_shutdown(async move {
-                shutdown().await;
-                // Event streams and waits would otherwise keep the server from stopping.
-                events.close();
-            })
-            .await
-            .context("the API server failed")
+        let app = vmed::api::router(daemon);
+        let https = match (settings.https, tls) {
+            (Some(addr), Some(cfg)) => {
+                let tcp = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}: choose another --https"))?;
+                eprintln!("vmed: serving HTTPS on {}", tcp.local_addr()?);
+                futures_util::future::Either::Left(vmed::https::serve(
+                    tcp,
+                    cfg,
+                    tls_state_dir,
+                    app.clone(),
+                ))
+            }
+            _ => futures_util::future::Either::Right(std::future::pending()),
+        };
+        let unix = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown().await;
+            // Event streams and waits would otherwise keep the server from stopping.
+            events.close();
+        });
+        // The HTTPS side serves until the Unix side has shut down gracefully.
+        tokio::select! {
+            r = unix => r.context("the API server failed"),
+            () = https => Ok(()),
+        }
     })
+}
+
+/// The HTTPS server's TLS settings, its certificate made on the first start.
+fn tls_config(state_dir: &std::path::Path) -> Result<rustls::ServerConfig> {
+    let id = vmed::tls::server_identity(state_dir).map_err(anyhow::Error::msg)?;
+    vmed::tls::tighten(state_dir);
+    eprintln!(
+        "vmed: {} server certificate {}, SHA-256 fingerprint {}",
+        if id.created { "made the" } else { "using the" },
+        id.cert_path.display(),
+        vmed::tls::fingerprint(&id.cert)
+    );
+    vmed::https::server_config(&id).map_err(anyhow::Error::msg)
+}
+
+/// `vmed trust ...`: works on the state dir alone, with or without a running daemon.
+fn trust(state_dir: &std::path::Path, cmd: TrustCmd) -> Result<()> {
+    match cmd {
+        TrustCmd::Add { file } => {
+            let fp = vmed::tls::add(state_dir, &file).map_err(anyhow::Error::msg)?;
+            vmed::tls::tighten(state_dir);
+            println!("trusted {fp}");
+        }
+        TrustCmd::List => {
+            for t in vmed::tls::trusted(state_dir) {
+                println!("{}  {}", t.fingerprint, t.file.display());
+            }
+        }
+        TrustCmd::Remove { fingerprint } => {
+            for f in vmed::tls::remove(state_dir, &fingerprint).map_err(anyhow::Error::msg)? {
+                println!("removed {}", f.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Binds the API socket, replacing a stale one but never a live daemon's.

@@ -33,6 +33,8 @@ pub struct Layer {
     pub usage_retention: Option<u64>,
     /// `"1M"` or bytes.
     pub console_log_size: Option<vme_api::ByteSize>,
+    /// `"ADDR:PORT"`: also serve the API over HTTPS there (default: off).
+    pub https: Option<std::net::SocketAddr>,
 }
 
 /// The settings in force.
@@ -56,11 +58,13 @@ pub struct Settings {
     pub usage_retention: u64,
     /// Each VM's console log holds at most this many bytes (the newest output).
     pub console_log_size: u64,
+    /// Where the API is also served over HTTPS, to trusted client certificates only.
+    pub https: Option<std::net::SocketAddr>,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
-    sample_interval, usage_retention, console_log_size";
+    sample_interval, usage_retention, console_log_size, https";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -92,6 +96,7 @@ impl Layer {
             sample_interval: self.sample_interval.or(below.sample_interval),
             usage_retention: self.usage_retention.or(below.usage_retention),
             console_log_size: self.console_log_size.or(below.console_log_size),
+            https: self.https.or(below.https),
         }
     }
 
@@ -116,6 +121,7 @@ impl Layer {
             console_log_size: self
                 .console_log_size
                 .map_or(vme_api::console_log::DEFAULT_LOG_SIZE, |b| b.bytes()),
+            https: self.https,
         };
         if !s.cgroup_root.is_absolute() || s.cgroup_root.components().any(|c| c.as_os_str() == "..")
         {
@@ -221,6 +227,12 @@ mod tests {
         assert_eq!(s.state_dir, PathBuf::from("/srv/vme"));
         assert_eq!((s.stop_timeout, s.cpu_overcommit), (5, 2.5));
         assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
+        let file: Layer = toml::from_str("https = \"0.0.0.0:8443\"").unwrap();
+        assert_eq!(
+            file.settle().unwrap().https,
+            Some(([0, 0, 0, 0], 8443).into())
+        );
+        assert!(toml::from_str::<Layer>("https = \"somewhere\"").is_err());
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Booted {
     pub tmpfs_sha: String,
     /// The guest's uptime (seconds) just before the snapshot.
     pub uptime: f64,
+    /// The host's time (Unix seconds) when the console was read: what the guest's clock
+    /// in it is checked against (a test may look at it many minutes later).
+    pub console_at: u64,
     /// vCPUs and MiB of memory it was booted with.
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -160,6 +163,10 @@ fn boot_x86_tiny(dir: &Path) -> Booted {
         snapshot,
         disks: vec![(vda, true), (vdb, false)],
         console: vm.console_text(),
+        console_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
         vda_sha: sha256_hex(&bytes),
         vda_head_sha: sha256_hex(&bytes[..65536]),
         tmpfs_sha,
@@ -174,6 +181,7 @@ fn save(b: &Booted, path: &Path) {
         "snapshot": b.snapshot,
         "disks": b.disks,
         "console": b.console,
+        "console_at": b.console_at,
         "vda_sha": b.vda_sha,
         "vda_head_sha": b.vda_head_sha,
         "tmpfs_sha": b.tmpfs_sha,
@@ -193,6 +201,7 @@ fn load(dir: &Path, path: &Path) -> Option<Booted> {
         snapshot: s("snapshot")?.into(),
         disks,
         console: s("console")?,
+        console_at: v["console_at"].as_u64()?,
         vda_sha: s("vda_sha")?,
         vda_head_sha: s("vda_head_sha")?,
         tmpfs_sha: s("tmpfs_sha")?,

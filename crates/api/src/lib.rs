@@ -10,6 +10,8 @@ pub mod identity;
 pub mod limits;
 pub mod size;
 pub mod spec;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod vsock;
 
 pub use size::ByteSize;

@@ -13,15 +13,15 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use sha2::{Digest, Sha256};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vme_api::tls;
+pub use vme_api::tls::{fingerprint, normalize_fingerprint};
 
 /// The port when the URL names none (Incus' and LXD's).
 pub const DEFAULT_PORT: u16 = 8443;
@@ -30,30 +30,6 @@ pub const DEFAULT_PORT: u16 = 8443;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-/// The SHA-256 of a certificate's DER encoding, as 64 lowercase hex digits (as vmed prints).
-pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A fingerprint as typed (any case, ':' between bytes or not), in [`fingerprint`]'s form.
-pub fn normalize_fingerprint(text: &str) -> Result<String, String> {
-    let hex: String = text
-        .trim()
-        .chars()
-        .filter(|&c| c != ':')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!(
-            "{text:?} is no SHA-256 fingerprint: give the 64 hex digits vmed printed at startup"
-        ));
-    }
-    Ok(hex)
-}
 
 /// `$XDG_CONFIG_HOME/vme`, else `$HOME/.config/vme`.
 pub fn config_dir() -> Result<PathBuf, String> {
@@ -77,40 +53,15 @@ pub fn client_cert(dir: &Path) -> Result<PathBuf, String> {
     if cert.exists() {
         return Ok(cert);
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
-    let pair = rcgen::KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-        .map_err(|e| format!("cannot make a certificate: {e}"))?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("vme client of {user}"));
-    let c = params
-        .self_signed(&pair)
-        .map_err(|e| format!("cannot make a certificate: {e}"))?;
-    // The key first: a present certificate means a complete pair.
-    write_new(&key, pair.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&cert, c.pem().as_bytes(), 0o644)?;
+    tls::make_self_signed(
+        dir,
+        &cert,
+        &key,
+        Vec::new(),
+        &format!("vme client of {user}"),
+    )?;
     Ok(cert)
-}
-
-/// Writes `path` whole with `mode`, through a temporary file and a rename.
-fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(data)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// `HOST` and `PORT` of `https://HOST[:PORT][/]` (an IPv6 host in brackets).
@@ -360,7 +311,8 @@ impl Remote {
         if let Some(dir) = self.pin_file.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        write_new(&self.pin_file, format!("{fp}\n").as_bytes(), 0o644).map_err(io::Error::other)?;
+        tls::write_new(&self.pin_file, format!("{fp}\n").as_bytes(), 0o644)
+            .map_err(io::Error::other)?;
         eprintln!(
             "vme: first contact with {}: pinned its certificate, SHA-256 {fp} (check it \
              against what vmed printed at startup)",
@@ -465,19 +417,5 @@ mod tests {
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn fingerprints() {
-        let fp = fingerprint(b"x");
-        assert_eq!(fp.len(), 64);
-        let colons: Vec<String> = fp
-            .as_bytes()
-            .chunks(2)
-            .map(|p| String::from_utf8_lossy(p).to_uppercase())
-            .collect();
-        assert_eq!(normalize_fingerprint(&colons.join(":")).unwrap(), fp);
-        assert!(normalize_fingerprint("abc").is_err());
-        assert!(normalize_fingerprint(&"g".repeat(64)).is_err());
     }
 }

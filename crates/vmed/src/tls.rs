@@ -10,10 +10,10 @@
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use vme_api::tls;
+pub use vme_api::tls::{fingerprint, normalize_fingerprint};
 
 /// `STATE/tls`.
 pub fn dir(state_dir: &Path) -> PathBuf {
@@ -23,32 +23,6 @@ pub fn dir(state_dir: &Path) -> PathBuf {
 /// `STATE/tls/trusted`.
 pub fn trusted_dir(state_dir: &Path) -> PathBuf {
     dir(state_dir).join("trusted")
-}
-
-/// The SHA-256 of a certificate's DER encoding, as 64 lowercase hex digits.
-pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A fingerprint as the user may type it (any case, with or without ':' between bytes),
-/// in [`fingerprint`]'s form.
-pub fn normalize_fingerprint(text: &str) -> Result<String, String> {
-    let hex: String = text
-        .trim()
-        .chars()
-        .filter(|&c| c != ':')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!(
-            "{text:?} is no SHA-256 fingerprint: give the 64 hex digits `vmed trust list` \
-             or `vme remote cert` print"
-        ));
-    }
-    Ok(hex)
 }
 
 /// The server's certificate chain and key, made on the first call and read afterwards.
@@ -68,7 +42,7 @@ pub fn server_identity(state_dir: &Path) -> Result<Identity, String> {
     if created {
         let host = hostname();
         let names = vec![host.clone(), "localhost".to_string()];
-        generate(
+        tls::make_self_signed(
             &dir,
             &cert_path,
             &key_path,
@@ -96,47 +70,6 @@ pub fn server_identity(state_dir: &Path) -> Result<Identity, String> {
         cert_path,
         created,
     })
-}
-
-/// Makes a self-signed certificate for `names` and its key; writes the key first (mode
-/// 0600), then the certificate, each through a temporary file and a rename: a present
-/// certificate means a complete pair.
-pub fn generate(
-    dir: &Path,
-    cert_path: &Path,
-    key_path: &Path,
-    names: Vec<String>,
-    common_name: &str,
-) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
-    let mut params = rcgen::CertificateParams::new(names)
-        .map_err(|e| format!("cannot make a certificate: {e}"))?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, common_name);
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| format!("cannot make a certificate: {e}"))?;
-    write_new(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(cert_path, cert.pem().as_bytes(), 0o644)
-}
-
-/// Writes `path` whole with `mode`, through a temporary file and a rename.
-fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(data)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    written.map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn hostname() -> String {
@@ -210,7 +143,7 @@ pub fn add(state_dir: &Path, file: &Path) -> Result<String, String> {
     let dir = trusted_dir(state_dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     // The certificate alone: the file given may hold more (a key, by mistake).
-    write_new(
+    tls::write_new(
         &dir.join(format!("{fp}.crt")),
         pem_certificate(&cert).as_bytes(),
         0o644,
@@ -292,7 +225,7 @@ mod tests {
     fn trust_add_list_remove() {
         let d = temp("trust");
         let c = d.join("client");
-        generate(
+        tls::make_self_signed(
             &c,
             &c.join("c.crt"),
             &c.join("c.key"),

@@ -461,14 +461,6 @@ async fn console(
 #[allow(dead_code)] // Only its schema is used: the reply is built as JSON.
 struct UsageReport(Value);
 
-/// The query of `GET /1.0/vms/{name}/usage`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UsageQuery {
-    /// Unix seconds or RFC 3339; default: every stored sample.
-    since: Option<String>,
-}
-
 /// The VM's accounting samples since `since`, with their totals and latest rates.
 #[utoipa::path(get, path = "/1.0/vms/{name}/usage", tag = "vms",
     params(("name" = String, Path, description = NAME),
@@ -482,56 +474,17 @@ struct UsageQuery {
 async fn usage(
     State(d): State<App>,
     Path(name): Path<String>,
-    query: axum::extract::RawQuery,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, OpError> {
-    let q: UsageQuery = serde_urlencoded_query(query.0.as_deref().unwrap_or(""))?;
-    let v = blocking(move || d.usage(&name, q.since.as_deref())).await?;
+    let mut q = query(q);
+    if let Some(k) = q.keys().find(|k| *k != "since") {
+        return Err(OpError::BadRequest(format!(
+            "unknown query parameter {k:?}: this route takes since=TIME"
+        )));
+    }
+    let since = q.remove("since");
+    let v = blocking(move || d.usage(&name, since.as_deref())).await?;
     Ok(ok(StatusCode::OK, v))
-}
-
-/// Parses a query string ourselves, so a bad one is a 400 in our error shape: `key=value`
-/// pairs, percent-decoded, unknown keys refused.
-fn serde_urlencoded_query(q: &str) -> Result<UsageQuery, OpError> {
-    let mut since = None;
-    for pair in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v).ok_or_else(|| {
-            OpError::BadRequest(format!("query value {v:?} is not valid percent-encoding"))
-        })?;
-        match k {
-            "since" => since = Some(v),
-            _ => {
-                return Err(OpError::BadRequest(format!(
-                    "unknown query parameter {k:?}: this route takes since=TIME"
-                )));
-            }
-        }
-    }
-    Ok(UsageQuery { since })
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The body of `POST /1.0/vms/{name}/exec`: `command` (program and arguments), optional

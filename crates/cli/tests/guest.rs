@@ -15,7 +15,7 @@ const BOOT: Duration = Duration::from_secs(300);
 
 #[path = "../../vmed/tests/support/mod.rs"]
 mod support;
-use support::{Vmed, request};
+use support::{Vmed, gather, request};
 
 /// A daemon (without cgroups: they have their own tests) with a small console log.
 fn start(test: &str) -> Vmed {
@@ -75,17 +75,7 @@ impl Attached {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let (mut stdout, sink) = (child.stdout.take().unwrap(), out.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
+        let out = gather(child.stdout.take().unwrap());
         Attached { child, out }
     }
 

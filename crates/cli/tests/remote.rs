@@ -7,12 +7,16 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const VME: &str = env!("CARGO_BIN_EXE_vme");
+
+#[path = "../../vmed/tests/support/mod.rs"]
+mod support;
+use support::{bin, gather, kill_all};
 
 struct Vmed {
     child: Option<Child>,
@@ -55,7 +59,7 @@ impl Vmed {
         let log = self.dir.join(format!("vmed-{}.log", self.starts));
         let socket = self.dir.join("vme.sock");
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(sibling("vmed"))
+        let child = Command::new(bin("vmed"))
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
@@ -115,22 +119,12 @@ impl Vmed {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let (mut stdout, sink) = (child.stdout.take().unwrap(), out.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
+        let out = gather(child.stdout.take().unwrap());
         (child, out)
     }
 
     fn vmed(&self, args: &[&str]) -> Output {
-        Command::new(sibling("vmed"))
+        Command::new(bin("vmed"))
             .arg("--state-dir")
             .arg(self.state())
             .args(args)
@@ -143,41 +137,13 @@ impl Drop for Vmed {
     fn drop(&mut self) {
         self.stop();
         // Monitors outlive the daemon by design: end any a failed test left behind.
-        let dir = self.dir.to_string_lossy().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let pid = e.file_name().to_string_lossy().to_string();
-            if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
-                && String::from_utf8_lossy(&cmdline).contains(&dir)
-            {
-                let _ = Command::new("kill").args(["-9", &pid]).status();
-            }
-        }
+        kill_all(&format!("{}/", self.dir.display()));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn sibling(name: &str) -> PathBuf {
-    let p = Path::new(VME).with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build the workspace first",
-        p.display()
-    );
-    p
-}
-
 fn image(file: &str) -> String {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let p = target.join("images/tiny-riscv64").join(file);
-    assert!(
-        p.is_file(),
-        "guest image file {} is missing: build it with `images/build.sh tiny-riscv64`",
-        p.display()
-    );
-    p.canonicalize().unwrap().display().to_string()
+    support::image(file).display().to_string()
 }
 
 fn text(b: &[u8]) -> String {

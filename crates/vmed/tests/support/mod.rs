@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A binary of the workspace: test executables live in `target/<profile>/deps`, the
@@ -140,10 +141,7 @@ impl Drop for Vmed {
         // Monitors outlive the daemon by design (their own process groups): end any a
         // failed test left behind. The trailing '/' keeps test "crash" from matching test
         // "crash-points"' processes.
-        for pid in pids_of(&format!("{}/", self.dir.display())) {
-            // SAFETY: kill(2) with plain integers, on a process of this test's state dir.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        kill_all(&format!("{}/", self.dir.display()));
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Some(c) = &self.cgroups {
             remove_cgroups(c);
@@ -164,6 +162,30 @@ pub fn pids_of(needle: &str) -> Vec<i32> {
         }
     }
     pids
+}
+
+/// Kills (SIGKILL) every process whose command line contains `needle`.
+pub fn kill_all(needle: &str) {
+    for pid in pids_of(needle) {
+        // SAFETY: kill(2) with plain integers, on a process the caller named.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Reads `from` to its end on a thread of its own; what it has read so far.
+pub fn gather(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let sink = out.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    out
 }
 
 /// The host's cgroup2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host).

@@ -16,6 +16,7 @@
 //! | `DELETE /1.0/operations/{id}` | cancel (none can be cancelled yet: 409) |
 //! | `GET /1.0/events?type=lifecycle,operation` | the event stream: one JSON object a line |
 //! | `GET /1.0/openapi.json` | this API as an OpenAPI 3 document |
+//! | `/1.0/images...` | the image repository (see [`crate::images_api`]) |
 //!
 //! Long actions (`POST /1.0/vms`, `PUT /1.0/vms/{name}/state`, `DELETE /1.0/vms/{name}`)
 //! are operations. By default they answer when done, as a plain sync reply; with
@@ -51,12 +52,15 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-type App = Arc<Daemon>;
+pub(crate) type App = Arc<Daemon>;
 
 /// Every route the fallback names (a 404 for an unknown path lists them).
 const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAME/console, \
     /1.0/vms/NAME/usage, /1.0/vms/NAME/exec, /1.0/metrics, /1.0/operations, /1.0/operations/ID, \
-    /1.0/operations/ID/wait, /1.0/events and /1.0/openapi.json";
+    /1.0/operations/ID/wait, /1.0/events, /1.0/images, /1.0/images/NAME, \
+    /1.0/images/NAME/manifest, /1.0/images/NAME/signature, /1.0/images/NAME/verify, \
+    /1.0/images/NAME/export, /1.0/images/aliases, /1.0/images/aliases/NAME, /1.0/images/prune \
+    and /1.0/openapi.json";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -72,6 +76,7 @@ const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAM
         (name = "vms", description = "Virtual machines and their lifecycle"),
         (name = "operations", description = "Long actions, running and recent"),
         (name = "events", description = "The event stream"),
+        (name = "images", description = "The image repository"),
         (name = "daemon", description = "The daemon itself")
     )
 )]
@@ -93,6 +98,7 @@ fn routes() -> OpenApiRouter<App> {
         .routes(routes!(wait))
         .routes(routes!(events))
         .routes(routes!(openapi_json))
+        .merge(crate::images_api::routes())
 }
 
 pub fn router(daemon: App) -> Router {
@@ -135,7 +141,7 @@ pub fn openapi_text() -> &'static str {
 
 /// A sync reply.
 #[derive(Serialize, ToSchema)]
-struct Reply<T> {
+pub(crate) struct Reply<T> {
     /// `sync`
     #[serde(rename = "type")]
     kind: &'static str,
@@ -148,7 +154,7 @@ struct Reply<T> {
 
 /// An error reply.
 #[derive(Serialize, ToSchema)]
-struct ErrorReply {
+pub(crate) struct ErrorReply {
     /// `error`
     #[serde(rename = "type")]
     kind: &'static str,
@@ -191,9 +197,9 @@ struct ConsoleLog {
 
 /// An empty object.
 #[derive(Serialize, ToSchema)]
-struct Empty {}
+pub(crate) struct Empty {}
 
-fn ok<T: Serialize>(code: StatusCode, metadata: T) -> Response {
+pub(crate) fn ok<T: Serialize>(code: StatusCode, metadata: T) -> Response {
     let body = Reply {
         kind: "sync",
         status: "Success",
@@ -254,6 +260,11 @@ impl IntoResponse for OpError {
                 error(StatusCode::CONFLICT, msg, Some(json!({ "state": state })))
             }
             OpError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, msg, None),
+            OpError::Forbidden(_) => error(StatusCode::FORBIDDEN, msg, None),
+            OpError::Conflict(_) | OpError::Store(StoreError::ImageExists(_)) => {
+                error(StatusCode::CONFLICT, msg, None)
+            }
+            OpError::Store(StoreError::NoImage(_)) => error(StatusCode::NOT_FOUND, msg, None),
             OpError::Store(_) | OpError::Failed(_) => {
                 error(StatusCode::INTERNAL_SERVER_ERROR, msg, None)
             }
@@ -263,7 +274,7 @@ impl IntoResponse for OpError {
 
 /// Parses a JSON body ourselves rather than with axum's extractor, so that every refusal
 /// (bad syntax, unknown fields, wrong types) is a 400 with our JSON error shape.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpError> {
     serde_json::from_slice(body).map_err(|e| {
         OpError::BadRequest(format!(
             "invalid request body: {e}; see the API's documented fields"
@@ -272,7 +283,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpError> {
 }
 
 /// The query's parameters (percent-decoded), parsed here so a bad one is our JSON 400.
-fn query(raw: Option<String>) -> HashMap<String, String> {
+pub(crate) fn query(raw: Option<String>) -> HashMap<String, String> {
     let decode = |s: &str| -> String {
         let b = s.as_bytes();
         let mut out = Vec::with_capacity(b.len());

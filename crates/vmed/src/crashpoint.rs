@@ -15,6 +15,8 @@ pub const POINTS: &[&str] = &[
     "stop:after-request",
     "stop:after-exit",
     "delete:after-remove-files",
+    "image-import:mid-blob",
+    "image-import:before-commit",
 ];
 
 const VAR: &str = "VMED_TEST_CRASH_AT";

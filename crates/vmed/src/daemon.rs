@@ -57,6 +57,12 @@ pub enum OpError {
     /// The VM is not in a state that allows it (409, with the state).
     #[error("{msg}")]
     NotRunning { msg: String, state: State },
+    /// A policy refuses it (403), like an unsigned image under `require_signed`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// What it needs is in a state that prevents it (409), like a corrupted image.
+    #[error("{0}")]
+    Conflict(String),
     /// The guest (its agent, its console) does not answer (503).
     #[error("{0}")]
     Unavailable(String),
@@ -79,6 +85,8 @@ pub struct Config {
     pub usage_retention: Duration,
     /// The cap of each VM's console log, in bytes.
     pub console_log_size: u64,
+    /// The image repository's limits and signature policy.
+    pub images: crate::images::ImageConfig,
 }
 
 /// One live monitor process.
@@ -114,6 +122,9 @@ pub struct Daemon {
     pub ops: Operations,
     /// Each live VM's last usage sample (see [`crate::accounting`]).
     pub(crate) last_samples: Mutex<HashMap<String, crate::usage::Sample>>,
+    /// Held by an import while its blobs are not yet referenced, and by prune and image
+    /// deletion: so prune never takes a blob an import is about to commit.
+    pub(crate) image_lock: Mutex<()>,
 }
 
 /// Marks a VM busy for the length of an operation (it may move to another thread with it).
@@ -184,7 +195,7 @@ fn describe_action(action: Action, name: &str) -> String {
 
 /// Locks a mutex even if a thread panicked holding it: the data are simple records whose
 /// every update is a single assignment, so they stay consistent.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -203,6 +214,7 @@ impl Daemon {
             ops: Operations::new(events.clone()),
             events,
             last_samples: Mutex::new(HashMap::new()),
+            image_lock: Mutex::new(()),
         });
         crate::reconcile::run(&daemon)?;
         crate::accounting::spawn_sampler(&daemon);
@@ -285,7 +297,9 @@ impl Daemon {
 
     /// Checks a create request (its fields, the host's room, the name is free) and makes it
     /// an operation that stores the VM.
-    pub fn create_task(self: &Arc<Self>, req: validate::CreateVm) -> Result<Task, OpError> {
+    pub fn create_task(self: &Arc<Self>, mut req: validate::CreateVm) -> Result<Task, OpError> {
+        validate::name(&req.name).map_err(OpError::BadRequest)?;
+        self.apply_image(&mut req)?;
         let mut spec = validate::create(&req).map_err(OpError::BadRequest)?;
         let limits = validate::limits(&req, &spec).map_err(OpError::BadRequest)?;
         self.cfg
@@ -529,6 +543,7 @@ impl Daemon {
             let _ = self.set_state(name, State::Crashed, &msg);
             OpError::Failed(msg)
         };
+        self.check_image_blobs(&vm.spec).map_err(fail)?;
         let dir = vm_dir(&self.cfg.state_dir, name);
         let control_sock = control_path(&self.cfg.state_dir, name);
         let mut spec = vm.spec.clone();

@@ -11,6 +11,8 @@
 use crate::lifecycle::{RestartPolicy, State};
 use crate::limits::VmLimits;
 use crate::store::{Store, StoreError, VmRecord};
+use crate::store_images::{ImageCatalog, ImageRecord};
+use vme_image::sign::Signature;
 use crate::usage::Sample;
 use serde::Serialize;
 use serde_json::Value;
@@ -240,6 +242,51 @@ impl Store for Published {
             self.publish(name, from, Some(state), reason);
         }
         Ok(())
+    }
+}
+
+/// Image changes publish no lifecycle event (they are no VM's): plain forwarding.
+impl ImageCatalog for Published {
+    fn image_insert(
+        &mut self,
+        name: &str,
+        manifest: &[u8],
+        signature: Option<&Signature>,
+    ) -> Result<ImageRecord, StoreError> {
+        self.inner.image_insert(name, manifest, signature)
+    }
+
+    fn image_get(&self, name: &str) -> Result<ImageRecord, StoreError> {
+        self.inner.image_get(name)
+    }
+
+    fn image_list(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        self.inner.image_list()
+    }
+
+    fn image_delete(&mut self, name: &str) -> Result<(), StoreError> {
+        self.inner.image_delete(name)
+    }
+
+    fn image_set_signature(&mut self, name: &str, sig: &Signature) -> Result<(), StoreError> {
+        self.inner.image_set_signature(name, sig)
+    }
+
+    fn image_set_status(
+        &mut self,
+        name: &str,
+        status: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.image_set_status(name, status, reason)
+    }
+
+    fn image_alias(&mut self, alias: &str, image: Option<&str>) -> Result<(), StoreError> {
+        self.inner.image_alias(alias, image)
+    }
+
+    fn image_blobs_in_use(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.image_blobs_in_use()
     }
 }
 

@@ -79,6 +79,16 @@ struct Args {
     /// made on the first start, in STATE/tls/.
     #[arg(long, value_name = "ADDR:PORT")]
     https: Option<std::net::SocketAddr>,
+    /// The largest blob (kernel, initrd, disk) an imported image may have (default 64G).
+    #[arg(long, value_name = "SIZE")]
+    image_max_size: Option<vme_api::ByteSize>,
+    /// Launch only images signed by a trusted key (default false).
+    #[arg(long, value_name = "BOOL")]
+    require_signed: Option<bool>,
+    /// A trusted image publisher key, ed25519:<hex> as `vme image keygen` prints it
+    /// (repeatable; replaces the config file's trusted_keys).
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    trusted_keys: Vec<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -121,6 +131,9 @@ fn main() -> Result<()> {
         usage_retention: args.usage_retention,
         console_log_size: args.console_log_size,
         https: args.https,
+        image_max_size: args.image_max_size,
+        require_signed: args.require_signed,
+        trusted_keys: (!args.trusted_keys.is_empty()).then_some(args.trusted_keys),
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -177,6 +190,7 @@ fn main() -> Result<()> {
         sample_interval: Duration::from_secs(settings.sample_interval),
         usage_retention: Duration::from_secs(settings.usage_retention),
         console_log_size: settings.console_log_size,
+        images: settings.images,
     };
     if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
         eprintln!("vmed: {note}");

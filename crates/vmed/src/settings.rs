@@ -35,6 +35,12 @@ pub struct Layer {
     pub console_log_size: Option<vme_api::ByteSize>,
     /// `"ADDR:PORT"`: also serve the API over HTTPS there (default: off).
     pub https: Option<std::net::SocketAddr>,
+    /// The largest blob an image may have (`"64G"` by default).
+    pub image_max_size: Option<ByteSize>,
+    /// Refuse to launch an image unless a trusted key signed it (default false).
+    pub require_signed: Option<bool>,
+    /// Publisher keys whose signatures are trusted: `["ed25519:<hex>", ...]`.
+    pub trusted_keys: Option<Vec<String>>,
 }
 
 /// The settings in force.
@@ -60,11 +66,13 @@ pub struct Settings {
     pub console_log_size: u64,
     /// Where the API is also served over HTTPS, to trusted client certificates only.
     pub https: Option<std::net::SocketAddr>,
+    pub images: crate::images::ImageConfig,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
-    sample_interval, usage_retention, console_log_size, https";
+    sample_interval, usage_retention, console_log_size, https, image_max_size, require_signed, \
+    trusted_keys";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -97,6 +105,9 @@ impl Layer {
             usage_retention: self.usage_retention.or(below.usage_retention),
             console_log_size: self.console_log_size.or(below.console_log_size),
             https: self.https.or(below.https),
+            image_max_size: self.image_max_size.or(below.image_max_size),
+            require_signed: self.require_signed.or(below.require_signed),
+            trusted_keys: self.trusted_keys.or(below.trusted_keys),
         }
     }
 
@@ -122,6 +133,11 @@ impl Layer {
                 .console_log_size
                 .map_or(vme_api::console_log::DEFAULT_LOG_SIZE, |b| b.bytes()),
             https: self.https,
+            images: crate::images::ImageConfig::new(
+                self.image_max_size.map(ByteSize::bytes),
+                self.require_signed.unwrap_or(false),
+                self.trusted_keys.as_deref().unwrap_or_default(),
+            )?,
         };
         if !s.cgroup_root.is_absolute() || s.cgroup_root.components().any(|c| c.as_os_str() == "..")
         {

@@ -20,6 +20,10 @@ pub enum StoreError {
     Exists(String),
     #[error("no VM named {0:?}: see `vme list`")]
     NotFound(String),
+    #[error("an image or alias named {0:?} already exists: choose another name or remove it first")]
+    ImageExists(String),
+    #[error("no image or alias named {0:?}: see `vme image list`")]
+    NoImage(String),
     #[error(
         "the state database holds a record it cannot read ({0}); was it written by a newer vmed?"
     )]
@@ -47,7 +51,7 @@ pub struct VmRecord {
     pub updated_at: i64,
 }
 
-pub trait Store: Send {
+pub trait Store: Send + crate::store_images::ImageCatalog {
     /// Stores a new VM in state `defined`.
     fn create(
         &mut self,
@@ -117,6 +121,8 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX samples_by_vm ON samples (vm, at_ms);
     CREATE INDEX samples_by_time ON samples (at_ms);",
+    // The image repository's catalogue.
+    crate::store_images::MIGRATION,
 ];
 
 pub struct SqliteStore {
@@ -143,6 +149,14 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
         Ok(SqliteStore { conn })
+    }
+
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 
     pub fn schema_version(&self) -> Result<usize, StoreError> {
@@ -178,7 +192,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

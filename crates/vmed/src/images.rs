@@ -1,0 +1,450 @@
+//! The daemon's image repository: imports (an archive streamed into the blob store, then one
+//! transaction that makes the image visible), listing, aliases, signatures, verification,
+//! export, deletion and prune; and the two uses of an image by a VM: filling a create request
+//! from it, and checking its blobs' digests before every start.
+//!
+//! Blobs are shared by images and by the VMs created from them (a VM's spec names the blob
+//! files directly): a blob is garbage only when no image and no VM references it. Imports,
+//! deletions and prunes take [`Daemon::image_lock`] in turn, so a prune never removes a blob
+//! an import has written but not yet committed.
+
+use crate::daemon::{Daemon, OpError, lock};
+use crate::store_images::ImageRecord;
+use crate::validate::CreateVm;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use vme_api::MachineSpec;
+use vme_image::archive::{self, ArchiveError};
+use vme_image::blobs::{BlobError, BlobStore};
+use vme_image::manifest::{Boot, check_name};
+use vme_image::sign::{PublicKey, Signature};
+use vme_image::{Digest, Role};
+
+/// Default bound on one blob: larger than any root disk we ship, small enough to refuse an
+/// archive header that claims petabytes.
+pub const DEFAULT_MAX_BLOB: u64 = 64 << 30;
+
+/// Which images may be launched.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    /// Only images signed by one of `trusted`.
+    pub require_signed: bool,
+    pub trusted: Vec<PublicKey>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageConfig {
+    pub max_blob: u64,
+    policy: Policy,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        ImageConfig {
+            max_blob: DEFAULT_MAX_BLOB,
+            policy: Policy::default(),
+        }
+    }
+}
+
+impl ImageConfig {
+    pub fn new(max_blob: Option<u64>, require_signed: bool, keys: &[String]) -> Result<Self, String> {
+        let trusted = keys
+            .iter()
+            .map(|k| PublicKey::parse(k).map_err(|e| format!("trusted_keys: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if require_signed && trusted.is_empty() {
+            return Err("require_signed is on but trusted_keys is empty: no image could be \
+                launched; add a key (trusted_keys = [\"ed25519:...\"]) or turn it off"
+                .into());
+        }
+        Ok(ImageConfig {
+            max_blob: max_blob.unwrap_or(DEFAULT_MAX_BLOB),
+            policy: Policy {
+                require_signed,
+                trusted,
+            },
+        })
+    }
+
+    /// The policy for images launched in `project`. Projects arrive with access control;
+    /// until then every launch is under the daemon-wide policy.
+    pub fn policy(&self, _project: Option<&str>) -> &Policy {
+        &self.policy
+    }
+}
+
+impl Policy {
+    /// Whether `image` may be launched under this policy; the refusal names the key.
+    pub fn admits(&self, image: &ImageRecord) -> Result<(), String> {
+        let name = &image.name;
+        let Some(sig) = &image.signature else {
+            if self.require_signed {
+                return Err(format!(
+                    "image {name:?} is unsigned and this daemon launches only signed images \
+                     (require_signed): sign it with `vme image sign {name} --key FILE` using a \
+                     trusted key"
+                ));
+            }
+            return Ok(());
+        };
+        // A stored signature was checked when stored; check again, it costs microseconds.
+        let key = sig.check(&image.manifest_bytes)?;
+        if self.require_signed && !self.trusted.contains(&key) {
+            return Err(format!(
+                "image {name:?} is signed by key {} ({key}), which this daemon does not trust: \
+                 add it to trusted_keys in vmed's config, or sign the image with a trusted key",
+                key.fingerprint()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ImportReport {
+    pub image: ImageRecord,
+    /// Blobs written by this import, and blobs that were already stored (kept once).
+    pub blobs_stored: usize,
+    pub blobs_deduplicated: usize,
+}
+
+/// What verify found, blob by blob.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct VerifyReport {
+    pub image: String,
+    /// `ok` or `corrupted`.
+    pub status: String,
+    pub blobs: Vec<BlobCheck>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BlobCheck {
+    pub role: String,
+    pub sha256: String,
+    pub ok: bool,
+    /// What is wrong with it (empty when ok).
+    pub error: String,
+}
+
+/// What prune removed.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PruneReport {
+    pub blobs_removed: usize,
+    pub bytes_freed: u64,
+    /// Temp files of imports cut short.
+    pub temp_files_removed: usize,
+}
+
+fn failed(e: impl std::fmt::Display) -> OpError {
+    OpError::Failed(e.to_string())
+}
+
+impl From<ArchiveError> for OpError {
+    fn from(e: ArchiveError) -> OpError {
+        match e {
+            ArchiveError::Blob(BlobError::Io { .. }) | ArchiveError::Io(_) => failed(e),
+            _ => OpError::BadRequest(e.to_string()),
+        }
+    }
+}
+
+impl Daemon {
+    fn blobs(&self) -> Result<BlobStore, OpError> {
+        let dir = self.config().state_dir.join("images");
+        BlobStore::open(&dir).map_err(|e| {
+            failed(format!(
+                "cannot open the blob store {}: {e}; check the state dir",
+                dir.display()
+            ))
+        })
+    }
+
+    /// Imports the archive streamed from `r` as image `name` (default: the manifest's).
+    pub fn image_import(
+        &self,
+        name: Option<&str>,
+        r: &mut dyn Read,
+    ) -> Result<ImportReport, OpError> {
+        if let Some(n) = name {
+            check_name(n).map_err(OpError::BadRequest)?;
+        }
+        let blobs = self.blobs()?;
+        let _import = lock(&self.image_lock);
+        let mut seen = 0u64;
+        let imported = archive::import(r, &blobs, self.config().images.max_blob, &mut |n| {
+            seen += n;
+            if seen >= 1 << 20 {
+                crate::crashpoint::hit("image-import:mid-blob");
+            }
+        })?;
+        // From here on, a refusal must remove the blobs this import wrote.
+        let undo = |e: OpError| {
+            for d in &imported.stored {
+                let _ = blobs.remove(d);
+            }
+            e
+        };
+        let name = name.unwrap_or(&imported.manifest.name);
+        if let Some(sig) = &imported.signature {
+            sig.check(&imported.manifest_bytes)
+                .map_err(|e| undo(OpError::BadRequest(e)))?;
+        }
+        crate::crashpoint::hit("image-import:before-commit");
+        let image = self
+            .store()
+            .image_insert(name, &imported.manifest_bytes, imported.signature.as_ref())
+            .map_err(|e| undo(e.into()))?;
+        Ok(ImportReport {
+            image,
+            blobs_stored: imported.stored.len(),
+            blobs_deduplicated: imported.deduplicated.len(),
+        })
+    }
+
+    pub fn image_list(&self) -> Result<Vec<ImageRecord>, OpError> {
+        Ok(self.store().image_list()?)
+    }
+
+    pub fn image_get(&self, name: &str) -> Result<ImageRecord, OpError> {
+        Ok(self.store().image_get(name)?)
+    }
+
+    /// Every blob an image or a VM references.
+    fn blobs_in_use(&self, blobs: &BlobStore) -> Result<BTreeSet<Digest>, OpError> {
+        let store = self.store();
+        let mut used: BTreeSet<Digest> = store
+            .image_blobs_in_use()?
+            .iter()
+            .filter_map(|d| Digest::parse(d).ok())
+            .collect();
+        for vm in store.list()? {
+            used.extend(spec_blobs(blobs, &vm.spec).into_iter().map(|(_, d)| d));
+        }
+        Ok(used)
+    }
+
+    /// Removes an image (by name or alias) and the blobs nothing else references.
+    pub fn image_delete(&self, name: &str) -> Result<(), OpError> {
+        let blobs = self.blobs()?;
+        let _g = lock(&self.image_lock);
+        let image = self.store().image_get(name)?;
+        self.store().image_delete(&image.name)?;
+        let used = self.blobs_in_use(&blobs)?;
+        for d in image.manifest.distinct_blobs().keys() {
+            if !used.contains(d) {
+                blobs.remove(d).map_err(|e| {
+                    failed(format!(
+                        "image {:?} is deleted but its blob {d} could not be removed ({e}); \
+                         run `vme image prune`",
+                        image.name
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every blob no image or VM references, and leftover temp files.
+    pub fn image_prune(&self) -> Result<PruneReport, OpError> {
+        let blobs = self.blobs()?;
+        let _g = lock(&self.image_lock);
+        let used = self.blobs_in_use(&blobs)?;
+        let mut report = PruneReport {
+            blobs_removed: 0,
+            bytes_freed: 0,
+            temp_files_removed: blobs.clean_tmp().map_err(failed)?,
+        };
+        for d in blobs.list().map_err(failed)? {
+            if !used.contains(&d) {
+                report.bytes_freed += blobs.remove(&d).map_err(failed)?;
+                report.blobs_removed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Re-hashes every blob of an image; marks it `ok` or `corrupted` accordingly.
+    pub fn image_verify(&self, name: &str) -> Result<VerifyReport, OpError> {
+        let blobs = self.blobs()?;
+        let image = self.store().image_get(name)?;
+        let checks: Vec<BlobCheck> = image
+            .manifest
+            .blobs
+            .iter()
+            .map(|b| {
+                let r = blobs.verify(&b.sha256, b.size);
+                BlobCheck {
+                    role: b.role.as_str().into(),
+                    sha256: b.sha256.to_string(),
+                    ok: r.is_ok(),
+                    error: r.err().map(|e| e.to_string()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let bad: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{} {}", c.role, c.error))
+            .collect();
+        let (status, reason) = if bad.is_empty() {
+            ("ok", String::new())
+        } else {
+            ("corrupted", bad.join("; "))
+        };
+        self.store().image_set_status(&image.name, status, &reason)?;
+        Ok(VerifyReport {
+            image: image.name,
+            status: status.into(),
+            blobs: checks,
+        })
+    }
+
+    /// The manifest's exact bytes (what `vme image sign` signs).
+    pub fn image_manifest(&self, name: &str) -> Result<Vec<u8>, OpError> {
+        Ok(self.store().image_get(name)?.manifest_bytes)
+    }
+
+    /// Stores a signature of an image's manifest, after checking it is one.
+    pub fn image_sign(&self, name: &str, sig: &[u8]) -> Result<ImageRecord, OpError> {
+        let sig = Signature::parse(sig).map_err(OpError::BadRequest)?;
+        let image = self.store().image_get(name)?;
+        sig.check(&image.manifest_bytes).map_err(OpError::BadRequest)?;
+        self.store().image_set_signature(&image.name, &sig)?;
+        Ok(self.store().image_get(&image.name)?)
+    }
+
+    /// Points `alias` at image `target`, or removes it.
+    pub fn image_alias(&self, alias: &str, target: Option<&str>) -> Result<(), OpError> {
+        check_name(alias).map_err(OpError::BadRequest)?;
+        Ok(self.store().image_alias(alias, target)?)
+    }
+
+    /// Writes image `name` as an archive to `w`.
+    pub fn image_export(&self, name: &str, w: &mut dyn Write) -> Result<(), OpError> {
+        let blobs = self.blobs()?;
+        let image = self.store().image_get(name)?;
+        archive::write(
+            w,
+            &image.manifest_bytes,
+            &image.manifest,
+            image.signature.as_ref(),
+            &mut |d| Ok(Box::new(std::fs::File::open(blobs.path(d))?)),
+        )
+        .map_err(|e| failed(format!("cannot export image {name:?}: {e}")))
+    }
+
+    /// Fills a create request from its image: kernel, initrd and cmdline from the image's
+    /// blobs, architecture, and resources (the image's defaults where the request gives none,
+    /// and never below its minimum). Checks the signature policy and every blob's digest.
+    pub(crate) fn apply_image(&self, req: &mut CreateVm) -> Result<(), OpError> {
+        let Some(name) = req.image.clone() else {
+            return Ok(());
+        };
+        if req.kernel.is_some() || req.initrd.is_some() {
+            return Err(OpError::BadRequest(
+                "give either an image or a kernel and initrd, not both".into(),
+            ));
+        }
+        let image = self.store().image_get(&name)?;
+        if image.status != "ok" {
+            return Err(OpError::Conflict(format!(
+                "image corrupted: image {:?} is marked unusable ({}); restore the blob and run \
+                 `vme image verify {}`, or delete and re-import the image",
+                image.name, image.reason, image.name
+            )));
+        }
+        self.config()
+            .images
+            .policy(None)
+            .admits(&image)
+            .map_err(OpError::Forbidden)?;
+        let m = &image.manifest;
+        if let Some(a) = req.arch
+            && a != m.architecture
+        {
+            return Err(OpError::BadRequest(format!(
+                "image {name:?} is for {}, not {a}",
+                m.architecture
+            )));
+        }
+        let Boot::Direct { cmdline } = &m.boot else {
+            return Err(OpError::BadRequest(format!(
+                "image {name:?} boots from its disk, which vme cannot launch yet: use an image \
+                 with boot method direct"
+            )));
+        };
+        let (def, min) = (m.resources.default, m.resources.minimum);
+        let vcpus = req.vcpus.unwrap_or(def.vcpus);
+        let memory = req.memory.unwrap_or(def.memory);
+        if vcpus < min.vcpus || memory < min.memory {
+            return Err(OpError::BadRequest(format!(
+                "image {name:?} needs at least {} vCPUs and {} of memory; asked for {vcpus} \
+                 and {memory}",
+                min.vcpus, min.memory
+            )));
+        }
+        let blobs = self.blobs()?;
+        for b in &m.blobs {
+            if let Err(e) = blobs.verify(&b.sha256, b.size) {
+                return Err(self.mark_corrupted(&image.name, b.role, &e));
+            }
+        }
+        let path = |r| m.blob(r).map(|b| blobs.path(&b.sha256));
+        req.kernel = path(Role::Kernel);
+        req.initrd = path(Role::Initrd);
+        req.arch = Some(m.architecture);
+        req.vcpus = Some(vcpus);
+        req.memory = Some(memory);
+        if req.cmdline.is_none() {
+            req.cmdline = Some(cmdline.clone());
+        }
+        Ok(())
+    }
+
+    fn mark_corrupted(&self, image: &str, role: Role, e: &BlobError) -> OpError {
+        let reason = format!("{} {e}", role.as_str());
+        let _ = self.store().image_set_status(image, "corrupted", &reason);
+        OpError::Conflict(format!(
+            "image corrupted: image {image:?}: {reason}; it is marked unusable (see `vme image \
+             verify {image}`)"
+        ))
+    }
+
+    /// Before a start: re-hashes the image blobs the VM's spec names (its name is its
+    /// digest), so a blob altered since the VM was created is never booted.
+    pub(crate) fn check_image_blobs(&self, spec: &MachineSpec) -> Result<(), String> {
+        let blobs = self.blobs().map_err(|e| e.to_string())?;
+        for (what, d) in spec_blobs(&blobs, spec) {
+            let size = std::fs::metadata(blobs.path(&d)).map(|m| m.len()).unwrap_or(0);
+            if let Err(e) = blobs.verify(&d, size) {
+                let images = self.store().image_list().unwrap_or_default();
+                for i in images.iter().filter(|i| i.manifest.distinct_blobs().contains_key(&d)) {
+                    let _ = self.store().image_set_status(&i.name, "corrupted", &e.to_string());
+                }
+                return Err(format!("image corrupted: the VM's {what}: {e}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The image blobs a VM's spec names, with what each is.
+fn spec_blobs(blobs: &BlobStore, spec: &MachineSpec) -> Vec<(&'static str, Digest)> {
+    let mut v = Vec::new();
+    let mut add = |what, p: &std::path::Path| {
+        if let Some(d) = blobs.digest_of_path(p) {
+            v.push((what, d));
+        }
+    };
+    add("kernel", &spec.kernel);
+    if let Some(i) = &spec.initrd {
+        add("initrd", i);
+    }
+    for d in &spec.disks {
+        add("disk", &d.path);
+    }
+    v
+}

@@ -218,6 +218,99 @@ pub fn stream_lines(
     }
 }
 
+/// Sends a request whose body, `len` bytes of `content_type`, streams from `body`; returns
+/// the status code and the reply. A daemon that refuses the body early replies before
+/// reading it all: that reply is returned, not the broken pipe.
+pub fn upload(
+    ep: &Endpoint,
+    path: &str,
+    content_type: &str,
+    len: u64,
+    body: &mut dyn Read,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    let mut s = ep.connect()?;
+    s.set_read_timeout(Some(timeout))?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {len}\r\n\r\n"
+    );
+    let sent = s
+        .write_all(head.as_bytes())
+        .and_then(|()| io::copy(body, &mut s).map(drop))
+        .and_then(|()| s.flush());
+    let mut reply = Vec::new();
+    let read = s.read_to_end(&mut reply);
+    match (parse(&reply), sent) {
+        (Ok(r), _) => Ok(r),
+        (Err(_), Err(e)) => Err(e),
+        (Err(e), Ok(())) => Err(read.err().unwrap_or(e)),
+    }
+}
+
+/// A GET whose reply body, on 200, is streamed to `out` (de-chunked); its length in bytes.
+/// Any other status: the code and the (error) body.
+pub fn download(
+    ep: &Endpoint,
+    path: &str,
+    out: &mut dyn Write,
+) -> io::Result<Result<u64, (u16, String)>> {
+    let mut s = ep.connect()?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\r\n"
+    )?;
+    s.flush()?;
+    let mut r = io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Err(bad("the reply has no end of headers"));
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let code: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("the reply has no status code"))?;
+    let lower = head.to_ascii_lowercase();
+    let chunked = lower
+        .lines()
+        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+    if code != 200 {
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest)?;
+        let text = String::from_utf8_lossy(&rest).into_owned();
+        return Ok(Err((code, if chunked { dechunk(&text)? } else { text })));
+    }
+    if !chunked {
+        return io::copy(&mut r, out).map(Ok);
+    }
+    let mut total = 0u64;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let size = u64::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("bad chunk size: the download was cut short"))?;
+        if size == 0 {
+            return Ok(Ok(total));
+        }
+        let n = io::copy(&mut (&mut r).take(size), out)?;
+        if n != size {
+            return Err(bad("the download was cut short"));
+        }
+        total += n;
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf)?;
+    }
+}
+
 fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }

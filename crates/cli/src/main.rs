@@ -3,6 +3,7 @@
 
 mod console;
 mod http;
+mod image;
 mod output;
 mod remote;
 
@@ -132,6 +133,9 @@ enum Cmd {
     /// The daemon's operations (long actions, running and recent).
     #[command(subcommand, alias = "op")]
     Operation(OpCmd),
+    /// The image repository: import, list, sign, verify, export images.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
     /// This client's identity for daemons over HTTPS (--remote).
     #[command(subcommand)]
     Remote(RemoteCmd),
@@ -193,9 +197,13 @@ impl EventType {
 /// What a new VM is made of.
 #[derive(clap::Args, Debug)]
 struct SpecArgs {
+    /// An image from the repository (`vme image list`): it gives the kernel, initrd,
+    /// command line, architecture and default resources.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    image: Option<String>,
     /// Kernel image (bzImage or ELF for x86_64, Image for riscv64).
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "image")]
+    kernel: Option<PathBuf>,
     /// An initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -266,7 +274,12 @@ fn nic(arg: &str) -> Result<Value> {
 impl SpecArgs {
     /// The create request's body.
     fn body(self, name: &str) -> Result<Value> {
-        let mut body = json!({"name": name, "kernel": absolute("kernel", &self.kernel)?});
+        let mut body = json!({ "name": name });
+        match (&self.image, &self.kernel) {
+            (Some(i), _) => body["image"] = json!(i),
+            (None, Some(k)) => body["kernel"] = json!(absolute("kernel", k)?),
+            (None, None) => bail!("give --kernel FILE or --image NAME"),
+        }
         if let Some(i) = self.initrd {
             body["initrd"] = json!(absolute("initrd", &i)?);
         }
@@ -360,7 +373,7 @@ fn query_value(v: &str) -> String {
 }
 
 /// `1536` → `1.5K`: sizes as people read them.
-fn human(bytes: f64) -> String {
+pub(crate) fn human(bytes: f64) -> String {
     let mut v = bytes;
     for unit in ["B", "K", "M", "G", "T"] {
         if v < 1024.0 || unit == "T" {
@@ -630,6 +643,7 @@ fn run(cli: Cli) -> Result<()> {
             print(format, &vm)?;
         }
         Cmd::Remote(RemoteCmd::Cert) => client_cert()?,
+        Cmd::Image(cmd) => image::run(&api, cmd)?,
         Cmd::Events { types, format } => {
             let mut path = "/1.0/events".to_string();
             if !types.is_empty() {

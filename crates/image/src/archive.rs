@@ -256,7 +256,8 @@ fn import_into(
         }
         match store.ingest(r, &d, e.size, progress)? {
             Ingested::Stored => stored.push(d),
-            Ingested::Deduplicated => deduplicated.push(d),
+            // A repaired blob belongs to images already stored: never rolled back.
+            Ingested::Deduplicated | Ingested::Repaired => deduplicated.push(d),
         }
         skip_padding(r, e.size)?;
     }
@@ -357,6 +358,45 @@ pub fn write(
     }
     t.finish()?;
     Ok(())
+}
+
+/// An image archive as a reader, built lazily from its parts (for an upload whose length
+/// must be known first): its total length and the stream. `blobs` are the distinct blobs in
+/// manifest order, each with its size and a reader of exactly that many bytes.
+pub fn stream(
+    manifest_bytes: &[u8],
+    signature: Option<&sign::Signature>,
+    blobs: Vec<(Digest, u64, Box<dyn Read + Send>)>,
+) -> io::Result<(u64, Box<dyn Read + Send>)> {
+    fn pad(size: u64) -> usize {
+        ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize
+    }
+    let small = |name: &str, data: &[u8]| -> io::Result<Vec<u8>> {
+        let mut v = header(name, data.len() as u64)?.to_vec();
+        v.extend_from_slice(data);
+        v.resize(v.len() + pad(data.len() as u64), 0);
+        Ok(v)
+    };
+    let mut head = small("manifest.json", manifest_bytes)?;
+    if let Some(s) = signature {
+        head.extend(small("manifest.sig", &s.to_bytes())?);
+    }
+    let mut len = head.len() as u64;
+    let mut r: Box<dyn Read + Send> = Box::new(io::Cursor::new(head));
+    for (d, size, blob) in blobs {
+        let h = header(&format!("blobs/{d}"), size)?;
+        len += BLOCK as u64 + size + pad(size) as u64;
+        r = Box::new(
+            r.chain(io::Cursor::new(h))
+                .chain(blob.take(size))
+                .chain(io::Cursor::new(vec![0u8; pad(size)])),
+        );
+    }
+    len += 2 * BLOCK as u64;
+    Ok((
+        len,
+        Box::new(r.chain(io::Cursor::new(vec![0u8; 2 * BLOCK]))),
+    ))
 }
 
 #[cfg(test)]

@@ -73,6 +73,23 @@ fn round_trip_and_dedupe() {
     })
     .unwrap();
     assert_eq!(out, a);
+    // The lazy stream is the same archive, and knows its length.
+    let parts: Vec<(Digest, u64, Box<dyn Read + Send>)> = vec![
+        (
+            Digest::of(&[1u8; 1000]),
+            1000,
+            Box::new(io::Cursor::new(vec![1u8; 1000])),
+        ),
+        (
+            Digest::of(&[2u8; 513]),
+            513,
+            Box::new(io::Cursor::new(vec![2u8; 513])),
+        ),
+    ];
+    let (len, mut r) = stream(&mb, Some(&sig), parts).unwrap();
+    let mut streamed = Vec::new();
+    r.read_to_end(&mut streamed).unwrap();
+    assert_eq!((len, &streamed), (a.len() as u64, &a));
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -64,6 +64,8 @@ pub enum Ingested {
     Stored,
     /// The blob was already stored; the stream was checked and dropped.
     Deduplicated,
+    /// A stored copy that no longer verified was replaced by the new, good one.
+    Repaired,
 }
 
 impl BlobStore {
@@ -110,7 +112,9 @@ impl BlobStore {
         size: u64,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Ingested, BlobError> {
-        if self.contains(d) {
+        // A stored copy that no longer verifies is replaced: re-importing repairs it.
+        let existed = self.contains(d);
+        if existed && self.verify(d, size).is_ok() {
             copy_hashed(r, None, d, size, progress)?;
             return Ok(Ingested::Deduplicated);
         }
@@ -140,7 +144,13 @@ impl BlobStore {
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
-        result.map(|()| Ingested::Stored)
+        result.map(|()| {
+            if existed {
+                Ingested::Repaired
+            } else {
+                Ingested::Stored
+            }
+        })
     }
 
     /// Re-hashes blob `d` and checks it against its name and `size`.
@@ -296,6 +306,10 @@ pub(crate) mod tests {
         fs::write(&p, bytes).unwrap();
         let e = s.verify(&d, data.len() as u64).unwrap_err().to_string();
         assert!(e.contains(d.as_str()) && e.contains("corrupted"), "{e}");
+        // Importing the blob again repairs it.
+        let r = s.ingest(&mut &data[..], &d, data.len() as u64, &mut |_| ());
+        assert_eq!(r.unwrap(), Ingested::Repaired);
+        s.verify(&d, data.len() as u64).unwrap();
         assert_eq!(s.remove(&d).unwrap(), data.len() as u64);
         assert!(matches!(s.verify(&d, 1), Err(BlobError::Missing(_))));
         fs::write(dir.join("tmp/leftover"), b"x").unwrap();

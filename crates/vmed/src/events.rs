@@ -12,7 +12,6 @@ use crate::lifecycle::{RestartPolicy, State};
 use crate::limits::VmLimits;
 use crate::store::{Store, StoreError, VmRecord};
 use crate::store_images::{ImageCatalog, ImageRecord};
-use vme_image::sign::Signature;
 use crate::usage::Sample;
 use serde::Serialize;
 use serde_json::Value;
@@ -21,6 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, watch};
 use utoipa::ToSchema;
 use vme_api::MachineSpec;
+use vme_image::sign::Signature;
 
 /// Events kept for each subscriber before the slowest start losing them.
 const BACKLOG: usize = 1024;

@@ -49,15 +49,21 @@ impl Default for ImageConfig {
 }
 
 impl ImageConfig {
-    pub fn new(max_blob: Option<u64>, require_signed: bool, keys: &[String]) -> Result<Self, String> {
+    pub fn new(
+        max_blob: Option<u64>,
+        require_signed: bool,
+        keys: &[String],
+    ) -> Result<Self, String> {
         let trusted = keys
             .iter()
             .map(|k| PublicKey::parse(k).map_err(|e| format!("trusted_keys: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
         if require_signed && trusted.is_empty() {
-            return Err("require_signed is on but trusted_keys is empty: no image could be \
+            return Err(
+                "require_signed is on but trusted_keys is empty: no image could be \
                 launched; add a key (trusted_keys = [\"ed25519:...\"]) or turn it off"
-                .into());
+                    .into(),
+            );
         }
         Ok(ImageConfig {
             max_blob: max_blob.unwrap_or(DEFAULT_MAX_BLOB),
@@ -294,7 +300,8 @@ impl Daemon {
         } else {
             ("corrupted", bad.join("; "))
         };
-        self.store().image_set_status(&image.name, status, &reason)?;
+        self.store()
+            .image_set_status(&image.name, status, &reason)?;
         Ok(VerifyReport {
             image: image.name,
             status: status.into(),
@@ -311,7 +318,8 @@ impl Daemon {
     pub fn image_sign(&self, name: &str, sig: &[u8]) -> Result<ImageRecord, OpError> {
         let sig = Signature::parse(sig).map_err(OpError::BadRequest)?;
         let image = self.store().image_get(name)?;
-        sig.check(&image.manifest_bytes).map_err(OpError::BadRequest)?;
+        sig.check(&image.manifest_bytes)
+            .map_err(OpError::BadRequest)?;
         self.store().image_set_signature(&image.name, &sig)?;
         Ok(self.store().image_get(&image.name)?)
     }
@@ -418,11 +426,18 @@ impl Daemon {
     pub(crate) fn check_image_blobs(&self, spec: &MachineSpec) -> Result<(), String> {
         let blobs = self.blobs().map_err(|e| e.to_string())?;
         for (what, d) in spec_blobs(&blobs, spec) {
-            let size = std::fs::metadata(blobs.path(&d)).map(|m| m.len()).unwrap_or(0);
+            let size = std::fs::metadata(blobs.path(&d))
+                .map(|m| m.len())
+                .unwrap_or(0);
             if let Err(e) = blobs.verify(&d, size) {
                 let images = self.store().image_list().unwrap_or_default();
-                for i in images.iter().filter(|i| i.manifest.distinct_blobs().contains_key(&d)) {
-                    let _ = self.store().image_set_status(&i.name, "corrupted", &e.to_string());
+                for i in images
+                    .iter()
+                    .filter(|i| i.manifest.distinct_blobs().contains_key(&d))
+                {
+                    let _ = self
+                        .store()
+                        .image_set_status(&i.name, "corrupted", &e.to_string());
                 }
                 return Err(format!("image corrupted: the VM's {what}: {e}"));
             }

@@ -7,8 +7,8 @@
 use crate::store::{SqliteStore, StoreError};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
-use vme_image::sign::Signature;
 use vme_image::Manifest;
+use vme_image::sign::Signature;
 
 /// The schema of the catalogue (one of the store's migrations).
 pub const MIGRATION: &str = "CREATE TABLE images (
@@ -73,8 +73,12 @@ pub trait ImageCatalog {
     fn image_delete(&mut self, name: &str) -> Result<(), StoreError>;
     fn image_set_signature(&mut self, name: &str, sig: &Signature) -> Result<(), StoreError>;
     /// `ok` or `corrupted`, with the reason.
-    fn image_set_status(&mut self, name: &str, status: &str, reason: &str)
-    -> Result<(), StoreError>;
+    fn image_set_status(
+        &mut self,
+        name: &str,
+        status: &str,
+        reason: &str,
+    ) -> Result<(), StoreError>;
     /// Points `alias` at `image`, or removes it (None).
     fn image_alias(&mut self, alias: &str, image: Option<&str>) -> Result<(), StoreError>;
     /// Every blob digest some image references.
@@ -86,11 +90,21 @@ const COLUMNS: &str = "name, manifest, signature, status, reason, created_at";
 type Row = (String, Vec<u8>, Option<String>, String, String, i64);
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
 impl SqliteStore {
-    fn image_record(&self, (name, bytes, sig, status, reason, created_at): Row) -> Result<ImageRecord, StoreError> {
+    fn image_record(
+        &self,
+        (name, bytes, sig, status, reason, created_at): Row,
+    ) -> Result<ImageRecord, StoreError> {
         let manifest = Manifest::parse(&bytes, u64::MAX)
             .map_err(|e| StoreError::Corrupt(format!("image {name:?}: {e}")))?;
         let signature = sig
@@ -184,7 +198,9 @@ impl ImageCatalog for SqliteStore {
     }
 
     fn image_delete(&mut self, name: &str) -> Result<(), StoreError> {
-        let n = self.conn().execute("DELETE FROM images WHERE name = ?1", [name])?;
+        let n = self
+            .conn()
+            .execute("DELETE FROM images WHERE name = ?1", [name])?;
         if n == 0 {
             return Err(not_found(name));
         }
@@ -231,7 +247,9 @@ impl ImageCatalog for SqliteStore {
         };
         let tx = self.conn_mut().transaction()?;
         let target: Option<String> = tx
-            .query_row("SELECT name FROM images WHERE name = ?1", [image], |r| r.get(0))
+            .query_row("SELECT name FROM images WHERE name = ?1", [image], |r| {
+                r.get(0)
+            })
             .optional()?;
         if target.is_none() {
             return Err(not_found(image));
@@ -285,19 +303,32 @@ mod tests {
     fn images_blobs_and_aliases() {
         let mut s = SqliteStore::open_in_memory().unwrap();
         let a = s.image_insert("a", &manifest("a", b"k1"), None).unwrap();
-        assert_eq!((a.status.as_str(), a.size, a.signed_by.as_ref()), ("ok", 2, None));
+        assert_eq!(
+            (a.status.as_str(), a.size, a.signed_by.as_ref()),
+            ("ok", 2, None)
+        );
         assert_eq!(a.manifest_bytes, manifest("a", b"k1"), "exact bytes kept");
         assert!(matches!(
             s.image_insert("a", &manifest("a", b"k1"), None),
             Err(StoreError::ImageExists(_))
         ));
         s.image_insert("b", &manifest("b", b"k2"), None).unwrap();
-        assert_eq!(s.image_blobs_in_use().unwrap().len(), 3, "the initrd is shared");
+        assert_eq!(
+            s.image_blobs_in_use().unwrap().len(),
+            3,
+            "the initrd is shared"
+        );
         s.image_alias("latest", Some("b")).unwrap();
         assert_eq!(s.image_get("latest").unwrap().name, "b");
         assert_eq!(s.image_get("b").unwrap().aliases, ["latest"]);
-        assert!(matches!(s.image_alias("a", Some("b")), Err(StoreError::ImageExists(_))));
-        assert!(matches!(s.image_alias("x", Some("nope")), Err(StoreError::NoImage(_))));
+        assert!(matches!(
+            s.image_alias("a", Some("b")),
+            Err(StoreError::ImageExists(_))
+        ));
+        assert!(matches!(
+            s.image_alias("x", Some("nope")),
+            Err(StoreError::NoImage(_))
+        ));
         s.image_set_status("a", "corrupted", "blob x").unwrap();
         assert_eq!(s.image_get("a").unwrap().status, "corrupted");
         let key = vme_image::sign::SecretKey::generate().unwrap();

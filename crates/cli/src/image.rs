@@ -1,0 +1,439 @@
+//! `vme image ...`: the image repository from the command line. Imports stream an archive to
+//! the daemon (built on the fly from a kernel, initrd and disk, or an existing `.tar`), with a
+//! progress bar on a terminal; signing happens here, with the publisher's private key, and
+//! only the signature goes to the daemon.
+
+use crate::output::{self, Format};
+use crate::{Api, http, out, reply};
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vme_api::{Arch, ByteSize};
+use vme_image::manifest::{Amount, Boot, Resources, SCHEMA_VERSION, check_name};
+use vme_image::{BlobRef, Digest, Manifest, Role, archive, sign};
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Import an image: `import NAME --kernel K --initrd I [--disk D]` builds it from files,
+    /// `import FILE.tar [--name NAME]` sends an archive made by `vme image export`.
+    Import {
+        /// The image's name (with --kernel), or the archive to import.
+        source: String,
+        /// With an archive: store it under this name instead of its manifest's.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// A raw disk image, given to VMs made from the image.
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// The kernel command line VMs get by default.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// x86_64 (default) or riscv64.
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
+        #[arg(long, default_value = "linux")]
+        os: String,
+        #[arg(long = "os-version", default_value = "1")]
+        os_version: String,
+        /// Default vCPUs and memory of VMs made from it.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value = "256M")]
+        memory: ByteSize,
+        /// The least it runs with (default: the defaults).
+        #[arg(long)]
+        min_vcpus: Option<u32>,
+        #[arg(long)]
+        min_memory: Option<ByteSize>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// List the images.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show an image: its manifest, signer, status.
+    Info {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Delete an image (its blobs go too unless another image or a VM uses them).
+    #[command(alias = "rm")]
+    Delete { name: String },
+    /// Point ALIAS at IMAGE (moving it if it exists), or remove it with --remove.
+    Alias {
+        alias: String,
+        image: Option<String>,
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Re-hash every blob of an image; fails if one is corrupted (and marks it unusable).
+    Verify {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Write an image as an archive (`-` for stdout).
+    Export { name: String, file: PathBuf },
+    /// Remove blobs no image or VM uses, and leftovers of interrupted imports.
+    Prune,
+    /// Make a publisher signing key in FILE (mode 0600); prints its public key, for the
+    /// daemon's trusted_keys.
+    Keygen { file: PathBuf },
+    /// Sign an image's manifest with a publisher key (the key never leaves this machine).
+    Sign {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+}
+
+fn image_segment(name: &str) -> Result<&str> {
+    check_name(name).map_err(anyhow::Error::msg)?;
+    Ok(name)
+}
+
+/// How long an import or export may go without a reply.
+const TRANSFER: Duration = Duration::from_secs(24 * 3600);
+
+pub fn run(api: &Api, cmd: ImageCmd) -> Result<()> {
+    let print = |format: Format, v: &Value| -> Result<()> { out(&output::encode(format, v)?) };
+    match cmd {
+        ImageCmd::Import {
+            source,
+            name,
+            kernel: Some(kernel),
+            initrd,
+            disk,
+            cmdline,
+            arch,
+            os,
+            os_version,
+            vcpus,
+            memory,
+            min_vcpus,
+            min_memory,
+            labels,
+        } => {
+            if name.is_some() {
+                bail!("--name is for archives; with --kernel the first argument is the name");
+            }
+            let default = Amount { vcpus, memory };
+            let minimum = Amount {
+                vcpus: min_vcpus.unwrap_or(vcpus),
+                memory: min_memory.unwrap_or(memory),
+            };
+            let files = [
+                (Role::Kernel, Some(kernel)),
+                (Role::Initrd, initrd),
+                (Role::Disk, disk),
+            ];
+            let mut blobs = Vec::new();
+            let mut opened = Vec::new();
+            for (role, path) in files {
+                let Some(path) = path else { continue };
+                let f = std::fs::File::open(&path).with_context(|| {
+                    format!("cannot open the {} {}", role.as_str(), path.display())
+                })?;
+                let (sha256, size) = vme_image::hash_reader(&f)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                blobs.push(BlobRef { role, sha256, size });
+                opened.push(path);
+            }
+            let mut label_map = BTreeMap::new();
+            for l in labels {
+                let (k, v) = l
+                    .split_once('=')
+                    .with_context(|| format!("--label {l:?} is not KEY=VALUE"))?;
+                label_map.insert(k.to_string(), v.to_string());
+            }
+            let m = Manifest {
+                schema_version: SCHEMA_VERSION,
+                name: source.clone(),
+                os,
+                version: os_version,
+                architecture: arch.parse::<Arch>().map_err(|e| anyhow::anyhow!("{e}"))?,
+                boot: Boot::Direct { cmdline },
+                resources: Resources { default, minimum },
+                labels: label_map,
+                blobs: blobs.clone(),
+            };
+            m.check(u64::MAX).map_err(anyhow::Error::msg)?;
+            let bytes = m.to_bytes();
+            // One entry per distinct blob (two roles may share one file's content).
+            let mut parts: Vec<(Digest, u64, Box<dyn Read + Send>)> = Vec::new();
+            for (b, path) in blobs.iter().zip(&opened) {
+                if parts.iter().any(|(d, _, _)| *d == b.sha256) {
+                    continue;
+                }
+                let f = std::fs::File::open(path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                parts.push((b.sha256.clone(), b.size, Box::new(f)));
+            }
+            let (len, r) = archive::stream(&bytes, None, parts)?;
+            upload(api, &format!("/1.0/images?name={source}"), len, r, &source)?;
+        }
+        ImageCmd::Import {
+            source,
+            name,
+            kernel: None,
+            initrd,
+            disk,
+            ..
+        } => {
+            if initrd.is_some() || disk.is_some() {
+                bail!(
+                    "--initrd and --disk need --kernel: `vme image import NAME --kernel K --initrd I`"
+                );
+            }
+            let path = Path::new(&source);
+            let f = std::fs::File::open(path).with_context(|| {
+                format!(
+                    "cannot open the archive {source}: give an image archive, or a name and \
+                     --kernel to build one"
+                )
+            })?;
+            let len = f.metadata()?.len();
+            let mut url = "/1.0/images".to_string();
+            if let Some(n) = &name {
+                url.push_str(&format!("?name={}", image_segment(n)?));
+            }
+            upload(api, &url, len, Box::new(f), &source)?;
+        }
+        ImageCmd::List { format } => {
+            let images = api.call("GET", "/1.0/images", None)?;
+            match format {
+                Format::Table => out(&table(
+                    images.as_array().map(Vec::as_slice).unwrap_or_default(),
+                ))?,
+                f => print(f, &images)?,
+            }
+        }
+        ImageCmd::Info { name, format } => {
+            let v = api.call(
+                "GET",
+                &format!("/1.0/images/{}", image_segment(&name)?),
+                None,
+            )?;
+            print(format, &v)?;
+        }
+        ImageCmd::Delete { name } => {
+            api.call(
+                "DELETE",
+                &format!("/1.0/images/{}", image_segment(&name)?),
+                None,
+            )?;
+            println!("{name}: deleted");
+        }
+        ImageCmd::Alias {
+            alias,
+            image,
+            remove,
+        } => match (image, remove) {
+            (None, true) => {
+                let path = format!("/1.0/images/aliases/{}", image_segment(&alias)?);
+                api.call("DELETE", &path, None)?;
+                println!("alias {alias}: removed");
+            }
+            (Some(image), false) => {
+                let body = json!({"name": alias, "target": image});
+                api.call("POST", "/1.0/images/aliases", Some(body))?;
+                println!("alias {alias} -> {image}");
+            }
+            _ => bail!("give ALIAS IMAGE to set an alias, or ALIAS --remove to remove one"),
+        },
+        ImageCmd::Verify { name, format } => {
+            let path = format!("/1.0/images/{}/verify", image_segment(&name)?);
+            let r = api.call_within("POST", &path, None, TRANSFER)?;
+            match format {
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = r["blobs"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|b| {
+                            let s = |k: &str| b[k].as_str().unwrap_or("").to_string();
+                            let ok = if b["ok"] == json!(true) {
+                                "ok".into()
+                            } else {
+                                s("error")
+                            };
+                            vec![s("role"), s("sha256"), ok]
+                        })
+                        .collect();
+                    out(&output::grid(&["ROLE", "SHA256", "RESULT"], &rows))?;
+                }
+                f => print(f, &r)?,
+            }
+            if r["status"] != "ok" {
+                bail!("image {name} is corrupted: it will not be launched until it verifies");
+            }
+        }
+        ImageCmd::Export { name, file } => {
+            let path = format!("/1.0/images/{}/export", image_segment(&name)?);
+            let to_stdout = file == Path::new("-");
+            let tmp = file.with_extension("partial");
+            let mut sink: Box<dyn std::io::Write> = if to_stdout {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(&tmp)
+                        .with_context(|| format!("cannot create {}", tmp.display()))?,
+                ))
+            };
+            let got = http::download(&api.ep, &path, &mut sink).map_err(|e| api.unreachable(e))?;
+            sink.flush()?;
+            drop(sink);
+            match got {
+                Ok(n) if !to_stdout => {
+                    std::fs::rename(&tmp, &file)
+                        .with_context(|| format!("cannot write {}", file.display()))?;
+                    eprintln!(
+                        "{name}: exported {} to {}",
+                        crate::human(n as f64),
+                        file.display()
+                    );
+                }
+                Ok(_) => {}
+                Err((code, text)) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    reply(code, &text)?;
+                }
+            }
+        }
+        ImageCmd::Prune => {
+            let r = api.call_within("POST", "/1.0/images/prune", None, TRANSFER)?;
+            println!(
+                "removed {} blobs ({}) and {} temp files",
+                r["blobs_removed"],
+                crate::human(r["bytes_freed"].as_f64().unwrap_or(0.0)),
+                r["temp_files_removed"]
+            );
+        }
+        ImageCmd::Keygen { file } => {
+            let key = sign::keygen(&file).map_err(anyhow::Error::msg)?;
+            println!("{key}");
+            eprintln!(
+                "vme: the signing key is in {} (keep it secret); trust its public key above by \
+                 adding it to vmed's config: trusted_keys = [\"{key}\"] (fingerprint {})",
+                file.display(),
+                key.fingerprint()
+            );
+        }
+        ImageCmd::Sign { name, key } => {
+            let key = sign::SecretKey::load(&key).map_err(anyhow::Error::msg)?;
+            let seg = image_segment(&name)?;
+            let (code, manifest) = http::request_within(
+                &api.ep,
+                "GET",
+                &format!("/1.0/images/{seg}/manifest"),
+                "",
+                TRANSFER,
+            )
+            .map_err(|e| api.unreachable(e))?;
+            if code != 200 {
+                reply(code, &manifest)?;
+            }
+            let sig = key.sign(manifest.as_bytes());
+            let body: Value = serde_json::to_value(&sig)?;
+            api.call("PUT", &format!("/1.0/images/{seg}/signature"), Some(body))?;
+            println!("{name}: signed by key {}", key.public().fingerprint());
+        }
+    }
+    Ok(())
+}
+
+/// Streams an archive to the daemon with a progress bar on a terminal.
+fn upload(api: &Api, path: &str, len: u64, r: Box<dyn Read + Send>, what: &str) -> Result<()> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let p = indicatif::ProgressBar::new(len);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
+        ) {
+            p.set_style(style.progress_chars("=> "));
+        }
+        p.set_message(format!("importing {what}"));
+        p
+    });
+    let mut reader: Box<dyn Read> = match &bar {
+        Some(b) => Box::new(b.wrap_read(r)),
+        None => r,
+    };
+    let (code, text) = http::upload(
+        &api.ep,
+        path,
+        "application/x-tar",
+        len,
+        &mut reader,
+        TRANSFER,
+    )
+    .map_err(|e| api.unreachable(e))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let r = reply(code, &text)?;
+    println!(
+        "{}: imported ({}; {} blobs stored, {} already present)",
+        r["image"]["name"].as_str().unwrap_or("?"),
+        crate::human(r["image"]["size"].as_f64().unwrap_or(0.0)),
+        r["blobs_stored"],
+        r["blobs_deduplicated"]
+    );
+    Ok(())
+}
+
+/// `vme image list` as a table.
+fn table(images: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = images
+        .iter()
+        .map(|i| {
+            let m = &i["manifest"];
+            let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+            let aliases: Vec<String> = i["aliases"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(s)
+                .collect();
+            vec![
+                s(&i["name"]),
+                format!("{} {}", s(&m["os"]), s(&m["version"])),
+                s(&m["architecture"]),
+                crate::human(i["size"].as_f64().unwrap_or(0.0)),
+                i["signed_by"].as_str().unwrap_or("unsigned").to_string(),
+                s(&i["status"]),
+                if aliases.is_empty() {
+                    "-".into()
+                } else {
+                    aliases.join(",")
+                },
+            ]
+        })
+        .collect();
+    output::grid(
+        &[
+            "NAME",
+            "OS",
+            "ARCH",
+            "SIZE",
+            "SIGNED BY",
+            "STATUS",
+            "ALIASES",
+        ],
+        &rows,
+    )
+}

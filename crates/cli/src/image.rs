@@ -20,43 +20,7 @@ use vme_image::{BlobRef, Digest, Manifest, Role, archive, sign};
 pub enum ImageCmd {
     /// Import an image: `import NAME --kernel K --initrd I [--disk D]` builds it from files,
     /// `import FILE.tar [--name NAME]` sends an archive made by `vme image export`.
-    Import {
-        /// The image's name (with --kernel), or the archive to import.
-        source: String,
-        /// With an archive: store it under this name instead of its manifest's.
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        /// A raw disk image, given to VMs made from the image.
-        #[arg(long)]
-        disk: Option<PathBuf>,
-        /// The kernel command line VMs get by default.
-        #[arg(long, default_value = "")]
-        cmdline: String,
-        /// x86_64 (default) or riscv64.
-        #[arg(long, default_value = "x86_64")]
-        arch: String,
-        #[arg(long, default_value = "linux")]
-        os: String,
-        #[arg(long = "os-version", default_value = "1")]
-        os_version: String,
-        /// Default vCPUs and memory of VMs made from it.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        #[arg(long, default_value = "256M")]
-        memory: ByteSize,
-        /// The least it runs with (default: the defaults).
-        #[arg(long)]
-        min_vcpus: Option<u32>,
-        #[arg(long)]
-        min_memory: Option<ByteSize>,
-        /// KEY=VALUE (repeatable).
-        #[arg(long = "label", value_name = "KEY=VALUE")]
-        labels: Vec<String>,
-    },
+    Import(Box<ImportArgs>),
     /// List the images.
     #[command(alias = "ls")]
     List {
@@ -100,6 +64,46 @@ pub enum ImageCmd {
     },
 }
 
+/// `vme image import`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// The image's name (with --kernel), or the archive to import.
+    pub source: String,
+    /// With an archive: store it under this name instead of its manifest's.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// A raw disk image, given to VMs made from the image.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// The kernel command line VMs get by default.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// x86_64 (default) or riscv64.
+    #[arg(long, default_value = "x86_64")]
+    pub arch: String,
+    #[arg(long, default_value = "linux")]
+    pub os: String,
+    #[arg(long = "os-version", default_value = "1")]
+    pub os_version: String,
+    /// Default vCPUs and memory of VMs made from it.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    #[arg(long, default_value = "256M")]
+    pub memory: ByteSize,
+    /// The least it runs with (default: the defaults).
+    #[arg(long)]
+    pub min_vcpus: Option<u32>,
+    #[arg(long)]
+    pub min_memory: Option<ByteSize>,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+}
+
 fn image_segment(name: &str) -> Result<&str> {
     check_name(name).map_err(anyhow::Error::msg)?;
     Ok(name)
@@ -111,107 +115,7 @@ const TRANSFER: Duration = Duration::from_secs(24 * 3600);
 pub fn run(api: &Api, cmd: ImageCmd) -> Result<()> {
     let print = |format: Format, v: &Value| -> Result<()> { out(&output::encode(format, v)?) };
     match cmd {
-        ImageCmd::Import {
-            source,
-            name,
-            kernel: Some(kernel),
-            initrd,
-            disk,
-            cmdline,
-            arch,
-            os,
-            os_version,
-            vcpus,
-            memory,
-            min_vcpus,
-            min_memory,
-            labels,
-        } => {
-            if name.is_some() {
-                bail!("--name is for archives; with --kernel the first argument is the name");
-            }
-            let default = Amount { vcpus, memory };
-            let minimum = Amount {
-                vcpus: min_vcpus.unwrap_or(vcpus),
-                memory: min_memory.unwrap_or(memory),
-            };
-            let files = [
-                (Role::Kernel, Some(kernel)),
-                (Role::Initrd, initrd),
-                (Role::Disk, disk),
-            ];
-            let mut blobs = Vec::new();
-            let mut opened = Vec::new();
-            for (role, path) in files {
-                let Some(path) = path else { continue };
-                let f = std::fs::File::open(&path).with_context(|| {
-                    format!("cannot open the {} {}", role.as_str(), path.display())
-                })?;
-                let (sha256, size) = vme_image::hash_reader(&f)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                blobs.push(BlobRef { role, sha256, size });
-                opened.push(path);
-            }
-            let mut label_map = BTreeMap::new();
-            for l in labels {
-                let (k, v) = l
-                    .split_once('=')
-                    .with_context(|| format!("--label {l:?} is not KEY=VALUE"))?;
-                label_map.insert(k.to_string(), v.to_string());
-            }
-            let m = Manifest {
-                schema_version: SCHEMA_VERSION,
-                name: source.clone(),
-                os,
-                version: os_version,
-                architecture: arch.parse::<Arch>().map_err(|e| anyhow::anyhow!("{e}"))?,
-                boot: Boot::Direct { cmdline },
-                resources: Resources { default, minimum },
-                labels: label_map,
-                blobs: blobs.clone(),
-            };
-            m.check(u64::MAX).map_err(anyhow::Error::msg)?;
-            let bytes = m.to_bytes();
-            // One entry per distinct blob (two roles may share one file's content).
-            let mut parts: Vec<(Digest, u64, Box<dyn Read + Send>)> = Vec::new();
-            for (b, path) in blobs.iter().zip(&opened) {
-                if parts.iter().any(|(d, _, _)| *d == b.sha256) {
-                    continue;
-                }
-                let f = std::fs::File::open(path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
-                parts.push((b.sha256.clone(), b.size, Box::new(f)));
-            }
-            let (len, r) = archive::stream(&bytes, None, parts)?;
-            upload(api, &format!("/1.0/images?name={source}"), len, r, &source)?;
-        }
-        ImageCmd::Import {
-            source,
-            name,
-            kernel: None,
-            initrd,
-            disk,
-            ..
-        } => {
-            if initrd.is_some() || disk.is_some() {
-                bail!(
-                    "--initrd and --disk need --kernel: `vme image import NAME --kernel K --initrd I`"
-                );
-            }
-            let path = Path::new(&source);
-            let f = std::fs::File::open(path).with_context(|| {
-                format!(
-                    "cannot open the archive {source}: give an image archive, or a name and \
-                     --kernel to build one"
-                )
-            })?;
-            let len = f.metadata()?.len();
-            let mut url = "/1.0/images".to_string();
-            if let Some(n) = &name {
-                url.push_str(&format!("?name={}", image_segment(n)?));
-            }
-            upload(api, &url, len, Box::new(f), &source)?;
-        }
+        ImageCmd::Import(args) => import(api, *args)?,
         ImageCmd::List { format } => {
             let images = api.call("GET", "/1.0/images", None)?;
             match format {
@@ -353,6 +257,104 @@ pub fn run(api: &Api, cmd: ImageCmd) -> Result<()> {
             println!("{name}: signed by key {}", key.public().fingerprint());
         }
     }
+    Ok(())
+}
+
+/// `vme image import`: from files (a manifest and archive made on the fly) or an archive.
+fn import(api: &Api, a: ImportArgs) -> Result<()> {
+    let ImportArgs {
+        source,
+        name,
+        kernel,
+        initrd,
+        disk,
+        cmdline,
+        arch,
+        os,
+        os_version,
+        vcpus,
+        memory,
+        min_vcpus,
+        min_memory,
+        labels,
+    } = a;
+    let Some(kernel) = kernel else {
+        if initrd.is_some() || disk.is_some() {
+            bail!(
+                "--initrd and --disk need --kernel: `vme image import NAME --kernel K --initrd I`"
+            );
+        }
+        let path = Path::new(&source);
+        let f = std::fs::File::open(path).with_context(|| {
+            format!(
+                "cannot open the archive {source}: give an image archive, or a name and \
+                 --kernel to build one"
+            )
+        })?;
+        let len = f.metadata()?.len();
+        let mut url = "/1.0/images".to_string();
+        if let Some(n) = &name {
+            url.push_str(&format!("?name={}", image_segment(n)?));
+        }
+        upload(api, &url, len, Box::new(f), &source)?;
+        return Ok(());
+    };
+    if name.is_some() {
+        bail!("--name is for archives; with --kernel the first argument is the name");
+    }
+    let default = Amount { vcpus, memory };
+    let minimum = Amount {
+        vcpus: min_vcpus.unwrap_or(vcpus),
+        memory: min_memory.unwrap_or(memory),
+    };
+    let files = [
+        (Role::Kernel, Some(kernel)),
+        (Role::Initrd, initrd),
+        (Role::Disk, disk),
+    ];
+    let mut blobs = Vec::new();
+    let mut opened = Vec::new();
+    for (role, path) in files {
+        let Some(path) = path else { continue };
+        let f = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open the {} {}", role.as_str(), path.display()))?;
+        let (sha256, size) = vme_image::hash_reader(&f)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        blobs.push(BlobRef { role, sha256, size });
+        opened.push(path);
+    }
+    let mut label_map = BTreeMap::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l:?} is not KEY=VALUE"))?;
+        label_map.insert(k.to_string(), v.to_string());
+    }
+    let m = Manifest {
+        schema_version: SCHEMA_VERSION,
+        name: source.clone(),
+        os,
+        version: os_version,
+        architecture: arch.parse::<Arch>().map_err(|e| anyhow::anyhow!("{e}"))?,
+        boot: Boot::Direct { cmdline },
+        resources: Resources { default, minimum },
+        labels: label_map,
+        blobs: blobs.clone(),
+    };
+    m.check(u64::MAX).map_err(anyhow::Error::msg)?;
+    let bytes = m.to_bytes();
+    // One entry per distinct blob (two roles may share one file's content).
+    let mut parts: Vec<(Digest, u64, Box<dyn Read + Send>)> = Vec::new();
+    for (b, path) in blobs.iter().zip(&opened) {
+        if parts.iter().any(|(d, _, _)| *d == b.sha256) {
+            continue;
+        }
+        let f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        parts.push((b.sha256.clone(), b.size, Box::new(f)));
+    }
+    let (len, r) = archive::stream(&bytes, None, parts)?;
+    upload(api, &format!("/1.0/images?name={source}"), len, r, &source)?;
     Ok(())
 }
 

@@ -352,9 +352,15 @@ pub fn write(
         let b = s.to_bytes();
         t.file("manifest.sig", b.len() as u64, &mut &b[..])?;
     }
-    for (d, size) in manifest.distinct_blobs() {
-        let mut r = open_blob(&d)?;
-        t.file(&format!("blobs/{d}"), size, &mut r)?;
+    // In manifest order, each distinct blob once.
+    let mut done = Vec::new();
+    for b in &manifest.blobs {
+        if done.contains(&&b.sha256) {
+            continue;
+        }
+        done.push(&b.sha256);
+        let mut r = open_blob(&b.sha256)?;
+        t.file(&format!("blobs/{}", b.sha256), b.size, &mut r)?;
     }
     t.finish()?;
     Ok(())

@@ -36,15 +36,15 @@ const DEPTH: usize = 16;
 
 pub(crate) fn routes() -> OpenApiRouter<App> {
     OpenApiRouter::new()
-        .routes(routes!(list, import))
-        .routes(routes!(info, delete))
-        .routes(routes!(manifest))
-        .routes(routes!(signature))
-        .routes(routes!(verify))
-        .routes(routes!(export))
-        .routes(routes!(alias_set))
-        .routes(routes!(alias_delete))
-        .routes(routes!(prune))
+        .routes(routes!(image_list, image_import))
+        .routes(routes!(image_info, image_delete))
+        .routes(routes!(image_manifest))
+        .routes(routes!(image_signature))
+        .routes(routes!(image_verify))
+        .routes(routes!(image_export))
+        .routes(routes!(image_alias_set))
+        .routes(routes!(image_alias_delete))
+        .routes(routes!(image_prune))
 }
 
 /// Every image, ordered by name.
@@ -52,7 +52,7 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
     responses(
         (status = 200, description = "The images", body = Reply<Vec<ImageRecord>>),
         (status = 500, description = "The store failed", body = ErrorReply)))]
-async fn list(State(d): State<App>) -> Result<Response, OpError> {
+async fn image_list(State(d): State<App>) -> Result<Response, OpError> {
     let images = blocking(move || d.image_list()).await?;
     Ok(ok(StatusCode::OK, images))
 }
@@ -72,7 +72,7 @@ async fn list(State(d): State<App>) -> Result<Response, OpError> {
         (status = 409, description = "An image or alias of that name exists", body = ErrorReply),
         (status = 500, description = "The blob store or the state database failed",
             body = ErrorReply)))]
-async fn import(
+async fn image_import(
     State(d): State<App>,
     RawQuery(q): RawQuery,
     body: Body,
@@ -158,7 +158,7 @@ impl Write for ChannelWriter {
     responses(
         (status = 200, description = "The image", body = Reply<ImageRecord>),
         (status = 404, description = "No such image", body = ErrorReply)))]
-async fn info(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+async fn image_info(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
     let image = blocking(move || d.image_get(&name)).await?;
     Ok(ok(StatusCode::OK, image))
 }
@@ -171,7 +171,7 @@ async fn info(State(d): State<App>, Path(name): Path<String>) -> Result<Response
         (status = 200, description = "Deleted", body = Reply<Empty>),
         (status = 404, description = "No such image", body = ErrorReply),
         (status = 500, description = "A blob could not be removed", body = ErrorReply)))]
-async fn delete(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+async fn image_delete(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
     blocking(move || d.image_delete(&name)).await?;
     Ok(ok(StatusCode::OK, Empty {}))
 }
@@ -183,7 +183,10 @@ async fn delete(State(d): State<App>, Path(name): Path<String>) -> Result<Respon
         (status = 200, description = "The manifest", body = Object,
             content_type = "application/json"),
         (status = 404, description = "No such image", body = ErrorReply)))]
-async fn manifest(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+async fn image_manifest(
+    State(d): State<App>,
+    Path(name): Path<String>,
+) -> Result<Response, OpError> {
     let bytes = blocking(move || d.image_manifest(&name)).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
@@ -198,7 +201,7 @@ async fn manifest(State(d): State<App>, Path(name): Path<String>) -> Result<Resp
         (status = 200, description = "Signed", body = Reply<ImageRecord>),
         (status = 400, description = "Not a signature of this manifest", body = ErrorReply),
         (status = 404, description = "No such image", body = ErrorReply)))]
-async fn signature(
+async fn image_signature(
     State(d): State<App>,
     Path(name): Path<String>,
     body: Bytes,
@@ -214,7 +217,7 @@ async fn signature(
     responses(
         (status = 200, description = "Each blob's result", body = Reply<VerifyReport>),
         (status = 404, description = "No such image", body = ErrorReply)))]
-async fn verify(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+async fn image_verify(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
     let report = blocking(move || d.image_verify(&name)).await?;
     Ok(ok(StatusCode::OK, report))
 }
@@ -226,7 +229,7 @@ async fn verify(State(d): State<App>, Path(name): Path<String>) -> Result<Respon
         (status = 200, description = "The archive", body = Vec<u8>,
             content_type = "application/x-tar"),
         (status = 404, description = "No such image", body = ErrorReply)))]
-async fn export(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+async fn image_export(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
     let (d2, n2) = (d.clone(), name.clone());
     blocking(move || d2.image_get(&n2)).await?;
     let (tx, rx) = mpsc::channel(DEPTH);
@@ -268,7 +271,7 @@ struct AliasReq {
         (status = 400, description = "Not a valid alias", body = ErrorReply),
         (status = 404, description = "No such image", body = ErrorReply),
         (status = 409, description = "An image has that name", body = ErrorReply)))]
-async fn alias_set(State(d): State<App>, body: Bytes) -> Result<Response, OpError> {
+async fn image_alias_set(State(d): State<App>, body: Bytes) -> Result<Response, OpError> {
     let req: AliasReq = parse(&body)?;
     blocking(move || d.image_alias(&req.name, Some(&req.target))).await?;
     Ok(ok(StatusCode::OK, Empty {}))
@@ -280,7 +283,10 @@ async fn alias_set(State(d): State<App>, body: Bytes) -> Result<Response, OpErro
     responses(
         (status = 200, description = "Removed", body = Reply<Empty>),
         (status = 404, description = "No such alias", body = ErrorReply)))]
-async fn alias_delete(State(d): State<App>, Path(name): Path<String>) -> Result<Response, OpError> {
+async fn image_alias_delete(
+    State(d): State<App>,
+    Path(name): Path<String>,
+) -> Result<Response, OpError> {
     blocking(move || d.image_alias(&name, None)).await?;
     Ok(ok(StatusCode::OK, Empty {}))
 }
@@ -291,7 +297,7 @@ async fn alias_delete(State(d): State<App>, Path(name): Path<String>) -> Result<
     responses(
         (status = 200, description = "What was removed", body = Reply<PruneReport>),
         (status = 500, description = "A file could not be removed", body = ErrorReply)))]
-async fn prune(State(d): State<App>) -> Result<Response, OpError> {
+async fn image_prune(State(d): State<App>) -> Result<Response, OpError> {
     let report = blocking(move || d.image_prune()).await?;
     Ok(ok(StatusCode::OK, report))
 }

@@ -232,6 +232,14 @@ fn every_documented_route_answers() {
             ("put", "/1.0/vms/{name}/state"),
             r#"{"action":"stop"}"#.into(),
         ),
+        // An empty archive, a signature that is none, an alias of no image: documented
+        // 400s and 404s.
+        (("post", "/1.0/images"), String::new()),
+        (("put", "/1.0/images/{name}/signature"), "{}".into()),
+        (
+            ("post", "/1.0/images/aliases"),
+            r#"{"name":"x","target":"api-1"}"#.into(),
+        ),
         // The VM is not running: a documented 409.
         (
             ("post", "/1.0/vms/{name}/exec"),

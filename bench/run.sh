@@ -18,3 +18,5 @@ echo "# live migration: riscv64 1 GiB guest on loopback, idle and dirtying (tota
 python3 bench/migrate.py
 echo "# the daemon: create->running for 20 VMs at once vs monitors started by hand, list of 1,000, RSS" >&2
 python3 bench/vmed.py
+echo "# images: import throughput vs sha256sum + cp + sync of the same files; launch from an image vs from paths" >&2
+python3 bench/images.py

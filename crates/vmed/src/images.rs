@@ -463,3 +463,28 @@ fn spec_blobs(blobs: &BlobStore, spec: &MachineSpec) -> Vec<(&'static str, Diges
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_checks_keys_and_policy() {
+        let key = vme_image::sign::SecretKey::generate()
+            .unwrap()
+            .public()
+            .to_string();
+        let c = ImageConfig::new(Some(1 << 20), true, std::slice::from_ref(&key)).unwrap();
+        assert_eq!(c.max_blob, 1 << 20);
+        assert!(c.policy(None).require_signed);
+        assert_eq!(c.policy(Some("any-project")).trusted.len(), 1);
+        let e = ImageConfig::new(None, false, &["ed25519:beef".into()]).unwrap_err();
+        assert!(e.contains("trusted_keys") && e.contains("keygen"), "{e}");
+        let e = ImageConfig::new(None, true, &[]).unwrap_err();
+        assert!(e.contains("trusted_keys is empty"), "{e}");
+        assert_eq!(
+            ImageConfig::new(None, false, &[]).unwrap(),
+            ImageConfig::default()
+        );
+    }
+}

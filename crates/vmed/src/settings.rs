@@ -293,9 +293,26 @@ mod tests {
                 state_dir: Some("/srv/a,b".into()),
                 ..Layer::default()
             },
+            Layer {
+                require_signed: Some(true),
+                ..Layer::default()
+            },
+            Layer {
+                trusted_keys: Some(vec!["ed25519:00".into()]),
+                ..Layer::default()
+            },
         ] {
             assert!(l.settle().is_err());
         }
+        // The image policy from a file.
+        let key = format!("ed25519:{}", "ab".repeat(32));
+        let l: Layer = toml::from_str(&format!(
+            "require_signed = true\ntrusted_keys = [\"{key}\"]\nimage_max_size = \"1G\""
+        ))
+        .unwrap();
+        let s = l.settle().unwrap();
+        assert_eq!(s.images.max_blob, 1 << 30);
+        assert!(s.images.policy(None).require_signed);
         let e = Layer::from_file(Path::new("/nonexistent/vmed.toml")).unwrap_err();
         assert!(e.contains("cannot read"), "{e}");
         // The example shipped beside the unit parses and says the defaults.

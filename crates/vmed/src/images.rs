@@ -403,6 +403,18 @@ impl Daemon {
         let path = |r| m.blob(r).map(|b| blobs.path(&b.sha256));
         req.kernel = path(Role::Kernel);
         req.initrd = path(Role::Initrd);
+        // The image's disk is shared by every VM made from it: until thin clones (a VM's
+        // own copy-on-write volume) arrive, a VM gets it read-only, as its first disk (vda).
+        if let Some(b) = m.blob(Role::Disk) {
+            req.disks.insert(
+                0,
+                crate::devices::DiskReq {
+                    path: blobs.path(&b.sha256),
+                    readonly: true,
+                    serial: Some(format!("image-{}", b.sha256.short())),
+                },
+            );
+        }
         req.arch = Some(m.architecture);
         req.vcpus = Some(vcpus);
         req.memory = Some(memory);

@@ -492,3 +492,46 @@ fn hostile_archives_and_manifests_are_refused_with_nothing_stored() {
         );
     }
 }
+
+#[test]
+fn a_disk_blob_is_stored_verified_and_given_read_only() {
+    let d = Vmed::start("images-disk", false, &[]);
+    let (mut m, mut files) = tiny("tiny-disk");
+    let disk = d.dir.join("disk.raw");
+    std::fs::write(&disk, vec![0x5a; 3 << 20]).unwrap();
+    let (sha256, size) = vme_image::hash_reader(std::fs::File::open(&disk).unwrap()).unwrap();
+    m.blobs.push(BlobRef {
+        role: Role::Disk,
+        sha256: sha256.clone(),
+        size,
+    });
+    files.push(disk);
+    let (code, v) = post_bytes(&d.socket, "/1.0/images", &tar(&m, &files, None)).unwrap();
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(count(&blobs_dir(&d)), 3);
+    let body = json!({"name": "v", "image": "tiny-disk"}).to_string();
+    let (code, v) = http(&d.socket, "POST", "/1.0/vms", &body);
+    assert_eq!(code, 201, "{v}");
+    let disk = &v["metadata"]["spec"]["disks"][0];
+    assert_eq!(
+        disk["path"],
+        json!(blobs_dir(&d).join(sha256.as_str())),
+        "{v}"
+    );
+    assert_eq!(disk["readonly"], true, "{v}");
+    // A flipped byte in the disk blob is caught like one in a kernel.
+    flip_a_byte(&blobs_dir(&d).join(sha256.as_str()));
+    let (code, v) = http(&d.socket, "POST", "/1.0/images/tiny-disk/verify", "");
+    assert_eq!(
+        (code, v["metadata"]["status"].as_str()),
+        (200, Some("corrupted")),
+        "{v}"
+    );
+    let start = json!({"action": "start"}).to_string();
+    let (code, v) = http(&d.socket, "PUT", "/1.0/vms/v/state", &start);
+    assert_eq!(code, 500, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains(sha256.as_str()),
+        "{v}"
+    );
+}

@@ -42,6 +42,9 @@ fn the_image_verbs_and_launch_from_an_image() {
     let s = d.socket.as_path();
     let (k, i) = (image("Image"), image("initramfs.cpio"));
     let (k, i) = (k.to_str().unwrap(), i.to_str().unwrap());
+    let disk = d.dir.join("disk.raw");
+    std::fs::write(&disk, vec![0x5a; 1 << 20]).unwrap();
+    let disk = disk.to_str().unwrap();
     let out = ok(vme(
         s,
         &[
@@ -52,6 +55,8 @@ fn the_image_verbs_and_launch_from_an_image() {
             k,
             "--initrd",
             i,
+            "--disk",
+            disk,
             "--arch",
             "riscv64",
             "--cmdline",
@@ -63,7 +68,7 @@ fn the_image_verbs_and_launch_from_an_image() {
         ],
     ));
     assert!(
-        out.contains("tiny: imported") && out.contains("2 blobs stored"),
+        out.contains("tiny: imported") && out.contains("3 blobs stored"),
         "{out}"
     );
     let table = ok(vme(s, &["image", "list"]));
@@ -98,7 +103,7 @@ fn the_image_verbs_and_launch_from_an_image() {
         s,
         &["image", "import", tar.to_str().unwrap(), "--name", "copy"],
     ));
-    assert!(out.contains("2 already present"), "{out}");
+    assert!(out.contains("3 already present"), "{out}");
     let info: Value = serde_json::from_str(&ok(vme(s, &["image", "info", "copy"]))).unwrap();
     assert!(
         info["signed_by"].is_string(),
@@ -116,7 +121,8 @@ fn the_image_verbs_and_launch_from_an_image() {
             "--image",
             "stable",
             "--cmdline",
-            "console=ttyS0 panic=-1 vme.run=\"echo from-image-$((6*7))\"",
+            "console=ttyS0 panic=-1 vme.run=\"echo disk ro=$(cat /sys/block/vda/ro) \
+           sectors=$(cat /sys/block/vda/size); echo from-image-$((6*7))\"",
         ],
     ));
     assert!(out.contains("v1: running"), "{out}");
@@ -139,5 +145,5 @@ fn the_image_verbs_and_launch_from_an_image() {
     let _ = vme(s, &["stop", "--force", "v1"]);
     ok(vme(s, &["delete", "v1"]));
     let out = ok(vme(s, &["image", "prune"]));
-    assert!(out.contains("removed 2 blobs"), "{out}");
+    assert!(out.contains("removed 3 blobs"), "{out}");
 }

@@ -30,6 +30,9 @@ pub enum ArchiveError {
     Manifest(#[from] ManifestError),
     #[error("{0}")]
     Blob(#[from] BlobError),
+    /// The caller's check of the manifest refused it (before any blob was read).
+    #[error("{0}")]
+    Refused(String),
 }
 
 fn invalid<T>(m: String) -> Result<T, ArchiveError> {
@@ -186,8 +189,20 @@ pub fn import(
     max_blob: u64,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Imported, ArchiveError> {
+    import_checked(r, store, max_blob, &mut |_| Ok(()), progress)
+}
+
+/// [`import`], with `check` run on the manifest before any blob is read (so a name already
+/// taken is refused before gigabytes are uploaded).
+pub fn import_checked(
+    r: &mut dyn Read,
+    store: &BlobStore,
+    max_blob: u64,
+    check: &mut dyn FnMut(&Manifest) -> Result<(), String>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Imported, ArchiveError> {
     let mut stored = Vec::new();
-    let result = import_into(r, store, max_blob, progress, &mut stored);
+    let result = import_into(r, store, max_blob, check, progress, &mut stored);
     if result.is_err() {
         for d in &stored {
             let _ = store.remove(d);
@@ -200,6 +215,7 @@ fn import_into(
     r: &mut dyn Read,
     store: &BlobStore,
     max_blob: u64,
+    check: &mut dyn FnMut(&Manifest) -> Result<(), String>,
     progress: &mut dyn FnMut(u64),
     stored: &mut Vec<Digest>,
 ) -> Result<Imported, ArchiveError> {
@@ -218,6 +234,7 @@ fn import_into(
     }
     let manifest_bytes = read_small(r, &first, MAX_MANIFEST_BYTES)?;
     let manifest = Manifest::parse(&manifest_bytes, max_blob)?;
+    check(&manifest).map_err(ArchiveError::Refused)?;
     let mut wanted: BTreeMap<Digest, u64> = manifest.distinct_blobs();
     let mut signature = None;
     let mut deduplicated = Vec::new();

@@ -9,6 +9,7 @@
 //! an import has written but not yet committed.
 
 use crate::daemon::{Daemon, OpError, lock};
+use crate::store::StoreError;
 use crate::store_images::ImageRecord;
 use crate::validate::CreateVm;
 use serde::Serialize;
@@ -180,11 +181,36 @@ impl Daemon {
         let blobs = self.blobs()?;
         let _import = lock(&self.image_lock);
         let mut seen = 0u64;
-        let imported = archive::import(r, &blobs, self.config().images.max_blob, &mut |n| {
-            seen += n;
-            if seen >= 1 << 20 {
-                crate::crashpoint::hit("image-import:mid-blob");
+        // A name already taken is refused before the blobs are uploaded.
+        let mut early: Option<OpError> = None;
+        let mut check = |m: &vme_image::Manifest| {
+            let n = name.unwrap_or(&m.name);
+            match self.store().image_get(n) {
+                Err(StoreError::NoImage(_)) => Ok(()),
+                Ok(_) => Err(StoreError::ImageExists(n.into())),
+                Err(e) => Err(e),
             }
+            .map_err(|e| {
+                let msg = e.to_string();
+                early = Some(e.into());
+                msg
+            })
+        };
+        let imported = archive::import_checked(
+            r,
+            &blobs,
+            self.config().images.max_blob,
+            &mut check,
+            &mut |n| {
+                seen += n;
+                if seen >= 1 << 20 {
+                    crate::crashpoint::hit("image-import:mid-blob");
+                }
+            },
+        )
+        .map_err(|e| match (e, early.take()) {
+            (ArchiveError::Refused(_), Some(first)) => first,
+            (e, _) => e.into(),
         })?;
         // From here on, a refusal must remove the blobs this import wrote.
         let undo = |e: OpError| {

@@ -46,9 +46,10 @@ pub(super) fn apply(
     };
     let missing = |c: &str, what: &str| {
         format!(
-            "no cgroup hierarchy of this host offers the {c} controller for VM {name:?} (neither \
-             the cgroup v2 at {} nor a cgroup v1 mount), needed for {what}: mount it (or boot \
-             with systemd.unified_cgroup_hierarchy=1), or drop that limit",
+            "the cgroup {} has no {c} controller and no cgroup v1 hierarchy of this host \
+             carries it, so VM {name:?} cannot have {what}: hand the controller down in cgroup \
+             v2 (a unified host: systemd.unified_cgroup_hierarchy=1) or mount a v1 hierarchy \
+             with it, or drop that limit",
             dir.display()
         )
     };

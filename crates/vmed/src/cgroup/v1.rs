@@ -76,19 +76,34 @@ pub fn set_memory(dir: &Path, bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
+const THROTTLE: [&str; 4] = [
+    "blkio.throttle.read_bps_device",
+    "blkio.throttle.write_bps_device",
+    "blkio.throttle.read_iops_device",
+    "blkio.throttle.write_iops_device",
+];
+
 /// The four throttle files, one `MAJ:MIN VALUE` line per device; 0 removes a device's rule
 /// (a reused cgroup may hold one from an earlier start).
 pub fn io_lines(l: &IoMax) -> [(&'static str, String); 4] {
     let v = |x: Option<u64>| format!("{} {}", l.device, x.unwrap_or(0));
+    let [rb, wb, ri, wi] = THROTTLE;
     [
-        ("blkio.throttle.read_bps_device", v(l.rbps)),
-        ("blkio.throttle.write_bps_device", v(l.wbps)),
-        ("blkio.throttle.read_iops_device", v(l.riops)),
-        ("blkio.throttle.write_iops_device", v(l.wiops)),
+        (rb, v(l.rbps)),
+        (wb, v(l.wbps)),
+        (ri, v(l.riops)),
+        (wi, v(l.wiops)),
     ]
 }
 
 pub fn set_io(dir: &Path, limits: &[IoMax]) -> Result<(), String> {
+    // A reused cgroup's rules for other devices go first.
+    for file in THROTTLE {
+        let old = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        for dev in old.lines().filter_map(|l| l.split_whitespace().next()) {
+            write(dir, file, &format!("{dev} 0"))?;
+        }
+    }
     for l in limits {
         for (file, line) in io_lines(l) {
             write(dir, file, &line)?;

@@ -578,7 +578,7 @@ fn usage_is_sampled_stored_and_served() {
     assert_eq!(code, 200, "{v}");
     let stopped = d.usage("acct", "");
     assert!(cpu(&stopped) >= cpu(&grown), "{stopped}");
-    assert!(!d.cg().join("vm-acct").exists());
+    d.assert_no_groups("acct");
     let (code, v) = d.call("DELETE", "/1.0/vms/acct", "");
     assert_eq!(code, 200, "{v}");
 }

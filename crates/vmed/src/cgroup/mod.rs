@@ -323,7 +323,7 @@ pub fn prepare(
         if m.v2.as_ref().is_some_and(|v2| dir.starts_with(v2)) {
             joined.push(&dir);
         }
-        joined.extend(dirs.v1.iter().filter(|d| **d != dir));
+        joined.extend(&dirs.v1);
         for d in joined {
             match fs::OpenOptions::new()
                 .write(true)

@@ -72,6 +72,9 @@ pub fn set_memory(dir: &Path, bytes: u64) -> Result<(), String> {
     write(dir, "memory.limit_in_bytes", &bytes.to_string())?;
     if memsw {
         write(dir, "memory.memsw.limit_in_bytes", &bytes.to_string())?;
+    } else if dir.join("memory.swappiness").exists() {
+        // Without swap accounting (swapaccount=0) the next best: reclaim no anonymous memory.
+        write(dir, "memory.swappiness", "0")?;
     }
     Ok(())
 }

@@ -305,6 +305,17 @@ fn each_monitor_runs_in_its_cgroups_with_its_limits() {
             used[1],
             used[0]
         );
+        // The kernel says it held the limited one back (v2 and v1 cpu.stat alike).
+        let (At::V2(g) | At::V1(g)) = d.at("half", "cpu", "cpu") else {
+            unreachable!()
+        };
+        let stat = read(&g.join("cpu.stat"));
+        let throttled: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(throttled > 10, "{}: {stat}", g.display());
     }
     assert_eq!(d.vm("half")["limits"]["cpu_allowance"], 0.5);
 
@@ -614,4 +625,32 @@ fn without_cgroups_monitors_run_unconfined_and_are_still_accounted() {
         r#"{"action":"stop","force":true}"#,
     );
     assert_eq!(code, 200, "{v}");
+}
+
+#[test]
+fn a_monitor_that_died_while_no_daemon_watched_leaves_no_cgroup() {
+    let mut d = start("orphan", true);
+    let (code, v) = d.create_and_start("gone", json!({}));
+    assert_eq!(code, 200, "{v}");
+    let pid = d.vm("gone")["pid"].as_u64().unwrap() as i32;
+    let made: Vec<PathBuf> = d
+        .all_groups("gone")
+        .into_iter()
+        .filter(|g| g.exists())
+        .collect();
+    assert!(!made.is_empty());
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // SAFETY: kill(2) with plain integers, on the monitor this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "monitor {pid} survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its cgroups (v2 and v1) are still there, empty; the next daemon removes them.
+    assert!(made.iter().all(|g| g.exists()), "{made:?}");
+    d.launch(None);
+    assert_eq!(d.vm("gone")["state"], "crashed");
+    d.assert_no_groups("gone");
 }

@@ -1,7 +1,7 @@
 //! The limits written into a VM's cgroups: each controller in cgroup v2 where the VM's v2
 //! cgroup has it, else in the v1 hierarchy that carries it, else skipped or refused.
 
-use super::{CgroupConfig, Mounts, PERIOD_US, io_line, v1};
+use super::{CgroupConfig, Mounts, PERIOD_US, io_line, v1, write};
 use crate::limits::VmLimits;
 use std::path::{Path, PathBuf};
 
@@ -71,7 +71,7 @@ pub(super) fn apply(
 
     let cpus = limits.cpu_allowance.unwrap_or(f64::from(vcpus));
     if v2("cpu") {
-        v1::write(dir, "cpu.max", &cpu_max(cpus))?;
+        write(dir, "cpu.max", &cpu_max(cpus))?;
         a.placed.push(format!("cpu.max {} (v2)", cpu_max(cpus)));
     } else if let Some(d) = v1_of("cpu", &mut a)? {
         v1::set_cpu(&d, cpus)?;
@@ -90,10 +90,10 @@ pub(super) fn apply(
 
     let memory = guest_memory.saturating_add(cfg.monitor_memory);
     if v2("memory") {
-        v1::write(dir, "memory.max", &memory.to_string())?;
+        write(dir, "memory.max", &memory.to_string())?;
         // The guest's memory must not be pushed to swap behind its back.
         if dir.join("memory.swap.max").exists() {
-            v1::write(dir, "memory.swap.max", "0")?;
+            write(dir, "memory.swap.max", "0")?;
         }
         a.placed.push(format!("memory.max {memory} (v2)"));
     } else if let Some(d) = v1_of("memory", &mut a)? {
@@ -111,7 +111,7 @@ pub(super) fn apply(
     if !limits.io_max.is_empty() {
         if v2("io") {
             for l in &limits.io_max {
-                v1::write(dir, "io.max", &io_line(l))?;
+                write(dir, "io.max", &io_line(l))?;
             }
             a.placed.push("io.max (v2)".into());
         } else if let Some(d) = v1_of("blkio", &mut a)? {

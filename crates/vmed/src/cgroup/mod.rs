@@ -171,6 +171,17 @@ fn words(p: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Writes `value` to a cgroup file (one write: the kernel takes each write as a whole).
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), String> {
+    let p = dir.join(file);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
+    f.write_all(value.as_bytes())
+        .map_err(|e| format!("the kernel refused {value:?} in {}: {e}", p.display()))
+}
+
 /// Every directory VM cgroup `dir` has or may have: itself when it is a cgroup v2 one, and
 /// its mirror in each v1 hierarchy.
 pub fn locations(dir: &Path) -> Vec<PathBuf> {

@@ -7,10 +7,9 @@
 //! | memory | `memory.max`, `memory.swap.max` = 0 | `memory.limit_in_bytes`, `memory.memsw.limit_in_bytes` = the same |
 //! | io | `io.max` | `blkio.throttle.{read,write}_{bps,iops}_device` |
 
-use super::{PERIOD_US, words};
+use super::{PERIOD_US, words, write};
 use crate::limits::IoMax;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 /// Creates a VM's directory in a v1 hierarchy (and the slice above it), or reuses an
@@ -40,16 +39,6 @@ pub fn create(dir: &Path) -> Result<bool, String> {
         }
         Err(e) => Err(format!("cannot create the cgroup {}: {e}", dir.display())),
     }
-}
-
-pub(super) fn write(dir: &Path, file: &str, value: &str) -> Result<(), String> {
-    let p = dir.join(file);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
-    f.write_all(value.as_bytes())
-        .map_err(|e| format!("the kernel refused {value:?} in {}: {e}", p.display()))
 }
 
 /// The CFS bandwidth of an allowance of `cpus` CPUs: the same quota per period as `cpu.max`.

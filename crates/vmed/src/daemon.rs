@@ -734,7 +734,7 @@ impl Daemon {
     /// reason of a crash), no pid, and no live monitor; wakes whoever waits for it.
     pub(crate) fn exited(self: &Arc<Self>, name: &str, clean: bool, how: &str, log: &Path) {
         // Before the VM counts as stopped: its last usage, then its cgroup goes.
-        self.account_exit(name);
+        let oom = self.account_exit(name);
         let mut restart = false;
         {
             let mut store = self.store();
@@ -753,7 +753,8 @@ impl Daemon {
                     .restart_policy
                     .restarts(vm.state == State::Stopping, next);
                 let reason = if next == State::Crashed {
-                    format!("the monitor {how}: {}", tail(log))
+                    let oom = oom.as_deref().map_or(String::new(), |o| format!("{o}; "));
+                    format!("the monitor {how}: {oom}{}", tail(log))
                 } else {
                     String::new()
                 };

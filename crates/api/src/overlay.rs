@@ -181,7 +181,10 @@ impl Header {
             return Err("the header checksum does not match (the header is corrupted)".into());
         }
         if get32(h, O_HEADER_SIZE) != HEADER_SIZE as u32 {
-            return Err(format!("header size {} is not 4096", get32(h, O_HEADER_SIZE)));
+            return Err(format!(
+                "header size {} is not 4096",
+                get32(h, O_HEADER_SIZE)
+            ));
         }
         if get32(h, O_FLAGS) != 0 || h[O_END..].iter().any(|&b| b != 0) {
             return Err("it uses flags or fields this vme does not know".into());
@@ -303,7 +306,9 @@ pub fn base_sample(
     let mut h = fnv1a(FNV_INIT, &size.to_le_bytes());
     let mut buf = [0u8; SAMPLE_LEN as usize];
     let step = (size / SAMPLES) / SAMPLE_LEN * SAMPLE_LEN;
-    let offsets = (0..SAMPLES).map(|i| i * step).chain([size.saturating_sub(SAMPLE_LEN)]);
+    let offsets = (0..SAMPLES)
+        .map(|i| i * step)
+        .chain([size.saturating_sub(SAMPLE_LEN)]);
     for off in offsets {
         let n = SAMPLE_LEN.min(size - off.min(size)) as usize;
         read_at(&mut buf[..n], off)?;
@@ -370,7 +375,9 @@ pub fn thin_clone(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = dest.file_name().map_or("clone".into(), |n| n.to_string_lossy());
+    let name = dest
+        .file_name()
+        .map_or("clone".into(), |n| n.to_string_lossy());
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -418,13 +425,14 @@ fn make_clone(
         if !err.raw_os_error().is_some_and(|e| unsupported.contains(&e)) {
             return Err(io("cannot reflink the base image into the clone")(err));
         }
-        let sample = base_sample(size, |buf, off| src.read_exact_at(buf, off)).map_err(
-            |source| OverlayError::Io {
-                path: base.into(),
-                what: "cannot read the base image",
-                source,
-            },
-        )?;
+        let sample =
+            base_sample(size, |buf, off| src.read_exact_at(buf, off)).map_err(|source| {
+                OverlayError::Io {
+                    path: base.into(),
+                    what: "cannot read the base image",
+                    source,
+                }
+            })?;
         let h = Header::new(size, digest, sample);
         out.write_all_at(&h.encode(), 0)
             .map_err(io("cannot write the overlay header"))?;

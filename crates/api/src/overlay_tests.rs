@@ -40,37 +40,71 @@ fn a_header_round_trips_and_lays_out_a_gib() {
 fn hostile_headers_are_refused_with_a_reason() {
     let good = Header::new(1 << 30, [0; 32], 1).encode();
     let len = 1 << 16;
-    let cases: Vec<(&str, Box<dyn Fn(&mut [u8])>, bool)> = vec![
+    // (what the error names, the edit, whether to recompute the checksum after it)
+    type Case = (&'static str, Box<dyn Fn(&mut [u8])>, bool);
+    let cases: Vec<Case> = vec![
         ("magic", Box::new(|h| h[0] = b'X'), false),
         ("version", Box::new(|h| put32(h, O_VERSION, 2)), true),
         ("checksum", Box::new(|h| h[200] = 1), false),
-        ("header size", Box::new(|h| put32(h, O_HEADER_SIZE, 512)), true),
+        (
+            "header size",
+            Box::new(|h| put32(h, O_HEADER_SIZE, 512)),
+            true,
+        ),
         ("flags", Box::new(|h| put32(h, O_FLAGS, 1)), true),
         ("does not know", Box::new(|h| h[300] = 1), true),
-        ("cluster size", Box::new(|h| put32(h, O_CLUSTER_BITS, 63)), true),
-        ("cluster size", Box::new(|h| put32(h, O_CLUSTER_BITS, 9)), true),
+        (
+            "cluster size",
+            Box::new(|h| put32(h, O_CLUSTER_BITS, 63)),
+            true,
+        ),
+        (
+            "cluster size",
+            Box::new(|h| put32(h, O_CLUSTER_BITS, 9)),
+            true,
+        ),
         ("virtual size", Box::new(|h| put64(h, O_VIRTUAL, 0)), true),
-        ("virtual size", Box::new(|h| put64(h, O_VIRTUAL, 1000)), true),
+        (
+            "virtual size",
+            Box::new(|h| put64(h, O_VIRTUAL, 1000)),
+            true,
+        ),
         (
             "clusters",
             Box::new(|h| put64(h, O_VIRTUAL, u64::MAX / 512 * 512)),
             true,
         ),
         ("bitmap is", Box::new(|h| put64(h, O_BITMAP_LEN, 0)), true),
-        ("bitmap is", Box::new(|h| put64(h, O_BITMAP_LEN, 4095)), true),
+        (
+            "bitmap is",
+            Box::new(|h| put64(h, O_BITMAP_LEN, 4095)),
+            true,
+        ),
         (
             "too long",
             Box::new(|h| put64(h, O_BITMAP_LEN, 1 << 40)),
             true,
         ),
-        ("bitmap offset", Box::new(|h| put64(h, O_BITMAP_OFF, 0)), true),
+        (
+            "bitmap offset",
+            Box::new(|h| put64(h, O_BITMAP_OFF, 0)),
+            true,
+        ),
         (
             "overflows",
             Box::new(|h| put64(h, O_BITMAP_OFF, u64::MAX - 4095)),
             true,
         ),
-        ("data offset", Box::new(|h| put64(h, O_DATA_OFF, 4096)), true),
-        ("data offset", Box::new(|h| put64(h, O_DATA_OFF, 65537)), true),
+        (
+            "data offset",
+            Box::new(|h| put64(h, O_DATA_OFF, 4096)),
+            true,
+        ),
+        (
+            "data offset",
+            Box::new(|h| put64(h, O_DATA_OFF, 65537)),
+            true,
+        ),
         (
             "largest file offset",
             Box::new(|h| put64(h, O_DATA_OFF, 1 << 63)),

@@ -1,6 +1,7 @@
 //! virtio 1.2 devices, independent of the machine kind: split virtqueues ([`queue`]), the
 //! transports (virtio-mmio [`mmio`] and virtio-pci [`pci`], sharing the state machine in
-//! [`transport`]), virtio-blk ([`block`]), virtio-net ([`net`]), virtio-rng ([`rng`]),
+//! [`transport`]), virtio-blk ([`block`], over a raw file or a copy-on-write overlay:
+//! [`disk`], [`cow`]), virtio-net ([`net`]), virtio-rng ([`rng`]),
 //! virtio-vsock ([`vsock`]) and the token buckets that rate-limit disks and nets
 //! ([`rate_limit`]). virtio-balloon ([`balloon`]) gives guest pages back to the host
 //! ([`GuestMemory::discard`]).
@@ -21,6 +22,8 @@
 
 pub mod balloon;
 pub mod block;
+pub mod cow;
+pub mod disk;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod mmio;

@@ -358,6 +358,12 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn shutdown(&mut self) {
+        if let Err(e) = self.disk.flush() {
+            log::error!("cannot make the disk's last writes durable at the VM's end: {e}");
+        }
+    }
+
     fn save_state(&self) -> DeviceState {
         // What the guest wrote must be in the files a restore opens.
         if let Err(e) = self.disk.persist() {

@@ -207,6 +207,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, QueueError>;
     /// Forgets everything negotiated (status written 0).
     fn reset(&mut self) {}
+    /// The VM has ended (powered off, stopped): make durable what the device still holds
+    /// (an overlay disk's newly written clusters). Called after the last request.
+    fn shutdown(&mut self) {}
     /// The device's own state for a snapshot, taken between requests.
     fn save_state(&self) -> DeviceState;
     /// Takes a snapshot's state, after the transport restored its queues and, for a driver

@@ -1,0 +1,204 @@
+//! Thin clones end to end on the riscv64 software machine (no KVM): ten overlays of one
+//! 1 GiB base made by `vme_api::overlay::thin_clone` cost almost no host disk; real guests
+//! boot with them (`--disk path=OVL,base=BASE`), a write in one is invisible to another and
+//! to the base, survives a `kill -9` of its monitor once the guest flushed, and is lost —
+//! the base shows again — when the guest did not flush.
+
+mod common;
+
+use common::{Vm, riscv_tiny_args, temp_dir};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vme_api::overlay::{CloneKind, thin_clone};
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// Where guest A writes its flushed marker (inside a cluster: copy-on-write of the rest).
+const MARK_AT: u64 = 300 * MIB + 100;
+/// Where guest A writes a sector with O_DIRECT and no flush.
+const LOST_AT: u64 = 400 * MIB;
+
+/// A 1 GiB base whose every MiB starts with 4 KiB of `BASE-MIB-NNNN;` (the rest sparse).
+fn make_base(path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(GIB).unwrap();
+    for mib in 0..GIB / MIB {
+        let text = format!("BASE-MIB-{mib:04};").repeat(4096 / 14 + 1);
+        f.write_all_at(&text.as_bytes()[..4096], mib * MIB).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn base_bytes(path: &Path, off: u64, len: usize) -> String {
+    let mut v = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut v, off)
+        .unwrap();
+    String::from_utf8(v).unwrap()
+}
+
+fn allocated_bytes(paths: &[PathBuf]) -> u64 {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().blocks() * 512)
+        .sum()
+}
+
+fn boot(ovl: &Path, base: &Path, run: &str) -> Vm {
+    let mut args = riscv_tiny_args("1", "128M", &format!("vme.run=\"{run}\""));
+    args.extend([
+        "--disk".to_string(),
+        format!("path={},base={}", ovl.display(), base.display()),
+    ]);
+    Vm::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The value the guest printed as `TAG=value`.
+fn value(vm: &mut Vm, tag: &str) -> String {
+    let line = vm.wait_for(&format!("{tag}="), TIMEOUT);
+    line.split_once(&format!("{tag}="))
+        .unwrap()
+        .1
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn ten_thin_clones_of_a_gib_stay_small_and_apart() {
+    let dir = temp_dir("overlay");
+    let base = dir.join("base.raw");
+    make_base(&base);
+
+    let started = Instant::now();
+    let ovls: Vec<PathBuf> = (0..10).map(|i| dir.join(format!("vm{i}.ovl"))).collect();
+    for o in &ovls {
+        let kind = thin_clone(&base, o, [0; 32]).unwrap();
+        assert_eq!(
+            kind,
+            CloneKind::Overlay,
+            "this test's files are on ext4 or tmpfs"
+        );
+    }
+    let took = started.elapsed();
+    let extra = allocated_bytes(&ovls);
+    eprintln!(
+        "10 thin clones of a 1 GiB base: {:.1} ms, {} KiB of host disk",
+        took.as_secs_f64() * 1e3,
+        extra / 1024
+    );
+    assert!(extra < 100 * MIB, "10 clones use {extra} bytes");
+
+    // VM A: sees the base through its overlay, writes a marker and flushes (fsync of a block
+    // device sends FLUSH; sync(1) alone does not), then writes a sector with O_DIRECT and
+    // does not flush; its monitor is then killed (-9).
+    let mut a = boot(
+        &ovls[0],
+        &base,
+        &format!(
+            "echo SIZE=$(cat /sys/block/vda/size); \
+             echo BASE=$(dd if=/dev/vda bs=1M skip=700 count=1 2>/dev/null | head -c 14); \
+             printf VME-MARK-A | dd of=/dev/vda bs=1 seek={MARK_AT} conv=notrunc,fsync \
+             2>/dev/null; echo FLUSHED=$?; \
+             printf VME-LOST | dd of=/dev/vda bs=512 seek={} count=1 conv=sync,notrunc \
+             oflag=direct 2>/dev/null; echo DIRECT=$?; sleep 600",
+            LOST_AT / 512
+        ),
+    );
+    assert_eq!(value(&mut a, "SIZE"), (GIB / 512).to_string());
+    assert_eq!(value(&mut a, "BASE"), "BASE-MIB-0700;");
+    assert_eq!(value(&mut a, "FLUSHED"), "0");
+    assert_eq!(value(&mut a, "DIRECT"), "0");
+    drop(a); // SIGKILL: no clean end, nothing recorded after the last FLUSH
+
+    // The base never changes; A's overlay holds a few clusters.
+    let base_mark = base_bytes(&base, MARK_AT, 10);
+    assert_eq!(base_mark, "SE-MIB-030");
+    let a_used = allocated_bytes(&ovls[..1]);
+    assert!(a_used < 4 * MIB, "A's overlay uses {a_used} bytes");
+
+    // A again, and B (another overlay of the same base) at the same time.
+    let read = format!(
+        "echo MARK=$(dd if=/dev/vda bs=1 skip={MARK_AT} count=10 2>/dev/null); \
+         echo LOST=$(dd if=/dev/vda bs=512 skip={} count=1 2>/dev/null | head -c 14)",
+        LOST_AT / 512
+    );
+    let mut a = boot(&ovls[0], &base, &read);
+    let mut b = boot(&ovls[1], &base, &read);
+    assert_eq!(
+        value(&mut a, "MARK"),
+        "VME-MARK-A",
+        "flushed: kept across kill -9"
+    );
+    assert_eq!(
+        value(&mut a, "LOST"),
+        "BASE-MIB-0400;",
+        "not flushed: the cluster reads from the base again"
+    );
+    assert_eq!(value(&mut b, "MARK"), base_mark, "B does not see A's write");
+    assert_eq!(value(&mut b, "LOST"), "BASE-MIB-0400;");
+    for vm in [&mut a, &mut b] {
+        vm.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+        let status = vm.wait_exit(TIMEOUT);
+        assert_eq!(status.code(), Some(0), "{}", vm.stderr.lock().unwrap());
+    }
+    assert_eq!(base_bytes(&base, MARK_AT, 10), base_mark);
+
+    // A clean power-off records what the guest wrote even without a FLUSH.
+    let mut a = boot(
+        &ovls[0],
+        &base,
+        &format!(
+            "printf VME-CLEAN | dd of=/dev/vda bs=512 seek={} count=1 conv=sync,notrunc \
+             oflag=direct 2>/dev/null; echo DIRECT=$?",
+            LOST_AT / 512
+        ),
+    );
+    assert_eq!(value(&mut a, "DIRECT"), "0");
+    a.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+    assert_eq!(a.wait_exit(TIMEOUT).code(), Some(0));
+    let mut a = boot(&ovls[0], &base, &read);
+    assert_eq!(value(&mut a, "MARK"), "VME-MARK-A");
+    assert_eq!(value(&mut a, "LOST"), "VME-CLEAN");
+    a.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+    assert_eq!(a.wait_exit(TIMEOUT).code(), Some(0));
+
+    let extra = allocated_bytes(&ovls);
+    eprintln!(
+        "after the writes: {} KiB of host disk for the 10 overlays",
+        extra / 1024
+    );
+    assert!(extra < 100 * MIB);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_wrong_base_is_refused_before_the_guest_runs() {
+    let dir = temp_dir("overlay-wrong");
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0x11u8; 4 * MIB as usize]).unwrap();
+    let ovl = dir.join("vm.ovl");
+    thin_clone(&base, &ovl, [0; 32]).unwrap();
+    let other = dir.join("other.raw");
+    std::fs::write(&other, vec![0x22u8; 4 * MIB as usize]).unwrap();
+    let args = riscv_tiny_args("1", "64M", "");
+    let disk = format!("path={},base={}", ovl.display(), other.display());
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend(["--disk", &disk]);
+    let (status, stderr) = common::run_to_end(&all);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not the one overlay") && stderr.contains("contents differ"),
+        "{stderr}"
+    );
+    // A raw image given as an overlay.
+    let disk = format!("path={},base={}", base.display(), other.display());
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend(["--disk", &disk]);
+    let (status, stderr) = common::run_to_end(&all);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not a usable vme overlay"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

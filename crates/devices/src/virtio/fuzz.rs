@@ -319,7 +319,7 @@ fn block_device(input: &[u8]) -> Box<dyn VirtioDevice> {
     let file = std::fs::File::create(&path).expect("create the fuzz disk");
     file.set_len(1 << 20).expect("size the fuzz disk");
     let readonly = input.first().is_some_and(|b| b & 1 != 0);
-    if !input.last().is_some_and(|b| b & 1 != 0) {
+    if input.last().is_none_or(|b| b & 1 == 0) {
         return Box::new(
             super::block::Block::open(&path, readonly, "fuzz").expect("open the fuzz disk"),
         );

@@ -243,3 +243,71 @@ fn a_snapshot_records_unflushed_overlay_writes() {
     assert_eq!(std::fs::read(&base).unwrap(), data, "the base is unchanged");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `mkfs.ext4 -d`: a 1 GiB ext4 image holding `hello.txt` and 4 MiB of random bytes.
+fn make_ext4_base(dir: &Path) -> (PathBuf, String) {
+    let src = dir.join("root");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), "from-the-base\n").unwrap();
+    let blob = common::random_bytes(4 * MIB as usize);
+    std::fs::write(src.join("blob"), &blob).unwrap();
+    let base = dir.join("base.ext4");
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&base)
+        .arg("1G")
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (base, common::sha256_hex(&blob))
+}
+
+#[test]
+fn an_ext4_base_mounts_through_overlays() {
+    let dir = temp_dir("overlay-ext4");
+    let (base, blob_sha) = make_ext4_base(&dir);
+    let base_before = std::fs::read(&base).unwrap();
+    let ovls: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("vm{i}.ovl"))).collect();
+    for o in &ovls {
+        thin_clone(&base, o, [0; 32]).unwrap();
+    }
+    let look = "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo HELLO=$(cat /mnt/hello.txt) && \
+                echo BLOB=$(sha256sum /mnt/blob | cut -c1-64) && \
+                echo MARKER=$(cat /mnt/marker 2>/dev/null || echo none)";
+    // A writes a file on the mounted file system; umount flushes it (ext4 sends FLUSH).
+    let mut a = boot(
+        &ovls[0],
+        &base,
+        &format!("{look} && echo vm-a > /mnt/marker && umount /mnt && echo UMOUNT=$?"),
+    );
+    assert_eq!(value(&mut a, "HELLO"), "from-the-base");
+    assert_eq!(value(&mut a, "BLOB"), blob_sha);
+    assert_eq!(value(&mut a, "MARKER"), "none");
+    assert_eq!(value(&mut a, "UMOUNT"), "0");
+    drop(a); // kill -9 after the umount
+    let mut a = boot(&ovls[0], &base, look);
+    let mut b = boot(&ovls[1], &base, look);
+    assert_eq!(value(&mut a, "MARKER"), "vm-a", "A's file survived kill -9");
+    assert_eq!(value(&mut b, "HELLO"), "from-the-base");
+    assert_eq!(value(&mut b, "MARKER"), "none", "B does not see A's file");
+    for vm in [&mut a, &mut b] {
+        vm.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+        assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    }
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base is unchanged"
+    );
+    let used = allocated_bytes(&ovls);
+    eprintln!(
+        "ext4 base, 2 overlays after mounts and a write: {} KiB",
+        used / 1024
+    );
+    assert!(used < 64 * MIB, "{used}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

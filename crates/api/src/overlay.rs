@@ -252,13 +252,14 @@ impl Header {
                 self.data_offset
             ));
         }
+        // Every offset the monitor computes (data_offset + a guest offset) must fit an off_t.
         let data_end = self
             .clusters()
             .checked_mul(self.cluster_size())
-            .and_then(|n| n.checked_add(self.data_offset))
-            .filter(|&end| end <= i64::MAX as u64)
-            .ok_or("the data area's end is beyond the largest file offset")?;
-        let _ = data_end;
+            .and_then(|n| n.checked_add(self.data_offset));
+        if data_end.is_none_or(|end| end > i64::MAX as u64) {
+            return Err("the data area's end is beyond the largest file offset".into());
+        }
         if file_len < bitmap_end {
             return Err(format!(
                 "the file is {file_len} bytes but its bitmap ends at {bitmap_end} (truncated)"

@@ -359,8 +359,8 @@ impl VirtioDevice for Block {
     }
 
     fn shutdown(&mut self) {
-        if let Err(e) = self.disk.flush() {
-            log::error!("cannot make the disk's last writes durable at the VM's end: {e}");
+        if let Err(e) = self.disk.finish() {
+            log::error!("cannot record the overlay disk's last writes at the VM's end: {e}");
         }
     }
 

@@ -118,6 +118,15 @@ impl Disk {
         }
     }
 
+    /// The VM has ended: an overlay records its new clusters (durably, as on FLUSH). A raw
+    /// image has nothing to record; its unflushed writes are in the host's page cache.
+    pub fn finish(&mut self) -> io::Result<()> {
+        match self {
+            Disk::Raw(_) => Ok(()),
+            Disk::Overlay(o) => o.flush(),
+        }
+    }
+
     /// For a snapshot: what the guest wrote becomes visible to whoever opens the files next
     /// (an overlay's new clusters are recorded), without changing the device's state.
     pub fn persist(&self) -> io::Result<()> {

@@ -311,3 +311,32 @@ fn an_ext4_base_mounts_through_overlays() {
     assert!(used < 64 * MIB, "{used}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_guest_reboot_keeps_what_it_wrote_to_its_overlay() {
+    let dir = temp_dir("overlay-reboot");
+    let base = dir.join("base.raw");
+    std::fs::write(&base, b"BASE-SECTOR;".repeat(MIB as usize / 12)).unwrap();
+    let ovl = dir.join("vm.ovl");
+    thin_clone(&base, &ovl, [0; 32]).unwrap();
+    // First boot: writes without a flush and reboots; the restarted VM (a new device on the
+    // same files, in the same monitor) finds the sector.
+    let run = "M=$(dd if=/dev/vda bs=512 skip=8 count=1 iflag=direct 2>/dev/null | head -c 7); \
+               case $M in VME-RBT) echo SEEN=$M;; *) echo FIRST=$M; \
+               printf VME-RBT | dd of=/dev/vda bs=512 seek=8 count=1 conv=sync,notrunc \
+               oflag=direct 2>/dev/null; reboot -f;; esac";
+    let mut args = riscv_tiny_args("1", "128M", &format!("vme.run=\"{run}\""));
+    let disk = format!("path={},base={}", ovl.display(), base.display());
+    args.extend([
+        "--disk".into(),
+        disk,
+        "--on-reboot".into(),
+        "restart".into(),
+    ]);
+    let mut vm = Vm::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(value(&mut vm, "FIRST"), "-SECTOR", "byte 4096 of the base");
+    assert_eq!(value(&mut vm, "SEEN"), "VME-RBT");
+    vm.wait_for("VME-RUN-EXIT status=0", TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -49,7 +49,7 @@ pub enum OverlayError {
     },
     #[error("{path} is not a vme overlay or is damaged: {why}")]
     Malformed { path: PathBuf, why: String },
-    #[error("base image {path} is {why}: a thin clone needs a regular file of whole sectors")]
+    #[error("base image {path} cannot be thin-cloned: {why}")]
     BadBase { path: PathBuf, why: String },
     #[error("{0} already exists: choose another name or remove it first")]
     Exists(PathBuf),
@@ -364,10 +364,13 @@ pub fn thin_clone(
         why,
     };
     if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
+        return Err(bad("it is not a regular file (give an image file)".into()));
     }
     if meta.len() < SECTOR {
-        return Err(bad(format!("{} bytes long", meta.len())));
+        return Err(bad(format!(
+            "it is {} bytes long, less than one 512-byte sector",
+            meta.len()
+        )));
     }
     if dest.exists() {
         return Err(OverlayError::Exists(dest.into()));
@@ -435,6 +438,11 @@ fn make_clone(
                 }
             })?;
         let h = Header::new(size, digest, sample);
+        // A base too big for the format (over 16 TiB) is refused here, not at the VM's start.
+        h.check(u64::MAX).map_err(|why| OverlayError::BadBase {
+            path: base.into(),
+            why,
+        })?;
         out.write_all_at(&h.encode(), 0)
             .map_err(io("cannot write the overlay header"))?;
         // The bitmap's pages exist (all clear); the data area stays a hole until written.

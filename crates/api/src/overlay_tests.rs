@@ -179,6 +179,12 @@ fn thin_clone_of_a_gib_is_o1_and_never_replaces() {
     assert_eq!(std::fs::read(&dest).unwrap(), b"mine");
     let e = thin_clone(&dir, &dir.join("x"), [0; 32]).unwrap_err();
     assert!(e.to_string().contains("not a regular file"), "{e}");
+    std::fs::write(dir.join("tiny"), b"x").unwrap();
+    let e = thin_clone(&dir.join("tiny"), &dir.join("x"), [0; 32]).unwrap_err();
+    assert!(
+        e.to_string().contains("less than one 512-byte sector"),
+        "{e}"
+    );
     let e = thin_clone(&dir.join("missing"), &dir.join("x"), [0; 32]).unwrap_err();
     assert!(e.to_string().contains("cannot open the base"), "{e}");
     assert!(!dir.join("x").exists());

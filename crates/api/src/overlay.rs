@@ -11,6 +11,7 @@
 //! the daemon can create and inspect overlays without the monitor's code.
 //!
 //! The header is never rewritten after creation; only bitmap pages and data change.
+//! [`flatten`] merges an overlay and its base into a new raw image.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -372,6 +373,16 @@ pub fn thin_clone(
             meta.len()
         )));
     }
+    let (tmp, dir) = beside(dest)?;
+    let result = make_clone(&src, meta.len(), &tmp, base_digest, base)
+        .and_then(|kind| publish(&tmp, dest, &dir).map(|()| kind));
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+/// A temporary name beside `dest` (`.NAME.vme-tmp-PID-NANOS`) and `dest`'s directory;
+/// refuses an existing `dest` early (the link in [`publish`] is what guarantees it).
+fn beside(dest: &Path) -> Result<(PathBuf, PathBuf), OverlayError> {
     if dest.exists() {
         return Err(OverlayError::Exists(dest.into()));
     }
@@ -386,10 +397,7 @@ pub fn thin_clone(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let tmp = dir.join(format!(".{name}.vme-tmp-{}-{nanos}", std::process::id()));
-    let result = make_clone(&src, meta.len(), &tmp, base_digest, base)
-        .and_then(|kind| publish(&tmp, dest, &dir).map(|()| kind));
-    let _ = std::fs::remove_file(&tmp);
-    result
+    Ok((tmp, dir))
 }
 
 fn make_clone(
@@ -476,6 +484,10 @@ fn publish(tmp: &Path, dest: &Path, dir: &Path) -> Result<(), OverlayError> {
             source,
         })
 }
+
+#[path = "overlay_flatten.rs"]
+mod flatten;
+pub use flatten::flatten;
 
 #[cfg(test)]
 #[path = "overlay_tests.rs"]

@@ -192,3 +192,49 @@ fn thin_clone_of_a_gib_is_o1_and_never_replaces() {
     assert!(e.to_string().contains("overlay magic"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn flatten_merges_what_the_overlay_records_with_its_base() {
+    let dir = temp_dir("flatten");
+    let cs = 64 << 10;
+    let size = 5 * cs + 512;
+    let data: Vec<u8> = (0..size).map(|i| (i / 512) as u8 | 1).collect();
+    let base = dir.join("base.raw");
+    std::fs::write(&base, &data).unwrap();
+    let ovl = dir.join("vm.ovl");
+    let f = File::create(&ovl).unwrap();
+    let sample = base_sample(size as u64, |buf, off| {
+        buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+        Ok(())
+    })
+    .unwrap();
+    let h = Header::new(size as u64, [0; 32], sample);
+    f.write_all_at(&h.encode(), 0).unwrap();
+    // Clusters 1 (a pattern) and 3 (zeroes: a hole in the result) are recorded; cluster 4
+    // has data but no bit (an unflushed write before a crash): it reads from the base.
+    f.write_all_at(&[0b1010], h.bitmap_offset).unwrap();
+    f.write_all_at(&vec![0xee; cs], h.data_offset + cs as u64)
+        .unwrap();
+    f.write_all_at(&vec![0; cs], h.data_offset + 3 * cs as u64)
+        .unwrap();
+    f.write_all_at(&vec![0x77; cs], h.data_offset + 4 * cs as u64)
+        .unwrap();
+    drop(f);
+    let mut want = data.clone();
+    want[cs..2 * cs].fill(0xee);
+    want[3 * cs..4 * cs].fill(0);
+
+    let out = dir.join("flat.raw");
+    let written = flatten(&ovl, &base, &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), want);
+    assert_eq!(written, (size - cs) as u64, "the zero cluster is a hole");
+    assert_eq!(std::fs::read(&base).unwrap(), data, "the base is untouched");
+    let e = flatten(&ovl, &base, &out).unwrap_err();
+    assert!(matches!(e, OverlayError::Exists(_)), "{e}");
+    let other = dir.join("other.raw");
+    std::fs::write(&other, vec![2u8; size]).unwrap();
+    let e = flatten(&ovl, &other, &dir.join("x")).unwrap_err();
+    assert!(e.to_string().contains("not the image overlay"), "{e}");
+    assert!(!dir.join("x").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

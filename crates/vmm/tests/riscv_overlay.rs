@@ -309,6 +309,24 @@ fn an_ext4_base_mounts_through_overlays() {
         used / 1024
     );
     assert!(used < 64 * MIB, "{used}");
+
+    // A's volume flattened into a raw image: a clean ext4 holding A's file.
+    let flat = dir.join("flat.ext4");
+    vme_api::overlay::flatten(&ovls[0], &base, &flat).unwrap();
+    let run = |cmd: &[&str]| {
+        let out = std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .arg(&flat)
+            .output()
+            .expect("run e2fsprogs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, fsck) = run(&["e2fsck", "-fn"]);
+    assert_eq!(code, Some(0), "{fsck}");
+    assert_eq!(run(&["debugfs", "-R", "cat /marker"]).1, "vm-a\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

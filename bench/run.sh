@@ -18,3 +18,5 @@ echo "# live migration: riscv64 1 GiB guest on loopback, idle and dirtying (tota
 python3 bench/migrate.py
 echo "# the daemon: create->running for 20 VMs at once vs monitors started by hand, list of 1,000, RSS" >&2
 python3 bench/vmed.py
+echo "# thin clones: thin_clone vs cp of a 1 GiB image (time, disk); riscv64 guest I/O on an overlay vs a raw disk" >&2
+python3 bench/thin.py

@@ -8,6 +8,7 @@ pub mod console_log;
 pub mod control;
 pub mod identity;
 pub mod limits;
+pub mod overlay;
 pub mod size;
 pub mod spec;
 #[cfg(feature = "tls")]

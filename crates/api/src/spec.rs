@@ -184,13 +184,21 @@ pub fn parse_switch(what: &str, s: &str) -> Result<bool, SpecError> {
 /// Longest disk serial (what virtio-blk's GET_ID can return).
 pub const MAX_SERIAL_LEN: usize = 20;
 
-/// One virtio block device backed by a raw image file. On the command line:
-/// `path=/x.img,readonly=on,serial=abc,bw=10M,iops=500,burst_ms=200` (a path cannot contain
-/// a comma); in a machine file: `[[disks]]` tables with the same keys. Limits: [`limits`].
+/// One virtio block device backed by a raw image file, or by a copy-on-write overlay on a
+/// read-only base image when `base` is given ([`crate::overlay`]). On the command line:
+/// `path=/x.img,readonly=on,serial=abc,bw=10M,iops=500,burst_ms=200` or
+/// `path=/vm.ovl,base=/image.raw` (a path cannot contain a comma); in a machine file:
+/// `[[disks]]` tables with the same keys. Limits: [`limits`].
+///
+/// The format is never guessed from a file's contents: without `base` the file is raw, so a
+/// guest that writes an overlay header into its raw disk changes nothing about how it opens.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     pub path: PathBuf,
+    /// The read-only base image `path` is an overlay of (opened read-only, shared lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
     #[serde(default)]
     pub readonly: bool,
     /// What the guest reads as the disk's serial (`/sys/block/vdX/serial`), at most 20 bytes.
@@ -211,6 +219,19 @@ impl DiskSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.path.as_os_str().is_empty() {
             return Err(SpecError("disk path is empty: give path=FILE".into()));
+        }
+        if self.base.as_ref().is_some_and(|b| b.as_os_str().is_empty()) {
+            return Err(SpecError(
+                "disk base is empty: give base=FILE (the overlay's base image) or leave it out"
+                    .into(),
+            ));
+        }
+        if self.base.as_ref() == Some(&self.path) {
+            return Err(SpecError(format!(
+                "disk {} is given as its own base: the base is the image the overlay was made \
+                 from",
+                self.path.display()
+            )));
         }
         if let Some(serial) = &self.serial {
             if serial.len() > MAX_SERIAL_LEN || !serial.bytes().all(|b| b.is_ascii_graphic()) {
@@ -235,12 +256,13 @@ impl FromStr for DiskSpec {
         for item in s.split(',') {
             let Some((key, value)) = item.split_once('=') else {
                 return Err(SpecError(format!(
-                    "invalid disk option {item:?} in {s:?}: use path=FILE[,readonly=on][,serial=ID]\
-                     [,bw=BYTES/s][,iops=N][,burst_ms=MS]"
+                    "invalid disk option {item:?} in {s:?}: use path=FILE[,base=FILE][,readonly=on]\
+                     [,serial=ID][,bw=BYTES/s][,iops=N][,burst_ms=MS]"
                 )));
             };
             match key {
                 "path" => disk.path = PathBuf::from(value),
+                "base" => disk.base = Some(PathBuf::from(value)),
                 "readonly" => disk.readonly = parse_switch("disk readonly", value)?,
                 "serial" => disk.serial = Some(value.to_string()),
                 "bw" => disk.bw = Some(limits::parse_bytes_rate(key, value)?),
@@ -248,8 +270,8 @@ impl FromStr for DiskSpec {
                 "burst_ms" => disk.burst_ms = Some(limits::parse_count(key, value)?),
                 _ => {
                     return Err(SpecError(format!(
-                        "unknown disk option {key:?} in {s:?}: the options are path, readonly, \
-                         serial, bw, iops and burst_ms"
+                        "unknown disk option {key:?} in {s:?}: the options are path, base, \
+                         readonly, serial, bw, iops and burst_ms"
                     )));
                 }
             }
@@ -621,6 +643,7 @@ impl MachineSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn toml_round_trip_and_defaults() {
@@ -705,7 +728,13 @@ mod tests {
             }
         );
         let d: DiskSpec = "path=/y.img".parse().unwrap();
-        assert!(!d.readonly && d.serial.is_none());
+        assert!(!d.readonly && d.serial.is_none() && d.base.is_none());
+        let d: DiskSpec = "path=/vm.ovl,base=/img.raw".parse().unwrap();
+        assert_eq!(d.base.as_deref(), Some(Path::new("/img.raw")));
+        let e = "path=/vm.ovl,base=".parse::<DiskSpec>().unwrap_err();
+        assert!(e.0.contains("base is empty"), "{e}");
+        let e = "path=/a,base=/a".parse::<DiskSpec>().unwrap_err();
+        assert!(e.0.contains("its own base"), "{e}");
         let e = "/y.img".parse::<DiskSpec>().unwrap_err();
         assert!(e.0.contains("path=FILE"), "{e}");
         let e = "path=/y,ro=on".parse::<DiskSpec>().unwrap_err();
@@ -725,11 +754,13 @@ mod tests {
         );
 
         let text = "kernel = \"/k\"\nrng = false\n[[disks]]\npath = \"/a.img\"\n\
-                    [[disks]]\npath = \"/b.img\"\nreadonly = true\nserial = \"s1\"\n";
+                    [[disks]]\npath = \"/b.img\"\nreadonly = true\nserial = \"s1\"\n\
+                    [[disks]]\npath = \"/c.ovl\"\nbase = \"/c.raw\"\n";
         let spec = MachineSpec::from_toml(text).unwrap();
         assert!(!spec.rng);
-        assert_eq!(spec.disks.len(), 2);
+        assert_eq!(spec.disks.len(), 3);
         assert_eq!(spec.disks[1].serial.as_deref(), Some("s1"));
+        assert_eq!(spec.disks[2].base.as_deref(), Some(Path::new("/c.raw")));
         assert_eq!(MachineSpec::from_toml(&spec.to_toml()).unwrap(), spec);
         let e = MachineSpec::from_toml("kernel = \"/k\"\n[[disks]]\npath = \"/a\"\nsize = 1\n")
             .unwrap_err();

@@ -139,6 +139,14 @@ enum Cmd {
     /// This client's identity for daemons over HTTPS (--remote).
     #[command(subcommand)]
     Remote(RemoteCmd),
+    /// Run the daemon: `vme daemon ARGS` is `vmed ARGS` (the vmed next to this vme, else
+    /// the one on PATH); `vme daemon --help` lists its options.
+    #[command(disable_help_flag = true)]
+    Daemon {
+        /// vmed's arguments, as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Print a shell completion script: `source <(vme completion bash)`.
     Completion {
         #[arg(value_enum)]
@@ -314,6 +322,9 @@ impl SpecArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Daemon { args } = &cli.command {
+        return run_daemon(args);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -321,6 +332,22 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Replaces this process with vmed: the one installed next to vme, else the one on PATH.
+fn run_daemon(args: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("vmed")))
+        .filter(|p| p.is_file());
+    let vmed = beside.unwrap_or_else(|| PathBuf::from("vmed"));
+    let e = std::process::Command::new(&vmed).args(args).exec();
+    eprintln!(
+        "vme: cannot run the daemon {}: {e}; install vmed next to vme or on PATH",
+        vmed.display()
+    );
+    ExitCode::from(1)
 }
 
 /// `--socket`, else `$VME_SOCKET`, else the default.
@@ -697,6 +724,7 @@ fn run(cli: Cli) -> Result<()> {
                 ),
             }
         }
+        Cmd::Daemon { .. } => unreachable!("main runs the daemon before connecting"),
         Cmd::Completion { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "vme", &mut script);

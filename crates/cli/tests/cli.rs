@@ -290,6 +290,11 @@ fn events_operations_formats_and_completions() {
             "{shell}"
         );
     }
+    // `vme daemon` is vmed, its options passed as they are.
+    let version = ok(vme(none, &["daemon", "--version"]));
+    assert!(version.starts_with("vmed "), "{version}");
+    let help = ok(vme(none, &["daemon", "--help"]));
+    assert!(help.contains("--state-dir"), "{help}");
     let err = fails(vme(none, &["events"]));
     assert!(
         err.contains("cannot reach vmed") && err.contains("VME_SOCKET"),

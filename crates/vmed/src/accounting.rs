@@ -59,14 +59,13 @@ impl Daemon {
     }
 
     /// A monitor has exited: records its last usage (its cgroup still holds the CPU time),
-    /// then removes its cgroup.
-    pub(crate) fn account_exit(&self, name: &str) {
-        let Some((pid, group, taps)) = lock(&self.monitors)
+    /// then removes its cgroup. Returns why the kernel killed it, if its OOM killer did
+    /// (the cgroup's count says so only while the cgroup exists).
+    pub(crate) fn account_exit(&self, name: &str) -> Option<String> {
+        let (pid, group, taps) = lock(&self.monitors)
             .get(name)
-            .map(|m| (m.pid, m.cgroup.clone(), m.taps.clone()))
-        else {
-            return;
-        };
+            .map(|m| (m.pid, m.cgroup.clone(), m.taps.clone()))?;
+        let mut oom = None;
         let prev = lock(&self.last_samples).remove(name);
         if let Some(dir) = &group {
             // Without cgroups the process is gone and nothing new can be read.
@@ -75,10 +74,12 @@ impl Daemon {
                     eprintln!("vmed: cannot store VM {name:?}'s last usage sample: {e}");
                 }
             }
+            oom = cgroup::oom_killed(dir);
             if let Err(e) = cgroup::remove(dir) {
                 eprintln!("vmed: VM {name:?}: {e}");
             }
         }
+        oom
     }
 
     /// `GET /1.0/vms/{name}/usage?since=`: the samples since then, their totals, the newest

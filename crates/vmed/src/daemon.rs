@@ -199,6 +199,48 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Holds the store; when dropped, releases it and then waits until what was written
+/// through it is on disk. Writers flush outside the lock, so concurrent requests share
+/// one flush (group commit) instead of queueing one flush each behind the lock; and
+/// nobody acts on or replies about a write before it is durable, as long as they drop
+/// the guard first (every write site here ends its guard's scope before acting).
+pub(crate) struct StoreGuard<'a> {
+    guard: Option<MutexGuard<'a, Box<dyn Store>>>,
+    /// The store's write mark when the guard was taken.
+    mark: u64,
+}
+
+impl std::ops::Deref for StoreGuard<'_> {
+    type Target = Box<dyn Store>;
+    fn deref(&self) -> &Self::Target {
+        self.guard
+            .as_ref()
+            .expect("the guard is taken only in drop")
+    }
+}
+
+impl std::ops::DerefMut for StoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.guard
+            .as_mut()
+            .expect("the guard is taken only in drop")
+    }
+}
+
+impl Drop for StoreGuard<'_> {
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let mark = guard.write_mark();
+        let barrier = (mark != self.mark).then(|| guard.barrier()).flatten();
+        drop(guard);
+        if let Some(b) = barrier {
+            b.sync(mark);
+        }
+    }
+}
+
 impl Daemon {
     /// Takes over the store and reconciles it with the monitors that still run (see
     /// [`crate::reconcile`]): a daemon's restart takes down no VM.
@@ -225,8 +267,14 @@ impl Daemon {
         &self.cfg
     }
 
-    pub(crate) fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
-        lock(&self.store)
+    /// The store, for one short critical section: what it writes is durable once the guard
+    /// is dropped (see [`StoreGuard`]).
+    pub(crate) fn store(&self) -> StoreGuard<'_> {
+        let guard = lock(&self.store);
+        StoreGuard {
+            mark: guard.write_mark(),
+            guard: Some(guard),
+        }
     }
 
     /// Lists a live monitor, whose exit the caller's thread will report with [`Self::exited`].
@@ -259,12 +307,12 @@ impl Daemon {
     }
 
     pub fn list(&self) -> Result<Vec<VmRecord>, OpError> {
-        Ok(lock(&self.store).list()?)
+        Ok(self.store().list()?)
     }
 
     pub fn metrics(&self) -> Result<String, OpError> {
         let vms = self.list()?;
-        let usage = lock(&self.store).latest_samples()?;
+        let usage = self.store().latest_samples()?;
         let mut text = crate::metrics::render(&vms, self.cfg.host, self.cfg.ratios);
         text.push_str(&crate::metrics::render_usage(&vms, &usage));
         Ok(text)
@@ -272,7 +320,7 @@ impl Daemon {
 
     pub fn get(&self, name: &str) -> Result<VmRecord, OpError> {
         validate::name(name).map_err(OpError::BadRequest)?;
-        Ok(lock(&self.store).get(name)?)
+        Ok(self.store().get(name)?)
     }
 
     /// The last [`CONSOLE_TAIL`] bytes the VM's serial console printed (empty before its
@@ -307,7 +355,7 @@ impl Daemon {
             .admits(self.cfg.ratios, load(&spec))
             .map_err(OpError::BadRequest)?;
         let busy = self.begin(&req.name, "create")?;
-        if lock(&self.store).get(&req.name).is_ok() {
+        if self.store().get(&req.name).is_ok() {
             return Err(StoreError::Exists(req.name).into());
         }
         let op = self
@@ -320,7 +368,7 @@ impl Daemon {
             // Devices (vsock CID, tap names) are assigned under the store's lock, so two
             // creates cannot take the same ones.
             let vm = {
-                let mut store = lock(&me.store);
+                let mut store = me.store();
                 let others = store.list()?;
                 let uds = crate::guest::vsock_socket(&me.cfg.state_dir, &req.name);
                 crate::devices::assign(&mut spec, req.vsock.unwrap_or(true), uds, &others)
@@ -353,7 +401,7 @@ impl Daemon {
 
     /// Checks `action` against the VM's state and, if allowed, records the state it begins in.
     fn transition(&self, name: &str, action: Action) -> Result<VmRecord, OpError> {
-        let mut store = lock(&self.store);
+        let mut store = self.store();
         let vm = store.get(name)?;
         lifecycle::check(vm.state, action)?;
         if action == Action::Start {
@@ -367,13 +415,13 @@ impl Daemon {
     }
 
     fn set_state(&self, name: &str, state: State, reason: &str) -> Result<(), OpError> {
-        Ok(lock(&self.store).set_state(name, state, reason)?)
+        Ok(self.store().set_state(name, state, reason)?)
     }
 
     /// Moves the VM back from `now` to `back` after a failed pause or resume, unless its
     /// monitor's exit has been recorded meanwhile (that record must stay).
     fn revert(&self, name: &str, now: State, back: State) -> Result<(), OpError> {
-        let mut store = lock(&self.store);
+        let mut store = self.store();
         if store.get(name)?.state == now {
             store.set_state(name, back, "")?;
         }
@@ -420,7 +468,7 @@ impl Daemon {
         }
         let busy = self.begin(name, who)?;
         {
-            let store = lock(&self.store);
+            let store = self.store();
             let vm = store.get(name)?;
             lifecycle::check(vm.state, action)?;
             if action == Action::Start {
@@ -451,7 +499,7 @@ impl Daemon {
             Action::Resume => self.control_action(name, action, Request::Resume, State::Paused)?,
             Action::Restart => {
                 // Checked as a restart: stop alone allows more (a VM still starting).
-                lifecycle::check(lock(&self.store).get(name)?.state, Action::Restart)?;
+                lifecycle::check(self.store().get(name)?.state, Action::Restart)?;
                 self.stop(name, force)?;
                 self.start(name)?;
             }
@@ -473,7 +521,7 @@ impl Daemon {
     pub fn delete_task(self: &Arc<Self>, name: &str) -> Result<Task, OpError> {
         validate::name(name).map_err(OpError::BadRequest)?;
         let busy = self.begin(name, "delete")?;
-        lifecycle::check(lock(&self.store).get(name)?.state, Action::Delete)?;
+        lifecycle::check(self.store().get(name)?.state, Action::Delete)?;
         let op = self.ops.begin(describe_action(Action::Delete, name), name);
         let (me, name) = (Arc::clone(self), name.to_string());
         let work = move || {
@@ -502,7 +550,7 @@ impl Daemon {
             }
         }
         crate::crashpoint::hit("delete:after-remove-files");
-        Ok(lock(&self.store).delete(name)?)
+        Ok(self.store().delete(name)?)
     }
 
     /// Pause or resume: one control request, then the state it leads to. On failure the VM
@@ -605,10 +653,7 @@ impl Daemon {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if !lock(&self.monitors).contains_key(name) {
-                let reason = lock(&self.store)
-                    .get(name)
-                    .map(|v| v.reason)
-                    .unwrap_or_default();
+                let reason = self.store().get(name).map(|v| v.reason).unwrap_or_default();
                 return Err(OpError::Failed(format!(
                     "VM {name:?} failed to start: {reason}"
                 )));
@@ -632,7 +677,7 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(5));
         }
         crate::crashpoint::hit("start:before-running");
-        let mut store = lock(&self.store);
+        let mut store = self.store();
         // The monitor may have exited between its answer and now; the waiter recorded that.
         if store.get(name)?.state == State::Starting {
             store.set_state_and_pid(name, State::Running, "", pid)?;
@@ -704,10 +749,10 @@ impl Daemon {
     /// reason of a crash), no pid, and no live monitor; wakes whoever waits for it.
     pub(crate) fn exited(self: &Arc<Self>, name: &str, clean: bool, how: &str, log: &Path) {
         // Before the VM counts as stopped: its last usage, then its cgroup goes.
-        self.account_exit(name);
+        let oom = self.account_exit(name);
         let mut restart = false;
         {
-            let mut store = lock(&self.store);
+            let mut store = self.store();
             if let Ok(vm) = store.get(name) {
                 // An exit asked for is part of the stop (or restart) that asked; any other is
                 // the monitor's own doing.
@@ -723,7 +768,8 @@ impl Daemon {
                     .restart_policy
                     .restarts(vm.state == State::Stopping, next);
                 let reason = if next == State::Crashed {
-                    format!("the monitor {how}: {}", tail(log))
+                    let oom = oom.as_deref().map_or(String::new(), |o| format!("{o}; "));
+                    format!("the monitor {how}: {oom}{}", tail(log))
                 } else {
                     String::new()
                 };

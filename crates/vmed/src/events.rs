@@ -10,7 +10,7 @@
 
 use crate::lifecycle::{RestartPolicy, State};
 use crate::limits::VmLimits;
-use crate::store::{Store, StoreError, VmRecord};
+use crate::store::{Store, StoreError, VmRecord, WalBarrier};
 use crate::store_images::{ImageCatalog, ImageRecord};
 use crate::usage::Sample;
 use serde::Serialize;
@@ -242,6 +242,14 @@ impl Store for Published {
             self.publish(name, from, Some(state), reason);
         }
         Ok(())
+    }
+
+    fn write_mark(&self) -> u64 {
+        self.inner.write_mark()
+    }
+
+    fn barrier(&self) -> Option<std::sync::Arc<WalBarrier>> {
+        self.inner.barrier()
     }
 }
 

@@ -25,6 +25,7 @@ pub mod limits;
 pub mod metrics;
 pub mod operations;
 pub mod reconcile;
+pub mod scrub;
 pub mod settings;
 pub mod store;
 pub mod store_images;

@@ -49,8 +49,8 @@ struct Args {
     /// `vmed --print-openapi > docs/openapi.json` regenerates the committed copy.
     #[arg(long)]
     print_openapi: bool,
-    /// Run each VM's monitor in its own cgroup v2 with its limits (default true); false runs
-    /// them unconfined.
+    /// Run each VM's monitor in its own cgroups with its limits (default true): v2, or v1 for
+    /// a controller the host keeps there; false runs them unconfined.
     #[arg(long, value_name = "BOOL")]
     cgroups: Option<bool>,
     /// The cgroup under which each VM gets vm-NAME (default: vme.slice under the host's

@@ -70,7 +70,7 @@ fn settle_without_monitor(
     // only once empty).
     let cg = &d.config().cgroups;
     if cg.enabled {
-        let _ = std::fs::remove_dir(crate::cgroup::vm_path(&cg.root, &vm.name));
+        crate::cgroup::remove_empty(&crate::cgroup::vm_path(&cg.root, &vm.name));
     }
     Ok(())
 }

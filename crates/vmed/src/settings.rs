@@ -22,7 +22,8 @@ pub struct Layer {
     pub stop_timeout: Option<u64>,
     pub cpu_overcommit: Option<f64>,
     pub memory_overcommit: Option<f64>,
-    /// Each VM in its own cgroup v2 (default true).
+    /// Each VM in its own cgroups: v2, or v1 for a controller the host keeps there (default
+    /// true).
     pub cgroups: Option<bool>,
     pub cgroup_root: Option<PathBuf>,
     pub monitor_memory: Option<ByteSize>,

@@ -1,14 +1,18 @@
 //! The daemon's state: one record per VM (its spec, lifecycle state and the reason for the
 //! last failure). Behind the [`Store`] trait so a distributed backend (etcd) can replace the
-//! embedded SQLite one later; SQLite in WAL mode with `synchronous=FULL`, so a state change
-//! that returned has reached the disk.
+//! embedded SQLite one later; SQLite in WAL mode. A write is durable once the caller has
+//! passed it through the store's [`WalBarrier`] (the daemon does so when it releases the
+//! store, before it acts on the write or replies): one fdatasync of the WAL then covers
+//! every write committed before it, so concurrent requests share their flushes (group
+//! commit) and none waits for a flush while holding the store.
 
 use crate::lifecycle::{RestartPolicy, State};
 use crate::limits::VmLimits;
 use crate::usage::Sample;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use vme_api::MachineSpec;
 
@@ -85,6 +89,86 @@ pub trait Store: Send + crate::store_images::ImageCatalog {
     fn latest_samples(&self) -> Result<Vec<Sample>, StoreError>;
     /// Drops samples older than `before_ms`; returns how many.
     fn prune_samples(&mut self, before_ms: i64) -> Result<usize, StoreError>;
+    /// A mark that grows with every write; [`WalBarrier::sync`] takes it.
+    fn write_mark(&self) -> u64 {
+        0
+    }
+    /// What makes writes durable, for a backend that defers that to a shared flush; None
+    /// when every write is durable when it returns.
+    fn barrier(&self) -> Option<Arc<WalBarrier>> {
+        None
+    }
+}
+
+/// Group commit for a WAL-mode SQLite database whose commits do not flush: `sync(mark)`
+/// returns once every write up to `mark` is on disk. One caller at a time flushes; those
+/// arriving meanwhile wait for the next flush, which covers all of them.
+pub struct WalBarrier {
+    wal: PathBuf,
+    state: Mutex<BarrierState>,
+    flushed: Condvar,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    /// The highest mark asked for.
+    asked: u64,
+    /// Every write up to this mark is durable.
+    synced: u64,
+    flushing: bool,
+    /// Flushes done (for the tests and the log).
+    flushes: u64,
+}
+
+impl WalBarrier {
+    fn new(db: &Path) -> WalBarrier {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        WalBarrier {
+            wal: PathBuf::from(wal),
+            state: Mutex::new(BarrierState::default()),
+            flushed: Condvar::new(),
+        }
+    }
+
+    /// Returns once every write up to `mark` (a [`Store::write_mark`] read after those
+    /// writes) is durable. A failed flush aborts the daemon: the kernel may have dropped the
+    /// unwritten pages, so nothing written since can be trusted, and a restart reconciles
+    /// from what is on disk (see crate::reconcile).
+    pub fn sync(&self, mark: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.asked = s.asked.max(mark);
+        while s.synced < mark {
+            if s.flushing {
+                s = self.flushed.wait(s).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // Marks are taken after their writes: a flush that starts now covers them all.
+            let target = s.asked;
+            s.flushing = true;
+            drop(s);
+            let flushed = std::fs::File::open(&self.wal).and_then(|f| f.sync_data());
+            if let Err(e) = flushed {
+                eprintln!(
+                    "vmed: cannot flush the state database's log {}: {e}; vmed stops so that its \
+                     restart works from what reached the disk (check the disk and its free \
+                     space)",
+                    self.wal.display()
+                );
+                std::process::abort();
+            }
+            s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.flushing = false;
+            s.synced = s.synced.max(target);
+            s.flushes += 1;
+            self.flushed.notify_all();
+        }
+    }
+
+    /// Flushes done so far.
+    pub fn flushes(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).flushes
+    }
 }
 
 /// Schema migrations, applied in order; `schema_version` records how many ran. Never edit
@@ -127,13 +211,20 @@ const MIGRATIONS: &[&str] = &[
 
 pub struct SqliteStore {
     conn: Connection,
+    /// None for an in-memory database (tests), which has nothing to flush.
+    barrier: Option<Arc<WalBarrier>>,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        let barrier = Arc::new(WalBarrier::new(path));
+        // The migrations' commits did not flush either.
+        barrier.sync(1);
+        store.barrier = Some(barrier);
+        Ok(store)
     }
 
     #[cfg(test)]
@@ -142,13 +233,18 @@ impl SqliteStore {
     }
 
     fn init(mut conn: Connection) -> Result<SqliteStore, StoreError> {
-        // WAL: readers do not block the writer; FULL: a committed change survives power loss.
+        // WAL: readers do not block the writer. NORMAL: a commit does not flush the log
+        // itself; the WalBarrier does, once for every commit before it. SQLite still flushes
+        // around checkpoints, so the database file is never ahead of the log.
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore {
+            conn,
+            barrier: None,
+        })
     }
 
     pub(crate) fn conn(&self) -> &Connection {
@@ -432,6 +528,14 @@ impl Store for SqliteStore {
             .conn
             .execute("DELETE FROM samples WHERE at_ms < ?1", [before_ms])?)
     }
+
+    fn write_mark(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
+    fn barrier(&self) -> Option<Arc<WalBarrier>> {
+        self.barrier.clone()
+    }
 }
 
 #[cfg(test)]
@@ -474,7 +578,60 @@ mod tests {
             .conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(sync, 2, "synchronous=FULL");
+        assert_eq!(sync, 1, "synchronous=NORMAL: the barrier flushes");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Writers that reach the barrier together share flushes, each returns only after a
+    /// flush that began after its write, and a caller with nothing new does not flush.
+    #[test]
+    fn concurrent_writers_share_the_flushes() {
+        let (dir, db) = temp_db();
+        let store = Arc::new(Mutex::new(SqliteStore::open(&db).unwrap()));
+        let barrier = store
+            .lock()
+            .unwrap()
+            .barrier()
+            .expect("a file store has a barrier");
+        let before = barrier.flushes();
+        const WRITERS: usize = 16;
+        let gate = Arc::new(std::sync::Barrier::new(WRITERS));
+        let threads: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let (store, barrier, gate) = (store.clone(), barrier.clone(), gate.clone());
+                std::thread::spawn(move || {
+                    gate.wait();
+                    let mark = {
+                        let mut s = store.lock().unwrap();
+                        let limits = VmLimits::default();
+                        s.create(
+                            &format!("vm{i}"),
+                            &MachineSpec::new("/k"),
+                            RestartPolicy::Never,
+                            &limits,
+                        )
+                        .unwrap();
+                        s.write_mark()
+                    };
+                    barrier.sync(mark);
+                    let s = barrier.state.lock().unwrap();
+                    assert!(
+                        s.synced >= mark,
+                        "sync({mark}) returned with {} synced",
+                        s.synced
+                    );
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let flushes = barrier.flushes() - before;
+        assert!((1..=WRITERS as u64).contains(&flushes), "{flushes} flushes");
+        let mark = store.lock().unwrap().write_mark();
+        barrier.sync(mark);
+        assert_eq!(barrier.flushes() - before, flushes, "nothing new, no flush");
+        eprintln!("{WRITERS} concurrent writers, {flushes} flushes");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1,7 +1,8 @@
 //! Accounting: what each VM's monitor uses, sampled every `sample_interval` into the store.
-//! A sample holds counters since the monitor started: CPU time (the cgroup's `cpu.stat`, or
-//! `/proc/PID/stat` without cgroups), memory (the cgroup's `memory.current`/`memory.peak`
-//! when the memory controller is on, else the monitor's RSS and its high-water mark), disk
+//! A sample holds counters since the monitor started: CPU time (the cgroup's: v2 `cpu.stat`,
+//! or v1 `cpuacct.usage*`; `/proc/PID/stat` without cgroups), memory (the cgroup's: v2
+//! `memory.current`/`memory.peak`, or v1 `memory.usage_in_bytes`/`memory.max_usage_in_bytes`;
+//! without a memory controller the monitor's RSS and its high-water mark), disk
 //! bytes (`/proc/PID/io`: what the monitor read from and wrote to storage; reads served from
 //! the host's page cache are not counted) and network bytes as the guest sees them (its taps'
 //! counters, with rx and tx swapped: what the tap sends, the guest receives).
@@ -74,10 +75,10 @@ pub fn collect(
     };
     let proc_dir = format!("/proc/{pid}");
     let mut got = false;
-    if let Some(stat) = cgroup.and_then(|d| read(d.join("cpu.stat"))) {
-        s.cpu_usec = field(&stat, "usage_usec").unwrap_or(0);
-        s.cpu_user_usec = field(&stat, "user_usec").unwrap_or(0);
-        s.cpu_system_usec = field(&stat, "system_usec").unwrap_or(0);
+    if let Some((total, user, system)) = cgroup.and_then(crate::cgroup::cpu_usage) {
+        s.cpu_usec = total;
+        s.cpu_user_usec = user;
+        s.cpu_system_usec = system;
         got = true;
     } else if let Some(stat) = read(format!("{proc_dir}/stat")) {
         // Fields after the command (which may hold spaces): utime is the 14th, stime 15th.
@@ -92,12 +93,8 @@ pub fn collect(
         s.cpu_usec = s.cpu_user_usec + s.cpu_system_usec;
         got = true;
     }
-    let cg_mem = cgroup.and_then(|d| Some((read(d.join("memory.current"))?, d)));
-    if let Some((cur, d)) = cg_mem {
-        s.memory_bytes = cur.trim().parse().unwrap_or(0);
-        s.memory_peak_bytes = read(d.join("memory.peak"))
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or(s.memory_bytes);
+    if let Some((now, peak)) = cgroup.and_then(crate::cgroup::memory_usage) {
+        (s.memory_bytes, s.memory_peak_bytes) = (now, peak);
     } else if let Some(status) = read(format!("{proc_dir}/status")) {
         s.memory_bytes = field(&status, "VmRSS").unwrap_or(0) * 1024;
         s.memory_peak_bytes = field(&status, "VmHWM").unwrap_or(0) * 1024;

@@ -1,10 +1,12 @@
 //! Cgroups and accounting with the real daemon and real riscv64 VMs: each monitor runs in its
-//! own cgroup v2 with its limits (or, where the host lacks a controller, says so), its usage
-//! is sampled into the store and served at /1.0/vms/NAME/usage and /1.0/metrics, and the
-//! cgroup is gone once the monitor is.
+//! own cgroups with its limits, each controller in cgroup v2 where the host offers it there,
+//! else in its cgroup v1 hierarchy (or, with neither, says so); a CPU allowance holds a
+//! spinning guest to it, a monitor over its memory limit is OOM-killed and reported so; its
+//! usage is sampled into the store and served at /1.0/vms/NAME/usage and /1.0/metrics, and
+//! the cgroups are gone once the monitor is.
 
 use serde_json::{Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod support;
@@ -56,6 +58,93 @@ impl Vmed {
     }
 }
 
+/// Where a controller's limits went for a VM: its cgroup v2 directory, or its directory in
+/// the cgroup v1 hierarchy that carries the controller (a hybrid host), or nowhere.
+#[derive(Debug, PartialEq)]
+enum At {
+    V2(PathBuf),
+    V1(PathBuf),
+    Nowhere,
+}
+
+/// The cgroup v1 hierarchies: (mount, controllers).
+fn v1_hierarchies() -> Vec<(PathBuf, Vec<String>)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mut post = post.split(' ');
+            (post.next()? == "cgroup").then_some(())?;
+            let opts = post.nth(1)?.split(',').map(String::from).collect();
+            Some((PathBuf::from(pre.split(' ').nth(4)?), opts))
+        })
+        .collect()
+}
+
+impl Vmed {
+    /// VM `vm`'s cgroup v2 directory.
+    fn group(&self, vm: &str) -> PathBuf {
+        self.cg().join(format!("vm-{vm}"))
+    }
+
+    /// Where controller `v2`/`v1` (its names in each version) applies to VM `vm`.
+    fn at(&self, vm: &str, v2: &str, v1: &str) -> At {
+        let group = self.group(vm);
+        if controllers(&group).iter().any(|c| c == v2) {
+            return At::V2(group);
+        }
+        let rel = group.strip_prefix(mount()).unwrap();
+        match v1_hierarchies()
+            .into_iter()
+            .find(|(_, c)| c.iter().any(|c| c == v1))
+        {
+            Some((m, _)) => At::V1(m.join(rel)),
+            None => At::Nowhere,
+        }
+    }
+
+    /// Every cgroup directory VM `vm` has or may have (v2 and each v1 hierarchy).
+    fn all_groups(&self, vm: &str) -> Vec<PathBuf> {
+        let group = self.group(vm);
+        let rel = group.strip_prefix(mount()).unwrap().to_path_buf();
+        let mut all = vec![group];
+        all.extend(v1_hierarchies().into_iter().map(|(m, _)| m.join(&rel)));
+        all
+    }
+
+    fn assert_no_groups(&self, vm: &str) {
+        for g in self.all_groups(vm) {
+            assert!(!g.exists(), "{} outlived its monitor", g.display());
+        }
+    }
+
+    /// Gives this test's cgroups (the root above its VMs', in v2 and in v1's cpu hierarchy)
+    /// the largest CPU weight: on a busy host the unlimited spinner then gets the CPU it
+    /// asks for, so what the test measures is the allowance, not the contention.
+    fn outweigh_the_host(&self) {
+        let rel = self.cg().strip_prefix(mount()).unwrap();
+        for (file, value) in [(self.cg().join("cpu.weight"), "10000")].into_iter().chain(
+            v1_hierarchies()
+                .into_iter()
+                .filter(|(_, c)| c.iter().any(|c| c == "cpu"))
+                .map(|(m, _)| (m.join(rel).join("cpu.shares"), "262144")),
+        ) {
+            if file.exists() {
+                std::fs::write(&file, value).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            }
+        }
+    }
+
+    fn stop(&self, vm: &str) {
+        let (code, v) = self.call(
+            "PUT",
+            &format!("/1.0/vms/{vm}/state"),
+            r#"{"action":"stop","force":true}"#,
+        );
+        assert_eq!(code, 200, "{v}");
+    }
+}
+
 fn controllers(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("cgroup.controllers"))
         .unwrap_or_default()
@@ -64,88 +153,174 @@ fn controllers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// CPU seconds the cgroup used over `secs`.
-fn cpu_share(dir: &Path, secs: u64) -> f64 {
-    let usec = || -> u64 {
-        let t = std::fs::read_to_string(dir.join("cpu.stat")).unwrap();
-        t.lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .unwrap()
-            .parse()
-            .unwrap()
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .trim()
+        .to_string()
+}
+
+/// A VM cgroup's CPU time so far, in µs, from its own counters: cgroup v2's `cpu.stat`
+/// (there with or without the cpu controller) and, on a host with cgroup v1's cpuacct, the
+/// VM's cpuacct cgroup (which the daemon makes when it limits CPU through v1).
+fn cpu_usec(d: &Vmed, vm: &str) -> (u64, Option<u64>) {
+    let stat = read(&d.group(vm).join("cpu.stat"));
+    let v2 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let v1 = match d.at(vm, "-", "cpuacct") {
+        At::V1(dir) if dir.exists() => {
+            Some(read(&dir.join("cpuacct.usage")).parse::<u64>().unwrap() / 1000)
+        }
+        _ => None,
     };
-    let (a, t0) = (usec(), Instant::now());
+    (v2, v1)
+}
+
+/// CPU seconds per wall second each VM's cgroup used over the same `secs`.
+fn cpu_shares(d: &Vmed, vms: &[&str], secs: u64) -> Vec<f64> {
+    let before: Vec<_> = vms.iter().map(|vm| cpu_usec(d, vm)).collect();
+    let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
-    (usec() - a) as f64 / 1e6 / t0.elapsed().as_secs_f64()
+    let after: Vec<_> = vms.iter().map(|vm| cpu_usec(d, vm)).collect();
+    let wall = t0.elapsed().as_secs_f64();
+    before
+        .iter()
+        .zip(&after)
+        .map(|((a2, a1), (b2, b1))| {
+            let v2 = (b2 - a2) as f64 / 1e6 / wall;
+            if let (Some(a1), Some(b1)) = (a1, b1) {
+                // cgroup v1's cpuacct counts the same process as cgroup v2's cpu.stat.
+                let v1 = (b1 - a1) as f64 / 1e6 / wall;
+                assert!((v1 - v2).abs() < 0.05, "cpuacct says {v1}, cpu.stat {v2}");
+            }
+            v2
+        })
+        .collect()
 }
 
 #[test]
-fn each_monitor_runs_in_its_cgroup_with_its_limits() {
+fn each_monitor_runs_in_its_cgroups_with_its_limits() {
     let d = start("limits", true);
+    // A guest that spins: the riscv64 machine interprets it on a host thread, which then
+    // burns a host CPU.
     let (code, v) = d.create_and_start("spin", json!({}));
     assert_eq!(code, 200, "{v}");
     let pid = d.vm("spin")["pid"].as_u64().unwrap();
-    let group = d.cg().join("vm-spin");
+    let group = d.group("spin");
     let rel = group.strip_prefix(mount()).unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let line = format!("0::/{}", rel.display());
-    let in_it = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(
-        in_it.lines().any(|l| l == line),
-        "monitor {pid} is not in {line}: {in_it}"
+        cgroups.lines().any(|l| l == line),
+        "monitor {pid} is not in {line}: {cgroups}"
     );
     let log = d.dir.join("state/vms/spin/monitor.log");
-    let offered = controllers(&group);
     let note = std::fs::read_to_string(&log).unwrap();
-    // memory.max = 128M of guest + the default 64M allowance for the monitor.
-    let memory = (128u64 + 64) << 20;
-    if offered.iter().any(|c| c == "memory") {
-        let max = std::fs::read_to_string(group.join("memory.max")).unwrap();
-        assert_eq!(max.trim(), memory.to_string());
-    } else {
-        assert!(
-            note.contains(&format!("memory.max {memory}")),
-            "without a memory controller the monitor's log says memory.max is not enforced: \
-             {note}"
-        );
-    }
-    let spinning = if offered.iter().any(|c| c == "cpu") {
-        let max = std::fs::read_to_string(group.join("cpu.max")).unwrap();
-        assert_eq!(max.trim(), "100000 100000", "the default: its one vCPU");
-        Some(cpu_share(&group, 4))
-    } else {
-        assert!(note.contains("cpu.max 100000 100000"), "{note}");
-        None
-    };
 
-    // An allowance the host cannot enforce fails the start, saying why; one it can is
-    // enforced.
-    let (code, v) = d.create_and_start("slow", json!({"cpu_allowance": "20%"}));
-    let slow = d.cg().join("vm-slow");
-    if offered.iter().any(|c| c == "cpu") {
-        assert_eq!(code, 200, "{v}");
-        let max = std::fs::read_to_string(slow.join("cpu.max")).unwrap();
-        assert_eq!(max.trim(), "20000 100000");
-        let limited = cpu_share(&slow, 5);
-        assert!(limited <= 0.25, "20% allowance, used {limited}");
-        let free = spinning.unwrap();
+    // memory = 128M of guest + the default 64M allowance for the monitor, no swap.
+    let memory = ((128u64 + 64) << 20).to_string();
+    match d.at("spin", "memory", "memory") {
+        At::V2(g) => assert_eq!(read(&g.join("memory.max")), memory),
+        At::V1(g) => {
+            assert_eq!(read(&g.join("memory.limit_in_bytes")), memory);
+            if g.join("memory.memsw.limit_in_bytes").exists() {
+                assert_eq!(read(&g.join("memory.memsw.limit_in_bytes")), memory);
+            }
+            assert!(
+                note.contains(&format!("memory.limit_in_bytes {memory} (v1")),
+                "{note}"
+            );
+        }
+        At::Nowhere => assert!(note.contains(&format!("memory.max {memory}")), "{note}"),
+    }
+    // The default CPU quota: its one vCPU.
+    let cpu = d.at("spin", "cpu", "cpu");
+    match &cpu {
+        At::V2(g) => assert_eq!(read(&g.join("cpu.max")), "100000 100000"),
+        At::V1(g) => {
+            assert_eq!(read(&g.join("cpu.cfs_period_us")), "100000");
+            assert_eq!(read(&g.join("cpu.cfs_quota_us")), "100000");
+        }
+        At::Nowhere => assert!(note.contains("cpu.max 100000 100000"), "{note}"),
+    }
+    // The monitor is in every cgroup the daemon made for it: each v1 one too.
+    for g in d.all_groups("spin").iter().filter(|g| g.exists()).skip(1) {
+        let (m, _) = v1_hierarchies()
+            .into_iter()
+            .find(|(m, _)| g.starts_with(m))
+            .unwrap();
+        let want = format!("/{}", g.strip_prefix(&m).unwrap().display());
         assert!(
-            free > 0.5,
-            "without an allowance the spinner used only {free}"
+            cgroups.lines().any(|l| l.ends_with(&format!(":{want}"))),
+            "monitor {pid} is not in {}: {cgroups}",
+            g.display()
         );
-    } else {
+        assert_eq!(read(&g.join("cgroup.procs")), pid.to_string());
+    }
+
+    // Half a CPU: enforced where the host has a cpu controller (v2 or v1), measured by the
+    // cgroup's own counter against the unlimited spinner over the same seconds; else the
+    // start fails, saying why.
+    let (code, v) = d.create_and_start("half", json!({"cpu_allowance": "50%"}));
+    if cpu == At::Nowhere {
         assert_eq!(code, 500, "{v}");
         let e = v["error"].as_str().unwrap();
         assert!(
             e.contains("no cpu controller") && e.contains("CPU allowance"),
             "{e}"
         );
-        assert_eq!(d.vm("slow")["state"], "crashed");
-        assert!(!slow.exists(), "a failed start leaves no cgroup");
+        assert_eq!(d.vm("half")["state"], "crashed");
+        d.assert_no_groups("half");
+    } else {
+        assert_eq!(code, 200, "{v}");
+        match d.at("half", "cpu", "cpu") {
+            At::V2(g) => assert_eq!(read(&g.join("cpu.max")), "50000 100000"),
+            At::V1(g) => {
+                assert_eq!(read(&g.join("cpu.cfs_period_us")), "100000");
+                assert_eq!(read(&g.join("cpu.cfs_quota_us")), "50000");
+            }
+            At::Nowhere => unreachable!(),
+        }
+        d.outweigh_the_host();
+        // Let both boot and settle into spinning.
+        std::thread::sleep(Duration::from_secs(2));
+        let used = cpu_shares(&d, &["half", "spin"], 6);
+        eprintln!(
+            "CPU seconds per second: 50% allowance {:.3}, unlimited {:.3}",
+            used[0], used[1]
+        );
+        assert!(used[0] <= 0.6, "a 50% allowance used {}", used[0]);
+        assert!(
+            used[0] >= 0.3,
+            "the spinning guest used only {}: is it spinning?",
+            used[0]
+        );
+        assert!(
+            used[1] >= 0.75 && used[1] > used[0] + 0.2,
+            "without an allowance the spinner used only {} (the limited one {})",
+            used[1],
+            used[0]
+        );
+        // The kernel says it held the limited one back (v2 and v1 cpu.stat alike).
+        let (At::V2(g) | At::V1(g)) = d.at("half", "cpu", "cpu") else {
+            unreachable!()
+        };
+        let stat = read(&g.join("cpu.stat"));
+        let throttled: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(throttled > 10, "{}: {stat}", g.display());
     }
-    assert_eq!(d.vm("slow")["limits"]["cpu_allowance"], 0.2);
+    assert_eq!(d.vm("half")["limits"]["cpu_allowance"], 0.5);
 
-    // io.max on a disk of this host: applied where the io controller is offered, else the
-    // start fails saying why.
+    // io limits on a disk of this host: io.max in v2, the blkio throttle files in v1, else
+    // the start fails saying why.
     let disk = std::fs::read_dir("/sys/block")
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("dev")).ok())
@@ -156,29 +331,38 @@ fn each_monitor_runs_in_its_cgroup_with_its_limits() {
         "io",
         json!({"io_max": [{"device": disk, "wbps": "1M", "riops": 100}]}),
     );
-    let io = d.cg().join("vm-io");
-    if offered.iter().any(|c| c == "io") {
-        assert_eq!(code, 200, "{v}");
-        let max = std::fs::read_to_string(io.join("io.max")).unwrap();
-        assert!(
-            max.contains(&format!("{disk} rbps=max wbps=1048576 riops=100 wiops=max")),
-            "{max}"
-        );
-        let (code, v) = d.call(
-            "PUT",
-            "/1.0/vms/io/state",
-            r#"{"action":"stop","force":true}"#,
-        );
-        assert_eq!(code, 200, "{v}");
-    } else {
-        assert_eq!(code, 500, "{v}");
-        let e = v["error"].as_str().unwrap();
-        assert!(
-            e.contains("no io controller") && e.contains("io_max"),
-            "{e}"
-        );
+    match d.at("io", "io", "blkio") {
+        At::V2(g) => {
+            assert_eq!(code, 200, "{v}");
+            let max = read(&g.join("io.max"));
+            assert!(
+                max.contains(&format!("{disk} rbps=max wbps=1048576 riops=100 wiops=max")),
+                "{max}"
+            );
+        }
+        At::V1(g) => {
+            assert_eq!(code, 200, "{v}");
+            let t = |f: &str| read(&g.join(format!("blkio.throttle.{f}_device")));
+            assert_eq!(t("write_bps"), format!("{disk} 1048576"));
+            assert_eq!(t("read_iops"), format!("{disk} 100"));
+            assert_eq!(
+                (t("read_bps"), t("write_iops")),
+                (String::new(), String::new())
+            );
+        }
+        At::Nowhere => {
+            assert_eq!(code, 500, "{v}");
+            let e = v["error"].as_str().unwrap();
+            assert!(
+                e.contains("no io controller") && e.contains("io_max"),
+                "{e}"
+            );
+        }
     }
-    assert!(!io.exists());
+    if code == 200 {
+        d.stop("io");
+    }
+    d.assert_no_groups("io");
     assert_eq!(d.vm("io")["limits"]["io_max"][0]["device"], disk.as_str());
 
     // Bad limits are refused at create, with the reason.
@@ -204,28 +388,109 @@ fn each_monitor_runs_in_its_cgroup_with_its_limits() {
         assert!(v["error"].as_str().unwrap().contains(why), "{body}: {v}");
     }
 
-    // Stopped: the cgroup is gone; started again: a fresh one; deleted: gone for good.
-    let (code, v) = d.call(
-        "PUT",
-        "/1.0/vms/spin/state",
-        r#"{"action":"stop","force":true}"#,
-    );
-    assert_eq!(code, 200, "{v}");
-    assert!(!group.exists(), "{} outlived its monitor", group.display());
+    // Stopped: every cgroup is gone; started again: fresh ones; deleted: gone for good.
+    d.stop("spin");
+    d.assert_no_groups("spin");
     let (code, v) = d.call("PUT", "/1.0/vms/spin/state", r#"{"action":"start"}"#);
     assert_eq!(code, 200, "{v}");
     assert!(group.exists());
-    let (code, v) = d.call(
-        "PUT",
-        "/1.0/vms/spin/state",
-        r#"{"action":"stop","force":true}"#,
-    );
-    assert_eq!(code, 200, "{v}");
-    for name in ["spin", "slow", "io"] {
+    if let At::V1(g) = &cpu {
+        assert!(g.exists(), "{}", g.display());
+    }
+    d.stop("spin");
+    if cpu != At::Nowhere {
+        d.stop("half");
+    }
+    for name in ["spin", "half", "io"] {
         let (code, v) = d.call("DELETE", &format!("/1.0/vms/{name}"), "");
         assert_eq!(code, 200, "{v}");
+        d.assert_no_groups(name);
     }
-    assert!(!group.exists() && !slow.exists());
+}
+
+#[test]
+fn a_monitor_over_its_memory_limit_is_oom_killed_and_reported() {
+    // A monitor allowance of 4M: a guest that touches all of its memory takes its monitor
+    // over the limit.
+    let d = Vmed::start(
+        "oom",
+        true,
+        &["--sample-interval", "1", "--monitor-memory", "4M"],
+    );
+    let fill = |mib: u32| {
+        json!({"memory": "64M", "cmdline": format!(
+            "console=ttyS0 quiet panic=-1 vme.run=\"mkdir -p /mnt; mount -t ramfs r /mnt; \
+             dd if=/dev/zero of=/mnt/fill bs=1M count={mib} 2>/dev/null; echo filled-{mib}; \
+             while :; do sleep 1; done\"")})
+    };
+    // One that stays well within its limit keeps running.
+    let (code, v) = d.create_and_start("small", fill(8));
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = d.create_and_start("hog", fill(200));
+    assert_eq!(code, 200, "{v}");
+    let at = d.at("hog", "memory", "memory");
+    let limit = ((64u64 + 4) << 20).to_string();
+    match &at {
+        At::V2(g) => assert_eq!(read(&g.join("memory.max")), limit),
+        At::V1(g) => assert_eq!(read(&g.join("memory.limit_in_bytes")), limit),
+        At::Nowhere => {
+            eprintln!("this host has no memory controller (v2 or v1): no OOM to test");
+            return;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hog = loop {
+        let vm = d.vm("hog");
+        if vm["state"] != "running" {
+            break vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hog was not killed in 60 s: {vm}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("hog: {} ({})", hog["state"], hog["reason"]);
+    assert_eq!(hog["state"], "crashed", "{hog}");
+    let reason = hog["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("killed by signal 9")
+            && reason.contains("OOM killer")
+            && reason.contains(&format!(
+                "memory limit ({}",
+                match &at {
+                    At::V2(g) => g.join("memory.max"),
+                    At::V1(g) => g.join("memory.limit_in_bytes"),
+                    At::Nowhere => unreachable!(),
+                }
+                .display()
+            ))
+            && reason.contains(&format!("= {limit} bytes")),
+        "{reason}"
+    );
+    d.assert_no_groups("hog");
+    // Its last sample, taken from the cgroup before it went, shows it at its limit.
+    let peak = d.usage("hog", "")["latest"]["memory_peak_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(peak > 60 << 20, "peak {peak}");
+
+    let console = d.dir.join("state/vms/small/console.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("filled-8")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the small VM never filled its 8M"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.vm("small")["state"], "running");
+    d.stop("small");
+    assert_eq!(d.vm("small")["reason"], "");
+    d.assert_no_groups("small");
 }
 
 #[test]
@@ -324,7 +589,7 @@ fn usage_is_sampled_stored_and_served() {
     assert_eq!(code, 200, "{v}");
     let stopped = d.usage("acct", "");
     assert!(cpu(&stopped) >= cpu(&grown), "{stopped}");
-    assert!(!d.cg().join("vm-acct").exists());
+    d.assert_no_groups("acct");
     let (code, v) = d.call("DELETE", "/1.0/vms/acct", "");
     assert_eq!(code, 200, "{v}");
 }
@@ -360,4 +625,32 @@ fn without_cgroups_monitors_run_unconfined_and_are_still_accounted() {
         r#"{"action":"stop","force":true}"#,
     );
     assert_eq!(code, 200, "{v}");
+}
+
+#[test]
+fn a_monitor_that_died_while_no_daemon_watched_leaves_no_cgroup() {
+    let mut d = start("orphan", true);
+    let (code, v) = d.create_and_start("gone", json!({}));
+    assert_eq!(code, 200, "{v}");
+    let pid = d.vm("gone")["pid"].as_u64().unwrap() as i32;
+    let made: Vec<PathBuf> = d
+        .all_groups("gone")
+        .into_iter()
+        .filter(|g| g.exists())
+        .collect();
+    assert!(!made.is_empty());
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // SAFETY: kill(2) with plain integers, on the monitor this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "monitor {pid} survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its cgroups (v2 and v1) are still there, empty; the next daemon removes them.
+    assert!(made.iter().all(|g| g.exists()), "{made:?}");
+    d.launch(None);
+    assert_eq!(d.vm("gone")["state"], "crashed");
+    d.assert_no_groups("gone");
 }

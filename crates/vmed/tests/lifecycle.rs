@@ -495,6 +495,7 @@ fn a_daemon_killed_at_any_point_leaves_every_vm_explained() {
     assert_eq!(create(&d, "keep"), Some(201));
     assert_eq!(act(&d, "keep", "start").0, 200);
     let keep = pid(&d, "keep");
+    let (uptime_before, since) = (guest_uptime(&d, "keep"), Instant::now());
 
     // Every point the daemon has: one added there is tested here, or this test fails on
     // the expectations below. The image import's points hold no VM: tests/images.rs has them.
@@ -575,8 +576,42 @@ fn a_daemon_killed_at_any_point_leaves_every_vm_explained() {
             assert_eq!(http(&d.socket, "GET", &format!("/1.0/vms/{vm}"), "").0, 404);
         }
     }
+    // The guest itself saw no break: its agent answers and its uptime went on, unreset.
+    let (uptime_after, elapsed) = (guest_uptime(&d, "keep"), since.elapsed().as_secs_f64());
+    assert!(
+        uptime_after - uptime_before >= elapsed * 0.5,
+        "keep's guest uptime went from {uptime_before} s to {uptime_after} s in {elapsed:.1} s \
+         of daemon restarts: it was rebooted or stalled"
+    );
     assert_eq!(
         http(&d.socket, "PUT", "/1.0/vms/keep/state", force_stop).0,
         200
     );
+}
+
+/// The guest's own uptime in seconds (`/proc/uptime`, through its agent), once the agent
+/// answers.
+fn guest_uptime(d: &Vmed, vm: &str) -> f64 {
+    let path = format!("/1.0/vms/{vm}/exec");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, v) = http(
+            &d.socket,
+            "POST",
+            &path,
+            r#"{"command":["cat","/proc/uptime"]}"#,
+        );
+        let seconds = v["metadata"]["stdout"]
+            .as_str()
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok());
+        match seconds {
+            Some(s) if code == 200 => return s,
+            _ => assert!(
+                Instant::now() < deadline,
+                "{vm}'s agent did not report its uptime within 30 s: {code} {v}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

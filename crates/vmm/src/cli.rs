@@ -165,8 +165,9 @@ pub struct RunArgs {
     /// What a guest reboot does: exit (status 0) or restart.
     #[arg(long)]
     pub on_reboot: Option<RebootAction>,
-    /// A virtio disk: path=FILE[,readonly=on][,serial=ID][,bw=BYTES][,iops=N][,burst_ms=MS]
-    /// (raw image). bw limits bytes per second (K/M/G suffixes, 4K..1T), iops requests per
+    /// A virtio disk: path=FILE[,base=FILE][,readonly=on][,serial=ID][,bw=BYTES][,iops=N]
+    /// [,burst_ms=MS]: a raw image, or with base= a vme overlay (docs/overlay.md) on that
+    /// read-only base image. bw limits bytes per second (K/M/G suffixes, 4K..1T), iops requests per
     /// second; burst_ms is how many milliseconds at those rates may go at once (default 100).
     /// Repeat for more disks; given on the command line, these replace the machine file's
     /// disks.
@@ -345,7 +346,18 @@ pub(crate) fn check_disk(disk: &DiskSpec) -> Result<(), String> {
                 "cannot open disk image {}: {e}: check its permissions{hint}",
                 path.display()
             )
-        })
+        })?;
+    if let Some(base) = &disk.base {
+        std::fs::File::open(base).map(|_| ()).map_err(|e| {
+            format!(
+                "cannot open base image {} of overlay {}: {e}: check the path and its \
+                 permissions",
+                base.display(),
+                path.display()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn check_readable(what: &str, path: &Path) -> Result<(), String> {

@@ -249,6 +249,7 @@ pub fn run(
     }
 
     let handle = machine.handle();
+    let ending = transports.clone();
     ctx.control.set_snapshotter(Arc::new(RiscvSnapshotter {
         spec: crate::snapshot::absolute_spec(spec),
         machine: Arc::downgrade(&machine),
@@ -277,6 +278,9 @@ pub fn run(
     let ended = machine.run().map_err(|e| e.to_string());
     // No frame may reach a machine that has stopped running.
     drop(workers);
+    for t in &ending {
+        t.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+    }
     let ended = ended?;
     log::debug!("riscv64 machine ended: {ended:?}");
     let events: &dyn vme_devices::VmEvents = &*ctx.control;

@@ -68,8 +68,8 @@ pub fn devices(spec: &MachineSpec, max_slots: usize, machine: &str) -> Result<Ve
     let mut slots = Vec::new();
     for (i, disk) in spec.disks.iter().enumerate() {
         let serial = disk.serial.as_deref().unwrap_or("");
-        let mut block =
-            Block::open(&disk.path, disk.readonly, serial).map_err(|e| e.to_string())?;
+        let mut block = Block::open_disk(&disk.path, disk.base.as_deref(), disk.readonly, serial)
+            .map_err(|e| e.to_string())?;
         block.set_limits(device_limits(disk.bw, disk.iops, disk.burst_ms));
         slots.push(Slot {
             device: Box::new(block),

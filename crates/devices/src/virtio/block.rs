@@ -1,22 +1,22 @@
-//! virtio-blk over a raw image file (virtio 1.2 §5.2): IN, OUT, FLUSH, GET_ID, DISCARD and
+//! virtio-blk over a raw image file or a copy-on-write overlay on a read-only base image
+//! ([`disk`](super::disk)) (virtio 1.2 §5.2): IN, OUT, FLUSH, GET_ID, DISCARD and
 //! WRITE_ZEROES, one request queue, served synchronously on the notifying thread.
 //!
 //! Every request is checked against the disk size before any byte moves: a request that
 //! reaches past the end fails with IOERR and reads or writes nothing. The status byte is the
 //! last byte of the chain and is written last. The image is locked (`flock`) so that two
-//! monitors cannot write one disk: exclusively when writable, shared when read-only.
+//! monitors cannot write one disk: exclusively when writable, shared when read-only (an
+//! overlay's base always shared).
 //!
 //! An optional [`Throttle`] limits bytes/s and requests/s: a request the buckets refuse stays
 //! in the ring and the device's refill thread serves the queue again when tokens are back.
 
+use super::cow::Overlay;
+use super::disk::{Disk, open_locked, size_of};
 use super::queue::{Chain, Cursor, Queue, QueueError};
 use super::rate_limit::{LimitSet, Limits, RefillTimer, Throttle};
 use super::{DeviceState, GuestMemory, ID_BLOCK, StateError, VirtioDevice};
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -71,6 +71,20 @@ pub enum BlockError {
     },
     #[error("disk serial {serial:?} is {len} bytes; the limit is {SERIAL_LEN}: shorten it")]
     Serial { serial: String, len: usize },
+    #[error(
+        "disk {path} is not a usable vme overlay: {why}; give the overlay made for this VM \
+         (or drop base= to use a raw image)"
+    )]
+    Overlay { path: PathBuf, why: String },
+    #[error(
+        "base image {base} is not the one overlay {path} was made from: {why}; give the \
+         overlay's own base image"
+    )]
+    Base {
+        path: PathBuf,
+        base: PathBuf,
+        why: String,
+    },
 }
 
 /// A disk in a snapshot. Requests are served synchronously under the transport's lock, so
@@ -83,9 +97,9 @@ pub struct BlockState {
     pub readonly: bool,
 }
 
-/// A virtio block device backed by a raw image.
+/// A virtio block device backed by a raw image or an overlay.
 pub struct Block {
-    file: File,
+    disk: Disk,
     capacity: u64,
     readonly: bool,
     serial: Vec<u8>,
@@ -99,44 +113,42 @@ pub struct Block {
 impl Block {
     /// Opens and locks `path`; the disk has the file's size, rounded down to whole sectors.
     pub fn open(path: &Path, readonly: bool, serial: &str) -> Result<Block, BlockError> {
+        Block::open_disk(path, None, readonly, serial)
+    }
+
+    /// [`Block::open`], or with `base`: `path` is an overlay on the read-only image `base`
+    /// and the disk has the overlay's virtual size.
+    pub fn open_disk(
+        path: &Path,
+        base: Option<&Path>,
+        readonly: bool,
+        serial: &str,
+    ) -> Result<Block, BlockError> {
         if serial.len() > SERIAL_LEN {
             return Err(BlockError::Serial {
                 serial: serial.into(),
                 len: serial.len(),
             });
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.into(),
-                source,
-            })?;
-        let how = if readonly {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
+        let (disk, capacity) = match base {
+            Some(base) => {
+                let o = Overlay::open(path, base, readonly)?;
+                let capacity = o.capacity();
+                (Disk::Overlay(Box::new(o)), capacity)
+            }
+            None => {
+                let file = open_locked(path, readonly)?;
+                let size = size_of(&file, path)?;
+                if size % SECTOR != 0 {
+                    log::warn!(
+                        "disk image {} is {size} bytes, not a whole number of sectors: the last {} bytes are not visible to the guest",
+                        path.display(),
+                        size % SECTOR
+                    );
+                }
+                (Disk::Raw(file), size / SECTOR * SECTOR)
+            }
         };
-        // SAFETY: flock on a descriptor we own; it touches no memory.
-        if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
-            return Err(BlockError::Locked { path: path.into() });
-        }
-        // Seeking works for block devices too, whose metadata length is 0.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.into(),
-                source,
-            })?;
-        if size % SECTOR != 0 {
-            log::warn!(
-                "disk image {} is {size} bytes, not a whole number of sectors: the last {} bytes are not visible to the guest",
-                path.display(),
-                size % SECTOR
-            );
-        }
-        let capacity = size / SECTOR * SECTOR;
         let mut config = [0u8; 60];
         config[0..8].copy_from_slice(&(capacity / SECTOR).to_le_bytes());
         config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
@@ -149,7 +161,7 @@ impl Block {
         config[52..56].copy_from_slice(&MAX_ZERO_SEGS.to_le_bytes());
         config[56] = 1; // write_zeroes_may_unmap: holes read as zeroes
         Ok(Block {
-            file,
+            disk,
             capacity,
             readonly,
             serial: serial.as_bytes().to_vec(),
@@ -212,7 +224,7 @@ impl Block {
             T_IN => self.read(sector, &mut output, mem)?,
             T_OUT if output.remaining() != 0 => (S_IOERR, 0),
             T_OUT => (self.write(sector, &mut input, mem)?, 0),
-            T_FLUSH => (status_of(self.file.sync_data()), 0),
+            T_FLUSH => (status_of(self.disk.flush()), 0),
             T_GET_ID => {
                 let mut id = [0u8; SERIAL_LEN];
                 id[..self.serial.len()].copy_from_slice(&self.serial);
@@ -238,7 +250,7 @@ impl Block {
         self.buf.resize(CHUNK, 0);
         while let Some((addr, n)) = out.take(CHUNK as u64) {
             let piece = &mut self.buf[..n as usize];
-            if self.file.read_exact_at(piece, off).is_err() {
+            if self.disk.read_at(piece, off).is_err() {
                 return Ok((S_IOERR, 0));
             }
             mem.write(addr, piece)?;
@@ -264,7 +276,7 @@ impl Block {
         while let Some((addr, n)) = input.take(CHUNK as u64) {
             let piece = &mut self.buf[..n as usize];
             mem.read(addr, piece)?;
-            if self.file.write_all_at(piece, off).is_err() {
+            if self.disk.write_at(piece, off).is_err() {
                 return Ok(S_IOERR);
             }
             off += n;
@@ -272,7 +284,7 @@ impl Block {
         Ok(S_OK)
     }
 
-    /// DISCARD and WRITE_ZEROES: punch holes (which read back as zeroes).
+    /// DISCARD and WRITE_ZEROES: punch holes (which read back as zeroes), see [`Disk::zero`].
     fn zero(
         &mut self,
         kind: u32,
@@ -302,32 +314,7 @@ impl Block {
         if len == 0 {
             return Ok(S_OK);
         }
-        // SAFETY: fallocate on a descriptor we own; it touches no memory of ours.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(S_OK);
-        }
-        if kind == T_DISCARD {
-            // Discard is a hint: a file system without holes just keeps the data.
-            return Ok(S_OK);
-        }
-        let zeroes = vec![0u8; CHUNK];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            if self.file.write_all_at(&zeroes[..n], off + done).is_err() {
-                return Ok(S_IOERR);
-            }
-            done += n as u64;
-        }
-        Ok(S_OK)
+        Ok(status_of(self.disk.zero(off, len, kind == T_DISCARD)))
     }
 }
 
@@ -371,7 +358,17 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn shutdown(&mut self) {
+        if let Err(e) = self.disk.finish() {
+            log::error!("cannot record the overlay disk's last writes at the VM's end: {e}");
+        }
+    }
+
     fn save_state(&self) -> DeviceState {
+        // What the guest wrote must be in the files a restore opens.
+        if let Err(e) = self.disk.persist() {
+            log::error!("snapshot: cannot record what the guest wrote to its overlay disk: {e}");
+        }
         DeviceState::Block(BlockState {
             capacity: self.capacity,
             readonly: self.readonly,

@@ -45,13 +45,17 @@ struct Rig {
 
 impl Rig {
     fn new(img: &Image, readonly: bool) -> Rig {
+        Rig::with(Block::open(&img.0, readonly, "vme-serial-1").unwrap())
+    }
+
+    fn with(blk: Block) -> Rig {
         let drv = Driver::new(16);
         let q = drv.queue(QUEUE_SIZE);
         Rig {
             mem: TestMemory::new(),
             drv,
             q,
-            blk: Block::open(&img.0, readonly, "vme-serial-1").unwrap(),
+            blk,
         }
     }
 
@@ -401,4 +405,55 @@ fn a_restored_disk_must_be_the_one_the_guest_knows() {
             .contains("1048576 bytes, but the image now is 2097152"),
         "{err}"
     );
+}
+
+#[test]
+fn overlay_disks_through_the_queue() {
+    let base = Image::new();
+    let before = base.bytes();
+    let ovl = Image(base.0.with_extension("ovl"));
+    crate::virtio::cow::new_overlay_file(&base.0, &ovl.0).unwrap();
+    let open = |ro| Block::open_disk(&ovl.0, Some(&base.0), ro, "").unwrap();
+    let mut r = Rig::with(open(false));
+    assert_eq!(r.blk.read_config_u64(0), DISK / SECTOR);
+    assert_eq!(r.blk.features() & F_RO, 0);
+    assert_eq!(r.run(T_IN, 3, Some((1024, true))).0, S_OK);
+    assert_eq!(r.mem.get(DATA, 1024), before[1536..2560], "the base shows");
+
+    let payload: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
+    r.mem.put(DATA, &payload);
+    assert_eq!(r.run(T_OUT, 8, Some((8192, false))).0, S_OK);
+    r.mem.put(DATA, &[0u8; 8192]);
+    assert_eq!(r.run(T_IN, 8, Some((8192, true))).0, S_OK);
+    assert_eq!(r.mem.get(DATA, 8192), payload);
+    // Cluster 0's bit reaches the file on a snapshot (and on FLUSH), not before.
+    let bitmap = || std::fs::read(&ovl.0).unwrap()[4096];
+    assert_eq!(bitmap(), 0);
+    let _ = r.blk.save_state();
+    assert_eq!(bitmap(), 1);
+
+    // Zeroes over clusters 1 and 2 (sectors 128..384) and the start of 3.
+    let mut seg = [0u8; 16];
+    seg[..8].copy_from_slice(&128u64.to_le_bytes());
+    seg[8..12].copy_from_slice(&300u32.to_le_bytes());
+    r.mem.put(DATA, &seg);
+    assert_eq!(r.run(T_WRITE_ZEROES, 0, Some((16, false))).0, S_OK);
+    assert_eq!(r.run(T_FLUSH, 0, None).0, S_OK);
+    assert_eq!(bitmap(), 0b1111);
+    assert_eq!(r.run(T_IN, 120, Some((8192, true))).0, S_OK);
+    let got = r.mem.get(DATA, 8192);
+    assert_eq!(got[..4096], before[120 * 512..128 * 512]);
+    assert!(got[4096..].iter().all(|&b| b == 0));
+    let last = DISK / SECTOR - 1;
+    assert_eq!(r.run(T_OUT, last, Some((1024, false))).0, S_IOERR);
+    assert_eq!(r.run(T_IN, last, Some((1024, true))).0, S_IOERR);
+    assert_eq!(base.bytes(), before, "the base is never written");
+    drop(r);
+
+    let mut r = Rig::with(open(true));
+    assert_ne!(r.blk.features() & F_RO, 0);
+    assert_eq!(r.run(T_OUT, 8, Some((512, false))).0, S_IOERR);
+    assert_eq!(r.run(T_IN, 8, Some((8192, true))).0, S_OK);
+    assert_eq!(r.mem.get(DATA, 8192), payload);
+    assert_eq!(r.refused(), 0);
 }

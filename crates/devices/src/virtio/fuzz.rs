@@ -313,12 +313,25 @@ fn scratch(what: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("vme-fuzz-{}-{id}-{what}", std::process::id()))
 }
 
+/// A 1 MiB raw disk, or (the input's last byte odd) an overlay on a 1 MiB base.
 fn block_device(input: &[u8]) -> Box<dyn VirtioDevice> {
     let path = scratch("disk");
     let file = std::fs::File::create(&path).expect("create the fuzz disk");
     file.set_len(1 << 20).expect("size the fuzz disk");
     let readonly = input.first().is_some_and(|b| b & 1 != 0);
-    Box::new(super::block::Block::open(&path, readonly, "fuzz").expect("open the fuzz disk"))
+    if input.last().is_none_or(|b| b & 1 == 0) {
+        return Box::new(
+            super::block::Block::open(&path, readonly, "fuzz").expect("open the fuzz disk"),
+        );
+    }
+    let base = scratch("base");
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i / 512) as u8).collect();
+    std::fs::write(&base, &data).expect("write the fuzz base");
+    super::cow::new_overlay_file(&base, &path).expect("make the fuzz overlay");
+    Box::new(
+        super::block::Block::open_disk(&path, Some(&base), readonly, "fuzz")
+            .expect("open the fuzz overlay"),
+    )
 }
 
 pub fn block(input: &[u8]) {

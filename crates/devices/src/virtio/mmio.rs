@@ -121,6 +121,11 @@ impl MmioTransport {
     }
 
     /// The state for a snapshot.
+    /// The VM has ended: [`VirtioDevice::shutdown`](super::VirtioDevice::shutdown).
+    pub fn shutdown(&mut self) {
+        self.core.shutdown();
+    }
+
     pub fn state(&self) -> MmioState {
         MmioState {
             core: self.core.state(),

@@ -1,6 +1,7 @@
 //! virtio 1.2 devices, independent of the machine kind: split virtqueues ([`queue`]), the
 //! transports (virtio-mmio [`mmio`] and virtio-pci [`pci`], sharing the state machine in
-//! [`transport`]), virtio-blk ([`block`]), virtio-net ([`net`]), virtio-rng ([`rng`]),
+//! [`transport`]), virtio-blk ([`block`], over a raw file or a copy-on-write overlay:
+//! [`disk`], [`cow`]), virtio-net ([`net`]), virtio-rng ([`rng`]),
 //! virtio-vsock ([`vsock`]) and the token buckets that rate-limit disks and nets
 //! ([`rate_limit`]). virtio-balloon ([`balloon`]) gives guest pages back to the host
 //! ([`GuestMemory::discard`]).
@@ -21,6 +22,8 @@
 
 pub mod balloon;
 pub mod block;
+pub mod cow;
+pub mod disk;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod mmio;
@@ -204,6 +207,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, QueueError>;
     /// Forgets everything negotiated (status written 0).
     fn reset(&mut self) {}
+    /// The VM has ended (powered off, stopped): make durable what the device still holds
+    /// (an overlay disk's newly written clusters). Called after the last request.
+    fn shutdown(&mut self) {}
     /// The device's own state for a snapshot, taken between requests.
     fn save_state(&self) -> DeviceState;
     /// Takes a snapshot's state, after the transport restored its queues and, for a driver

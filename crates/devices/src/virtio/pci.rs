@@ -262,6 +262,11 @@ impl PciTransport {
         self.core.device_mut().update_limits(limits)
     }
 
+    /// The VM has ended: [`VirtioDevice::shutdown`](super::VirtioDevice::shutdown).
+    pub fn shutdown(&mut self) {
+        self.core.shutdown();
+    }
+
     /// The state for a snapshot (the caller holds the transport, so no request is half
     /// done).
     pub fn state(&self) -> PciState {

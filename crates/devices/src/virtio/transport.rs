@@ -167,6 +167,11 @@ impl VirtioCore {
         self.device.reset();
     }
 
+    /// The VM has ended: [`VirtioDevice::shutdown`].
+    pub fn shutdown(&mut self) {
+        self.device.shutdown();
+    }
+
     /// The driver broke the rules: stop serving queues until it resets the device.
     pub fn needs_reset(&mut self, why: &dyn std::fmt::Display, irq: &mut dyn Interrupts) {
         if self.status & S_NEEDS_RESET == 0 {

@@ -200,17 +200,35 @@ pub fn cgroup2_mount() -> PathBuf {
         .expect("this host has no cgroup2 mount")
 }
 
-/// Removes a test daemon's cgroups once their (killed) monitors are gone.
+/// The host's cgroup v1 hierarchies' mounts (none on a unified host).
+pub fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup ")
+                .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
+        })
+        .collect()
+}
+
+/// Removes a test daemon's cgroups once their (killed) monitors are gone: its v2 root and,
+/// on a host with cgroup v1 hierarchies, the same path in each of them.
 pub fn remove_cgroups(root: &Path) {
+    let rel = root.strip_prefix(cgroup2_mount()).unwrap_or(root);
+    let mut roots = vec![root.to_path_buf()];
+    roots.extend(cgroup_v1_mounts().iter().map(|m| m.join(rel)));
     let deadline = Instant::now() + Duration::from_secs(5);
-    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if e.path().is_dir() {
-            while std::fs::remove_dir(e.path()).is_err() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+    for root in roots {
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                while std::fs::remove_dir(e.path()).is_err() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
+        let _ = std::fs::remove_dir(&root);
     }
-    let _ = std::fs::remove_dir(root);
 }
 
 /// Sends one HTTP/1.1 request; the connection, to read the reply from.

@@ -173,6 +173,7 @@ pub fn absolute_spec(spec: &MachineSpec) -> MachineSpec {
     s.initrd = s.initrd.as_deref().map(abs);
     for d in &mut s.disks {
         d.path = abs(&d.path);
+        d.base = d.base.as_deref().map(abs);
     }
     if let Some(v) = &mut s.vsock {
         v.uds = abs(&v.uds);

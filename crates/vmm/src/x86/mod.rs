@@ -214,6 +214,7 @@ pub fn run(
     }));
 
     let vcpus: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
+    let ending = pci.transports.clone();
     control.set_snapshotter(Arc::new(X86Snapshotter {
         spec: crate::snapshot::absolute_spec(spec),
         cpu,
@@ -246,6 +247,9 @@ pub fn run(
     let reports = run_vcpus(&vcpus, &pio, &mmio, (&mem, &dirty), ctx)?;
     // No frame may reach a VM that has stopped running.
     drop(workers);
+    for t in &ending {
+        t.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+    }
     log_measurements(&reports);
     Ok(ctx.control.wait_for_exit())
 }

@@ -128,7 +128,7 @@ pub struct Daemon {
 }
 
 /// Marks a VM busy for the length of an operation (it may move to another thread with it).
-struct BusyGuard {
+pub(crate) struct BusyGuard {
     busy: Arc<Mutex<HashMap<String, &'static str>>>,
     name: String,
 }
@@ -294,7 +294,7 @@ impl Daemon {
 
     /// Marks the VM busy with `what` (the `action` of the lifecycle events its monitor's
     /// exit publishes meanwhile), unless it already is.
-    fn begin(&self, name: &str, what: &'static str) -> Result<BusyGuard, OpError> {
+    pub(crate) fn begin(&self, name: &str, what: &'static str) -> Result<BusyGuard, OpError> {
         let mut busy = lock(&self.busy);
         if busy.contains_key(name) {
             return Err(OpError::Busy(name.into()));
@@ -347,7 +347,7 @@ impl Daemon {
     /// an operation that stores the VM.
     pub fn create_task(self: &Arc<Self>, mut req: validate::CreateVm) -> Result<Task, OpError> {
         validate::name(&req.name).map_err(OpError::BadRequest)?;
-        self.apply_image(&mut req)?;
+        let root = self.apply_image(&mut req)?;
         let mut spec = validate::create(&req).map_err(OpError::BadRequest)?;
         let limits = validate::limits(&req, &spec).map_err(OpError::BadRequest)?;
         self.cfg
@@ -365,16 +365,26 @@ impl Daemon {
         let work = move || {
             let _busy = busy;
             let _doing = events::doing("create");
+            // Before the record: a VM is never stored without its volume.
+            let volume = match (&root, spec.disks.first_mut()) {
+                (Some(root), Some(disk)) => Some(me.make_root_volume(&req.name, root, disk)?),
+                _ => None,
+            };
             // Devices (vsock CID, tap names) are assigned under the store's lock, so two
             // creates cannot take the same ones.
-            let vm = {
+            let stored = (|| -> Result<VmRecord, OpError> {
                 let mut store = me.store();
                 let others = store.list()?;
                 let uds = crate::guest::vsock_socket(&me.cfg.state_dir, &req.name);
                 crate::devices::assign(&mut spec, req.vsock.unwrap_or(true), uds, &others)
                     .map_err(OpError::BadRequest)?;
-                store.create(&req.name, &spec, req.restart_policy, &limits)?
-            };
+                Ok(store.create(&req.name, &spec, req.restart_policy, &limits)?)
+            })();
+            let vm = stored.inspect_err(|_| {
+                if let Some(v) = &volume {
+                    let _ = fs::remove_file(v);
+                }
+            })?;
             crate::crashpoint::hit("create:after-insert");
             Ok(serde_json::to_value(vm).unwrap_or(Value::Null))
         };

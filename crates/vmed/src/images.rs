@@ -15,7 +15,9 @@ use crate::validate::CreateVm;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use vme_api::MachineSpec;
+use vme_api::overlay::CloneKind;
 use vme_image::archive::{self, ArchiveError};
 use vme_image::blobs::{BlobError, BlobStore};
 use vme_image::manifest::{Boot, check_name};
@@ -159,7 +161,7 @@ impl From<ArchiveError> for OpError {
 }
 
 impl Daemon {
-    fn blobs(&self) -> Result<BlobStore, OpError> {
+    pub(crate) fn blobs(&self) -> Result<BlobStore, OpError> {
         let dir = self.config().state_dir.join("images");
         BlobStore::open(&dir).map_err(|e| {
             failed(format!(
@@ -373,9 +375,13 @@ impl Daemon {
     /// Fills a create request from its image: kernel, initrd and cmdline from the image's
     /// blobs, architecture, and resources (the image's defaults where the request gives none,
     /// and never below its minimum). Checks the signature policy and every blob's digest.
-    pub(crate) fn apply_image(&self, req: &mut CreateVm) -> Result<(), OpError> {
+    ///
+    /// Returns the image's root disk blob, if it has one: the request then names the blob
+    /// itself as its first disk (so it passes the checks of a create), and the create gives
+    /// the VM a thin clone of it instead (see [`Self::make_root_volume`]).
+    pub(crate) fn apply_image(&self, req: &mut CreateVm) -> Result<Option<RootBlob>, OpError> {
         let Some(name) = req.image.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         if req.kernel.is_some() || req.initrd.is_some() {
             return Err(OpError::BadRequest(
@@ -429,15 +435,17 @@ impl Daemon {
         let path = |r| m.blob(r).map(|b| blobs.path(&b.sha256));
         req.kernel = path(Role::Kernel);
         req.initrd = path(Role::Initrd);
-        // The image's disk is shared by every VM made from it: until thin clones (a VM's
-        // own copy-on-write volume) arrive, a VM gets it read-only, as its first disk (vda).
-        if let Some(b) = m.blob(Role::Disk) {
+        let root = m.blob(Role::Disk).map(|b| RootBlob {
+            path: blobs.path(&b.sha256),
+            digest: b.sha256.clone(),
+        });
+        if let Some(root) = &root {
             req.disks.insert(
                 0,
                 crate::devices::DiskReq {
-                    path: blobs.path(&b.sha256),
+                    path: root.path.clone(),
                     readonly: true,
-                    serial: Some(format!("image-{}", b.sha256.short())),
+                    serial: Some(format!("image-{}", root.digest.short())),
                 },
             );
         }
@@ -447,7 +455,43 @@ impl Daemon {
         if req.cmdline.is_none() {
             req.cmdline = Some(cmdline.clone());
         }
-        Ok(())
+        Ok(root)
+    }
+
+    /// Gives the VM its own root volume, `VMDIR/root.ovl`: a thin clone of the image's disk
+    /// blob (a reflink where the file system can, else a copy-on-write overlay on the blob),
+    /// made in O(1) time and space; `disk` (the blob, as [`Self::apply_image`] put it) then
+    /// names the volume. The VM has no record yet, so a file left there by a create that
+    /// died is garbage and goes first.
+    pub(crate) fn make_root_volume(
+        &self,
+        vm: &str,
+        root: &RootBlob,
+        disk: &mut vme_api::spec::DiskSpec,
+    ) -> Result<PathBuf, OpError> {
+        let dir = crate::daemon::vm_dir(&self.config().state_dir, vm);
+        let volume = dir.join(ROOT_VOLUME);
+        let fail = |e: String| {
+            failed(format!(
+                "cannot make VM {vm:?}'s root volume {}: {e}; check the state dir's free \
+                 space and permissions",
+                volume.display()
+            ))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+        match std::fs::remove_file(&volume) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e.to_string())),
+            _ => {}
+        }
+        let kind = vme_api::overlay::thin_clone(&root.path, &volume, digest_bytes(&root.digest))
+            .map_err(|e| fail(e.to_string()))?;
+        disk.path = volume.clone();
+        disk.readonly = false;
+        disk.base = match kind {
+            CloneKind::Overlay => Some(root.path.clone()),
+            CloneKind::Reflink => None,
+        };
+        Ok(volume)
     }
 
     fn mark_corrupted(&self, image: &str, role: Role, e: &BlobError) -> OpError {
@@ -480,8 +524,42 @@ impl Daemon {
                 return Err(format!("image corrupted: the VM's {what}: {e}"));
             }
         }
+        // An overlay must sit on the very blob it was cloned from: the monitor checks only
+        // the base's size and a sample of it.
+        for disk in &spec.disks {
+            let Some(base) = &disk.base else { continue };
+            let header = vme_api::overlay::inspect(&disk.path).map_err(|e| e.to_string())?;
+            let want = blobs.digest_of_path(base).map(|d| digest_bytes(&d));
+            if want != Some(header.base_digest) {
+                return Err(format!(
+                    "the VM's volume {} was made from another image than {}: recreate the VM \
+                     from its image",
+                    disk.path.display(),
+                    base.display()
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// A digest's 32 bytes (a Digest is 64 checked hex digits).
+fn digest_bytes(d: &Digest) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, pair) in d.as_str().as_bytes().chunks(2).enumerate().take(32) {
+        let hex = std::str::from_utf8(pair).ok();
+        out[i] = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+    }
+    out
+}
+
+/// The file name of a VM's root volume made from an image, in its VM directory.
+pub const ROOT_VOLUME: &str = "root.ovl";
+
+/// An image's root disk blob, for a VM made from the image.
+pub(crate) struct RootBlob {
+    pub path: PathBuf,
+    pub digest: Digest,
 }
 
 /// The image blobs a VM's spec names, with what each is.
@@ -498,6 +576,9 @@ fn spec_blobs(blobs: &BlobStore, spec: &MachineSpec) -> Vec<(&'static str, Diges
     }
     for d in &spec.disks {
         add("disk", &d.path);
+        if let Some(base) = &d.base {
+            add("root volume's base", base);
+        }
     }
     v
 }

@@ -24,6 +24,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod operations;
+pub mod publish;
 pub mod reconcile;
 pub mod scrub;
 pub mod settings;

@@ -535,3 +535,49 @@ fn a_disk_blob_is_stored_verified_and_given_read_only() {
         "{v}"
     );
 }
+
+#[test]
+fn a_slow_import_blocks_no_other_and_prune_spares_its_blobs() {
+    let d = Vmed::start("images-slow", false, &[]);
+    let (m, files) = tiny("slow");
+    let a = tar(&m, &files, None);
+    // The archive's first 3 MiB (the manifest and part of the kernel), then a pause.
+    let mut slow = UnixStream::connect(&d.socket).unwrap();
+    write!(
+        slow,
+        "POST /1.0/images HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
+         Content-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+        a.len()
+    )
+    .unwrap();
+    slow.write_all(&a[..3 << 20]).unwrap();
+    let tmp = d.dir.join("state/images/tmp");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&tmp) == 0 {
+        assert!(Instant::now() < deadline, "the import wrote no temp file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Meanwhile prune spares the half-written blob, and another import goes through.
+    let (code, v) = http(&d.socket, "POST", "/1.0/images/prune", "");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["metadata"]["temp_files_removed"], 0, "{v}");
+    assert_eq!(count(&tmp), 1);
+    let (mut small, mut small_files) = (m.clone(), Vec::new());
+    small.name = "small".into();
+    for (b, content) in small.blobs.iter_mut().zip([&b"kernel"[..], b"initrd"]) {
+        let f = d.dir.join(b.role.as_str());
+        std::fs::write(&f, content).unwrap();
+        (b.sha256, b.size) = (Digest::of(content), content.len() as u64);
+        small_files.push(f);
+    }
+    let (code, v) = post_bytes(&d.socket, "/1.0/images", &tar(&small, &small_files, None)).unwrap();
+    assert_eq!(code, 201, "{v}");
+    // The slow one ends well.
+    slow.write_all(&a[3 << 20..]).unwrap();
+    let mut reply = String::new();
+    slow.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    assert_eq!(images(&d).as_array().unwrap().len(), 2);
+    assert_eq!(count(&blobs_dir(&d)), 4);
+    assert_eq!(count(&tmp), 0);
+}

@@ -439,3 +439,27 @@ fn table(images: &[Value]) -> String {
         &rows,
     )
 }
+
+/// `vme publish VM IMAGE`.
+pub fn publish(api: &Api, vm: &str, image: &str, format: Format) -> Result<()> {
+    let path = format!("/1.0/vms/{}/publish", image_segment(vm)?);
+    let r = api.call_within("POST", &path, Some(json!({"image": image})), TRANSFER)?;
+    match format {
+        Format::Table => {
+            let rows: Vec<Vec<String>> = r["scrubbed"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|i| {
+                    let s = |k: &str| i[k].as_str().unwrap_or("").to_string();
+                    vec![s("path"), s("action")]
+                })
+                .collect();
+            out(&output::grid(&["SCRUBBED", "ACTION"], &rows))?;
+            println!("VM {vm} published as image {image}");
+        }
+        f => out(&output::encode(f, &r)?)?,
+    }
+    Ok(())
+}

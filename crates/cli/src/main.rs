@@ -136,6 +136,16 @@ enum Cmd {
     /// The image repository: import, list, sign, verify, export images.
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Make a stopped VM an image: its root volume (first disk) is copied, scrubbed of
+    /// machine-specific files (machine-id, ssh host keys, histories, logs) and stored with
+    /// its kernel and initrd.
+    Publish {
+        vm: String,
+        image: String,
+        /// table (what the scrub did, item by item) or json or yaml (the daemon's reply).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// This client's identity for daemons over HTTPS (--remote).
     #[command(subcommand)]
     Remote(RemoteCmd),
@@ -671,6 +681,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Remote(RemoteCmd::Cert) => client_cert()?,
         Cmd::Image(cmd) => image::run(&api, cmd)?,
+        Cmd::Publish { vm, image, format } => image::publish(&api, &vm, &image, format)?,
         Cmd::Events { types, format } => {
             let mut path = "/1.0/events".to_string();
             if !types.is_empty() {

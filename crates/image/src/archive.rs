@@ -189,22 +189,25 @@ pub fn import(
     max_blob: u64,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Imported, ArchiveError> {
-    import_checked(r, store, max_blob, &mut |_| Ok(()), progress)
+    import_checked(r, store, max_blob, &mut |_| Ok(()), &|_| true, progress)
 }
 
 /// [`import`], with `check` run on the manifest before any blob is read (so a name already
-/// taken is refused before gigabytes are uploaded).
+/// taken is refused before gigabytes are uploaded, and the caller can claim the blobs), and
+/// `removable` asked before a blob this import wrote is removed on failure (another import
+/// running meanwhile may have found it stored and counted on it).
 pub fn import_checked(
     r: &mut dyn Read,
     store: &BlobStore,
     max_blob: u64,
     check: &mut dyn FnMut(&Manifest) -> Result<(), String>,
+    removable: &dyn Fn(&Digest) -> bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Imported, ArchiveError> {
     let mut stored = Vec::new();
     let result = import_into(r, store, max_blob, check, progress, &mut stored);
     if result.is_err() {
-        for d in &stored {
+        for d in stored.iter().filter(|d| removable(d)) {
             let _ = store.remove(d);
         }
     }

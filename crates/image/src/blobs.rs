@@ -194,12 +194,22 @@ impl BlobStore {
         }
     }
 
-    /// Removes every temp file (none is in use: the caller holds off imports); their count.
-    pub fn clean_tmp(&self) -> io::Result<usize> {
+    /// Removes the temp files of blobs not `in_use` (by an import running now); their
+    /// count. A temp file's name starts with its blob's digest.
+    pub fn clean_tmp(&self, in_use: &dyn Fn(&Digest) -> bool) -> io::Result<usize> {
         let mut n = 0;
         for e in fs::read_dir(self.tmp())? {
-            fs::remove_file(e?.path())?;
-            n += 1;
+            let e = e?;
+            let name = e.file_name();
+            let busy = name
+                .to_str()
+                .and_then(|n| n.get(..64))
+                .and_then(|h| Digest::parse(h).ok())
+                .is_some_and(|d| in_use(&d));
+            if !busy {
+                fs::remove_file(e.path())?;
+                n += 1;
+            }
         }
         Ok(n)
     }
@@ -313,7 +323,9 @@ pub(crate) mod tests {
         assert_eq!(s.remove(&d).unwrap(), data.len() as u64);
         assert!(matches!(s.verify(&d, 1), Err(BlobError::Missing(_))));
         fs::write(dir.join("tmp/leftover"), b"x").unwrap();
-        assert_eq!(s.clean_tmp().unwrap(), 1);
+        fs::write(dir.join(format!("tmp/{d}.1.2")), b"x").unwrap();
+        assert_eq!(s.clean_tmp(&|x| *x == d).unwrap(), 1, "the busy one stays");
+        assert_eq!(s.clean_tmp(&|_| false).unwrap(), 1);
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -122,9 +122,11 @@ pub struct Daemon {
     pub ops: Operations,
     /// Each live VM's last usage sample (see [`crate::accounting`]).
     pub(crate) last_samples: Mutex<HashMap<String, crate::usage::Sample>>,
-    /// Held by an import while its blobs are not yet referenced, and by prune and image
-    /// deletion: so prune never takes a blob an import is about to commit.
+    /// Held by prune and image deletion, one at a time.
     pub(crate) image_lock: Mutex<()>,
+    /// The blobs of the imports running now, with how many claim each: prune and delete
+    /// leave them alone, and an import cut short removes only blobs no other one claims.
+    pub(crate) image_claims: Mutex<HashMap<vme_image::Digest, usize>>,
 }
 
 /// Marks a VM busy for the length of an operation (it may move to another thread with it).
@@ -257,6 +259,7 @@ impl Daemon {
             events,
             last_samples: Mutex::new(HashMap::new()),
             image_lock: Mutex::new(()),
+            image_claims: Mutex::new(HashMap::new()),
         });
         crate::reconcile::run(&daemon)?;
         crate::accounting::spawn_sampler(&daemon);

@@ -4,9 +4,10 @@
 //! from it, and checking its blobs' digests before every start.
 //!
 //! Blobs are shared by images and by the VMs created from them (a VM's spec names the blob
-//! files directly): a blob is garbage only when no image and no VM references it. Imports,
-//! deletions and prunes take [`Daemon::image_lock`] in turn, so a prune never removes a blob
-//! an import has written but not yet committed.
+//! files directly): a blob is garbage only when no image and no VM references it. An import
+//! holds no lock while its archive streams in: it claims its blobs (`Daemon::image_claims`)
+//! once its manifest is read, and prune and delete leave claimed blobs alone, so a prune
+//! never removes a blob an import has written, or counts on, but not yet committed.
 
 use crate::daemon::{Daemon, OpError, lock};
 use crate::store::StoreError;
@@ -181,28 +182,36 @@ impl Daemon {
             check_name(n).map_err(OpError::BadRequest)?;
         }
         let blobs = self.blobs()?;
-        let _import = lock(&self.image_lock);
+        // No lock is held while the archive streams in: the blobs are claimed instead.
+        let mut claims = Claims {
+            daemon: self,
+            digests: Vec::new(),
+        };
         let mut seen = 0u64;
         // A name already taken is refused before the blobs are uploaded.
         let mut early: Option<OpError> = None;
         let mut check = |m: &vme_image::Manifest| {
             let n = name.unwrap_or(&m.name);
-            match self.store().image_get(n) {
+            let free = match self.store().image_get(n) {
                 Err(StoreError::NoImage(_)) => Ok(()),
                 Ok(_) => Err(StoreError::ImageExists(n.into())),
                 Err(e) => Err(e),
-            }
-            .map_err(|e| {
+            };
+            if let Err(e) = free {
                 let msg = e.to_string();
                 early = Some(e.into());
-                msg
-            })
+                return Err(msg);
+            }
+            claims.claim(m.distinct_blobs().into_keys());
+            Ok(())
         };
+        let removable = |d: &Digest| lock(&self.image_claims).get(d) == Some(&1);
         let imported = archive::import_checked(
             r,
             &blobs,
             self.config().images.max_blob,
             &mut check,
+            &removable,
             &mut |n| {
                 seen += n;
                 if seen >= 1 << 20 {
@@ -214,9 +223,10 @@ impl Daemon {
             (ArchiveError::Refused(_), Some(first)) => first,
             (e, _) => e.into(),
         })?;
-        // From here on, a refusal must remove the blobs this import wrote.
+        // From here on, a refusal must remove the blobs this import wrote (and no other
+        // running import counts on).
         let undo = |e: OpError| {
-            for d in &imported.stored {
+            for d in imported.stored.iter().filter(|d| removable(d)) {
                 let _ = blobs.remove(d);
             }
             e
@@ -264,11 +274,12 @@ impl Daemon {
     pub fn image_delete(&self, name: &str) -> Result<(), OpError> {
         let blobs = self.blobs()?;
         let _g = lock(&self.image_lock);
+        let claims = lock(&self.image_claims);
         let image = self.store().image_get(name)?;
         self.store().image_delete(&image.name)?;
         let used = self.blobs_in_use(&blobs)?;
         for d in image.manifest.distinct_blobs().keys() {
-            if !used.contains(d) {
+            if !used.contains(d) && !claims.contains_key(d) {
                 blobs.remove(d).map_err(|e| {
                     failed(format!(
                         "image {:?} is deleted but its blob {d} could not be removed ({e}); \
@@ -285,14 +296,18 @@ impl Daemon {
     pub fn image_prune(&self) -> Result<PruneReport, OpError> {
         let blobs = self.blobs()?;
         let _g = lock(&self.image_lock);
+        // Held throughout, so no import claims (and dedupes against) a blob being removed.
+        let claims = lock(&self.image_claims);
         let used = self.blobs_in_use(&blobs)?;
         let mut report = PruneReport {
             blobs_removed: 0,
             bytes_freed: 0,
-            temp_files_removed: blobs.clean_tmp().map_err(failed)?,
+            temp_files_removed: blobs
+                .clean_tmp(&|d| claims.contains_key(d))
+                .map_err(failed)?,
         };
         for d in blobs.list().map_err(failed)? {
-            if !used.contains(&d) {
+            if !used.contains(&d) && !claims.contains_key(&d) {
                 report.bytes_freed += blobs.remove(&d).map_err(failed)?;
                 report.blobs_removed += 1;
             }
@@ -548,7 +563,9 @@ fn digest_bytes(d: &Digest) -> [u8; 32] {
     let mut out = [0u8; 32];
     for (i, pair) in d.as_str().as_bytes().chunks(2).enumerate().take(32) {
         let hex = std::str::from_utf8(pair).ok();
-        out[i] = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+        out[i] = hex
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
     }
     out
 }
@@ -560,6 +577,36 @@ pub const ROOT_VOLUME: &str = "root.ovl";
 pub(crate) struct RootBlob {
     pub path: PathBuf,
     pub digest: Digest,
+}
+
+/// An import's claims on its blobs, given back when it ends (however it ends).
+struct Claims<'a> {
+    daemon: &'a Daemon,
+    digests: Vec<Digest>,
+}
+
+impl Claims<'_> {
+    fn claim(&mut self, digests: impl Iterator<Item = Digest>) {
+        let mut all = lock(&self.daemon.image_claims);
+        for d in digests {
+            *all.entry(d.clone()).or_default() += 1;
+            self.digests.push(d);
+        }
+    }
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        let mut all = lock(&self.daemon.image_claims);
+        for d in &self.digests {
+            if let Some(n) = all.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    all.remove(d);
+                }
+            }
+        }
+    }
 }
 
 /// The image blobs a VM's spec names, with what each is.

@@ -45,6 +45,39 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(image_alias_set))
         .routes(routes!(image_alias_delete))
         .routes(routes!(image_prune))
+        .routes(routes!(vm_publish))
+}
+
+/// The body of `POST /1.0/vms/{name}/publish`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    /// The new image's name.
+    image: String,
+}
+
+/// Publishes a stopped VM as a new image: its root volume (first disk) is copied, scrubbed
+/// of machine-specific files (machine-id, ssh host keys, histories, logs) and stored with
+/// its kernel and initrd. The reply lists what the scrub did, item by item.
+#[utoipa::path(post, path = "/1.0/vms/{name}/publish", tag = "images",
+    params(("name" = String, Path, description = "The VM's name")),
+    request_body = PublishRequest,
+    responses(
+        (status = 201, description = "The new image and the scrub report",
+            body = Reply<crate::publish::PublishReport>),
+        (status = 400, description = "Bad name, no disk, or a root that is not ext4",
+            body = ErrorReply),
+        (status = 404, description = "No such VM", body = ErrorReply),
+        (status = 409, description = "The VM runs, or the image name is taken",
+            body = ErrorReply)))]
+async fn vm_publish(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, OpError> {
+    let req: PublishRequest = parse(&body)?;
+    let report = blocking(move || d.publish(&name, &req.image)).await?;
+    Ok(ok(StatusCode::CREATED, report))
 }
 
 /// Every image, ordered by name.

@@ -74,9 +74,9 @@ impl Daemon {
                 }
             }
             let scrubbed = scrub::scrub_ext4(&volume).map_err(|e| match e {
-                scrub::ScrubError::NotExt => OpError::BadRequest(format!(
-                    "VM {vm:?}'s root volume: {e}"
-                )),
+                scrub::ScrubError::NotExt => {
+                    OpError::BadRequest(format!("VM {vm:?}'s root volume: {e}"))
+                }
                 e => failed(e),
             })?;
             let mut refs = Vec::new();
@@ -103,7 +103,6 @@ impl Daemon {
             manifest
                 .check(self.config().images.max_blob)
                 .map_err(|e| failed(format!("the published image's manifest: {e}")))?;
-            crate::crashpoint::hit("publish:before-commit");
             let image = self.store().image_insert(image, &bytes, None)?;
             Ok(PublishReport { image, scrubbed })
         })();
@@ -125,11 +124,9 @@ impl Daemon {
         let base_digest = base.and_then(|b| store.digest_of_path(b));
         let source = base_digest.and_then(|d| {
             let images = self.store().image_list().ok()?;
-            images.into_iter().find(|i| {
-                i.manifest
-                    .blob(Role::Disk)
-                    .is_some_and(|b| b.sha256 == d)
-            })
+            images
+                .into_iter()
+                .find(|i| i.manifest.blob(Role::Disk).is_some_and(|b| b.sha256 == d))
         });
         let own = Amount {
             vcpus: spec.vcpus,

@@ -240,6 +240,11 @@ fn every_documented_route_answers() {
             ("post", "/1.0/images/aliases"),
             r#"{"name":"x","target":"api-1"}"#.into(),
         ),
+        // The VM has no disk to publish: a documented 400.
+        (
+            ("post", "/1.0/vms/{name}/publish"),
+            r#"{"image":"api-pub"}"#.into(),
+        ),
         // The VM is not running: a documented 409.
         (
             ("post", "/1.0/vms/{name}/exec"),

@@ -494,7 +494,7 @@ fn hostile_archives_and_manifests_are_refused_with_nothing_stored() {
 }
 
 #[test]
-fn a_disk_blob_is_stored_verified_and_given_read_only() {
+fn a_disk_blob_is_stored_verified_and_cloned_for_each_vm() {
     let d = Vmed::start("images-disk", false, &[]);
     let (mut m, mut files) = tiny("tiny-disk");
     let disk = d.dir.join("disk.raw");
@@ -512,13 +512,21 @@ fn a_disk_blob_is_stored_verified_and_given_read_only() {
     let body = json!({"name": "v", "image": "tiny-disk"}).to_string();
     let (code, v) = http(&d.socket, "POST", "/1.0/vms", &body);
     assert_eq!(code, 201, "{v}");
+    // The VM's own volume: a thin clone (here an overlay) on the blob, writable.
     let disk = &v["metadata"]["spec"]["disks"][0];
+    let volume = d.dir.join("state/vms/v/root.ovl");
+    assert_eq!(disk["path"], json!(volume), "{v}");
     assert_eq!(
-        disk["path"],
+        disk["base"],
         json!(blobs_dir(&d).join(sha256.as_str())),
         "{v}"
     );
-    assert_eq!(disk["readonly"], true, "{v}");
+    assert_eq!(disk["readonly"], false, "{v}");
+    let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&volume).unwrap()) * 512;
+    assert!(
+        used < 256 << 10,
+        "the clone of a 3 MiB disk takes {used} bytes"
+    );
     // A flipped byte in the disk blob is caught like one in a kernel.
     flip_a_byte(&blobs_dir(&d).join(sha256.as_str()));
     let (code, v) = http(&d.socket, "POST", "/1.0/images/tiny-disk/verify", "");
@@ -534,4 +542,50 @@ fn a_disk_blob_is_stored_verified_and_given_read_only() {
         v["error"].as_str().unwrap().contains(sha256.as_str()),
         "{v}"
     );
+}
+
+#[test]
+fn a_slow_import_blocks_no_other_and_prune_spares_its_blobs() {
+    let d = Vmed::start("images-slow", false, &[]);
+    let (m, files) = tiny("slow");
+    let a = tar(&m, &files, None);
+    // The archive's first 3 MiB (the manifest and part of the kernel), then a pause.
+    let mut slow = UnixStream::connect(&d.socket).unwrap();
+    write!(
+        slow,
+        "POST /1.0/images HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
+         Content-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+        a.len()
+    )
+    .unwrap();
+    slow.write_all(&a[..3 << 20]).unwrap();
+    let tmp = d.dir.join("state/images/tmp");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&tmp) == 0 {
+        assert!(Instant::now() < deadline, "the import wrote no temp file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Meanwhile prune spares the half-written blob, and another import goes through.
+    let (code, v) = http(&d.socket, "POST", "/1.0/images/prune", "");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["metadata"]["temp_files_removed"], 0, "{v}");
+    assert_eq!(count(&tmp), 1);
+    let (mut small, mut small_files) = (m.clone(), Vec::new());
+    small.name = "small".into();
+    for (b, content) in small.blobs.iter_mut().zip([&b"kernel"[..], b"initrd"]) {
+        let f = d.dir.join(b.role.as_str());
+        std::fs::write(&f, content).unwrap();
+        (b.sha256, b.size) = (Digest::of(content), content.len() as u64);
+        small_files.push(f);
+    }
+    let (code, v) = post_bytes(&d.socket, "/1.0/images", &tar(&small, &small_files, None)).unwrap();
+    assert_eq!(code, 201, "{v}");
+    // The slow one ends well.
+    slow.write_all(&a[3 << 20..]).unwrap();
+    let mut reply = String::new();
+    slow.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    assert_eq!(images(&d).as_array().unwrap().len(), 2);
+    assert_eq!(count(&blobs_dir(&d)), 4);
+    assert_eq!(count(&tmp), 0);
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: the environment's main job. Starts the daemon (vmed) on a state dir under the
-# build tree, launches two VMs for two tenants side by side (an x86_64 one on KVM and a riscv64
+# build tree, imports the built-in catalogue (the images under target/images, signed with a
+# publisher key made for this install; the daemon launches only images that key signed),
+# launches two VMs from it for two tenants side by side (an x86_64 one on KVM and a riscv64
 # one on the software machine), shows `vme list` and what each guest printed, and leaves them
 # running for `vme console`. With --once (or RUN_ONCE=1) it stops them and the daemon at the end.
 set -euo pipefail
@@ -22,9 +24,15 @@ done
 vme() { "$bin/vme" --socket "$sock" "$@"; }
 
 mkdir -p "$run"
+# This install's image publisher key: made once, kept secret in the build tree.
+key=$run/publisher.key
+if [ ! -f "$key" ]; then
+	vme image keygen "$key" >"$run/publisher.pub" 2>/dev/null
+fi
 if ! vme list >/dev/null 2>&1; then
 	echo "Starting vmed (state in $run/state, API on $sock, log in $run/vmed.log)" >&2
 	setsid "$bin/vmed" --socket "$sock" --state-dir "$run/state" --stop-timeout 10 \
+		--require-signed true --trusted-key "$(cat "$run/publisher.pub")" \
 		>"$run/vmed.log" 2>&1 </dev/null &
 	for _ in $(seq 100); do
 		vme list >/dev/null 2>&1 && break
@@ -37,17 +45,38 @@ if ! vme list >/dev/null 2>&1; then
 	}
 fi
 
-# name arch kernel initrd: two tenants' VMs, each on its own machine kind.
+# The built-in catalogue, imported and signed once.
+img=$target/images
+import() {
+	local name=$1
+	shift
+	vme image info "$name" >/dev/null 2>&1 && return
+	vme image import "$name" "$@" --os-version 12
+	vme image sign "$name" --key "$key"
+}
+import tiny --arch x86_64 --kernel "$img/tiny/vmlinux" --initrd "$img/tiny/initramfs.cpio" \
+	--cmdline "console=ttyS0 quiet panic=-1" --vcpus 2 --memory 256M
+import tiny-riscv64 --arch riscv64 --kernel "$img/tiny-riscv64/Image" \
+	--initrd "$img/tiny-riscv64/initramfs.cpio" --cmdline "console=ttyS0 quiet panic=-1" \
+	--vcpus 2 --memory 256M
+# Debian's userland on an ext4 root: each VM gets a thin clone of it.
+import debian --arch x86_64 --os debian --kernel "$img/tiny/vmlinux" \
+	--disk "$img/debian/rootfs.ext4" --memory 512M \
+	--cmdline "console=ttyS0 root=/dev/vda rw init=/sbin/vme-init quiet panic=-1"
+echo
+vme image list
+echo
+
+# name image: two tenants' VMs, each on its own machine kind.
 vms=(
-	"acme-web x86_64 $target/images/tiny/vmlinux $target/images/tiny/initramfs.cpio"
-	"globex-db riscv64 $target/images/tiny-riscv64/Image $target/images/tiny-riscv64/initramfs.cpio"
+	"acme-web tiny"
+	"globex-db tiny-riscv64"
 )
 for vm in "${vms[@]}"; do
-	read -r name arch kernel initrd <<<"$vm"
+	read -r name image <<<"$vm"
 	state=$(vme info "$name" 2>/dev/null | sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p' | head -1 || true)
 	case "$state" in
-	"") vme launch "$name" --arch "$arch" --kernel "$kernel" --initrd "$initrd" \
-		--vcpus 2 --memory 256M --cmdline "console=ttyS0 quiet panic=-1" ;;
+	"") vme launch "$name" --image "$image" ;;
 	running | starting | paused) ;;
 	*) vme start "$name" ;;
 	esac
@@ -87,6 +116,7 @@ Both VMs keep running. Try:
   $bin/vme --socket $sock list
   $bin/vme --socket $sock console globex-db     # Ctrl-a q detaches
   $bin/vme --socket $sock stop acme-web
-  $bin/vme --socket $sock launch --help
+  $bin/vme --socket $sock launch web2 --image debian    # a thin clone of the Debian root
+  $bin/vme --socket $sock image list
 The daemon's log is $run/vmed.log; 'make run' again finds it and the VMs where they are.
 EOF

@@ -139,7 +139,7 @@ fn main() -> Result<()> {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
         None => Layer::default(),
     };
-    let settings = flags.over(file).settle().map_err(anyhow::Error::msg)?;
+    let mut settings = flags.over(file).settle().map_err(anyhow::Error::msg)?;
     if let Some(Sub::Trust(cmd)) = args.command {
         return trust(&settings.state_dir, cmd);
     }
@@ -160,6 +160,11 @@ fn main() -> Result<()> {
             "cannot create the state dir {}: create it or choose another with --state-dir",
             settings.state_dir.display()
         )
+    })?;
+    // Absolute: the paths under it (image blobs, VM volumes, sockets) go into VM specs that
+    // other processes, with other working directories, read.
+    settings.state_dir = std::fs::canonicalize(&settings.state_dir).with_context(|| {
+        format!("cannot resolve the state dir {}", settings.state_dir.display())
     })?;
     // VM specs name host files and sockets: only the daemon's user may look inside.
     std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o700))

@@ -102,7 +102,8 @@ pub fn enter(kind: Kind) {
 
 /// Test builds only (cargo feature `seccomp-drill`, off by default and never in a release
 /// of the monitor): `VME_SECCOMP_DRILL=KIND:SYSCALL` makes the first thread of KIND make
-/// SYSCALL (with zero arguments, so harmless if it were allowed) right after its filter is in.
+/// SYSCALL with zero arguments right after its filter is in. Drill only syscalls that fail
+/// harmlessly on null arguments (execve, mount, socket), not ptrace (PTRACE_TRACEME is 0).
 #[cfg(feature = "seccomp-drill")]
 fn drill(kind: Kind) {
     let Ok(want) = std::env::var("VME_SECCOMP_DRILL") else {
@@ -115,8 +116,8 @@ fn drill(kind: Kind) {
         return;
     }
     if let Some(nr) = kinds::number(name) {
-        // SAFETY: a raw syscall with zero arguments; the filter is expected to stop it, and
-        // with zero (null) arguments none of the drilled syscalls can change anything.
+        // SAFETY: a raw syscall with zero (null) arguments; the filter is expected to stop
+        // it, and the drilled syscalls fail on null arguments without changing anything.
         unsafe { libc::syscall(nr, 0, 0, 0, 0, 0, 0) };
     }
 }

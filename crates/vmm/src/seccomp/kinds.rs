@@ -93,15 +93,16 @@ impl Kind {
     }
 
     /// Whether any KVM ioctl (type 0xAE) is allowed: the threads that touch KVM file
-    /// descriptors on x86_64 (a riscv64 monitor never opens /dev/kvm).
+    /// descriptors on x86_64 (a riscv64 monitor never opens /dev/kvm); the console's input
+    /// raises the serial interrupt with a VM ioctl.
     fn kvm(self) -> bool {
-        matches!(self, Kind::Main | Kind::Vcpu | Kind::Api | Kind::Device)
+        !matches!(self, Kind::Signals)
     }
 
     /// Whether the thread may signal other threads of the monitor (vCPU kicks on pause and
     /// stop); every thread may still signal itself with SIGABRT (abort on a panic).
     fn kicks(self) -> bool {
-        matches!(self, Kind::Main | Kind::Api | Kind::Signals)
+        matches!(self, Kind::Main | Kind::Vcpu | Kind::Api | Kind::Signals)
     }
 
     /// Whether the thread may open Unix sockets (vsock backends, the clone announcer).

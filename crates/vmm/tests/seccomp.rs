@@ -74,26 +74,23 @@ fn a_riscv_vm_with_disk_vsock_console_and_snapshots_runs_under_strict_filters() 
     std::fs::write(&disk, &data).unwrap();
     let run = r#"vme.run="echo DISK=$(head -c 65536 /dev/vda | sha256sum); printf VME-SECCOMP-WROTE > /dev/vda; sync; while [ ! -e /tmp/vme-done ]; do sleep 1; done""#;
     let mut args = riscv_tiny_args("2", "256M", run);
-    args.extend(
-        [
-            "--seccomp".into(),
-            "strict".into(),
-            "--disk".into(),
-            format!("path={}", disk.display()),
-            "--vsock".into(),
-            format!("cid=3,uds={}", uds.display()),
-            "--control-socket".into(),
-            ctl_sock.display().to_string(),
-            "--serial".into(),
-            // A small log, so it is rotated while the guest runs.
-            format!(
-                "socket:{},log={},log_size=4096",
-                con.display(),
-                log.display()
-            ),
-        ]
-        .into_iter(),
-    );
+    args.extend([
+        "--seccomp".into(),
+        "strict".into(),
+        "--disk".into(),
+        format!("path={}", disk.display()),
+        "--vsock".into(),
+        format!("cid=3,uds={}", uds.display()),
+        "--control-socket".into(),
+        ctl_sock.display().to_string(),
+        "--serial".into(),
+        // A small log, so it is rotated while the guest runs.
+        format!(
+            "socket:{},log={},log_size=4096",
+            con.display(),
+            log.display()
+        ),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Vm::start(&args);
     // The guest reports the hash of what it read from its disk.

@@ -172,6 +172,47 @@ impl FromStr for RebootAction {
     }
 }
 
+/// The monitor's per-thread seccomp filters: `off` (none), `audit` (a syscall outside a
+/// thread's allow-list is logged by the kernel and goes on) or `strict` (it ends the monitor).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompMode {
+    #[default]
+    Off,
+    Audit,
+    Strict,
+}
+
+impl SeccompMode {
+    pub fn is_off(&self) -> bool {
+        *self == SeccompMode::Off
+    }
+}
+
+impl FromStr for SeccompMode {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s {
+            "off" => Ok(SeccompMode::Off),
+            "audit" => Ok(SeccompMode::Audit),
+            "strict" => Ok(SeccompMode::Strict),
+            _ => Err(SpecError(format!(
+                "invalid seccomp mode {s:?}: use off, audit or strict"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Off => "off",
+            SeccompMode::Audit => "audit",
+            SeccompMode::Strict => "strict",
+        })
+    }
+}
+
 /// Parses an on/off switch as written on the command line or in a key=value list.
 pub fn parse_switch(what: &str, s: &str) -> Result<bool, SpecError> {
     match s {
@@ -512,6 +553,10 @@ pub struct MachineSpec {
     /// blocks by itself). Default: on with the balloon; only valid with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free_page_reporting: Option<bool>,
+    /// The monitor's seccomp filters (see [`SeccompMode`]); written only when not `off`, so
+    /// machine files and snapshots without it read as before.
+    #[serde(default, skip_serializing_if = "SeccompMode::is_off")]
+    pub seccomp: SeccompMode,
     /// virtio block devices, in the order the guest sees them (vda, vdb, ...). Kept last:
     /// TOML writes arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -540,6 +585,7 @@ impl MachineSpec {
             rng: default_rng(),
             balloon: false,
             free_page_reporting: None,
+            seccomp: SeccompMode::Off,
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,

@@ -37,3 +37,18 @@ pub trait VmEvents: Send + Sync {
     /// The guest asked for a reset (i8042 pulse, ACPI reset register, SBI reboot).
     fn reboot(&self);
 }
+
+/// A function the embedding monitor runs at the start of each of this crate's device worker threads,
+/// before any guest-influenced work, with the thread's kind ("device"): the monitor confines
+/// the thread there (its seccomp filter). Set once; later calls are ignored.
+static THREAD_START_HOOK: std::sync::OnceLock<fn(&'static str)> = std::sync::OnceLock::new();
+
+pub fn set_thread_start_hook(hook: fn(&'static str)) {
+    let _ = THREAD_START_HOOK.set(hook);
+}
+
+pub(crate) fn thread_started() {
+    if let Some(hook) = THREAD_START_HOOK.get() {
+        hook("device");
+    }
+}

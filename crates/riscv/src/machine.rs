@@ -356,6 +356,7 @@ impl Machine {
                 lock(&shared.control).running += 1;
                 let builder = std::thread::Builder::new().name(format!("hart{}", h.hartid));
                 let spawned = builder.spawn_scoped(s, move || {
+                    crate::thread_started();
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.run()));
                     if r.is_err() {
                         h.shared.finish(ExitReason::Fault(format!(

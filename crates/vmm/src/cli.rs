@@ -198,6 +198,14 @@ pub struct RunArgs {
     /// (default with --balloon on) or off.
     #[arg(long, value_parser = parse_free_page_reporting)]
     pub free_page_reporting: Option<bool>,
+    /// Per-thread seccomp filters: off (default), audit (a syscall outside a thread's list
+    /// is logged by the kernel and allowed) or strict (it ends the monitor with status 159).
+    /// Applies to --restore and --migrate-listen too.
+    #[arg(long, value_name = "off|audit|strict")]
+    pub seccomp: Option<vme_api::spec::SeccompMode>,
+    /// Print each thread kind's seccomp allow-list (Markdown) and exit.
+    #[arg(long)]
+    pub print_seccomp: bool,
 }
 
 fn parse_rng(s: &str) -> Result<bool, String> {
@@ -286,6 +294,9 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
     }
     if let Some(v) = args.free_page_reporting {
         spec.free_page_reporting = Some(v);
+    }
+    if let Some(v) = args.seccomp {
+        spec.seccomp = v;
     }
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
     if args.print_config {

@@ -136,6 +136,7 @@ pub fn spawn_stdin_pump(serial: Arc<Mutex<Serial>>, control: Arc<VmControl>) {
     let spawned = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::Kind::Console);
             let mut stdin = File::from(
                 // A duplicate, so closing ours never closes the process's stdin.
                 match io::stdin().as_fd().try_clone_to_owned() {

@@ -70,6 +70,7 @@ impl ConsoleHub {
         std::thread::Builder::new()
             .name("console".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Console);
                 for conn in listener.incoming() {
                     match conn {
                         Ok(c) => me.attach(c),
@@ -100,6 +101,7 @@ impl ConsoleHub {
         let spawned = std::thread::Builder::new()
             .name("console-in".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Console);
                 me.pump(reader);
                 let mut client = lock(&me.client);
                 if client.as_ref().is_some_and(|(i, _)| *i == id) {

@@ -15,6 +15,7 @@ mod logger;
 mod migrate;
 mod notify;
 mod riscv;
+mod seccomp;
 mod signals;
 mod snapshot;
 mod socket;
@@ -31,6 +32,10 @@ fn main() -> ExitCode {
     abort_on_panic();
     let args = cli::parse();
     logger::init(args.log_level());
+    if args.run.print_seccomp {
+        print!("{}", seccomp::describe());
+        return ExitCode::SUCCESS;
+    }
     match args.command {
         Some(cli::Command::Ctl(ctl)) => cli::run_ctl(ctl),
         Some(cli::Command::Exec(args)) => exec::run(args),
@@ -38,7 +43,7 @@ fn main() -> ExitCode {
         None if args.run.migrate_listen.is_some() => {
             let addr = args.run.migrate_listen.clone().unwrap_or_default();
             match migrate::recv::receive(&addr, &args.run) {
-                Ok((spec, restore)) => run_vm(spec, Some(restore)),
+                Ok((spec, restore)) => run_vm(with_seccomp(spec, &args.run), Some(restore)),
                 Err(e) => {
                     eprintln!("vme-vmm: {e}");
                     ExitCode::from(1)
@@ -47,7 +52,7 @@ fn main() -> ExitCode {
         }
         None => match &args.run.restore {
             Some(dir) => match snapshot::restore::restore_spec(dir, &args.run) {
-                Ok((spec, restore)) => run_vm(spec, Some(restore)),
+                Ok((spec, restore)) => run_vm(with_seccomp(spec, &args.run), Some(restore)),
                 Err(e) => {
                     eprintln!("vme-vmm: {e}");
                     ExitCode::from(1)
@@ -68,6 +73,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The spec of a restored or received VM with --seccomp, when given, over the sender's mode.
+fn with_seccomp(mut spec: MachineSpec, args: &cli::RunArgs) -> MachineSpec {
+    if let Some(mode) = args.seccomp {
+        spec.seccomp = mode;
+    }
+    spec
+}
+
 /// A panic in any thread ends the monitor (and so its VM) at once: a VM whose vCPU thread died
 /// silently would hang instead of failing visibly to its supervisor. (The release profile
 /// keeps unwinding so tests share its build; this hook gives abort semantics regardless.)
@@ -83,6 +96,11 @@ fn abort_on_panic() {
 /// Runs the VM of `spec`, booted, or continued from `restore` (a guest reboot after that
 /// boots the spec's kernel).
 fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode {
+    // Before any thread starts, so each can install its filter.
+    if let Err(e) = seccomp::init(spec.seccomp) {
+        eprintln!("vme-vmm: {e}");
+        return ExitCode::from(1);
+    }
     let control = Arc::new(VmControl::new());
     signals::stop_on_termination(control.clone());
     let identity = restore.as_ref().and_then(|r| r.clone.clone());

@@ -76,7 +76,10 @@ impl NotifyWorker {
         let s = signal.clone();
         let thread = std::thread::Builder::new()
             .name("virtio-notify".into())
-            .spawn(move || run(&s, &epoll, queues))?;
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Device);
+                run(&s, &epoll, queues)
+            })?;
         Ok(NotifyWorker {
             signal,
             thread: Some(thread),

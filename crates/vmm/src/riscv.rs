@@ -275,6 +275,8 @@ pub fn run(
             ctx.control.pause()?;
         }
     }
+    // The main thread's filter before the harts start (they inherit it, then add their own).
+    crate::seccomp::enter(crate::seccomp::Kind::Main);
     let ended = machine.run().map_err(|e| e.to_string());
     // No frame may reach a machine that has stopped running.
     drop(workers);

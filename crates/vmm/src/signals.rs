@@ -26,6 +26,7 @@ pub fn stop_on_termination(control: Arc<VmControl>) {
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::Kind::Signals);
             loop {
                 let mut sig = 0;
                 // SAFETY: `set` is valid and `sig` is a writable int.

@@ -62,13 +62,18 @@ impl ControlServer {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Api);
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
                     let (control, facts) = (control.clone(), facts.clone());
                     let counter = counter.clone();
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
-                        .spawn(move || serve(conn, &control, &facts, &counter));
+                        .spawn(move || {
+                            // Already bound by the listener's filter; this names the kind.
+                            crate::seccomp::enter(crate::seccomp::Kind::Api);
+                            serve(conn, &control, &facts, &counter)
+                        });
                 }
             })
             .map_err(|e| format!("cannot start the control socket thread: {e}"))?;

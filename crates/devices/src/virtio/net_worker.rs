@@ -100,7 +100,10 @@ impl RxSource {
         let s = signal.clone();
         let thread = std::thread::Builder::new()
             .name(format!("rx-{name}"))
-            .spawn(move || run(&s, &backend, kick))?;
+            .spawn(move || {
+                crate::thread_started();
+                run(&s, &backend, kick)
+            })?;
         Ok(RxWorker {
             signal,
             thread: Some(thread),

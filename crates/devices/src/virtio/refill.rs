@@ -84,7 +84,10 @@ impl RefillTimer {
         let t = self.clone();
         let thread = std::thread::Builder::new()
             .name(format!("refill-{name}"))
-            .spawn(move || t.run(kick))?;
+            .spawn(move || {
+                crate::thread_started();
+                t.run(kick)
+            })?;
         Ok(RefillWorker {
             timer: self.clone(),
             thread: Some(thread),

@@ -205,6 +205,7 @@ pub fn announce(uds: Option<PathBuf>, id: CloneIdentity, status: Arc<Mutex<Clone
     let spawned = std::thread::Builder::new()
         .name("clone-identity".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::Kind::Api);
             let (state, detail) = deliver(&uds, &id);
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
             s.guest = state;

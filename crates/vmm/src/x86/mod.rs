@@ -356,10 +356,15 @@ fn run_vcpus(
         };
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || t.run())
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Vcpu);
+                t.run()
+            })
             .map_err(|e| X86Error::Setup(format!("cannot start vCPU thread {id}: {e}")))?;
         handles.push(handle);
     }
+    // The main thread's filter last: the vCPU threads are started, and it only waits now.
+    crate::seccomp::enter(crate::seccomp::Kind::Main);
     control.wait_for_exit();
     Ok(handles.into_iter().filter_map(|h| h.join().ok()).collect())
 }

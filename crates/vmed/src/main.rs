@@ -164,7 +164,10 @@ fn main() -> Result<()> {
     // Absolute: the paths under it (image blobs, VM volumes, sockets) go into VM specs that
     // other processes, with other working directories, read.
     settings.state_dir = std::fs::canonicalize(&settings.state_dir).with_context(|| {
-        format!("cannot resolve the state dir {}", settings.state_dir.display())
+        format!(
+            "cannot resolve the state dir {}",
+            settings.state_dir.display()
+        )
     })?;
     // VM specs name host files and sockets: only the daemon's user may look inside.
     std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o700))

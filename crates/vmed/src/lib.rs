@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod operations;
 pub mod publish;
 pub mod reconcile;
+pub mod request_facts;
 pub mod scrub;
 pub mod settings;
 pub mod store;

@@ -341,11 +341,9 @@ impl Machine {
                 h.x[11] = dtb_addr;
             }
         }
-        {
-            let mut c = lock(&self.shared.control);
-            c.stop = false;
-            c.exit = None;
-        }
+        // A stop requested before this run (say, over the control socket while the monitor
+        // was still setting up) is kept: the harts see it at their first poll. The flag is
+        // cleared when a run ends instead, so that a machine can be run again.
         let bus = lock(&self.shared.bus).clone();
         let shared = &self.shared;
         std::thread::scope(|s| -> Result<(), Error> {
@@ -379,11 +377,9 @@ impl Machine {
             }
             Ok(())
         })?;
-        let why = lock(&self.shared.control)
-            .exit
-            .take()
-            .unwrap_or(ExitReason::Stopped);
-        Ok(why)
+        let mut c = lock(&self.shared.control);
+        c.stop = false;
+        Ok(c.exit.take().unwrap_or(ExitReason::Stopped))
     }
 
     /// A cloneable control handle usable from other threads.

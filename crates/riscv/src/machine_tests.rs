@@ -64,6 +64,49 @@ fn wfi_sleeps_instead_of_spinning() {
 }
 
 #[test]
+fn a_stop_before_the_run_is_kept_and_the_machine_runs_again_after_it() {
+    // A monitor may be told to stop while it is still setting up, before `run`: that stop
+    // used to be lost (the run cleared it), leaving the monitor running a guest nobody wanted.
+    let mut m = Machine::new(MachineConfig {
+        memory_bytes: 4 << 20,
+        ..MachineConfig::default()
+    })
+    .unwrap();
+    m.load_program(&words(&COUNTER_LOOP)).unwrap();
+    let h = m.handle();
+    h.stop();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| tx.send(m.run()).unwrap());
+        let ended = rx.recv_timeout(Duration::from_secs(10));
+        if ended.is_err() {
+            h.stop(); // lets the scope end, so the failure is reported
+        }
+        assert_eq!(
+            ended
+                .expect("a stop requested before run was lost")
+                .unwrap(),
+            ExitReason::Stopped
+        );
+    });
+    // The stop belonged to that run: the next one runs until stopped again.
+    let counter = || m.ram().read(RAM_BASE + 0x1000, 8).unwrap();
+    std::thread::scope(|s| {
+        let run = s.spawn(|| m.run());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counter() < 1000 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        h.stop();
+        assert_eq!(run.join().unwrap().unwrap(), ExitReason::Stopped);
+    });
+    assert!(
+        counter() >= 1000,
+        "the second run did not execute the program"
+    );
+}
+
+#[test]
 fn config_and_loader_errors_are_reported() {
     assert!(
         Machine::new(MachineConfig {

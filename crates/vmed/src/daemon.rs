@@ -637,9 +637,20 @@ impl Daemon {
             .arg(&machine)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            // Its own process group: a Ctrl-C meant for the daemon must not reach the VMs.
-            .process_group(0);
+            .stderr(log_file);
+        // Its own session: a Ctrl-C or hang-up meant for the daemon's terminal must not reach
+        // the VMs, and, outside a cpu cgroup, the scheduler's autogroups then weigh each VM
+        // on its own instead of all of them together as one share of the daemon's session
+        // (measured: 4 riscv64 guests booted 2.5x slower on a busy host in one session).
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         if let Some(g) = &group {
             g.attach(&mut cmd);
         }

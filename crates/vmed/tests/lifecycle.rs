@@ -251,6 +251,23 @@ fn a_killed_daemon_takes_down_no_vm() {
     };
     let (p1, p3) = (pid(&d, "k1"), pid(&d, "k3"));
     assert!(p1 > 0 && p3 > 0);
+    // Each monitor leads its own session: no signal for the daemon's terminal reaches it,
+    // and the scheduler weighs it apart from the daemon's session.
+    for p in [p1, p3] {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+        // Fields after the command's closing parenthesis: state ppid pgrp session ...
+        let after: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            after[3],
+            p.to_string(),
+            "monitor {p} is not a session leader: {stat}"
+        );
+    }
 
     d.kill9_and_restart();
     assert_eq!(state_of(&d, "k1"), "running");

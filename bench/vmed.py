@@ -67,6 +67,8 @@ def request_raw(sock, method, path, body=None):
 def expect(sock, method, path, body, want):
     code, reply = request(sock, method, path, body)
     if code != want:
+        # Printed here too: sys.exit on a worker thread of at_once is silent.
+        print(f"{method} {path}: {code} {reply}", file=sys.stderr, flush=True)
         sys.exit(f"{method} {path}: {code} {reply}")
     return reply
 

@@ -285,6 +285,27 @@ fn each_monitor_runs_in_its_cgroups_with_its_limits() {
             }
             At::Nowhere => unreachable!(),
         }
+        // Each VM weighs its one vCPU as one default-weight process, and the slice above
+        // them the sum: two VMs, two processes' worth against the host's others.
+        let (file, unit) = match d.at("half", "cpu", "cpu") {
+            At::V2(_) => ("cpu.weight", 100),
+            _ => ("cpu.shares", 1024),
+        };
+        let slice = match d.at("half", "cpu", "cpu") {
+            At::V2(g) | At::V1(g) => g.parent().unwrap().to_path_buf(),
+            At::Nowhere => unreachable!(),
+        };
+        for vm in ["spin", "half"] {
+            let (At::V2(g) | At::V1(g)) = d.at(vm, "cpu", "cpu") else {
+                unreachable!()
+            };
+            assert_eq!(read(&g.join(file)), unit.to_string(), "{vm}'s {file}");
+        }
+        assert_eq!(
+            read(&slice.join(file)),
+            (2 * unit).to_string(),
+            "the slice's {file}"
+        );
         d.outweigh_the_host();
         // Let both boot and settle into spinning.
         std::thread::sleep(Duration::from_secs(2));

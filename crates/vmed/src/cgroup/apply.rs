@@ -1,7 +1,7 @@
 //! The limits written into a VM's cgroups: each controller in cgroup v2 where the VM's v2
 //! cgroup has it, else in the v1 hierarchy that carries it, else skipped or refused.
 
-use super::{CgroupConfig, Mounts, PERIOD_US, io_line, v1, write};
+use super::{CgroupConfig, Mounts, PERIOD_US, io_line, v1, weight, write};
 use crate::limits::VmLimits;
 use std::path::{Path, PathBuf};
 
@@ -72,11 +72,16 @@ pub(super) fn apply(
     let cpus = limits.cpu_allowance.unwrap_or(f64::from(vcpus));
     if v2("cpu") {
         write(dir, "cpu.max", &cpu_max(cpus))?;
-        a.placed.push(format!("cpu.max {} (v2)", cpu_max(cpus)));
+        let w = weight::V2.of(u64::from(vcpus));
+        write(dir, weight::V2.file, &w.to_string())?;
+        a.placed
+            .push(format!("cpu.max {} cpu.weight {w} (v2)", cpu_max(cpus)));
     } else if let Some(d) = v1_of("cpu", &mut a)? {
         v1::set_cpu(&d, cpus)?;
+        let w = weight::V1.of(u64::from(vcpus));
+        write(&d, weight::V1.file, &w.to_string())?;
         a.placed.push(format!(
-            "cpu.cfs_quota_us {} (v1, {})",
+            "cpu.cfs_quota_us {} cpu.shares {w} (v1, {})",
             cpu_quota(cpus),
             d.display()
         ));

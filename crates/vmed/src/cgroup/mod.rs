@@ -28,11 +28,13 @@ mod apply;
 mod counters;
 mod mounts;
 pub mod v1;
+mod weight;
 
 use apply::apply;
 pub use apply::cpu_max;
 pub use counters::{cpu_usage, memory_usage, oom_killed};
 pub use mounts::Mounts;
+pub use weight::rebalance_above;
 
 use crate::limits::{IoMax, VmLimits};
 use std::fs;
@@ -348,6 +350,11 @@ pub fn prepare(
             }
         }
     }
+    if result.is_ok() {
+        if let Err(e) = rebalance_above(&dir) {
+            result = Err(e);
+        }
+    }
     match result {
         Ok(a) => Ok(Prepared {
             dir,
@@ -460,6 +467,9 @@ pub fn remove(dir: &Path) -> Result<(), String> {
                 }
             }
         }
+    }
+    if let Err(e) = rebalance_above(dir) {
+        failed.push(e);
     }
     if failed.is_empty() {
         Ok(())

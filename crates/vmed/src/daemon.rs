@@ -642,10 +642,12 @@ impl Daemon {
         // the VMs, and, outside a cpu cgroup, the scheduler's autogroups then weigh each VM
         // on its own instead of all of them together as one share of the daemon's session
         // (measured: 4 riscv64 guests booted 2.5x slower on a busy host in one session).
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        // The daemon runs at a raised priority (see main.rs): its monitors must not inherit it.
+        // SAFETY: setsid and setpriority are async-signal-safe syscalls that touch no
+        // memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
+                if libc::setsid() < 0 || libc::setpriority(libc::PRIO_PROCESS, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

@@ -115,6 +115,8 @@ fn main() -> Result<()> {
         print!("{}", vmed::api::openapi_text());
         return Ok(());
     }
+    // Before any thread exists, so that all of the daemon's inherit it.
+    prefer_the_daemon();
     let flags = Layer {
         socket: args.socket,
         group: args.group,
@@ -345,5 +347,24 @@ async fn shutdown() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// The daemon's own niceness: its work is short bursts (API requests, state changes), and
+/// without this a host busy with booting guests — which now weigh their vCPUs — queued them
+/// behind the guests (20 riscv64 VMs launched at once reached `running` 3.6x later). It costs
+/// the guests nothing they would notice; the monitors go back to 0 when spawned.
+const DAEMON_NICE: libc::c_int = -10;
+
+fn prefer_the_daemon() {
+    // SAFETY: setpriority(2) on this process with plain integers. Without CAP_SYS_NICE it
+    // fails and the daemon simply keeps its niceness.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, DAEMON_NICE) };
+    if r != 0 {
+        eprintln!(
+            "vmed: cannot raise the daemon's priority (nice {DAEMON_NICE}): {}; the API may \
+             answer slowly while guests keep the host busy",
+            std::io::Error::last_os_error()
+        );
     }
 }

@@ -350,10 +350,10 @@ async fn shutdown() {
     }
 }
 
-/// The daemon's own niceness: its work is short bursts (API requests, state changes), and
-/// without this a host busy with booting guests — which now weigh their vCPUs — queued them
-/// behind the guests (20 riscv64 VMs launched at once reached `running` 3.6x later). It costs
-/// the guests nothing they would notice; the monitors go back to 0 when spawned.
+/// The daemon's own niceness: its work is short bursts (API requests, state changes,
+/// supervision) and should not queue behind guests that keep the host's CPUs busy, now that
+/// VMs weigh their vCPUs (see cgroup/weight.rs). It costs the guests little; monitors are
+/// spawned back at 0.
 const DAEMON_NICE: libc::c_int = -10;
 
 fn prefer_the_daemon() {

@@ -13,7 +13,6 @@
 //! Refcounts and internal snapshots are not read: converting reads the active layer only,
 //! as `qemu-img convert` does.
 
-use crate::{Digest, Hasher};
 use miniz_oxide::inflate::TINFLStatus;
 use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
 use std::fs::File;
@@ -46,6 +45,9 @@ const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTL2: u64 = 1 << 4;
+
+mod raw;
+pub use raw::convert;
 
 const HOW_TO_FLATTEN: &str = "qemu-img convert -O qcow2 IN OUT";
 
@@ -155,6 +157,12 @@ impl<'a> Image<'a> {
                  allowed"
             ));
         }
+        if virtual_size % 512 != 0 {
+            // qemu counts 512-byte sectors and would silently drop the tail.
+            return invalid(format!(
+                "its virtual size {virtual_size} bytes is not a multiple of 512"
+            ));
+        }
         if be32(&b, 32) != 0 {
             return Err(Qcow2Error::Unsupported(format!(
                 "it is encrypted (method {}): decrypt it first with `qemu-img convert \
@@ -216,6 +224,8 @@ impl<'a> Image<'a> {
                 return invalid(format!("unknown compression type {compression_type}"));
             }
         }
+        let ext_start = if version == 3 { be32(&b, 100) } else { 72 };
+        check_extensions(f, len, cs, u64::from(ext_start))?;
         let l1_size = u64::from(be32(&b, 36));
         let l1_offset = be64(&b, 40);
         let h = Header {
@@ -423,6 +433,30 @@ fn check_table(offset: u64, size: u64, cs: u64, len: u64, what: &str) -> Result<
     Ok(())
 }
 
+/// Walks the header extensions (type, length, data padded to 8 bytes, up to an end marker):
+/// they must lie inside the first cluster. Their contents are not needed: what matters
+/// (backing file, external data file) is refused from the header's own fields and bits.
+fn check_extensions(f: &File, len: u64, cs: u64, mut at: u64) -> Result<(), Qcow2Error> {
+    let end = cs.min(len);
+    while at + 8 <= end {
+        let mut h = [0u8; 8];
+        f.read_exact_at(&mut h, at).map_err(Qcow2Error::Read)?;
+        let (kind, size) = (be32(&h, 0), u64::from(be32(&h, 4)));
+        // Checked before the end marker's type, as qemu does.
+        if at + 8 + size > end {
+            return invalid(format!(
+                "header extension {kind:#x} ({size} bytes at {at}) runs past the first cluster"
+            ));
+        }
+        if kind == 0 {
+            return Ok(());
+        }
+        at += 8 + size.div_ceil(8) * 8;
+    }
+    // No end marker before the first cluster's end: qemu reads none past it either.
+    Ok(())
+}
+
 /// The backing file's name for a message, quoted, or a note that it cannot be read.
 fn backing_name(f: &File, len: u64, cs: u64, offset: u64, size: u32) -> String {
     // The spec bounds the name to 1023 bytes inside the first cluster.
@@ -483,87 +517,6 @@ impl<'i, 'a> Run<'i, 'a> {
         self.img.read(&mut self.buf, self.start, "a data cluster")?;
         self.len = 0;
         out.data(&self.buf).map_err(Qcow2Error::Write)
-    }
-}
-
-/// Converts qcow2 file `src` to raw: written sparsely into `dst` (a new, empty file) if
-/// given, and hashed. The raw disk's digest and size.
-pub fn convert(
-    src: &File,
-    dst: Option<&File>,
-    max_virtual_size: u64,
-) -> Result<(Digest, u64), Qcow2Error> {
-    let img = Image::open(src, max_virtual_size)?;
-    let mut out = RawOut {
-        file: dst,
-        pos: 0,
-        hash: Hasher::default(),
-    };
-    img.convert(&mut out)?;
-    if out.pos != img.h.virtual_size {
-        return invalid(format!(
-            "it converted to {} bytes, not its virtual size {}",
-            out.pos, img.h.virtual_size
-        ));
-    }
-    if let Some(f) = dst {
-        // The holes at the end, if any.
-        f.set_len(out.pos).map_err(Qcow2Error::Write)?;
-    }
-    Ok((out.hash.finish(), out.pos))
-}
-
-/// Zero blocks are not written, so the raw file is sparse where the disk is zero.
-const BLOCK: usize = 4096;
-static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-
-/// A raw disk being written: hashed in order, written with pwrite, zeros skipped.
-struct RawOut<'f> {
-    file: Option<&'f File>,
-    pos: u64,
-    hash: Hasher,
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // OR-folding fixed chunks vectorises; `iter().all` would go byte by byte.
-    let mut chunks = b.chunks_exact(64);
-    chunks.all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-        && chunks.remainder().iter().all(|&x| x == 0)
-}
-
-impl Sink for RawOut<'_> {
-    fn data(&mut self, b: &[u8]) -> io::Result<()> {
-        self.hash.update(b);
-        if let Some(f) = self.file {
-            // Runs of non-zero blocks, each written at once.
-            let mut start = None;
-            for (i, blk) in b.chunks(BLOCK).enumerate() {
-                match (is_zero(blk), start) {
-                    (false, None) => start = Some(i * BLOCK),
-                    (true, Some(s)) => {
-                        f.write_all_at(&b[s..i * BLOCK], self.pos + s as u64)?;
-                        start = None;
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(s) = start {
-                f.write_all_at(&b[s..], self.pos + s as u64)?;
-            }
-        }
-        self.pos += b.len() as u64;
-        Ok(())
-    }
-
-    fn zeros(&mut self, len: u64) -> io::Result<()> {
-        let mut left = len;
-        while left > 0 {
-            let k = left.min(ZEROS.len() as u64) as usize;
-            self.hash.update(&ZEROS[..k]);
-            left -= k as u64;
-        }
-        self.pos += len;
-        Ok(())
     }
 }
 

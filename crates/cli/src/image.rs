@@ -341,6 +341,12 @@ fn import(api: &Api, a: ImportArgs) -> Result<()> {
         if role == Role::Disk && disk_is_qcow2(&f, &path, disk_format)? {
             // The archive carries the qcow2 file, which the daemon converts; the manifest
             // names the raw disk it must convert to, so it is computed here the same way.
+            if std::io::stderr().is_terminal() {
+                eprintln!(
+                    "vme: reading the qcow2 disk {} to learn its raw digest",
+                    path.display()
+                );
+            }
             let (raw, raw_size) = qcow2::convert(&f, None, qcow2::DEFAULT_MAX_VIRTUAL_SIZE)
                 .with_context(|| format!("cannot import the disk {}", path.display()))?;
             b.source = Some(Source {

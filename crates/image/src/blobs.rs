@@ -397,8 +397,10 @@ pub(crate) mod tests {
         assert!(matches!(s.verify(&d, 1), Err(BlobError::Missing(_))));
         fs::write(dir.join("tmp/leftover"), b"x").unwrap();
         fs::write(dir.join(format!("tmp/{d}.1.2")), b"x").unwrap();
-        assert_eq!(s.clean_tmp(&|x| *x == d).unwrap(), 1, "the busy one stays");
-        assert_eq!(s.clean_tmp(&|_| false).unwrap(), 1);
+        // A qcow2 conversion's two temp files are named after the raw blob too.
+        fs::write(dir.join(format!("tmp/{d}.1.3.qcow2")), b"x").unwrap();
+        assert_eq!(s.clean_tmp(&|x| *x == d).unwrap(), 1, "the busy ones stay");
+        assert_eq!(s.clean_tmp(&|_| false).unwrap(), 2);
         fs::remove_dir_all(dir).unwrap();
     }
 }

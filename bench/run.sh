@@ -20,5 +20,8 @@ echo "# the daemon: create->running for 20 VMs at once vs monitors started by ha
 python3 bench/vmed.py
 echo "# images: import throughput vs sha256sum + cp + sync of the same files; launch from an image vs from paths" >&2
 python3 bench/images.py
+echo "# qcow2 import: conversion of a 1 GiB disk (half data) vs qemu-img convert -O raw (+ sha256sum)" >&2
+cargo build --release -q -p vme-image --examples
+python3 bench/qcow2.py
 echo "# thin clones: thin_clone vs cp of a 1 GiB image (time, disk); riscv64 guest I/O on an overlay vs a raw disk" >&2
 python3 bench/thin.py

@@ -12,12 +12,13 @@ cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component ad
 cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
 
 ensure_pkgs build-essential pkg-config cpio xz-utils zstd python3 shellcheck
-if ! is_installed qemu-system-x86 || ! is_installed qemu-system-misc; then
+# qemu-utils: qemu-img and qemu-io make the qcow2 images vme-image's import is tested against.
+if ! is_installed qemu-system-x86 || ! is_installed qemu-system-misc || ! is_installed qemu-utils; then
 	ensure_backports
 	if qemu_from_backports; then
-		ensure_pkgs -t bookworm-backports qemu-system-x86 qemu-system-misc
+		ensure_pkgs -t bookworm-backports qemu-system-x86 qemu-system-misc qemu-utils
 	else
-		ensure_pkgs qemu-system-x86 qemu-system-misc
+		ensure_pkgs qemu-system-x86 qemu-system-misc qemu-utils
 	fi
 fi
 

@@ -13,8 +13,8 @@ use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vme_api::{Arch, ByteSize};
-use vme_image::manifest::{Amount, Boot, Resources, SCHEMA_VERSION, check_name};
-use vme_image::{BlobRef, Digest, Manifest, Role, archive, sign};
+use vme_image::manifest::{Amount, Boot, Resources, check_name};
+use vme_image::{BlobRef, Digest, DiskFormat, Manifest, Role, Source, archive, qcow2, sign};
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
@@ -76,9 +76,13 @@ pub struct ImportArgs {
     pub kernel: Option<PathBuf>,
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// A raw disk image, given to VMs made from the image.
+    /// A disk image, given to VMs made from the image: raw, or qcow2 (converted to raw by
+    /// the daemon; the manifest records both digests).
     #[arg(long)]
     pub disk: Option<PathBuf>,
+    /// The disk's format; auto tells qcow2 by its magic bytes, never by its name.
+    #[arg(long, value_enum, default_value_t = DiskFormatArg::Auto)]
+    pub disk_format: DiskFormatArg,
     /// The kernel command line VMs get by default.
     #[arg(long, default_value = "")]
     pub cmdline: String,
@@ -102,6 +106,13 @@ pub struct ImportArgs {
     /// KEY=VALUE (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormatArg {
+    Auto,
+    Raw,
+    Qcow2,
 }
 
 fn image_segment(name: &str) -> Result<&str> {
@@ -268,6 +279,7 @@ fn import(api: &Api, a: ImportArgs) -> Result<()> {
         kernel,
         initrd,
         disk,
+        disk_format,
         cmdline,
         arch,
         os,
@@ -320,7 +332,30 @@ fn import(api: &Api, a: ImportArgs) -> Result<()> {
             .with_context(|| format!("cannot open the {} {}", role.as_str(), path.display()))?;
         let (sha256, size) = vme_image::hash_reader(&f)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        blobs.push(BlobRef { role, sha256, size });
+        let mut b = BlobRef {
+            role,
+            sha256,
+            size,
+            source: None,
+        };
+        if role == Role::Disk && disk_is_qcow2(&f, &path, disk_format)? {
+            // The archive carries the qcow2 file, which the daemon converts; the manifest
+            // names the raw disk it must convert to, so it is computed here the same way.
+            if std::io::stderr().is_terminal() {
+                eprintln!(
+                    "vme: reading the qcow2 disk {} to learn its raw digest",
+                    path.display()
+                );
+            }
+            let (raw, raw_size) = qcow2::convert(&f, None, qcow2::DEFAULT_MAX_VIRTUAL_SIZE)
+                .with_context(|| format!("cannot import the disk {}", path.display()))?;
+            b.source = Some(Source {
+                format: DiskFormat::Qcow2,
+                sha256: std::mem::replace(&mut b.sha256, raw),
+                size: std::mem::replace(&mut b.size, raw_size),
+            });
+        }
+        blobs.push(b);
         opened.push(path);
     }
     let mut label_map = BTreeMap::new();
@@ -331,7 +366,7 @@ fn import(api: &Api, a: ImportArgs) -> Result<()> {
         label_map.insert(k.to_string(), v.to_string());
     }
     let m = Manifest {
-        schema_version: SCHEMA_VERSION,
+        schema_version: Manifest::schema_for(&blobs),
         name: source.clone(),
         os,
         version: os_version,
@@ -343,19 +378,39 @@ fn import(api: &Api, a: ImportArgs) -> Result<()> {
     };
     m.check(u64::MAX).map_err(anyhow::Error::msg)?;
     let bytes = m.to_bytes();
-    // One entry per distinct blob (two roles may share one file's content).
+    // One entry per distinct blob (two roles may share one file's content); a converted
+    // disk is sent as its source.
     let mut parts: Vec<(Digest, u64, Box<dyn Read + Send>)> = Vec::new();
     for (b, path) in blobs.iter().zip(&opened) {
-        if parts.iter().any(|(d, _, _)| *d == b.sha256) {
+        let (d, size) = match &b.source {
+            Some(src) => (&src.sha256, src.size),
+            None => (&b.sha256, b.size),
+        };
+        if parts.iter().any(|(x, _, _)| x == d) {
             continue;
         }
         let f =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        parts.push((b.sha256.clone(), b.size, Box::new(f)));
+        parts.push((d.clone(), size, Box::new(f)));
     }
     let (len, r) = archive::stream(&bytes, None, parts)?;
     upload(api, &format!("/1.0/images?name={source}"), len, r, &source)?;
     Ok(())
+}
+
+/// Whether the disk `f` is to be converted from qcow2.
+fn disk_is_qcow2(f: &std::fs::File, path: &Path, format: DiskFormatArg) -> Result<bool> {
+    let magic = qcow2::is_qcow2(f).with_context(|| format!("cannot read {}", path.display()))?;
+    match format {
+        DiskFormatArg::Raw => Ok(false),
+        DiskFormatArg::Auto => Ok(magic),
+        DiskFormatArg::Qcow2 if magic => Ok(true),
+        DiskFormatArg::Qcow2 => bail!(
+            "{} is not a qcow2 file (it does not start with QFI\\xfb): give --disk-format raw \
+             for a raw disk",
+            path.display()
+        ),
+    }
 }
 
 /// Streams an archive to the daemon with a progress bar on a terminal.

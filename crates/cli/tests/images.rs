@@ -305,3 +305,156 @@ fn publish_scrubs_the_root_and_makes_a_bootable_image() {
     assert!(err.contains("stop it first"), "{err}");
     ok(vme(s, &["stop", "--force", "p3"]));
 }
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is needed (qemu-utils: scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A compressed qcow2 disk (what cloud images are) imported through the CLI: the daemon
+/// stores the raw disk qemu-img would make, the manifest records both digests, the archive
+/// round trip keeps them, a riscv64 VM reads the disk's bytes, and refusals are clear.
+#[test]
+fn a_qcow2_disk_is_converted_on_import_and_booted() {
+    let d = Vmed::start("cli-images-qcow2", false, &[]);
+    let s = d.socket.as_path();
+    let (k, i) = (image("Image"), image("initramfs.cpio"));
+    let (k, i) = (k.to_str().unwrap(), i.to_str().unwrap());
+    let p = |n: &str| d.dir.join(n).to_str().unwrap().to_string();
+    // 4 MiB: markers at 0 and 3 MiB, a varied MiB at 1 MiB, zeros elsewhere.
+    let mut raw = vec![0u8; 4 << 20];
+    raw[..10].copy_from_slice(b"QCOW2-HEAD");
+    for (n, x) in raw[1 << 20..2 << 20].iter_mut().enumerate() {
+        *x = (n * 7 % 251) as u8;
+    }
+    raw[3 << 20..(3 << 20) + 10].copy_from_slice(b"QCOW2-TAIL");
+    std::fs::write(p("disk.raw"), &raw).unwrap();
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        &p("disk.raw"),
+        &p("disk.qcow2"),
+    ]);
+    qemu_img(&["convert", "-O", "raw", &p("disk.qcow2"), &p("ref.raw")]);
+    let reference = std::fs::read(p("ref.raw")).unwrap();
+    let qcow2 = std::fs::read(p("disk.qcow2")).unwrap();
+    let import = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "image", "import", name, "--kernel", k, "--initrd", i, "--arch", "riscv64", "--memory",
+            "128M",
+        ];
+        args.extend(extra);
+        vme(s, &args)
+    };
+    let disk = p("disk.qcow2");
+    let out = ok(import("q", &["--disk", &disk]));
+    assert!(out.contains("q: imported"), "{out}");
+
+    // Both digests in `image info`; the stored blob is qemu-img's raw, byte for byte.
+    let info: Value = serde_json::from_str(&ok(vme(s, &["image", "info", "q"]))).unwrap();
+    let m = &info["manifest"];
+    assert_eq!(m["schema_version"], 2, "{info}");
+    let blob = &m["blobs"][2];
+    let raw_digest = vme_image::Digest::of(&reference).to_string();
+    assert_eq!(blob["role"], "disk", "{info}");
+    assert_eq!(blob["sha256"], raw_digest.as_str(), "{info}");
+    assert_eq!(blob["size"], reference.len(), "{info}");
+    let src = &blob["source"];
+    assert_eq!(src["format"], "qcow2", "{info}");
+    assert_eq!(
+        src["sha256"],
+        vme_image::Digest::of(&qcow2).to_string(),
+        "{info}"
+    );
+    assert_eq!(src["size"], qcow2.len(), "{info}");
+    let blobs = d.dir.join("state/images/blobs/sha256");
+    let stored = blobs.join(&raw_digest);
+    assert!(std::fs::read(&stored).unwrap() == reference);
+    let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&stored).unwrap()) * 512;
+    assert!(
+        used < 2 << 20,
+        "the 4 MiB disk with 1 MiB of data takes {used} bytes"
+    );
+    assert_eq!(
+        std::fs::read_dir(d.dir.join("state/images/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(&blobs).unwrap().count(),
+        3,
+        "no qcow2 kept"
+    );
+
+    // Export carries the raw disk; the archive imports elsewhere with the source recorded.
+    ok(vme(s, &["image", "export", "q", &p("q.tar")]));
+    ok(vme(s, &["image", "rm", "q"]));
+    ok(vme(s, &["image", "prune"]));
+    ok(vme(s, &["image", "import", &p("q.tar"), "--name", "q2"]));
+    let info2: Value = serde_json::from_str(&ok(vme(s, &["image", "info", "q2"]))).unwrap();
+    assert_eq!(info2["manifest"], *m, "{info2}");
+    assert!(std::fs::read(&stored).unwrap() == reference);
+
+    // A VM from it reads the disk's bytes (riscv64: no KVM boot lock needed).
+    ok(vme(
+        s,
+        &[
+            "launch",
+            "vq",
+            "--image",
+            "q2",
+            "--cmdline",
+            "console=ttyS0 panic=-1 vme.run=\"echo head=$(head -c 10 /dev/vda) \
+             tail=$(dd if=/dev/vda bs=1M skip=3 count=1 2>/dev/null | head -c 10)\"",
+        ],
+    ));
+    let console = wait_console(s, "vq", "VME-RUN-EXIT");
+    assert!(
+        console.contains("head=QCOW2-HEAD tail=QCOW2-TAIL"),
+        "{console}"
+    );
+    let _ = vme(s, &["stop", "--force", "vq"]);
+    ok(vme(s, &["delete", "vq"]));
+
+    // --disk-format: raw keeps a qcow2 file as it is; qcow2 refuses a raw file.
+    ok(import("as-is", &["--disk", &disk, "--disk-format", "raw"]));
+    let info: Value = serde_json::from_str(&ok(vme(s, &["image", "info", "as-is"]))).unwrap();
+    let blob = &info["manifest"]["blobs"][2];
+    assert_eq!(blob["sha256"], vme_image::Digest::of(&qcow2).to_string());
+    assert!(
+        blob["source"].is_null() && info["manifest"]["schema_version"] == 1,
+        "{info}"
+    );
+    let err = fails(import(
+        "no",
+        &["--disk", &p("disk.raw"), "--disk-format", "qcow2"],
+    ));
+    assert!(err.contains("not a qcow2 file"), "{err}");
+    // An image that is not self-contained is refused before anything is sent.
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        &disk,
+        "-F",
+        "qcow2",
+        &p("over.qcow2"),
+    ]);
+    let err = fails(import("no", &["--disk", &p("over.qcow2")]));
+    assert!(
+        err.contains("backing file") && err.contains("disk.qcow2") && err.contains("qemu-img"),
+        "{err}"
+    );
+    assert!(fails(vme(s, &["image", "info", "no"])).contains("no image"));
+}

@@ -1,6 +1,9 @@
 //! The image archive: a plain POSIX ustar stream of `manifest.json`, then `manifest.sig` if
 //! the image is signed, then `blobs/<sha256>` for each distinct blob. It is what
 //! `vme image export` writes and `vme image import FILE.tar` sends; `tar tf` lists it.
+//! A disk converted on import (its manifest entry has a `source`) travels as either its raw
+//! blob (what export writes) or its source, `blobs/<source sha256>`, converted as it is
+//! stored (what `vme image import NAME --disk D.qcow2` sends).
 //!
 //! We read and write ustar ourselves (about 150 lines) rather than take the `tar` crate: an
 //! import accepts exactly one layout of regular files and unpacks nothing onto the file
@@ -12,7 +15,7 @@
 
 use crate::blobs::{BlobError, BlobStore, Ingested};
 use crate::manifest::{MAX_MANIFEST_BYTES, Manifest, ManifestError};
-use crate::{Digest, sign};
+use crate::{BlobRef, Digest, sign};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
@@ -239,6 +242,11 @@ fn import_into(
     let manifest = Manifest::parse(&manifest_bytes, max_blob)?;
     check(&manifest).map_err(ArchiveError::Refused)?;
     let mut wanted: BTreeMap<Digest, u64> = manifest.distinct_blobs();
+    let sources: BTreeMap<Digest, &BlobRef> = manifest
+        .blobs
+        .iter()
+        .filter_map(|b| Some((b.source.as_ref()?.sha256.clone(), b)))
+        .collect();
     let mut signature = None;
     let mut deduplicated = Vec::new();
     while let Some(e) = next_entry(r)? {
@@ -265,19 +273,30 @@ fn import_into(
         };
         let d = Digest::parse(hex)
             .map_err(|m| ArchiveError::Invalid(format!("entry {:?}: {m}", e.name)))?;
-        let Some(declared) = wanted.remove(&d) else {
+        // A converted disk's entry may be its raw blob (as exported) or its source.
+        let (blob, declared, source) = if let Some(size) = wanted.remove(&d) {
+            (d.clone(), size, None)
+        } else if let Some(b) = sources.get(&d).filter(|b| wanted.contains_key(&b.sha256)) {
+            wanted.remove(&b.sha256);
+            (b.sha256.clone(), b.size, b.source.as_ref())
+        } else {
             return invalid(format!("blob {d} is not in the manifest, or appears twice"));
         };
-        if e.size != declared {
+        let expect = source.map_or(declared, |s| s.size);
+        if e.size != expect {
             return invalid(format!(
-                "blob {d} is {} bytes in the archive but the manifest declares {declared}",
+                "blob {d} is {} bytes in the archive but the manifest declares {expect}",
                 e.size
             ));
         }
-        match store.ingest(r, &d, e.size, progress)? {
-            Ingested::Stored => stored.push(d),
+        let how = match source {
+            None => store.ingest(r, &d, e.size, progress)?,
+            Some(src) => store.ingest_qcow2(r, &blob, declared, src, max_blob, progress)?,
+        };
+        match how {
+            Ingested::Stored => stored.push(blob),
             // A repaired blob belongs to images already stored: never rolled back.
-            Ingested::Deduplicated | Ingested::Repaired => deduplicated.push(d),
+            Ingested::Deduplicated | Ingested::Repaired => deduplicated.push(blob),
         }
         skip_padding(r, e.size)?;
     }

@@ -11,11 +11,13 @@ fn image(kernel: &[u8], initrd: &[u8]) -> (Manifest, Vec<u8>) {
             role: Role::Kernel,
             sha256: Digest::of(kernel),
             size: kernel.len() as u64,
+            source: None,
         },
         BlobRef {
             role: Role::Initrd,
             sha256: Digest::of(initrd),
             size: initrd.len() as u64,
+            source: None,
         },
     ];
     let bytes = m.to_bytes();
@@ -169,4 +171,109 @@ fn base256_sizes() {
     let h = header("blobs/big", 1 << 36).unwrap();
     assert_eq!(size_field(&h[124..136]), Some(1 << 36));
     assert_eq!(size_field(b"00000001000\0"), Some(512));
+}
+
+/// A manifest whose disk is converted from qcow2: kernel, then the disk with its source.
+fn with_qcow2_disk(k: &[u8], raw: &[u8], q: &[u8]) -> (Manifest, Vec<u8>) {
+    let mut m = sample();
+    m.blobs = vec![
+        BlobRef {
+            role: Role::Kernel,
+            sha256: Digest::of(k),
+            size: k.len() as u64,
+            source: None,
+        },
+        BlobRef {
+            role: Role::Disk,
+            sha256: Digest::of(raw),
+            size: raw.len() as u64,
+            source: Some(crate::Source {
+                format: crate::DiskFormat::Qcow2,
+                sha256: Digest::of(q),
+                size: q.len() as u64,
+            }),
+        },
+    ];
+    m.schema_version = Manifest::schema_for(&m.blobs);
+    let mb = m.to_bytes();
+    (m, mb)
+}
+
+#[test]
+fn a_qcow2_disk_is_converted_stored_raw_and_exported_raw() {
+    let dir = temp_dir("archive-qcow2");
+    let store = BlobStore::open(&dir.join("store")).unwrap();
+    // 256 KiB: data, a zero hole, data; made into qcow2 by qemu-img.
+    let mut raw = vec![0u8; 256 << 10];
+    raw[..64 << 10].fill(0x11);
+    raw[192 << 10..].fill(0x22);
+    let (rp, qp) = (dir.join("d.raw"), dir.join("d.qcow2"));
+    std::fs::write(&rp, &raw).unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2", "-o", "cluster_size=4096"])
+        .args([&rp, &qp])
+        .status()
+        .expect("qemu-img (qemu-utils) is needed");
+    assert!(st.success());
+    let q = std::fs::read(&qp).unwrap();
+    let k = vec![9u8; 100];
+    let (m, mb) = with_qcow2_disk(&k, &raw, &q);
+    let import = |bytes: &[u8]| import(&mut &bytes[..], &store, 1 << 30, &mut |_| ());
+    let tmp_empty = || std::fs::read_dir(dir.join("store/tmp")).unwrap().count() == 0;
+
+    // The qcow2 travels as its source entry and is stored raw; nothing else is left.
+    let sent = [
+        entry("manifest.json", b'0', &mb),
+        entry(&format!("blobs/{}", Digest::of(&k)), b'0', &k),
+        entry(&format!("blobs/{}", Digest::of(&q)), b'0', &q),
+    ]
+    .concat();
+    let i = import(&sent).unwrap();
+    assert_eq!((i.manifest, i.stored.len()), (m.clone(), 2));
+    assert_eq!(std::fs::read(store.path(&Digest::of(&raw))).unwrap(), raw);
+    assert!(!store.contains(&Digest::of(&q)) && tmp_empty());
+
+    // Export writes the raw blob; that archive imports again (deduplicated).
+    let mut out = Vec::new();
+    write(&mut out, &mb, &m, None, &mut |d| {
+        Ok(Box::new(std::fs::File::open(store.path(d))?))
+    })
+    .unwrap();
+    let again = import(&out).unwrap();
+    assert_eq!((again.stored.len(), again.deduplicated.len()), (0, 2));
+    // Sent as qcow2 again: deduplicated too.
+    assert_eq!(import(&sent).unwrap().deduplicated.len(), 2);
+
+    // A manifest whose raw digest is not what the qcow2 converts to: refused, nothing kept.
+    let empty = BlobStore::open(&dir.join("other")).unwrap();
+    let mut wrong = raw.clone();
+    wrong[0] ^= 1;
+    let (_, wmb) = with_qcow2_disk(&k, &wrong, &q);
+    let bad = [
+        entry("manifest.json", b'0', &wmb),
+        entry(&format!("blobs/{}", Digest::of(&q)), b'0', &q),
+    ]
+    .concat();
+    let e = super::import(&mut &bad[..], &empty, 1 << 30, &mut |_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("converts to") && e.contains("qcow2"), "{e}");
+    assert!(empty.list().unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(dir.join("other/tmp")).unwrap().count(), 0);
+    // A damaged qcow2: refused naming the problem, nothing kept.
+    let mut broken = q.clone();
+    broken[20..24].copy_from_slice(&40u32.to_be_bytes());
+    let (_, bmb) = with_qcow2_disk(&k, &raw, &broken);
+    let bad = [
+        entry("manifest.json", b'0', &bmb),
+        entry(&format!("blobs/{}", Digest::of(&broken)), b'0', &broken),
+    ]
+    .concat();
+    let e = super::import(&mut &bad[..], &empty, 1 << 30, &mut |_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cluster_bits 40"), "{e}");
+    assert!(empty.list().unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(dir.join("other/tmp")).unwrap().count(), 0);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -7,6 +7,8 @@
 //! bad disk, a hand edit) is caught by [`BlobStore::verify`], which the daemon runs before
 //! every use. Leftover temp files (a crash mid-write) are removed by [`BlobStore::clean_tmp`].
 
+use crate::manifest::Source;
+use crate::qcow2::{self, Qcow2Error};
 use crate::{Digest, Hasher};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -34,6 +36,8 @@ pub enum BlobError {
         size: u64,
         declared: u64,
     },
+    #[error("blob {digest}: its qcow2 source: {err}")]
+    Qcow2 { digest: Digest, err: Qcow2Error },
     #[error("blob {0} is missing from the blob store")]
     Missing(Digest),
     #[error("blob {digest}: the stream ended after {got} of its {declared} bytes")]
@@ -118,28 +122,11 @@ impl BlobStore {
             copy_hashed(r, None, d, size, progress)?;
             return Ok(Ingested::Deduplicated);
         }
-        static N: AtomicU64 = AtomicU64::new(0);
-        let tmp = self.tmp().join(format!(
-            "{}.{}.{}",
-            d.as_str(),
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let tmp = self.tmp_path(d, "");
         let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(BlobError::io(d, "cannot create its temp file"))?;
+            let mut f = create_tmp(&tmp, d)?;
             copy_hashed(r, Some(&mut f), d, size, progress)?;
-            f.sync_all().map_err(BlobError::io(d, "cannot fsync it"))?;
-            drop(f);
-            // Read-only: the monitor gets these files as kernels and read-only disks.
-            fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o400))
-                .map_err(BlobError::io(d, "cannot set its mode"))?;
-            fs::rename(&tmp, self.path(d)).map_err(BlobError::io(d, "cannot move it in place"))?;
-            sync_dir(&self.dir()).map_err(BlobError::io(d, "cannot fsync the blob directory"))
+            self.commit(f, &tmp, d)
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -151,6 +138,82 @@ impl BlobStore {
                 Ingested::Stored
             }
         })
+    }
+
+    /// Like [`Self::ingest`] for a disk converted on import: reads exactly `src.size` bytes
+    /// of a qcow2 file from `r`, checks them against `src.sha256`, converts them to raw
+    /// (sparse) and stores that as blob `d` of `size` bytes, checking its digest too. The
+    /// qcow2 bytes are not kept. `max_virtual` caps the disk's virtual size.
+    pub fn ingest_qcow2(
+        &self,
+        r: &mut dyn Read,
+        d: &Digest,
+        size: u64,
+        src: &Source,
+        max_virtual: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Ingested, BlobError> {
+        let existed = self.contains(d);
+        if existed && self.verify(d, size).is_ok() {
+            copy_hashed(r, None, &src.sha256, src.size, progress)?;
+            return Ok(Ingested::Deduplicated);
+        }
+        // Both temp files are named after the raw blob, which the import has claimed.
+        let (qtmp, tmp) = (self.tmp_path(d, ".qcow2"), self.tmp_path(d, ""));
+        let result = (|| {
+            let mut q = create_tmp(&qtmp, d)?;
+            copy_hashed(r, Some(&mut q), &src.sha256, src.size, progress)?;
+            let f = create_tmp(&tmp, d)?;
+            let qcow2_err = |err| BlobError::Qcow2 {
+                digest: d.clone(),
+                err,
+            };
+            let (actual, got) =
+                qcow2::convert(&q, Some(&f), max_virtual.min(size)).map_err(qcow2_err)?;
+            if actual != *d || got != size {
+                return Err(qcow2_err(qcow2::Qcow2Error::Invalid(format!(
+                    "it converts to {got} raw bytes with digest {actual}, not the {size} \
+                     bytes with digest {d} the manifest declares"
+                ))));
+            }
+            drop(q);
+            self.commit(f, &tmp, d)
+        })();
+        let _ = fs::remove_file(&qtmp);
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| {
+            if existed {
+                Ingested::Repaired
+            } else {
+                Ingested::Stored
+            }
+        })
+    }
+
+    /// A fresh temp file's path for blob `d`: its name starts with the digest (see
+    /// [`Self::clean_tmp`]).
+    fn tmp_path(&self, d: &Digest, suffix: &str) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        self.tmp().join(format!(
+            "{}.{}.{}{suffix}",
+            d.as_str(),
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// Makes the complete temp file `tmp` blob `d`: fsync, read-only, rename, fsync the
+    /// directory.
+    fn commit(&self, f: File, tmp: &Path, d: &Digest) -> Result<(), BlobError> {
+        f.sync_all().map_err(BlobError::io(d, "cannot fsync it"))?;
+        drop(f);
+        // Read-only: the monitor gets these files as kernels and read-only disks.
+        fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .map_err(BlobError::io(d, "cannot set its mode"))?;
+        fs::rename(tmp, self.path(d)).map_err(BlobError::io(d, "cannot move it in place"))?;
+        sync_dir(&self.dir()).map_err(BlobError::io(d, "cannot fsync the blob directory"))
     }
 
     /// Re-hashes blob `d` and checks it against its name and `size`.
@@ -213,6 +276,16 @@ impl BlobStore {
         }
         Ok(n)
     }
+}
+
+fn create_tmp(p: &Path, d: &Digest) -> Result<File, BlobError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(BlobError::io(d, "cannot create its temp file"))
 }
 
 /// Copies exactly `size` bytes from `r` into `out` (if any) while hashing them, then checks
@@ -324,8 +397,10 @@ pub(crate) mod tests {
         assert!(matches!(s.verify(&d, 1), Err(BlobError::Missing(_))));
         fs::write(dir.join("tmp/leftover"), b"x").unwrap();
         fs::write(dir.join(format!("tmp/{d}.1.2")), b"x").unwrap();
-        assert_eq!(s.clean_tmp(&|x| *x == d).unwrap(), 1, "the busy one stays");
-        assert_eq!(s.clean_tmp(&|_| false).unwrap(), 1);
+        // A qcow2 conversion's two temp files are named after the raw blob too.
+        fs::write(dir.join(format!("tmp/{d}.1.3.qcow2")), b"x").unwrap();
+        assert_eq!(s.clean_tmp(&|x| *x == d).unwrap(), 1, "the busy ones stay");
+        assert_eq!(s.clean_tmp(&|_| false).unwrap(), 2);
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! `vme-image`: the VM image repository's building blocks, shared by the daemon (`vmed`)
 //! and the CLI (`vme`). It owns the image manifest and its validation ([`manifest`]), the
-//! content-addressed blob store ([`blobs`]), the image archive format, a plain ustar stream
+//! content-addressed blob store ([`blobs`]), qcow2 disks converted to raw on import
+//! ([`qcow2`]), the image archive format, a plain ustar stream
 //! ([`archive`]), and publisher signatures ([`sign`]).
 //!
 //! It must never be linked into the monitor (`vme-vmm`): the monitor boots files the daemon
@@ -10,9 +11,10 @@
 pub mod archive;
 pub mod blobs;
 pub mod manifest;
+pub mod qcow2;
 pub mod sign;
 
-pub use manifest::{BlobRef, Manifest, Role};
+pub use manifest::{BlobRef, DiskFormat, Manifest, Role, Source};
 
 use std::fmt;
 

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use vme_api::{Arch, ByteSize};
 
-/// The manifest format this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The newest manifest format this code reads: 1, or 2, which adds a disk blob's `source`.
+/// Writers use the oldest version that holds what they write (see [`Manifest::schema_for`]),
+/// so an image without a converted disk stays readable by a vme that knows only 1.
+pub const SCHEMA_VERSION: u32 = 2;
 /// A manifest larger than this is not a manifest.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 const MAX_NAME: usize = 63;
@@ -90,6 +92,25 @@ pub struct BlobRef {
     pub role: Role,
     pub sha256: Digest,
     pub size: u64,
+    /// A disk converted on import: the file it was made from (schema 2). `sha256` and
+    /// `size` are the raw blob's, which is what is stored, verified and booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+/// The original of a converted disk blob.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub format: DiskFormat,
+    pub sha256: Digest,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskFormat {
+    Qcow2,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -144,9 +165,10 @@ impl Manifest {
 
     pub fn check(&self, max_blob: u64) -> Result<(), ManifestError> {
         let bad = |m: String| Err(ManifestError(m));
-        if self.schema_version != SCHEMA_VERSION {
+        if !(1..=SCHEMA_VERSION).contains(&self.schema_version) {
             return bad(format!(
-                "schema_version {} is not supported: this vme reads version {SCHEMA_VERSION}",
+                "schema_version {} is not supported: this vme reads versions 1 to \
+                 {SCHEMA_VERSION}",
                 self.schema_version
             ));
         }
@@ -206,6 +228,27 @@ impl Manifest {
                 ));
             }
             roles.push(b.role);
+            if let Some(src) = &b.source {
+                if self.schema_version < 2 {
+                    return bad(format!(
+                        "the {} blob has a source, which needs schema_version 2",
+                        b.role.as_str()
+                    ));
+                }
+                if b.role != Role::Disk {
+                    return bad(format!(
+                        "the {} blob has a source: only a disk is converted on import",
+                        b.role.as_str()
+                    ));
+                }
+                if src.size > max_blob {
+                    return bad(format!(
+                        "the disk blob's source declares {} bytes, more than the {max_blob} \
+                         allowed",
+                        src.size
+                    ));
+                }
+            }
             if b.size > max_blob {
                 return bad(format!(
                     "the {} blob declares {} bytes, more than the {max_blob} allowed",
@@ -227,6 +270,15 @@ impl Manifest {
                     .into(),
             ),
             _ => Ok(()),
+        }
+    }
+
+    /// The oldest schema version that holds `blobs`.
+    pub fn schema_for(blobs: &[BlobRef]) -> u32 {
+        if blobs.iter().any(|b| b.source.is_some()) {
+            2
+        } else {
+            1
         }
     }
 
@@ -278,11 +330,13 @@ pub(crate) mod tests {
                     role: Role::Kernel,
                     sha256: Digest::of(b"k"),
                     size: 1,
+                    source: None,
                 },
                 BlobRef {
                     role: Role::Initrd,
                     sha256: Digest::of(b"i"),
                     size: 1,
+                    source: None,
                 },
             ],
         }
@@ -299,6 +353,27 @@ pub(crate) mod tests {
         let m = sample();
         assert_eq!(Manifest::parse(&m.to_bytes(), 100).unwrap(), m);
         assert_eq!(m.size(), 2);
+        // Without a source the manifest is schema 1 and has no `source` key.
+        assert_eq!(Manifest::schema_for(&m.blobs), 1);
+        assert!(
+            !String::from_utf8(m.to_bytes())
+                .unwrap()
+                .contains("\"source\"")
+        );
+        let mut m2 = m.clone();
+        m2.blobs[1].role = Role::Disk;
+        m2.blobs[1].source = Some(Source {
+            format: DiskFormat::Qcow2,
+            sha256: Digest::of(b"q"),
+            size: 7,
+        });
+        m2.schema_version = Manifest::schema_for(&m2.blobs);
+        assert_eq!(m2.schema_version, 2);
+        let text = String::from_utf8(m2.to_bytes()).unwrap();
+        assert!(text.contains("\"format\": \"qcow2\""), "{text}");
+        assert_eq!(Manifest::parse(&m2.to_bytes(), 100).unwrap(), m2);
+        // The source's size is bounded like a blob's.
+        assert!(Manifest::parse(&m2.to_bytes(), 6).is_err());
     }
 
     #[test]
@@ -311,7 +386,22 @@ pub(crate) mod tests {
         };
         assert!(err("{").contains("invalid image manifest"));
         assert!(with(&|v| v["extra"] = 1.into()).contains("unknown field `extra`"));
-        assert!(with(&|v| v["schema_version"] = 2.into()).contains("schema_version 2"));
+        assert!(with(&|v| v["schema_version"] = 3.into()).contains("schema_version 3"));
+        // A source: schema 2, a disk only, a bounded size.
+        let src = serde_json::json!({"format": "qcow2", "sha256": Digest::of(b"q"), "size": 5});
+        assert!(
+            with(&|v| v["blobs"][1]["source"] = src.clone()).contains("needs schema_version 2")
+        );
+        assert!(
+            with(&|v| {
+                v["schema_version"] = 2.into();
+                v["blobs"][1]["source"] = src.clone()
+            })
+            .contains("only a disk")
+        );
+        let mut bad_src = src.clone();
+        bad_src["format"] = "vmdk".into();
+        assert!(with(&|v| v["blobs"][1]["source"] = bad_src.clone()).contains("vmdk"));
         assert!(with(&|v| v["architecture"] = "arm".into()).contains("arm"));
         assert!(
             with(&|v| v["name"] = "../x".into()).contains("contains '/'")

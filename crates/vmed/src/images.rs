@@ -1,5 +1,6 @@
-//! The daemon's image repository: imports (an archive streamed into the blob store, then one
-//! transaction that makes the image visible), listing, aliases, signatures, verification,
+//! The daemon's image repository: imports (an archive streamed into the blob store, a qcow2
+//! disk converted to a raw blob on the way, then one transaction that makes the image
+//! visible), listing, aliases, signatures, verification,
 //! export, deletion and prune; and the two uses of an image by a VM: filling a create request
 //! from it, and checking its blobs' digests before every start.
 //!
@@ -22,6 +23,7 @@ use vme_api::overlay::CloneKind;
 use vme_image::archive::{self, ArchiveError};
 use vme_image::blobs::{BlobError, BlobStore};
 use vme_image::manifest::{Boot, check_name};
+use vme_image::qcow2::Qcow2Error;
 use vme_image::sign::{PublicKey, Signature};
 use vme_image::{Digest, Role};
 
@@ -156,6 +158,11 @@ impl From<ArchiveError> for OpError {
     fn from(e: ArchiveError) -> OpError {
         match e {
             ArchiveError::Blob(BlobError::Io { .. }) | ArchiveError::Io(_) => failed(e),
+            // The daemon's own disk failing while it converts, not the client's file.
+            ArchiveError::Blob(BlobError::Qcow2 {
+                err: Qcow2Error::Read(_) | Qcow2Error::Write(_),
+                ..
+            }) => failed(e),
             _ => OpError::BadRequest(e.to_string()),
         }
     }

@@ -90,6 +90,7 @@ impl Daemon {
                     role,
                     sha256: digest,
                     size,
+                    source: None,
                 });
                 Ok(())
             };

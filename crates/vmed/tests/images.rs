@@ -69,7 +69,12 @@ fn tiny(name: &str) -> (Manifest, Vec<PathBuf>) {
         .zip(&files)
         .map(|(role, f)| {
             let (sha256, size) = vme_image::hash_reader(std::fs::File::open(f).unwrap()).unwrap();
-            BlobRef { role, sha256, size }
+            BlobRef {
+                role,
+                sha256,
+                size,
+                source: None,
+            }
         })
         .collect();
     let m = Manifest {
@@ -380,6 +385,7 @@ fn hostile_archives_and_manifests_are_refused_with_nothing_stored() {
         role: Role::Kernel,
         sha256: Digest::of(b"kernel"),
         size: 6,
+        source: None,
     };
     let mb = m.to_bytes();
     let big_mb = big.to_bytes();
@@ -504,6 +510,7 @@ fn a_disk_blob_is_stored_verified_and_cloned_for_each_vm() {
         role: Role::Disk,
         sha256: sha256.clone(),
         size,
+        source: None,
     });
     files.push(disk);
     let (code, v) = post_bytes(&d.socket, "/1.0/images", &tar(&m, &files, None)).unwrap();

@@ -292,6 +292,9 @@ fn rechain(db: &Path, from: i64) {
     }
 }
 
+/// One way of spoiling the log's file.
+type Spoil = dyn Fn(&Path);
+
 fn copy_dir(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
     let ok = Command::new("cp")
@@ -324,7 +327,7 @@ fn verify_names_the_first_edited_dropped_swapped_or_truncated_record() {
     copy_dir(&state, &pristine);
     let db = state.join("audit.db");
 
-    let cases: [(&str, &dyn Fn(&Path), &str); 6] = [
+    let cases: [(&str, &Spoil, &str); 6] = [
         (
             "edit",
             &|db| tamper(db, "UPDATE audit SET actor = 'mallory' WHERE seq = 4"),

@@ -309,8 +309,8 @@ impl AuditLog {
         let (done, rx) = tokio::sync::oneshot::channel();
         let sent = crate::daemon::lock(&self.tx)
             .as_ref()
-            .map(|tx| tx.send(Pending { entry, done }));
-        if !matches!(sent, Some(Ok(()))) {
+            .is_some_and(|tx| tx.send(Pending { entry, done }).is_ok());
+        if !sent {
             // The receiver then sees its sender dropped: reported as a failure below.
             self.failed.store(true, Ordering::Relaxed);
         }
@@ -460,5 +460,56 @@ mod tests {
     fn long_fields_are_capped() {
         let s = cap("é".repeat(5000));
         assert!(s.len() <= FIELD_MAX + 3 && s.ends_with('…'));
+    }
+}
+
+/// The cost of an append, printed (a benchmark, not a check): `cargo test --release -p vmed
+/// --lib audit::bench -- --ignored --nocapture`.
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "a benchmark: run it by name"]
+    fn append_cost() {
+        let dir = std::env::temp_dir().join(format!("vme-audit-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = AuditLog::open(&dir, AuditConfig::default(), Events::new()).unwrap();
+        let entry = Entry {
+            kind: RecordKind::Request,
+            actor: "alice".into(),
+            project: Some("acme".into()),
+            action: "vm.create".into(),
+            object: "vm/acme/web".into(),
+            label: None,
+            result: Outcome::Allowed,
+            status: 201,
+            source: "unix:uid=1000".into(),
+            detail: String::new(),
+        };
+        let n = 500;
+        let t = Instant::now();
+        for _ in 0..n {
+            log.append_blocking(entry.clone()).unwrap();
+        }
+        let one = t.elapsed() / n;
+        // 20 appenders at once: the writer commits what has queued in one transaction.
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..20 {
+                s.spawn(|| {
+                    for _ in 0..n / 20 {
+                        log.append_blocking(entry.clone()).unwrap();
+                    }
+                });
+            }
+        });
+        let many = t.elapsed() / n;
+        println!("append, one at a time: {one:?} each; 20 at once: {many:?} each (amortized)");
+        assert!(log.verify().unwrap().ok);
+        log.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -348,7 +348,6 @@ pub(super) fn list(db: &Path, q: &Query) -> Result<Vec<Record>, AuditError> {
     if let Some(k) = q.kind {
         eq("kind", k.as_str().into(), &mut cond);
     }
-    drop(eq);
     if let Some(s) = q.since {
         args.push(Sql::Text(stamp(s)));
         cond.push(format!("time >= ?{}", args.len()));

@@ -457,6 +457,68 @@ mod tests {
     }
 
     #[test]
+    fn a_security_event_is_a_durable_chained_record() {
+        let dir = std::env::temp_dir().join(format!("vme-audit-sec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let events = Events::new();
+        let mut rx = events.subscribe();
+        let cfg = AuditConfig {
+            anchor_every: 1,
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open(&dir, cfg, events).unwrap();
+        let seq = log
+            .security_event(
+                "monitor.seccomp-kill",
+                "vm/web",
+                "monitor:pid=42",
+                "vme-vmm: seccomp: thread vcpu made forbidden syscall 57 (fork)",
+            )
+            .unwrap();
+        assert_eq!(seq, 1);
+        let q = Query {
+            kind: Some(RecordKind::Security),
+            ..Query::default()
+        };
+        let r = &log.list(&q).unwrap()[0];
+        assert_eq!(
+            (r.actor.as_str(), r.result, r.status),
+            ("vmed", Outcome::Denied, 0)
+        );
+        assert_eq!(
+            (r.action.as_str(), r.object.as_str()),
+            ("monitor.seccomp-kill", "vm/web")
+        );
+        assert!(r.detail.contains("fork"));
+        assert_eq!(r.prev_hash, hex(&GENESIS));
+        // Anchored (every record here) and published.
+        // The anchor follows the reply (the record is durable first).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let ev = loop {
+            match rx.try_recv() {
+                Ok(ev) => break ev,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("no anchor event: {e}"),
+            }
+        };
+        assert_eq!(ev.kind, EventKind::AuditAnchor);
+        assert_eq!(ev.metadata["hash"], r.hash);
+        let anchors = std::fs::read_to_string(dir.join(ANCHORS_FILE)).unwrap();
+        assert!(anchors.starts_with(&format!("1 {} ", r.hash)), "{anchors}");
+        log.close();
+        // Reopened, the chain goes on from its head.
+        let log = AuditLog::open(&dir, cfg, Events::new()).unwrap();
+        assert_eq!(log.security_event("x", "", "", "").unwrap(), 2);
+        let v = log.verify().unwrap();
+        assert!(v.ok && v.records == 2 && v.anchors == 2, "{v:?}");
+        log.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn long_fields_are_capped() {
         let s = cap("é".repeat(5000));
         assert!(s.len() <= FIELD_MAX + 3 && s.ends_with('…'));

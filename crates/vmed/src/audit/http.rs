@@ -180,7 +180,8 @@ fn list_query(raw: Option<String>) -> Result<Query, OpError> {
             description = "From this time on: Unix seconds or RFC 3339"),
         ("until" = Option<String>, Query,
             description = "Before this time: Unix seconds or RFC 3339"),
-        ("limit" = Option<u64>, Query, description = "The newest this many (default 100)")),
+        ("limit" = Option<u64>, Query,
+            description = "The newest this many (default 100, at most 100000)")),
     responses(
         (status = 200, description = "The records, oldest first", body = Reply<Vec<Record>>),
         (status = 400, description = "A bad filter", body = ErrorReply),

@@ -293,6 +293,9 @@ pub(super) fn row(r: &rusqlite::Row) -> rusqlite::Result<(i64, Result<Record, St
     Ok((seq, rec))
 }
 
+/// The most records one listing returns (the export has them all).
+pub const LIMIT_MAX: u64 = 100_000;
+
 /// The filters of a listing.
 #[derive(Debug, Clone, Default)]
 pub struct Query {
@@ -306,7 +309,7 @@ pub struct Query {
     pub since: Option<i64>,
     /// Unix milliseconds, exclusive.
     pub until: Option<i64>,
-    /// The newest this many (default 100).
+    /// The newest this many (default 100, at most [`LIMIT_MAX`]).
     pub limit: Option<u64>,
 }
 
@@ -361,7 +364,7 @@ pub(super) fn list(db: &Path, q: &Query) -> Result<Vec<Record>, AuditError> {
     } else {
         format!("WHERE {}", cond.join(" AND "))
     };
-    let limit = q.limit.unwrap_or(100).min(i64::MAX as u64) as i64;
+    let limit = q.limit.unwrap_or(100).min(LIMIT_MAX);
     let sql = format!("SELECT {COLUMNS} FROM audit {filter} ORDER BY seq DESC LIMIT {limit}");
     let e = db_err(db);
     let mut stmt = conn.prepare(&sql).map_err(&e)?;

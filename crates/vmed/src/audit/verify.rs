@@ -5,6 +5,7 @@ use super::anchors::{self, Anchor};
 use super::store::{reader, row};
 use super::{AuditError, GENESIS, Record, hex, unhex32};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::Path;
 use utoipa::ToSchema;
 
@@ -96,12 +97,17 @@ pub(super) fn verify(db: &Path, anchors_path: &Path) -> Result<Verdict, AuditErr
         )
         .map_err(e)?;
     let mut rows = stmt.query_map([], row).map_err(e)?;
+    // Anchors by the seq they name.
+    let mut by_seq: HashMap<u64, Vec<(usize, &Anchor)>> = HashMap::new();
+    for (line, a) in &anchors {
+        by_seq.entry(a.seq).or_default().push((*line, a));
+    }
     let mut expected = 1u64;
     let mut prev = GENESIS;
     let mut first_bad = None;
     for r in rows.by_ref() {
         let (seq, rec) = r.map_err(e)?;
-        if let Some(b) = check(seq, &rec, expected, &prev, max, &anchors) {
+        if let Some(b) = check(seq, &rec, expected, &prev, max, &by_seq) {
             first_bad = Some(b);
             break;
         }
@@ -145,7 +151,7 @@ fn check(
     expected: u64,
     prev: &[u8; 32],
     max: i64,
-    anchors: &[(usize, Anchor)],
+    anchors: &HashMap<u64, Vec<(usize, &Anchor)>>,
 ) -> Option<Bad> {
     let Ok(useq) = u64::try_from(seq) else {
         return bad(
@@ -219,7 +225,7 @@ fn check(
             ),
         );
     }
-    for (line, a) in anchors.iter().filter(|(_, a)| a.seq == useq) {
+    for (line, a) in anchors.get(&useq).into_iter().flatten() {
         if a.hash != rec.hash {
             return bad(
                 Some(useq),

@@ -242,7 +242,9 @@ fn main() -> Result<()> {
             }
             _ => futures_util::future::Either::Right(std::future::pending()),
         };
-        let unix = axum::serve(listener, app).with_graceful_shutdown(async move {
+        // The peer's uid goes into the audit log's records (`source`).
+        let with_peer = app.into_make_service_with_connect_info::<vmed::audit::http::UnixPeer>();
+        let unix = axum::serve(listener, with_peer).with_graceful_shutdown(async move {
             shutdown().await;
             // Event streams and waits would otherwise keep the server from stopping.
             events.close();

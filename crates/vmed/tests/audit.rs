@@ -123,7 +123,11 @@ fn state_changes_and_refusals_are_recorded_and_the_chain_verifies() {
             (5, "PUT /1.0/vms/nope/state", 404, "allowed"),
         ]
     );
+    // SAFETY: getuid(2) has no preconditions.
+    let source = format!("unix:uid={}", unsafe { libc::getuid() });
     for r in &recs {
+        // The socket's peer, whatever the access-control layer says (or does not).
+        assert_eq!(r["source"].as_str(), Some(source.as_str()));
         // Without the access-control layer's facts the actor is unknown.
         assert_eq!(
             (r["kind"].as_str(), r["actor"].as_str()),

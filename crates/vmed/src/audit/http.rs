@@ -7,7 +7,7 @@ use crate::api::{App, ErrorReply, Reply, blocking, ok, query};
 use crate::daemon::OpError;
 use crate::request_facts::RequestFacts;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{RawQuery, Request, State};
+use axum::extract::{ConnectInfo, RawQuery, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -45,6 +45,7 @@ pub async fn record(log: Arc<AuditLog>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let changes = changes_state(&method);
+    let peer = peer_source(&req);
     if changes && log.failed() {
         return OpError::Unavailable(
             "the audit log cannot be written, so vmed refuses state-changing requests: see \
@@ -80,7 +81,7 @@ pub async fn record(log: Arc<AuditLog>, req: Request, next: Next) -> Response {
             Outcome::Allowed
         },
         status: status.as_u16(),
-        source: nonempty(f.source, "unknown"),
+        source: nonempty(f.source, peer.as_deref().unwrap_or("unknown")),
         detail,
     };
     match log.append(entry).await {
@@ -92,6 +93,32 @@ pub async fn record(log: Arc<AuditLog>, req: Request, next: Next) -> Response {
         ))
         .into_response(),
     }
+}
+
+/// Who is at the other end of a Unix socket connection (SO_PEERCRED), for a record's
+/// `source` when the access-control layer gave none: serve the socket with
+/// `into_make_service_with_connect_info::<UnixPeer>()`.
+#[derive(Clone, Copy, Debug)]
+pub struct UnixPeer {
+    pub uid: Option<u32>,
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for UnixPeer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        UnixPeer {
+            uid: s.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+/// Where a request came from, as far as the connection tells.
+fn peer_source(req: &Request) -> Option<String> {
+    let peer = req.extensions().get::<ConnectInfo<UnixPeer>>()?;
+    Some(format!("unix:uid={}", peer.0.uid?))
 }
 
 fn nonempty(s: String, default: &str) -> String {

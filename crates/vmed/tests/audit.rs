@@ -416,7 +416,18 @@ fn a_record_survives_a_kill_9_right_after_its_request() {
         .unwrap();
     assert_eq!((seq, action.as_str(), status), (1, "POST /1.0/vms", 201));
     drop(c);
+    // Not anchored before the kill (every 100 records by default): it is once vmed is back.
+    let anchors = d.dir.join("state/audit.anchors");
+    assert!(!anchors.exists());
     d.launch(None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&anchors).is_ok_and(|a| a.starts_with("1 ")) {
+        assert!(
+            Instant::now() < deadline,
+            "record 1 was not anchored at startup"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(http(&d.socket, "DELETE", "/1.0/vms/k1", "").0, 200);
     let (code, out, err) = vme(&d, &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");

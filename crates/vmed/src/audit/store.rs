@@ -109,6 +109,8 @@ impl Writer {
 
     /// Appends what arrives, each batch in one transaction, until every sender is gone.
     pub(super) fn run(mut self, rx: mpsc::Receiver<Pending>) {
+        // Records a killed daemon left unanchored are anchored now, not at the next one.
+        self.anchor();
         loop {
             let got = match self.waiting_since {
                 Some(t) => {

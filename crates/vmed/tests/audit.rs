@@ -433,3 +433,37 @@ fn a_record_survives_a_kill_9_right_after_its_request() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ok: 2 records"), "{out}");
 }
+
+#[test]
+fn a_log_that_cannot_be_written_stops_state_changes() {
+    let mut d = Vmed::start("audit-broken", false, &[]);
+    assert_eq!(
+        http(&d.socket, "POST", "/1.0/vms", &create_body("f1")).0,
+        201
+    );
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // The database now refuses every append (as a full or failing disk would).
+    let c = rusqlite::Connection::open(d.dir.join("state/audit.db")).unwrap();
+    c.execute_batch(
+        "CREATE TRIGGER no_insert BEFORE INSERT ON audit \
+         BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
+    )
+    .unwrap();
+    drop(c);
+    d.launch(None);
+    // Carried out, but the client is told it went unrecorded...
+    let (code, v) = http(&d.socket, "DELETE", "/1.0/vms/f1", "");
+    assert_eq!(code, 500, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("carried out") && msg.contains("disk says no"),
+        "{msg}"
+    );
+    // ... and nothing more changes until the log can be written.
+    let (code, v) = http(&d.socket, "POST", "/1.0/vms", &create_body("f2"));
+    assert_eq!(code, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("audit log"), "{v}");
+    let (code, v) = http(&d.socket, "GET", "/1.0/vms", "");
+    assert_eq!((code, v["metadata"].clone()), (200, json!([])));
+}

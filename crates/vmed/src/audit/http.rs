@@ -86,10 +86,10 @@ pub async fn record(log: Arc<AuditLog>, req: Request, next: Next) -> Response {
     };
     match log.append(entry).await {
         Ok(_) => resp,
-        // The action is done but unrecorded: say so rather than pretend all is well.
+        // The request is answered but unrecorded: say so rather than pretend all is well.
         Err(e) => OpError::Failed(format!(
-            "the request was carried out (HTTP {status}) but its audit record could not be \
-             written: {e}"
+            "the request was {} (HTTP {status}) but its audit record could not be written: {e}",
+            if denied { "refused" } else { "carried out" }
         ))
         .into_response(),
     }

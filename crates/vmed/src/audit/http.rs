@@ -25,6 +25,9 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
 /// Error replies up to this size are read for the record's `detail`.
 const DETAIL_BODY_MAX: u64 = 64 * 1024;
 
+/// A refused request's body is read up to this much before the refusal is sent.
+const DRAIN_MAX: usize = 1 << 20;
+
 /// Whether a request of this method changes state (everything but reads is recorded).
 fn changes_state(m: &Method) -> bool {
     !matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
@@ -47,6 +50,9 @@ pub async fn record(log: Arc<AuditLog>, req: Request, next: Next) -> Response {
     let changes = changes_state(&method);
     let peer = peer_source(&req);
     if changes && log.failed() {
+        // Read (a bounded part of) the body first: a client still sending it would otherwise
+        // see its connection reset instead of this reply.
+        let _ = axum::body::to_bytes(req.into_body(), DRAIN_MAX).await;
         return OpError::Unavailable(
             "the audit log cannot be written, so vmed refuses state-changing requests: see \
              the daemon's log, fix the state dir's disk, then restart vmed"

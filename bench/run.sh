@@ -25,3 +25,5 @@ cargo build --release -q -p vme-image --examples
 python3 bench/qcow2.py
 echo "# thin clones: thin_clone vs cp of a 1 GiB image (time, disk); riscv64 guest I/O on an overlay vs a raw disk" >&2
 python3 bench/thin.py
+echo "# audit log: a recorded request vs the same request unrecorded (one durable append), 20 clients at once" >&2
+python3 bench/audit.py

@@ -1,6 +1,7 @@
 //! `vme`, the command line of the vme environment: asks the daemon (`vmed`) over its REST
 //! API on a Unix socket. It holds no state of its own.
 
+mod audit;
 mod console;
 mod http;
 mod image;
@@ -122,7 +123,7 @@ enum Cmd {
     },
     /// Follow the daemon's events (VM state changes, operations) until interrupted.
     Events {
-        /// Only these kinds (comma-separated): lifecycle, operation.
+        /// Only these kinds (comma-separated): lifecycle, operation, audit-anchor.
         #[arg(long = "type", value_enum, value_delimiter = ',')]
         types: Vec<EventType>,
         /// table (one line an event), json (one JSON object a line) or yaml (a document
@@ -146,6 +147,9 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// The audit log: list records, verify its hash chain, export it.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
     /// This client's identity for daemons over HTTPS (--remote).
     #[command(subcommand)]
     Remote(RemoteCmd),
@@ -201,6 +205,7 @@ enum OpCmd {
 enum EventType {
     Lifecycle,
     Operation,
+    AuditAnchor,
 }
 
 impl EventType {
@@ -208,6 +213,7 @@ impl EventType {
         match self {
             EventType::Lifecycle => "lifecycle",
             EventType::Operation => "operation",
+            EventType::AuditAnchor => "audit-anchor",
         }
     }
 }
@@ -681,6 +687,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Remote(RemoteCmd::Cert) => client_cert()?,
         Cmd::Image(cmd) => image::run(&api, cmd)?,
+        Cmd::Audit(cmd) => audit::run(&api, cmd)?,
         Cmd::Publish { vm, image, format } => image::publish(&api, &vm, &image, format)?,
         Cmd::Events { types, format } => {
             let mut path = "/1.0/events".to_string();

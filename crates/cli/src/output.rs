@@ -149,6 +149,11 @@ pub fn event_line(format: Format, e: &Value) -> Result<String> {
                     }
                     t
                 }
+                Some("audit-anchor") => format!(
+                    "audit log anchored at record {}: {}",
+                    cell(&m["seq"]),
+                    cell(&m["hash"])
+                ),
                 Some("lagged") => format!(
                     "missed {} events: this reader was too slow",
                     cell(&m["missed"])

@@ -17,6 +17,7 @@
 //! | `GET /1.0/events?type=lifecycle,operation` | the event stream: one JSON object a line |
 //! | `GET /1.0/openapi.json` | this API as an OpenAPI 3 document |
 //! | `/1.0/images...` | the image repository (see [`crate::images_api`]) |
+//! | `GET /1.0/audit`, `/1.0/audit/verify`, `/1.0/audit/export` | the audit log (see [`crate::audit`]) |
 //!
 //! Long actions (`POST /1.0/vms`, `PUT /1.0/vms/{name}/state`, `DELETE /1.0/vms/{name}`)
 //! are operations. By default they answer when done, as a plain sync reply; with
@@ -59,8 +60,8 @@ const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAM
     /1.0/vms/NAME/usage, /1.0/vms/NAME/exec, /1.0/metrics, /1.0/operations, /1.0/operations/ID, \
     /1.0/operations/ID/wait, /1.0/events, /1.0/images, /1.0/images/NAME, \
     /1.0/images/NAME/manifest, /1.0/images/NAME/signature, /1.0/images/NAME/verify, \
-    /1.0/images/NAME/export, /1.0/images/aliases, /1.0/images/aliases/NAME, /1.0/images/prune \
-    and /1.0/openapi.json";
+    /1.0/images/NAME/export, /1.0/images/aliases, /1.0/images/aliases/NAME, /1.0/images/prune, \
+    /1.0/audit, /1.0/audit/verify, /1.0/audit/export and /1.0/openapi.json";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -77,6 +78,8 @@ const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAM
         (name = "operations", description = "Long actions, running and recent"),
         (name = "events", description = "The event stream"),
         (name = "images", description = "The image repository"),
+        (name = "audit", description = "The audit log: state-changing requests, denials, \
+            security events; hash-chained and anchored"),
         (name = "daemon", description = "The daemon itself")
     )
 )]
@@ -99,6 +102,7 @@ fn routes() -> OpenApiRouter<App> {
         .routes(routes!(events))
         .routes(routes!(openapi_json))
         .merge(crate::images_api::routes())
+        .merge(crate::audit::http::routes())
 }
 
 pub fn router(daemon: App) -> Router {
@@ -118,6 +122,11 @@ pub fn router(daemon: App) -> Router {
                 None,
             )
         })
+        // Last, so outermost: it sees every request's final status and the policy's facts.
+        .layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            crate::audit::http::layer,
+        ))
         .with_state(daemon)
 }
 
@@ -209,7 +218,7 @@ pub(crate) fn ok<T: Serialize>(code: StatusCode, metadata: T) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
-fn error(code: StatusCode, msg: String, metadata: Option<Value>) -> Response {
+pub(crate) fn error(code: StatusCode, msg: String, metadata: Option<Value>) -> Response {
     let body = ErrorReply {
         kind: "error",
         error_code: code.as_u16(),
@@ -664,7 +673,7 @@ async fn wait(State(d): State<App>, Path(id): Path<String>, RawQuery(q): RawQuer
 /// `lagged` event saying how many.
 #[utoipa::path(get, path = "/1.0/events", tag = "events",
     params(("type" = Option<String>, Query,
-        description = "Only these types, comma-separated: lifecycle, operation")),
+        description = "Only these types, comma-separated: lifecycle, operation, audit-anchor")),
     responses(
         (status = 200, description = "Events, one JSON object a line (chunked)", body = Event,
             content_type = "application/x-ndjson"),
@@ -680,8 +689,8 @@ async fn events(State(d): State<App>, RawQuery(q): RawQuery) -> Result<Response,
                 .map(|t| {
                     Kind::parse(t).ok_or_else(|| {
                         OpError::BadRequest(format!(
-                            "unknown event type {t:?}: use lifecycle, operation or both \
-                             (comma-separated)"
+                            "unknown event type {t:?}: use lifecycle, operation, \
+                             audit-anchor (comma-separated)"
                         ))
                     })
                 })

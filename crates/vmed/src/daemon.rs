@@ -127,6 +127,8 @@ pub struct Daemon {
     /// The blobs of the imports running now, with how many claim each: prune and delete
     /// leave them alone, and an import cut short removes only blobs no other one claims.
     pub(crate) image_claims: Mutex<HashMap<vme_image::Digest, usize>>,
+    /// The audit log, once the binary has opened it (see [`crate::audit`]).
+    pub audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
 }
 
 /// Marks a VM busy for the length of an operation (it may move to another thread with it).
@@ -260,6 +262,7 @@ impl Daemon {
             last_samples: Mutex::new(HashMap::new()),
             image_lock: Mutex::new(()),
             image_claims: Mutex::new(HashMap::new()),
+            audit: std::sync::OnceLock::new(),
         });
         crate::reconcile::run(&daemon)?;
         crate::accounting::spawn_sampler(&daemon);
@@ -763,12 +766,32 @@ impl Daemon {
     /// what its exit means for the VM.
     fn supervise(self: Arc<Self>, name: String, mut child: Child, log: PathBuf) {
         let status = child.wait();
+        if let Ok(s) = &status {
+            self.audit_seccomp_kill(&name, child.id(), s, &log);
+        }
         let (clean, how) = match &status {
             Ok(s) if s.success() => (true, String::new()),
             Ok(s) => (false, describe(s)),
             Err(e) => (false, format!("could not be waited for: {e}")),
         };
         self.exited(&name, clean, &how, &log);
+    }
+
+    /// A monitor that exited with the seccomp status made a system call its filter forbids
+    /// (a guest escape attempt, or a monitor bug): a security event for the audit log.
+    fn audit_seccomp_kill(&self, name: &str, pid: u32, s: &std::process::ExitStatus, log: &Path) {
+        const SECCOMP_EXIT: i32 = 159; // vme-vmm's seccomp::EXIT_STATUS
+        let Some(audit) = self.audit.get() else {
+            return;
+        };
+        if s.code() == Some(SECCOMP_EXIT) {
+            let _ = audit.security_event(
+                "monitor.seccomp-kill",
+                &format!("vm/{name}"),
+                &format!("monitor:pid={pid}"),
+                &format!("the monitor made a forbidden system call: {}", tail(log)),
+            );
+        }
     }
 
     /// Records a monitor's exit: the state it leaves the VM in (with the log's tail as the

@@ -33,6 +33,9 @@ pub enum Kind {
     Lifecycle,
     /// An operation was created or ended.
     Operation,
+    /// The audit log's head was anchored: `{"seq": N, "hash": "...", "time": "..."}`.
+    #[serde(rename = "audit-anchor")]
+    AuditAnchor,
     /// Not published: sent to one subscriber that fell behind, with how many it missed.
     Lagged,
 }
@@ -42,6 +45,7 @@ impl Kind {
         match s {
             "lifecycle" => Some(Kind::Lifecycle),
             "operation" => Some(Kind::Operation),
+            "audit-anchor" => Some(Kind::AuditAnchor),
             _ => None,
         }
     }

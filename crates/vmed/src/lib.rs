@@ -10,6 +10,7 @@
 pub mod accounting;
 pub mod admission;
 pub mod api;
+pub mod audit;
 pub mod cgroup;
 pub mod console_attach;
 pub mod crashpoint;

@@ -89,6 +89,13 @@ struct Args {
     /// (repeatable; replaces the config file's trusted_keys).
     #[arg(long = "trusted-key", value_name = "KEY")]
     trusted_keys: Vec<String>,
+    /// Anchor the audit log's head (STATE/audit.anchors, the event stream) after this many
+    /// records (default 100)...
+    #[arg(long, value_name = "N")]
+    audit_anchor_every: Option<u64>,
+    /// ... and at least this many seconds after a record while records arrive (default 60).
+    #[arg(long, value_name = "SECONDS")]
+    audit_anchor_interval: Option<u64>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -136,6 +143,8 @@ fn main() -> Result<()> {
         image_max_size: args.image_max_size,
         require_signed: args.require_signed,
         trusted_keys: (!args.trusted_keys.is_empty()).then_some(args.trusted_keys),
+        audit_anchor_every: args.audit_anchor_every,
+        audit_anchor_interval: args.audit_anchor_interval,
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -182,6 +191,7 @@ fn main() -> Result<()> {
         .map(|_| tls_config(&settings.state_dir))
         .transpose()?;
     let tls_state_dir = settings.state_dir.clone();
+    let audit_state_dir = settings.state_dir.clone();
     let cfg = Config {
         state_dir: settings.state_dir,
         vmm,
@@ -208,9 +218,14 @@ fn main() -> Result<()> {
     vmed::crashpoint::check().map_err(anyhow::Error::msg)?;
     let daemon = Daemon::new(cfg, Box::new(store)).context("cannot read the state database")?;
     let events = daemon.events.clone();
+    let audit = vmed::audit::AuditLog::open(&audit_state_dir, settings.audit, events.clone())
+        .context(
+            "cannot open the audit log: check the state dir, or move a damaged audit.db away",
+        )?;
+    let _ = daemon.audit.set(audit.clone());
 
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let listener = bind(&settings.socket, settings.group.as_deref())?;
         eprintln!("vmed: serving on {}", settings.socket.display());
         let app = vmed::api::router(daemon);
@@ -229,7 +244,9 @@ fn main() -> Result<()> {
             }
             _ => futures_util::future::Either::Right(std::future::pending()),
         };
-        let unix = axum::serve(listener, app).with_graceful_shutdown(async move {
+        // The peer's uid goes into the audit log's records (`source`).
+        let with_peer = app.into_make_service_with_connect_info::<vmed::audit::http::UnixPeer>();
+        let unix = axum::serve(listener, with_peer).with_graceful_shutdown(async move {
             shutdown().await;
             // Event streams and waits would otherwise keep the server from stopping.
             events.close();
@@ -239,7 +256,10 @@ fn main() -> Result<()> {
             r = unix => r.context("the API server failed"),
             () = https => Ok(()),
         }
-    })
+    });
+    // Anchors the head: a clean stop leaves no record unanchored.
+    audit.close();
+    served
 }
 
 /// The HTTPS server's TLS settings, its certificate made on the first start.

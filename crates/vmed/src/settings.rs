@@ -42,6 +42,10 @@ pub struct Layer {
     pub require_signed: Option<bool>,
     /// Publisher keys whose signatures are trusted: `["ed25519:<hex>", ...]`.
     pub trusted_keys: Option<Vec<String>>,
+    /// Anchor the audit log's head after this many records (default 100).
+    pub audit_anchor_every: Option<u64>,
+    /// ... and at least this many seconds after a record while records arrive (default 60).
+    pub audit_anchor_interval: Option<u64>,
 }
 
 /// The settings in force.
@@ -68,12 +72,13 @@ pub struct Settings {
     /// Where the API is also served over HTTPS, to trusted client certificates only.
     pub https: Option<std::net::SocketAddr>,
     pub images: crate::images::ImageConfig,
+    pub audit: crate::audit::AuditConfig,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
     sample_interval, usage_retention, console_log_size, https, image_max_size, require_signed, \
-    trusted_keys";
+    trusted_keys, audit_anchor_every, audit_anchor_interval";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -109,6 +114,8 @@ impl Layer {
             image_max_size: self.image_max_size.or(below.image_max_size),
             require_signed: self.require_signed.or(below.require_signed),
             trusted_keys: self.trusted_keys.or(below.trusted_keys),
+            audit_anchor_every: self.audit_anchor_every.or(below.audit_anchor_every),
+            audit_anchor_interval: self.audit_anchor_interval.or(below.audit_anchor_interval),
         }
     }
 
@@ -139,7 +146,21 @@ impl Layer {
                 self.require_signed.unwrap_or(false),
                 self.trusted_keys.as_deref().unwrap_or_default(),
             )?,
+            audit: crate::audit::AuditConfig {
+                anchor_every: self.audit_anchor_every.unwrap_or(100),
+                anchor_interval: std::time::Duration::from_secs(
+                    self.audit_anchor_interval.unwrap_or(60),
+                ),
+            },
         };
+        if s.audit.anchor_every == 0 || !(1..=86_400).contains(&s.audit.anchor_interval.as_secs()) {
+            return Err(format!(
+                "audit_anchor_every {} or audit_anchor_interval {} s is out of range: give at \
+                 least 1 record and 1 to 86400 seconds",
+                s.audit.anchor_every,
+                s.audit.anchor_interval.as_secs()
+            ));
+        }
         if !s.cgroup_root.is_absolute() || s.cgroup_root.components().any(|c| c.as_os_str() == "..")
         {
             return Err(format!(
@@ -300,6 +321,14 @@ mod tests {
             },
             Layer {
                 trusted_keys: Some(vec!["ed25519:00".into()]),
+                ..Layer::default()
+            },
+            Layer {
+                audit_anchor_every: Some(0),
+                ..Layer::default()
+            },
+            Layer {
+                audit_anchor_interval: Some(0),
                 ..Layer::default()
             },
         ] {

@@ -199,6 +199,7 @@ fn main() -> Result<()> {
         usage_retention: Duration::from_secs(settings.usage_retention),
         console_log_size: settings.console_log_size,
         images: settings.images,
+        labels: vmed::labels::Levels::default(),
     };
     if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
         eprintln!("vmed: {note}");
@@ -227,7 +228,12 @@ fn main() -> Result<()> {
             }
             _ => futures_util::future::Either::Right(std::future::pending()),
         };
-        let unix = axum::serve(listener, app).with_graceful_shutdown(async move {
+        // Each connection's peer uid (SO_PEERCRED) identifies its user (see vmed::authz).
+        let unix = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<vmed::authz::Peer>(),
+        )
+        .with_graceful_shutdown(async move {
             shutdown().await;
             // Event streams and waits would otherwise keep the server from stopping.
             events.close();

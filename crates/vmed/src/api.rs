@@ -37,9 +37,9 @@ use crate::lifecycle::{self, Action, RestartPolicy};
 use crate::operations::Operation;
 use crate::store::{StoreError, VmRecord};
 use crate::validate::CreateVm;
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -81,6 +81,7 @@ const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAM
         (name = "operations", description = "Long actions, running and recent"),
         (name = "events", description = "The event stream"),
         (name = "images", description = "The image repository"),
+        (name = "access", description = "Users, projects, roles, tokens and labels"),
         (name = "daemon", description = "The daemon itself")
     )
 )]
@@ -108,10 +109,7 @@ fn routes() -> OpenApiRouter<App> {
 
 pub fn router(daemon: App) -> Router {
     let (router, _) = routes().split_for_parts();
-    // Every request, matched or not, passes the access-control middleware first.
-    let policy = axum::middleware::from_fn_with_state(daemon.clone(), crate::authz::middleware);
-    router
-        .layer(policy)
+    let inner = router
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -126,7 +124,11 @@ pub fn router(daemon: App) -> Router {
                 None,
             )
         })
-        .with_state(daemon)
+        .with_state(daemon.clone());
+    // Every request passes the access-control middleware before it is routed (so that it
+    // can answer for a hidden object as for a missing one, see crate::authz).
+    let policy = axum::middleware::from_fn_with_state(daemon, crate::authz::middleware);
+    Router::new().fallback_service(inner).layer(policy)
 }
 
 /// The answer to a method and path no route takes: 405 if the path is a route's, else 404
@@ -134,7 +136,13 @@ pub fn router(daemon: App) -> Router {
 /// declared permission never reaches a handler.
 pub(crate) fn no_route(method: &axum::http::Method, path: &str) -> Response {
     use axum::http::Method;
-    let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::PATCH];
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ];
     if methods
         .iter()
         .any(|m| m != method && crate::authz::route(m, path).is_some())

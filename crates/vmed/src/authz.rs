@@ -99,9 +99,21 @@ use Object::{Alias, Collection, Image, Operation, Token, Vm};
 /// `every_route_has_a_permission` test fails).
 pub const PERMISSIONS: &[Perm] = &[
     p("GET", "/1.0", "daemon.info", Authenticated, Object::None),
-    p("GET", "/1.0/openapi.json", "daemon.openapi", Authenticated, Object::None),
+    p(
+        "GET",
+        "/1.0/openapi.json",
+        "daemon.openapi",
+        Authenticated,
+        Object::None,
+    ),
     p("GET", "/1.0/metrics", "metrics.read", Metrics, Object::None),
-    p("GET", "/1.0/events", "event.read", Authenticated, Object::None),
+    p(
+        "GET",
+        "/1.0/events",
+        "event.read",
+        Authenticated,
+        Object::None,
+    ),
     p("GET", "/1.0/vms", "vm.list", Read, Collection),
     p("POST", "/1.0/vms", "vm.create", Use, Collection),
     p("GET", "/1.0/vms/{name}", "vm.get", Read, Vm),
@@ -112,35 +124,185 @@ pub const PERMISSIONS: &[Perm] = &[
     p("POST", "/1.0/vms/{name}/exec", "vm.exec", Use, Vm),
     p("POST", "/1.0/vms/{name}/publish", "vm.publish", Use, Vm),
     p("PUT", "/1.0/vms/{name}/label", "vm.label", Admin, Vm),
-    p("GET", "/1.0/operations", "operation.list", Authenticated, Object::None),
-    p("GET", "/1.0/operations/{id}", "operation.get", Read, Operation),
-    p("DELETE", "/1.0/operations/{id}", "operation.cancel", Use, Operation),
-    p("GET", "/1.0/operations/{id}/wait", "operation.wait", Read, Operation),
-    p("GET", "/1.0/images", "image.list", Authenticated, Object::None),
+    p(
+        "GET",
+        "/1.0/operations",
+        "operation.list",
+        Authenticated,
+        Object::None,
+    ),
+    p(
+        "GET",
+        "/1.0/operations/{id}",
+        "operation.get",
+        Read,
+        Operation,
+    ),
+    p(
+        "DELETE",
+        "/1.0/operations/{id}",
+        "operation.cancel",
+        Use,
+        Operation,
+    ),
+    p(
+        "GET",
+        "/1.0/operations/{id}/wait",
+        "operation.wait",
+        Read,
+        Operation,
+    ),
+    p(
+        "GET",
+        "/1.0/images",
+        "image.list",
+        Authenticated,
+        Object::None,
+    ),
     p("POST", "/1.0/images", "image.import", Use, Collection),
     p("GET", "/1.0/images/{name}", "image.get", Read, Image),
-    p("DELETE", "/1.0/images/{name}", "image.delete", Manage, Image),
-    p("GET", "/1.0/images/{name}/manifest", "image.manifest", Read, Image),
-    p("PUT", "/1.0/images/{name}/signature", "image.sign", Manage, Image),
-    p("POST", "/1.0/images/{name}/verify", "image.verify", Manage, Image),
-    p("GET", "/1.0/images/{name}/export", "image.export", Read, Image),
-    p("PUT", "/1.0/images/{name}/access", "image.access", Manage, Image),
-    p("POST", "/1.0/images/aliases", "image.alias", Manage, Collection),
-    p("DELETE", "/1.0/images/aliases/{name}", "image.unalias", Manage, Alias),
-    p("POST", "/1.0/images/prune", "image.prune", Admin, Object::None),
-    p("GET", "/1.0/whoami", "self.info", Authenticated, Object::None),
+    p(
+        "DELETE",
+        "/1.0/images/{name}",
+        "image.delete",
+        Manage,
+        Image,
+    ),
+    p(
+        "GET",
+        "/1.0/images/{name}/manifest",
+        "image.manifest",
+        Read,
+        Image,
+    ),
+    p(
+        "PUT",
+        "/1.0/images/{name}/signature",
+        "image.sign",
+        Manage,
+        Image,
+    ),
+    p(
+        "POST",
+        "/1.0/images/{name}/verify",
+        "image.verify",
+        Manage,
+        Image,
+    ),
+    p(
+        "GET",
+        "/1.0/images/{name}/export",
+        "image.export",
+        Read,
+        Image,
+    ),
+    p(
+        "PUT",
+        "/1.0/images/{name}/access",
+        "image.access",
+        Manage,
+        Image,
+    ),
+    p(
+        "POST",
+        "/1.0/images/aliases",
+        "image.alias",
+        Manage,
+        Collection,
+    ),
+    p(
+        "DELETE",
+        "/1.0/images/aliases/{name}",
+        "image.unalias",
+        Manage,
+        Alias,
+    ),
+    p(
+        "POST",
+        "/1.0/images/prune",
+        "image.prune",
+        Admin,
+        Object::None,
+    ),
+    p(
+        "GET",
+        "/1.0/whoami",
+        "self.info",
+        Authenticated,
+        Object::None,
+    ),
     p("GET", "/1.0/users", "user.list", Admin, Object::None),
     p("POST", "/1.0/users", "user.create", Admin, Object::None),
-    p("PUT", "/1.0/users/{name}", "user.update", Admin, Object::None),
-    p("DELETE", "/1.0/users/{name}", "user.delete", Admin, Object::None),
-    p("PUT", "/1.0/users/{name}/role", "user.role", Admin, Object::None),
-    p("GET", "/1.0/projects", "project.list", Authenticated, Object::None),
-    p("POST", "/1.0/projects", "project.create", Admin, Object::None),
-    p("PUT", "/1.0/projects/{name}", "project.update", Admin, Object::None),
-    p("DELETE", "/1.0/projects/{name}", "project.delete", Admin, Object::None),
-    p("GET", "/1.0/tokens", "token.list", Authenticated, Object::None),
-    p("POST", "/1.0/tokens", "token.create", Authenticated, Object::None),
-    p("DELETE", "/1.0/tokens/{id}", "token.revoke", Authenticated, Token),
+    p(
+        "PUT",
+        "/1.0/users/{name}",
+        "user.update",
+        Admin,
+        Object::None,
+    ),
+    p(
+        "DELETE",
+        "/1.0/users/{name}",
+        "user.delete",
+        Admin,
+        Object::None,
+    ),
+    p(
+        "PUT",
+        "/1.0/users/{name}/role",
+        "user.role",
+        Admin,
+        Object::None,
+    ),
+    p(
+        "GET",
+        "/1.0/projects",
+        "project.list",
+        Authenticated,
+        Object::None,
+    ),
+    p(
+        "POST",
+        "/1.0/projects",
+        "project.create",
+        Admin,
+        Object::None,
+    ),
+    p(
+        "PUT",
+        "/1.0/projects/{name}",
+        "project.update",
+        Admin,
+        Object::None,
+    ),
+    p(
+        "DELETE",
+        "/1.0/projects/{name}",
+        "project.delete",
+        Admin,
+        Object::None,
+    ),
+    p(
+        "GET",
+        "/1.0/tokens",
+        "token.list",
+        Authenticated,
+        Object::None,
+    ),
+    p(
+        "POST",
+        "/1.0/tokens",
+        "token.create",
+        Authenticated,
+        Object::None,
+    ),
+    p(
+        "DELETE",
+        "/1.0/tokens/{id}",
+        "token.revoke",
+        Authenticated,
+        Token,
+    ),
 ];
 
 /// A role in a project.
@@ -275,7 +437,11 @@ pub fn decide(
         return Err(Denial::Forbidden(format!(
             "{} needs the {} role; user {:?} has {}",
             perm.action,
-            if perm.need == Admin { "admin" } else { "admin or auditor" },
+            if perm.need == Admin {
+                "admin"
+            } else {
+                "admin or auditor"
+            },
             actor.name,
             describe_roles(actor)
         )));
@@ -302,7 +468,14 @@ pub fn decide(
             }
             match actor.role_in(owner) {
                 None if *public && matches!(perm.need, Read | Authenticated) => Ok(()),
-                None => Err(Denial::Hidden("in a project the user has no role in".into())),
+                None if *public => Err(Denial::Forbidden(format!(
+                    "{} is not allowed on another project's public image: it is read-only \
+                     outside project {owner:?}",
+                    perm.action
+                ))),
+                None => Err(Denial::Hidden(
+                    "in a project the user has no role in".into(),
+                )),
                 Some(r) if global.is_some() || r.allows(perm.need) => Ok(()),
                 Some(r) => Err(Denial::Forbidden(format!(
                     "{} needs a role of {} in project {owner:?}; user {:?} is {} there",
@@ -362,7 +535,10 @@ fn describe_roles(a: &Actor) -> String {
 /// The permission of a request: the table's line whose method and template match (the one
 /// with the most literal segments, so `/1.0/images/aliases` beats `/1.0/images/{name}`),
 /// with the template's parameters.
-pub fn route(method: &Method, path: &str) -> Option<(&'static Perm, HashMap<&'static str, String>)> {
+pub fn route(
+    method: &Method,
+    path: &str,
+) -> Option<(&'static Perm, HashMap<&'static str, String>)> {
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     let mut best: Option<(usize, &'static Perm, HashMap<&'static str, String>)> = None;
     for perm in PERMISSIONS.iter().filter(|p| p.method == method.as_str()) {
@@ -403,8 +579,10 @@ pub struct Peer {
     pub source: String,
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>>
-    for Peer
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Peer {
         let uid = stream.io().peer_cred().ok().map(|c| c.uid());
@@ -468,7 +646,12 @@ impl Authz {
             _ => Err(format!(
                 "user {:?} has roles in several projects ({}): name one with --project",
                 self.actor.name,
-                self.actor.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.actor
+                    .roles
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
@@ -564,9 +747,7 @@ pub fn identify(d: &Daemon, token: Option<&str>, peer: &Peer) -> Result<Actor, S
             crate::daemon::lock(&d.auth.verified).insert(id.to_string(), fp);
         }
         let user = d.store().user_get(&rec.user).map_err(|e| e.to_string())?;
-        return user
-            .map(|u| Actor::from_record(&u, levels))
-            .ok_or_else(bad);
+        return user.map(|u| Actor::from_record(&u, levels)).ok_or_else(bad);
     }
     if let Some(fp) = &peer.cert {
         let user = d.store().user_by_cert(fp).map_err(|e| e.to_string())?;
@@ -591,12 +772,25 @@ pub fn identify(d: &Daemon, token: Option<&str>, peer: &Peer) -> Result<Actor, S
 }
 
 /// Finds the object a request acts on, and the name its 404 uses.
-fn resolve(d: &Daemon, perm: &Perm, params: &HashMap<&str, String>, project: Option<&str>) -> (Target, String, Option<String>) {
+fn resolve(
+    d: &Daemon,
+    perm: &Perm,
+    params: &HashMap<&str, String>,
+    project: Option<&str>,
+) -> (Target, String, Option<String>) {
     let levels = &d.auth.levels;
-    let name = params.get("name").or(params.get("id")).cloned().unwrap_or_default();
+    let name = params
+        .get("name")
+        .or(params.get("id"))
+        .cloned()
+        .unwrap_or_default();
     match perm.object {
         Object::None => (Target::None, String::new(), None),
-        Collection => (Target::Collection(project.map(String::from)), String::new(), None),
+        Collection => (
+            Target::Collection(project.map(String::from)),
+            String::new(),
+            None,
+        ),
         Vm => match d.store().get(&name) {
             Ok(vm) => (
                 Target::Object {
@@ -669,6 +863,39 @@ fn not_found(perm: &Perm, name: &str) -> Response {
     crate::api::error(StatusCode::NOT_FOUND, msg, None)
 }
 
+/// The request's URI with its object's name (the template's `{name}` or `{id}`) replaced
+/// by `ghost`.
+fn ghost_uri(perm: &Perm, uri: &Uri, ghost: &str) -> Option<Uri> {
+    let tsegs: Vec<&str> = perm.path.split('/').collect();
+    let segs: Vec<&str> = uri.path().trim_end_matches('/').split('/').collect();
+    if tsegs.len() != segs.len() {
+        return None;
+    }
+    let path: Vec<&str> = tsegs
+        .iter()
+        .zip(&segs)
+        .map(|(t, s)| if t.starts_with('{') { ghost } else { s })
+        .collect();
+    let pq = match uri.query() {
+        Some(q) => format!("{}?{q}", path.join("/")),
+        None => path.join("/"),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+/// The handler's reply about the ghost, with the real name put back.
+async fn unghost(r: Response, ghost: &str, real: &str) -> Response {
+    let (mut parts, body) = r.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return crate::api::error(StatusCode::NOT_FOUND, "not found".into(), None);
+    };
+    let text = String::from_utf8_lossy(&bytes).replace(ghost, real);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(text))
+}
+
 /// Removes `project=` from the query (the handlers do not know it) and returns it.
 fn take_project(uri: &Uri) -> (Option<String>, Option<Uri>) {
     let Some(q) = uri.query() else {
@@ -697,7 +924,10 @@ fn take_project(uri: &Uri) -> (Option<String>, Option<Uri>) {
     };
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = pq.parse().ok();
-    (project.filter(|p| !p.is_empty()), Uri::from_parts(parts).ok())
+    (
+        project.filter(|p| !p.is_empty()),
+        Uri::from_parts(parts).ok(),
+    )
 }
 
 /// The middleware every request passes: identify, find the route's permission and the
@@ -813,7 +1043,26 @@ pub async fn middleware(
         }
         Err(Denial::Hidden(why)) => {
             facts.reason = format!("hidden: {why}");
-            finish(not_found(perm, &name.or(project).unwrap_or_default()), facts)
+            let Some(real) = name else {
+                return finish(not_found(perm, &project.unwrap_or_default()), facts);
+            };
+            // The handler answers for an object that does not exist (a fresh random name),
+            // so a hidden object gets, word for word and in the same order of checks,
+            // what a missing one would.
+            let ghost = format!("ghost-{}", hex(&random::<8>().unwrap_or([7; 8])));
+            match ghost_uri(perm, req.uri(), &ghost) {
+                Some(uri) => {
+                    *req.uri_mut() = uri;
+                    req.extensions_mut().insert(Authz {
+                        actor,
+                        project,
+                        levels: d.auth.levels.clone(),
+                    });
+                    let r = unghost(next.run(req).await, &ghost, &real).await;
+                    finish(r, facts)
+                }
+                None => finish(not_found(perm, &real), facts),
+            }
         }
         Err(Denial::Forbidden(why)) => {
             facts.reason = why.clone();
@@ -821,7 +1070,10 @@ pub async fn middleware(
         }
         Err(Denial::Unauthenticated(why)) => {
             facts.reason = why.clone();
-            finish(crate::api::error(StatusCode::UNAUTHORIZED, why, None), facts)
+            finish(
+                crate::api::error(StatusCode::UNAUTHORIZED, why, None),
+                facts,
+            )
         }
     }
 }
@@ -855,7 +1107,10 @@ mod tests {
         let (p, params) = route(&Method::GET, "/1.0/vms/web").unwrap();
         assert_eq!((p.action, params["name"].as_str()), ("vm.get", "web"));
         assert_eq!(perm("POST", "/1.0/images/aliases").action, "image.alias");
-        assert_eq!(perm("DELETE", "/1.0/images/aliases/x").action, "image.unalias");
+        assert_eq!(
+            perm("DELETE", "/1.0/images/aliases/x").action,
+            "image.unalias"
+        );
         assert!(route(&Method::PATCH, "/1.0/vms/web").is_none());
         assert!(route(&Method::GET, "/1.0/nothing").is_none());
     }
@@ -876,7 +1131,12 @@ mod tests {
             Err(Denial::Hidden(_))
         ));
         assert!(matches!(
-            decide(Some(&user), get, &obj("acme", "unclassified"), Some("other")),
+            decide(
+                Some(&user),
+                get,
+                &obj("acme", "unclassified"),
+                Some("other")
+            ),
             Err(Denial::Hidden(_))
         ));
         let auditor = actor(&[("acme", Role::Auditor)], "topsecret");
@@ -903,7 +1163,10 @@ mod tests {
         assert_eq!(u.unwrap().to_string(), "/1.0/vms?async=true");
         let uri: Uri = "/1.0/vms?project=a%20b".parse().unwrap();
         let (p, u) = take_project(&uri);
-        assert_eq!((p.as_deref(), u.unwrap().to_string().as_str()), (Some("a b"), "/1.0/vms"));
+        assert_eq!(
+            (p.as_deref(), u.unwrap().to_string().as_str()),
+            (Some("a b"), "/1.0/vms")
+        );
         assert_eq!(take_project(&"/1.0/vms?x=1".parse().unwrap()).0, None);
     }
 
@@ -917,10 +1180,17 @@ mod tests {
                 let line = PERMISSIONS
                     .iter()
                     .find(|p| p.method == m.as_str() && p.path == path);
-                assert!(line.is_some(), "{method} {path} declares no permission in authz::PERMISSIONS");
+                assert!(
+                    line.is_some(),
+                    "{method} {path} declares no permission in authz::PERMISSIONS"
+                );
                 seen += 1;
             }
         }
-        assert_eq!(seen, PERMISSIONS.len(), "the table has lines for routes that do not exist");
+        assert_eq!(
+            seen,
+            PERMISSIONS.len(),
+            "the table has lines for routes that do not exist"
+        );
     }
 }

@@ -169,10 +169,12 @@ async fn user_create(State(d): State<App>, body: Bytes) -> Result<Response, OpEr
             uid: req.uid.map(Some),
             cert: req.cert.clone().map(Some),
         };
-        let done = s.user_update(&req.name, &change).and_then(|()| match &req.project {
-            Some(p) => s.role_set(&req.name, p, Some(req.role.as_deref().unwrap_or("user"))),
-            None => Ok(()),
-        });
+        let done = s
+            .user_update(&req.name, &change)
+            .and_then(|()| match &req.project {
+                Some(p) => s.role_set(&req.name, p, Some(req.role.as_deref().unwrap_or("user"))),
+                None => Ok(()),
+            });
         if let Err(e) = done {
             let _ = s.user_delete(&req.name);
             return Err(e.into());

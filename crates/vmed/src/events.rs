@@ -11,8 +11,8 @@
 use crate::lifecycle::{RestartPolicy, State};
 use crate::limits::VmLimits;
 use crate::store::{Store, StoreError, VmRecord, WalBarrier};
-use crate::store_images::{ImageCatalog, ImageRecord};
 use crate::store_auth::{AuthStore, ProjectRecord, Quota, TokenRecord, UserChange, UserRecord};
+use crate::store_images::{ImageCatalog, ImageRecord};
 use crate::usage::Sample;
 use serde::Serialize;
 use serde_json::Value;

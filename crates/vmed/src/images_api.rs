@@ -17,10 +17,10 @@
 
 use crate::api::{App, Empty, ErrorReply, Reply, blocking, ok, parse, query};
 use crate::authz::Authz;
-use axum::Extension;
 use crate::daemon::OpError;
 use crate::images::{ImportReport, PruneReport, VerifyReport};
 use crate::store_images::ImageRecord;
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};

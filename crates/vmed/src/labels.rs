@@ -145,8 +145,15 @@ mod tests {
         let n = l.parse("secret:nato").unwrap();
         assert!(s.dominates(&n) && !n.dominates(&s));
         let ts = l.parse("topsecret").unwrap();
-        assert!(!ts.dominates(&n), "a higher level without the category does not dominate");
-        assert!(l.parse("cosmic").unwrap_err().contains("unclassified, confidential"));
+        assert!(
+            !ts.dominates(&n),
+            "a higher level without the category does not dominate"
+        );
+        assert!(
+            l.parse("cosmic")
+                .unwrap_err()
+                .contains("unclassified, confidential")
+        );
         assert!(l.parse("secret:a b").is_err());
         assert_eq!(l.show(&l.lowest()), "unclassified");
         assert!(l.stored("bogus").dominates(&l.highest()));
@@ -160,7 +167,10 @@ mod tests {
         assert!(flow_allowed(&s, &s), "sideways");
         assert!(!flow_allowed(&s, &c), "down is refused");
         let (a, b) = (l.parse("secret:a").unwrap(), l.parse("secret:b").unwrap());
-        assert!(!flow_allowed(&a, &b) && !flow_allowed(&b, &a), "disjoint categories");
+        assert!(
+            !flow_allowed(&a, &b) && !flow_allowed(&b, &a),
+            "disjoint categories"
+        );
     }
 
     #[test]

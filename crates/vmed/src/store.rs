@@ -360,8 +360,7 @@ fn record(
     })
 }
 
-const COLUMNS: &str =
-    "name, spec, state, reason, created_at, updated_at, pid, restart_policy, limits, project, label";
+const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at, pid, restart_policy, limits, project, label";
 
 const SAMPLE_COLUMNS: &str = "vm, at_ms, pid, cpu_usec, cpu_user_usec, cpu_system_usec, \
     memory_bytes, memory_peak_bytes, disk_read_bytes, disk_write_bytes, net_rx_bytes, net_tx_bytes";

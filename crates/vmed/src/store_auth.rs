@@ -168,8 +168,9 @@ fn project_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64)>
 }
 
 fn project((name, quota, created_at): (String, String, i64)) -> Result<ProjectRecord, StoreError> {
-    let quota = serde_json::from_str(&quota)
-        .map_err(|e| StoreError::Corrupt(format!("project {name:?} has an unreadable quota: {e}")))?;
+    let quota = serde_json::from_str(&quota).map_err(|e| {
+        StoreError::Corrupt(format!("project {name:?} has an unreadable quota: {e}"))
+    })?;
     Ok(ProjectRecord {
         name,
         quota,
@@ -223,7 +224,11 @@ impl SqliteStore {
         })
     }
 
-    fn user_where(&self, clause: &str, arg: &dyn rusqlite::ToSql) -> Result<Option<UserRecord>, StoreError> {
+    fn user_where(
+        &self,
+        clause: &str,
+        arg: &dyn rusqlite::ToSql,
+    ) -> Result<Option<UserRecord>, StoreError> {
         let row = self
             .conn()
             .query_row(
@@ -255,7 +260,12 @@ impl AuthStore for SqliteStore {
                 "INSERT INTO projects (name, quota, created_at) VALUES (?1, ?2, ?3)",
                 params![name, q, now()],
             )
-            .map_err(|e| unique(e, format!("a project named {name:?} exists: choose another name")))?;
+            .map_err(|e| {
+                unique(
+                    e,
+                    format!("a project named {name:?} exists: choose another name"),
+                )
+            })?;
         self.project_get(name)?
             .ok_or_else(|| StoreError::Corrupt(format!("project {name:?} vanished")))
     }
@@ -282,8 +292,10 @@ impl AuthStore for SqliteStore {
 
     fn project_set_quota(&mut self, name: &str, quota: &Quota) -> Result<(), StoreError> {
         let q = serde_json::to_string(quota).unwrap_or_else(|_| "{}".into());
-        self.conn()
-            .execute("UPDATE projects SET quota = ?2 WHERE name = ?1", params![name, q])?;
+        self.conn().execute(
+            "UPDATE projects SET quota = ?2 WHERE name = ?1",
+            params![name, q],
+        )?;
         Ok(())
     }
 
@@ -312,7 +324,12 @@ impl AuthStore for SqliteStore {
                 "INSERT INTO users (name, clearance, created_at) VALUES (?1, ?2, ?3)",
                 params![name, clearance, now()],
             )
-            .map_err(|e| unique(e, format!("a user named {name:?} exists: choose another name")))?;
+            .map_err(|e| {
+                unique(
+                    e,
+                    format!("a user named {name:?} exists: choose another name"),
+                )
+            })?;
         Ok(())
     }
 
@@ -341,7 +358,10 @@ impl AuthStore for SqliteStore {
     fn user_update(&mut self, name: &str, change: &UserChange) -> Result<(), StoreError> {
         let tx = self.conn_mut().transaction()?;
         if let Some(c) = &change.clearance {
-            tx.execute("UPDATE users SET clearance = ?2 WHERE name = ?1", params![name, c])?;
+            tx.execute(
+                "UPDATE users SET clearance = ?2 WHERE name = ?1",
+                params![name, c],
+            )?;
         }
         if let Some(uid) = change.uid {
             tx.execute(
@@ -351,15 +371,19 @@ impl AuthStore for SqliteStore {
             .map_err(|e| unique(e, format!("uid {uid:?} is already mapped to another user")))?;
         }
         if let Some(cert) = &change.cert {
-            tx.execute("UPDATE users SET cert = ?2 WHERE name = ?1", params![name, cert])
-                .map_err(|e| unique(e, "that certificate is bound to another user".into()))?;
+            tx.execute(
+                "UPDATE users SET cert = ?2 WHERE name = ?1",
+                params![name, cert],
+            )
+            .map_err(|e| unique(e, "that certificate is bound to another user".into()))?;
         }
         tx.commit()?;
         Ok(())
     }
 
     fn user_delete(&mut self, name: &str) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM users WHERE name = ?1", [name])?;
+        self.conn()
+            .execute("DELETE FROM users WHERE name = ?1", [name])?;
         Ok(())
     }
 
@@ -436,9 +460,10 @@ impl AuthStore for SqliteStore {
     }
 
     fn vm_set_label(&mut self, name: &str, label: &str) -> Result<(), StoreError> {
-        let n = self
-            .conn()
-            .execute("UPDATE vms SET label = ?2 WHERE name = ?1", params![name, label])?;
+        let n = self.conn().execute(
+            "UPDATE vms SET label = ?2 WHERE name = ?1",
+            params![name, label],
+        )?;
         if n == 0 {
             return Err(StoreError::NotFound(name.into()));
         }

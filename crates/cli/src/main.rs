@@ -1,6 +1,7 @@
 //! `vme`, the command line of the vme environment: asks the daemon (`vmed`) over its REST
 //! API on a Unix socket. It holds no state of its own.
 
+mod access;
 mod console;
 mod http;
 mod image;
@@ -36,6 +37,13 @@ struct Cli {
     /// startup); without it the certificate seen first is pinned and must not change.
     #[arg(long, global = true, value_name = "SHA256")]
     server_fingerprint: Option<String>,
+    /// An API token (from `vme token create`; also $VME_TOKEN): who you are to the daemon.
+    /// It takes precedence over the socket's uid and the HTTPS client certificate.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// The project to act in (default: your only project, else `default`).
+    #[arg(long, global = true, value_name = "PROJECT")]
+    project: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -149,6 +157,26 @@ enum Cmd {
     /// This client's identity for daemons over HTTPS (--remote).
     #[command(subcommand)]
     Remote(RemoteCmd),
+    /// Who the daemon takes you for: your user, clearance and roles.
+    Whoami {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Users: add, set, list, rm (admin).
+    #[command(subcommand)]
+    User(access::UserCmd),
+    /// API tokens: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(access::TokenCmd),
+    /// Projects and their quotas: create, set, list, rm (admin).
+    #[command(subcommand)]
+    Project(access::ProjectCmd),
+    /// A user's role in a project (admin).
+    #[command(subcommand)]
+    Role(access::RoleCmd),
+    /// Security labels of VMs and images, and users' clearances (admin).
+    #[command(subcommand)]
+    Label(access::LabelCmd),
     /// Run the daemon: `vme daemon ARGS` is `vmed ARGS` (the vmed next to this vme, else
     /// the one on PATH); `vme daemon --help` lists its options.
     #[command(disable_help_flag = true)]
@@ -538,6 +566,13 @@ fn run(cli: Cli) -> Result<()> {
         )),
         None => http::Endpoint::Unix(socket_path(cli.socket, std::env::var_os("VME_SOCKET"))),
     };
+    let token = cli
+        .token
+        .or_else(|| std::env::var("VME_TOKEN").ok().filter(|v| !v.is_empty()));
+    http::set_identity(http::Identity {
+        token,
+        project: cli.project,
+    });
     let api = Api { ep };
     // Long actions run as operations the CLI waits on, showing progress on a terminal;
     // short ones (pause, resume) answer at once.
@@ -577,6 +612,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Pause { name } => state(&name, "pause", false, false)?,
         Cmd::Resume { name } => state(&name, "resume", false, false)?,
         Cmd::Restart { name, force } => state(&name, "restart", force, true)?,
+        Cmd::Whoami { format } => out(&access::whoami(&api, format)?)?,
+        Cmd::User(c) => out(&access::user(&api, c)?)?,
+        Cmd::Token(c) => out(&access::token(&api, c)?)?,
+        Cmd::Project(c) => out(&access::project(&api, c)?)?,
+        Cmd::Role(c) => out(&access::role(&api, c)?)?,
+        Cmd::Label(c) => out(&access::label(&api, c)?)?,
         Cmd::Delete { name } => {
             api.call("DELETE", &format!("/1.0/vms/{}", segment(&name)?), None)?;
             println!("{name}: deleted");
@@ -781,6 +822,12 @@ fn segment(name: &str) -> Result<&str> {
 
 struct Api {
     ep: http::Endpoint,
+}
+
+impl access::Call for Api {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        Api::call(self, method, path, body)
+    }
 }
 
 impl Api {

@@ -286,6 +286,9 @@ struct SpecArgs {
     /// No vsock device: the VM gets no guest agent, so `vme exec` cannot reach it.
     #[arg(long)]
     no_vsock: bool,
+    /// Its security label, like `secret` or `secret:nato` (default: the lowest level).
+    #[arg(long)]
+    label: Option<String>,
 }
 
 /// `--disk PATH[,ro]` as a create request's disk.
@@ -336,6 +339,7 @@ impl SpecArgs {
             ("cmdline", self.cmdline.map(Value::from)),
             ("restart_policy", self.restart.map(Value::from)),
             ("cpu_allowance", self.cpu_allowance.map(Value::from)),
+            ("label", self.label.map(Value::from)),
         ] {
             if let Some(v) = v {
                 body[k] = v;

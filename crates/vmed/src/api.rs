@@ -640,7 +640,7 @@ async fn operations(State(d): State<App>, Extension(a): Extension<Authz>) -> Res
         let mut ops = d2.ops.list();
         ops.retain(|op| {
             let vm = op.resources["vms"][0].as_str().unwrap_or("");
-            a.sees_vm(&d2, vm.trim_start_matches("/1.0/vms/"))
+            a.sees_op(&d2, &op.id, vm.trim_start_matches("/1.0/vms/"))
         });
         Ok(ops)
     })

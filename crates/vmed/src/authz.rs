@@ -627,6 +627,24 @@ impl Authz {
         }
     }
 
+    /// Whether the user may see operation `op` on VM `vm` (which may not exist yet).
+    pub fn sees_op(&self, d: &Daemon, op: &str, vm: &str) -> bool {
+        if d.store().get(vm).is_ok() {
+            return self.sees_vm(d, vm);
+        }
+        match d.auth.op(op) {
+            Some((project, label)) => {
+                let target = Target::Object {
+                    project,
+                    label,
+                    public: false,
+                };
+                decide(Some(&self.actor), &READ, &target, self.project.as_deref()).is_ok()
+            }
+            None => self.actor.is_admin(),
+        }
+    }
+
     /// The project a new object goes to: the one named, else the user's only project,
     /// else `default` if the user has a role there.
     pub fn target_project(&self) -> Result<String, String> {
@@ -666,6 +684,27 @@ const READ: Perm = p("GET", "", "read", Read, Object::None);
 pub struct AuthState {
     pub levels: Levels,
     verified: Mutex<HashMap<String, [u8; 32]>>,
+    /// The project and label of each async operation's request, for the operations whose
+    /// VM does not exist (yet, or any more): a create is waited on before its VM exists.
+    op_scope: Mutex<HashMap<String, (String, Label)>>,
+}
+
+/// Operations remembered in [`AuthState`] at most (they expire from the daemon within
+/// minutes; past this many the oldest scopes are forgotten, leaving those to the admin).
+const OP_SCOPES: usize = 4096;
+
+impl AuthState {
+    fn remember_op(&self, id: &str, project: String, label: Label) {
+        let mut m = crate::daemon::lock(&self.op_scope);
+        if m.len() >= OP_SCOPES {
+            m.clear();
+        }
+        m.insert(id.to_string(), (project, label));
+    }
+
+    fn op(&self, id: &str) -> Option<(String, Label)> {
+        crate::daemon::lock(&self.op_scope).get(id).cloned()
+    }
 }
 
 impl AuthState {
@@ -673,6 +712,7 @@ impl AuthState {
         AuthState {
             levels,
             verified: Mutex::default(),
+            op_scope: Mutex::default(),
         }
     }
 }
@@ -831,12 +871,24 @@ fn resolve(
                     format!("operation/{name}"),
                     Some(vm.label),
                 ),
-                // An operation whose VM is gone (deleted): only the admin sees it.
-                Some(Err(_)) => (
-                    Target::OwnedBy("root".into()),
-                    format!("operation/{name}"),
-                    None,
-                ),
+                // An operation whose VM does not exist (not yet, or no more): in the scope
+                // of the request that began it, else the admin's only.
+                Some(Err(_)) => match d.auth.op(&name) {
+                    Some((project, label)) => (
+                        Target::Object {
+                            project,
+                            label,
+                            public: false,
+                        },
+                        format!("operation/{name}"),
+                        None,
+                    ),
+                    None => (
+                        Target::OwnedBy("root".into()),
+                        format!("operation/{name}"),
+                        None,
+                    ),
+                },
                 None => (Target::Missing, format!("operation/{name}"), None),
             }
         }
@@ -1034,12 +1086,23 @@ pub async fn middleware(
     match decide(Some(&actor), perm, &target, project.as_deref()) {
         Ok(()) => {
             facts.allowed = true;
+            let clearance = actor.clearance.clone();
             req.extensions_mut().insert(Authz {
                 actor,
                 project,
                 levels: d.auth.levels.clone(),
             });
-            finish(next.run(req).await, facts)
+            let r = next.run(req).await;
+            // An async operation: remember whose it is, at the requester's clearance.
+            let op = r
+                .headers()
+                .get(axum::http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| l.strip_prefix("/1.0/operations/"));
+            if let (StatusCode::ACCEPTED, Some(id), Some(p)) = (r.status(), op, &facts.project) {
+                d.auth.remember_op(id, p.clone(), clearance);
+            }
+            finish(r, facts)
         }
         Err(Denial::Hidden(why)) => {
             facts.reason = format!("hidden: {why}");

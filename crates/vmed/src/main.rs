@@ -89,6 +89,11 @@ struct Args {
     /// (repeatable; replaces the config file's trusted_keys).
     #[arg(long = "trusted-key", value_name = "KEY")]
     trusted_keys: Vec<String>,
+    /// The security label levels, lowest first, comma-separated (default
+    /// unclassified,confidential,secret,topsecret). Changing them later leaves labels of
+    /// removed levels unreadable: such objects are hidden from everyone.
+    #[arg(long, value_name = "LEVELS", value_delimiter = ',')]
+    label_levels: Vec<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -134,6 +139,7 @@ fn main() -> Result<()> {
         image_max_size: args.image_max_size,
         require_signed: args.require_signed,
         trusted_keys: (!args.trusted_keys.is_empty()).then_some(args.trusted_keys),
+        label_levels: (!args.label_levels.is_empty()).then_some(args.label_levels),
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -199,7 +205,7 @@ fn main() -> Result<()> {
         usage_retention: Duration::from_secs(settings.usage_retention),
         console_log_size: settings.console_log_size,
         images: settings.images,
-        labels: vmed::labels::Levels::default(),
+        labels: settings.labels,
     };
     if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
         eprintln!("vmed: {note}");

@@ -42,6 +42,9 @@ pub struct Layer {
     pub require_signed: Option<bool>,
     /// Publisher keys whose signatures are trusted: `["ed25519:<hex>", ...]`.
     pub trusted_keys: Option<Vec<String>>,
+    /// The security label levels, lowest first (default unclassified, confidential, secret,
+    /// topsecret).
+    pub label_levels: Option<Vec<String>>,
 }
 
 /// The settings in force.
@@ -68,12 +71,13 @@ pub struct Settings {
     /// Where the API is also served over HTTPS, to trusted client certificates only.
     pub https: Option<std::net::SocketAddr>,
     pub images: crate::images::ImageConfig,
+    pub labels: crate::labels::Levels,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
     sample_interval, usage_retention, console_log_size, https, image_max_size, require_signed, \
-    trusted_keys";
+    trusted_keys, label_levels";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -109,6 +113,7 @@ impl Layer {
             image_max_size: self.image_max_size.or(below.image_max_size),
             require_signed: self.require_signed.or(below.require_signed),
             trusted_keys: self.trusted_keys.or(below.trusted_keys),
+            label_levels: self.label_levels.or(below.label_levels),
         }
     }
 
@@ -139,6 +144,10 @@ impl Layer {
                 self.require_signed.unwrap_or(false),
                 self.trusted_keys.as_deref().unwrap_or_default(),
             )?,
+            labels: match &self.label_levels {
+                Some(l) => crate::labels::Levels::new(l)?,
+                None => crate::labels::Levels::default(),
+            },
         };
         if !s.cgroup_root.is_absolute() || s.cgroup_root.components().any(|c| c.as_os_str() == "..")
         {

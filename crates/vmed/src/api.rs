@@ -444,7 +444,7 @@ async fn create(
     let background = is_async(&query(q))?;
     let mut req: CreateVm = parse(&body)?;
     let d2 = Arc::clone(&d);
-    req = blocking(move || crate::authz_api::admit_create(&d2, &a, req)).await?;
+    req = blocking(move || crate::authz_checks::admit_create(&d2, &a, req)).await?;
     let task = blocking(move || d.create_task(req)).await?;
     carry_out(task, background, StatusCode::CREATED).await
 }

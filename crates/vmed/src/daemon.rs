@@ -378,7 +378,7 @@ impl Daemon {
             if store.get(&req.name).is_ok() {
                 return Err(StoreError::Exists(req.name).into());
             }
-            crate::authz_api::check_quota(&**store, &project, &spec, root_bytes)?;
+            crate::authz_checks::check_quota(&**store, &project, &spec, root_bytes)?;
         }
         let op = self
             .ops
@@ -401,7 +401,7 @@ impl Daemon {
                 crate::devices::assign(&mut spec, req.vsock.unwrap_or(true), uds, &others)
                     .map_err(OpError::BadRequest)?;
                 // Again under the lock, so two creates cannot both take the last room.
-                crate::authz_api::check_quota(&**store, &project, &spec, 0)?;
+                crate::authz_checks::check_quota(&**store, &project, &spec, 0)?;
                 store.create(&req.name, &spec, req.restart_policy, &limits)?;
                 store.vm_set_owner(&req.name, &project, &label)?;
                 Ok(store.get(&req.name)?)

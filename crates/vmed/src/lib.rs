@@ -10,8 +10,11 @@
 pub mod accounting;
 pub mod admission;
 pub mod api;
+pub mod authn;
 pub mod authz;
 pub mod authz_api;
+pub mod authz_checks;
+pub mod authz_layer;
 pub mod cgroup;
 pub mod console_attach;
 pub mod crashpoint;

@@ -442,6 +442,31 @@ fn one_user_cannot_touch_anothers_vms_or_private_images() {
     // But alice cannot manage it (a user, and not its project's).
     let (c, _) = api(&d, Some(&alice), "DELETE", "/1.0/images/img-b", Value::Null);
     assert_eq!(c, 403);
+    // An async create's operation is its requester's (even before the VM exists), and
+    // hidden from others like a missing one.
+    let (c, v) = api(
+        &d,
+        Some(&bob),
+        "POST",
+        "/1.0/vms?async=true",
+        vm_from("img-b", "vm-c"),
+    );
+    assert_eq!(c, 202, "{v}");
+    let op = v["metadata"]["id"].as_str().unwrap().to_string();
+    let wait = format!("/1.0/operations/{op}/wait?timeout=30");
+    let (c, v) = api(&d, Some(&bob), "GET", &wait, Value::Null);
+    assert_eq!(
+        (c, v["metadata"]["status"].as_str()),
+        (200, Some("Success")),
+        "{v}"
+    );
+    assert_eq!(api(&d, Some(&alice), "GET", &wait, Value::Null).0, 404);
+    let (_, v) = api(&d, Some(&alice), "GET", "/1.0/operations", Value::Null);
+    assert!(!v.to_string().contains(&op), "{v}");
+    assert_eq!(
+        api(&d, Some(&bob), "DELETE", "/1.0/vms/vm-c", Value::Null).0,
+        200
+    );
     // Root (the bootstrap admin, by its uid) sees both.
     let (_, v) = api(&d, None, "GET", "/1.0/vms", Value::Null);
     assert_eq!(v["metadata"].as_array().unwrap().len(), 2);

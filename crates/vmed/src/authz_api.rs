@@ -518,9 +518,11 @@ async fn token_create(
             body = Reply<Empty>),
         (status = 404, description = "No such token (or another user's)", body = ErrorReply)))]
 async fn token_revoke(State(d): State<App>, Path(id): Path<String>) -> Result<Response, OpError> {
-    let found = blocking(move || Ok(d.store().token_revoke(&id)?)).await?;
+    let id2 = id.clone();
+    let found = blocking(move || Ok(d.store().token_revoke(&id2)?)).await?;
     if !found {
-        return Err(OpError::Store(StoreError::NotFound("token".into())));
+        let msg = format!("no token {id:?}: see `vme token list`");
+        return Ok(crate::api::error(StatusCode::NOT_FOUND, msg, None));
     }
     Ok(ok(StatusCode::OK, Empty {}))
 }

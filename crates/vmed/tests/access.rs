@@ -701,6 +701,21 @@ fn revoked_and_expired_tokens_are_refused_at_once() {
     let (c, v) = api(&d, Some(&t2), "GET", "/1.0/whoami", Value::Null);
     assert_eq!(c, 401, "{v}");
     assert!(v["error"].as_str().unwrap().contains("revoked"), "{v}");
+    // Another user's token id is not disclosed.
+    let (_, v) = api(&d, None, "POST", "/1.0/tokens", json!({}));
+    let root_id = v["metadata"]["id"].as_str().unwrap().to_string();
+    let (c, v) = api(
+        &d,
+        Some(&bob),
+        "DELETE",
+        &format!("/1.0/tokens/{root_id}"),
+        Value::Null,
+    );
+    assert_eq!(c, 404, "{v}");
+    assert_eq!(
+        v["error"],
+        format!("no token {root_id:?}: see `vme token list`")
+    );
     // A wrong secret for a real id.
     let forged = format!("{}0", &bob[..bob.len() - 1]);
     let forged = if forged == bob {

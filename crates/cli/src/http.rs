@@ -8,6 +8,51 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Who the requests are from and which project they act in (`--token`/VME_TOKEN,
+/// `--project`), set once at startup.
+#[derive(Debug, Default)]
+pub struct Identity {
+    pub token: Option<String>,
+    pub project: Option<String>,
+}
+
+static IDENTITY: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+
+/// Sets the identity every request carries (the first call wins).
+pub fn set_identity(id: Identity) {
+    let _ = IDENTITY.set(id);
+}
+
+/// `Authorization: Bearer TOKEN\r\n`, or nothing (the daemon then goes by the socket's
+/// peer uid, or the TLS certificate).
+fn auth_header() -> String {
+    match IDENTITY.get().and_then(|i| i.token.as_deref()) {
+        Some(t) => format!("Authorization: Bearer {t}\r\n"),
+        None => String::new(),
+    }
+}
+
+/// `path` with `project=P` added to its query when a project is chosen.
+pub fn with_project(path: &str) -> String {
+    match IDENTITY.get().and_then(|i| i.project.as_deref()) {
+        Some(p) => {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let enc: String = p
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            format!("{path}{sep}project={enc}")
+        }
+        None => path.to_string(),
+    }
+}
+
 /// Where the daemon is.
 pub enum Endpoint {
     Unix(PathBuf),
@@ -90,9 +135,10 @@ pub fn request_within(
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
     let mut s = ep.connect()?;
+    let (path, auth) = (&with_project(path), auth_header());
     s.set_read_timeout(Some(timeout))?;
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: vme\r\n{auth}Connection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -111,9 +157,10 @@ pub fn upgrade(
     protocol: &str,
 ) -> io::Result<Result<Stream, (u16, String)>> {
     let mut s = ep.connect()?;
+    let (path, auth) = (&with_project(path), auth_header());
     s.set_read_timeout(Some(TIMEOUT))?;
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: vme\r\n{auth}Connection: upgrade\r\nUpgrade: {protocol}\r\n\r\n"
     );
     s.write_all(req.as_bytes())?;
     s.flush()?;
@@ -164,7 +211,8 @@ pub fn stream_lines(
     mut line: impl FnMut(&str) -> io::Result<bool>,
 ) -> io::Result<Option<(u16, String)>> {
     let mut s = ep.connect()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\r\n");
+    let (path, auth) = (&with_project(path), auth_header());
+    let req = format!("GET {path} HTTP/1.1\r\nHost: vme\r\n{auth}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes())?;
     s.flush()?;
     let mut r = io::BufReader::new(s);
@@ -230,9 +278,10 @@ pub fn upload(
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
     let mut s = ep.connect()?;
+    let (path, auth) = (&with_project(path), auth_header());
     s.set_read_timeout(Some(timeout))?;
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\
+        "POST {path} HTTP/1.1\r\nHost: vme\r\n{auth}Connection: close\r\n\
          Content-Type: {content_type}\r\nContent-Length: {len}\r\n\r\n"
     );
     let sent = s
@@ -256,10 +305,11 @@ pub fn download(
     out: &mut dyn Write,
 ) -> io::Result<Result<u64, (u16, String)>> {
     let mut s = ep.connect()?;
+    let (path, auth) = (&with_project(path), auth_header());
     s.set_read_timeout(Some(TIMEOUT))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: vme\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: vme\r\n{auth}Connection: close\r\n\r\n"
     )?;
     s.flush()?;
     let mut r = io::BufReader::new(s);

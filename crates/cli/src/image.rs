@@ -83,6 +83,9 @@ pub struct ImportArgs {
     /// The disk's format; auto tells qcow2 by its magic bytes, never by its name.
     #[arg(long, value_enum, default_value_t = DiskFormatArg::Auto)]
     pub disk_format: DiskFormatArg,
+    /// Usable by every project (default: only by the project it is imported into).
+    #[arg(long)]
+    pub public: bool,
     /// The kernel command line VMs get by default.
     #[arg(long, default_value = "")]
     pub cmdline: String,
@@ -273,6 +276,7 @@ pub fn run(api: &Api, cmd: ImageCmd) -> Result<()> {
 
 /// `vme image import`: from files (a manifest and archive made on the fly) or an archive.
 fn import(api: &Api, a: ImportArgs) -> Result<()> {
+    let public = if a.public { "&public=true" } else { "" };
     let ImportArgs {
         source,
         name,
@@ -289,6 +293,7 @@ fn import(api: &Api, a: ImportArgs) -> Result<()> {
         min_vcpus,
         min_memory,
         labels,
+        public: _,
     } = a;
     let Some(kernel) = kernel else {
         if initrd.is_some() || disk.is_some() {
@@ -307,6 +312,13 @@ fn import(api: &Api, a: ImportArgs) -> Result<()> {
         let mut url = "/1.0/images".to_string();
         if let Some(n) = &name {
             url.push_str(&format!("?name={}", image_segment(n)?));
+        }
+        if !public.is_empty() {
+            url.push_str(if name.is_some() {
+                "&public=true"
+            } else {
+                "?public=true"
+            });
         }
         upload(api, &url, len, Box::new(f), &source)?;
         return Ok(());
@@ -394,7 +406,13 @@ fn import(api: &Api, a: ImportArgs) -> Result<()> {
         parts.push((d.clone(), size, Box::new(f)));
     }
     let (len, r) = archive::stream(&bytes, None, parts)?;
-    upload(api, &format!("/1.0/images?name={source}"), len, r, &source)?;
+    upload(
+        api,
+        &format!("/1.0/images?name={source}{public}"),
+        len,
+        r,
+        &source,
+    )?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `vme`, the command line of the vme environment: asks the daemon (`vmed`) over its REST
 //! API on a Unix socket. It holds no state of its own.
 
+mod access;
 mod audit;
 mod console;
 mod http;
@@ -37,6 +38,13 @@ struct Cli {
     /// startup); without it the certificate seen first is pinned and must not change.
     #[arg(long, global = true, value_name = "SHA256")]
     server_fingerprint: Option<String>,
+    /// An API token (from `vme token create`; also $VME_TOKEN): who you are to the daemon.
+    /// It takes precedence over the socket's uid and the HTTPS client certificate.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// The project to act in (default: your only project, else `default`).
+    #[arg(long, global = true, value_name = "PROJECT")]
+    project: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -153,6 +161,26 @@ enum Cmd {
     /// This client's identity for daemons over HTTPS (--remote).
     #[command(subcommand)]
     Remote(RemoteCmd),
+    /// Who the daemon takes you for: your user, clearance and roles.
+    Whoami {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Users: add, set, list, rm (admin).
+    #[command(subcommand)]
+    User(access::UserCmd),
+    /// API tokens: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(access::TokenCmd),
+    /// Projects and their quotas: create, set, list, rm (admin).
+    #[command(subcommand)]
+    Project(access::ProjectCmd),
+    /// A user's role in a project (admin).
+    #[command(subcommand)]
+    Role(access::RoleCmd),
+    /// Security labels of VMs and images, and users' clearances (admin).
+    #[command(subcommand)]
+    Label(access::LabelCmd),
     /// Run the daemon: `vme daemon ARGS` is `vmed ARGS` (the vmed next to this vme, else
     /// the one on PATH); `vme daemon --help` lists its options.
     #[command(disable_help_flag = true)]
@@ -264,6 +292,9 @@ struct SpecArgs {
     /// No vsock device: the VM gets no guest agent, so `vme exec` cannot reach it.
     #[arg(long)]
     no_vsock: bool,
+    /// Its security label, like `secret` or `secret:nato` (default: the lowest level).
+    #[arg(long)]
+    label: Option<String>,
 }
 
 /// `--disk PATH[,ro]` as a create request's disk.
@@ -314,6 +345,7 @@ impl SpecArgs {
             ("cmdline", self.cmdline.map(Value::from)),
             ("restart_policy", self.restart.map(Value::from)),
             ("cpu_allowance", self.cpu_allowance.map(Value::from)),
+            ("label", self.label.map(Value::from)),
         ] {
             if let Some(v) = v {
                 body[k] = v;
@@ -544,6 +576,13 @@ fn run(cli: Cli) -> Result<()> {
         )),
         None => http::Endpoint::Unix(socket_path(cli.socket, std::env::var_os("VME_SOCKET"))),
     };
+    let token = cli
+        .token
+        .or_else(|| std::env::var("VME_TOKEN").ok().filter(|v| !v.is_empty()));
+    http::set_identity(http::Identity {
+        token,
+        project: cli.project,
+    });
     let api = Api { ep };
     // Long actions run as operations the CLI waits on, showing progress on a terminal;
     // short ones (pause, resume) answer at once.
@@ -583,6 +622,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Pause { name } => state(&name, "pause", false, false)?,
         Cmd::Resume { name } => state(&name, "resume", false, false)?,
         Cmd::Restart { name, force } => state(&name, "restart", force, true)?,
+        Cmd::Whoami { format } => out(&access::whoami(&api, format)?)?,
+        Cmd::User(c) => out(&access::user(&api, c)?)?,
+        Cmd::Token(c) => out(&access::token(&api, c)?)?,
+        Cmd::Project(c) => out(&access::project(&api, c)?)?,
+        Cmd::Role(c) => out(&access::role(&api, c)?)?,
+        Cmd::Label(c) => out(&access::label(&api, c)?)?,
         Cmd::Delete { name } => {
             api.call("DELETE", &format!("/1.0/vms/{}", segment(&name)?), None)?;
             println!("{name}: deleted");
@@ -788,6 +833,12 @@ fn segment(name: &str) -> Result<&str> {
 
 struct Api {
     ep: http::Endpoint,
+}
+
+impl access::Call for Api {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        Api::call(self, method, path, body)
+    }
 }
 
 impl Api {

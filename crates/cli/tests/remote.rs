@@ -375,3 +375,49 @@ fn remote_cli_over_https_with_client_certificates_and_a_pinned_server() {
     let e = fails(d.vme(true, &["--server-fingerprint", &new_fp, "list"]));
     assert!(e.contains("HTTP 403"), "{e}");
 }
+
+/// A trusted certificate bound to a user is that user over HTTPS (unbound, it is root, as
+/// before access control); a token still takes precedence.
+#[test]
+fn a_client_certificate_bound_to_a_user_is_that_user() {
+    let mut d = Vmed::new("cert-user");
+    d.start();
+    let cert = ok(d.vme(false, &["remote", "cert"]));
+    let mut lines = cert.lines();
+    let cert_path = lines.next().unwrap().to_string();
+    let client_fp = lines
+        .next()
+        .unwrap()
+        .trim_start_matches("SHA-256 ")
+        .to_string();
+    ok(d.vmed(&["trust", "add", &cert_path]));
+    assert!(ok(d.vme(true, &["whoami"])).starts_with("root"));
+    let sock = d.dir.join("vme.sock").display().to_string();
+    let local = |args: &[&str]| {
+        let mut all = vec!["--socket", sock.as_str()];
+        all.extend_from_slice(args);
+        ok(d.vme(false, &all))
+    };
+    local(&[
+        "user",
+        "add",
+        "carl",
+        "--project",
+        "default",
+        "--cert",
+        &client_fp,
+    ]);
+    let me = ok(d.vme(true, &["whoami"]));
+    assert!(
+        me.starts_with("carl (clearance unclassified; roles default:user"),
+        "{me}"
+    );
+    let e = fails(d.vme(true, &["user", "list"]));
+    assert!(e.contains("HTTP 403") || e.contains("admin"), "{e}");
+    let root_token = local(&["token", "create", "root"]);
+    let me = ok(d.vme(true, &["--token", root_token.trim(), "whoami"]));
+    assert!(
+        me.starts_with("root"),
+        "the token wins over the certificate: {me}"
+    );
+}

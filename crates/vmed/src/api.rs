@@ -31,12 +31,14 @@
 //! that way so that it is documented. `docs/openapi.json` is this document, checked by a test;
 //! regenerate it with `vmed --print-openapi > docs/openapi.json`.
 
+use crate::authz::Authz;
 use crate::daemon::{Daemon, OpError, Task};
 use crate::events::{Event, Kind, LifecycleEvent, rfc3339};
 use crate::lifecycle::{self, Action, RestartPolicy};
 use crate::operations::Operation;
 use crate::store::{StoreError, VmRecord};
 use crate::validate::CreateVm;
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
@@ -60,8 +62,10 @@ const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAM
     /1.0/vms/NAME/usage, /1.0/vms/NAME/exec, /1.0/metrics, /1.0/operations, /1.0/operations/ID, \
     /1.0/operations/ID/wait, /1.0/events, /1.0/images, /1.0/images/NAME, \
     /1.0/images/NAME/manifest, /1.0/images/NAME/signature, /1.0/images/NAME/verify, \
-    /1.0/images/NAME/export, /1.0/images/aliases, /1.0/images/aliases/NAME, /1.0/images/prune, \
-    /1.0/audit, /1.0/audit/verify, /1.0/audit/export and /1.0/openapi.json";
+    /1.0/images/NAME/export, /1.0/images/NAME/access, /1.0/images/aliases, \
+    /1.0/images/aliases/NAME, /1.0/images/prune, /1.0/vms/NAME/label, /1.0/whoami, /1.0/users, \
+    /1.0/users/NAME, /1.0/users/NAME/role, /1.0/projects, /1.0/projects/NAME, /1.0/tokens, \
+    /1.0/tokens/ID, /1.0/audit, /1.0/audit/verify, /1.0/audit/export and /1.0/openapi.json";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -80,6 +84,7 @@ const ROUTES: &str = "/1.0/vms, /1.0/vms/NAME, /1.0/vms/NAME/state, /1.0/vms/NAM
         (name = "images", description = "The image repository"),
         (name = "audit", description = "The audit log: state-changing requests, denials, \
             security events; hash-chained and anchored"),
+        (name = "access", description = "Users, projects, roles, tokens and labels"),
         (name = "daemon", description = "The daemon itself")
     )
 )]
@@ -103,11 +108,12 @@ fn routes() -> OpenApiRouter<App> {
         .routes(routes!(openapi_json))
         .merge(crate::images_api::routes())
         .merge(crate::audit::http::routes())
+        .merge(crate::authz_api::routes())
 }
 
 pub fn router(daemon: App) -> Router {
     let (router, _) = routes().split_for_parts();
-    router
+    let inner = router
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -122,12 +128,46 @@ pub fn router(daemon: App) -> Router {
                 None,
             )
         })
-        // Last, so outermost: it sees every request's final status and the policy's facts.
-        .layer(axum::middleware::from_fn_with_state(
-            daemon.clone(),
-            crate::audit::http::layer,
-        ))
-        .with_state(daemon)
+        .with_state(daemon.clone());
+    // Every request passes the access-control middleware before it is routed (so that it
+    // can answer for a hidden object as for a missing one, see crate::authz).
+    let policy = axum::middleware::from_fn_with_state(daemon.clone(), crate::authz::middleware);
+    // The audit layer last, so outermost: it sees every request's final status and the
+    // facts the policy put in the response, its own 401s and 403s included.
+    let audit = axum::middleware::from_fn_with_state(daemon, crate::audit::http::layer);
+    Router::new()
+        .fallback_service(inner)
+        .layer(policy)
+        .layer(audit)
+}
+
+/// The answer to a method and path no route takes: 405 if the path is a route's, else 404
+/// naming the routes. The access-control middleware answers it, so that a request with no
+/// declared permission never reaches a handler.
+pub(crate) fn no_route(method: &axum::http::Method, path: &str) -> Response {
+    use axum::http::Method;
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ];
+    if methods
+        .iter()
+        .any(|m| m != method && crate::authz::route(m, path).is_some())
+    {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this route does not take that method: see /1.0/openapi.json".into(),
+            None,
+        );
+    }
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no such route: see {ROUTES}"),
+        None,
+    )
 }
 
 /// The OpenAPI 3 document of the API.
@@ -270,7 +310,8 @@ impl IntoResponse for OpError {
             }
             OpError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, msg, None),
             OpError::Forbidden(_) => error(StatusCode::FORBIDDEN, msg, None),
-            OpError::Conflict(_) | OpError::Store(StoreError::ImageExists(_)) => {
+            OpError::Conflict(_)
+            | OpError::Store(StoreError::ImageExists(_) | StoreError::Refused(_)) => {
                 error(StatusCode::CONFLICT, msg, None)
             }
             OpError::Store(StoreError::NoImage(_)) => error(StatusCode::NOT_FOUND, msg, None),
@@ -387,8 +428,9 @@ async fn metrics(State(d): State<App>) -> Result<Response, OpError> {
     responses(
         (status = 200, description = "The VMs", body = Reply<Vec<VmRecord>>),
         (status = 500, description = "The store failed", body = ErrorReply)))]
-async fn list(State(d): State<App>) -> Result<Response, OpError> {
-    let vms = blocking(move || d.list()).await?;
+async fn list(State(d): State<App>, Extension(a): Extension<Authz>) -> Result<Response, OpError> {
+    let mut vms = blocking(move || d.list()).await?;
+    vms.retain(|v| a.sees(&v.project, &v.label, false));
     Ok(ok(StatusCode::OK, vms))
 }
 
@@ -405,11 +447,14 @@ async fn list(State(d): State<App>) -> Result<Response, OpError> {
         (status = 409, description = "A VM of that name exists", body = ErrorReply)))]
 async fn create(
     State(d): State<App>,
+    Extension(a): Extension<Authz>,
     RawQuery(q): RawQuery,
     body: Bytes,
 ) -> Result<Response, OpError> {
     let background = is_async(&query(q))?;
-    let req: CreateVm = parse(&body)?;
+    let mut req: CreateVm = parse(&body)?;
+    let d2 = Arc::clone(&d);
+    req = blocking(move || crate::authz_checks::admit_create(&d2, &a, req)).await?;
     let task = blocking(move || d.create_task(req)).await?;
     carry_out(task, background, StatusCode::CREATED).await
 }
@@ -584,7 +629,7 @@ async fn state(
 
 const OP_ID: &str = "The operation's id";
 
-fn no_operation(id: &str) -> Response {
+pub(crate) fn no_operation(id: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
         format!(
@@ -599,8 +644,19 @@ fn no_operation(id: &str) -> Response {
 /// The operations running and recently ended, oldest first.
 #[utoipa::path(get, path = "/1.0/operations", tag = "operations",
     responses((status = 200, description = "The operations", body = Reply<Vec<Operation>>)))]
-async fn operations(State(d): State<App>) -> Response {
-    ok(StatusCode::OK, d.ops.list())
+async fn operations(State(d): State<App>, Extension(a): Extension<Authz>) -> Response {
+    let d2 = Arc::clone(&d);
+    let ops = blocking(move || {
+        let mut ops = d2.ops.list();
+        ops.retain(|op| {
+            let vm = op.resources["vms"][0].as_str().unwrap_or("");
+            a.sees_op(&d2, &op.id, vm.trim_start_matches("/1.0/vms/"))
+        });
+        Ok(ops)
+    })
+    .await
+    .unwrap_or_default();
+    ok(StatusCode::OK, ops)
 }
 
 #[utoipa::path(get, path = "/1.0/operations/{id}", tag = "operations",
@@ -678,7 +734,11 @@ async fn wait(State(d): State<App>, Path(id): Path<String>, RawQuery(q): RawQuer
         (status = 200, description = "Events, one JSON object a line (chunked)", body = Event,
             content_type = "application/x-ndjson"),
         (status = 400, description = "An unknown event type", body = ErrorReply)))]
-async fn events(State(d): State<App>, RawQuery(q): RawQuery) -> Result<Response, OpError> {
+async fn events(
+    State(d): State<App>,
+    Extension(a): Extension<Authz>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, OpError> {
     let filter = match query(q).get("type") {
         None => None,
         Some(types) => Some(
@@ -699,15 +759,34 @@ async fn events(State(d): State<App>, RawQuery(q): RawQuery) -> Result<Response,
     };
     let bus = d.events.clone();
     let rx = bus.subscribe();
-    let stream =
-        futures_util::stream::unfold((rx, bus, filter), |(mut rx, bus, filter)| async move {
+    let seen = (d, Arc::new(a));
+    let stream = futures_util::stream::unfold(
+        (rx, bus, filter, seen),
+        |(mut rx, bus, filter, seen)| async move {
             loop {
                 let got = tokio::select! {
                     r = rx.recv() => r,
                     _ = bus.closed() => return None,
                 };
                 let event = match got {
-                    Ok(e) if filter.as_ref().is_none_or(|f| f.contains(&e.kind)) => e,
+                    Ok(e) if filter.as_ref().is_none_or(|f| f.contains(&e.kind)) => {
+                        // Only events about VMs the user may see.
+                        let vm = e.metadata["vm"]
+                            .as_str()
+                            .or_else(|| e.metadata["resources"]["vms"][0].as_str())
+                            .map(|v| v.trim_start_matches("/1.0/vms/").to_string());
+                        let (d, a) = (Arc::clone(&seen.0), Arc::clone(&seen.1));
+                        let visible = match vm {
+                            Some(vm) => blocking(move || Ok(a.sees_vm(&d, &vm)))
+                                .await
+                                .unwrap_or(false),
+                            None => true,
+                        };
+                        if !visible {
+                            continue;
+                        }
+                        e
+                    }
                     Ok(_) => continue,
                     Err(RecvError::Lagged(n)) => Event {
                         kind: Kind::Lagged,
@@ -719,9 +798,10 @@ async fn events(State(d): State<App>, RawQuery(q): RawQuery) -> Result<Response,
                 let mut line = serde_json::to_vec(&event).unwrap_or_default();
                 line.push(b'\n');
                 let chunk: Result<Bytes, std::convert::Infallible> = Ok(Bytes::from(line));
-                return Some((chunk, (rx, bus, filter)));
+                return Some((chunk, (rx, bus, filter, seen)));
             }
-        });
+        },
+    );
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),

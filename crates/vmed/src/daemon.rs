@@ -87,6 +87,8 @@ pub struct Config {
     pub console_log_size: u64,
     /// The image repository's limits and signature policy.
     pub images: crate::images::ImageConfig,
+    /// The security label levels, lowest first.
+    pub labels: crate::labels::Levels,
 }
 
 /// One live monitor process.
@@ -129,6 +131,8 @@ pub struct Daemon {
     pub(crate) image_claims: Mutex<HashMap<vme_image::Digest, usize>>,
     /// The audit log, once the binary has opened it (see [`crate::audit`]).
     pub audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
+    /// Access control's in-memory part (label levels, tokens already checked).
+    pub auth: crate::authz::AuthState,
 }
 
 /// Marks a VM busy for the length of an operation (it may move to another thread with it).
@@ -251,7 +255,6 @@ impl Daemon {
     pub fn new(cfg: Config, store: Box<dyn Store>) -> Result<Arc<Daemon>, StoreError> {
         let events = Events::new();
         let daemon = Arc::new(Daemon {
-            cfg,
             store: Mutex::new(Box::new(Published::new(store, events.clone()))),
             monitors: Mutex::new(HashMap::new()),
             exited: Condvar::new(),
@@ -263,6 +266,8 @@ impl Daemon {
             image_lock: Mutex::new(()),
             image_claims: Mutex::new(HashMap::new()),
             audit: std::sync::OnceLock::new(),
+            auth: crate::authz::AuthState::new(cfg.labels.clone()),
+            cfg,
         });
         crate::reconcile::run(&daemon)?;
         crate::accounting::spawn_sampler(&daemon);
@@ -360,9 +365,23 @@ impl Daemon {
             .host
             .admits(self.cfg.ratios, load(&spec))
             .map_err(OpError::BadRequest)?;
+        // Requests that passed access control carry their project (others: `default`).
+        let project = req.project.clone().unwrap_or_else(|| "default".into());
+        let label = req
+            .label
+            .clone()
+            .unwrap_or_else(|| self.auth.levels.show(&self.auth.levels.lowest()));
+        let root_bytes = root
+            .as_ref()
+            .and_then(|r| fs::metadata(&r.path).ok())
+            .map_or(0, |m| m.len());
         let busy = self.begin(&req.name, "create")?;
-        if self.store().get(&req.name).is_ok() {
-            return Err(StoreError::Exists(req.name).into());
+        {
+            let store = self.store();
+            if store.get(&req.name).is_ok() {
+                return Err(StoreError::Exists(req.name).into());
+            }
+            crate::authz_checks::check_quota(&**store, &project, &spec, root_bytes)?;
         }
         let op = self
             .ops
@@ -384,7 +403,11 @@ impl Daemon {
                 let uds = crate::guest::vsock_socket(&me.cfg.state_dir, &req.name);
                 crate::devices::assign(&mut spec, req.vsock.unwrap_or(true), uds, &others)
                     .map_err(OpError::BadRequest)?;
-                Ok(store.create(&req.name, &spec, req.restart_policy, &limits)?)
+                // Again under the lock, so two creates cannot both take the last room.
+                crate::authz_checks::check_quota(&**store, &project, &spec, 0)?;
+                store.create(&req.name, &spec, req.restart_policy, &limits)?;
+                store.vm_set_owner(&req.name, &project, &label)?;
+                Ok(store.get(&req.name)?)
             })();
             let vm = stored.inspect_err(|_| {
                 if let Some(v) = &volume {

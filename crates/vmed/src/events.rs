@@ -11,6 +11,7 @@
 use crate::lifecycle::{RestartPolicy, State};
 use crate::limits::VmLimits;
 use crate::store::{Store, StoreError, VmRecord, WalBarrier};
+use crate::store_auth::{AuthStore, ProjectRecord, Quota, TokenRecord, UserChange, UserRecord};
 use crate::store_images::{ImageCatalog, ImageRecord};
 use crate::usage::Sample;
 use serde::Serialize;
@@ -299,6 +300,87 @@ impl ImageCatalog for Published {
 
     fn image_blobs_in_use(&self) -> Result<Vec<String>, StoreError> {
         self.inner.image_blobs_in_use()
+    }
+}
+
+/// Access-control changes publish no lifecycle event: plain forwarding.
+impl AuthStore for Published {
+    fn project_create(&mut self, name: &str, quota: &Quota) -> Result<ProjectRecord, StoreError> {
+        self.inner.project_create(name, quota)
+    }
+    fn project_get(&self, name: &str) -> Result<Option<ProjectRecord>, StoreError> {
+        self.inner.project_get(name)
+    }
+    fn project_list(&self) -> Result<Vec<ProjectRecord>, StoreError> {
+        self.inner.project_list()
+    }
+    fn project_set_quota(&mut self, name: &str, quota: &Quota) -> Result<(), StoreError> {
+        self.inner.project_set_quota(name, quota)
+    }
+    fn project_delete(&mut self, name: &str) -> Result<(), StoreError> {
+        self.inner.project_delete(name)
+    }
+    fn user_create(&mut self, name: &str, clearance: &str) -> Result<(), StoreError> {
+        self.inner.user_create(name, clearance)
+    }
+    fn user_get(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.inner.user_get(name)
+    }
+    fn user_by_uid(&self, uid: u32) -> Result<Option<UserRecord>, StoreError> {
+        self.inner.user_by_uid(uid)
+    }
+    fn user_by_cert(&self, fingerprint: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.inner.user_by_cert(fingerprint)
+    }
+    fn user_list(&self) -> Result<Vec<UserRecord>, StoreError> {
+        self.inner.user_list()
+    }
+    fn user_update(&mut self, name: &str, change: &UserChange) -> Result<(), StoreError> {
+        self.inner.user_update(name, change)
+    }
+    fn user_delete(&mut self, name: &str) -> Result<(), StoreError> {
+        self.inner.user_delete(name)
+    }
+    fn role_set(
+        &mut self,
+        user: &str,
+        project: &str,
+        role: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.inner.role_set(user, project, role)
+    }
+    fn token_insert(
+        &mut self,
+        id: &str,
+        user: &str,
+        hash: &str,
+        expires_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.inner.token_insert(id, user, hash, expires_at)
+    }
+    fn token_get(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.token_get(id)
+    }
+    fn token_list(&self, user: Option<&str>) -> Result<Vec<TokenRecord>, StoreError> {
+        self.inner.token_list(user)
+    }
+    fn token_revoke(&mut self, id: &str) -> Result<bool, StoreError> {
+        self.inner.token_revoke(id)
+    }
+    fn vm_set_owner(&mut self, name: &str, project: &str, label: &str) -> Result<(), StoreError> {
+        self.inner.vm_set_owner(name, project, label)
+    }
+    fn vm_set_label(&mut self, name: &str, label: &str) -> Result<(), StoreError> {
+        self.inner.vm_set_label(name, label)
+    }
+    fn image_set_access(
+        &mut self,
+        name: &str,
+        project: &str,
+        public: bool,
+        label: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.image_set_access(name, project, public, label)
     }
 }
 

@@ -137,7 +137,12 @@ pub async fn serve(
                 None => false,
             };
             let app = if known {
-                app
+                // The certificate identifies the client's user (see crate::authz).
+                app.layer(axum::Extension(crate::authz::Peer {
+                    uid: None,
+                    cert: fp.clone(),
+                    source: format!("tcp:{peer}"),
+                }))
             } else {
                 refusal(&peer.to_string(), fp.as_deref().unwrap_or("none"))
             };

@@ -16,9 +16,11 @@
 //! an image in memory.
 
 use crate::api::{App, Empty, ErrorReply, Reply, blocking, ok, parse, query};
+use crate::authz::Authz;
 use crate::daemon::OpError;
 use crate::images::{ImportReport, PruneReport, VerifyReport};
 use crate::store_images::ImageRecord;
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
@@ -85,8 +87,12 @@ async fn vm_publish(
     responses(
         (status = 200, description = "The images", body = Reply<Vec<ImageRecord>>),
         (status = 500, description = "The store failed", body = ErrorReply)))]
-async fn image_list(State(d): State<App>) -> Result<Response, OpError> {
-    let images = blocking(move || d.image_list()).await?;
+async fn image_list(
+    State(d): State<App>,
+    Extension(a): Extension<Authz>,
+) -> Result<Response, OpError> {
+    let mut images = blocking(move || d.image_list()).await?;
+    images.retain(|i| a.sees(&i.project, &i.label, i.public));
     Ok(ok(StatusCode::OK, images))
 }
 
@@ -95,7 +101,11 @@ async fn image_list(State(d): State<App>) -> Result<Response, OpError> {
 /// archive leaves nothing behind.
 #[utoipa::path(post, path = "/1.0/images", tag = "images",
     params(("name" = Option<String>, Query,
-        description = "Store it under this name (default: the manifest's)")),
+        description = "Store it under this name (default: the manifest's)"),
+        ("public" = Option<bool>, Query,
+        description = "Usable by every project (default false: only by its own)"),
+        ("project" = Option<String>, Query,
+        description = "The project that owns it (default: the user's only project)")),
     request_body(content = Vec<u8>, content_type = "application/x-tar",
         description = "The image archive"),
     responses(
@@ -107,10 +117,15 @@ async fn image_list(State(d): State<App>) -> Result<Response, OpError> {
             body = ErrorReply)))]
 async fn image_import(
     State(d): State<App>,
+    Extension(a): Extension<Authz>,
     RawQuery(q): RawQuery,
     body: Body,
 ) -> Result<Response, OpError> {
-    let name = query(q).get("name").cloned();
+    let q = query(q);
+    let name = q.get("name").cloned();
+    let public = matches!(q.get("public").map(String::as_str), Some("true" | "1" | ""));
+    let project = a.target_project().map_err(OpError::BadRequest)?;
+    let d2 = std::sync::Arc::clone(&d);
     let (tx, rx) = mpsc::channel::<Result<Bytes, String>>(DEPTH);
     let mut stream = body.into_data_stream();
     tokio::spawn(async move {
@@ -129,6 +144,15 @@ async fn image_import(
             buf: Bytes::new(),
         };
         d.image_import(name.as_deref(), &mut r)
+    })
+    .await?;
+    let report = blocking(move || {
+        let mut report = report;
+        let lowest = d2.auth.levels.show(&d2.auth.levels.lowest());
+        let mut store = d2.store();
+        store.image_set_access(&report.image.name, &project, public, &lowest)?;
+        report.image = store.image_get(&report.image.name)?;
+        Ok(report)
     })
     .await?;
     Ok(ok(StatusCode::CREATED, report))
@@ -304,9 +328,19 @@ struct AliasReq {
         (status = 400, description = "Not a valid alias", body = ErrorReply),
         (status = 404, description = "No such image", body = ErrorReply),
         (status = 409, description = "An image has that name", body = ErrorReply)))]
-async fn image_alias_set(State(d): State<App>, body: Bytes) -> Result<Response, OpError> {
+async fn image_alias_set(
+    State(d): State<App>,
+    Extension(a): Extension<Authz>,
+    body: Bytes,
+) -> Result<Response, OpError> {
     let req: AliasReq = parse(&body)?;
-    blocking(move || d.image_alias(&req.name, Some(&req.target))).await?;
+    blocking(move || {
+        // Both the image and the alias it would move must be the user's to manage.
+        a.manages_image(&d, &req.target)?;
+        a.manages_image(&d, &req.name)?;
+        d.image_alias(&req.name, Some(&req.target))
+    })
+    .await?;
     Ok(ok(StatusCode::OK, Empty {}))
 }
 

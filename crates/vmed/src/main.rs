@@ -96,6 +96,11 @@ struct Args {
     /// ... and at least this many seconds after a record while records arrive (default 60).
     #[arg(long, value_name = "SECONDS")]
     audit_anchor_interval: Option<u64>,
+    /// The security label levels, lowest first, comma-separated (default
+    /// unclassified,confidential,secret,topsecret). Changing them later leaves labels of
+    /// removed levels unreadable: such objects are hidden from everyone.
+    #[arg(long, value_name = "LEVELS", value_delimiter = ',')]
+    label_levels: Vec<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -145,6 +150,7 @@ fn main() -> Result<()> {
         trusted_keys: (!args.trusted_keys.is_empty()).then_some(args.trusted_keys),
         audit_anchor_every: args.audit_anchor_every,
         audit_anchor_interval: args.audit_anchor_interval,
+        label_levels: (!args.label_levels.is_empty()).then_some(args.label_levels),
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -211,6 +217,7 @@ fn main() -> Result<()> {
         usage_retention: Duration::from_secs(settings.usage_retention),
         console_log_size: settings.console_log_size,
         images: settings.images,
+        labels: settings.labels,
     };
     if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
         eprintln!("vmed: {note}");
@@ -244,9 +251,12 @@ fn main() -> Result<()> {
             }
             _ => futures_util::future::Either::Right(std::future::pending()),
         };
-        // The peer's uid goes into the audit log's records (`source`).
-        let with_peer = app.into_make_service_with_connect_info::<vmed::audit::http::UnixPeer>();
-        let unix = axum::serve(listener, with_peer).with_graceful_shutdown(async move {
+        // Each connection's peer uid (SO_PEERCRED) identifies its user (see vmed::authz).
+        let unix = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<vmed::authz::Peer>(),
+        )
+        .with_graceful_shutdown(async move {
             shutdown().await;
             // Event streams and waits would otherwise keep the server from stopping.
             events.close();

@@ -171,6 +171,8 @@ mod tests {
             limits: Default::default(),
             created_at: 0,
             updated_at: 0,
+            project: "default".into(),
+            label: "unclassified".into(),
         };
         let host = Host {
             cpus: 4,

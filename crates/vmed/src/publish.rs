@@ -104,7 +104,13 @@ impl Daemon {
             manifest
                 .check(self.config().images.max_blob)
                 .map_err(|e| failed(format!("the published image's manifest: {e}")))?;
-            let image = self.store().image_insert(image, &bytes, None)?;
+            // The image belongs to the VM's project and carries its label.
+            let image = {
+                let mut store = self.store();
+                let im = store.image_insert(image, &bytes, None)?;
+                store.image_set_access(&im.name, &record.project, false, &record.label)?;
+                store.image_get(&im.name)?
+            };
             Ok(PublishReport { image, scrubbed })
         })();
         let _ = std::fs::remove_file(&volume);

@@ -46,6 +46,9 @@ pub struct Layer {
     pub audit_anchor_every: Option<u64>,
     /// ... and at least this many seconds after a record while records arrive (default 60).
     pub audit_anchor_interval: Option<u64>,
+    /// The security label levels, lowest first (default unclassified, confidential, secret,
+    /// topsecret).
+    pub label_levels: Option<Vec<String>>,
 }
 
 /// The settings in force.
@@ -73,12 +76,13 @@ pub struct Settings {
     pub https: Option<std::net::SocketAddr>,
     pub images: crate::images::ImageConfig,
     pub audit: crate::audit::AuditConfig,
+    pub labels: crate::labels::Levels,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
     sample_interval, usage_retention, console_log_size, https, image_max_size, require_signed, \
-    trusted_keys, audit_anchor_every, audit_anchor_interval";
+    trusted_keys, audit_anchor_every, audit_anchor_interval, label_levels";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -116,6 +120,7 @@ impl Layer {
             trusted_keys: self.trusted_keys.or(below.trusted_keys),
             audit_anchor_every: self.audit_anchor_every.or(below.audit_anchor_every),
             audit_anchor_interval: self.audit_anchor_interval.or(below.audit_anchor_interval),
+            label_levels: self.label_levels.or(below.label_levels),
         }
     }
 
@@ -151,6 +156,10 @@ impl Layer {
                 anchor_interval: std::time::Duration::from_secs(
                     self.audit_anchor_interval.unwrap_or(60),
                 ),
+            },
+            labels: match &self.label_levels {
+                Some(l) => crate::labels::Levels::new(l)?,
+                None => crate::labels::Levels::default(),
             },
         };
         if s.audit.anchor_every == 0 || !(1..=86_400).contains(&s.audit.anchor_interval.as_secs()) {

@@ -28,6 +28,9 @@ pub enum StoreError {
     ImageExists(String),
     #[error("no image or alias named {0:?}: see `vme image list`")]
     NoImage(String),
+    /// An access-control change the state does not allow (409), saying why.
+    #[error("{0}")]
+    Refused(String),
     #[error(
         "the state database holds a record it cannot read ({0}); was it written by a newer vmed?"
     )]
@@ -53,9 +56,13 @@ pub struct VmRecord {
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// The project that owns it.
+    pub project: String,
+    /// Its security label (see crate::labels).
+    pub label: String,
 }
 
-pub trait Store: Send + crate::store_images::ImageCatalog {
+pub trait Store: Send + crate::store_images::ImageCatalog + crate::store_auth::AuthStore {
     /// Stores a new VM in state `defined`.
     fn create(
         &mut self,
@@ -207,6 +214,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX samples_by_time ON samples (at_ms);",
     // The image repository's catalogue.
     crate::store_images::MIGRATION,
+    // Access control: projects, users, roles, tokens; each VM's and image's owner and label.
+    crate::store_auth::MIGRATION,
 ];
 
 pub struct SqliteStore {
@@ -305,6 +314,8 @@ type Row = (
     i64,
     String,
     String,
+    String,
+    String,
 );
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -318,11 +329,13 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(6)?,
         r.get(7)?,
         r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
     ))
 }
 
 fn record(
-    (name, spec, state, reason, created_at, updated_at, pid, policy, limits): Row,
+    (name, spec, state, reason, created_at, updated_at, pid, policy, limits, project, label): Row,
 ) -> Result<VmRecord, StoreError> {
     let state = State::parse(&state)
         .ok_or_else(|| StoreError::Corrupt(format!("VM {name:?} has state {state:?}")))?;
@@ -342,11 +355,12 @@ fn record(
         limits,
         created_at,
         updated_at,
+        project,
+        label,
     })
 }
 
-const COLUMNS: &str =
-    "name, spec, state, reason, created_at, updated_at, pid, restart_policy, limits";
+const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at, pid, restart_policy, limits, project, label";
 
 const SAMPLE_COLUMNS: &str = "vm, at_ms, pid, cpu_usec, cpu_user_usec, cpu_system_usec, \
     memory_bytes, memory_peak_bytes, disk_read_bytes, disk_write_bytes, net_rx_bytes, net_tx_bytes";

@@ -54,6 +54,12 @@ pub struct ImageRecord {
     pub size: u64,
     /// Unix seconds.
     pub created_at: i64,
+    /// The project that owns it.
+    pub project: String,
+    /// Usable by every project (else only by its own).
+    pub public: bool,
+    /// Its security label (see crate::labels).
+    pub label: String,
 }
 
 /// The image catalogue's operations (part of the daemon's [`Store`](crate::store::Store)).
@@ -85,9 +91,20 @@ pub trait ImageCatalog {
     fn image_blobs_in_use(&self) -> Result<Vec<String>, StoreError>;
 }
 
-const COLUMNS: &str = "name, manifest, signature, status, reason, created_at";
+const COLUMNS: &str =
+    "name, manifest, signature, status, reason, created_at, project, public, label";
 
-type Row = (String, Vec<u8>, Option<String>, String, String, i64);
+type Row = (
+    String,
+    Vec<u8>,
+    Option<String>,
+    String,
+    String,
+    i64,
+    String,
+    bool,
+    String,
+);
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((
@@ -97,13 +114,16 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(3)?,
         r.get(4)?,
         r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
     ))
 }
 
 impl SqliteStore {
     fn image_record(
         &self,
-        (name, bytes, sig, status, reason, created_at): Row,
+        (name, bytes, sig, status, reason, created_at, project, public, label): Row,
     ) -> Result<ImageRecord, StoreError> {
         let manifest = Manifest::parse(&bytes, u64::MAX)
             .map_err(|e| StoreError::Corrupt(format!("image {name:?}: {e}")))?;
@@ -131,6 +151,9 @@ impl SqliteStore {
             status,
             reason,
             created_at,
+            project,
+            public,
+            label,
         })
     }
 }

@@ -102,6 +102,14 @@ pub struct CreateVm {
     /// A vsock device for the guest agent (`vme exec`); on unless false.
     #[serde(default)]
     pub vsock: Option<bool>,
+    /// Its security label, like `secret` or `secret:nato` (default: the lowest level). It
+    /// must be within the creator's clearance, and dominate the image's.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// The project it goes to: set by the daemon from the request (`?project=`), never
+    /// from the body.
+    #[serde(skip)]
+    pub project: Option<String>,
 }
 
 /// Checks a create request's cgroup limits (after [`create`] checked its spec).

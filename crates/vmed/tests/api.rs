@@ -250,6 +250,21 @@ fn every_documented_route_answers() {
             ("post", "/1.0/vms/{name}/exec"),
             r#"{"command":["true"]}"#.into(),
         ),
+        // Access control (root is the admin): no user or project named api-1, a 409.
+        (("put", "/1.0/images/{name}/access"), "{}".into()),
+        (
+            ("put", "/1.0/vms/{name}/label"),
+            r#"{"label":"secret"}"#.into(),
+        ),
+        (("post", "/1.0/users"), r#"{"name":"u1"}"#.into()),
+        (("put", "/1.0/users/{name}"), "{}".into()),
+        (
+            ("put", "/1.0/users/{name}/role"),
+            r#"{"project":"default","role":"user"}"#.into(),
+        ),
+        (("post", "/1.0/projects"), r#"{"name":"p1"}"#.into()),
+        (("put", "/1.0/projects/{name}"), r#"{"quota":{}}"#.into()),
+        (("post", "/1.0/tokens"), "{}".into()),
     ]);
     let mut calls: Vec<(String, String)> = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {

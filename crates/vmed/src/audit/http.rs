@@ -101,30 +101,16 @@ pub async fn record(log: Arc<AuditLog>, req: Request, next: Next) -> Response {
     }
 }
 
-/// Who is at the other end of a Unix socket connection (SO_PEERCRED), for a record's
-/// `source` when the access-control layer gave none: serve the socket with
-/// `into_make_service_with_connect_info::<UnixPeer>()`.
-#[derive(Clone, Copy, Debug)]
-pub struct UnixPeer {
-    pub uid: Option<u32>,
-}
-
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
-    > for UnixPeer
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        UnixPeer {
-            uid: s.io().peer_cred().ok().map(|c| c.uid()),
-        }
-    }
-}
-
-/// Where a request came from, as far as the connection tells.
+/// Where a request came from, as far as the connection tells (the access-control layer's
+/// peer: the Unix socket's uid, or the HTTPS client's address), for a record whose facts
+/// name no source.
 fn peer_source(req: &Request) -> Option<String> {
-    let peer = req.extensions().get::<ConnectInfo<UnixPeer>>()?;
-    Some(format!("unix:uid={}", peer.0.uid?))
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<crate::authn::Peer>>()
+        .map(|c| c.0.clone())
+        .or_else(|| req.extensions().get::<crate::authn::Peer>().cloned())?;
+    (!peer.source.is_empty()).then_some(peer.source)
 }
 
 fn nonempty(s: String, default: &str) -> String {

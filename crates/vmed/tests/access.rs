@@ -770,6 +770,27 @@ fn revoked_and_expired_tokens_are_refused_at_once() {
         api(&d, Some(&bob), "GET", "/1.0/whoami", Value::Null).0,
         401
     );
+    // Every refusal above is in the audit log, GETs included, and the chain holds.
+    let (c, v) = api(&d, None, "GET", "/1.0/audit?result=denied", Value::Null);
+    assert_eq!(c, 200, "{v}");
+    let denied = v["metadata"].as_array().unwrap();
+    let count = |status: u64, action: &str| {
+        denied
+            .iter()
+            .filter(|r| r["status"] == status && r["action"] == action)
+            .count()
+    };
+    // revoked, forged, expired, deleted user: four 401s on whoami.
+    assert_eq!(count(401, "self.info"), 4, "{v}");
+    assert_eq!(count(403, "token.create"), 1, "{v}");
+    assert!(
+        denied
+            .iter()
+            .any(|r| r["status"] == 403 && r["actor"] == "bob"),
+        "{v}"
+    );
+    let (c, v) = api(&d, None, "GET", "/1.0/audit/verify", Value::Null);
+    assert_eq!((c, &v["metadata"]["ok"]), (200, &json!(true)), "{v}");
 }
 
 /// A non-root process on the Unix socket is the user its uid is mapped to (SO_PEERCRED);

@@ -116,11 +116,11 @@ fn state_changes_and_refusals_are_recorded_and_the_chain_verifies() {
     assert_eq!(
         got,
         vec![
-            (1, "POST /1.0/vms", 201, "allowed"),
-            (2, "POST /1.0/vms", 409, "allowed"),
-            (3, "POST /1.0/vms", 400, "allowed"),
-            (4, "DELETE /1.0/vms/a1", 200, "allowed"),
-            (5, "PUT /1.0/vms/nope/state", 404, "allowed"),
+            (1, "vm.create", 201, "allowed"),
+            (2, "vm.create", 409, "allowed"),
+            (3, "vm.create", 400, "allowed"),
+            (4, "vm.delete", 200, "allowed"),
+            (5, "vm.state", 404, "allowed"),
         ]
     );
     // SAFETY: getuid(2) has no preconditions.
@@ -128,10 +128,10 @@ fn state_changes_and_refusals_are_recorded_and_the_chain_verifies() {
     for r in &recs {
         // The socket's peer, whatever the access-control layer says (or does not).
         assert_eq!(r["source"].as_str(), Some(source.as_str()));
-        // Without the access-control layer's facts the actor is unknown.
+        // The access-control layer's facts: uid 0 on the socket is the bootstrap admin.
         assert_eq!(
             (r["kind"].as_str(), r["actor"].as_str()),
-            (Some("request"), Some("unknown"))
+            (Some("request"), Some("root"))
         );
         let t = r["time"].as_str().unwrap();
         assert!(
@@ -157,7 +157,7 @@ fn state_changes_and_refusals_are_recorded_and_the_chain_verifies() {
     assert_eq!(recs[3]["prev_hash"], recs[2]["hash"]);
 
     // Filters, and the CLI.
-    let (code, v) = http(s, "GET", "/1.0/audit?action=POST*&limit=2", "");
+    let (code, v) = http(s, "GET", "/1.0/audit?action=vm.create&limit=2", "");
     assert_eq!(code, 200);
     let seqs: Vec<_> = v["metadata"]
         .as_array()
@@ -175,7 +175,7 @@ fn state_changes_and_refusals_are_recorded_and_the_chain_verifies() {
         http(s, "GET", "/1.0/audit?result=denied", "").1["metadata"],
         json!([])
     );
-    let (code, out, err) = vme(&d, &["audit", "list", "--action", "DELETE /1.0/vms/a1"]);
+    let (code, out, err) = vme(&d, &["audit", "list", "--action", "vm.delete"]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.starts_with("SEQ") && out.contains("allowed 200"),
@@ -414,7 +414,7 @@ fn a_record_survives_a_kill_9_right_after_its_request() {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
         .unwrap();
-    assert_eq!((seq, action.as_str(), status), (1, "POST /1.0/vms", 201));
+    assert_eq!((seq, action.as_str(), status), (1, "vm.create", 201));
     drop(c);
     // Not anchored before the kill (every 100 records by default): it is once vmed is back.
     let anchors = d.dir.join("state/audit.anchors");

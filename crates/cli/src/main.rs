@@ -122,7 +122,7 @@ enum Cmd {
     },
     /// Follow the daemon's events (VM state changes, operations) until interrupted.
     Events {
-        /// Only these kinds (comma-separated): lifecycle, operation.
+        /// Only these kinds (comma-separated): lifecycle, operation, security.
         #[arg(long = "type", value_enum, value_delimiter = ',')]
         types: Vec<EventType>,
         /// table (one line an event), json (one JSON object a line) or yaml (a document
@@ -201,6 +201,7 @@ enum OpCmd {
 enum EventType {
     Lifecycle,
     Operation,
+    Security,
 }
 
 impl EventType {
@@ -208,6 +209,7 @@ impl EventType {
         match self {
             EventType::Lifecycle => "lifecycle",
             EventType::Operation => "operation",
+            EventType::Security => "security",
         }
     }
 }

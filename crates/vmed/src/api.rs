@@ -664,7 +664,7 @@ async fn wait(State(d): State<App>, Path(id): Path<String>, RawQuery(q): RawQuer
 /// `lagged` event saying how many.
 #[utoipa::path(get, path = "/1.0/events", tag = "events",
     params(("type" = Option<String>, Query,
-        description = "Only these types, comma-separated: lifecycle, operation")),
+        description = "Only these types, comma-separated: lifecycle, operation, security")),
     responses(
         (status = 200, description = "Events, one JSON object a line (chunked)", body = Event,
             content_type = "application/x-ndjson"),
@@ -680,8 +680,8 @@ async fn events(State(d): State<App>, RawQuery(q): RawQuery) -> Result<Response,
                 .map(|t| {
                     Kind::parse(t).ok_or_else(|| {
                         OpError::BadRequest(format!(
-                            "unknown event type {t:?}: use lifecycle, operation or both \
-                             (comma-separated)"
+                            "unknown event type {t:?}: use lifecycle, operation, security or \
+                             several (comma-separated)"
                         ))
                     })
                 })

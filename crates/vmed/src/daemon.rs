@@ -87,6 +87,8 @@ pub struct Config {
     pub console_log_size: u64,
     /// The image repository's limits and signature policy.
     pub images: crate::images::ImageConfig,
+    /// The uids (= gids) jailed monitors get, one per VM (see [`crate::jail`]).
+    pub jail_ids: std::ops::RangeInclusive<u32>,
 }
 
 /// One live monitor process.
@@ -615,6 +617,9 @@ impl Daemon {
             log: Some(dir.join("console.log")),
             log_size: self.cfg.console_log_size,
         };
+        // Every monitor is jailed, as the VM's own uid, under strict seccomp filters.
+        crate::jail::confine(&self.cfg.state_dir, name, &self.cfg.jail_ids, &mut spec)
+            .map_err(|e| fail(format!("cannot prepare VM {name:?}'s jail: {e}")))?;
         let machine = machine_file(&self.cfg.state_dir, name);
         let log = monitor_log(&self.cfg.state_dir, name);
         let prepared = fs::create_dir_all(&dir)
@@ -752,10 +757,22 @@ impl Daemon {
         let status = child.wait();
         let (clean, how) = match &status {
             Ok(s) if s.success() => (true, String::new()),
-            Ok(s) => (false, describe(s)),
+            Ok(s) => match crate::jail::security_event(s) {
+                Some(why) => {
+                    self.security_event(&name, &why);
+                    (false, why)
+                }
+                None => (false, describe(s)),
+            },
             Err(e) => (false, format!("could not be waited for: {e}")),
         };
         self.exited(&name, clean, &how, &log);
+    }
+
+    /// VM `name`'s monitor was ended by its seccomp filter (`why` says so): published on
+    /// the event stream. The one place a security event is reported.
+    fn security_event(&self, name: &str, why: &str) {
+        crate::jail::publish(&self.events, name, why);
     }
 
     /// Records a monitor's exit: the state it leaves the VM in (with the log's tail as the

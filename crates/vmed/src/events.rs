@@ -33,6 +33,9 @@ pub enum Kind {
     Lifecycle,
     /// An operation was created or ended.
     Operation,
+    /// A VM's monitor was ended by its seccomp filter (`{"vm", "reason"}`): it tried a
+    /// system call it never needs, which a guest escaping into it would.
+    Security,
     /// Not published: sent to one subscriber that fell behind, with how many it missed.
     Lagged,
 }
@@ -42,6 +45,7 @@ impl Kind {
         match s {
             "lifecycle" => Some(Kind::Lifecycle),
             "operation" => Some(Kind::Operation),
+            "security" => Some(Kind::Security),
             _ => None,
         }
     }

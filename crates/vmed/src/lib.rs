@@ -20,6 +20,7 @@ pub mod guest;
 pub mod https;
 pub mod images;
 pub mod images_api;
+pub mod jail;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;

@@ -89,6 +89,10 @@ struct Args {
     /// (repeatable; replaces the config file's trusted_keys).
     #[arg(long = "trusted-key", value_name = "KEY")]
     trusted_keys: Vec<String>,
+    /// The uids (and gids) jailed monitors run as, one per VM: FIRST-LAST (default
+    /// 1000000-1065535). Keep the range free of the host's own users.
+    #[arg(long, value_name = "FIRST-LAST")]
+    jail_uid_range: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -134,6 +138,7 @@ fn main() -> Result<()> {
         image_max_size: args.image_max_size,
         require_signed: args.require_signed,
         trusted_keys: (!args.trusted_keys.is_empty()).then_some(args.trusted_keys),
+        jail_uid_range: args.jail_uid_range,
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -199,6 +204,7 @@ fn main() -> Result<()> {
         usage_retention: Duration::from_secs(settings.usage_retention),
         console_log_size: settings.console_log_size,
         images: settings.images,
+        jail_ids: settings.jail_ids,
     };
     if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
         eprintln!("vmed: {note}");

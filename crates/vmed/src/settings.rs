@@ -42,6 +42,9 @@ pub struct Layer {
     pub require_signed: Option<bool>,
     /// Publisher keys whose signatures are trusted: `["ed25519:<hex>", ...]`.
     pub trusted_keys: Option<Vec<String>>,
+    /// `"FIRST-LAST"`: the uids (and gids, the same numbers) jailed monitors run as, one
+    /// per VM (default `"1000000-1065535"`).
+    pub jail_uid_range: Option<String>,
 }
 
 /// The settings in force.
@@ -68,12 +71,14 @@ pub struct Settings {
     /// Where the API is also served over HTTPS, to trusted client certificates only.
     pub https: Option<std::net::SocketAddr>,
     pub images: crate::images::ImageConfig,
+    /// The uids (= gids) jailed monitors get, one per VM.
+    pub jail_ids: std::ops::RangeInclusive<u32>,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
     sample_interval, usage_retention, console_log_size, https, image_max_size, require_signed, \
-    trusted_keys";
+    trusted_keys, jail_uid_range";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -109,6 +114,7 @@ impl Layer {
             image_max_size: self.image_max_size.or(below.image_max_size),
             require_signed: self.require_signed.or(below.require_signed),
             trusted_keys: self.trusted_keys.or(below.trusted_keys),
+            jail_uid_range: self.jail_uid_range.or(below.jail_uid_range),
         }
     }
 
@@ -138,6 +144,11 @@ impl Layer {
                 self.image_max_size.map(ByteSize::bytes),
                 self.require_signed.unwrap_or(false),
                 self.trusted_keys.as_deref().unwrap_or_default(),
+            )?,
+            jail_ids: crate::jail::parse_range(
+                self.jail_uid_range
+                    .as_deref()
+                    .unwrap_or(crate::jail::DEFAULT_RANGE),
             )?,
         };
         if !s.cgroup_root.is_absolute() || s.cgroup_root.components().any(|c| c.as_os_str() == "..")

@@ -100,6 +100,7 @@ fn in_child(
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
         "PR_SET_PDEATHSIG",
     )?;
+    retitle();
     if let Some(ns) = netns {
         // SAFETY: setns(2) with a descriptor we own; it moves only this process.
         check(
@@ -151,6 +152,38 @@ fn in_child(
         jail.gid
     );
     Ok(())
+}
+
+/// Renames the jailed child in /proc/PID/cmdline to `vme-vmm (jailed)`: the keeper alone
+/// keeps the command line that names the VM's machine file, so whoever looks for a VM's
+/// monitor by it (the daemon after a restart, `ps`, scripts) finds one process per VM, the
+/// one to supervise. Best effort: without it, both processes carry the same line.
+fn retitle() {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command (which may hold spaces); arg_start and arg_end are the
+    // 48th and 49th of the line, the 46th and 47th after the command.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<usize> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let (Some(&start), Some(&end)) = (f.get(45), f.get(46)) else {
+        return;
+    };
+    let title = b"vme-vmm (jailed)";
+    if start == 0 || end <= start + title.len() {
+        return;
+    }
+    // SAFETY: [start, end) is this process's argument area on its initial stack, which the
+    // kernel reports for us and which stays mapped for the life of the process. Nothing
+    // reads it after startup (the flags were parsed into owned values before any jail),
+    // so overwriting it with a shorter NUL-terminated title and zeros is sound.
+    unsafe {
+        std::ptr::write_bytes(start as *mut u8, 0, end - start);
+        std::ptr::copy_nonoverlapping(title.as_ptr(), start as *mut u8, title.len());
+    }
 }
 
 /// The parent after the fork: waits for the jailed child and ends with its status. It keeps

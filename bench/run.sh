@@ -22,3 +22,5 @@ echo "# images: import throughput vs sha256sum + cp + sync of the same files; la
 python3 bench/images.py
 echo "# thin clones: thin_clone vs cp of a 1 GiB image (time, disk); riscv64 guest I/O on an overlay vs a raw disk" >&2
 python3 bench/thin.py
+echo "# isolation: allowed syscalls per thread kind vs Firecracker's filters; riscv64 boot jailed vs not" >&2
+python3 bench/isolation.py

@@ -250,10 +250,28 @@ fn single_threaded() -> Result<(), String> {
     Ok(())
 }
 
-/// The spec's paths, absolute: inside the jail the working directory is its root.
+/// The spec's paths, resolved (no symlink, `.` or `..` left): each is bound at that very path
+/// inside the jail, where the working directory is the root and host symlinks may point
+/// nowhere. A socket or log that does not exist yet is resolved through its directory.
 fn absolutize(spec: &mut MachineSpec) -> Result<(), String> {
     fn abs(p: &mut PathBuf) -> Result<(), String> {
-        *p = std::path::absolute(&*p).map_err(|e| format!("path {}: {e}", p.display()))?;
+        let real = match std::fs::canonicalize(&*p) {
+            Ok(r) => r,
+            Err(_) => {
+                let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
+                    return Err(format!("path {} names no file", p.display()));
+                };
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                std::fs::canonicalize(dir)
+                    .map_err(|e| format!("directory of {}: {e}: create it first", p.display()))?
+                    .join(name)
+            }
+        };
+        *p = real;
         Ok(())
     }
     abs(&mut spec.kernel)?;

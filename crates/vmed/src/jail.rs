@@ -109,6 +109,7 @@ pub fn confine(
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| io(file, e))?;
     }
+    readable_inputs(state_dir, spec, id)?;
     spec.seccomp = SeccompMode::Strict;
     spec.jail = Some(JailSpec {
         dir: jail,
@@ -116,6 +117,41 @@ pub fn confine(
         gid: id,
         netns: None,
     });
+    Ok(())
+}
+
+/// The files the VM only reads (kernel, initrd, overlay bases, read-only disks) must be
+/// readable by its jailed uid. The daemon's own (image blobs, mode 0400) are opened to all:
+/// they are shared read-only content, reachable only through the root-only state directory
+/// or bound into the jails of the VMs made from them. Others are the user's to fix.
+fn readable_inputs(state_dir: &Path, spec: &MachineSpec, id: u32) -> Result<(), String> {
+    let mut inputs: Vec<&Path> = vec![&spec.kernel];
+    inputs.extend(spec.initrd.as_deref());
+    for d in &spec.disks {
+        inputs.extend(d.base.as_deref());
+        if d.readonly {
+            inputs.push(&d.path);
+        }
+    }
+    for f in inputs {
+        // A missing file is the monitor's to report, with its own words.
+        let Ok(meta) = std::fs::metadata(f) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        if mode & 0o004 != 0 {
+            continue;
+        }
+        if !f.starts_with(state_dir) {
+            return Err(format!(
+                "{} is not readable by the VM's jailed monitor (uid {id}): make it readable \
+                 by all (chmod a+r)",
+                f.display()
+            ));
+        }
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode | 0o444))
+            .map_err(|e| format!("{}: {e}", f.display()))?;
+    }
     Ok(())
 }
 

@@ -80,7 +80,10 @@ fn every_monitor_is_jailed_as_its_own_uid_and_stays_so_across_a_daemon_restart()
         // control socket answers.
         let deadline = Instant::now() + Duration::from_secs(30);
         while field(pid, "Seccomp") != "2" {
-            assert!(Instant::now() < deadline, "VM's monitor {pid} is not filtered");
+            assert!(
+                Instant::now() < deadline,
+                "VM's monitor {pid} is not filtered"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let ns = |p: String| std::fs::read_link(p).unwrap();

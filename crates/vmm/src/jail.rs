@@ -94,16 +94,16 @@ fn in_child(
     netns: Option<std::fs::File>,
     alive: OwnedFd,
 ) -> Result<(), String> {
-    // SAFETY: prctl(2) with integer arguments: a parent that dies during the setup takes
-    // us along (set again after the credentials change, which clears it).
     check(
+        // SAFETY: prctl(2) with integer arguments: a parent that dies during the setup takes
+        // us along (set again after the credentials change, which clears it).
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
         "PR_SET_PDEATHSIG",
     )?;
     retitle();
     if let Some(ns) = netns {
-        // SAFETY: setns(2) with a descriptor we own; it moves only this process.
         check(
+            // SAFETY: setns(2) with a descriptor we own; it moves only this process.
             unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
             "setns(the jail's network namespace)",
         )?;
@@ -117,17 +117,17 @@ fn in_child(
         "unshare(mount, IPC, UTS namespaces)",
     )?;
     let host = b"vme-jail";
-    // SAFETY: sethostname(2) reads `host.len()` bytes from a live buffer; our own UTS
-    // namespace, so the host's name is untouched.
     check(
+        // SAFETY: sethostname(2) reads `host.len()` bytes from a live buffer; our own UTS
+        // namespace, so the host's name is untouched.
         unsafe { libc::sethostname(host.as_ptr().cast(), host.len()) },
         "sethostname",
     )?;
     mounts::build(&jail.dir, layout, jail.uid, jail.gid)?;
     limits(spec)?;
     drop_privileges(jail.uid, jail.gid)?;
-    // SAFETY: prctl(2) with integer arguments; asks for SIGKILL when our parent exits.
     check(
+        // SAFETY: prctl(2) with integer arguments; asks for SIGKILL when our parent exits.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
         "PR_SET_PDEATHSIG",
     )?;
@@ -344,10 +344,15 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
             ));
         }
     }
-    // SAFETY: setgroups(2) with an empty list; setresgid/setresuid with plain ids.
-    check(unsafe { libc::setgroups(0, std::ptr::null()) }, "setgroups")?;
-    check(unsafe { libc::setresgid(gid, gid, gid) }, "setresgid")?;
-    check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
+    // SAFETY: setgroups(2) with an empty list (a null pointer and a zero length).
+    let rc = unsafe { libc::setgroups(0, std::ptr::null()) };
+    check(rc, "setgroups")?;
+    // SAFETY: setresgid(2) with plain ids.
+    let rc = unsafe { libc::setresgid(gid, gid, gid) };
+    check(rc, "setresgid")?;
+    // SAFETY: setresuid(2) with plain ids.
+    let rc = unsafe { libc::setresuid(uid, uid, uid) };
+    check(rc, "setresuid")?;
     // A uid change from 0 clears the permitted and effective sets; inheritable and ambient
     // are cleared here explicitly.
     let mut header = CapHeader {
@@ -355,13 +360,13 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
         pid: 0,
     };
     let data = [CapData::default(); 2];
-    // SAFETY: capset(2) reads a v3 header and two data structs, all live for the call.
     check(
+        // SAFETY: capset(2) reads a v3 header and two data structs, all live for the call.
         unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as i32 },
         "capset",
     )?;
-    // SAFETY: prctl(2) with integer arguments.
     check(
+        // SAFETY: prctl(2) with integer arguments.
         unsafe {
             libc::prctl(
                 libc::PR_CAP_AMBIENT,
@@ -373,8 +378,8 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
         },
         "PR_CAP_AMBIENT_CLEAR_ALL",
     )?;
-    // SAFETY: prctl(2) with integer arguments.
     check(
+        // SAFETY: prctl(2) with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
         "PR_SET_NO_NEW_PRIVS",
     )?;
@@ -404,8 +409,8 @@ struct CapData {
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     let mut fds = [0; 2];
-    // SAFETY: pipe2(2) writes two descriptors into a live array.
     check(
+        // SAFETY: pipe2(2) writes two descriptors into a live array.
         unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
         "pipe2",
     )?;

@@ -161,14 +161,14 @@ fn node(host: &str, at: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(
         return Err(format!("{host} is not a character device"));
     }
     let c = cstr(at)?;
-    // SAFETY: mknod(2) reads a NUL-terminated path that outlives the call.
     check(
+        // SAFETY: mknod(2) reads a NUL-terminated path that outlives the call.
         unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | mode, meta.rdev()) },
         &format!("mknod {}", at.display()),
     )?;
     if let Some((uid, gid)) = owner {
-        // SAFETY: chown(2) on the NUL-terminated path we just made.
         check(
+            // SAFETY: chown(2) on the NUL-terminated path we just made.
             unsafe { libc::chown(c.as_ptr(), uid, gid) },
             &format!("chown {}", at.display()),
         )?;
@@ -200,13 +200,13 @@ fn proc(dir: &Path) -> Result<(), String> {
 fn pivot(dir: &Path) -> Result<(), String> {
     std::env::set_current_dir(dir).map_err(|e| format!("chdir {}: {e}", dir.display()))?;
     let dot = cstr(Path::new("."))?;
-    // SAFETY: pivot_root(2) reads two NUL-terminated paths that outlive the call.
     check(
+        // SAFETY: pivot_root(2) reads two NUL-terminated paths that outlive the call.
         unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as i32 },
         "pivot_root",
     )?;
-    // SAFETY: umount2(2) reads a NUL-terminated path; the old root, stacked on ".".
     check(
+        // SAFETY: umount2(2) reads a NUL-terminated path; the old root, stacked on ".".
         unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) },
         "detaching the old root",
     )?;

@@ -159,13 +159,24 @@ fn readable_inputs(state_dir: &Path, spec: &MachineSpec, id: u32) -> Result<(), 
 /// guest, or a bug it triggered, made the monitor try a syscall it never needs). The text
 /// continues "the monitor ..." in the VM's reason.
 pub fn security_event(status: &std::process::ExitStatus) -> Option<String> {
-    (status.code() == Some(SECCOMP_EXIT)).then(|| {
-        format!(
-            "was killed by its seccomp filter (exit status {SECCOMP_EXIT}): SECURITY EVENT, the \
-             monitor attempted a forbidden system call (possibly a guest escape attempt); the \
-             VM was ended, its log names the syscall"
-        )
-    })
+    (status.code() == Some(SECCOMP_EXIT)).then(security_reason)
+}
+
+fn security_reason() -> String {
+    format!(
+        "was killed by its seccomp filter (exit status {SECCOMP_EXIT}): SECURITY EVENT, the \
+         monitor attempted a forbidden system call (possibly a guest escape attempt); the VM \
+         was ended, its log names the syscall"
+    )
+}
+
+/// [`security_event`] for a monitor whose exit status is lost (one a restarted daemon
+/// adopted): its seccomp handler's last words in its log say the same.
+pub fn security_event_in_log(log: &Path) -> Option<String> {
+    let tail = crate::daemon::tail(log);
+    tail.lines()
+        .any(|l| l.starts_with("vme-vmm: seccomp: thread "))
+        .then(|| security_reason())
 }
 
 /// Publishes a security event about VM `vm` (`type: security` on `/1.0/events`).

@@ -139,12 +139,15 @@ fn adopt(d: &Arc<Daemon>, vm: &VmRecord) -> Result<(), String> {
         wait_exit(&pidfd, None);
         // Not our child: its exit status went to its new parent. A stop we asked for is a
         // stop; any other exit counts as a crash, its log's tail says more.
-        d.exited(
-            &name,
-            false,
-            "exited while this vmed was not its parent (its exit status is unknown)",
-            &log,
-        );
+        // Its status is lost, but a seccomp kill leaves its line in the log.
+        let how = match crate::jail::security_event_in_log(&log) {
+            Some(why) => {
+                crate::jail::publish(&d.events, &name, &why);
+                why
+            }
+            None => "exited while this vmed was not its parent (its exit status is unknown)".into(),
+        };
+        d.exited(&name, false, &how, &log);
     });
     Ok(())
 }

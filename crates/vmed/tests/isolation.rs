@@ -201,4 +201,26 @@ fn a_monitor_ended_by_its_seccomp_filter_is_a_security_event() {
         line.contains("\"vm\":\"s1\"") && line.contains("seccomp"),
         "{line}"
     );
+    drop(r);
+    drop(events);
+
+    // A monitor adopted by a restarted daemon (its exit status goes elsewhere): its log.
+    let mut d = d;
+    create_and_start(&d, "s2");
+    d.kill9_and_restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&d, "s2")["state"] != "running" {
+        assert!(Instant::now() < deadline, "{}", state(&d, "s2"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ctl = d.dir.join("state/vms/s2/control.sock");
+    let mut s = UnixStream::connect(&ctl).unwrap();
+    s.write_all(b"{\"drill\":\"exec\"}\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&d, "s2")["state"] != "crashed" {
+        assert!(Instant::now() < deadline, "{}", state(&d, "s2"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reason = state(&d, "s2")["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("SECURITY EVENT"), "{reason}");
 }

@@ -176,7 +176,7 @@ pub fn security_event_in_log(log: &Path) -> Option<String> {
     let tail = crate::daemon::tail(log);
     tail.lines()
         .any(|l| l.starts_with("vme-vmm: seccomp: thread "))
-        .then(|| security_reason())
+        .then(security_reason)
 }
 
 /// Publishes a security event about VM `vm` (`type: security` on `/1.0/events`).

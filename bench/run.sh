@@ -27,3 +27,5 @@ echo "# thin clones: thin_clone vs cp of a 1 GiB image (time, disk); riscv64 gue
 python3 bench/thin.py
 echo "# audit log: a recorded request vs the same request unrecorded (one durable append), 20 clients at once" >&2
 python3 bench/audit.py
+echo "# isolation: allowed syscalls per thread kind vs Firecracker's filters; riscv64 boot jailed vs not" >&2
+python3 bench/isolation.py

@@ -2,6 +2,11 @@
 //! the cap, then renames it to `FILE.1` (dropping the older segment) and starts a new
 //! `FILE`. Both stay plain text (`tail -f FILE` works between rotations), the log never
 //! holds more than the cap, and it always holds at least the last half of it.
+//!
+//! Both segments are opened up front and a rotation swaps their names (`RENAME_EXCHANGE`)
+//! and empties the new current one: the threads that write guest output (vCPUs) then need
+//! no `open` in their seccomp filter. A file system without the exchange gets the plain
+//! rename and a new file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -25,6 +30,8 @@ pub fn older(path: &Path) -> PathBuf {
 pub struct ConsoleLog {
     path: PathBuf,
     file: File,
+    /// The older segment (`FILE.1`), the next current one.
+    spare: Option<File>,
     /// Bytes in the current segment.
     len: u64,
     /// A segment's cap: half the log's.
@@ -36,9 +43,14 @@ impl ConsoleLog {
     pub fn open(path: &Path, cap: u64) -> io::Result<ConsoleLog> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let len = file.metadata()?.len();
+        let spare = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(older(path))?;
         Ok(ConsoleLog {
             path: path.to_path_buf(),
             file,
+            spare: Some(spare),
             len,
             half: (cap / 2).max(1),
         })
@@ -58,14 +70,47 @@ impl ConsoleLog {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
+        self.len = 0;
+        if let Some(spare) = self.spare.take() {
+            if exchange(&self.path, &older(&self.path)).is_ok() {
+                // The older segment's file now has the current name: it starts empty.
+                let old = std::mem::replace(&mut self.file, spare);
+                self.spare = Some(old);
+                return self.file.set_len(0);
+            }
+        }
         std::fs::rename(&self.path, older(&self.path))?;
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)?;
-        self.len = 0;
         Ok(())
     }
+}
+
+/// Swaps the names of `a` and `b` atomically (renameat2 RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: renameat2(2) reads two NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The last `max` bytes of the log at `path`, oldest first; empty when there is no log.

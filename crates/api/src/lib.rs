@@ -7,6 +7,7 @@ pub mod base64;
 pub mod console_log;
 pub mod control;
 pub mod identity;
+pub mod jail;
 pub mod limits;
 pub mod overlay;
 pub mod size;

@@ -557,6 +557,10 @@ pub struct MachineSpec {
     /// machine files and snapshots without it read as before.
     #[serde(default, skip_serializing_if = "SeccompMode::is_off")]
     pub seccomp: SeccompMode,
+    /// Where and as whom the monitor confines itself before the guest runs (`[jail]`);
+    /// none: it runs as started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailSpec>,
     /// virtio block devices, in the order the guest sees them (vda, vdb, ...). Kept last:
     /// TOML writes arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -586,6 +590,7 @@ impl MachineSpec {
             balloon: false,
             free_page_reporting: None,
             seccomp: SeccompMode::Off,
+            jail: None,
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
@@ -650,6 +655,9 @@ impl MachineSpec {
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
+        }
+        if let Some(j) = &self.jail {
+            j.validate()?;
         }
         for (i, net) in self.nets.iter().enumerate() {
             net.validate()?;

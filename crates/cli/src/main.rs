@@ -131,7 +131,7 @@ enum Cmd {
     },
     /// Follow the daemon's events (VM state changes, operations) until interrupted.
     Events {
-        /// Only these kinds (comma-separated): lifecycle, operation, audit-anchor.
+        /// Only these kinds (comma-separated): lifecycle, operation, audit-anchor, security.
         #[arg(long = "type", value_enum, value_delimiter = ',')]
         types: Vec<EventType>,
         /// table (one line an event), json (one JSON object a line) or yaml (a document
@@ -234,6 +234,7 @@ enum EventType {
     Lifecycle,
     Operation,
     AuditAnchor,
+    Security,
 }
 
 impl EventType {
@@ -242,6 +243,7 @@ impl EventType {
             EventType::Lifecycle => "lifecycle",
             EventType::Operation => "operation",
             EventType::AuditAnchor => "audit-anchor",
+            EventType::Security => "security",
         }
     }
 }

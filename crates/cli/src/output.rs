@@ -136,6 +136,9 @@ pub fn event_line(format: Format, e: &Value) -> Result<String> {
                     }
                     t
                 }
+                Some("security") => {
+                    format!("{}: SECURITY: {}", cell(&m["vm"]), cell(&m["reason"]))
+                }
                 Some("operation") => {
                     let mut t = format!(
                         "{}: {} [{}]",

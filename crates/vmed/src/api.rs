@@ -729,7 +729,7 @@ async fn wait(State(d): State<App>, Path(id): Path<String>, RawQuery(q): RawQuer
 /// `lagged` event saying how many.
 #[utoipa::path(get, path = "/1.0/events", tag = "events",
     params(("type" = Option<String>, Query,
-        description = "Only these types, comma-separated: lifecycle, operation, audit-anchor")),
+        description = "Only these types, comma-separated: lifecycle, operation, audit-anchor, security")),
     responses(
         (status = 200, description = "Events, one JSON object a line (chunked)", body = Event,
             content_type = "application/x-ndjson"),
@@ -750,7 +750,7 @@ async fn events(
                     Kind::parse(t).ok_or_else(|| {
                         OpError::BadRequest(format!(
                             "unknown event type {t:?}: use lifecycle, operation, \
-                             audit-anchor (comma-separated)"
+                             audit-anchor, security or several (comma-separated)"
                         ))
                     })
                 })

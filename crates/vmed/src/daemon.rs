@@ -89,6 +89,8 @@ pub struct Config {
     pub images: crate::images::ImageConfig,
     /// The security label levels, lowest first.
     pub labels: crate::labels::Levels,
+    /// The uids (= gids) jailed monitors get, one per VM (see [`crate::jail`]).
+    pub jail_ids: std::ops::RangeInclusive<u32>,
 }
 
 /// One live monitor process.
@@ -641,6 +643,9 @@ impl Daemon {
             log: Some(dir.join("console.log")),
             log_size: self.cfg.console_log_size,
         };
+        // Every monitor is jailed, as the VM's own uid, under strict seccomp filters.
+        crate::jail::confine(&self.cfg.state_dir, name, &self.cfg.jail_ids, &mut spec)
+            .map_err(|e| fail(format!("cannot prepare VM {name:?}'s jail: {e}")))?;
         let machine = machine_file(&self.cfg.state_dir, name);
         let log = monitor_log(&self.cfg.state_dir, name);
         let prepared = fs::create_dir_all(&dir)
@@ -789,30 +794,31 @@ impl Daemon {
     /// what its exit means for the VM.
     fn supervise(self: Arc<Self>, name: String, mut child: Child, log: PathBuf) {
         let status = child.wait();
-        if let Ok(s) = &status {
-            self.audit_seccomp_kill(&name, child.id(), s, &log);
-        }
         let (clean, how) = match &status {
             Ok(s) if s.success() => (true, String::new()),
-            Ok(s) => (false, describe(s)),
+            Ok(s) => match crate::jail::security_event(s) {
+                Some(why) => {
+                    self.security_event(&name, &why, &log);
+                    (false, why)
+                }
+                None => (false, describe(s)),
+            },
             Err(e) => (false, format!("could not be waited for: {e}")),
         };
         self.exited(&name, clean, &how, &log);
     }
 
-    /// A monitor that exited with the seccomp status made a system call its filter forbids
-    /// (a guest escape attempt, or a monitor bug): a security event for the audit log.
-    fn audit_seccomp_kill(&self, name: &str, pid: u32, s: &std::process::ExitStatus, log: &Path) {
-        const SECCOMP_EXIT: i32 = 159; // vme-vmm's seccomp::EXIT_STATUS
-        let Some(audit) = self.audit.get() else {
-            return;
-        };
-        if s.code() == Some(SECCOMP_EXIT) {
+    /// VM `name`'s monitor was ended by its seccomp filter (`why` says so): a security
+    /// event, published on the event stream and appended to the audit log. The one place a
+    /// security event is reported, for a monitor this daemon started or adopted.
+    pub(crate) fn security_event(&self, name: &str, why: &str, log: &Path) {
+        crate::jail::publish(&self.events, name, why);
+        if let Some(audit) = self.audit.get() {
             let _ = audit.security_event(
                 "monitor.seccomp-kill",
                 &format!("vm/{name}"),
-                &format!("monitor:pid={pid}"),
-                &format!("the monitor made a forbidden system call: {}", tail(log)),
+                "monitor",
+                &format!("the monitor {why}: {}", tail(log)),
             );
         }
     }

@@ -37,6 +37,9 @@ pub enum Kind {
     /// The audit log's head was anchored: `{"seq": N, "hash": "...", "time": "..."}`.
     #[serde(rename = "audit-anchor")]
     AuditAnchor,
+    /// A VM's monitor was ended by its seccomp filter (`{"vm", "reason"}`): it tried a
+    /// system call it never needs, which a guest escaping into it would.
+    Security,
     /// Not published: sent to one subscriber that fell behind, with how many it missed.
     Lagged,
 }
@@ -47,6 +50,7 @@ impl Kind {
             "lifecycle" => Some(Kind::Lifecycle),
             "operation" => Some(Kind::Operation),
             "audit-anchor" => Some(Kind::AuditAnchor),
+            "security" => Some(Kind::Security),
             _ => None,
         }
     }

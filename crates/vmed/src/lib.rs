@@ -26,6 +26,7 @@ pub mod guest;
 pub mod https;
 pub mod images;
 pub mod images_api;
+pub mod jail;
 pub mod labels;
 pub mod lifecycle;
 pub mod limits;

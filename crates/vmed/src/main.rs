@@ -101,6 +101,10 @@ struct Args {
     /// removed levels unreadable: such objects are hidden from everyone.
     #[arg(long, value_name = "LEVELS", value_delimiter = ',')]
     label_levels: Vec<String>,
+    /// The uids (and gids) jailed monitors run as, one per VM: FIRST-LAST (default
+    /// 1000000-1065535). Keep the range free of the host's own users.
+    #[arg(long, value_name = "FIRST-LAST")]
+    jail_uid_range: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -151,6 +155,7 @@ fn main() -> Result<()> {
         audit_anchor_every: args.audit_anchor_every,
         audit_anchor_interval: args.audit_anchor_interval,
         label_levels: (!args.label_levels.is_empty()).then_some(args.label_levels),
+        jail_uid_range: args.jail_uid_range,
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -218,6 +223,7 @@ fn main() -> Result<()> {
         console_log_size: settings.console_log_size,
         images: settings.images,
         labels: settings.labels,
+        jail_ids: settings.jail_ids,
     };
     if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
         eprintln!("vmed: {note}");

@@ -78,10 +78,14 @@ fn settle_without_monitor(
 /// A running monitor started with `--config MACHINE`: the one a start spawned just before
 /// the daemon died, before it could record the pid.
 fn find_monitor(machine: &Path) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+    let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid = e.file_name().to_str()?.parse().ok()?;
         find_monitor_at(pid, machine)
-    })
+    })?;
+    // A jailed monitor runs its VM in a child with the same command line: the parent is
+    // the one that was spawned and is supervised.
+    let parent = crate::jail::parent(pid);
+    Some(find_monitor_at(parent, machine).unwrap_or(pid))
 }
 
 fn adopt(d: &Arc<Daemon>, vm: &VmRecord) -> Result<(), String> {
@@ -135,12 +139,15 @@ fn adopt(d: &Arc<Daemon>, vm: &VmRecord) -> Result<(), String> {
         wait_exit(&pidfd, None);
         // Not our child: its exit status went to its new parent. A stop we asked for is a
         // stop; any other exit counts as a crash, its log's tail says more.
-        d.exited(
-            &name,
-            false,
-            "exited while this vmed was not its parent (its exit status is unknown)",
-            &log,
-        );
+        // Its status is lost, but a seccomp kill leaves its line in the log.
+        let how = match crate::jail::security_event_in_log(&log) {
+            Some(why) => {
+                d.security_event(&name, &why, &log);
+                why
+            }
+            None => "exited while this vmed was not its parent (its exit status is unknown)".into(),
+        };
+        d.exited(&name, false, &how, &log);
     });
     Ok(())
 }

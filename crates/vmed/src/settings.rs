@@ -49,6 +49,9 @@ pub struct Layer {
     /// The security label levels, lowest first (default unclassified, confidential, secret,
     /// topsecret).
     pub label_levels: Option<Vec<String>>,
+    /// `"FIRST-LAST"`: the uids (and gids, the same numbers) jailed monitors run as, one
+    /// per VM (default `"1000000-1065535"`).
+    pub jail_uid_range: Option<String>,
 }
 
 /// The settings in force.
@@ -77,12 +80,14 @@ pub struct Settings {
     pub images: crate::images::ImageConfig,
     pub audit: crate::audit::AuditConfig,
     pub labels: crate::labels::Levels,
+    /// The uids (= gids) jailed monitors get, one per VM.
+    pub jail_ids: std::ops::RangeInclusive<u32>,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
     sample_interval, usage_retention, console_log_size, https, image_max_size, require_signed, \
-    trusted_keys, audit_anchor_every, audit_anchor_interval, label_levels";
+    trusted_keys, audit_anchor_every, audit_anchor_interval, label_levels, jail_uid_range";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -121,6 +126,7 @@ impl Layer {
             audit_anchor_every: self.audit_anchor_every.or(below.audit_anchor_every),
             audit_anchor_interval: self.audit_anchor_interval.or(below.audit_anchor_interval),
             label_levels: self.label_levels.or(below.label_levels),
+            jail_uid_range: self.jail_uid_range.or(below.jail_uid_range),
         }
     }
 
@@ -161,6 +167,11 @@ impl Layer {
                 Some(l) => crate::labels::Levels::new(l)?,
                 None => crate::labels::Levels::default(),
             },
+            jail_ids: crate::jail::parse_range(
+                self.jail_uid_range
+                    .as_deref()
+                    .unwrap_or(crate::jail::DEFAULT_RANGE),
+            )?,
         };
         if s.audit.anchor_every == 0 || !(1..=86_400).contains(&s.audit.anchor_interval.as_secs()) {
             return Err(format!(

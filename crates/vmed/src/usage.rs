@@ -73,7 +73,8 @@ pub fn collect(
         pid,
         ..Sample::default()
     };
-    let proc_dir = format!("/proc/{pid}");
+    // A jailed monitor's counters are its child's, which runs the VM.
+    let proc_dir = format!("/proc/{}", crate::jail::vm_process(pid));
     let mut got = false;
     if let Some((total, user, system)) = cgroup.and_then(crate::cgroup::cpu_usage) {
         s.cpu_usec = total;

@@ -259,7 +259,16 @@ fn each_monitor_runs_in_its_cgroups_with_its_limits() {
             "monitor {pid} is not in {}: {cgroups}",
             g.display()
         );
-        assert_eq!(read(&g.join("cgroup.procs")), pid.to_string());
+        // The monitor, and the jailed child that runs its VM (see vme-vmm --jail).
+        let procs = read(&g.join("cgroup.procs"));
+        let child =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        let mut want = vec![pid.to_string()];
+        want.extend(child.split_whitespace().map(String::from));
+        let mut got: Vec<String> = procs.lines().map(String::from).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{}", g.display());
     }
 
     // Half a CPU: enforced where the host has a cpu controller (v2 or v1), measured by the

@@ -206,6 +206,54 @@ pub struct RunArgs {
     /// Print each thread kind's seccomp allow-list (Markdown) and exit.
     #[arg(long)]
     pub print_seccomp: bool,
+    /// Confine the monitor before the guest runs (needs root): new mount, PID, IPC and UTS
+    /// namespaces, `pivot_root` into DIR holding only this VM's files (at their host paths)
+    /// and device nodes, no capabilities, no_new_privs, rlimits, then --jail-uid/--jail-gid.
+    /// The directories of its sockets and console log are shared with the host, writable by
+    /// that uid. See docs/threat-model.md.
+    #[arg(long, value_name = "DIR")]
+    pub jail: Option<PathBuf>,
+    /// The uid a jailed monitor runs as (default 65534, nobody).
+    #[arg(long, value_name = "UID")]
+    pub jail_uid: Option<u32>,
+    /// The gid a jailed monitor runs as (default 65534).
+    #[arg(long, value_name = "GID")]
+    pub jail_gid: Option<u32>,
+    /// A network namespace a jailed monitor joins first (e.g. /run/netns/NAME); its taps are
+    /// looked up (or created) there.
+    #[arg(long, value_name = "PATH")]
+    pub jail_netns: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The jail flags over `spec`'s `[jail]`; --jail-uid and friends need a jail.
+    pub fn apply_jail(&self, spec: &mut MachineSpec) -> Result<(), String> {
+        if let Some(dir) = &self.jail {
+            let dir = std::path::absolute(dir)
+                .map_err(|e| format!("jail directory {}: {e}", dir.display()))?;
+            match &mut spec.jail {
+                Some(j) => j.dir = dir,
+                None => spec.jail = Some(vme_api::jail::JailSpec::new(dir)),
+            }
+        }
+        let given = self.jail_uid.is_some() || self.jail_gid.is_some() || self.jail_netns.is_some();
+        let Some(j) = &mut spec.jail else {
+            return match given {
+                true => Err("--jail-uid, --jail-gid and --jail-netns go with --jail DIR".into()),
+                false => Ok(()),
+            };
+        };
+        if let Some(v) = self.jail_uid {
+            j.uid = v;
+        }
+        if let Some(v) = self.jail_gid {
+            j.gid = v;
+        }
+        if let Some(v) = &self.jail_netns {
+            j.netns = Some(v.clone());
+        }
+        j.validate().map_err(|e| e.to_string())
+    }
 }
 
 fn parse_rng(s: &str) -> Result<bool, String> {
@@ -298,6 +346,7 @@ pub fn machine_spec(args: &RunArgs) -> Result<MachineSpec, String> {
     if let Some(v) = args.seccomp {
         spec.seccomp = v;
     }
+    args.apply_jail(&mut spec)?;
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
     if args.print_config {
         return Ok(spec);

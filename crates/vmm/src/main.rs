@@ -9,7 +9,10 @@ mod cli;
 mod console;
 mod console_socket;
 mod control;
+#[cfg(feature = "seccomp-drill")]
+mod drill;
 mod exec;
+mod jail;
 mod limits;
 mod logger;
 mod migrate;
@@ -42,8 +45,10 @@ fn main() -> ExitCode {
         Some(cli::Command::SnapshotMerge(args)) => cli::run_merge(args),
         None if args.run.migrate_listen.is_some() => {
             let addr = args.run.migrate_listen.clone().unwrap_or_default();
-            match migrate::recv::receive(&addr, &args.run) {
-                Ok((spec, restore)) => run_vm(with_seccomp(spec, &args.run), Some(restore)),
+            match migrate::recv::receive(&addr, &args.run)
+                .and_then(|(spec, r)| Ok((with_seccomp(spec, &args.run)?, r)))
+            {
+                Ok((spec, restore)) => run_vm(spec, Some(restore)),
                 Err(e) => {
                     eprintln!("vme-vmm: {e}");
                     ExitCode::from(1)
@@ -51,8 +56,10 @@ fn main() -> ExitCode {
             }
         }
         None => match &args.run.restore {
-            Some(dir) => match snapshot::restore::restore_spec(dir, &args.run) {
-                Ok((spec, restore)) => run_vm(with_seccomp(spec, &args.run), Some(restore)),
+            Some(dir) => match snapshot::restore::restore_spec(dir, &args.run)
+                .and_then(|(spec, r)| Ok((with_seccomp(spec, &args.run)?, r)))
+            {
+                Ok((spec, restore)) => run_vm(spec, Some(restore)),
                 Err(e) => {
                     eprintln!("vme-vmm: {e}");
                     ExitCode::from(1)
@@ -73,12 +80,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// The spec of a restored or received VM with --seccomp, when given, over the sender's mode.
-fn with_seccomp(mut spec: MachineSpec, args: &cli::RunArgs) -> MachineSpec {
+/// The spec of a restored or received VM with --seccomp, when given, over the sender's
+/// mode, and the jail of our flags (never the sender's).
+fn with_seccomp(mut spec: MachineSpec, args: &cli::RunArgs) -> Result<MachineSpec, String> {
     if let Some(mode) = args.seccomp {
         spec.seccomp = mode;
     }
-    spec
+    spec.jail = None;
+    args.apply_jail(&mut spec)?;
+    Ok(spec)
 }
 
 /// A panic in any thread ends the monitor (and so its VM) at once: a VM whose vCPU thread died
@@ -95,7 +105,22 @@ fn abort_on_panic() {
 
 /// Runs the VM of `spec`, booted, or continued from `restore` (a guest reboot after that
 /// boots the spec's kernel).
-fn run_vm(spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode {
+fn run_vm(mut spec: MachineSpec, mut restore: Option<snapshot::Restore>) -> ExitCode {
+    // Before anything the guest influences runs, and before the seccomp filters (which do
+    // not allow what confining takes). Only the jailed child returns from here.
+    if let Some(jail) = spec.jail.clone() {
+        if let Err(e) = jail::enter(
+            &jail,
+            &mut spec,
+            restore
+                .as_ref()
+                .filter(|r| r.memory.is_none())
+                .map(|r| r.dir.as_path()),
+        ) {
+            eprintln!("vme-vmm: cannot jail the monitor: {e}");
+            return ExitCode::from(1);
+        }
+    }
     // Before any thread starts, so each can install its filter.
     if let Err(e) = seccomp::init(spec.seccomp) {
         eprintln!("vme-vmm: {e}");

@@ -117,6 +117,13 @@ fn serve(conn: UnixStream, control: &VmControl, facts: &VmFacts, in_flight: &Ato
         if line.trim().is_empty() {
             continue;
         }
+        #[cfg(feature = "seccomp-drill")]
+        if let Some(out) = crate::drill::control(line.trim()) {
+            if writer.write_all(format!("{out}\n").as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
         in_flight.fetch_add(1, Ordering::SeqCst);
         let reply = match Request::parse_line(line.trim()) {
             Ok(req) => handle(req, control, facts),

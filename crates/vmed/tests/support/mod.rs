@@ -100,9 +100,10 @@ impl Vmed {
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(self.dir.join("state"))
-            .arg("--vmm")
-            .arg(bin("vme-vmm"))
             .args(["--stop-timeout", "3"]);
+        if !self.args.iter().any(|a| a == "--vmm") {
+            cmd.arg("--vmm").arg(bin("vme-vmm"));
+        }
         match &self.cgroups {
             Some(c) => cmd.arg("--cgroup-root").arg(c),
             None => cmd.args(["--cgroups", "false"]),

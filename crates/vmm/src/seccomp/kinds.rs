@@ -87,6 +87,8 @@ impl Kind {
             }
             Kind::Console => v.extend(TTY),
             Kind::Device => v.extend(TUN),
+            // The guest's virtio-net driver negotiates its offloads on a vCPU.
+            Kind::Vcpu => v.push((libc::TUNSETOFFLOAD, "TUNSETOFFLOAD")),
             _ => {}
         }
         v
@@ -217,7 +219,8 @@ const BASE: &[&str] = &[
     "write",
 ];
 
-/// Guest device work: disk I/O, vsock and console output, event waits.
+/// Guest device work: disk I/O, vsock and console output (a console log's rotation swaps
+/// its two open segments: renameat2, ftruncate), event waits.
 const VCPU: &[&str] = &[
     "connect",
     "epoll_ctl",
@@ -226,6 +229,7 @@ const VCPU: &[&str] = &[
     "fallocate",
     "fdatasync",
     "fsync",
+    "ftruncate",
     "lseek",
     "poll",
     "ppoll",
@@ -237,6 +241,7 @@ const VCPU: &[&str] = &[
     "readv",
     "recvfrom",
     "recvmsg",
+    "renameat2",
     "sendmsg",
     "sendto",
     "shutdown",
@@ -410,6 +415,7 @@ const TABLE: &[(&str, i64)] = &[
     ("recvfrom", libc::SYS_recvfrom),
     ("recvmsg", libc::SYS_recvmsg),
     ("rename", libc::SYS_rename),
+    ("renameat2", libc::SYS_renameat2),
     ("restart_syscall", libc::SYS_restart_syscall),
     ("rseq", libc::SYS_rseq),
     ("rt_sigaction", libc::SYS_rt_sigaction),

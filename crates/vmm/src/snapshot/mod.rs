@@ -179,6 +179,8 @@ pub fn absolute_spec(spec: &MachineSpec) -> MachineSpec {
         v.uds = abs(&v.uds);
     }
     s.control_socket = None;
+    // Where a restored VM is confined is its restorer's choice (--jail), not the sender's.
+    s.jail = None;
     s
 }
 

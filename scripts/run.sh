@@ -45,13 +45,24 @@ if ! vme list >/dev/null 2>&1; then
 	}
 fi
 
-# The built-in catalogue, imported and signed once.
+# Two tenants, each a project with one user of its own (tokens made once, kept in the build
+# tree); root, on the socket, is the bootstrap admin and sees both.
+for tenant in "acme alice" "globex bob"; do
+	read -r project user <<<"$tenant"
+	vme project list | grep -qw "$project" || vme project create "$project" --quota vms=4,vcpus=4,memory=2G
+	if [ ! -s "$run/$user.token" ]; then
+		vme user list | grep -qw "$user" || vme user add "$user" --project "$project" --role user
+		vme token create "$user" >"$run/$user.token"
+	fi
+done
+
+# The built-in catalogue, imported and signed once, public to every project.
 img=$target/images
 import() {
 	local name=$1
 	shift
 	vme image info "$name" >/dev/null 2>&1 && return
-	vme image import "$name" "$@" --os-version 12
+	vme image import "$name" "$@" --os-version 12 --public
 	vme image sign "$name" --key "$key"
 }
 import tiny --arch x86_64 --kernel "$img/tiny/vmlinux" --initrd "$img/tiny/initramfs.cpio" \
@@ -67,16 +78,16 @@ echo
 vme image list
 echo
 
-# name image: two tenants' VMs, each on its own machine kind.
+# name image project: two tenants' VMs, each on its own machine kind.
 vms=(
-	"acme-web tiny"
-	"globex-db tiny-riscv64"
+	"acme-web tiny acme"
+	"globex-db tiny-riscv64 globex"
 )
 for vm in "${vms[@]}"; do
-	read -r name image <<<"$vm"
+	read -r name image project <<<"$vm"
 	state=$(vme info "$name" 2>/dev/null | sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p' | head -1 || true)
 	case "$state" in
-	"") vme launch "$name" --image "$image" ;;
+	"") vme launch "$name" --image "$image" --project "$project" ;;
 	running | starting | paused) ;;
 	*) vme start "$name" ;;
 	esac
@@ -84,11 +95,17 @@ done
 echo
 vme list
 echo
+# Each tenant sees only its own VM (the other one answers as if it did not exist).
+for user in alice bob; do
+	echo "As $user:"
+	VME_TOKEN=$(cat "$run/$user.token") vme list
+done
+echo
 
 # Each guest prints VME-GUEST-READY once its user space is up (x86_64 guests boot in minutes
 # on hosts whose KVM is PVM; riscv64 in seconds).
 for vm in "${vms[@]}"; do
-	read -r name _ <<<"$vm"
+	read -r name _ _ <<<"$vm"
 	printf 'Waiting for %s to boot' "$name" >&2
 	for _ in $(seq 600); do
 		vme console "$name" --show-log | grep -q VME-GUEST-READY && break
@@ -103,7 +120,7 @@ done
 
 if [ "$once" = 1 ]; then
 	for vm in "${vms[@]}"; do
-		read -r name _ <<<"$vm"
+		read -r name _ _ <<<"$vm"
 		vme stop "$name" --force
 		vme rm "$name"
 	done
@@ -118,5 +135,7 @@ Both VMs keep running. Try:
   $bin/vme --socket $sock stop acme-web
   $bin/vme --socket $sock launch web2 --image debian    # a thin clone of the Debian root
   $bin/vme --socket $sock image list
+  VME_TOKEN=\$(cat $run/alice.token) $bin/vme --socket $sock list    # acme's view
+  $bin/vme --socket $sock audit list                                  # who did what
 The daemon's log is $run/vmed.log; 'make run' again finds it and the VMs where they are.
 EOF

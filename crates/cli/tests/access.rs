@@ -1,43 +1,12 @@
 //! `vme project`, `vme user`, `vme token`, `vme role`, `vme label`, `vme whoami` and
 //! `--token`/VME_TOKEN/`--project` against the real daemon.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-const VME: &str = env!("CARGO_BIN_EXE_vme");
+mod cli_support;
+use cli_support::{fails, ok, vme_env as vme};
 
 #[path = "../../vmed/tests/support/mod.rs"]
 mod support;
 use support::Vmed;
-
-fn vme(socket: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    Command::new(VME)
-        .env("VME_SOCKET", socket)
-        .env_remove("VME_TOKEN")
-        .envs(env.iter().copied())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
 
 #[test]
 fn users_projects_tokens_roles_and_labels_from_the_cli() {

@@ -4,37 +4,15 @@
 
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const VME: &str = env!("CARGO_BIN_EXE_vme");
+mod cli_support;
+use cli_support::{fails, ok, vme};
 
 #[path = "../../vmed/tests/support/mod.rs"]
 mod support;
 use support::{Vmed, image};
-
-fn vme(socket: &Path, args: &[&str]) -> Output {
-    Command::new(VME)
-        .env("VME_SOCKET", socket)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
-fn fails(out: Output) -> String {
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
 
 #[test]
 fn the_image_verbs_and_launch_from_an_image() {

@@ -78,12 +78,19 @@ pub enum ProjectCmd {
         /// Limits, like vms=10,vcpus=16,memory=32G,disk=500G (default: none).
         #[arg(long, value_name = "LIMITS")]
         quota: Option<String>,
+        /// Launch only images signed by a key the daemon trusts, whatever the daemon's own
+        /// require_signed says.
+        #[arg(long)]
+        require_signed: bool,
     },
-    /// Replace a project's quota.
+    /// Change a project's quota (replaced whole) or image policy.
     Set {
         name: String,
         #[arg(long, value_name = "LIMITS")]
-        quota: String,
+        quota: Option<String>,
+        /// Launch only images signed by a trusted key (true) or follow the daemon (false).
+        #[arg(long, value_name = "BOOL")]
+        require_signed: Option<bool>,
     },
     /// List projects (yours; an admin's: all), with quota and usage.
     #[command(alias = "ls")]
@@ -371,22 +378,40 @@ pub fn token(api: &dyn Call, cmd: TokenCmd) -> Result<String> {
 
 pub fn project(api: &dyn Call, cmd: ProjectCmd) -> Result<String> {
     Ok(match cmd {
-        ProjectCmd::Create { name, quota: q } => {
+        ProjectCmd::Create {
+            name,
+            quota: q,
+            require_signed,
+        } => {
             let q = q.map(|q| quota(&q)).transpose()?.unwrap_or(json!({}));
             api.call(
                 "POST",
                 "/1.0/projects",
-                Some(json!({"name": name, "quota": q})),
+                Some(json!({"name": name, "quota": q, "require_signed": require_signed})),
             )?;
             format!("project {name}: created\n")
         }
-        ProjectCmd::Set { name, quota: q } => {
+        ProjectCmd::Set {
+            name,
+            quota: q,
+            require_signed,
+        } => {
+            if q.is_none() && require_signed.is_none() {
+                bail!("nothing to change: give --quota LIMITS, --require-signed BOOL or both");
+            }
+            let mut body = serde_json::Map::new();
+            if let Some(q) = q {
+                body.insert("quota".into(), quota(&q)?);
+            }
+            if let Some(on) = require_signed {
+                body.insert("require_signed".into(), json!(on));
+            }
             api.call(
                 "PUT",
                 &format!("/1.0/projects/{}", seg(&name)?),
-                Some(json!({"quota": quota(&q)?})),
+                Some(Value::Object(body)),
             )?;
-            format!("project {name}: quota set\n")
+            format!("project {name}: changed\n")
         }
         ProjectCmd::List { format } => {
             let v = api.call("GET", "/1.0/projects", None)?;

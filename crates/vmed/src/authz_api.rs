@@ -361,6 +361,10 @@ struct NewProject {
     name: String,
     #[serde(default)]
     quota: Quota,
+    /// Launch only images signed by a key the daemon trusts (default false: the daemon's
+    /// own `require_signed` applies).
+    #[serde(default)]
+    require_signed: bool,
 }
 
 #[utoipa::path(post, path = "/1.0/projects", tag = "access", request_body = NewProject,
@@ -371,7 +375,11 @@ struct NewProject {
 async fn project_create(State(d): State<App>, body: Bytes) -> Result<Response, OpError> {
     let req: NewProject = parse(&body)?;
     check_name(&req.name, "project")?;
-    let p = blocking(move || Ok(d.store().project_create(&req.name, &req.quota)?)).await?;
+    let p = blocking(move || {
+        Ok(d.store()
+            .project_create(&req.name, &req.quota, req.require_signed)?)
+    })
+    .await?;
     Ok(ok(StatusCode::CREATED, p))
 }
 
@@ -379,8 +387,10 @@ async fn project_create(State(d): State<App>, body: Bytes) -> Result<Response, O
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ProjectUpdate {
-    /// The new quota (replaces the old one; an absent limit is none).
-    quota: Quota,
+    /// The new quota (replaces the old one; an absent limit is none); absent: unchanged.
+    quota: Option<Quota>,
+    /// Launch only images signed by a trusted key; absent: unchanged.
+    require_signed: Option<bool>,
 }
 
 #[utoipa::path(put, path = "/1.0/projects/{name}", tag = "access",
@@ -395,12 +405,22 @@ async fn project_update(
     body: Bytes,
 ) -> Result<Response, OpError> {
     let req: ProjectUpdate = parse(&body)?;
+    if req.quota.is_none() && req.require_signed.is_none() {
+        return Err(OpError::BadRequest(
+            "nothing to change: give quota, require_signed or both".into(),
+        ));
+    }
     let p = blocking(move || {
         let mut s = d.store();
         if s.project_get(&name)?.is_none() {
             return Err(no_project(&name));
         }
-        s.project_set_quota(&name, &req.quota)?;
+        if let Some(q) = &req.quota {
+            s.project_set_quota(&name, q)?;
+        }
+        if let Some(on) = req.require_signed {
+            s.project_set_require_signed(&name, on)?;
+        }
         s.project_get(&name)?.ok_or_else(|| no_project(&name))
     })
     .await?;

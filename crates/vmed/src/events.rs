@@ -309,8 +309,13 @@ impl ImageCatalog for Published {
 
 /// Access-control changes publish no lifecycle event: plain forwarding.
 impl AuthStore for Published {
-    fn project_create(&mut self, name: &str, quota: &Quota) -> Result<ProjectRecord, StoreError> {
-        self.inner.project_create(name, quota)
+    fn project_create(
+        &mut self,
+        name: &str,
+        quota: &Quota,
+        require_signed: bool,
+    ) -> Result<ProjectRecord, StoreError> {
+        self.inner.project_create(name, quota, require_signed)
     }
     fn project_get(&self, name: &str) -> Result<Option<ProjectRecord>, StoreError> {
         self.inner.project_get(name)
@@ -320,6 +325,9 @@ impl AuthStore for Published {
     }
     fn project_set_quota(&mut self, name: &str, quota: &Quota) -> Result<(), StoreError> {
         self.inner.project_set_quota(name, quota)
+    }
+    fn project_set_require_signed(&mut self, name: &str, on: bool) -> Result<(), StoreError> {
+        self.inner.project_set_require_signed(name, on)
     }
     fn project_delete(&mut self, name: &str) -> Result<(), StoreError> {
         self.inner.project_delete(name)

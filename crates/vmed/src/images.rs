@@ -32,11 +32,26 @@ use vme_image::{Digest, Role};
 pub const DEFAULT_MAX_BLOB: u64 = 64 << 30;
 
 /// Which images may be launched.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// Only images signed by one of `trusted`.
     pub require_signed: bool,
     pub trusted: Vec<PublicKey>,
+    /// Who asks for signatures, for the refusal: the daemon or a project.
+    pub required_by: String,
+}
+
+/// Who asks for signatures when the daemon's own setting does.
+const DAEMON_REQUIRES: &str = "this daemon launches only signed images (require_signed)";
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            require_signed: false,
+            trusted: Vec::new(),
+            required_by: DAEMON_REQUIRES.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,14 +91,24 @@ impl ImageConfig {
             policy: Policy {
                 require_signed,
                 trusted,
+                required_by: DAEMON_REQUIRES.into(),
             },
         })
     }
 
-    /// The policy for images launched in `project`. Projects arrive with access control;
-    /// until then every launch is under the daemon-wide policy.
-    pub fn policy(&self, _project: Option<&str>) -> &Policy {
-        &self.policy
+    /// The policy for images launched in `project` (its name and its own `require_signed`):
+    /// the daemon's trusted keys, with signatures required where the daemon or the project
+    /// asks for them.
+    pub fn policy(&self, project: Option<(&str, bool)>) -> Policy {
+        let mut p = self.policy.clone();
+        if let Some((name, true)) = project
+            && !p.require_signed
+        {
+            p.require_signed = true;
+            p.required_by =
+                format!("project {name:?} launches only signed images (its require_signed)");
+        }
+        p
     }
 }
 
@@ -94,9 +119,9 @@ impl Policy {
         let Some(sig) = &image.signature else {
             if self.require_signed {
                 return Err(format!(
-                    "image {name:?} is unsigned and this daemon launches only signed images \
-                     (require_signed): sign it with `vme image sign {name} --key FILE` using a \
-                     trusted key"
+                    "image {name:?} is unsigned and {}: sign it with `vme image sign {name} \
+                     --key FILE` using a trusted key",
+                    self.required_by
                 ));
             }
             return Ok(());
@@ -105,9 +130,11 @@ impl Policy {
         let key = sig.check(&image.manifest_bytes)?;
         if self.require_signed && !self.trusted.contains(&key) {
             return Err(format!(
-                "image {name:?} is signed by key {} ({key}), which this daemon does not trust: \
-                 add it to trusted_keys in vmed's config, or sign the image with a trusted key",
-                key.fingerprint()
+                "image {name:?} is signed by key {} ({key}), which this daemon does not trust, \
+                 and {}: add the key to trusted_keys in vmed's config, or sign the image with \
+                 a trusted key",
+                key.fingerprint(),
+                self.required_by
             ));
         }
         Ok(())
@@ -418,9 +445,15 @@ impl Daemon {
                 image.name, image.reason, image.name
             )));
         }
+        // The project's own policy comes on top of the daemon's.
+        let project = req.project.clone().unwrap_or_else(|| "default".into());
+        let project_requires = self
+            .store()
+            .project_get(&project)?
+            .is_some_and(|p| p.require_signed);
         self.config()
             .images
-            .policy(None)
+            .policy(Some((&project, project_requires)))
             .admits(&image)
             .map_err(OpError::Forbidden)?;
         let m = &image.manifest;
@@ -650,7 +683,12 @@ mod tests {
         let c = ImageConfig::new(Some(1 << 20), true, std::slice::from_ref(&key)).unwrap();
         assert_eq!(c.max_blob, 1 << 20);
         assert!(c.policy(None).require_signed);
-        assert_eq!(c.policy(Some("any-project")).trusted.len(), 1);
+        assert_eq!(c.policy(Some(("any-project", false))).trusted.len(), 1);
+        // A project may ask for signatures where the daemon does not; the refusal names it.
+        let open = ImageConfig::new(None, false, std::slice::from_ref(&key)).unwrap();
+        assert!(!open.policy(Some(("acme", false))).require_signed);
+        let strict = open.policy(Some(("acme", true)));
+        assert!(strict.require_signed && strict.required_by.contains("project \"acme\""));
         let e = ImageConfig::new(None, false, &["ed25519:beef".into()]).unwrap_err();
         assert!(e.contains("trusted_keys") && e.contains("keygen"), "{e}");
         let e = ImageConfig::new(None, true, &[]).unwrap_err();

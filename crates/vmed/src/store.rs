@@ -216,6 +216,8 @@ const MIGRATIONS: &[&str] = &[
     crate::store_images::MIGRATION,
     // Access control: projects, users, roles, tokens; each VM's and image's owner and label.
     crate::store_auth::MIGRATION,
+    // Per-project image policy: a project may launch only images signed by a trusted key.
+    "ALTER TABLE projects ADD COLUMN require_signed INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub struct SqliteStore {

@@ -69,6 +69,9 @@ pub struct ProjectRecord {
     pub name: String,
     pub quota: Quota,
     pub created_at: i64,
+    /// Launches in this project accept only images signed by a key the daemon trusts,
+    /// whatever the daemon-wide `require_signed` says.
+    pub require_signed: bool,
 }
 
 /// A user's role in one project.
@@ -117,10 +120,16 @@ pub struct UserChange {
 
 /// Access control's operations on the store (part of [`Store`](crate::store::Store)).
 pub trait AuthStore {
-    fn project_create(&mut self, name: &str, quota: &Quota) -> Result<ProjectRecord, StoreError>;
+    fn project_create(
+        &mut self,
+        name: &str,
+        quota: &Quota,
+        require_signed: bool,
+    ) -> Result<ProjectRecord, StoreError>;
     fn project_get(&self, name: &str) -> Result<Option<ProjectRecord>, StoreError>;
     fn project_list(&self) -> Result<Vec<ProjectRecord>, StoreError>;
     fn project_set_quota(&mut self, name: &str, quota: &Quota) -> Result<(), StoreError>;
+    fn project_set_require_signed(&mut self, name: &str, on: bool) -> Result<(), StoreError>;
     /// Removes a project; refused (Conflict text) while it owns VMs or images.
     fn project_delete(&mut self, name: &str) -> Result<(), StoreError>;
     fn user_create(&mut self, name: &str, clearance: &str) -> Result<(), StoreError>;
@@ -163,11 +172,15 @@ pub fn conflict(msg: String) -> StoreError {
     StoreError::Refused(msg)
 }
 
-fn project_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+type ProjectRow = (String, String, i64, bool);
+
+fn project_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProjectRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
 }
 
-fn project((name, quota, created_at): (String, String, i64)) -> Result<ProjectRecord, StoreError> {
+fn project(
+    (name, quota, created_at, require_signed): ProjectRow,
+) -> Result<ProjectRecord, StoreError> {
     let quota = serde_json::from_str(&quota).map_err(|e| {
         StoreError::Corrupt(format!("project {name:?} has an unreadable quota: {e}"))
     })?;
@@ -175,6 +188,7 @@ fn project((name, quota, created_at): (String, String, i64)) -> Result<ProjectRe
         name,
         quota,
         created_at,
+        require_signed,
     })
 }
 
@@ -253,12 +267,18 @@ fn unique(e: rusqlite::Error, what: String) -> StoreError {
 }
 
 impl AuthStore for SqliteStore {
-    fn project_create(&mut self, name: &str, quota: &Quota) -> Result<ProjectRecord, StoreError> {
+    fn project_create(
+        &mut self,
+        name: &str,
+        quota: &Quota,
+        require_signed: bool,
+    ) -> Result<ProjectRecord, StoreError> {
         let q = serde_json::to_string(quota).unwrap_or_else(|_| "{}".into());
         self.conn()
             .execute(
-                "INSERT INTO projects (name, quota, created_at) VALUES (?1, ?2, ?3)",
-                params![name, q, now()],
+                "INSERT INTO projects (name, quota, created_at, require_signed) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![name, q, now(), require_signed],
             )
             .map_err(|e| {
                 unique(
@@ -273,7 +293,7 @@ impl AuthStore for SqliteStore {
     fn project_get(&self, name: &str) -> Result<Option<ProjectRecord>, StoreError> {
         self.conn()
             .query_row(
-                "SELECT name, quota, created_at FROM projects WHERE name = ?1",
+                "SELECT name, quota, created_at, require_signed FROM projects WHERE name = ?1",
                 [name],
                 project_row,
             )
@@ -283,11 +303,19 @@ impl AuthStore for SqliteStore {
     }
 
     fn project_list(&self) -> Result<Vec<ProjectRecord>, StoreError> {
-        let mut stmt = self
-            .conn()
-            .prepare("SELECT name, quota, created_at FROM projects ORDER BY name")?;
+        let mut stmt = self.conn().prepare(
+            "SELECT name, quota, created_at, require_signed FROM projects ORDER BY name",
+        )?;
         let rows = stmt.query_map([], project_row)?;
         rows.map(|r| project(r?)).collect()
+    }
+
+    fn project_set_require_signed(&mut self, name: &str, on: bool) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE projects SET require_signed = ?2 WHERE name = ?1",
+            params![name, on],
+        )?;
+        Ok(())
     }
 
     fn project_set_quota(&mut self, name: &str, quota: &Quota) -> Result<(), StoreError> {

@@ -596,3 +596,65 @@ fn a_slow_import_blocks_no_other_and_prune_spares_its_blobs() {
     assert_eq!(count(&blobs_dir(&d)), 4);
     assert_eq!(count(&tmp), 0);
 }
+
+/// A project may ask for signed images where the daemon does not: its launches refuse an
+/// unsigned image, naming the project, while another project's accept it; a trusted
+/// signature satisfies both.
+#[test]
+fn a_project_may_require_signed_images_the_daemon_does_not() {
+    let dir = std::env::temp_dir().join(format!("vme-img-project-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let trusted = sign::keygen(&dir.join("trusted")).unwrap();
+    let trusted_arg = trusted.to_string();
+    let d = Vmed::start("images-project", false, &["--trusted-key", &trusted_arg]);
+    let (m, files) = tiny("tiny");
+    let (code, v) =
+        post_bytes(&d.socket, "/1.0/images?public=true", &tar(&m, &files, None)).unwrap();
+    assert_eq!(code, 201, "{v}");
+    let body = json!({"name": "strict", "require_signed": true}).to_string();
+    let (code, v) = http(&d.socket, "POST", "/1.0/projects", &body);
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["metadata"]["require_signed"], true, "{v}");
+    let create = |project: &str, n: &str| {
+        let body = json!({"name": n, "image": "tiny"}).to_string();
+        http(
+            &d.socket,
+            "POST",
+            &format!("/1.0/vms?project={project}"),
+            &body,
+        )
+    };
+    let (code, v) = create("default", "open-1");
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = create("strict", "strict-1");
+    assert_eq!(code, 403, "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains("unsigned") && e.contains("project \"strict\""),
+        "{e}"
+    );
+
+    let key = sign::SecretKey::load(&dir.join("trusted")).unwrap();
+    let body = String::from_utf8(key.sign(&m.to_bytes()).to_bytes()).unwrap();
+    let (code, v) = http(&d.socket, "PUT", "/1.0/images/tiny/signature", &body);
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = create("strict", "strict-1");
+    assert_eq!(code, 201, "{v}");
+
+    // The policy can be turned off again, and a change with nothing in it is refused.
+    let (code, v) = http(
+        &d.socket,
+        "PUT",
+        "/1.0/projects/strict",
+        r#"{"require_signed": false}"#,
+    );
+    assert_eq!(
+        (code, &v["metadata"]["require_signed"]),
+        (200, &json!(false)),
+        "{v}"
+    );
+    let (code, v) = http(&d.socket, "PUT", "/1.0/projects/strict", "{}");
+    assert_eq!(code, 400, "{v}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

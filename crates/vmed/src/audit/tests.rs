@@ -102,7 +102,15 @@ fn a_security_event_is_a_durable_chained_record() {
     // Reopened, the chain goes on from its head.
     let log = AuditLog::open(&dir, cfg, Events::new()).unwrap();
     assert_eq!(log.security_event("x", "", "", "").unwrap(), 2);
-    let v = log.verify().unwrap();
+    // Its anchor follows the append (the record is durable first): wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let v = loop {
+        let v = log.verify().unwrap();
+        if v.anchors == 2 || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert!(v.ok && v.records == 2 && v.anchors == 2, "{v:?}");
     log.close();
     let _ = std::fs::remove_dir_all(&dir);

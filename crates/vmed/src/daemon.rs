@@ -367,8 +367,7 @@ impl Daemon {
             .host
             .admits(self.cfg.ratios, load(&spec))
             .map_err(OpError::BadRequest)?;
-        // Requests that passed access control carry their project (others: `default`).
-        let project = req.project.clone().unwrap_or_else(|| "default".into());
+        let project = req.project_or_default().to_string();
         let label = req
             .label
             .clone()

@@ -437,7 +437,16 @@ impl Daemon {
                 "give either an image or a kernel and initrd, not both".into(),
             ));
         }
-        let image = self.store().image_get(&name)?;
+        // The image, and the project's own signature policy, which comes on top of the
+        // daemon's.
+        let (image, project_requires) = {
+            let store = self.store();
+            let project = store.project_get(req.project_or_default())?;
+            (
+                store.image_get(&name)?,
+                project.is_some_and(|p| p.require_signed),
+            )
+        };
         if image.status != "ok" {
             return Err(OpError::Conflict(format!(
                 "image corrupted: image {:?} is marked unusable ({}); restore the blob and run \
@@ -445,15 +454,9 @@ impl Daemon {
                 image.name, image.reason, image.name
             )));
         }
-        // The project's own policy comes on top of the daemon's.
-        let project = req.project.clone().unwrap_or_else(|| "default".into());
-        let project_requires = self
-            .store()
-            .project_get(&project)?
-            .is_some_and(|p| p.require_signed);
         self.config()
             .images
-            .policy(Some((&project, project_requires)))
+            .policy(Some((req.project_or_default(), project_requires)))
             .admits(&image)
             .map_err(OpError::Forbidden)?;
         let m = &image.manifest;

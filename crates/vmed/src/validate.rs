@@ -112,6 +112,14 @@ pub struct CreateVm {
     pub project: Option<String>,
 }
 
+impl CreateVm {
+    /// The project the VM goes to: the request's, else `default` (requests that did not
+    /// pass access control carry none).
+    pub fn project_or_default(&self) -> &str {
+        self.project.as_deref().unwrap_or("default")
+    }
+}
+
 /// Checks a create request's cgroup limits (after [`create`] checked its spec).
 pub fn limits(req: &CreateVm, spec: &MachineSpec) -> Result<VmLimits, String> {
     crate::limits::check(req.cpu_allowance.as_ref(), &req.io_max, spec.vcpus)

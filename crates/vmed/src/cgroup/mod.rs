@@ -187,7 +187,11 @@ fn write(dir: &Path, file: &str, value: &str) -> Result<(), String> {
 /// Every directory VM cgroup `dir` has or may have: itself when it is a cgroup v2 one, and
 /// its mirror in each v1 hierarchy.
 pub fn locations(dir: &Path) -> Vec<PathBuf> {
-    let m = Mounts::read();
+    locations_in(dir, &Mounts::read())
+}
+
+/// [`locations`] in the mount table `m`.
+fn locations_in(dir: &Path, m: &Mounts) -> Vec<PathBuf> {
     let mut all = Vec::new();
     if m.v2.as_ref().is_some_and(|v2| dir.starts_with(v2)) {
         all.push(dir.to_path_buf());
@@ -351,7 +355,7 @@ pub fn prepare(
         }
     }
     if result.is_ok() {
-        if let Err(e) = rebalance_above(&dir) {
+        if let Err(e) = rebalance_above(&dir, &m) {
             result = Err(e);
         }
     }
@@ -447,9 +451,10 @@ pub fn contains(dir: &Path, pid: u32) -> bool {
 /// monitor leaves them within moments; v1 refuses the removal until then). Missing ones are
 /// fine.
 pub fn remove(dir: &Path) -> Result<(), String> {
+    let m = Mounts::read();
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut failed = Vec::new();
-    for d in locations(dir) {
+    for d in locations_in(dir, &m) {
         loop {
             match fs::remove_dir(&d) {
                 Ok(()) => break,
@@ -468,7 +473,7 @@ pub fn remove(dir: &Path) -> Result<(), String> {
             }
         }
     }
-    if let Err(e) = rebalance_above(dir) {
+    if let Err(e) = rebalance_above(dir, &m) {
         failed.push(e);
     }
     if failed.is_empty() {

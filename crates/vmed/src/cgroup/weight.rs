@@ -70,15 +70,14 @@ pub(super) fn rebalance(slice: &Path, scale: Scale) -> Result<(), String> {
 }
 
 /// Rebalances the slices above VM cgroup `dir` (its v2 parent and its parent's mirror in the
-/// v1 cpu hierarchy), after the VM's cgroup appeared or went.
-pub fn rebalance_above(dir: &Path) -> Result<(), String> {
+/// v1 cpu hierarchy of `m`), after the VM's cgroup appeared or went.
+pub fn rebalance_above(dir: &Path, m: &Mounts) -> Result<(), String> {
     let Some(slice) = dir.parent() else {
         return Ok(());
     };
     // Starts and exits run in parallel: one sum at a time, or an older sum could land last.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let m = Mounts::read();
     if m.v2.as_ref().is_some_and(|v2| slice.starts_with(v2)) {
         rebalance(slice, V2)?;
     }

@@ -47,8 +47,12 @@ impl Scale {
 }
 
 /// Sets `slice`'s weight to the sum of its VM cgroups' (`vm-*`), or the default when it
-/// holds none. Best effort: a weight is not a limit, so a failure is only reported.
+/// holds none. A slice without the weight file (its controller is elsewhere) is left alone;
+/// a weight the kernel refuses is an error for the caller.
 pub(super) fn rebalance(slice: &Path, scale: Scale) -> Result<(), String> {
+    if !slice.join(scale.file).exists() {
+        return Ok(());
+    }
     let Ok(entries) = fs::read_dir(slice) else {
         return Ok(());
     };
@@ -63,9 +67,6 @@ pub(super) fn rebalance(slice: &Path, scale: Scale) -> Result<(), String> {
     } else {
         sum.clamp(scale.min, scale.max)
     };
-    if !slice.join(scale.file).exists() {
-        return Ok(());
-    }
     write(slice, scale.file, &weight.to_string())
 }
 

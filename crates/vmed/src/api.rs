@@ -648,10 +648,7 @@ async fn operations(State(d): State<App>, Extension(a): Extension<Authz>) -> Res
     let d2 = Arc::clone(&d);
     let ops = blocking(move || {
         let mut ops = d2.ops.list();
-        ops.retain(|op| {
-            let vm = op.resources["vms"][0].as_str().unwrap_or("");
-            a.sees_op(&d2, &op.id, vm.trim_start_matches("/1.0/vms/"))
-        });
+        ops.retain(|op| a.sees_op(&d2, &op.id, &op.vm_key));
         Ok(ops)
     })
     .await
@@ -771,12 +768,8 @@ async fn events(
                 let event = match got {
                     Ok(e) if filter.as_ref().is_none_or(|f| f.contains(&e.kind)) => {
                         // Only events about VMs the user may see.
-                        let vm = e.metadata["vm"]
-                            .as_str()
-                            .or_else(|| e.metadata["resources"]["vms"][0].as_str())
-                            .map(|v| v.trim_start_matches("/1.0/vms/").to_string());
                         let (d, a) = (Arc::clone(&seen.0), Arc::clone(&seen.1));
-                        let visible = match vm {
+                        let visible = match e.vm_key.clone() {
                             Some(vm) => blocking(move || Ok(a.sees_vm(&d, &vm)))
                                 .await
                                 .unwrap_or(false),
@@ -792,6 +785,7 @@ async fn events(
                         kind: Kind::Lagged,
                         timestamp: rfc3339(SystemTime::now(), true),
                         metadata: json!({ "missed": n }),
+                        vm_key: None,
                     },
                     Err(RecvError::Closed) => return None,
                 };

@@ -429,7 +429,8 @@ impl Authz {
         decide(Some(&self.actor), &READ, &target, self.project.as_deref()).is_ok()
     }
 
-    /// Whether the user may see VM `name` (for operations and events, which name a VM).
+    /// Whether the user may see the VM keyed `name` (for operations and events, which name
+    /// a VM).
     pub fn sees_vm(&self, d: &Daemon, name: &str) -> bool {
         match d.store().get(name) {
             Ok(vm) => self.sees(&vm.project, &vm.label, false),
@@ -438,7 +439,8 @@ impl Authz {
         }
     }
 
-    /// Whether the user may see operation `op` on VM `vm` (which may not exist yet).
+    /// Whether the user may see operation `op` on the VM keyed `vm` (which may not exist
+    /// yet).
     pub fn sees_op(&self, d: &Daemon, op: &str, vm: &str) -> bool {
         if d.store().get(vm).is_ok() {
             return self.sees_vm(d, vm);

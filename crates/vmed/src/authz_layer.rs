@@ -7,10 +7,10 @@ use crate::api::App;
 use crate::authn::{Peer, hex, identify, random};
 use crate::authz::Need::Read;
 use crate::authz::Object::{Alias, Collection, Image, Operation, Token, Vm};
-use crate::authz::{Authz, Denial, Object, Perm, Target, decide, percent_decode, route};
+use crate::authz::{Actor, Authz, Denial, Object, Perm, Target, decide, percent_decode, route};
 use crate::daemon::Daemon;
 use crate::request_facts::RequestFacts;
-use crate::store::StoreError;
+use crate::store::{StoreError, VmRecord};
 use axum::extract::Request;
 use axum::http::{StatusCode, Uri};
 use axum::middleware::Next;
@@ -18,40 +18,121 @@ use axum::response::Response;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Finds the object a request acts on, and the name its 404 uses.
+/// What a request acts on, as the middleware found it.
+struct Found {
+    target: Target,
+    /// Its name in the audit log (`vm/PROJECT/NAME`).
+    object: String,
+    label: Option<String>,
+    /// The name the handler gets instead of the URL's: the object's internal key (see
+    /// `store::VmId`), or for a missing object a fresh ghost name, so that a name the
+    /// caller cannot resolve never reaches an object of another project.
+    route_as: Option<RouteAs>,
+    /// The project the object was found in (the request's, when it names one).
+    project: Option<String>,
+}
+
+enum RouteAs {
+    Key(String),
+    Ghost,
+}
+
+impl Found {
+    fn new(target: Target, object: String, label: Option<String>) -> Found {
+        Found {
+            target,
+            object,
+            label,
+            route_as: None,
+            project: None,
+        }
+    }
+}
+
+/// Which VM `{name}` means (docs/access-control.md, "Names"): the one of the project the
+/// request names; else the one of the caller's default project; else the only one in the
+/// projects the caller may see. Several it may see: an error that lists their projects (and
+/// only those). None: no VM of that name the caller may see.
+fn pick_vm(
+    d: &Daemon,
+    actor: &Arc<Actor>,
+    name: &str,
+    project: Option<&str>,
+) -> Result<Option<VmRecord>, String> {
+    let found = d.store().find(name).unwrap_or_default();
+    if let Some(p) = project {
+        return Ok(found.into_iter().find(|v| v.project == p));
+    }
+    let ctx = Authz {
+        actor: Arc::clone(actor),
+        project: None,
+        levels: d.auth.levels.clone(),
+    };
+    let mut visible: Vec<VmRecord> = found
+        .into_iter()
+        .filter(|v| ctx.sees(&v.project, &v.label, false))
+        .collect();
+    if let Ok(own) = ctx.target_project() {
+        if let Some(i) = visible.iter().position(|v| v.project == own) {
+            return Ok(Some(visible.swap_remove(i)));
+        }
+    }
+    if visible.len() > 1 {
+        let projects: Vec<&str> = visible.iter().map(|v| v.project.as_str()).collect();
+        return Err(format!(
+            "there is a VM named {name:?} in several projects ({}): say which with \
+             --project P (?project=P in the API)",
+            projects.join(", ")
+        ));
+    }
+    Ok(visible.pop())
+}
+
+/// Finds the object a request acts on. Err: a name that needs a project to say which.
 fn resolve(
     d: &Daemon,
+    actor: &Arc<Actor>,
     perm: &Perm,
     params: &HashMap<&str, String>,
     project: Option<&str>,
-) -> (Target, String, Option<String>) {
+) -> Result<Found, (StatusCode, String)> {
     let levels = &d.auth.levels;
     let name = params
         .get("name")
         .or(params.get("id"))
         .cloned()
         .unwrap_or_default();
-    match perm.object {
-        Object::None => (Target::None, String::new(), None),
-        Collection => (
+    Ok(match perm.object {
+        Object::None => Found::new(Target::None, String::new(), None),
+        Collection => Found::new(
             Target::Collection(project.map(String::from)),
             String::new(),
             None,
         ),
-        Vm => match d.store().get(&name) {
-            Ok(vm) => (
-                Target::Object {
-                    project: vm.project.clone(),
-                    label: levels.stored(&vm.label),
-                    public: false,
+        Vm => {
+            // A name the API refuses never reaches the handler, which takes keys.
+            crate::validate::name(&name).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+            match pick_vm(d, actor, &name, project) {
+                Ok(Some(vm)) => Found {
+                    target: Target::Object {
+                        project: vm.project.clone(),
+                        label: levels.stored(&vm.label),
+                        public: false,
+                    },
+                    object: format!("vm/{}/{}", vm.project, vm.name),
+                    label: Some(vm.label),
+                    route_as: Some(RouteAs::Key(vm.key)),
+                    project: Some(vm.project),
                 },
-                format!("vm/{}/{name}", vm.project),
-                Some(vm.label),
-            ),
-            Err(_) => (Target::Missing, format!("vm/{name}"), None),
-        },
+                Ok(None) => Found {
+                    route_as: Some(RouteAs::Ghost),
+                    ..Found::new(Target::Missing, format!("vm/{name}"), None)
+                },
+                Err(msg) => return Err((StatusCode::CONFLICT, msg)),
+            }
+        }
         Image | Alias => match d.store().image_get(&name) {
-            Ok(im) => (
+            Ok(im) => Found::new(
                 Target::Object {
                     project: im.project.clone(),
                     label: levels.stored(&im.label),
@@ -60,16 +141,12 @@ fn resolve(
                 format!("image/{}/{}", im.project, im.name),
                 Some(im.label),
             ),
-            Err(_) => (Target::Missing, format!("image/{name}"), None),
+            Err(_) => Found::new(Target::Missing, format!("image/{name}"), None),
         },
         Operation => {
-            let vm = d.ops.get(&name).and_then(|op| {
-                let v = op.view();
-                let url = v.resources["vms"][0].as_str()?.to_string();
-                url.strip_prefix("/1.0/vms/").map(String::from)
-            });
+            let vm = d.ops.get(&name).map(|op| op.view().vm_key);
             match vm.map(|v| d.store().get(&v)) {
-                Some(Ok(vm)) => (
+                Some(Ok(vm)) => Found::new(
                     Target::Object {
                         project: vm.project.clone(),
                         label: levels.stored(&vm.label),
@@ -81,7 +158,7 @@ fn resolve(
                 // An operation whose VM does not exist (not yet, or no more): in the scope
                 // of the request that began it, else the admin's only.
                 Some(Err(_)) => match d.auth.op(&name) {
-                    Some((project, label)) => (
+                    Some((project, label)) => Found::new(
                         Target::Object {
                             project,
                             label,
@@ -90,20 +167,20 @@ fn resolve(
                         format!("operation/{name}"),
                         None,
                     ),
-                    None => (
+                    None => Found::new(
                         Target::OwnedBy("root".into()),
                         format!("operation/{name}"),
                         None,
                     ),
                 },
-                None => (Target::Missing, format!("operation/{name}"), None),
+                None => Found::new(Target::Missing, format!("operation/{name}"), None),
             }
         }
         Token => match d.store().token_get(&name) {
-            Ok(Some(t)) => (Target::OwnedBy(t.user), format!("token/{name}"), None),
-            _ => (Target::Missing, format!("token/{name}"), None),
+            Ok(Some(t)) => Found::new(Target::OwnedBy(t.user), format!("token/{name}"), None),
+            _ => Found::new(Target::Missing, format!("token/{name}"), None),
         },
-    }
+    })
 }
 
 /// The 404 a hidden object answers: word for word the one a missing object gets.
@@ -142,6 +219,28 @@ fn ghost_uri(perm: &Perm, uri: &Uri, ghost: &str) -> Option<Uri> {
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(pq.parse().ok()?);
     Uri::from_parts(parts).ok()
+}
+
+/// A fresh name no object has.
+fn ghost_name() -> String {
+    format!("ghost-{}", hex(&random::<8>().unwrap_or([7; 8])))
+}
+
+/// The handler's reply about the object keyed `key`: an error's message quotes the
+/// object by its key, which is put back as its name. Other replies show names already.
+async fn show_name(r: Response, key: &str, name: &str) -> Response {
+    if !r.status().is_client_error() && !r.status().is_server_error() {
+        return r;
+    }
+    // As JSON-encoded in the error's message: `\"KEY\"`.
+    let quoted = |n: &str| format!("\\\"{n}\\\"");
+    let (mut parts, body) = r.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return crate::api::error(StatusCode::INTERNAL_SERVER_ERROR, "reply lost".into(), None);
+    };
+    let text = String::from_utf8_lossy(&bytes).replace(&quoted(key), &quoted(name));
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(text))
 }
 
 /// The handler's reply about the ghost, with the real name put back.
@@ -219,16 +318,16 @@ pub async fn middleware(
     let d2 = Arc::clone(&d);
     let proj = project.clone();
     let (actor, resolved) = crate::api::blocking(move || {
-        let actor = identify(&d2, token.as_deref(), &peer);
+        let actor = identify(&d2, token.as_deref(), &peer).map(Arc::new);
         let resolved = match (&actor, found) {
-            (Ok(_), Some((perm, params))) => {
-                let (target, object, label) = resolve(&d2, perm, &params, proj.as_deref());
+            (Ok(a), Some((perm, params))) => {
+                let found = resolve(&d2, a, perm, &params, proj.as_deref());
                 let name = params.get("name").or(params.get("id")).cloned();
-                Some((perm, target, object, label, name))
+                Some((perm, found, name))
             }
             _ => None,
         };
-        Ok((actor.map(Arc::new), resolved))
+        Ok((actor, resolved))
     })
     .await
     .unwrap_or_else(|e| (Err(e.to_string()), None));
@@ -260,12 +359,25 @@ pub async fn middleware(
             return finish(r, facts);
         }
     };
-    let Some((perm, target, object, label, name)) = resolved else {
+    let Some((perm, found, name)) = resolved else {
         // No permission declared for this method and path: never reaches a handler.
         facts.reason = "no such route".into();
         return finish(crate::api::no_route(&method, &path), facts);
     };
-    let (mut target, mut project) = (target, project);
+    let Found {
+        target,
+        object,
+        label,
+        route_as,
+        project: found_in,
+    } = match found {
+        Ok(f) => f,
+        Err((code, msg)) => {
+            facts.reason = msg.clone();
+            return finish(crate::api::error(code, msg, None), facts);
+        }
+    };
+    let (mut target, mut project) = (target, project.or(found_in));
     if let (Target::Collection(None), true) = (&target, perm.need != Read) {
         // A new object goes to a project: the one named, or the user's only one.
         let ctx = Authz {
@@ -299,7 +411,28 @@ pub async fn middleware(
                 project,
                 levels: d.auth.levels.clone(),
             });
-            let r = next.run(req).await;
+            let r = match (route_as, &name) {
+                (Some(RouteAs::Key(key)), Some(real)) if key != *real => {
+                    match ghost_uri(perm, req.uri(), &key) {
+                        Some(uri) => {
+                            *req.uri_mut() = uri;
+                            show_name(next.run(req).await, &key, real).await
+                        }
+                        None => not_found(perm, real),
+                    }
+                }
+                (Some(RouteAs::Ghost), Some(real)) => {
+                    let ghost = ghost_name();
+                    match ghost_uri(perm, req.uri(), &ghost) {
+                        Some(uri) => {
+                            *req.uri_mut() = uri;
+                            unghost(next.run(req).await, &ghost, real).await
+                        }
+                        None => not_found(perm, real),
+                    }
+                }
+                _ => next.run(req).await,
+            };
             // An async operation: remember whose it is, at the requester's clearance.
             let op = r
                 .headers()
@@ -319,7 +452,7 @@ pub async fn middleware(
             // The handler answers for an object that does not exist (a fresh random name),
             // so a hidden object gets, word for word and in the same order of checks,
             // what a missing one would.
-            let ghost = format!("ghost-{}", hex(&random::<8>().unwrap_or([7; 8])));
+            let ghost = ghost_name();
             match ghost_uri(perm, req.uri(), &ghost) {
                 Some(uri) => {
                     *req.uri_mut() = uri;

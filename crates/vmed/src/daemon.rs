@@ -16,7 +16,7 @@ use crate::cgroup::{self, CgroupConfig};
 use crate::events::{self, Events, Published};
 use crate::lifecycle::{self, Action, Illegal, State};
 use crate::operations::{Op, Operations};
-use crate::store::{Store, StoreError, VmRecord};
+use crate::store::{Store, StoreError, VmId, VmRecord};
 use crate::validate;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -332,7 +332,7 @@ impl Daemon {
     }
 
     pub fn get(&self, name: &str) -> Result<VmRecord, OpError> {
-        validate::name(name).map_err(OpError::BadRequest)?;
+        validate::key(name).map_err(OpError::BadRequest)?;
         Ok(self.store().get(name)?)
     }
 
@@ -352,22 +352,43 @@ impl Daemon {
 
     /// Creates a VM (blocking; see [`Self::create_task`]).
     pub fn create(self: &Arc<Self>, req: &validate::CreateVm) -> Result<VmRecord, OpError> {
-        self.create_task(req.clone())?.run()?;
-        self.get(&req.name)
+        let task = self.create_task(req.clone())?;
+        let key = task.op.view().vm_key;
+        task.run()?;
+        self.get(&key)
     }
 
     /// Checks a create request (its fields, the host's room, the name is free) and makes it
     /// an operation that stores the VM.
     pub fn create_task(self: &Arc<Self>, mut req: validate::CreateVm) -> Result<Task, OpError> {
         validate::name(&req.name).map_err(OpError::BadRequest)?;
+        let project = req.project_or_default().to_string();
+        // The name taken is refused after the request's own checks, as before.
+        let key = self.store().new_key(&project, &req.name);
         let root = self.apply_image(&mut req)?;
-        let mut spec = validate::create(&req).map_err(OpError::BadRequest)?;
+        let planned = key
+            .as_ref()
+            .map_or_else(|_| crate::store::vm_key(&project, &req.name), Clone::clone);
+        // The VM's sockets live in its directory, named by its key; vsock.sock is the
+        // longest of them (the monitor adds `_PORT`).
+        let longest = crate::guest::vsock_socket(&self.cfg.state_dir, &planned);
+        let max = vme_api::vsock::MAX_UDS_PATH_LEN;
+        if longest.as_os_str().len() > max {
+            return Err(OpError::BadRequest(format!(
+                "VM {:?} of project {project:?} would have the socket {} ({} bytes), longer \
+                 than Unix sockets allow here ({max}): choose a shorter VM or project name, \
+                 or run vmed with a shorter --state-dir",
+                req.name,
+                longest.display(),
+                longest.as_os_str().len()
+            )));
+        }
+        let mut spec = validate::create(&req, &planned).map_err(OpError::BadRequest)?;
         let limits = validate::limits(&req, &spec).map_err(OpError::BadRequest)?;
         self.cfg
             .host
             .admits(self.cfg.ratios, load(&spec))
             .map_err(OpError::BadRequest)?;
-        let project = req.project_or_default().to_string();
         let label = req
             .label
             .clone()
@@ -376,24 +397,27 @@ impl Daemon {
             .as_ref()
             .and_then(|r| fs::metadata(&r.path).ok())
             .map_or(0, |m| m.len());
-        let busy = self.begin(&req.name, "create")?;
+        let id = VmId {
+            key: key?,
+            name: req.name.clone(),
+            project: project.clone(),
+        };
+        let busy = self.begin(&id.key, "create")?;
         {
             let store = self.store();
-            if store.get(&req.name).is_ok() {
+            if store.get(&id.key).is_ok() {
                 return Err(StoreError::Exists(req.name).into());
             }
             crate::authz_checks::check_quota(&**store, &project, &spec, root_bytes)?;
         }
-        let op = self
-            .ops
-            .begin(format!("Creating VM {}", req.name), &req.name);
+        let op = self.ops.begin(format!("Creating VM {}", req.name), &id);
         let me = Arc::clone(self);
         let work = move || {
             let _busy = busy;
             let _doing = events::doing("create");
             // Before the record: a VM is never stored without its volume.
             let volume = match (&root, spec.disks.first_mut()) {
-                (Some(root), Some(disk)) => Some(me.make_root_volume(&req.name, root, disk)?),
+                (Some(root), Some(disk)) => Some(me.make_root_volume(&id.key, root, disk)?),
                 _ => None,
             };
             // Devices (vsock CID, tap names) are assigned under the store's lock, so two
@@ -401,14 +425,14 @@ impl Daemon {
             let stored = (|| -> Result<VmRecord, OpError> {
                 let mut store = me.store();
                 let others = store.list()?;
-                let uds = crate::guest::vsock_socket(&me.cfg.state_dir, &req.name);
+                let uds = crate::guest::vsock_socket(&me.cfg.state_dir, &id.key);
                 crate::devices::assign(&mut spec, req.vsock.unwrap_or(true), uds, &others)
                     .map_err(OpError::BadRequest)?;
                 // Again under the lock, so two creates cannot both take the last room.
                 crate::authz_checks::check_quota(&**store, &project, &spec, 0)?;
-                store.create(&req.name, &spec, req.restart_policy, &limits)?;
-                store.vm_set_owner(&req.name, &project, &label)?;
-                Ok(store.get(&req.name)?)
+                store.create(&id, &spec, req.restart_policy, &limits)?;
+                store.vm_set_owner(&id.key, &project, &label)?;
+                Ok(store.get(&id.key)?)
             })();
             let vm = stored.inspect_err(|_| {
                 if let Some(v) = &volume {
@@ -500,26 +524,27 @@ impl Daemon {
         force: bool,
         who: &'static str,
     ) -> Result<Task, OpError> {
-        validate::name(name).map_err(OpError::BadRequest)?;
+        validate::key(name).map_err(OpError::BadRequest)?;
         if action == Action::Delete {
             return Err(OpError::BadRequest(
                 "delete is not a state action: send DELETE /1.0/vms/NAME".into(),
             ));
         }
         let busy = self.begin(name, who)?;
-        {
+        let id = {
             let store = self.store();
             let vm = store.get(name)?;
             lifecycle::check(vm.state, action)?;
             if action == Action::Start {
                 self.admit(&**store, &vm)?;
             }
-        }
-        let mut description = describe_action(action, name);
+            vm.id()
+        };
+        let mut description = describe_action(action, &id.name);
         if who == "auto-restart" {
             description.push_str(" again (its restart policy)");
         }
-        let op = self.ops.begin(description, name);
+        let op = self.ops.begin(description, &id);
         let (me, name) = (Arc::clone(self), name.to_string());
         let work = move || {
             let _busy = busy;
@@ -559,10 +584,13 @@ impl Daemon {
 
     /// Checks a delete (the VM exists and has no monitor) and makes it an operation.
     pub fn delete_task(self: &Arc<Self>, name: &str) -> Result<Task, OpError> {
-        validate::name(name).map_err(OpError::BadRequest)?;
+        validate::key(name).map_err(OpError::BadRequest)?;
         let busy = self.begin(name, "delete")?;
-        lifecycle::check(self.store().get(name)?.state, Action::Delete)?;
-        let op = self.ops.begin(describe_action(Action::Delete, name), name);
+        let vm = self.store().get(name)?;
+        lifecycle::check(vm.state, Action::Delete)?;
+        let op = self
+            .ops
+            .begin(describe_action(Action::Delete, &vm.name), &vm.id());
         let (me, name) = (Arc::clone(self), name.to_string());
         let work = move || {
             let _busy = busy;
@@ -811,11 +839,15 @@ impl Daemon {
     /// event, published on the event stream and appended to the audit log. The one place a
     /// security event is reported, for a monitor this daemon started or adopted.
     pub(crate) fn security_event(&self, name: &str, why: &str, log: &Path) {
-        crate::jail::publish(&self.events, name, why);
+        let id = self
+            .store()
+            .get(name)
+            .map_or_else(|_| VmId::plain(name), |vm| vm.id());
+        crate::jail::publish(&self.events, &id, why);
         if let Some(audit) = self.audit.get() {
             let _ = audit.security_event(
                 "monitor.seccomp-kill",
-                &format!("vm/{name}"),
+                &format!("vm/{}/{}", id.project, id.name),
                 "monitor",
                 &format!("the monitor {why}: {}", tail(log)),
             );
@@ -954,13 +986,14 @@ mod tests {
     #[test]
     fn a_task_always_ends_its_operation() {
         let ops = Operations::new(Events::new());
-        let op = ops.begin("ok".into(), "a");
+        let a = VmId::plain("a");
+        let op = ops.begin("ok".into(), &a);
         let r = Task::new(Arc::clone(&op), || Ok(json!({"state": "running"}))).run();
         assert_eq!(r.unwrap(), json!({"state": "running"}));
         assert_eq!(op.view().status, Status::Success);
         assert_eq!(op.view().metadata, json!({"state": "running"}));
 
-        let op = ops.begin("refused".into(), "a");
+        let op = ops.begin("refused".into(), &a);
         let r = Task::new(Arc::clone(&op), || Err(OpError::Failed("no room".into()))).run();
         assert!(r.is_err());
         assert_eq!(
@@ -969,10 +1002,10 @@ mod tests {
         );
 
         // Never run (vmed shutting down), or its work panicked: failed, not running forever.
-        let op = ops.begin("dropped".into(), "a");
+        let op = ops.begin("dropped".into(), &a);
         drop(Task::new(Arc::clone(&op), || Ok(Value::Null)));
         assert_eq!(op.view().status, Status::Failure);
-        let op = ops.begin("panicked".into(), "a");
+        let op = ops.begin("panicked".into(), &a);
         let task = Task::new(Arc::clone(&op), || panic!("a bug"));
         assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.run())).is_err());
         assert_eq!(op.view().status, Status::Failure);

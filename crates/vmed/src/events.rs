@@ -10,7 +10,7 @@
 
 use crate::lifecycle::{RestartPolicy, State};
 use crate::limits::VmLimits;
-use crate::store::{Store, StoreError, VmRecord, WalBarrier};
+use crate::store::{Store, StoreError, VmId, VmRecord, WalBarrier};
 use crate::store_auth::{AuthStore, ProjectRecord, Quota, TokenRecord, UserChange, UserRecord};
 use crate::store_images::{ImageCatalog, ImageRecord};
 use crate::usage::Sample;
@@ -67,12 +67,19 @@ pub struct Event {
     /// `{"missed": N}`.
     #[schema(value_type = Object)]
     pub metadata: Value,
+    /// The internal key of the VM it is about (see [`VmId`]), for the stream's access
+    /// filter; never shown (the metadata names the VM by name and project).
+    #[serde(skip)]
+    pub vm_key: Option<String>,
 }
 
 /// The metadata of a `lifecycle` event.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct LifecycleEvent {
+    /// The VM's name (unique in its project).
     pub vm: String,
+    /// The VM's project.
+    pub project: String,
     /// The state before; null when the VM was just created.
     pub from: Option<State>,
     /// The state after; null when the VM was deleted.
@@ -110,10 +117,20 @@ impl Events {
 
     /// Sends an event to the current subscribers (none is fine). Never blocks.
     pub fn publish(&self, kind: Kind, metadata: Value) {
+        self.send(kind, metadata, None);
+    }
+
+    /// [`Self::publish`] for an event about the VM keyed `key`.
+    pub fn publish_vm(&self, kind: Kind, key: &str, metadata: Value) {
+        self.send(kind, metadata, Some(key.to_string()));
+    }
+
+    fn send(&self, kind: Kind, metadata: Value, vm_key: Option<String>) {
         let _ = self.tx.send(Event {
             kind,
             timestamp: rfc3339(SystemTime::now(), true),
             metadata,
+            vm_key,
         });
     }
 
@@ -165,32 +182,48 @@ impl Published {
         Published { inner, events }
     }
 
-    fn publish(&self, vm: &str, from: Option<State>, to: Option<State>, reason: &str) {
+    fn publish(&self, vm: &VmId, from: Option<State>, to: Option<State>, reason: &str) {
         let ev = LifecycleEvent {
-            vm: vm.into(),
+            vm: vm.name.clone(),
+            project: vm.project.clone(),
             from,
             to,
             reason: reason.into(),
             action: DOING.with(Cell::get).into(),
         };
-        self.events.publish(
+        self.events.publish_vm(
             Kind::Lifecycle,
+            &vm.key,
             serde_json::to_value(ev).unwrap_or(Value::Null),
         );
+    }
+
+    /// The VM keyed `key` as stored now: its name and state (None if there is none).
+    fn before(&self, key: &str) -> Option<(VmId, State)> {
+        let vm = self.inner.get(key).ok()?;
+        Some((vm.id(), vm.state))
     }
 }
 
 impl Store for Published {
     fn create(
         &mut self,
-        name: &str,
+        id: &VmId,
         spec: &MachineSpec,
         policy: RestartPolicy,
         limits: &VmLimits,
     ) -> Result<VmRecord, StoreError> {
-        let vm = self.inner.create(name, spec, policy, limits)?;
-        self.publish(name, None, Some(vm.state), "");
+        let vm = self.inner.create(id, spec, policy, limits)?;
+        self.publish(&vm.id(), None, Some(vm.state), "");
         Ok(vm)
+    }
+
+    fn new_key(&self, project: &str, name: &str) -> Result<String, StoreError> {
+        self.inner.new_key(project, name)
+    }
+
+    fn find(&self, name: &str) -> Result<Vec<VmRecord>, StoreError> {
+        self.inner.find(name)
     }
 
     fn get(&self, name: &str) -> Result<VmRecord, StoreError> {
@@ -202,19 +235,21 @@ impl Store for Published {
     }
 
     fn set_state(&mut self, name: &str, state: State, reason: &str) -> Result<(), StoreError> {
-        let from = self.inner.get(name).ok().map(|v| v.state);
+        let before = self.before(name);
         self.inner.set_state(name, state, reason)?;
         // A write that changes nothing (a state recorded again) is no event.
-        if from != Some(state) {
-            self.publish(name, from, Some(state), reason);
+        if let Some((id, from)) = before.filter(|(_, from)| *from != state) {
+            self.publish(&id, Some(from), Some(state), reason);
         }
         Ok(())
     }
 
     fn delete(&mut self, name: &str) -> Result<(), StoreError> {
-        let from = self.inner.get(name).ok().map(|v| v.state);
+        let before = self.before(name);
         self.inner.delete(name)?;
-        self.publish(name, from, None, "");
+        if let Some((id, from)) = before {
+            self.publish(&id, Some(from), None, "");
+        }
         Ok(())
     }
 
@@ -245,10 +280,10 @@ impl Store for Published {
         reason: &str,
         pid: u32,
     ) -> Result<(), StoreError> {
-        let from = self.inner.get(name).ok().map(|v| v.state);
+        let before = self.before(name);
         self.inner.set_state_and_pid(name, state, reason, pid)?;
-        if from != Some(state) {
-            self.publish(name, from, Some(state), reason);
+        if let Some((id, from)) = before.filter(|(_, from)| *from != state) {
+            self.publish(&id, Some(from), Some(state), reason);
         }
         Ok(())
     }
@@ -450,7 +485,12 @@ mod tests {
         {
             let _d = doing("create");
             store
-                .create("a", &spec, RestartPolicy::Never, &VmLimits::default())
+                .create(
+                    &VmId::plain("a"),
+                    &spec,
+                    RestartPolicy::Never,
+                    &VmLimits::default(),
+                )
                 .unwrap();
         }
         {

@@ -180,10 +180,15 @@ pub fn security_event_in_log(log: &Path) -> Option<String> {
 }
 
 /// Publishes a security event about VM `vm` (`type: security` on `/1.0/events`).
-pub fn publish(events: &Events, vm: &str, why: &str) {
-    events.publish(
+pub fn publish(events: &Events, vm: &crate::store::VmId, why: &str) {
+    events.publish_vm(
         Kind::Security,
-        serde_json::json!({ "vm": vm, "reason": format!("the monitor {why}") }),
+        &vm.key,
+        serde_json::json!({
+            "vm": vm.name,
+            "project": vm.project,
+            "reason": format!("the monitor {why}"),
+        }),
     );
 }
 

@@ -14,12 +14,18 @@ pub fn render_usage(vms: &[VmRecord], latest: &[Sample]) -> String {
     let mut out = String::new();
     let rows: Vec<(&VmRecord, &Sample)> = vms
         .iter()
-        .filter_map(|v| Some((v, latest.iter().find(|s| s.vm == v.name)?)))
+        .filter_map(|v| Some((v, latest.iter().find(|s| s.vm == v.key)?)))
         .collect();
     let mut metric = |name: &str, kind: &str, help: &str, f: &dyn Fn(&VmRecord, &Sample) -> f64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (v, s) in &rows {
-            let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", v.name, f(v, s));
+            let _ = writeln!(
+                out,
+                "{name}{{vm=\"{}\",project=\"{}\"}} {}",
+                v.name,
+                v.project,
+                f(v, s)
+            );
         }
     };
     metric(
@@ -106,7 +112,10 @@ pub fn render(vms: &[VmRecord], host: Host, ratios: Ratios) -> String {
     let per_vm = |f: &dyn Fn(&VmRecord) -> f64| -> Vec<(String, f64)> {
         vms.iter()
             .map(|v| {
-                let labels = format!("{{vm=\"{}\",arch=\"{}\"}}", v.name, v.spec.arch);
+                let labels = format!(
+                    "{{vm=\"{}\",project=\"{}\",arch=\"{}\"}}",
+                    v.name, v.project, v.spec.arch
+                );
                 (labels, f(v))
             })
             .collect()
@@ -162,6 +171,7 @@ mod tests {
         spec.vcpus = 2;
         spec.memory = ByteSize(1 << 30);
         let vm = VmRecord {
+            key: "acme_web-1".into(),
             name: "web-1".into(),
             state: State::Running,
             reason: String::new(),
@@ -171,7 +181,7 @@ mod tests {
             limits: Default::default(),
             created_at: 0,
             updated_at: 0,
-            project: "default".into(),
+            project: "acme".into(),
             label: "unclassified".into(),
         };
         let host = Host {
@@ -183,9 +193,9 @@ mod tests {
             "# TYPE vme_vms gauge",
             "vme_vms{state=\"running\"} 1",
             "vme_vms{state=\"crashed\"} 0",
-            "vme_vm_vcpus{vm=\"web-1\",arch=\"x86_64\"} 2",
-            "vme_vm_memory_bytes{vm=\"web-1\",arch=\"x86_64\"} 1073741824",
-            "vme_vm_active{vm=\"web-1\",arch=\"x86_64\"} 1",
+            "vme_vm_vcpus{vm=\"web-1\",project=\"acme\",arch=\"x86_64\"} 2",
+            "vme_vm_memory_bytes{vm=\"web-1\",project=\"acme\",arch=\"x86_64\"} 1073741824",
+            "vme_vm_active{vm=\"web-1\",project=\"acme\",arch=\"x86_64\"} 1",
             "vme_host_cpus 4",
             "vme_overcommit_cpu_ratio 4",
         ] {
@@ -194,8 +204,9 @@ mod tests {
                 "{line} missing from:\n{text}"
             );
         }
+        // Samples are kept under the VM's key; the metrics show its name and project.
         let sample = Sample {
-            vm: "web-1".into(),
+            vm: "acme_web-1".into(),
             cpu_usec: 2_500_000,
             memory_bytes: 1000,
             net_rx_bytes: 7,
@@ -205,9 +216,9 @@ mod tests {
         let usage = render_usage(std::slice::from_ref(&vm), std::slice::from_ref(&sample));
         for line in [
             "# TYPE vme_vm_cpu_seconds_total counter",
-            "vme_vm_cpu_seconds_total{vm=\"web-1\"} 2.5",
-            "vme_vm_memory_used_bytes{vm=\"web-1\"} 1000",
-            "vme_vm_network_receive_bytes_total{vm=\"web-1\"} 7",
+            "vme_vm_cpu_seconds_total{vm=\"web-1\",project=\"acme\"} 2.5",
+            "vme_vm_memory_used_bytes{vm=\"web-1\",project=\"acme\"} 1000",
+            "vme_vm_network_receive_bytes_total{vm=\"web-1\",project=\"acme\"} 7",
         ] {
             assert!(
                 usage.lines().any(|l| l == line),
@@ -217,11 +228,11 @@ mod tests {
         vm.state = State::Stopped;
         let usage = render_usage(&[vm], &[sample]);
         assert!(
-            usage.contains("vme_vm_memory_used_bytes{vm=\"web-1\"} 0\n"),
+            usage.contains("vme_vm_memory_used_bytes{vm=\"web-1\",project=\"acme\"} 0\n"),
             "{usage}"
         );
         assert!(
-            usage.contains("vme_vm_cpu_seconds_total{vm=\"web-1\"} 2.5\n"),
+            usage.contains("vme_vm_cpu_seconds_total{vm=\"web-1\",project=\"acme\"} 2.5\n"),
             "{usage}"
         );
         // Every sample line is NAME[{labels}] VALUE.

@@ -8,6 +8,7 @@
 //! store). Finished operations expire after [`KEEP`], and only the last [`KEEP_MAX`] are kept.
 
 use crate::events::{Events, Kind, rfc3339};
+use crate::store::VmId;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -53,7 +54,8 @@ pub struct Operation {
     pub status: Status,
     /// 103 running, 200 success, 400 failure.
     pub status_code: u16,
-    /// The objects it acts on: `{"vms": ["/1.0/vms/NAME"]}`.
+    /// The objects it acts on: `{"vms": ["/1.0/vms/NAME?project=PROJECT"]}` (no
+    /// `?project=` for the `default` project).
     #[schema(value_type = Object)]
     pub resources: Value,
     /// What it produced: the VM after the action, once it succeeded; null before.
@@ -63,6 +65,30 @@ pub struct Operation {
     pub may_cancel: bool,
     /// Why it failed; empty unless the status is Failure.
     pub err: String,
+    /// The internal key of the VM it acts on (see [`VmId`]); never shown.
+    #[serde(skip)]
+    pub vm_key: String,
+    /// The VM's name, which the error shows instead of the key.
+    #[serde(skip)]
+    vm_name: String,
+}
+
+/// The API's URL of a VM: `/1.0/vms/NAME`, with `?project=P` outside the `default` project.
+pub fn vm_url(project: &str, name: &str) -> String {
+    if project == "default" {
+        format!("/1.0/vms/{name}")
+    } else {
+        format!("/1.0/vms/{name}?project={project}")
+    }
+}
+
+/// `msg` with the quoted internal key `key` shown as the VM's name: the daemon's messages
+/// quote the VM they are about by the key it works with.
+pub fn show_name(msg: &str, key: &str, name: &str) -> String {
+    if key == name {
+        return msg.to_string();
+    }
+    msg.replace(&format!("{key:?}"), &format!("{name:?}"))
 }
 
 /// One operation: its record, and a signal for those waiting on its end.
@@ -100,7 +126,11 @@ impl Op {
         }
         let (status, metadata, err) = match result {
             Ok(m) => (Status::Success, m, String::new()),
-            Err(e) => (Status::Failure, Value::Null, e),
+            Err(e) => (
+                Status::Failure,
+                Value::Null,
+                show_name(&e, &v.vm_key, &v.vm_name),
+            ),
         };
         v.status = status;
         v.status_code = status.code();
@@ -111,7 +141,8 @@ impl Op {
         drop(v);
         *lock(&self.ended) = Some(Instant::now());
         self.done.send_replace(true);
-        self.events.publish(Kind::Operation, to_value(&snapshot));
+        self.events
+            .publish_vm(Kind::Operation, &snapshot.vm_key, to_value(&snapshot));
     }
 
     /// Waits until the operation has ended, or `timeout` has passed (None: no limit), or
@@ -153,7 +184,7 @@ impl Operations {
     }
 
     /// A new running operation on VM `vm`; announced on the event bus.
-    pub fn begin(&self, description: String, vm: &str) -> Arc<Op> {
+    pub fn begin(&self, description: String, vm: &VmId) -> Arc<Op> {
         let now = rfc3339(SystemTime::now(), true);
         let view = Operation {
             id: new_id(),
@@ -163,10 +194,12 @@ impl Operations {
             updated_at: now,
             status: Status::Running,
             status_code: Status::Running.code(),
-            resources: json!({"vms": [format!("/1.0/vms/{vm}")]}),
+            resources: json!({"vms": [vm_url(&vm.project, &vm.name)]}),
             metadata: Value::Null,
             may_cancel: false,
             err: String::new(),
+            vm_key: vm.key.clone(),
+            vm_name: vm.name.clone(),
         };
         let op = Arc::new(Op {
             view: Mutex::new(view.clone()),
@@ -178,7 +211,8 @@ impl Operations {
         prune(&mut ops);
         ops.push_back(Arc::clone(&op));
         drop(ops);
-        self.events.publish(Kind::Operation, to_value(&view));
+        self.events
+            .publish_vm(Kind::Operation, &vm.key, to_value(&view));
         op
     }
 
@@ -257,7 +291,7 @@ mod tests {
         let events = Events::new();
         let mut rx = events.subscribe();
         let ops = Operations::new(events);
-        let op = ops.begin("Starting VM a".into(), "a");
+        let op = ops.begin("Starting VM a".into(), &VmId::plain("a"));
         let v = op.view();
         assert_eq!(
             (v.status, v.status_code, v.class.as_str()),
@@ -286,12 +320,35 @@ mod tests {
         );
     }
 
+    /// Another project's VM: its URL names the project, and its errors its name, not its key.
+    #[test]
+    fn an_operation_shows_names_not_keys() {
+        let ops = Operations::new(Events::new());
+        let other = VmId {
+            key: "acme_a".into(),
+            name: "a".into(),
+            project: "acme".into(),
+        };
+        let o = ops.begin("Starting VM a".into(), &other);
+        assert_eq!(
+            o.view().resources,
+            json!({"vms": ["/1.0/vms/a?project=acme"]})
+        );
+        o.finish(Err("VM \"acme_a\" failed in /v/vms/acme_a/x".into()));
+        assert_eq!(
+            o.view().err,
+            "VM \"a\" failed in /v/vms/acme_a/x",
+            "the key is not shown"
+        );
+    }
+
     #[test]
     fn finished_operations_are_bounded() {
         let ops = Operations::new(Events::new());
-        let running = ops.begin("Starting VM r".into(), "r");
+        let running = ops.begin("Starting VM r".into(), &VmId::plain("r"));
         for i in 0..KEEP_MAX + 5 {
-            ops.begin(format!("op {i}"), "a").finish(Ok(Value::Null));
+            ops.begin(format!("op {i}"), &VmId::plain("a"))
+                .finish(Ok(Value::Null));
         }
         let list = ops.list();
         assert_eq!(list.len(), KEEP_MAX + 1, "the running one stays");
@@ -305,7 +362,7 @@ mod tests {
     #[tokio::test]
     async fn wait_returns_at_the_end_or_the_timeout() {
         let ops = Operations::new(Events::new());
-        let op = ops.begin("x".into(), "a");
+        let op = ops.begin("x".into(), &VmId::plain("a"));
         let t = Instant::now();
         let v = op.wait(Some(Duration::from_millis(50))).await;
         assert_eq!(v.status, Status::Running);

@@ -30,7 +30,7 @@ fn failed(e: impl std::fmt::Display) -> OpError {
 impl Daemon {
     /// Publishes stopped VM `vm` as image `image`.
     pub fn publish(&self, vm: &str, image: &str) -> Result<PublishReport, OpError> {
-        crate::validate::name(vm).map_err(OpError::BadRequest)?;
+        crate::validate::key(vm).map_err(OpError::BadRequest)?;
         check_name(image).map_err(OpError::BadRequest)?;
         // Busy: nobody starts the VM while its volume is copied.
         let _busy = self.begin(vm, "publish")?;

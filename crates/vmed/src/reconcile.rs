@@ -24,7 +24,7 @@ pub fn run(d: &Arc<Daemon>) -> Result<(), StoreError> {
     let vms = d.store().list()?;
     for mut vm in vms.into_iter().filter(|vm| vm.state.has_monitor()) {
         if vm.pid == 0 {
-            match find_monitor(&machine_file(&d.config().state_dir, &vm.name)) {
+            match find_monitor(&machine_file(&d.config().state_dir, &vm.key)) {
                 Some(pid) => vm.pid = pid,
                 None => {
                     settle_without_monitor(d, &vm, None)?;
@@ -65,12 +65,12 @@ fn settle_without_monitor(
             format!("vmed restarted while the VM was {s}; {why}"),
         ),
     };
-    d.store().set_state_and_pid(&vm.name, state, &reason, 0)?;
+    d.store().set_state_and_pid(&vm.key, state, &reason, 0)?;
     // The cgroup of a monitor that is gone (one that still runs keeps it: ours to remove
     // only once empty).
     let cg = &d.config().cgroups;
     if cg.enabled {
-        crate::cgroup::remove_empty(&crate::cgroup::vm_path(&cg.root, &vm.name));
+        crate::cgroup::remove_empty(&crate::cgroup::vm_path(&cg.root, &vm.key));
     }
     Ok(())
 }
@@ -90,7 +90,7 @@ fn find_monitor(machine: &Path) -> Option<u32> {
 
 fn adopt(d: &Arc<Daemon>, vm: &VmRecord) -> Result<(), String> {
     let dir = &d.config().state_dir;
-    let (name, pid) = (vm.name.as_str(), vm.pid);
+    let (name, pid) = (vm.key.as_str(), vm.pid);
     let log = monitor_log(dir, name);
     let gone = || {
         format!(

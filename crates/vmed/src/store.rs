@@ -37,9 +37,33 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// How the daemon names a VM: its internal key, and the short name and project the API shows.
+/// The key names the VM's directory, sockets, cgroup, taps and samples: it is the short
+/// name in the `default` project (and for VMs stored before names were per project), else
+/// `PROJECT_NAME` ('_' is allowed in neither, so keys never clash). See docs/access-control.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmId {
+    pub key: String,
+    pub name: String,
+    pub project: String,
+}
+
+/// The key a new VM `name` of `project` prefers (see [`VmId`]).
+pub fn vm_key(project: &str, name: &str) -> String {
+    if project == "default" {
+        name.to_string()
+    } else {
+        format!("{project}_{name}")
+    }
+}
+
 /// One VM as stored.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VmRecord {
+    /// The daemon's internal key (see [`VmId`]); never shown.
+    #[serde(skip)]
+    pub key: String,
+    /// Its name, unique in its project.
     pub name: String,
     pub state: State,
     /// Why the VM is `crashed` (or why its last start failed); empty otherwise.
@@ -62,17 +86,46 @@ pub struct VmRecord {
     pub label: String,
 }
 
+impl VmRecord {
+    /// How it is named (key, name, project).
+    pub fn id(&self) -> VmId {
+        VmId {
+            key: self.key.clone(),
+            name: self.name.clone(),
+            project: self.project.clone(),
+        }
+    }
+}
+
+impl VmId {
+    /// A VM of the `default` project, keyed by its name.
+    pub fn plain(name: &str) -> VmId {
+        VmId {
+            key: name.into(),
+            name: name.into(),
+            project: "default".into(),
+        }
+    }
+}
+
 pub trait Store: Send + crate::store_images::ImageCatalog + crate::store_auth::AuthStore {
-    /// Stores a new VM in state `defined`.
+    /// Stores a new VM in state `defined`, under `id.key`, in `id.project`.
     fn create(
         &mut self,
-        name: &str,
+        id: &VmId,
         spec: &MachineSpec,
         policy: RestartPolicy,
         limits: &VmLimits,
     ) -> Result<VmRecord, StoreError>;
-    fn get(&self, name: &str) -> Result<VmRecord, StoreError>;
-    /// Every VM, ordered by name.
+    /// The key for a new VM `name` in `project`: [`vm_key`], or `PROJECT_NAME` when a VM
+    /// stored before names were per project holds that key. Exists if the project has a
+    /// VM of that name.
+    fn new_key(&self, project: &str, name: &str) -> Result<String, StoreError>;
+    /// The VMs named `name`, in every project (ordered by project).
+    fn find(&self, name: &str) -> Result<Vec<VmRecord>, StoreError>;
+    /// A VM by its key.
+    fn get(&self, key: &str) -> Result<VmRecord, StoreError>;
+    /// Every VM, ordered by name and project.
     fn list(&self) -> Result<Vec<VmRecord>, StoreError>;
     fn set_state(&mut self, name: &str, state: State, reason: &str) -> Result<(), StoreError>;
     fn delete(&mut self, name: &str) -> Result<(), StoreError>;
@@ -218,6 +271,17 @@ const MIGRATIONS: &[&str] = &[
     crate::store_auth::MIGRATION,
     // Per-project image policy: a project may launch only images signed by a trusted key.
     "ALTER TABLE projects ADD COLUMN require_signed INTEGER NOT NULL DEFAULT 0;",
+    // Names unique per project: `name` stays the internal key (see VmId and
+    // store_images::image_key), `short` is the name the API shows. Existing rows keep their
+    // key, which was their name.
+    "ALTER TABLE vms ADD COLUMN short TEXT NOT NULL DEFAULT '';
+     UPDATE vms SET short = name;
+     CREATE UNIQUE INDEX vms_by_project_name ON vms (project, short);
+     ALTER TABLE images ADD COLUMN short TEXT NOT NULL DEFAULT '';
+     UPDATE images SET short = name;
+     CREATE UNIQUE INDEX images_by_project_name ON images (project, short);
+     ALTER TABLE image_aliases ADD COLUMN short TEXT NOT NULL DEFAULT '';
+     UPDATE image_aliases SET short = alias;",
 ];
 
 pub struct SqliteStore {
@@ -318,6 +382,7 @@ type Row = (
     String,
     String,
     String,
+    String,
 );
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -333,11 +398,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(8)?,
         r.get(9)?,
         r.get(10)?,
+        r.get(11)?,
     ))
 }
 
 fn record(
-    (name, spec, state, reason, created_at, updated_at, pid, policy, limits, project, label): Row,
+    (key, spec, state, reason, created_at, updated_at, pid, policy, limits, project, label, name): Row,
 ) -> Result<VmRecord, StoreError> {
     let state = State::parse(&state)
         .ok_or_else(|| StoreError::Corrupt(format!("VM {name:?} has state {state:?}")))?;
@@ -348,6 +414,7 @@ fn record(
     let limits = serde_json::from_str(&limits)
         .map_err(|e| StoreError::Corrupt(format!("VM {name:?} has unreadable limits: {e}")))?;
     Ok(VmRecord {
+        key,
         name,
         state,
         reason,
@@ -362,7 +429,8 @@ fn record(
     })
 }
 
-const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at, pid, restart_policy, limits, project, label";
+const COLUMNS: &str = "name, spec, state, reason, created_at, updated_at, pid, restart_policy, \
+    limits, project, label, short";
 
 const SAMPLE_COLUMNS: &str = "vm, at_ms, pid, cpu_usec, cpu_user_usec, cpu_system_usec, \
     memory_bytes, memory_peak_bytes, disk_read_bytes, disk_write_bytes, net_rx_bytes, net_tx_bytes";
@@ -393,7 +461,7 @@ fn int(v: u64) -> i64 {
 impl Store for SqliteStore {
     fn create(
         &mut self,
-        name: &str,
+        id: &VmId,
         spec: &MachineSpec,
         policy: RestartPolicy,
         limits: &VmLimits,
@@ -403,23 +471,52 @@ impl Store for SqliteStore {
         let limits = serde_json::to_string(limits)
             .map_err(|e| StoreError::Corrupt(format!("cannot encode the limits: {e}")))?;
         let t = now();
+        // A clash of the key or of (project, short) is refused alike.
         let n = self.conn.execute(
             "INSERT INTO vms (name, spec, state, reason, created_at, updated_at, restart_policy,
-                              limits)
-             VALUES (?1, ?2, ?3, '', ?4, ?4, ?5, ?6) ON CONFLICT(name) DO NOTHING",
+                              limits, project, short)
+             VALUES (?1, ?2, ?3, '', ?4, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
             params![
-                name,
+                id.key,
                 json,
                 State::Defined.as_str(),
                 t,
                 policy.as_str(),
-                limits
+                limits,
+                id.project,
+                id.name
             ],
         )?;
         if n == 0 {
+            return Err(StoreError::Exists(id.name.clone()));
+        }
+        self.get(&id.key)
+    }
+
+    fn new_key(&self, project: &str, name: &str) -> Result<String, StoreError> {
+        let exists = |sql: &str, args: &[&str]| -> Result<bool, StoreError> {
+            let args = rusqlite::params_from_iter(args.iter());
+            Ok(self.conn.query_row(sql, args, |r| r.get(0))?)
+        };
+        let named = "SELECT EXISTS (SELECT 1 FROM vms WHERE project = ?1 AND short = ?2)";
+        if exists(named, &[project, name])? {
             return Err(StoreError::Exists(name.into()));
         }
-        self.get(name)
+        let key = vm_key(project, name);
+        if exists("SELECT EXISTS (SELECT 1 FROM vms WHERE name = ?1)", &[&key])? {
+            // A VM of another project, stored before names were per project, holds the
+            // plain name as its key.
+            return Ok(format!("{project}_{name}"));
+        }
+        Ok(key)
+    }
+
+    fn find(&self, name: &str) -> Result<Vec<VmRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM vms WHERE short = ?1 ORDER BY project"
+        ))?;
+        let rows = stmt.query_map([name], row)?;
+        rows.map(|r| record(r?)).collect()
     }
 
     fn get(&self, name: &str) -> Result<VmRecord, StoreError> {
@@ -436,9 +533,9 @@ impl Store for SqliteStore {
     }
 
     fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("SELECT {COLUMNS} FROM vms ORDER BY name"))?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM vms ORDER BY short, project"
+        ))?;
         let rows = stmt.query_map([], row)?;
         rows.map(|r| record(r?)).collect()
     }
@@ -558,6 +655,10 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    fn id(name: &str) -> VmId {
+        VmId::plain(name)
+    }
+
     /// A fresh directory per call (tests run in parallel threads of one process).
     fn temp_db() -> (std::path::PathBuf, std::path::PathBuf) {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -575,7 +676,7 @@ mod tests {
         let mut s = SqliteStore::open(&db).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
         s.create(
-            "a",
+            &id("a"),
             &MachineSpec::new("/k"),
             RestartPolicy::Never,
             &VmLimits::default(),
@@ -621,7 +722,7 @@ mod tests {
                         let mut s = store.lock().unwrap();
                         let limits = VmLimits::default();
                         s.create(
-                            &format!("vm{i}"),
+                            &id(&format!("vm{i}")),
                             &MachineSpec::new("/k"),
                             RestartPolicy::Never,
                             &limits,
@@ -669,6 +770,8 @@ mod tests {
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
         let r = s.get("old").unwrap();
         assert_eq!((r.state, r.pid, r.created_at), (State::Stopped, 0, 1));
+        assert_eq!((r.name.as_str(), r.project.as_str()), ("old", "default"));
+        assert_eq!(s.find("old").unwrap().len(), 1, "found by its name");
         assert_eq!(r.restart_policy, RestartPolicy::Never);
         s.set_pid("old", 42).unwrap();
         assert_eq!(s.get("old").unwrap().pid, 42);
@@ -688,21 +791,85 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// Names are unique per project; a VM stored before that keeps its key (its name), and
+    /// a new VM of that name in `default` then takes the `default_NAME` key.
+    #[test]
+    fn names_are_per_project_and_old_keys_stay() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let (spec, none) = (MachineSpec::new("/k"), VmLimits::default());
+        // As migrated: acme's `web`, keyed `web`.
+        let old = VmId {
+            key: "web".into(),
+            name: "web".into(),
+            project: "acme".into(),
+        };
+        s.create(&old, &spec, RestartPolicy::Never, &none).unwrap();
+        assert!(matches!(
+            s.new_key("acme", "web"),
+            Err(StoreError::Exists(_))
+        ));
+        assert_eq!(s.new_key("globex", "web").unwrap(), "globex_web");
+        assert_eq!(s.new_key("default", "web").unwrap(), "default_web");
+        assert_eq!(s.new_key("default", "db").unwrap(), "db");
+        for project in ["globex", "default"] {
+            let key = s.new_key(project, "web").unwrap();
+            let id = VmId {
+                key,
+                name: "web".into(),
+                project: project.into(),
+            };
+            s.create(&id, &spec, RestartPolicy::Never, &none).unwrap();
+        }
+        let found: Vec<_> = s
+            .find("web")
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.project, v.key))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("acme".to_string(), "web".to_string()),
+                ("default".to_string(), "default_web".to_string()),
+                ("globex".to_string(), "globex_web".to_string())
+            ]
+        );
+        // (project, name) is unique even under a fresh key.
+        let again = VmId {
+            key: "other".into(),
+            ..old
+        };
+        assert!(matches!(
+            s.create(&again, &spec, RestartPolicy::Never, &none),
+            Err(StoreError::Exists(_))
+        ));
+    }
+
     #[test]
     fn crud() {
         let mut s = SqliteStore::open_in_memory().unwrap();
         let mut spec = MachineSpec::new("/boot/Image");
         spec.vcpus = 3;
         let r = s
-            .create("web", &spec, RestartPolicy::Always, &VmLimits::default())
+            .create(
+                &id("web"),
+                &spec,
+                RestartPolicy::Always,
+                &VmLimits::default(),
+            )
             .unwrap();
         assert_eq!(r.restart_policy, RestartPolicy::Always);
         assert_eq!((r.state, r.spec.vcpus), (State::Defined, 3));
         assert!(matches!(
-            s.create("web", &spec, RestartPolicy::Never, &VmLimits::default()),
+            s.create(
+                &id("web"),
+                &spec,
+                RestartPolicy::Never,
+                &VmLimits::default()
+            ),
             Err(StoreError::Exists(_))
         ));
-        s.create("db", &spec, RestartPolicy::Never, &VmLimits::default())
+        s.create(&id("db"), &spec, RestartPolicy::Never, &VmLimits::default())
             .unwrap();
         let names: Vec<_> = s.list().unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["db", "web"]);
@@ -723,7 +890,7 @@ mod tests {
         let mut s = SqliteStore::open_in_memory().unwrap();
         let spec = MachineSpec::new("/k");
         for n in ["a", "b"] {
-            s.create(n, &spec, RestartPolicy::Never, &VmLimits::default())
+            s.create(&id(n), &spec, RestartPolicy::Never, &VmLimits::default())
                 .unwrap();
         }
         let at = |vm: &str, at_ms: i64, cpu_usec: u64| Sample {

@@ -183,7 +183,8 @@ impl ImageCatalog for SqliteStore {
             return Err(StoreError::ImageExists(name.into()));
         }
         tx.execute(
-            "INSERT INTO images (name, manifest, signature, created_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO images (name, manifest, signature, created_at, short)
+             VALUES (?1, ?2, ?3, ?4, ?1)",
             params![name, manifest, sig, crate::store::now()],
         )?;
         for d in parsed.distinct_blobs().keys() {

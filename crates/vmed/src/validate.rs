@@ -19,6 +19,15 @@ pub const MAX_MEMORY: u64 = 4096 * GIB;
 /// Checks a VM name: 1 to 63 letters, digits and `-`, starting with a letter or digit. The
 /// name becomes a directory and a socket path under the state dir, so `/` and `..` must
 /// never get through.
+/// Checks a VM's internal key (see `store::VmId`): a name, or `PROJECT_NAME`. The API's
+/// routes reach the daemon with keys (the access-control middleware resolves names).
+pub fn key(k: &str) -> Result<(), String> {
+    match k.split_once('_') {
+        Some((project, n)) => name(project).and_then(|()| name(n)),
+        None => name(k),
+    }
+}
+
 pub fn name(n: &str) -> Result<(), String> {
     if n.is_empty() {
         return Err("VM name is empty: give a name like web-1".into());
@@ -125,9 +134,10 @@ pub fn limits(req: &CreateVm, spec: &MachineSpec) -> Result<VmLimits, String> {
     crate::limits::check(req.cpu_allowance.as_ref(), &req.io_max, spec.vcpus)
 }
 
-/// Checks a create request and turns it into the machine spec the daemon stores. The
-/// daemon fills in the host-specific parts (control socket, console) at start.
-pub fn create(req: &CreateVm) -> Result<MachineSpec, String> {
+/// Checks a create request and turns it into the machine spec the daemon stores, for the VM
+/// keyed `key` (which names its default taps). The daemon fills in the host-specific parts
+/// (control socket, console) at start.
+pub fn create(req: &CreateVm, key: &str) -> Result<MachineSpec, String> {
     name(&req.name)?;
     let kernel = req.kernel.clone().ok_or(
         "the request names no kernel: give kernel (an absolute path on the daemon's host) or \
@@ -153,7 +163,7 @@ pub fn create(req: &CreateVm) -> Result<MachineSpec, String> {
             ByteSize(MAX_MEMORY)
         ));
     }
-    crate::devices::add(&mut spec, &req.name, &req.disks, &req.nics)?;
+    crate::devices::add(&mut spec, key, &req.disks, &req.nics)?;
     spec.validate(MAX_VCPUS).map_err(|e| e.to_string())?;
     file("kernel", &spec.kernel)?;
     if let Some(i) = &spec.initrd {
@@ -184,6 +194,14 @@ fn file(what: &str, p: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys() {
+        assert!(key("web").is_ok() && key("acme_web").is_ok());
+        for bad in ["acme_", "_web", "a_b_c", "../x", "a/b"] {
+            assert!(key(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn good_names() {
@@ -223,7 +241,11 @@ mod tests {
     #[test]
     fn create_fills_defaults() {
         let k = existing();
-        let spec = create(&req(&format!(r#"{{"name":"a","kernel":"{k}"}}"#)).unwrap()).unwrap();
+        let spec = create(
+            &req(&format!(r#"{{"name":"a","kernel":"{k}"}}"#)).unwrap(),
+            "a",
+        )
+        .unwrap();
         assert_eq!(spec.vcpus, 1);
         assert_eq!(spec.memory.bytes(), 256 * MIB);
         let spec = create(
@@ -231,6 +253,7 @@ mod tests {
                 r#"{{"name":"a","kernel":"{k}","arch":"riscv64","vcpus":2,"memory":"512M"}}"#
             ))
             .unwrap(),
+            "a",
         )
         .unwrap();
         assert_eq!((spec.arch, spec.vcpus), (Arch::Riscv64, 2));
@@ -243,7 +266,7 @@ mod tests {
         assert!(req(r#"{"name":"a","kernel":"/k","vcpus":-1}"#).is_err());
         assert!(req(r#"{"name":"a","kernel":"/k","arch":"sparc"}"#).is_err());
         // No kernel and no image: parsed (either may come), refused by the check.
-        let none = create(&req(r#"{"name":"a"}"#).unwrap()).unwrap_err();
+        let none = create(&req(r#"{"name":"a"}"#).unwrap(), "a").unwrap_err();
         assert!(none.contains("names no kernel"), "{none}");
     }
 
@@ -261,7 +284,7 @@ mod tests {
             match req(&json) {
                 Err(_) => assert!(why.is_empty(), "{json} should parse"),
                 Ok(r) => {
-                    let e = create(&r).unwrap_err();
+                    let e = create(&r, "a").unwrap_err();
                     assert!(e.contains(why), "{json}: {e}");
                 }
             }
@@ -270,9 +293,13 @@ mod tests {
 
     #[test]
     fn paths_must_be_absolute_existing_files() {
-        let e = create(&req(r#"{"name":"a","kernel":"Image"}"#).unwrap()).unwrap_err();
+        let e = create(&req(r#"{"name":"a","kernel":"Image"}"#).unwrap(), "a").unwrap_err();
         assert!(e.contains("relative"), "{e}");
-        let e = create(&req(r#"{"name":"a","kernel":"/nonexistent/Image"}"#).unwrap()).unwrap_err();
+        let e = create(
+            &req(r#"{"name":"a","kernel":"/nonexistent/Image"}"#).unwrap(),
+            "a",
+        )
+        .unwrap_err();
         assert!(e.contains("not a readable file"), "{e}");
         let k = existing();
         let e = create(
@@ -280,6 +307,7 @@ mod tests {
                 r#"{{"name":"a","kernel":"{k}","initrd":"/no/initrd"}}"#
             ))
             .unwrap(),
+            "a",
         )
         .unwrap_err();
         assert!(e.contains("initrd"), "{e}");

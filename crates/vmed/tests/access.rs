@@ -374,7 +374,8 @@ fn one_user_cannot_touch_anothers_vms_or_private_images() {
     // The VM is still there and defined.
     let (c, v) = api(&d, Some(&bob), "GET", "/1.0/vms/vm-b", Value::Null);
     assert_eq!((c, v["metadata"]["state"].as_str()), (200, Some("defined")));
-    // A VM name taken in another project is "taken", without saying where.
+    // Bob's private image is not alice's to use (names are per project: the VM name
+    // is free in hers).
     let (c, v) = api(
         &d,
         Some(&alice),
@@ -407,7 +408,7 @@ fn one_user_cannot_touch_anothers_vms_or_private_images() {
         json!({"name": "vm-k", "arch": "riscv64", "kernel": kernel}),
     );
     assert_eq!(c, 403, "{v}");
-    // Made public, the image serves alice's project too; the name taken is just "taken".
+    // Made public, the image serves alice's project too.
     // (Publishing an image is an operator's: bob, a user, may not.)
     let (c, _) = api(
         &d,
@@ -437,6 +438,7 @@ fn one_user_cannot_touch_anothers_vms_or_private_images() {
         (201, Some("acme")),
         "{v}"
     );
+    // Names are unique per project: alice's vm-b is hers, next to bob's.
     let (c, v) = api(
         &d,
         Some(&alice),
@@ -444,8 +446,19 @@ fn one_user_cannot_touch_anothers_vms_or_private_images() {
         "/1.0/vms",
         vm_from("img-b", "vm-b"),
     );
-    assert_eq!(c, 409, "{v}");
-    assert!(!v["error"].as_str().unwrap().contains("globex"), "{v}");
+    assert_eq!(
+        (c, v["metadata"]["project"].as_str()),
+        (201, Some("acme")),
+        "{v}"
+    );
+    let (c, v) = api(
+        &d,
+        Some(&alice),
+        "POST",
+        "/1.0/vms",
+        vm_from("img-b", "vm-b"),
+    );
+    assert_eq!(c, 409, "taken in her own project: {v}");
     // But alice cannot manage it (a user, and not its project's).
     let (c, _) = api(&d, Some(&alice), "DELETE", "/1.0/images/img-b", Value::Null);
     assert_eq!(c, 403);
@@ -474,9 +487,9 @@ fn one_user_cannot_touch_anothers_vms_or_private_images() {
         api(&d, Some(&bob), "DELETE", "/1.0/vms/vm-c", Value::Null).0,
         200
     );
-    // Root (the bootstrap admin, by its uid) sees both.
+    // Root (the bootstrap admin, by its uid) sees all three.
     let (_, v) = api(&d, None, "GET", "/1.0/vms", Value::Null);
-    assert_eq!(v["metadata"].as_array().unwrap().len(), 2);
+    assert_eq!(v["metadata"].as_array().unwrap().len(), 3);
 }
 
 /// Quotas refuse with the numbers; a role change is in force at the next request.

@@ -560,10 +560,10 @@ fn usage_is_sampled_stored_and_served() {
 
     let (_, metrics) = request(&d.socket, "GET", "/1.0/metrics", "");
     for series in [
-        "vme_vm_cpu_seconds_total{vm=\"acct\"} ",
-        "vme_vm_memory_used_bytes{vm=\"acct\"} ",
-        "vme_vm_disk_read_bytes_total{vm=\"acct\"} ",
-        "vme_vm_network_receive_bytes_total{vm=\"acct\"} ",
+        "vme_vm_cpu_seconds_total{vm=\"acct\",project=\"default\"} ",
+        "vme_vm_memory_used_bytes{vm=\"acct\",project=\"default\"} ",
+        "vme_vm_disk_read_bytes_total{vm=\"acct\",project=\"default\"} ",
+        "vme_vm_network_receive_bytes_total{vm=\"acct\",project=\"default\"} ",
     ] {
         assert!(metrics.contains(series), "{series} missing from {metrics}");
     }

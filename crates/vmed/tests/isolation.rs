@@ -236,7 +236,7 @@ fn a_monitor_ended_by_its_seccomp_filter_is_a_security_event() {
     assert_eq!(
         objects,
         [
-            (json!("monitor.seccomp-kill"), json!("vm/s1")),
+            (json!("monitor.seccomp-kill"), json!("vm/default/s1")),
             (json!("monitor.seccomp-kill"), json!("vm/s2"))
         ],
         "{v}"

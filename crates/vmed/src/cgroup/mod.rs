@@ -254,7 +254,7 @@ pub fn for_vm(
     }
     let g = prepare(
         cfg,
-        &vm.name,
+        &vm.key,
         vm.spec.vcpus,
         vm.spec.memory.bytes(),
         &vm.limits,

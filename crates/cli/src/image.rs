@@ -43,6 +43,13 @@ pub enum ImageCmd {
         #[arg(long)]
         remove: bool,
     },
+    /// Change an image's access: `--public true` makes it usable by every project,
+    /// `--public false` by its own only (its project's operator or an admin).
+    Set {
+        name: String,
+        #[arg(long, action = clap::ArgAction::Set)]
+        public: bool,
+    },
     /// Re-hash every blob of an image; fails if one is corrupted (and marks it unusable).
     Verify {
         name: String,
@@ -172,6 +179,19 @@ pub fn run(api: &Api, cmd: ImageCmd) -> Result<()> {
             }
             _ => bail!("give ALIAS IMAGE to set an alias, or ALIAS --remove to remove one"),
         },
+        ImageCmd::Set { name, public } => {
+            let path = format!("/1.0/images/{}/access", image_segment(&name)?);
+            let v = api.call("PUT", &path, Some(json!({ "public": public })))?;
+            let shown = if v["public"].as_bool() == Some(true) {
+                "public"
+            } else {
+                "private"
+            };
+            println!(
+                "image {name}: {shown} (project {})",
+                v["project"].as_str().unwrap_or("?")
+            );
+        }
         ImageCmd::Verify { name, format } => {
             let path = format!("/1.0/images/{}/verify", image_segment(&name)?);
             let r = api.call_within("POST", &path, None, TRANSFER)?;
@@ -484,8 +504,13 @@ fn table(images: &[Value]) -> String {
                 .iter()
                 .map(s)
                 .collect();
+            let project = match i["public"].as_bool() {
+                Some(true) => format!("{} (public)", s(&i["project"])),
+                _ => s(&i["project"]),
+            };
             vec![
                 s(&i["name"]),
+                project,
                 format!("{} {}", s(&m["os"]), s(&m["version"])),
                 s(&m["architecture"]),
                 crate::human(i["size"].as_f64().unwrap_or(0.0)),
@@ -502,6 +527,7 @@ fn table(images: &[Value]) -> String {
     output::grid(
         &[
             "NAME",
+            "PROJECT",
             "OS",
             "ARCH",
             "SIZE",

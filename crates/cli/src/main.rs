@@ -252,7 +252,8 @@ impl EventType {
 #[derive(clap::Args, Debug)]
 struct SpecArgs {
     /// An image from the repository (`vme image list`): it gives the kernel, initrd,
-    /// command line, architecture and default resources.
+    /// command line, architecture and default resources. The project's own image of that
+    /// name, else the public one; `PROJECT/NAME` picks another project's public image.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
     image: Option<String>,
     /// Kernel image (bzImage or ELF for x86_64, Image for riscv64).

@@ -49,6 +49,7 @@ pub fn vm_table(vms: &[Value]) -> String {
         .map(|v| {
             vec![
                 cell(&v["name"]),
+                cell(&v["project"]),
                 cell(&v["state"]),
                 cell(&v["spec"]["arch"]),
                 cell(&v["spec"]["vcpus"]),
@@ -56,7 +57,10 @@ pub fn vm_table(vms: &[Value]) -> String {
             ]
         })
         .collect();
-    grid(&["NAME", "STATE", "ARCH", "VCPUS", "MEMORY"], &rows)
+    grid(
+        &["NAME", "PROJECT", "STATE", "ARCH", "VCPUS", "MEMORY"],
+        &rows,
+    )
 }
 
 /// The operations of `GET /1.0/operations`.
@@ -180,13 +184,14 @@ mod tests {
     #[test]
     fn vm_table_aligns_columns() {
         let vms = [
-            json!({"name":"a","state":"running","spec":{"arch":"riscv64","vcpus":2,"memory":"128M"}}),
+            json!({"name":"a","project":"acme","state":"running","spec":{"arch":"riscv64","vcpus":2,"memory":"128M"}}),
         ];
         assert_eq!(
             vm_table(&vms),
-            "NAME  STATE    ARCH     VCPUS  MEMORY\na     running  riscv64  2      128M\n"
+            "NAME  PROJECT  STATE    ARCH     VCPUS  MEMORY\n\
+             a     acme     running  riscv64  2      128M\n"
         );
-        assert_eq!(vm_table(&[]), "NAME  STATE  ARCH  VCPUS  MEMORY\n");
+        assert_eq!(vm_table(&[]), "NAME  PROJECT  STATE  ARCH  VCPUS  MEMORY\n");
     }
 
     #[test]

@@ -622,12 +622,12 @@ async fn image_access(
         let mut s = d.store();
         let im = s.image_get(&name)?;
         s.image_set_access(
-            &im.name,
+            &im.key,
             &im.project,
             req.public.unwrap_or(im.public),
             label.as_deref().unwrap_or(&im.label),
         )?;
-        Ok(s.image_get(&im.name)?)
+        Ok(s.image_get(&im.key)?)
     })
     .await?;
     Ok(ok(StatusCode::OK, image))

@@ -79,10 +79,11 @@ pub(crate) fn check_quota(
 }
 
 impl Authz {
-    /// Whether the user may manage image `name` (Err: the 404 a missing image gets, or
-    /// a 403); Ok when there is no such image (the caller's own lookup answers that).
-    pub(crate) fn manages_image(&self, d: &Daemon, name: &str) -> Result<(), OpError> {
-        let Ok(im) = d.store().image_get(name) else {
+    /// Whether the user may manage the image keyed `key`, named `name` (Err: the 404 a
+    /// missing image gets, or a 403); Ok when there is no such image (the caller's own
+    /// lookup answers that).
+    pub(crate) fn manages_image(&self, d: &Daemon, key: &str, name: &str) -> Result<(), OpError> {
+        let Ok(im) = d.store().image_get(key) else {
             return Ok(());
         };
         let target = crate::authz::Target::Object {
@@ -127,14 +128,14 @@ pub(crate) fn admit_create(d: &Daemon, a: &Authz, mut req: CreateVm) -> Result<C
                 .into(),
         ));
     }
-    if let Some(name) = &req.image
-        && let Ok(im) = d.store().image_get(name)
-    {
-        let visible = a.actor.clearance.dominates(&levels.stored(&im.label))
-            && (im.public || im.project == project);
-        if !visible {
-            return Err(StoreError::NoImage(name.clone()).into());
-        }
+    if let Some(name) = req.image.clone() {
+        // Resolved here, as the user sees images, and named exactly (PROJECT/NAME) for the
+        // create that follows.
+        let clearance = &a.actor.clearance;
+        let im = d.image_for(&project, &name, &|im| {
+            clearance.dominates(&levels.stored(&im.label))
+        })?;
+        req.image = Some(format!("{}/{}", im.project, im.name));
         let il = levels.stored(&im.label);
         if !label.dominates(&il) {
             return Err(OpError::Forbidden(format!(

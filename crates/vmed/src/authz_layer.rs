@@ -11,6 +11,7 @@ use crate::authz::{Actor, Authz, Denial, Object, Perm, Target, decide, percent_d
 use crate::daemon::Daemon;
 use crate::request_facts::RequestFacts;
 use crate::store::{StoreError, VmRecord};
+use crate::store_images::ImageRecord;
 use axum::extract::Request;
 use axum::http::{StatusCode, Uri};
 use axum::middleware::Next;
@@ -88,6 +89,51 @@ fn pick_vm(
     Ok(visible.pop())
 }
 
+/// Which image (or, for `aliases_only`, which alias) `{name}` means, by the rules of
+/// [`pick_vm`]; public images of other projects count as ones the caller may see. With the
+/// key that named it (the image's or the alias's).
+fn pick_image(
+    d: &Daemon,
+    actor: &Arc<Actor>,
+    name: &str,
+    project: Option<&str>,
+    aliases_only: bool,
+) -> Result<Option<(String, ImageRecord)>, String> {
+    let found: Vec<(String, ImageRecord)> = d
+        .store()
+        .image_find(name)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(by, im)| !aliases_only || *by != im.key)
+        .collect();
+    if let Some(p) = project {
+        return Ok(found.into_iter().find(|(_, im)| im.project == p));
+    }
+    let ctx = Authz {
+        actor: Arc::clone(actor),
+        project: None,
+        levels: d.auth.levels.clone(),
+    };
+    let mut visible: Vec<(String, ImageRecord)> = found
+        .into_iter()
+        .filter(|(_, im)| ctx.sees(&im.project, &im.label, im.public))
+        .collect();
+    if let Ok(own) = ctx.target_project() {
+        if let Some(i) = visible.iter().position(|(_, im)| im.project == own) {
+            return Ok(Some(visible.swap_remove(i)));
+        }
+    }
+    if visible.len() > 1 {
+        let projects: Vec<&str> = visible.iter().map(|(_, im)| im.project.as_str()).collect();
+        return Err(format!(
+            "there is an image named {name:?} in several projects ({}): say which with \
+             --project P (?project=P in the API)",
+            projects.join(", ")
+        ));
+    }
+    Ok(visible.pop())
+}
+
 /// Finds the object a request acts on. Err: a name that needs a project to say which.
 fn resolve(
     d: &Daemon,
@@ -131,18 +177,27 @@ fn resolve(
                 Err(msg) => return Err((StatusCode::CONFLICT, msg)),
             }
         }
-        Image | Alias => match d.store().image_get(&name) {
-            Ok(im) => Found::new(
-                Target::Object {
-                    project: im.project.clone(),
-                    label: levels.stored(&im.label),
-                    public: im.public,
+        Image | Alias => {
+            vme_image::manifest::check_name(&name).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+            match pick_image(d, actor, &name, project, perm.object == Alias) {
+                Ok(Some((by, im))) => Found {
+                    target: Target::Object {
+                        project: im.project.clone(),
+                        label: levels.stored(&im.label),
+                        public: im.public,
+                    },
+                    object: format!("image/{}/{}", im.project, im.name),
+                    label: Some(im.label),
+                    route_as: Some(RouteAs::Key(by)),
+                    project: Some(im.project),
                 },
-                format!("image/{}/{}", im.project, im.name),
-                Some(im.label),
-            ),
-            Err(_) => Found::new(Target::Missing, format!("image/{name}"), None),
-        },
+                Ok(None) => Found {
+                    route_as: Some(RouteAs::Ghost),
+                    ..Found::new(Target::Missing, format!("image/{name}"), None)
+                },
+                Err(msg) => return Err((StatusCode::CONFLICT, msg)),
+            }
+        }
         Operation => {
             let vm = d.ops.get(&name).map(|op| op.view().vm_key);
             match vm.map(|v| d.store().get(&v)) {

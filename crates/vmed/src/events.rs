@@ -301,11 +301,16 @@ impl Store for Published {
 impl ImageCatalog for Published {
     fn image_insert(
         &mut self,
+        project: &str,
         name: &str,
         manifest: &[u8],
         signature: Option<&Signature>,
     ) -> Result<ImageRecord, StoreError> {
-        self.inner.image_insert(name, manifest, signature)
+        self.inner.image_insert(project, name, manifest, signature)
+    }
+
+    fn image_find(&self, name: &str) -> Result<Vec<(String, ImageRecord)>, StoreError> {
+        self.inner.image_find(name)
     }
 
     fn image_get(&self, name: &str) -> Result<ImageRecord, StoreError> {
@@ -333,8 +338,17 @@ impl ImageCatalog for Published {
         self.inner.image_set_status(name, status, reason)
     }
 
-    fn image_alias(&mut self, alias: &str, image: Option<&str>) -> Result<(), StoreError> {
-        self.inner.image_alias(alias, image)
+    fn image_alias_set(
+        &mut self,
+        project: &str,
+        alias: &str,
+        image: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.image_alias_set(project, alias, image)
+    }
+
+    fn image_alias_delete(&mut self, key: &str) -> Result<(), StoreError> {
+        self.inner.image_alias_delete(key)
     }
 
     fn image_blobs_in_use(&self) -> Result<Vec<String>, StoreError> {

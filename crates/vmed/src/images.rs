@@ -206,9 +206,11 @@ impl Daemon {
         })
     }
 
-    /// Imports the archive streamed from `r` as image `name` (default: the manifest's).
+    /// Imports the archive streamed from `r` as image `name` (default: the manifest's) of
+    /// `project`.
     pub fn image_import(
         &self,
+        project: &str,
         name: Option<&str>,
         r: &mut dyn Read,
     ) -> Result<ImportReport, OpError> {
@@ -226,9 +228,11 @@ impl Daemon {
         let mut early: Option<OpError> = None;
         let mut check = |m: &vme_image::Manifest| {
             let n = name.unwrap_or(&m.name);
-            let free = match self.store().image_get(n) {
-                Err(StoreError::NoImage(_)) => Ok(()),
-                Ok(_) => Err(StoreError::ImageExists(n.into())),
+            let free = match self.store().image_find(n) {
+                Ok(found) if found.iter().any(|(_, im)| im.project == project) => {
+                    Err(StoreError::ImageExists(n.into()))
+                }
+                Ok(_) => Ok(()),
                 Err(e) => Err(e),
             };
             if let Err(e) = free {
@@ -273,7 +277,12 @@ impl Daemon {
         crate::crashpoint::hit("image-import:before-commit");
         let image = self
             .store()
-            .image_insert(name, &imported.manifest_bytes, imported.signature.as_ref())
+            .image_insert(
+                project,
+                name,
+                &imported.manifest_bytes,
+                imported.signature.as_ref(),
+            )
             .map_err(|e| undo(e.into()))?;
         Ok(ImportReport {
             image,
@@ -310,7 +319,7 @@ impl Daemon {
         let _g = lock(&self.image_lock);
         let claims = lock(&self.image_claims);
         let image = self.store().image_get(name)?;
-        self.store().image_delete(&image.name)?;
+        self.store().image_delete(&image.key)?;
         let used = self.blobs_in_use(&blobs)?;
         for d in image.manifest.distinct_blobs().keys() {
             if !used.contains(d) && !claims.contains_key(d) {
@@ -377,8 +386,7 @@ impl Daemon {
         } else {
             ("corrupted", bad.join("; "))
         };
-        self.store()
-            .image_set_status(&image.name, status, &reason)?;
+        self.store().image_set_status(&image.key, status, &reason)?;
         Ok(VerifyReport {
             image: image.name,
             status: status.into(),
@@ -397,14 +405,63 @@ impl Daemon {
         let image = self.store().image_get(name)?;
         sig.check(&image.manifest_bytes)
             .map_err(OpError::BadRequest)?;
-        self.store().image_set_signature(&image.name, &sig)?;
-        Ok(self.store().image_get(&image.name)?)
+        self.store().image_set_signature(&image.key, &sig)?;
+        Ok(self.store().image_get(&image.key)?)
     }
 
-    /// Points `alias` at image `target`, or removes it.
-    pub fn image_alias(&self, alias: &str, target: Option<&str>) -> Result<(), OpError> {
+    /// The image `name` launches in `project`, among those `sees` lets through:
+    /// `PROJECT/NAME` names another project's public image; else the project's own image
+    /// (or alias) of that name, else the one public image of that name. Several public
+    /// ones: an error that lists their projects.
+    pub(crate) fn image_for(
+        &self,
+        project: &str,
+        name: &str,
+        sees: &dyn Fn(&ImageRecord) -> bool,
+    ) -> Result<ImageRecord, OpError> {
+        let (from, short) = match name.split_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, name),
+        };
+        let mut usable: Vec<ImageRecord> = self
+            .store()
+            .image_find(short)?
+            .into_iter()
+            .map(|(_, im)| im)
+            .filter(|im| (im.project == project || im.public) && sees(im))
+            .collect();
+        usable.dedup_by(|a, b| a.key == b.key);
+        let none = || OpError::from(StoreError::NoImage(name.into()));
+        if let Some(p) = from {
+            return usable
+                .into_iter()
+                .find(|im| im.project == p)
+                .ok_or_else(none);
+        }
+        if let Some(i) = usable.iter().position(|im| im.project == project) {
+            return Ok(usable.swap_remove(i));
+        }
+        if usable.len() > 1 {
+            let projects: Vec<&str> = usable.iter().map(|im| im.project.as_str()).collect();
+            return Err(OpError::Conflict(format!(
+                "image {short:?} is public in several projects ({}): name one as PROJECT/NAME, \
+                 like {}/{short}",
+                projects.join(", "),
+                projects[0]
+            )));
+        }
+        usable.pop().ok_or_else(none)
+    }
+
+    /// Points the alias `alias` of `project` at the image keyed `target`.
+    pub fn image_alias_set(&self, project: &str, alias: &str, target: &str) -> Result<(), OpError> {
         check_name(alias).map_err(OpError::BadRequest)?;
-        Ok(self.store().image_alias(alias, target)?)
+        Ok(self.store().image_alias_set(project, alias, target)?)
+    }
+
+    /// Removes the alias keyed `key`.
+    pub fn image_alias_delete(&self, key: &str) -> Result<(), OpError> {
+        Ok(self.store().image_alias_delete(key)?)
     }
 
     /// Writes image `name` as an archive to `w`.
@@ -440,10 +497,9 @@ impl Daemon {
         // The image, and the project's own signature policy, which comes on top of the
         // daemon's.
         let (image, project_requires) = {
-            let store = self.store();
-            let project = store.project_get(req.project_or_default())?;
+            let project = self.store().project_get(req.project_or_default())?;
             (
-                store.image_get(&name)?,
+                self.image_for(req.project_or_default(), &name, &|_| true)?,
                 project.is_some_and(|p| p.require_signed),
             )
         };
@@ -487,7 +543,7 @@ impl Daemon {
         let blobs = self.blobs()?;
         for b in &m.blobs {
             if let Err(e) = blobs.verify(&b.sha256, b.size) {
-                return Err(self.mark_corrupted(&image.name, b.role, &e));
+                return Err(self.mark_corrupted(&image, b.role, &e));
             }
         }
         let path = |r| m.blob(r).map(|b| blobs.path(&b.sha256));
@@ -552,9 +608,10 @@ impl Daemon {
         Ok(volume)
     }
 
-    fn mark_corrupted(&self, image: &str, role: Role, e: &BlobError) -> OpError {
+    fn mark_corrupted(&self, im: &ImageRecord, role: Role, e: &BlobError) -> OpError {
         let reason = format!("{} {e}", role.as_str());
-        let _ = self.store().image_set_status(image, "corrupted", &reason);
+        let _ = self.store().image_set_status(&im.key, "corrupted", &reason);
+        let image = &im.name;
         OpError::Conflict(format!(
             "image corrupted: image {image:?}: {reason}; it is marked unusable (see `vme image \
              verify {image}`)"
@@ -577,7 +634,7 @@ impl Daemon {
                 {
                     let _ = self
                         .store()
-                        .image_set_status(&i.name, "corrupted", &e.to_string());
+                        .image_set_status(&i.key, "corrupted", &e.to_string());
                 }
                 return Err(format!("image corrupted: the VM's {what}: {e}"));
             }

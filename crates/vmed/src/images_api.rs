@@ -125,6 +125,7 @@ async fn image_import(
     let name = q.get("name").cloned();
     let public = matches!(q.get("public").map(String::as_str), Some("true" | "1" | ""));
     let project = a.target_project().map_err(OpError::BadRequest)?;
+    let project2 = project.clone();
     let d2 = std::sync::Arc::clone(&d);
     let (tx, rx) = mpsc::channel::<Result<Bytes, String>>(DEPTH);
     let mut stream = body.into_data_stream();
@@ -143,15 +144,15 @@ async fn image_import(
             rx,
             buf: Bytes::new(),
         };
-        d.image_import(name.as_deref(), &mut r)
+        d.image_import(&project2, name.as_deref(), &mut r)
     })
     .await?;
     let report = blocking(move || {
         let mut report = report;
         let lowest = d2.auth.levels.show(&d2.auth.levels.lowest());
         let mut store = d2.store();
-        store.image_set_access(&report.image.name, &project, public, &lowest)?;
-        report.image = store.image_get(&report.image.name)?;
+        store.image_set_access(&report.image.key, &project, public, &lowest)?;
+        report.image = store.image_get(&report.image.key)?;
         Ok(report)
     })
     .await?;
@@ -335,10 +336,17 @@ async fn image_alias_set(
 ) -> Result<Response, OpError> {
     let req: AliasReq = parse(&body)?;
     blocking(move || {
-        // Both the image and the alias it would move must be the user's to manage.
-        a.manages_image(&d, &req.target)?;
-        a.manages_image(&d, &req.name)?;
-        d.image_alias(&req.name, Some(&req.target))
+        // An alias names an image of its own project, which the user must manage (an
+        // alias of that name, which would move, is of the same project).
+        let project = a.target_project().map_err(OpError::BadRequest)?;
+        let target = d
+            .store()
+            .image_find(&req.target)?
+            .into_iter()
+            .find(|(_, im)| im.project == project)
+            .ok_or_else(|| crate::store::StoreError::NoImage(req.target.clone()))?;
+        a.manages_image(&d, &target.0, &req.target)?;
+        d.image_alias_set(&project, &req.name, &target.1.key)
     })
     .await?;
     Ok(ok(StatusCode::OK, Empty {}))
@@ -354,7 +362,7 @@ async fn image_alias_delete(
     State(d): State<App>,
     Path(name): Path<String>,
 ) -> Result<Response, OpError> {
-    blocking(move || d.image_alias(&name, None)).await?;
+    blocking(move || d.image_alias_delete(&name)).await?;
     Ok(ok(StatusCode::OK, Empty {}))
 }
 

@@ -41,10 +41,10 @@ impl Daemon {
                 record.state.as_str()
             )));
         }
-        match self.store().image_get(image) {
-            Err(StoreError::NoImage(_)) => {}
-            Ok(_) => return Err(StoreError::ImageExists(image.into()).into()),
-            Err(e) => return Err(e.into()),
+        // Image names are per project: the image goes to the VM's.
+        let taken = self.store().image_find(image)?;
+        if taken.iter().any(|(_, im)| im.project == record.project) {
+            return Err(StoreError::ImageExists(image.into()).into());
         }
         let spec = &record.spec;
         let Some(root) = spec.disks.first() else {
@@ -107,9 +107,9 @@ impl Daemon {
             // The image belongs to the VM's project and carries its label.
             let image = {
                 let mut store = self.store();
-                let im = store.image_insert(image, &bytes, None)?;
-                store.image_set_access(&im.name, &record.project, false, &record.label)?;
-                store.image_get(&im.name)?
+                let im = store.image_insert(&record.project, image, &bytes, None)?;
+                store.image_set_access(&im.key, &record.project, false, &record.label)?;
+                store.image_get(&im.key)?
             };
             Ok(PublishReport { image, scrubbed })
         })();

@@ -42,7 +42,7 @@ fn the_cli_drives_a_riscv64_vm() {
     assert!(
         list.lines().any(|l| l
             .split_whitespace()
-            .eq(["t1", "running", "riscv64", "1", "128M"])),
+            .eq(["t1", "default", "running", "riscv64", "1", "128M"])),
         "{list}"
     );
     let json: serde_json::Value =

@@ -436,3 +436,103 @@ fn a_qcow2_disk_is_converted_on_import_and_booted() {
     );
     assert!(fails(vme(s, &["image", "info", "no"])).contains("no image"));
 }
+
+/// Names per project from the CLI: projects acme and globex each import an image `base` and
+/// create a VM `web` with `--project`; `vme image set --public`; an ambiguous name is refused
+/// with the projects listed, and `--project` picks one.
+#[test]
+fn names_per_project_and_image_set() {
+    let d = Vmed::start("cli-names", false, &[]);
+    let s = d.socket.as_path();
+    let (k, i) = (image("Image"), image("initramfs.cpio"));
+    let (k, i) = (k.to_str().unwrap(), i.to_str().unwrap());
+    for p in ["acme", "globex"] {
+        ok(vme(s, &["project", "create", p]));
+        let out = ok(vme(
+            s,
+            &[
+                "--project",
+                p,
+                "image",
+                "import",
+                "base",
+                "--kernel",
+                k,
+                "--initrd",
+                i,
+                "--arch",
+                "riscv64",
+                "--memory",
+                "64M",
+            ],
+        ));
+        assert!(out.contains("base: imported"), "{out}");
+        let out = ok(vme(
+            s,
+            &["--project", p, "create", "web", "--image", "base"],
+        ));
+        assert!(out.contains("web: defined"), "{out}");
+    }
+    let list = ok(vme(s, &["list"]));
+    for p in ["acme", "globex"] {
+        assert!(
+            list.lines()
+                .any(|l| l.split_whitespace().take(3).eq(["web", p, "defined"])),
+            "{list}"
+        );
+    }
+    let err = fails(vme(s, &["info", "web"]));
+    assert!(
+        err.contains("acme, globex") && err.contains("--project"),
+        "{err}"
+    );
+    let info = ok(vme(
+        s,
+        &["--project", "globex", "info", "web", "--format", "json"],
+    ));
+    let v: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        (v["name"].as_str(), v["project"].as_str()),
+        (Some("web"), Some("globex"))
+    );
+
+    let out = ok(vme(
+        s,
+        &[
+            "--project",
+            "acme",
+            "image",
+            "set",
+            "base",
+            "--public",
+            "true",
+        ],
+    ));
+    assert_eq!(out, "image base: public (project acme)\n");
+    let table = ok(vme(s, &["image", "list"]));
+    assert!(
+        table.contains("PROJECT") && table.contains("acme (public)"),
+        "{table}"
+    );
+    let out = ok(vme(
+        s,
+        &[
+            "--project",
+            "acme",
+            "image",
+            "set",
+            "base",
+            "--public",
+            "false",
+        ],
+    ));
+    assert_eq!(out, "image base: private (project acme)\n");
+    assert!(fails(vme(s, &["image", "set", "base", "--public", "maybe"])).contains("maybe"));
+
+    ok(vme(s, &["--project", "acme", "rm", "web"]));
+    let v: Value = serde_json::from_str(&ok(vme(s, &["info", "web", "--format", "json"]))).unwrap();
+    assert_eq!(
+        v["project"], "globex",
+        "the one left is found without --project"
+    );
+}

@@ -281,19 +281,17 @@ fn ghost_name() -> String {
     format!("ghost-{}", hex(&random::<8>().unwrap_or([7; 8])))
 }
 
-/// The handler's reply about the object keyed `key`: an error's message quotes the
-/// object by its key, which is put back as its name. Other replies show names already.
+/// The handler's reply about the object keyed `key`: an error's message names the object
+/// by its key, which is put back as its name. Other replies show names already.
 async fn show_name(r: Response, key: &str, name: &str) -> Response {
     if !r.status().is_client_error() && !r.status().is_server_error() {
         return r;
     }
-    // As JSON-encoded in the error's message: `\"KEY\"`.
-    let quoted = |n: &str| format!("\\\"{n}\\\"");
     let (mut parts, body) = r.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
         return crate::api::error(StatusCode::INTERNAL_SERVER_ERROR, "reply lost".into(), None);
     };
-    let text = String::from_utf8_lossy(&bytes).replace(&quoted(key), &quoted(name));
+    let text = crate::operations::show_name(&String::from_utf8_lossy(&bytes), key, name);
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     Response::from_parts(parts, axum::body::Body::from(text))
 }

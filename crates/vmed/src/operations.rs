@@ -82,13 +82,24 @@ pub fn vm_url(project: &str, name: &str) -> String {
     }
 }
 
-/// `msg` with the quoted internal key `key` shown as the VM's name: the daemon's messages
-/// quote the VM they are about by the key it works with.
+/// `msg` with the internal key `key` shown as the object's name: the daemon's messages name
+/// the VM (or image) they are about by the key it works with. A key inside a path (next to
+/// a '/') stays: that is where the file is.
 pub fn show_name(msg: &str, key: &str, name: &str) -> String {
-    if key == name {
+    if key == name || key.is_empty() {
         return msg.to_string();
     }
-    msg.replace(&format!("{key:?}"), &format!("{name:?}"))
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find(key) {
+        let (before, after) = (&rest[..i], &rest[i + key.len()..]);
+        let in_path = before.ends_with('/') || after.starts_with('/');
+        out.push_str(before);
+        out.push_str(if in_path { key } else { name });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// One operation: its record, and a signal for those waiting on its end.
@@ -334,10 +345,12 @@ mod tests {
             o.view().resources,
             json!({"vms": ["/1.0/vms/a?project=acme"]})
         );
-        o.finish(Err("VM \"acme_a\" failed in /v/vms/acme_a/x".into()));
+        o.finish(Err(
+            "VM \"acme_a\" failed in /v/vms/acme_a/x: `vme start acme_a`".into(),
+        ));
         assert_eq!(
             o.view().err,
-            "VM \"a\" failed in /v/vms/acme_a/x",
+            "VM \"a\" failed in /v/vms/acme_a/x: `vme start a`",
             "the key is not shown"
         );
     }

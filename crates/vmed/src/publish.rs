@@ -99,7 +99,9 @@ impl Daemon {
                 add(Role::Initrd, initrd)?;
             }
             add(Role::Disk, &volume)?;
-            let manifest = self.manifest_for(vm, image, spec, refs, &blobs, root.base.as_deref());
+            // The label names the VM as users know it, not by its key.
+            let from = &record.name;
+            let manifest = self.manifest_for(from, image, spec, refs, &blobs, root.base.as_deref());
             let bytes = manifest.to_bytes();
             manifest
                 .check(self.config().images.max_blob)

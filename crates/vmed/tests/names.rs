@@ -212,6 +212,21 @@ fn two_projects_each_have_a_running_web_and_a_base_image() {
         (200, Some("stopped")),
         "{v}"
     );
+    // An error about it names it, not its key.
+    let (c, v) = api(
+        &d,
+        Some(&alice),
+        "POST",
+        "/1.0/vms/web/exec",
+        json!({"command": ["id"]}),
+    );
+    let msg = v["error"].as_str().unwrap_or_default();
+    assert_eq!(c, 409, "{v}");
+    assert!(
+        msg.contains("\"web\"") && msg.contains("`vme start web`"),
+        "{msg}"
+    );
+    assert!(!msg.contains("acme_web"), "{msg}");
     let (c, v) = api(&d, Some(&alice), "DELETE", "/1.0/vms/web", Value::Null);
     assert_eq!(c, 200, "{v}");
     let (c, v) = api(&d, None, "GET", "/1.0/vms/web", Value::Null);

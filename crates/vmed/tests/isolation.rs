@@ -237,7 +237,7 @@ fn a_monitor_ended_by_its_seccomp_filter_is_a_security_event() {
         objects,
         [
             (json!("monitor.seccomp-kill"), json!("vm/default/s1")),
-            (json!("monitor.seccomp-kill"), json!("vm/s2"))
+            (json!("monitor.seccomp-kill"), json!("vm/default/s2"))
         ],
         "{v}"
     );

@@ -460,3 +460,41 @@ fn a_vm_stored_before_the_migration_is_still_reachable() {
         assert_eq!(c, 200);
     }
 }
+
+/// A VM whose key (project and name) would make its sockets longer than Unix sockets allow
+/// is refused at create, saying so, instead of failing at start.
+#[test]
+fn a_name_too_long_for_its_sockets_is_refused_at_create() {
+    let d = Vmed::start("names-long", false, &[]);
+    let project = "p".repeat(30);
+    let (c, v) = api(
+        &d,
+        None,
+        "POST",
+        "/1.0/projects",
+        json!({ "name": project }),
+    );
+    assert_eq!(c, 201, "{v}");
+    assert_eq!(import(&d, None, "base", "&public=true").0, 201);
+    let (c, v) = api(
+        &d,
+        None,
+        "POST",
+        &format!("/1.0/vms?project={project}"),
+        json!({"name": "n".repeat(60), "image": "base"}),
+    );
+    let msg = v["error"].as_str().unwrap_or_default();
+    assert_eq!(c, 400, "{v}");
+    assert!(
+        msg.contains("Unix sockets") && msg.contains("shorter"),
+        "{msg}"
+    );
+    let (c, v) = api(
+        &d,
+        None,
+        "POST",
+        &format!("/1.0/vms?project={project}"),
+        json!({"name": "short", "image": "base"}),
+    );
+    assert_eq!(c, 201, "{v}");
+}

@@ -9,9 +9,9 @@ use crate::authz::Need::Read;
 use crate::authz::Object::{Alias, Collection, Image, Operation, Token, Vm};
 use crate::authz::{Actor, Authz, Denial, Object, Perm, Target, decide, percent_decode, route};
 use crate::daemon::Daemon;
+use crate::names::{pick_image, pick_vm};
 use crate::request_facts::RequestFacts;
-use crate::store::{StoreError, VmRecord};
-use crate::store_images::ImageRecord;
+use crate::store::StoreError;
 use axum::extract::Request;
 use axum::http::{StatusCode, Uri};
 use axum::middleware::Next;
@@ -48,90 +48,6 @@ impl Found {
             project: None,
         }
     }
-}
-
-/// Which VM `{name}` means (docs/access-control.md, "Names"): the one of the project the
-/// request names; else the one of the caller's default project; else the only one in the
-/// projects the caller may see. Several it may see: an error that lists their projects (and
-/// only those). None: no VM of that name the caller may see.
-fn pick_vm(
-    d: &Daemon,
-    actor: &Arc<Actor>,
-    name: &str,
-    project: Option<&str>,
-) -> Result<Option<VmRecord>, String> {
-    let found = d.store().find(name).unwrap_or_default();
-    if let Some(p) = project {
-        return Ok(found.into_iter().find(|v| v.project == p));
-    }
-    let ctx = Authz {
-        actor: Arc::clone(actor),
-        project: None,
-        levels: d.auth.levels.clone(),
-    };
-    let mut visible: Vec<VmRecord> = found
-        .into_iter()
-        .filter(|v| ctx.sees(&v.project, &v.label, false))
-        .collect();
-    if let Ok(own) = ctx.target_project() {
-        if let Some(i) = visible.iter().position(|v| v.project == own) {
-            return Ok(Some(visible.swap_remove(i)));
-        }
-    }
-    if visible.len() > 1 {
-        let projects: Vec<&str> = visible.iter().map(|v| v.project.as_str()).collect();
-        return Err(format!(
-            "there is a VM named {name:?} in several projects ({}): say which with \
-             --project P (?project=P in the API)",
-            projects.join(", ")
-        ));
-    }
-    Ok(visible.pop())
-}
-
-/// Which image (or, for `aliases_only`, which alias) `{name}` means, by the rules of
-/// [`pick_vm`]; public images of other projects count as ones the caller may see. With the
-/// key that named it (the image's or the alias's).
-fn pick_image(
-    d: &Daemon,
-    actor: &Arc<Actor>,
-    name: &str,
-    project: Option<&str>,
-    aliases_only: bool,
-) -> Result<Option<(String, ImageRecord)>, String> {
-    let found: Vec<(String, ImageRecord)> = d
-        .store()
-        .image_find(name)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(by, im)| !aliases_only || *by != im.key)
-        .collect();
-    if let Some(p) = project {
-        return Ok(found.into_iter().find(|(_, im)| im.project == p));
-    }
-    let ctx = Authz {
-        actor: Arc::clone(actor),
-        project: None,
-        levels: d.auth.levels.clone(),
-    };
-    let mut visible: Vec<(String, ImageRecord)> = found
-        .into_iter()
-        .filter(|(_, im)| ctx.sees(&im.project, &im.label, im.public))
-        .collect();
-    if let Ok(own) = ctx.target_project() {
-        if let Some(i) = visible.iter().position(|(_, im)| im.project == own) {
-            return Ok(Some(visible.swap_remove(i)));
-        }
-    }
-    if visible.len() > 1 {
-        let projects: Vec<&str> = visible.iter().map(|(_, im)| im.project.as_str()).collect();
-        return Err(format!(
-            "there is an image named {name:?} in several projects ({}): say which with \
-             --project P (?project=P in the API)",
-            projects.join(", ")
-        ));
-    }
-    Ok(visible.pop())
 }
 
 /// Finds the object a request acts on. Err: a name that needs a project to say which.

@@ -409,50 +409,6 @@ impl Daemon {
         Ok(self.store().image_get(&image.key)?)
     }
 
-    /// The image `name` launches in `project`, among those `sees` lets through:
-    /// `PROJECT/NAME` names another project's public image; else the project's own image
-    /// (or alias) of that name, else the one public image of that name. Several public
-    /// ones: an error that lists their projects.
-    pub(crate) fn image_for(
-        &self,
-        project: &str,
-        name: &str,
-        sees: &dyn Fn(&ImageRecord) -> bool,
-    ) -> Result<ImageRecord, OpError> {
-        let (from, short) = match name.split_once('/') {
-            Some((p, n)) => (Some(p), n),
-            None => (None, name),
-        };
-        let mut usable: Vec<ImageRecord> = self
-            .store()
-            .image_find(short)?
-            .into_iter()
-            .map(|(_, im)| im)
-            .filter(|im| (im.project == project || im.public) && sees(im))
-            .collect();
-        usable.dedup_by(|a, b| a.key == b.key);
-        let none = || OpError::from(StoreError::NoImage(name.into()));
-        if let Some(p) = from {
-            return usable
-                .into_iter()
-                .find(|im| im.project == p)
-                .ok_or_else(none);
-        }
-        if let Some(i) = usable.iter().position(|im| im.project == project) {
-            return Ok(usable.swap_remove(i));
-        }
-        if usable.len() > 1 {
-            let projects: Vec<&str> = usable.iter().map(|im| im.project.as_str()).collect();
-            return Err(OpError::Conflict(format!(
-                "image {short:?} is public in several projects ({}): name one as PROJECT/NAME, \
-                 like {}/{short}",
-                projects.join(", "),
-                projects[0]
-            )));
-        }
-        usable.pop().ok_or_else(none)
-    }
-
     /// Points the alias `alias` of `project` at the image keyed `target`.
     pub fn image_alias_set(&self, project: &str, alias: &str, target: &str) -> Result<(), OpError> {
         check_name(alias).map_err(OpError::BadRequest)?;

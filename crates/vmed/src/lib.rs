@@ -31,6 +31,7 @@ pub mod labels;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
+pub mod names;
 pub mod operations;
 pub mod publish;
 pub mod reconcile;

@@ -1,0 +1,142 @@
+//! How a name in a request finds its object, now that VM, image and alias names are unique
+//! per project (docs/access-control.md, "Names and how a name is resolved"). The daemon
+//! works with internal keys (`store::VmId`, `store_images::image_key`); the access-control
+//! middleware resolves a route's `{name}` here and hands the handler the key, and a create
+//! resolves the image it launches here. Objects the caller may not see are never chosen and
+//! never named in an error.
+
+use crate::authz::{Actor, Authz};
+use crate::daemon::{Daemon, OpError};
+use crate::store::{StoreError, VmRecord};
+use crate::store_images::ImageRecord;
+use std::sync::Arc;
+
+/// Which VM `{name}` means (docs/access-control.md, "Names"): the one of the project the
+/// request names; else the one of the caller's default project; else the only one in the
+/// projects the caller may see. Several it may see: an error that lists their projects (and
+/// only those). None: no VM of that name the caller may see.
+pub(crate) fn pick_vm(
+    d: &Daemon,
+    actor: &Arc<Actor>,
+    name: &str,
+    project: Option<&str>,
+) -> Result<Option<VmRecord>, String> {
+    let found = d.store().find(name).unwrap_or_default();
+    if let Some(p) = project {
+        return Ok(found.into_iter().find(|v| v.project == p));
+    }
+    let ctx = Authz {
+        actor: Arc::clone(actor),
+        project: None,
+        levels: d.auth.levels.clone(),
+    };
+    let mut visible: Vec<VmRecord> = found
+        .into_iter()
+        .filter(|v| ctx.sees(&v.project, &v.label, false))
+        .collect();
+    if let Ok(own) = ctx.target_project() {
+        if let Some(i) = visible.iter().position(|v| v.project == own) {
+            return Ok(Some(visible.swap_remove(i)));
+        }
+    }
+    if visible.len() > 1 {
+        let projects: Vec<&str> = visible.iter().map(|v| v.project.as_str()).collect();
+        return Err(format!(
+            "there is a VM named {name:?} in several projects ({}): say which with \
+             --project P (?project=P in the API)",
+            projects.join(", ")
+        ));
+    }
+    Ok(visible.pop())
+}
+
+/// Which image (or, for `aliases_only`, which alias) `{name}` means, by the rules of
+/// [`pick_vm`]; public images of other projects count as ones the caller may see. With the
+/// key that named it (the image's or the alias's).
+pub(crate) fn pick_image(
+    d: &Daemon,
+    actor: &Arc<Actor>,
+    name: &str,
+    project: Option<&str>,
+    aliases_only: bool,
+) -> Result<Option<(String, ImageRecord)>, String> {
+    let found: Vec<(String, ImageRecord)> = d
+        .store()
+        .image_find(name)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(by, im)| !aliases_only || *by != im.key)
+        .collect();
+    if let Some(p) = project {
+        return Ok(found.into_iter().find(|(_, im)| im.project == p));
+    }
+    let ctx = Authz {
+        actor: Arc::clone(actor),
+        project: None,
+        levels: d.auth.levels.clone(),
+    };
+    let mut visible: Vec<(String, ImageRecord)> = found
+        .into_iter()
+        .filter(|(_, im)| ctx.sees(&im.project, &im.label, im.public))
+        .collect();
+    if let Ok(own) = ctx.target_project() {
+        if let Some(i) = visible.iter().position(|(_, im)| im.project == own) {
+            return Ok(Some(visible.swap_remove(i)));
+        }
+    }
+    if visible.len() > 1 {
+        let projects: Vec<&str> = visible.iter().map(|(_, im)| im.project.as_str()).collect();
+        return Err(format!(
+            "there is an image named {name:?} in several projects ({}): say which with \
+             --project P (?project=P in the API)",
+            projects.join(", ")
+        ));
+    }
+    Ok(visible.pop())
+}
+
+impl Daemon {
+    /// The image `name` launches in `project`, among those `sees` lets through:
+    /// `PROJECT/NAME` names another project's public image; else the project's own image
+    /// (or alias) of that name, else the one public image of that name. Several public
+    /// ones: an error that lists their projects.
+    pub(crate) fn image_for(
+        &self,
+        project: &str,
+        name: &str,
+        sees: &dyn Fn(&ImageRecord) -> bool,
+    ) -> Result<ImageRecord, OpError> {
+        let (from, short) = match name.split_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, name),
+        };
+        let mut usable: Vec<ImageRecord> = self
+            .store()
+            .image_find(short)?
+            .into_iter()
+            .map(|(_, im)| im)
+            .filter(|im| (im.project == project || im.public) && sees(im))
+            .collect();
+        usable.dedup_by(|a, b| a.key == b.key);
+        let none = || OpError::from(StoreError::NoImage(name.into()));
+        if let Some(p) = from {
+            return usable
+                .into_iter()
+                .find(|im| im.project == p)
+                .ok_or_else(none);
+        }
+        if let Some(i) = usable.iter().position(|im| im.project == project) {
+            return Ok(usable.swap_remove(i));
+        }
+        if usable.len() > 1 {
+            let projects: Vec<&str> = usable.iter().map(|im| im.project.as_str()).collect();
+            return Err(OpError::Conflict(format!(
+                "image {short:?} is public in several projects ({}): name one as PROJECT/NAME, \
+                 like {}/{short}",
+                projects.join(", "),
+                projects[0]
+            )));
+        }
+        usable.pop().ok_or_else(none)
+    }
+}

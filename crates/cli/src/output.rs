@@ -114,6 +114,15 @@ pub fn encode(format: Format, v: &Value) -> Result<String> {
     })
 }
 
+/// The VM an event names: `NAME`, or `PROJECT/NAME` outside the `default` project (names
+/// are unique per project).
+fn event_vm(m: &Value) -> String {
+    match m["project"].as_str() {
+        Some(p) if p != "default" => format!("{p}/{}", cell(&m["vm"])),
+        _ => cell(&m["vm"]),
+    }
+}
+
 /// One event of `GET /1.0/events` as one line of `vme events`.
 pub fn event_line(format: Format, e: &Value) -> Result<String> {
     let m = &e["metadata"];
@@ -129,7 +138,7 @@ pub fn event_line(format: Format, e: &Value) -> Result<String> {
                     };
                     let mut t = format!(
                         "{}: {} -> {} ({})",
-                        cell(&m["vm"]),
+                        event_vm(m),
                         state(&m["from"]),
                         state(&m["to"]),
                         cell(&m["action"])
@@ -141,7 +150,7 @@ pub fn event_line(format: Format, e: &Value) -> Result<String> {
                     t
                 }
                 Some("security") => {
-                    format!("{}: SECURITY: {}", cell(&m["vm"]), cell(&m["reason"]))
+                    format!("{}: SECURITY: {}", event_vm(m), cell(&m["reason"]))
                 }
                 Some("operation") => {
                     let mut t = format!(
@@ -230,5 +239,12 @@ mod tests {
         let y = event_line(Format::Yaml, &e).unwrap();
         assert!(y.starts_with("---\n"), "{y}");
         assert_eq!(serde_norway::from_str::<Value>(&y).unwrap(), e);
+        let e = json!({"type": "security", "timestamp": "t",
+                       "metadata": {"vm": "web", "project": "acme", "reason": "the monitor ..."}});
+        let line = event_line(Format::Table, &e).unwrap();
+        assert!(
+            line.ends_with("  acme/web: SECURITY: the monitor ...\n"),
+            "{line}"
+        );
     }
 }

@@ -90,7 +90,7 @@ fn resolve(
                     route_as: Some(RouteAs::Ghost),
                     ..Found::new(Target::Missing, format!("vm/{name}"), None)
                 },
-                Err(msg) => return Err((StatusCode::CONFLICT, msg)),
+                Err(refusal) => return Err(refusal),
             }
         }
         Image | Alias => {
@@ -111,7 +111,7 @@ fn resolve(
                     route_as: Some(RouteAs::Ghost),
                     ..Found::new(Target::Missing, format!("image/{name}"), None)
                 },
-                Err(msg) => return Err((StatusCode::CONFLICT, msg)),
+                Err(refusal) => return Err(refusal),
             }
         }
         Operation => {

@@ -9,19 +9,30 @@ use crate::authz::{Actor, Authz};
 use crate::daemon::{Daemon, OpError};
 use crate::store::{StoreError, VmRecord};
 use crate::store_images::ImageRecord;
+use axum::http::StatusCode;
 use std::sync::Arc;
+
+/// A store that cannot answer: 500, with its reason.
+fn internal(e: StoreError) -> (StatusCode, String) {
+    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// Several objects of that name the caller may see: 409, saying to name the project.
+fn conflict(msg: String) -> (StatusCode, String) {
+    (StatusCode::CONFLICT, msg)
+}
 
 /// Which VM `{name}` means (docs/access-control.md, "Names"): the one of the project the
 /// request names; else the one of the caller's default project; else the only one in the
-/// projects the caller may see. Several it may see: an error that lists their projects (and
-/// only those). None: no VM of that name the caller may see.
+/// projects the caller may see. Several it may see: a 409 that lists their projects (and only
+/// those). None: no VM of that name the caller may see.
 pub(crate) fn pick_vm(
     d: &Daemon,
     actor: &Arc<Actor>,
     name: &str,
     project: Option<&str>,
-) -> Result<Option<VmRecord>, String> {
-    let found = d.store().find(name).unwrap_or_default();
+) -> Result<Option<VmRecord>, (StatusCode, String)> {
+    let found = d.store().find(name).map_err(internal)?;
     if let Some(p) = project {
         return Ok(found.into_iter().find(|v| v.project == p));
     }
@@ -41,11 +52,11 @@ pub(crate) fn pick_vm(
     }
     if visible.len() > 1 {
         let projects: Vec<&str> = visible.iter().map(|v| v.project.as_str()).collect();
-        return Err(format!(
+        return Err(conflict(format!(
             "there is a VM named {name:?} in several projects ({}): say which with \
              --project P (?project=P in the API)",
             projects.join(", ")
-        ));
+        )));
     }
     Ok(visible.pop())
 }
@@ -59,11 +70,11 @@ pub(crate) fn pick_image(
     name: &str,
     project: Option<&str>,
     aliases_only: bool,
-) -> Result<Option<(String, ImageRecord)>, String> {
+) -> Result<Option<(String, ImageRecord)>, (StatusCode, String)> {
     let found: Vec<(String, ImageRecord)> = d
         .store()
         .image_find(name)
-        .unwrap_or_default()
+        .map_err(internal)?
         .into_iter()
         .filter(|(by, im)| !aliases_only || *by != im.key)
         .collect();
@@ -86,11 +97,11 @@ pub(crate) fn pick_image(
     }
     if visible.len() > 1 {
         let projects: Vec<&str> = visible.iter().map(|(_, im)| im.project.as_str()).collect();
-        return Err(format!(
+        return Err(conflict(format!(
             "there is an image named {name:?} in several projects ({}): say which with \
              --project P (?project=P in the API)",
             projects.join(", ")
-        ));
+        )));
     }
     Ok(visible.pop())
 }

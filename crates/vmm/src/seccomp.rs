@@ -15,6 +15,7 @@
 //! (`type=1326` audit records) and the syscall goes on.
 
 mod kinds;
+mod kvm;
 
 pub use kinds::Kind;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};

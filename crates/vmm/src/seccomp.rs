@@ -27,6 +27,15 @@ use vme_api::spec::SeccompMode;
 /// the 0..3 of main.rs, so a supervisor can tell a security event from a crash).
 pub const EXIT_STATUS: i32 = 159;
 
+/// Whether the strict filters are in force (set once by [`init`]).
+static STRICT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when the monitor runs with `--seccomp strict`: a request that needs a syscall the
+/// filters refuse is then refused with an error instead of ending the monitor.
+pub fn is_strict() -> bool {
+    STRICT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The compiled filter of each kind, indexed by `Kind as usize`; set once by [`init`].
 static PROGRAMS: OnceLock<Vec<BpfProgram>> = OnceLock::new();
 
@@ -65,6 +74,7 @@ pub fn init(mode: SeccompMode) -> Result<(), String> {
     }
     if mode == SeccompMode::Strict {
         install_sigsys_handler()?;
+        STRICT.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     vme_riscv::set_thread_start_hook(hook);
     vme_devices::set_thread_start_hook(hook);

@@ -269,7 +269,8 @@ const DEVICE: &[&str] = &[
     "writev",
 ];
 
-/// Control requests: snapshots write directories of files, clones and migration connect.
+/// Control requests: snapshots write directories of files (a diff snapshot resolves its
+/// parent's path: readlink), clones and migration connect.
 const API: &[&str] = &[
     "accept4",
     "clone",
@@ -292,6 +293,7 @@ const API: &[&str] = &[
     "pread64",
     "pwrite64",
     "read",
+    "readlink",
     "readv",
     "recvfrom",
     "recvmsg",
@@ -406,6 +408,7 @@ const TABLE: &[(&str, i64)] = &[
     ("pwrite64", libc::SYS_pwrite64),
     ("pwritev", libc::SYS_pwritev),
     ("read", libc::SYS_read),
+    ("readlink", libc::SYS_readlink),
     ("readv", libc::SYS_readv),
     ("recvfrom", libc::SYS_recvfrom),
     ("recvmsg", libc::SYS_recvmsg),

@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 pub const VMM: &str = env!("CARGO_BIN_EXE_vme-vmm");
 
+/// The filters the daemon always uses: x86_64 workloads run under them, so a syscall or KVM
+/// ioctl a filter lacks ends the monitor (status 159) and fails the test.
+pub const STRICT: [&str; 2] = ["--seccomp", "strict"];
+
 /// Guest shell commands that print what a booted Linux guest sees of itself: `NPROC=`,
 /// `MemTotal:` and `DATE=` (Unix seconds).
 pub const BASIC_FACTS: &str =
@@ -314,6 +318,16 @@ impl Vm {
             "{why} (monitor exit: {exited:?})\n--- console ---\n{}\n--- stderr ---\n{}",
             self.console_text(),
             self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Fails unless the monitor's stderr is free of the line a strict filter's SIGSYS
+    /// handler prints ("vme-vmm: seccomp: thread KIND made forbidden syscall ...").
+    pub fn assert_no_seccomp_violation(&self) {
+        let err = self.stderr.lock().unwrap().clone();
+        assert!(
+            !err.contains("vme-vmm: seccomp:"),
+            "a seccomp filter stopped the monitor:\n{err}"
         );
     }
 

@@ -12,9 +12,9 @@
 //! - the main thread builds the VM (and on `--on-reboot restart` rebuilds it after its filter
 //!   is in, starting vCPU and device threads that then carry its filter too); restoring a
 //!   snapshot or an incoming migration happens before its filter, so the `KVM_SET_*` of
-//!   saved state (irqchip, PIT, clock, XSAVE, events, ...) are allowed to no thread;
-//! - vCPU threads run the guest, read and write registers to complete instructions KVM's
-//!   emulator gives up on, and serve the guest's device accesses: serial and ACPI interrupt
+//!   saved state (irqchip, PIT, clock, XSAVE, MP state, ...) are allowed to no thread;
+//! - vCPU threads run the guest, read and write registers (and inject exceptions) to
+//!   complete instructions KVM's emulator gives up on, and serve the guest's device accesses: serial and ACPI interrupt
 //!   lines, MSI-X routes and their irqfds, ioeventfds following BAR moves;
 //! - api threads save state for snapshots and migration (the vCPUs parked), switch dirty
 //!   logging on and read the log, and press the ACPI power button (`shutdown`);
@@ -144,8 +144,17 @@ const BOOT: &[Req] = &[
 ];
 
 /// Running a vCPU: `KVM_RUN` (also to finish a pending exit before parking), registers to
-/// complete instructions the monitor emulates and to report a crash.
-const RUNNING: &[Req] = &[RUN, GET_REGS, SET_REGS, GET_SREGS, SET_SREGS];
+/// complete instructions the monitor emulates and to report a crash, pending events to
+/// inject an exception (the #BP of an `int3` PVM's emulator gives up on).
+const RUNNING: &[Req] = &[
+    RUN,
+    GET_REGS,
+    SET_REGS,
+    GET_SREGS,
+    SET_SREGS,
+    GET_VCPU_EVENTS,
+    SET_VCPU_EVENTS,
+];
 
 /// The guest's device accesses, served on vCPU threads: interrupt lines (serial, ACPI),
 /// MSI-X routes and their irqfds, queue ioeventfds at the BAR the guest chose.
@@ -184,7 +193,6 @@ pub(super) const RESTORE_ONLY: &[Req] = &[
     SET_XCRS,
     SET_DEBUGREGS,
     SET_MP_STATE,
-    SET_VCPU_EVENTS,
 ];
 
 /// The KVM requests `kind` may make, without duplicates, in a stable order.

@@ -55,11 +55,21 @@ fn reboot_can_restart_the_vm() {
         return;
     }
     let p = x86_probe().to_str().unwrap();
-    let mut vm = Vm::start(&args(p, "r", &["--on-reboot", "restart"]));
+    // Strict filters: the main thread rebuilds the machine under its own filter (KVM setup
+    // ioctls, the vCPU threads it starts then carry its filter too).
+    let strict = [
+        "--on-reboot",
+        "restart",
+        common::STRICT[0],
+        common::STRICT[1],
+    ];
+    let mut vm = Vm::start(&args(p, "r", &strict));
     // The same guest boots again after each reset.
     for _ in 0..3 {
         vm.wait_for("PROBE-RESET", T);
     }
+    vm.assert_no_seccomp_violation();
+    assert!(vm.try_exit().is_none(), "{}", vm.stderr.lock().unwrap());
     drop(vm);
 }
 

@@ -315,7 +315,8 @@ const CONSOLE: &[&str] = &[
 const SIGNALS: &[&str] = &["rt_sigtimedwait"];
 
 /// The main thread's own needs after its filter is in: waiting, tearing down (removing its
-/// sockets), and a guest reboot with `--on-reboot restart` rebuilding the machine.
+/// sockets), and a guest reboot with `--on-reboot restart` rebuilding the machine (which
+/// makes the spec's paths absolute for snapshots: getcwd).
 const MAIN: &[&str] = &[
     "bind",
     "clone",
@@ -325,6 +326,7 @@ const MAIN: &[&str] = &[
     "fcntl",
     "flock",
     "fstat",
+    "getcwd",
     "listen",
     "memfd_create",
     "newfstatat",
@@ -378,6 +380,7 @@ const TABLE: &[(&str, i64)] = &[
     ("fsync", libc::SYS_fsync),
     ("ftruncate", libc::SYS_ftruncate),
     ("futex", libc::SYS_futex),
+    ("getcwd", libc::SYS_getcwd),
     ("getdents64", libc::SYS_getdents64),
     ("getpid", libc::SYS_getpid),
     ("getrandom", libc::SYS_getrandom),

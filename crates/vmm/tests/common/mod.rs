@@ -382,15 +382,15 @@ impl Vm {
     pub fn cpu_time(&self) -> Duration {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        // Fields after the parenthesised command name, from the 3rd (state) on; utime and
+        // stime are the 14th and 15th. Taken by position: skipping fields that do not parse
+        // as u64 (the state letter, a tpgid of -1 without a terminal) would shift them.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> u64 { f.get(n - 3).and_then(|x| x.parse().ok()).unwrap_or(0) };
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+        let ticks = field(14) + field(15);
         Duration::from_millis(ticks * 1000 / hz)
     }
 }

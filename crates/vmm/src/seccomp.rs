@@ -7,8 +7,8 @@
 //! crate's thread-start hook, set by [`init`]. Filters stack: a thread started by an already
 //! filtered thread is bound by both, so the main thread (which the riscv64 harts are started
 //! from after it installed its own) also allows what its children need, and every kind allows
-//! installing a further filter. Lists are in [`kinds`]; `vme-vmm --print-seccomp` prints them
-//! (docs/seccomp.md is that output).
+//! installing a further filter. Lists are in [`kinds`] (KVM ioctl requests in [`kvm`]);
+//! `vme-vmm --print-seccomp` prints them (docs/seccomp.md is that output).
 //!
 //! strict: a forbidden syscall traps into a SIGSYS handler that names the thread kind and the
 //! syscall on stderr and ends the monitor with [`EXIT_STATUS`]. audit: the kernel logs it

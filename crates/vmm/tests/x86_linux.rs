@@ -2,7 +2,8 @@
 //! cloud kernel, through the real binary, asserting on what the guest reports.
 //!
 //! On PVM hosts (no VMX; see shared/PVM.md) our minimal kernel's PVH boot takes about two
-//! minutes and runs in every `make test`; the other boots (bzImage, Debian's stock kernel,
+//! minutes and runs in every `make test` (the shared boot of `booted.rs`, and the strict
+//! seccomp workload with a tap, which needs root); the other boots (bzImage, Debian's stock kernel,
 //! 4 GiB, other endings) take longer and run only with `VME_SLOW_TESTS=1`, saying so otherwise.
 //! On VT-x/AMD-V hosts they all take seconds. The monitor's own behaviour on KVM is covered
 //! quickly by `x86_probe.rs`.
@@ -375,7 +376,7 @@ fn agent_sh(agent: &mut AgentClient, cmd: &str) -> String {
 /// strict) in a new monitor, where network, disk and agent work on until it powers off.
 /// A filter that lacked a call would end a monitor with status 159 and its line on stderr.
 #[test]
-fn minimal_kernel_pings_the_host_over_a_tap() {
+fn a_linux_workload_on_a_tap_disk_and_agent_runs_and_restores_under_strict_filters() {
     if !kvm_available() || !net_available() {
         return;
     }

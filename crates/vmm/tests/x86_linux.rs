@@ -107,6 +107,15 @@ impl Boot<'_> {
 
     /// Starts the monitor under `wrapper` (e.g. `ip netns exec NAME`).
     fn start_wrapped(&self, wrapper: &[&str], run: &str, extra: &[&str]) -> Vm {
+        self.spawn(wrapper, run, extra, false)
+    }
+
+    /// [`Boot::start_wrapped`] with the console's input on a pipe ([`Vm::type_line`]).
+    fn start_wrapped_interactive(&self, wrapper: &[&str], run: &str, extra: &[&str]) -> Vm {
+        self.spawn(wrapper, run, extra, true)
+    }
+
+    fn spawn(&self, wrapper: &[&str], run: &str, extra: &[&str], input: bool) -> Vm {
         let k = image(self.image, self.kernel);
         let i = image(self.image, "initramfs.cpio");
         let cmdline = format!("console=ttyS0 quiet panic=-1 {run}");
@@ -124,7 +133,11 @@ impl Boot<'_> {
             &cmdline,
         ];
         args.extend_from_slice(extra);
-        Vm::start_wrapped(wrapper, &args)
+        if input {
+            Vm::start_wrapped_interactive(wrapper, &args)
+        } else {
+            Vm::start_wrapped(wrapper, &args)
+        }
     }
 
     /// Boots, checks what the guest reports of its CPUs, memory and clock, and that
@@ -372,7 +385,7 @@ fn agent_sh(agent: &mut AgentClient, cmd: &str) -> String {
 /// virtio-net on x86_64, and the whole workload under the strict seccomp filters the daemon
 /// uses (each KVM ioctl allowed by number): the guest pings the host end of its tap (in a
 /// network namespace of its own; root needed, VME_SKIP_NET_TESTS=1 skips knowingly), writes
-/// its disk, answers its vsock agent; the VM is snapshotted, stopped and restored (still
+/// its disk, echoes console input, answers its vsock agent; the VM is snapshotted, stopped and restored (still
 /// strict) in a new monitor, where network, disk and agent work on until it powers off.
 /// A filter that lacked a call would end a monitor with status 159 and its line on stderr.
 #[test]
@@ -400,7 +413,7 @@ fn a_linux_workload_on_a_tap_disk_and_agent_runs_and_restores_under_strict_filte
         ..MINIMAL_PVH
     };
     let strict = common::STRICT;
-    let mut vm = one.start_wrapped(
+    let mut vm = one.start_wrapped_interactive(
         &ns.exec(),
         run,
         &[
@@ -419,6 +432,10 @@ fn a_linux_workload_on_a_tap_disk_and_agent_runs_and_restores_under_strict_filte
     ns.configure_tap(tap, &vm);
     assert_eq!(vm.wait_for("PING=", BOOT).trim(), "PING=ok");
     vm.wait_for("DISK=written", BOOT);
+    // Console input (the stdin pump raises the serial interrupt): the guest's tty echoes
+    // the typed line while its shell is busy with vme.run.
+    vm.type_line("echo VME-TYPED");
+    vm.wait_for("echo VME-TYPED", BOOT);
     eprintln!(
         "booted, pinged and wrote the disk under strict filters in {:?}",
         t0.elapsed()

@@ -235,6 +235,11 @@ impl Vm {
         Vm::spawn(wrapper, args, Stdio::null())
     }
 
+    /// [`Vm::start_wrapped`] with its console input on a pipe, for [`Vm::type_line`].
+    pub fn start_wrapped_interactive(wrapper: &[&str], args: &[&str]) -> Vm {
+        Vm::spawn(wrapper, args, Stdio::piped())
+    }
+
     fn spawn(wrapper: &[&str], args: &[&str], stdin: Stdio) -> Vm {
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {

@@ -263,6 +263,17 @@ mod tests {
         }
     }
 
+    /// The docs say no thread may make these: keep it true.
+    #[test]
+    fn restore_only_requests_are_allowed_to_no_kind() {
+        for kind in Kind::ALL {
+            let reqs = requests(kind);
+            for r in RESTORE_ONLY {
+                assert!(!reqs.contains(r), "{kind} may make {}", r.1);
+            }
+        }
+    }
+
     #[test]
     fn guest_facing_threads_get_no_setup_requests() {
         for kind in [Kind::Vcpu, Kind::Device, Kind::Console, Kind::Signals] {

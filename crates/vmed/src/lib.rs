@@ -31,6 +31,7 @@ pub mod labels;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
+pub mod network;
 pub mod operations;
 pub mod publish;
 pub mod reconcile;

@@ -259,6 +259,8 @@ fn delete(d: &Vmed) {
 
 fn args(prefix: &str, netns: bool, bridge: bool) -> Vec<String> {
     [
+        "--sample-interval",
+        "1",
         "--netns-prefix",
         prefix,
         "--per-project-netns",
@@ -324,6 +326,24 @@ fn another_projects_vms_are_unreachable_with_either_mechanism_alone() {
         "both mechanisms: isolated ({:.1}s)",
         t.elapsed().as_secs_f64()
     );
+    // The daemon counts the taps' traffic although they are not in its namespace.
+    let t = Instant::now();
+    loop {
+        let (_, m) = support::request(&d.socket, "GET", "/1.0/metrics", "");
+        let sent = m
+            .lines()
+            .find_map(|l| l.strip_prefix("vme_vm_network_transmit_bytes_total{vm=\"a\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if sent > 0.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < TIMEOUT,
+            "no network bytes counted for a:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // A restarted daemon adopts the running VMs and their networks; deleting the VMs
     // removes the project namespaces with their last VM.

@@ -69,10 +69,19 @@ pub fn check_prefix(p: &str) -> Result<(), String> {
 }
 
 impl NetConfig {
-    /// The project's namespace name, when projects have their own.
+    /// The project's namespace name, when projects have their own. Project names are
+    /// checked at creation (letters, digits, '-'); one that is not becomes no path at all.
     pub fn netns(&self, project: &str) -> Option<String> {
-        self.per_project_netns
-            .then(|| format!("{}{project}", self.netns_prefix))
+        let plain = project
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-');
+        self.per_project_netns.then(|| {
+            if plain {
+                format!("{}{project}", self.netns_prefix)
+            } else {
+                format!("{}{:08x}", self.netns_prefix, fnv(project))
+            }
+        })
     }
 
     /// What the project's jailed monitors join (`/run/netns/NAME`), or None: the daemon's.
@@ -86,12 +95,16 @@ impl NetConfig {
         if !self.per_project_bridge {
             return SHARED_BRIDGE.into();
         }
-        // FNV-1a: stable across releases, and a project name may be longer than fits.
-        let hash = project.bytes().fold(0x811c_9dc5u32, |h, b| {
-            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-        });
-        format!("vmeb{hash:08x}")
+        // A project name may be longer than an interface name.
+        format!("vmeb{:08x}", fnv(project))
     }
+}
+
+/// FNV-1a: tiny and stable across releases (std's hasher is not).
+fn fnv(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// Network changes are serialised: a start must not build in a namespace that a delete is
@@ -330,6 +343,8 @@ mod tests {
         };
         assert_eq!(off.netns("acme"), None);
         assert_eq!(off.bridge("acme"), off.bridge("globex"));
+        let odd = NetConfig::default().netns("../etc").unwrap();
+        assert!(odd.starts_with("vme-") && !odd.contains('/'), "{odd}");
     }
 
     #[test]

@@ -117,6 +117,11 @@ fn building() -> std::sync::MutexGuard<'static, ()> {
 
 /// Runs `ip [-n NS] ARGS`; its stderr in the error.
 fn ip(ns: Option<&str>, args: &[&str]) -> Result<(), String> {
+    ip_out(ns, args).map(drop)
+}
+
+/// [`ip`], returning its stdout.
+fn ip_out(ns: Option<&str>, args: &[&str]) -> Result<String, String> {
     let mut cmd = Command::new("ip");
     if let Some(ns) = ns {
         cmd.args(["-n", ns]);
@@ -125,7 +130,7 @@ fn ip(ns: Option<&str>, args: &[&str]) -> Result<(), String> {
         format!("cannot run ip: {e}: install iproute2 (the daemon builds networks with it)")
     })?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     let n = ns.map(|n| format!("-n {n} ")).unwrap_or_default();
     Err(format!(
@@ -166,7 +171,15 @@ pub fn prepare(
     let id = id.to_string();
     let mut created = Vec::new();
     for tap in taps {
-        if !link_exists(ns, tap) {
+        if let Ok(link) = ip_out(ns, &["-d", "-o", "link", "show", "dev", tap]) {
+            // Never enslave a host interface (an admin may name any) to a VM bridge.
+            if !link.contains(" tun type tap ") {
+                remove(ns, &created);
+                return Err(format!(
+                    "interface {tap} exists and is not a tap: give the NIC another tap name"
+                ));
+            }
+        } else {
             let made = ip(
                 ns,
                 &[
@@ -201,7 +214,11 @@ fn ensure_netns(ns: &str) -> Result<(), String> {
 fn remove(ns: Option<&str>, taps: &[String]) -> Vec<String> {
     let mut errors = Vec::new();
     for tap in taps {
-        if link_exists(ns, tap) {
+        let Ok(link) = ip_out(ns, &["-d", "-o", "link", "show", "dev", tap]) else {
+            continue;
+        };
+        // Only taps: an interface of another kind with the name is not the VM's.
+        if link.contains(" tun type tap ") {
             if let Err(e) = ip(ns, &["link", "delete", "dev", tap]) {
                 errors.push(e);
             }

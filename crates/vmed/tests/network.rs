@@ -356,6 +356,26 @@ fn another_projects_vms_are_unreachable_with_either_mechanism_alone() {
         "namespaces outlived their VMs"
     );
 
+    // An admin's tap name that is another kind of interface fails the start, which leaves
+    // that interface alone and none of the taps it made behind.
+    let body = json!({"name": "x", "arch": "riscv64", "kernel": image("Image"),
+        "initrd": image("initramfs.cpio"), "memory": "64M", "nics": [{}, {"tap": "lo"}]});
+    let (c, v) = api(&d, None, "POST", "/1.0/vms?project=p1", body);
+    assert_eq!(c, 201, "{v}");
+    let start = json!({"action": "start"});
+    let (c, v) = api(&d, None, "PUT", "/1.0/vms/x/state", start);
+    assert_ne!(c, 200, "{v}");
+    assert!(v.to_string().contains("lo exists and is not a tap"), "{v}");
+    let links = ns.links(&p1);
+    assert!(
+        !links.contains("vme-x-0"),
+        "a failed start left its tap:\n{links}"
+    );
+    assert!(!links.contains("master"), "{links}");
+    let (c, v) = api(&d, None, "DELETE", "/1.0/vms/x", Value::Null);
+    assert_eq!(c, 200, "{v}");
+    assert_eq!(ns.projects(), Vec::<String>::new());
+
     // Each mechanism alone, then neither.
     for (netns, bridge, isolated) in [
         (false, true, true),

@@ -11,7 +11,8 @@ command -v cargo >/dev/null || die "no Rust toolchain: install rustup's stable t
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
 cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
 
-ensure_pkgs build-essential pkg-config cpio xz-utils zstd python3 shellcheck
+# iproute2: vmed makes project networks (namespaces, bridges, taps) with ip; the net tests too.
+ensure_pkgs build-essential pkg-config cpio xz-utils zstd python3 shellcheck iproute2
 # qemu-utils: qemu-img and qemu-io make the qcow2 images vme-image's import is tested against.
 if ! is_installed qemu-system-x86 || ! is_installed qemu-system-misc || ! is_installed qemu-utils; then
 	ensure_backports

@@ -22,9 +22,15 @@ fn start(test: &str) -> Vmed {
     start_under(test, &[])
 }
 
-/// [`start`] under `prefix` (`ip netns exec NS`).
+/// [`start`] under `prefix` (`ip netns exec NS`), with the projects' bridges and taps in
+/// the daemon's namespace (per-project namespaces have their own test, in vmed's).
 fn start_under(test: &str, prefix: &[&str]) -> Vmed {
-    Vmed::start_under(test, false, &["--console-log-size", "8K"], prefix)
+    Vmed::start_under(
+        test,
+        false,
+        &["--console-log-size", "8K", "--per-project-netns", "false"],
+        prefix,
+    )
 }
 
 fn image(file: &str) -> String {

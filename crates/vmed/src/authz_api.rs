@@ -448,7 +448,11 @@ async fn project_delete(
         if s.project_get(&name)?.is_none() {
             return Err(no_project(&name));
         }
-        Ok(s.project_delete(&name)?)
+        s.project_delete(&name)?;
+        drop(s);
+        // Its network, if a crash left one behind (normally gone with its last VM).
+        crate::network::release_for(&d, &name);
+        Ok(())
     })
     .await?;
     Ok(ok(StatusCode::OK, Empty {}))

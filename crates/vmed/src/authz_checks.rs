@@ -104,8 +104,8 @@ impl Authz {
 
 /// The checks on a VM's creation that need the user: the project it goes to, its label
 /// (within the user's clearance, dominating its image's), its image (public or the
-/// project's own), and host paths (kernel, initrd, disks: admin only). Returns the request
-/// with its project and label set.
+/// project's own), and host paths and tap names (kernel, initrd, disks, nics[].tap: admin
+/// only). Returns the request with its project and label set.
 pub(crate) fn admit_create(d: &Daemon, a: &Authz, mut req: CreateVm) -> Result<CreateVm, OpError> {
     let project = a.target_project().map_err(bad)?;
     let levels = &a.levels;
@@ -125,6 +125,15 @@ pub(crate) fn admit_create(d: &Daemon, a: &Authz, mut req: CreateVm) -> Result<C
         return Err(OpError::Forbidden(
             "kernel, initrd and disk paths name the host's files: only an admin may give them; \
              create the VM from an image (--image) instead"
+                .into(),
+        ));
+    }
+    // A tap name is the host's (or another VM's) interface: only the daemon picks them for
+    // users, inside their project's network (crate::network).
+    if req.nics.iter().any(|n| n.tap.is_some()) && !a.actor.is_admin() {
+        return Err(OpError::Forbidden(
+            "nics[].tap names a host network interface: only an admin may choose one; leave \
+             it out and the daemon gives the NIC a tap on your project's network"
                 .into(),
         ));
     }

@@ -91,6 +91,8 @@ pub struct Config {
     pub labels: crate::labels::Levels,
     /// The uids (= gids) jailed monitors get, one per VM (see [`crate::jail`]).
     pub jail_ids: std::ops::RangeInclusive<u32>,
+    /// How projects' networks are built (see [`crate::network`]).
+    pub network: crate::network::NetConfig,
 }
 
 /// One live monitor process.
@@ -602,12 +604,18 @@ impl Daemon {
     }
 
     fn delete_now(&self, name: &str) -> Result<(), OpError> {
-        self.transition(name, Action::Delete)?;
+        let vm = self.transition(name, Action::Delete)?;
         if self.cfg.cgroups.enabled {
             // A leftover of a monitor that died while no vmed watched it.
             cgroup::remove(&cgroup::vm_path(&self.cfg.cgroups.root, name))
                 .map_err(OpError::Failed)?;
         }
+        let taps: Vec<String> = vm.spec.nets.iter().map(|n| n.tap.clone()).collect();
+        crate::network::remove_taps(&self.cfg.network, &vm.project, &taps).map_err(|e| {
+            OpError::Failed(format!(
+                "cannot remove VM {name:?}'s taps: {e}; delete again"
+            ))
+        })?;
         let dir = vm_dir(&self.cfg.state_dir, name);
         if let Err(e) = fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -618,7 +626,9 @@ impl Daemon {
             }
         }
         crate::crashpoint::hit("delete:after-remove-files");
-        Ok(self.store().delete(name)?)
+        self.store().delete(name)?;
+        crate::network::release_for(self, &vm.project);
+        Ok(())
     }
 
     /// Pause or resume: one control request, then the state it leads to. On failure the VM
@@ -673,6 +683,8 @@ impl Daemon {
         // Every monitor is jailed, as the VM's own uid, under strict seccomp filters.
         crate::jail::confine(&self.cfg.state_dir, name, &self.cfg.jail_ids, &mut spec)
             .map_err(|e| fail(format!("cannot prepare VM {name:?}'s jail: {e}")))?;
+        let fresh = crate::network::attach(&self.cfg.network, &vm.project, &mut spec)
+            .map_err(|e| fail(format!("cannot build VM {name:?}'s network: {e}")))?;
         let machine = machine_file(&self.cfg.state_dir, name);
         let log = monitor_log(&self.cfg.state_dir, name);
         let prepared = fs::create_dir_all(&dir)
@@ -724,6 +736,7 @@ impl Daemon {
                 self.cfg.vmm.display()
             ))
         })?;
+        fresh.keep();
         let pid = child.id();
         crate::crashpoint::hit("start:after-spawn");
         // The pid is recorded with `running`, in one flush: a daemon that dies before then

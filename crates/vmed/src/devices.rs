@@ -35,7 +35,8 @@ pub struct DiskReq {
 #[serde(deny_unknown_fields)]
 pub struct NicReq {
     /// Default: derived from the VM's name (`vme-NAME-N`, or a hash of the name when that
-    /// is too long for an interface name).
+    /// is too long for an interface name). Admin only. The daemon makes the tap, in the
+    /// project's network (its bridge, its namespace), and removes it with the VM.
     #[serde(default)]
     pub tap: Option<String>,
     /// Default: a random locally administered address, drawn once and stored.

@@ -32,6 +32,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod names;
+pub mod network;
 pub mod operations;
 pub mod publish;
 pub mod reconcile;

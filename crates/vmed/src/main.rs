@@ -105,6 +105,18 @@ struct Args {
     /// 1000000-1065535). Keep the range free of the host's own users.
     #[arg(long, value_name = "FIRST-LAST")]
     jail_uid_range: Option<String>,
+    /// The start of each project's network namespace name, /run/netns/PREFIXPROJECT
+    /// (default vme-).
+    #[arg(long, value_name = "PREFIX")]
+    netns_prefix: Option<String>,
+    /// Each project's bridge and taps in a network namespace of its own (default true).
+    /// Test and diagnostic switch: false leaves only the per-project bridges.
+    #[arg(long, value_name = "BOOL")]
+    per_project_netns: Option<bool>,
+    /// Each project's taps on a bridge of its own (default true). Test and diagnostic
+    /// switch: false puts every VM on one bridge (vmebr0).
+    #[arg(long, value_name = "BOOL")]
+    per_project_bridge: Option<bool>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -156,6 +168,9 @@ fn main() -> Result<()> {
         audit_anchor_interval: args.audit_anchor_interval,
         label_levels: (!args.label_levels.is_empty()).then_some(args.label_levels),
         jail_uid_range: args.jail_uid_range,
+        netns_prefix: args.netns_prefix,
+        per_project_netns: args.per_project_netns,
+        per_project_bridge: args.per_project_bridge,
     };
     let file = match &args.config {
         Some(p) => Layer::from_file(p).map_err(anyhow::Error::msg)?,
@@ -224,6 +239,7 @@ fn main() -> Result<()> {
         images: settings.images,
         labels: settings.labels,
         jail_ids: settings.jail_ids,
+        network: settings.network,
     };
     if let Some(note) = vmed::cgroup::startup_note(&cfg.cgroups) {
         eprintln!("vmed: {note}");

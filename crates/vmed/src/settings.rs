@@ -52,6 +52,14 @@ pub struct Layer {
     /// `"FIRST-LAST"`: the uids (and gids, the same numbers) jailed monitors run as, one
     /// per VM (default `"1000000-1065535"`).
     pub jail_uid_range: Option<String>,
+    /// The start of each project's network namespace name (default `"vme-"`).
+    pub netns_prefix: Option<String>,
+    /// Each project's bridge and taps in a namespace of its own (default true). A test and
+    /// diagnostic switch: off leaves one of the two network mechanisms.
+    pub per_project_netns: Option<bool>,
+    /// Each project's taps on a bridge of its own (default true). A test and diagnostic
+    /// switch: off puts every VM on one bridge.
+    pub per_project_bridge: Option<bool>,
 }
 
 /// The settings in force.
@@ -82,12 +90,15 @@ pub struct Settings {
     pub labels: crate::labels::Levels,
     /// The uids (= gids) jailed monitors get, one per VM.
     pub jail_ids: std::ops::RangeInclusive<u32>,
+    /// How projects' networks are built.
+    pub network: crate::network::NetConfig,
 }
 
 pub const KEYS: &str = "socket, group, state_dir, vmm, stop_timeout, cpu_overcommit, \
     memory_overcommit, cgroups, cgroup_root, monitor_memory, require_controllers, \
     sample_interval, usage_retention, console_log_size, https, image_max_size, require_signed, \
-    trusted_keys, audit_anchor_every, audit_anchor_interval, label_levels, jail_uid_range";
+    trusted_keys, audit_anchor_every, audit_anchor_interval, label_levels, jail_uid_range, \
+    netns_prefix, per_project_netns, per_project_bridge";
 
 impl Layer {
     /// Reads a settings file; unknown keys are errors (a misspelt key must not be ignored).
@@ -127,6 +138,9 @@ impl Layer {
             audit_anchor_interval: self.audit_anchor_interval.or(below.audit_anchor_interval),
             label_levels: self.label_levels.or(below.label_levels),
             jail_uid_range: self.jail_uid_range.or(below.jail_uid_range),
+            netns_prefix: self.netns_prefix.or(below.netns_prefix),
+            per_project_netns: self.per_project_netns.or(below.per_project_netns),
+            per_project_bridge: self.per_project_bridge.or(below.per_project_bridge),
         }
     }
 
@@ -172,7 +186,15 @@ impl Layer {
                     .as_deref()
                     .unwrap_or(crate::jail::DEFAULT_RANGE),
             )?,
+            network: crate::network::NetConfig {
+                netns_prefix: self
+                    .netns_prefix
+                    .unwrap_or_else(|| crate::network::DEFAULT_PREFIX.into()),
+                per_project_netns: self.per_project_netns.unwrap_or(true),
+                per_project_bridge: self.per_project_bridge.unwrap_or(true),
+            },
         };
+        crate::network::check_prefix(&s.network.netns_prefix)?;
         if s.audit.anchor_every == 0 || !(1..=86_400).contains(&s.audit.anchor_interval.as_secs()) {
             return Err(format!(
                 "audit_anchor_every {} or audit_anchor_interval {} s is out of range: give at \
@@ -349,6 +371,10 @@ mod tests {
             },
             Layer {
                 audit_anchor_interval: Some(0),
+                ..Layer::default()
+            },
+            Layer {
+                netns_prefix: Some("../x".into()),
                 ..Layer::default()
             },
         ] {

@@ -110,12 +110,11 @@ pub fn collect(
     } else if let Some(p) = prev {
         (s.disk_read_bytes, s.disk_write_bytes) = (p.disk_read_bytes, p.disk_write_bytes);
     }
+    // The taps' counters as the VM's own network namespace sees them (its project's, see
+    // crate::network): the daemon's /sys shows only its own namespace's interfaces.
+    let dev = read(format!("{proc_dir}/net/dev")).unwrap_or_default();
     for tap in taps {
-        let stat = |f: &str| {
-            read(format!("/sys/class/net/{tap}/statistics/{f}"))
-                .and_then(|t| t.trim().parse::<u64>().ok())
-        };
-        match (stat("tx_bytes"), stat("rx_bytes")) {
+        match tap_bytes(&dev, tap) {
             (Some(tx), Some(rx)) => {
                 s.net_rx_bytes += tx;
                 s.net_tx_bytes += rx;
@@ -128,6 +127,20 @@ pub fn collect(
         }
     }
     got.then_some(s)
+}
+
+/// Interface `tap`'s (tx, rx) bytes from a /proc/PID/net/dev text: after `NAME:`, the
+/// received bytes are the first field and the sent bytes the ninth.
+fn tap_bytes(dev: &str, tap: &str) -> (Option<u64>, Option<u64>) {
+    let Some(fields) = dev.lines().find_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        (name.trim() == tap).then_some(rest)
+    }) else {
+        return (None, None);
+    };
+    let f: Vec<&str> = fields.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    (num(8), num(0))
 }
 
 /// What a VM used over a window of samples.
@@ -319,6 +332,17 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tap_counters_from_net_dev() {
+        let dev = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+vme-a-0:    1234      10    0    0    0     0          0         0     5678      20    0    0    0     0       0          0
+";
+        assert_eq!(tap_bytes(dev, "vme-a-0"), (Some(5678), Some(1234)));
+        assert_eq!(tap_bytes(dev, "vme-a"), (None, None));
+    }
 
     #[test]
     fn since_formats() {

@@ -7,14 +7,15 @@
 //! crate's thread-start hook, set by [`init`]. Filters stack: a thread started by an already
 //! filtered thread is bound by both, so the main thread (which the riscv64 harts are started
 //! from after it installed its own) also allows what its children need, and every kind allows
-//! installing a further filter. Lists are in [`kinds`]; `vme-vmm --print-seccomp` prints them
-//! (docs/seccomp.md is that output).
+//! installing a further filter. Lists are in [`kinds`] (KVM ioctl requests in [`kvm`]);
+//! `vme-vmm --print-seccomp` prints them (docs/seccomp.md is that output).
 //!
 //! strict: a forbidden syscall traps into a SIGSYS handler that names the thread kind and the
 //! syscall on stderr and ends the monitor with [`EXIT_STATUS`]. audit: the kernel logs it
 //! (`type=1326` audit records) and the syscall goes on.
 
 mod kinds;
+mod kvm;
 
 pub use kinds::Kind;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
@@ -25,6 +26,15 @@ use vme_api::spec::SeccompMode;
 /// The monitor's exit status after a strict filter stopped a forbidden syscall (distinct from
 /// the 0..3 of main.rs, so a supervisor can tell a security event from a crash).
 pub const EXIT_STATUS: i32 = 159;
+
+/// Whether the strict filters are in force (set once by [`init`]).
+static STRICT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when the monitor runs with `--seccomp strict`: a request that needs a syscall the
+/// filters refuse is then refused with an error instead of ending the monitor.
+pub fn is_strict() -> bool {
+    STRICT.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The compiled filter of each kind, indexed by `Kind as usize`; set once by [`init`].
 static PROGRAMS: OnceLock<Vec<BpfProgram>> = OnceLock::new();
@@ -64,6 +74,7 @@ pub fn init(mode: SeccompMode) -> Result<(), String> {
     }
     if mode == SeccompMode::Strict {
         install_sigsys_handler()?;
+        STRICT.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     vme_riscv::set_thread_start_hook(hook);
     vme_devices::set_thread_start_hook(hook);
@@ -144,10 +155,11 @@ fn install_sigsys_handler() -> Result<(), String> {
 /// padding (16 bytes), then the `void *_call_addr` (8), then `int _syscall`.
 const SI_SYSCALL_OFFSET: usize = 24;
 
-/// Writes "vme-vmm: seccomp: thread KIND made forbidden syscall N (NAME)" and exits with
+/// Writes "vme-vmm: seccomp: thread KIND made forbidden syscall N (NAME)" (for an ioctl,
+/// with " request 0x..." after it) and exits with
 /// [`EXIT_STATUS`]. Async-signal-safe: no allocation or locks, only write(2) and _exit(2),
 /// which every kind allows.
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SIGSYS (SA_SIGINFO); `si_syscall` is an
     // int at SI_SYSCALL_OFFSET of it, read unaligned to make no assumption.
     let nr =
@@ -166,6 +178,12 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         line.push(name.as_bytes());
         line.push(b")");
     }
+    if i64::from(nr) == libc::SYS_ioctl {
+        if let Some(req) = ioctl_request(ctx) {
+            line.push(b" request ");
+            line.push_hex(req);
+        }
+    }
     line.push(b"\n");
     // SAFETY: writes our stack buffer to stderr, then ends the process; both are
     // async-signal-safe and allowed by every filter.
@@ -173,6 +191,25 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         libc::write(2, line.buf.as_ptr().cast(), line.len);
         libc::_exit(EXIT_STATUS);
     }
+}
+
+/// The request (second argument) of the ioctl a SIGSYS stopped, from the interrupted
+/// registers: the kernel leaves the syscall's arguments in place.
+#[cfg(target_arch = "x86_64")]
+fn ioctl_request(ctx: *mut libc::c_void) -> Option<u64> {
+    if ctx.is_null() {
+        return None;
+    }
+    // SAFETY: with SA_SIGINFO the third handler argument is the interrupted context, a valid
+    // ucontext_t; RSI holds a syscall's second argument on x86_64.
+    let rsi =
+        unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize] };
+    Some(rsi as u64)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn ioctl_request(_ctx: *mut libc::c_void) -> Option<u64> {
+    None
 }
 
 /// A fixed stack buffer: the SIGSYS handler may not allocate.
@@ -196,6 +233,19 @@ impl Line {
             if self.len < self.buf.len() {
                 self.buf[self.len] = b;
                 self.len += 1;
+            }
+        }
+    }
+
+    fn push_hex(&mut self, v: u64) {
+        self.push(b"0x");
+        let digits = b"0123456789abcdef";
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let d = ((v >> (shift * 4)) & 0xf) as usize;
+            if d != 0 || started || shift == 0 {
+                started = true;
+                self.push(&digits[d..d + 1]);
             }
         }
     }
@@ -255,5 +305,10 @@ mod tests {
         l.push(b" ");
         l.push_number(-7);
         assert_eq!(&l.buf[..l.len], b"0 1234 -7");
+        let mut l = Line::default();
+        l.push_hex(0);
+        l.push(b" ");
+        l.push_hex(0xc008_ae88);
+        assert_eq!(&l.buf[..l.len], b"0x0 0xc008ae88");
     }
 }

@@ -494,6 +494,44 @@ fn drill_seccomp_alone_ends_a_monitor_that_tries_to_escape() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The CPU row of the redundancy matrix, mechanism 1 alone: a monitor in no cgroup of its
+/// own (started by hand, as with the daemon's cgroups off) whose guest spins on every vCPU
+/// takes at most its vCPU count of host CPU, because guest code runs only on the vCPU threads
+/// (here one interpreted riscv64 hart; the other threads sleep). `cgroups.rs` in vmed shows
+/// mechanism 2 (cgroup `cpu.max`) holding a spinner to less.
+#[test]
+fn cpu_without_cgroups_a_spinning_guest_takes_at_most_its_vcpus() {
+    // The marker is computed so that the kernel command line cannot match it.
+    let run = r#"vme.run="echo VME-SPIN$((1+1)); while :; do :; done""#;
+    let args = riscv_tiny_args("1", "128M", run);
+    let mut vm = Vm::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let own = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert_eq!(
+        own(&vm.pid().to_string()),
+        own("self"),
+        "the monitor is in the test's cgroup, none of its own"
+    );
+    vm.wait_for("VME-SPIN2", TIMEOUT);
+    // Past the shell's start: only the loop runs now.
+    std::thread::sleep(Duration::from_secs(1));
+    let (cpu0, t0) = (vm.cpu_time(), Instant::now());
+    std::thread::sleep(Duration::from_secs(5));
+    let used = (vm.cpu_time() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let threads = std::fs::read_dir(format!("/proc/{}/task", vm.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    eprintln!(
+        "1 spinning vCPU, no cgroup: the monitor ({threads} threads) used {used:.3} CPU ({:?} from {cpu0:?})",
+        vm.cpu_time()
+    );
+    assert!(
+        used <= 1.1,
+        "a 1-vCPU guest took {used:.3} host CPUs: guest work runs off its vCPU thread"
+    );
+    // Shows the guest really spins (a loaded 2-core host may give it less than a whole CPU).
+    assert!(used >= 0.3, "the spinning guest used only {used:.3} CPU");
+}
+
 /// docs/threat-model.md quotes the filters' counts: it must say what the code does.
 #[test]
 fn the_threat_model_quotes_the_filters() {

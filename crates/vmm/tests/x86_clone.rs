@@ -26,6 +26,7 @@ fn identity(sock: &Path) -> IdentityStatus {
 fn stop(mut vm: Vm, sock: &Path) {
     let _ = call(sock, &Request::Stop, T);
     assert_eq!(vm.wait_exit(T).code(), Some(0));
+    vm.assert_no_seccomp_violation();
 }
 
 #[test]
@@ -40,6 +41,8 @@ fn a_clone_gets_new_macs_on_pci_and_says_when_no_agent_can_be_told() {
     let mut vm = Vm::start_wrapped(
         &ns.exec(),
         &[
+            common::STRICT[0],
+            common::STRICT[1],
             "--kernel",
             x86_probe().to_str().unwrap(),
             "--memory",
@@ -64,6 +67,8 @@ fn a_clone_gets_new_macs_on_pci_and_says_when_no_agent_can_be_told() {
         let vm = Vm::start_wrapped(
             &ns.exec(),
             &[
+                common::STRICT[0],
+                common::STRICT[1],
                 "--restore",
                 snap.to_str().unwrap(),
                 "--clone",

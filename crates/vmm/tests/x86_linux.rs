@@ -2,7 +2,8 @@
 //! cloud kernel, through the real binary, asserting on what the guest reports.
 //!
 //! On PVM hosts (no VMX; see shared/PVM.md) our minimal kernel's PVH boot takes about two
-//! minutes and runs in every `make test`; the other boots (bzImage, Debian's stock kernel,
+//! minutes and runs in every `make test` (the shared boot of `booted.rs`, and the strict
+//! seccomp workload with a tap, which needs root); the other boots (bzImage, Debian's stock kernel,
 //! 4 GiB, other endings) take longer and run only with `VME_SLOW_TESTS=1`, saying so otherwise.
 //! On VT-x/AMD-V hosts they all take seconds. The monitor's own behaviour on KVM is covered
 //! quickly by `x86_probe.rs`.
@@ -106,6 +107,15 @@ impl Boot<'_> {
 
     /// Starts the monitor under `wrapper` (e.g. `ip netns exec NAME`).
     fn start_wrapped(&self, wrapper: &[&str], run: &str, extra: &[&str]) -> Vm {
+        self.spawn(wrapper, run, extra, false)
+    }
+
+    /// [`Boot::start_wrapped`] with the console's input on a pipe ([`Vm::type_line`]).
+    fn start_wrapped_interactive(&self, wrapper: &[&str], run: &str, extra: &[&str]) -> Vm {
+        self.spawn(wrapper, run, extra, true)
+    }
+
+    fn spawn(&self, wrapper: &[&str], run: &str, extra: &[&str], input: bool) -> Vm {
         let k = image(self.image, self.kernel);
         let i = image(self.image, "initramfs.cpio");
         let cmdline = format!("console=ttyS0 quiet panic=-1 {run}");
@@ -123,7 +133,11 @@ impl Boot<'_> {
             &cmdline,
         ];
         args.extend_from_slice(extra);
-        Vm::start_wrapped(wrapper, &args)
+        if input {
+            Vm::start_wrapped_interactive(wrapper, &args)
+        } else {
+            Vm::start_wrapped(wrapper, &args)
+        }
     }
 
     /// Boots, checks what the guest reports of its CPUs, memory and clock, and that
@@ -347,27 +361,159 @@ fn reboot_exits_zero_and_an_exiting_init_is_a_named_panic() {
     );
 }
 
-/// virtio-net on x86_64: the guest pings the host end of its tap, in a network namespace of
-/// its own (root needed; VME_SKIP_NET_TESTS=1 skips knowingly).
+/// Every task of the monitor runs under a seccomp filter (mode 2 in /proc).
+fn assert_all_threads_filtered(vm: &Vm) {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", vm.pid())).unwrap();
+    for t in tasks {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
+        assert!(
+            status.is_empty() || status.contains("Seccomp:\t2"),
+            "{status}"
+        );
+    }
+}
+
+/// Runs `cmd` in the guest through its agent; returns its stdout.
+fn agent_sh(agent: &mut AgentClient, cmd: &str) -> String {
+    let out = agent
+        .exec(&["sh".into(), "-c".into(), cmd.into()], &[], BOOT)
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{cmd}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// virtio-net on x86_64, and the whole workload under the strict seccomp filters the daemon
+/// uses (each KVM ioctl allowed by number): the guest pings the host end of its tap (in a
+/// network namespace of its own; root needed, VME_SKIP_NET_TESTS=1 skips knowingly), writes
+/// its disk, echoes console input, answers its vsock agent; the VM is snapshotted, stopped and restored (still
+/// strict) in a new monitor, where network, disk and agent work on until it powers off.
+/// A filter that lacked a call would end a monitor with status 159 and its line on stderr.
 #[test]
-fn minimal_kernel_pings_the_host_over_a_tap() {
-    if !slow_tests_enabled("the virtio-net ping") || !net_available() {
+fn a_linux_workload_on_a_tap_disk_and_agent_runs_and_restores_under_strict_filters() {
+    if !kvm_available() || !net_available() {
         return;
     }
+    let t0 = Instant::now();
     let ns = Netns::new("x86ping");
+    let dir = temp_dir("x86strict");
+    let (sock, uds, disk) = (dir.join("ctl.sock"), dir.join("v.sock"), dir.join("d.raw"));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let run = "vme.run=\"ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
-               ping -c 3 10.0.2.1 >/dev/null && echo PING=ok || echo PING=failed\"";
+               ping -c 5 -s 1200 10.0.2.1 >/dev/null && echo PING=ok || echo PING=failed; \
+               printf VME-STRICT-DISK > /dev/vda; sync; echo DISK=written; \
+               while [ ! -e /tmp/vme-done ]; do sleep 1; done\"";
     let tap = "vmetap0";
     let net = format!("tap={tap},mac=52:54:00:12:34:57");
+    let (disk_arg, vsock) = (
+        format!("path={}", disk.display()),
+        format!("cid=3,uds={}", uds.display()),
+    );
     let one = Boot {
-        vcpus: 1,
         virtio: false,
         ..MINIMAL_PVH
     };
-    let mut vm = one.start_wrapped(&ns.exec(), run, &["--net", &net]);
+    let strict = common::STRICT;
+    let mut vm = one.start_wrapped_interactive(
+        &ns.exec(),
+        run,
+        &[
+            strict[0],
+            strict[1],
+            "--net",
+            &net,
+            "--disk",
+            &disk_arg,
+            "--vsock",
+            &vsock,
+            "--control-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
     ns.configure_tap(tap, &vm);
     assert_eq!(vm.wait_for("PING=", BOOT).trim(), "PING=ok");
+    vm.wait_for("DISK=written", BOOT);
+    // Console input (the stdin pump raises the serial interrupt): the guest's tty echoes
+    // the typed line while its shell is busy with vme.run.
+    vm.type_line("echo VME-TYPED");
+    vm.wait_for("echo VME-TYPED", BOOT);
+    eprintln!(
+        "booted, pinged and wrote the disk under strict filters in {:?}",
+        t0.elapsed()
+    );
+    assert_all_threads_filtered(&vm);
+    let mut agent = AgentClient::wait(&uds, BOOT)
+        .unwrap_or_else(|e| vm.fail(&format!("the guest's agent does not answer: {e}")));
+    agent.set_timeout(Some(BOOT)).unwrap();
+    assert_eq!(
+        agent_sh(
+            &mut agent,
+            "head -c 15 /dev/vda; ping -c 3 10.0.2.1 >/dev/null && echo ok"
+        ),
+        "VME-STRICT-DISKok\n"
+    );
+    drop(agent);
+    let snap = dir.join("snap");
+    let reply = common::ctl_args(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(reply.contains(r#""ok":true"#), "{reply}");
+    assert!(common::ctl(&sock, "stop").contains("stopping"));
     assert_eq!(vm.wait_exit(BOOT).code(), Some(0));
+    vm.assert_no_seccomp_violation();
+    let written = std::fs::read(&disk).unwrap();
+    assert!(written.starts_with(b"VME-STRICT-DISK"), "the guest's write");
+
+    // Restored, still strict, in the same namespace (the tap went with the first monitor).
+    let (sock2, uds2) = (dir.join("ctl2.sock"), dir.join("v2.sock"));
+    let vsock2 = format!("cid=3,uds={}", uds2.display());
+    let mut r = Vm::start_wrapped(
+        &ns.exec(),
+        &[
+            strict[0],
+            strict[1],
+            "--restore",
+            snap.to_str().unwrap(),
+            "--disk",
+            &disk_arg,
+            "--vsock",
+            &vsock2,
+            "--control-socket",
+            sock2.to_str().unwrap(),
+        ],
+    );
+    ns.configure_tap(tap, &r);
+    let mut agent = AgentClient::wait(&uds2, BOOT)
+        .unwrap_or_else(|e| r.fail(&format!("the restored guest's agent does not answer: {e}")));
+    agent.set_timeout(Some(BOOT)).unwrap();
+    assert_all_threads_filtered(&r);
+    assert_eq!(
+        agent_sh(
+            &mut agent,
+            // A new tap, with a new host-side MAC: the guest's neighbour entry is stale.
+            "ip neigh flush all >/dev/null; ping -c 3 -w 60 -s 1200 10.0.2.1 >/dev/null && echo ok; \
+             printf VME-RESTORED > /dev/vda; sync; echo done"
+        ),
+        "ok\ndone\n"
+    );
+    agent.write_file("/tmp/vme-done", b"", None).unwrap();
+    drop(agent);
+    r.wait_for("VME-RUN-EXIT status=0", BOOT);
+    assert_eq!(
+        r.wait_exit(BOOT).code(),
+        Some(0),
+        "{}",
+        r.stderr.lock().unwrap()
+    );
+    r.assert_no_seccomp_violation();
+    let written = std::fs::read(&disk).unwrap();
+    assert!(
+        written.starts_with(b"VME-RESTORED"),
+        "the restored guest's write"
+    );
+    eprintln!(
+        "strict workload, snapshot and restore done in {:?}",
+        t0.elapsed()
+    );
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -55,11 +55,21 @@ fn reboot_can_restart_the_vm() {
         return;
     }
     let p = x86_probe().to_str().unwrap();
-    let mut vm = Vm::start(&args(p, "r", &["--on-reboot", "restart"]));
+    // Strict filters: the main thread rebuilds the machine under its own filter (KVM setup
+    // ioctls, the vCPU threads it starts then carry its filter too).
+    let strict = [
+        "--on-reboot",
+        "restart",
+        common::STRICT[0],
+        common::STRICT[1],
+    ];
+    let mut vm = Vm::start(&args(p, "r", &strict));
     // The same guest boots again after each reset.
     for _ in 0..3 {
         vm.wait_for("PROBE-RESET", T);
     }
+    vm.assert_no_seccomp_violation();
+    assert!(vm.try_exit().is_none(), "{}", vm.stderr.lock().unwrap());
     drop(vm);
 }
 
@@ -116,7 +126,17 @@ fn pause_stops_vcpus_and_their_cpu_use_resume_continues_and_sigterm_stops() {
     let dir = temp_dir("x86pause");
     let sock = dir.join("ctl.sock");
     let sock = sock.to_str().unwrap();
-    let mut vm = Vm::start(&args(p, "c", &["--vcpus", "2", "--control-socket", sock]));
+    // Strict filters: pausing kicks the vCPUs (which finish their exit with KVM_RUN), the
+    // power button raises its interrupt line from the control thread.
+    let extra = [
+        "--vcpus",
+        "2",
+        "--control-socket",
+        sock,
+        common::STRICT[0],
+        common::STRICT[1],
+    ];
+    let mut vm = Vm::start(&args(p, "c", &extra));
     vm.wait_for("tick 00000002", T);
 
     assert!(ctl(Path::new(sock), "pause").contains(r#""state":"paused""#));
@@ -144,6 +164,9 @@ fn pause_stops_vcpus_and_their_cpu_use_resume_continues_and_sigterm_stops() {
     assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
 
     // The power button needs a guest that listens (ACPI): this one does not, so the VM runs on.
+    let pressed = ctl(Path::new(sock), "shutdown");
+    assert!(pressed.contains(r#""ok":true"#), "{pressed}");
+    vm.wait_for(&format!("tick {:08x}", last + 3), T);
     let status = ctl(Path::new(sock), "status");
     assert!(status.contains(r#""exits":"#), "{status}");
 
@@ -151,6 +174,7 @@ fn pause_stops_vcpus_and_their_cpu_use_resume_continues_and_sigterm_stops() {
     // SAFETY: sends a signal to our own child process.
     unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
     assert_eq!(vm.wait_exit(T).code(), Some(0));
+    vm.assert_no_seccomp_violation();
     assert!(!std::path::Path::new(sock).exists());
 }
 

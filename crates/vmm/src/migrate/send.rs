@@ -144,6 +144,16 @@ pub fn migrate(
     pause: &dyn Fn() -> Result<(), String>,
 ) -> Result<MigrationInfo, Failure> {
     let started = Instant::now();
+    if crate::seccomp::is_strict() {
+        // Control threads may not open internet sockets under strict filters (the escape
+        // drills rely on it): refuse here rather than let the filter end the VM.
+        return Err(Failure::from(
+            "migrate-send needs a TCP connection, which the strict seccomp filter of the \
+             control thread refuses: run the source monitor with --seccomp audit or off to \
+             migrate it (the destination may run strict)"
+                .to_string(),
+        ));
+    }
     let (addr, key) = endpoint(&p.to, p.key.as_deref())?;
     let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
         format!(

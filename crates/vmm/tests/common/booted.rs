@@ -46,6 +46,8 @@ impl Booted {
     /// disks, its own vsock socket `dir/v.sock` and control socket `dir/ctl.sock`).
     pub fn restore_args(&self, dir: &Path) -> Vec<String> {
         let mut args = vec![
+            super::STRICT[0].to_string(),
+            super::STRICT[1].to_string(),
             "--restore".to_string(),
             self.snapshot.display().to_string(),
             "--control-socket".to_string(),
@@ -106,6 +108,8 @@ fn boot_x86_tiny(dir: &Path) -> Booted {
     let cmdline = format!("console=ttyS0 quiet panic=-1 {run}");
     let (k, i) = (image("tiny", "vmlinux"), image("tiny", "initramfs.cpio"));
     let args = [
+        super::STRICT[0].to_string(),
+        super::STRICT[1].to_string(),
         "--kernel".to_string(),
         k.display().to_string(),
         "--initrd".into(),
@@ -155,6 +159,7 @@ fn boot_x86_tiny(dir: &Path) -> Booted {
     assert!(reply.contains(r#""ok":true"#), "{reply}");
     assert!(super::ctl(&ctl, "stop").contains("stopping"));
     assert_eq!(vm.wait_exit(BOOT).code(), Some(0));
+    vm.assert_no_seccomp_violation();
     eprintln!(
         "booted and snapshotted the x86_64 tiny guest for this run in {:?}",
         t0.elapsed()

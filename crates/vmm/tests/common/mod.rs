@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 pub const VMM: &str = env!("CARGO_BIN_EXE_vme-vmm");
 
+/// The filters the daemon always uses: x86_64 workloads run under them, so a syscall or KVM
+/// ioctl a filter lacks ends the monitor (status 159) and fails the test.
+pub const STRICT: [&str; 2] = ["--seccomp", "strict"];
+
 /// Guest shell commands that print what a booted Linux guest sees of itself: `NPROC=`,
 /// `MemTotal:` and `DATE=` (Unix seconds).
 pub const BASIC_FACTS: &str =
@@ -231,6 +235,11 @@ impl Vm {
         Vm::spawn(wrapper, args, Stdio::null())
     }
 
+    /// [`Vm::start_wrapped`] with its console input on a pipe, for [`Vm::type_line`].
+    pub fn start_wrapped_interactive(wrapper: &[&str], args: &[&str]) -> Vm {
+        Vm::spawn(wrapper, args, Stdio::piped())
+    }
+
     fn spawn(wrapper: &[&str], args: &[&str], stdin: Stdio) -> Vm {
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
@@ -317,6 +326,16 @@ impl Vm {
         );
     }
 
+    /// Fails unless the monitor's stderr is free of the line a strict filter's SIGSYS
+    /// handler prints ("vme-vmm: seccomp: thread KIND made forbidden syscall ...").
+    pub fn assert_no_seccomp_violation(&self) {
+        let err = self.stderr.lock().unwrap().clone();
+        assert!(
+            !err.contains("vme-vmm: seccomp:"),
+            "a seccomp filter stopped the monitor:\n{err}"
+        );
+    }
+
     /// Types a line into the guest's console (a [`Vm::start_interactive`] guest).
     pub fn type_line(&mut self, line: &str) {
         let input = self
@@ -368,15 +387,15 @@ impl Vm {
     pub fn cpu_time(&self) -> Duration {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        // Fields after the parenthesised command name, from the 3rd (state) on; utime and
+        // stime are the 14th and 15th. Taken by position: skipping fields that do not parse
+        // as u64 (the state letter, a tpgid of -1 without a terminal) would shift them.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> u64 { f.get(n - 3).and_then(|x| x.parse().ok()).unwrap_or(0) };
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+        let ticks = field(14) + field(15);
         Duration::from_millis(ticks * 1000 / hz)
     }
 }

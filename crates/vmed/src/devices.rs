@@ -34,8 +34,9 @@ pub struct DiskReq {
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NicReq {
-    /// Default: derived from the VM's name (`vme-NAME-N`, or a hash of the name when that
-    /// is too long for an interface name). Admin only. The daemon makes the tap, in the
+    /// Default: derived from the VM's key (`vme-KEY-N`, the key being the VM's name in the
+    /// `default` project and `PROJECT_NAME` elsewhere, or a hash of the key when that is
+    /// too long for an interface name). Admin only. The daemon makes the tap, in the
     /// project's network (its bridge, its namespace), and removes it with the VM.
     #[serde(default)]
     pub tap: Option<String>,

@@ -333,7 +333,9 @@ fn another_projects_vms_are_unreachable_with_either_mechanism_alone() {
         let (_, m) = support::request(&d.socket, "GET", "/1.0/metrics", "");
         let sent = m
             .lines()
-            .find_map(|l| l.strip_prefix("vme_vm_network_transmit_bytes_total{vm=\"a\"} "))
+            .find_map(|l| {
+                l.strip_prefix("vme_vm_network_transmit_bytes_total{vm=\"a\",project=\"p1\"} ")
+            })
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0);
         if sent > 0.0 {

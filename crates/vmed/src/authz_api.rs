@@ -451,7 +451,7 @@ async fn project_delete(
         s.project_delete(&name)?;
         drop(s);
         // Its network, if a crash left one behind (normally gone with its last VM).
-        crate::network::release_for(&d, &name);
+        crate::network::release_for(&d, &name, None);
         Ok(())
     })
     .await?;

@@ -627,7 +627,8 @@ impl Daemon {
         }
         crate::crashpoint::hit("delete:after-remove-files");
         self.store().delete(name)?;
-        crate::network::release_for(self, &vm.project);
+        let segment = crate::network::segment_label(self, &vm.label);
+        crate::network::release_for(self, &vm.project, Some(&segment));
         Ok(())
     }
 
@@ -683,7 +684,8 @@ impl Daemon {
         // Every monitor is jailed, as the VM's own uid, under strict seccomp filters.
         crate::jail::confine(&self.cfg.state_dir, name, &self.cfg.jail_ids, &mut spec)
             .map_err(|e| fail(format!("cannot prepare VM {name:?}'s jail: {e}")))?;
-        let fresh = crate::network::attach(&self.cfg.network, &vm.project, &mut spec)
+        let segment = crate::network::segment_label(self, &vm.label);
+        let fresh = crate::network::attach(&self.cfg.network, &vm.project, &segment, &mut spec)
             .map_err(|e| fail(format!("cannot build VM {name:?}'s network: {e}")))?;
         let machine = machine_file(&self.cfg.state_dir, name);
         let log = monitor_log(&self.cfg.state_dir, name);

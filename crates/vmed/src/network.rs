@@ -2,7 +2,10 @@
 //! keep one project's VMs from sending frames to another's.
 //!
 //! 1. *Per-project bridge* (`per_project_bridge`): each VM's taps are attached to a bridge
-//!    of its project's alone (`vmeb<hash>`), never to another project's.
+//!    of its project's alone (`vmeb<hash>`), never to another project's. One per label, in
+//!    fact: a shared segment carries frames both ways, and Bell–LaPadula allows a flow both
+//!    ways only between equal labels (`labels::flow_allowed`), so a project's `secret` VMs
+//!    and its `unclassified` ones are on two segments that never meet.
 //! 2. *Per-project network namespace* (`per_project_netns`): the project's bridge and taps
 //!    live in a namespace of its own (`<netns_prefix><project>`, /run/netns), and the VM's
 //!    jailed monitor joins it (`JailSpec::netns`): another project's taps, and the host's,
@@ -90,14 +93,35 @@ impl NetConfig {
             .map(|n| PathBuf::from(NETNS_DIR).join(n))
     }
 
-    /// The bridge of the project's VMs (15 bytes at most, an interface name).
-    pub fn bridge(&self, project: &str) -> String {
+    /// The bridge of the project's VMs labelled `label` (its canonical text): 15 bytes at
+    /// most, an interface name.
+    pub fn bridge(&self, project: &str, label: &str) -> String {
         if !self.per_project_bridge {
             return SHARED_BRIDGE.into();
         }
-        // A project name may be longer than an interface name.
-        format!("vmeb{:08x}", fnv(project))
+        // A project name may be longer than an interface name. '\n' is in neither name.
+        format!("vmeb{:08x}", fnv(&format!("{project}\n{label}")))
     }
+
+    /// Which VMs share `bridge(project, label)`: what must be unused before it is removed.
+    fn bridge_scope<'a>(&self, project: &'a str, label: &'a str) -> Scope<'a> {
+        match (self.per_project_bridge, self.per_project_netns) {
+            (true, _) => Scope::Segment(project, label),
+            (false, true) => Scope::Project(project),
+            (false, false) => Scope::Daemon,
+        }
+    }
+}
+
+/// The VMs with NICs a network part serves (see [`release`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scope<'a> {
+    /// Every VM of the daemon (the shared bridge in the daemon's namespace).
+    Daemon,
+    /// The project's (its namespace, or the shared bridge in it).
+    Project(&'a str),
+    /// The project's VMs of one label (their bridge).
+    Segment(&'a str, &'a str),
 }
 
 /// FNV-1a: tiny and stable across releases (std's hasher is not).
@@ -151,6 +175,7 @@ fn link_exists(ns: Option<&str>, dev: &str) -> bool {
 pub fn prepare(
     cfg: &NetConfig,
     project: &str,
+    label: &str,
     id: u32,
     taps: &[String],
 ) -> Result<Vec<String>, String> {
@@ -163,7 +188,7 @@ pub fn prepare(
     if let Some(ns) = ns {
         ensure_netns(ns)?;
     }
-    let bridge = cfg.bridge(project);
+    let bridge = cfg.bridge(project, label);
     if !link_exists(ns, &bridge) {
         ip(ns, &["link", "add", "name", &bridge, "type", "bridge"])?;
     }
@@ -248,32 +273,34 @@ pub fn remove_taps(cfg: &NetConfig, project: &str, taps: &[String]) -> Result<()
     }
 }
 
-/// Removes the project's namespace (with everything in it), or in the daemon's namespace
-/// its bridge, unless `in_use` (asked under the network lock, so that a start in progress
-/// is seen) says a VM still needs it: `in_use(Some(project))` for the project's VMs with
-/// NICs, `in_use(None)` for any VM's (the shared bridge).
+/// After a VM of `project` labelled `label` (None: the project itself) is gone: removes
+/// its bridge, and the project's namespace (with everything in it), that no VM needs any
+/// more. `in_use` is asked under the network lock, so that a start in progress is seen.
 pub fn release(
     cfg: &NetConfig,
     project: &str,
-    in_use: impl Fn(Option<&str>) -> bool,
+    label: Option<&str>,
+    in_use: impl Fn(Scope) -> bool,
 ) -> Result<(), String> {
     let _one = building();
-    if let Some(ns) = cfg.netns(project) {
-        if in_use(Some(project)) || !std::path::Path::new(NETNS_DIR).join(&ns).exists() {
+    let ns = cfg.netns(project);
+    if let Some(n) = &ns {
+        if !std::path::Path::new(NETNS_DIR).join(n).exists() {
             return Ok(());
         }
-        return ip(None, &["netns", "delete", &ns]);
+        if !in_use(Scope::Project(project)) {
+            return ip(None, &["netns", "delete", n]);
+        }
     }
-    let bridge = cfg.bridge(project);
-    let used = if cfg.per_project_bridge {
-        in_use(Some(project))
-    } else {
-        in_use(None)
+    let Some(label) = label else {
+        return Ok(());
     };
-    if used || !link_exists(None, &bridge) {
+    let bridge = cfg.bridge(project, label);
+    let ns = ns.as_deref();
+    if in_use(cfg.bridge_scope(project, label)) || !link_exists(ns, &bridge) {
         return Ok(());
     }
-    ip(None, &["link", "delete", "dev", &bridge])
+    ip(ns, &["link", "delete", "dev", &bridge])
 }
 
 /// Builds VM `vm`'s network for a start of `spec` (jailed already, see
@@ -283,13 +310,14 @@ pub fn release(
 pub fn attach(
     cfg: &NetConfig,
     project: &str,
+    label: &str,
     spec: &mut vme_api::MachineSpec,
 ) -> Result<Fresh, String> {
     let taps: Vec<String> = spec.nets.iter().map(|n| n.tap.clone()).collect();
     let Some(jail) = spec.jail.as_mut() else {
         return Err("the monitor is not jailed: its taps would have no owner".into());
     };
-    let made = prepare(cfg, project, jail.uid, &taps)?;
+    let made = prepare(cfg, project, label, jail.uid, &taps)?;
     if !taps.is_empty() {
         jail.netns = cfg.netns_path(project);
     }
@@ -322,19 +350,31 @@ impl Drop for Fresh {
     }
 }
 
-/// After VM deletion (or the project's): removes the project's namespace or bridge when no
-/// VM needs it any more. A failure is reported on stderr only: the VM is gone, and the next
-/// deletion in the project tries again.
-pub fn release_for(d: &crate::daemon::Daemon, project: &str) {
-    let in_use = |p: Option<&str>| {
+/// After a VM's deletion (`label`: its label) or its project's (None): [`release`], with the
+/// store saying which VMs with NICs remain. A failure is reported on stderr only: the VM is
+/// gone, and the next deletion in the project tries again.
+pub fn release_for(d: &crate::daemon::Daemon, project: &str, label: Option<&str>) {
+    let in_use = |scope: Scope| {
         d.store().list().map_or(true, |vms| {
             vms.iter()
-                .any(|v| !v.spec.nets.is_empty() && p.is_none_or(|p| v.project == p))
+                .filter(|v| !v.spec.nets.is_empty())
+                .any(|v| match scope {
+                    Scope::Daemon => true,
+                    Scope::Project(p) => v.project == p,
+                    Scope::Segment(p, l) => v.project == p && segment_label(d, &v.label) == l,
+                })
         })
     };
-    if let Err(e) = release(&d.config().network, project, in_use) {
+    if let Err(e) = release(&d.config().network, project, label, in_use) {
         eprintln!("vmed: cannot remove project {project:?}'s network: {e}");
     }
+}
+
+/// A VM's label as its segment is named: canonical, so that equal labels written
+/// differently share a bridge.
+pub fn segment_label(d: &crate::daemon::Daemon, label: &str) -> String {
+    let levels = &d.auth.levels;
+    levels.show(&levels.stored(label))
 }
 
 #[cfg(test)]
@@ -349,17 +389,23 @@ mod tests {
             cfg.netns_path("acme"),
             Some(PathBuf::from("/run/netns/vme-acme"))
         );
-        let (a, b) = (cfg.bridge("acme"), cfg.bridge("globex"));
+        let (a, b) = (cfg.bridge("acme", "public"), cfg.bridge("globex", "public"));
         assert_ne!(a, b);
         assert!(a.len() <= vme_api::spec::MAX_TAP_NAME_LEN, "{a}");
-        assert_eq!(a, cfg.bridge("acme"));
+        assert_eq!(a, cfg.bridge("acme", "public"));
+        assert_ne!(a, cfg.bridge("acme", "secret"), "one segment per label");
+        assert_eq!(
+            cfg.bridge_scope("acme", "secret"),
+            Scope::Segment("acme", "secret")
+        );
         let off = NetConfig {
             per_project_netns: false,
             per_project_bridge: false,
             ..cfg
         };
         assert_eq!(off.netns("acme"), None);
-        assert_eq!(off.bridge("acme"), off.bridge("globex"));
+        assert_eq!(off.bridge("acme", "a"), off.bridge("globex", "b"));
+        assert_eq!(off.bridge_scope("acme", "a"), Scope::Daemon);
         let odd = NetConfig::default().netns("../etc").unwrap();
         assert!(odd.starts_with("vme-") && !odd.contains('/'), "{odd}");
     }

@@ -257,6 +257,51 @@ fn delete(d: &Vmed) {
     }
 }
 
+/// The bridge tap `tap`'s line in `links` names as its master.
+fn master_of(links: &str, tap: &str) -> String {
+    let line = links
+        .lines()
+        .find(|l| l.contains(&format!(": {tap}:")))
+        .unwrap_or_else(|| panic!("no tap {tap}:\n{links}"));
+    let master = line
+        .split_whitespace()
+        .skip_while(|w| *w != "master")
+        .nth(1);
+    master
+        .unwrap_or_else(|| panic!("tap {tap} is on no bridge: {line}"))
+        .to_string()
+}
+
+/// A `secret` VM of project p1 gets a segment of its own beside p1's unclassified VMs
+/// (frames go both ways on a segment: only equal labels may share one), which goes with it.
+fn another_label_is_another_segment(d: &Vmed, ns: &Namespaces, p1: &str) {
+    let body = json!({"name": "s", "arch": "riscv64", "kernel": image("Image"),
+        "initrd": image("initramfs.cpio"), "vcpus": 1, "memory": "64M", "label": "secret",
+        "cmdline": "console=ttyS0 quiet panic=-1", "nics": [{}]});
+    let (c, v) = api(d, None, "POST", "/1.0/vms?project=p1", body);
+    assert_eq!(c, 201, "{v}");
+    let start = json!({"action": "start"});
+    let (c, v) = api(d, None, "PUT", "/1.0/vms/s/state?project=p1", start);
+    assert_eq!(c, 200, "{v}");
+    let links = ns.links(p1);
+    let (secret, plain) = (
+        master_of(&links, "vme-p1_s-0"),
+        master_of(&links, "vme-p1_a-0"),
+    );
+    assert_ne!(
+        secret, plain,
+        "a secret VM shares a segment with unclassified ones"
+    );
+    let stop = json!({"action": "stop", "force": true});
+    let (c, v) = api(d, None, "PUT", "/1.0/vms/s/state?project=p1", stop);
+    assert_eq!(c, 200, "{v}");
+    let (c, v) = api(d, None, "DELETE", "/1.0/vms/s?project=p1", Value::Null);
+    assert_eq!(c, 200, "{v}");
+    let links = ns.links(p1);
+    assert!(!links.contains(&format!(": {secret}:")), "{links}");
+    assert_eq!(master_of(&links, "vme-p1_a-0"), plain);
+}
+
 fn args(prefix: &str, netns: bool, bridge: bool) -> Vec<String> {
     [
         "--sample-interval",
@@ -327,6 +372,7 @@ fn another_projects_vms_are_unreachable_with_either_mechanism_alone() {
         "both mechanisms: isolated ({:.1}s)",
         t.elapsed().as_secs_f64()
     );
+    another_label_is_another_segment(&d, &ns, &p1);
     // The daemon counts the taps' traffic although they are not in its namespace.
     let t = Instant::now();
     loop {

@@ -8,12 +8,13 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vme_api::{Arch, ByteSize};
-use vme_image::manifest::{Amount, Boot, Resources};
-use vme_image::{BlobRef, Digest, Manifest, Role, archive, sign};
+use vme_image::{BlobRef, Digest, Role, sign};
 
 mod support;
-use support::{Vmed, http, image};
+#[path = "support/tenants.rs"]
+mod tenants;
+use support::{Vmed, http};
+use tenants::{tar, tiny};
 
 /// POSTs a binary body; None when the daemon hung up without a reply (it died).
 fn post_bytes(socket: &Path, path: &str, body: &[u8]) -> Option<(u16, Value)> {
@@ -59,66 +60,6 @@ fn get_bytes(socket: &Path, path: &str) -> Vec<u8> {
         body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
         rest = &rest[eol + 4 + size..];
     }
-}
-
-/// The tiny riscv64 image's manifest (named `name`) and its blobs' files.
-fn tiny(name: &str) -> (Manifest, Vec<PathBuf>) {
-    let files = vec![image("Image"), image("initramfs.cpio")];
-    let blobs = [Role::Kernel, Role::Initrd]
-        .into_iter()
-        .zip(&files)
-        .map(|(role, f)| {
-            let (sha256, size) = vme_image::hash_reader(std::fs::File::open(f).unwrap()).unwrap();
-            BlobRef {
-                role,
-                sha256,
-                size,
-                source: None,
-            }
-        })
-        .collect();
-    let m = Manifest {
-        schema_version: 1,
-        name: name.into(),
-        os: "tiny".into(),
-        version: "1".into(),
-        architecture: Arch::Riscv64,
-        boot: Boot::Direct {
-            cmdline: "console=ttyS0 panic=-1".into(),
-        },
-        resources: Resources {
-            default: Amount {
-                vcpus: 1,
-                memory: ByteSize(128 << 20),
-            },
-            minimum: Amount {
-                vcpus: 1,
-                memory: ByteSize(64 << 20),
-            },
-        },
-        labels: Default::default(),
-        blobs,
-    };
-    (m, files)
-}
-
-/// An archive of `m` with the files' bytes (as they are now) and an optional signature.
-fn tar(m: &Manifest, files: &[PathBuf], sig: Option<&sign::Signature>) -> Vec<u8> {
-    let bytes = m.to_bytes();
-    let parts = m
-        .blobs
-        .iter()
-        .zip(files)
-        .map(|(b, f)| {
-            let r: Box<dyn Read + Send> = Box::new(std::fs::File::open(f).unwrap());
-            (b.sha256.clone(), b.size, r)
-        })
-        .collect();
-    let (len, mut r) = archive::stream(&bytes, sig, parts).unwrap();
-    let mut out = Vec::new();
-    r.read_to_end(&mut out).unwrap();
-    assert_eq!(out.len() as u64, len);
-    out
 }
 
 fn blobs_dir(d: &Vmed) -> PathBuf {

@@ -1,6 +1,6 @@
 //! Tenants for the daemon's tests: raw HTTP with a bearer token, users with a role in a
-//! project, and the riscv64 tiny image as an archive to import. Shared by the access and
-//! names tests (included by path).
+//! project, and the riscv64 tiny image as an archive to import. Shared by the access, names
+//! and images tests (included by path).
 #![allow(dead_code)]
 
 use super::support::{Vmed, image};
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vme_api::{Arch, ByteSize};
 use vme_image::manifest::{Amount, Boot, Resources};
-use vme_image::{BlobRef, Manifest, Role, archive};
+use vme_image::{BlobRef, Manifest, Role, archive, sign};
 
 /// One request with an optional bearer token; the status and the body as text. With
 /// `head_only`, the body is not read (streams).
@@ -73,9 +73,9 @@ pub fn api(d: &Vmed, token: Option<&str>, method: &str, path: &str, body: Value)
     (code, v)
 }
 
-/// The tiny riscv64 image as an archive named `name`.
-pub fn tiny_archive(name: &str) -> Vec<u8> {
-    let files = [image("Image"), image("initramfs.cpio")];
+/// The tiny riscv64 image's manifest (named `name`) and its blobs' files.
+pub fn tiny(name: &str) -> (Manifest, Vec<PathBuf>) {
+    let files = vec![image("Image"), image("initramfs.cpio")];
     let blobs = [Role::Kernel, Role::Initrd]
         .into_iter()
         .zip(&files)
@@ -89,10 +89,6 @@ pub fn tiny_archive(name: &str) -> Vec<u8> {
             }
         })
         .collect();
-    let amount = Amount {
-        vcpus: 1,
-        memory: ByteSize(64 << 20),
-    };
     let m = Manifest {
         schema_version: 1,
         name: name.into(),
@@ -103,26 +99,46 @@ pub fn tiny_archive(name: &str) -> Vec<u8> {
             cmdline: "console=ttyS0 panic=-1".into(),
         },
         resources: Resources {
-            default: amount,
-            minimum: amount,
+            default: Amount {
+                vcpus: 1,
+                memory: ByteSize(128 << 20),
+            },
+            minimum: Amount {
+                vcpus: 1,
+                memory: ByteSize(64 << 20),
+            },
         },
         labels: Default::default(),
         blobs,
     };
+    (m, files)
+}
+
+/// An archive of `m` with the files' bytes (as they are now) and an optional signature.
+pub fn tar(m: &Manifest, files: &[PathBuf], sig: Option<&sign::Signature>) -> Vec<u8> {
     let bytes = m.to_bytes();
     let parts = m
         .blobs
         .iter()
-        .zip(files.iter())
-        .map(|(b, f): (&BlobRef, &PathBuf)| {
+        .zip(files)
+        .map(|(b, f)| {
             let r: Box<dyn Read + Send> = Box::new(std::fs::File::open(f).unwrap());
             (b.sha256.clone(), b.size, r)
         })
         .collect();
-    let (_, mut r) = archive::stream(&bytes, None, parts).unwrap();
+    let (len, mut r) = archive::stream(&bytes, sig, parts).unwrap();
     let mut out = Vec::new();
     r.read_to_end(&mut out).unwrap();
+    assert_eq!(out.len() as u64, len);
     out
+}
+
+/// The tiny riscv64 image as an archive named `name`, 64 MiB by default (the quota tests
+/// count on it).
+pub fn tiny_archive(name: &str) -> Vec<u8> {
+    let (mut m, files) = tiny(name);
+    m.resources.default.memory = ByteSize(64 << 20);
+    tar(&m, &files, None)
 }
 
 pub fn import(d: &Vmed, token: Option<&str>, name: &str, query: &str) -> (u16, String) {

@@ -22,10 +22,8 @@ fn conflict(msg: String) -> (StatusCode, String) {
     (StatusCode::CONFLICT, msg)
 }
 
-/// Which VM `{name}` means (docs/access-control.md, "Names"): the one of the project the
-/// request names; else the one of the caller's default project; else the only one in the
-/// projects the caller may see. Several it may see: a 409 that lists their projects (and only
-/// those). None: no VM of that name the caller may see.
+/// Which VM `{name}` means (docs/access-control.md, "Names"): see [`pick`]. None: no VM of
+/// that name the caller may see.
 pub(crate) fn pick_vm(
     d: &Daemon,
     actor: &Arc<Actor>,
@@ -33,36 +31,16 @@ pub(crate) fn pick_vm(
     project: Option<&str>,
 ) -> Result<Option<VmRecord>, (StatusCode, String)> {
     let found = d.store().find(name).map_err(internal)?;
-    if let Some(p) = project {
-        return Ok(found.into_iter().find(|v| v.project == p));
-    }
-    let ctx = Authz {
-        actor: Arc::clone(actor),
-        project: None,
-        levels: d.auth.levels.clone(),
-    };
-    let mut visible: Vec<VmRecord> = found
-        .into_iter()
-        .filter(|v| ctx.sees(&v.project, &v.label, false))
-        .collect();
-    if let Ok(own) = ctx.target_project() {
-        if let Some(i) = visible.iter().position(|v| v.project == own) {
-            return Ok(Some(visible.swap_remove(i)));
-        }
-    }
-    if visible.len() > 1 {
-        let projects: Vec<&str> = visible.iter().map(|v| v.project.as_str()).collect();
-        return Err(conflict(format!(
-            "there is a VM named {name:?} in several projects ({}): say which with \
-             --project P (?project=P in the API)",
-            projects.join(", ")
-        )));
-    }
-    Ok(visible.pop())
+    pick(d, actor, found, project, |v| (&v.project, &v.label, false)).map_err(|projects| {
+        conflict(format!(
+            "there is a VM named {name:?} in several projects ({projects}): say which with \
+             --project P (?project=P in the API)"
+        ))
+    })
 }
 
 /// Which image (or, for `aliases_only`, which alias) `{name}` means, by the rules of
-/// [`pick_vm`]; public images of other projects count as ones the caller may see. With the
+/// [`pick`]; public images of other projects count as ones the caller may see. With the
 /// key that named it (the image's or the alias's).
 pub(crate) fn pick_image(
     d: &Daemon,
@@ -78,30 +56,52 @@ pub(crate) fn pick_image(
         .into_iter()
         .filter(|(by, im)| !aliases_only || *by != im.key)
         .collect();
+    pick(d, actor, found, project, |(_, im)| {
+        (im.project.as_str(), im.label.as_str(), im.public)
+    })
+    .map_err(|projects| {
+        conflict(format!(
+            "there is an image named {name:?} in several projects ({projects}): say which \
+             with --project P (?project=P in the API)"
+        ))
+    })
+}
+
+/// The rules every `{name}` follows, over the objects `found` of that name in any project
+/// (`facts`: an object's project, label and whether it is public): the one of the project
+/// the request names; else the one of the caller's default project; else the only one in
+/// the projects the caller may see. Several it may see: Err with their projects (only
+/// those), for the 409.
+fn pick<T>(
+    d: &Daemon,
+    actor: &Arc<Actor>,
+    found: Vec<T>,
+    project: Option<&str>,
+    facts: impl Fn(&T) -> (&str, &str, bool),
+) -> Result<Option<T>, String> {
     if let Some(p) = project {
-        return Ok(found.into_iter().find(|(_, im)| im.project == p));
+        return Ok(found.into_iter().find(|t| facts(t).0 == p));
     }
     let ctx = Authz {
         actor: Arc::clone(actor),
         project: None,
         levels: d.auth.levels.clone(),
     };
-    let mut visible: Vec<(String, ImageRecord)> = found
+    let mut visible: Vec<T> = found
         .into_iter()
-        .filter(|(_, im)| ctx.sees(&im.project, &im.label, im.public))
+        .filter(|t| {
+            let (project, label, public) = facts(t);
+            ctx.sees(project, label, public)
+        })
         .collect();
     if let Ok(own) = ctx.target_project() {
-        if let Some(i) = visible.iter().position(|(_, im)| im.project == own) {
+        if let Some(i) = visible.iter().position(|t| facts(t).0 == own) {
             return Ok(Some(visible.swap_remove(i)));
         }
     }
     if visible.len() > 1 {
-        let projects: Vec<&str> = visible.iter().map(|(_, im)| im.project.as_str()).collect();
-        return Err(conflict(format!(
-            "there is an image named {name:?} in several projects ({}): say which with \
-             --project P (?project=P in the API)",
-            projects.join(", ")
-        )));
+        let projects: Vec<&str> = visible.iter().map(|t| facts(t).0).collect();
+        return Err(projects.join(", "));
     }
     Ok(visible.pop())
 }
